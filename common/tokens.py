@@ -1,0 +1,53 @@
+"""Chat messages -> token ids with a completion mask, and masked sequence log-probs."""
+
+from __future__ import annotations
+
+import torch
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """The chat-template text of ``messages`` followed by the assistant generation header."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompt_completion(tokenizer, messages: list[dict], completion: str) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + completion, and a mask that is 1 on completion tokens only.
+
+    The prompt and the completion are tokenized separately and concatenated, so the mask
+    boundary is exact even where a joint tokenization would merge tokens across it. The
+    completion is closed with the end-of-turn token, which the model must learn to emit.
+    """
+    prompt_ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
+
+
+def pad(sequences: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    rows = [([value] * (width - len(s)) + s) if side == "left" else (s + [value] * (width - len(s))) for s in sequences]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch of (input_ids, completion_mask) pairs."""
+    ids = [e[0] for e in examples]
+    return {
+        "input_ids": pad(ids, pad_id),
+        "attention_mask": pad([[1] * len(s) for s in ids], 0),
+        "completion_mask": pad([e[1] for e in examples], 0),
+    }
+
+
+def sequence_logprobs(model, input_ids, attention_mask, completion_mask):
+    """Log-probability of the completion tokens under ``model``.
+
+    Returns ``(sum_logp [B], n_tokens [B], per_token_logp [B, L-1])``; ``per_token_logp[:, j]``
+    is log p(input_ids[:, j+1] | input_ids[:, :j+1]) and is zero where the mask is off.
+    Computed in fp32 whatever the model dtype, so bf16 runs compare equal log-ratios.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    mask = completion_mask[:, 1:].to(logits.dtype)
+    token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    token_logp = token_logp * mask
+    return token_logp.sum(-1), mask.sum(-1), token_logp

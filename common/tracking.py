@@ -1,0 +1,121 @@
+"""Run directory, seeding, metrics (local JSONL always, W&B with --track), resumable record files, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    """The one place a run is seeded: python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_run_name(script: str, seed: int) -> str:
+    return f"{script}__{seed}__{int(time.time())}"
+
+
+class Tracker:
+    """Logs metrics to ``runs/<run_name>/metrics.jsonl`` and, with ``track=True``, to W&B.
+
+    Only the main process (rank 0 under accelerate) writes; other ranks get a silent tracker.
+    W&B honours WANDB_MODE=offline.
+    """
+
+    def __init__(self, run_dir: str | Path, config: Any, track: bool = False, project: str = "cleancrs",
+                 entity: str | None = None, is_main: bool = True):
+        self.run_dir = Path(run_dir)
+        self.is_main = is_main
+        self.wandb = None
+        if not is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config = asdict(config) if is_dataclass(config) else dict(config)
+        (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        if track:
+            import wandb
+
+            self.wandb = wandb.init(project=project, entity=entity, name=self.run_dir.name, config=config,
+                                    dir=str(self.run_dir), resume="allow", id=self.run_dir.name.replace("/", "_"))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.is_main:
+            return
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class RecordFile:
+    """Append-only JSON Lines file keyed by ``record[key]``, so that a rerun skips finished work.
+
+    Each record is written with one ``write`` on an O_APPEND descriptor and flushed, so several ranks can
+    append to one file, and a run killed mid-way keeps every record it finished. A torn last line (from a
+    kill during the write) is ignored on reload and the record is redone.
+    """
+
+    def __init__(self, path: str | Path, key: str = "key"):
+        self.path, self.key = Path(path), key
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def done_keys(self) -> set:
+        return {r[self.key] for r in self.records() if self.key in r}
+
+    def append(self, record: dict) -> None:
+        data = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, optimizer=None, scheduler=None, state: dict | None = None) -> Path:
+    """Write ``checkpoints/step_<step>/``: the model (a peft model saves only its adapter), the optimizer
+    and scheduler states, and a JSON ``state``. The folder is renamed into place when complete."""
+    final = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict() if optimizer else None,
+                "scheduler": scheduler.state_dict() if scheduler else None}, tmp / "training_state.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}))
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder of a run, or None."""
+    folders = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
+    return folders[-1] if folders else None
