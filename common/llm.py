@@ -236,10 +236,10 @@ class VLLMChat:
         return results
 
 
-_LOADED_HF: dict[tuple[str, torch.dtype], tuple] = {}
+_LOADED_HF: dict[tuple[str, torch.dtype, str], tuple] = {}
 
 
-def make_llm(spec: str, batch_size: int = 16, dtype: torch.dtype = torch.float32):
+def make_llm(spec: str, batch_size: int = 16, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Build a backend from ``hf:<model>``, ``openai:<model>`` or ``vllm:<model>``.
 
     Roles that name the same ``hf:`` model share one copy of the weights but count usage apart.
@@ -248,9 +248,11 @@ def make_llm(spec: str, batch_size: int = 16, dtype: torch.dtype = torch.float32
     if not sep or not model:
         raise ModelSpecError(f"LLM spec {spec!r} must look like hf:<model>, openai:<model> or vllm:<model>")
     if backend == "hf":
-        if (model, dtype) not in _LOADED_HF:
-            _LOADED_HF[(model, dtype)] = load_model(model, dtype=dtype)
-        return HFChat(*_LOADED_HF[(model, dtype)], batch_size=batch_size)
+        key = (model, dtype, str(device))
+        if key not in _LOADED_HF:
+            loaded, tokenizer = load_model(model, dtype=dtype)
+            _LOADED_HF[key] = (loaded.to(device), tokenizer)
+        return HFChat(*_LOADED_HF[key], batch_size=batch_size)
     if backend == "openai":
         return OpenAIChat(model)
     if backend == "vllm":

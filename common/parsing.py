@@ -68,24 +68,34 @@ def parse_action(text: str, actions=("Ask", "Recommend", "Response", "Search")) 
 
     The closing ``]`` may be missing because generation stops at it; nested brackets are not allowed.
     """
-    match = re.search(r"\b(" + "|".join(map(re.escape, actions)) + r")\s*\[([^\[\]]+)\]?", text)
+    match = re.search(r"\b(" + "|".join(map(re.escape, actions)) + r")\s*\[([^\[\]]+)(?:\]|\s*$)", text)
     if match is None or not match.group(2).strip():
         return None
     return match.group(1), match.group(2).strip()
 
 
+_NUMBER = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*\d+|points?|stars?)?\s*\.?\s*", re.IGNORECASE)
+
+
 def coerce_int(value: Any, low: int, high: int) -> int | None:
-    """``int(float(value))`` clipped to [low, high]; accepts "4", "4.0", "4/5", 4.5. ``None`` if no number."""
+    """``int(float(value))`` clipped to [low, high]. Accepts 4, 4.5, "4", "4.0", "4/5", "4 points";
+    rejects text with no single clear number, such as an echoed "<rating from 0 to 5>"."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        number = value
+        number = float(value)
     else:
-        match = re.search(r"-?\d+(?:\.\d+)?", str(value))
+        match = _NUMBER.fullmatch(str(value))
         if match is None:
             return None
-        number = float(match.group())
-    return max(low, min(high, int(float(number))))
+        number = float(match.group(1))
+    return max(low, min(high, int(number)))
+
+
+def is_placeholder(text: str) -> bool:
+    """An echoed template slot such as "<your message to the system>"."""
+    text = text.strip()
+    return text.startswith("<") and text.endswith(">")
 
 
 @dataclass
@@ -103,11 +113,15 @@ class ParseStats:
 
 def chat_parsed(llm, conversations: list[list[dict]], parse: Callable[[str], Any], stats: ParseStats,
                 max_tries: int = 3, temperature: float = 0.0, temperature_step: float = 0.3,
-                max_tokens: int = 256, stop=None) -> list[Any]:
+                max_tokens: int = 256, stop=None) -> tuple[list[Any], list[str]]:
     """One batched ``llm.chat`` call, then re-ask only the conversations whose output ``parse`` rejected
     (returned None), each retry hotter by ``temperature_step`` so greedy decoding does not repeat itself.
-    Gives ``None`` for those still unparsed after ``max_tries``; never raises on bad output."""
+
+    Returns ``(parsed, last_texts)``: ``parsed[i]`` is ``None`` where every try failed (counted in
+    ``stats.failures``), and ``last_texts[i]`` is the last raw output, for a caller's fallback.
+    Never raises on bad output."""
     results: list[Any] = [None] * len(conversations)
+    texts: list[str] = [""] * len(conversations)
     pending = list(range(len(conversations)))
     for attempt in range(max_tries):
         if not pending:
@@ -119,9 +133,10 @@ def chat_parsed(llm, conversations: list[list[dict]], parse: Callable[[str], Any
                            max_tokens=max_tokens, stop=stop)
         still = []
         for i, (text,) in zip(pending, outputs):
+            texts[i] = text
             results[i] = parse(text)
             if results[i] is None:
                 still.append(i)
         pending = still
     stats.failures += len(pending)
-    return results
+    return results, texts

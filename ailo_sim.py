@@ -1,0 +1,634 @@
+"""AILO: the LLM user simulator of ECPO (Feng et al., 2025, Sec. 2.3), plus a harness any CRA plugs into.
+
+    python ailo_sim.py                                   # demo: 4 users x 3 turns on the embedded SmolLM2
+    python ailo_sim.py --dataset book --split train --num-tasks 16 --max-turns 5
+    python ailo_sim.py --dataset book --num-personas 20  # also build personas from real reviews
+    accelerate launch ailo_sim.py --user-llm hf:meta-llama/Llama-3.1-8B-Instruct   # tasks sharded over ranks
+
+AILO has two parts:
+  * Persona modeling: Activities / Interests / Language / Orientations, inferred by an LLM from a user's
+    real reviews (or read from the released task files). Diversity is reported as in the paper's Fig. 4:
+    for each persona, the ROUGE-L against the most similar other persona (lower = more diverse).
+  * Policy-based simulation: each user turn is three LLM calls, batched across all live conversations:
+      1. response policy   -> {reason, policy}      (policy in POLICIES; turn 0 is fixed to ask_recommendation)
+      2. response content  -> {reason, response}    (never names the target; enforced by a guard)
+      3. expectation confirmation (EC) of the CRA's last response -> {reason: CONF_t, rating: r_t in 0..5}
+
+``ecpo.py`` and ``rso.py`` import ``AILO``, ``CRAReply`` and ``run_episodes`` from here; nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import tyro
+from tqdm import tqdm
+
+from common.catalog import Catalog, item_card
+from common.data import (DataError, Persona, Task, load_demo_catalog, load_demo_tasks, load_ecpo_items,
+                         load_ecpo_reviews, load_ecpo_tasks)
+from common.llm import Usage, make_llm
+from common.metrics import mentions_title, success_rate
+from common.parsing import ParseStats, chat_parsed, coerce_int, is_placeholder, parse_json
+from common.tracking import RecordFile, Tracker, default_run_name, seed_everything
+
+
+@dataclass
+class Args:
+    exp_name: str = "ailo_sim"
+    """the name of this experiment (prefix of the default run name)"""
+    seed: int = 1
+    """seed of python, numpy and torch (sampled retries and CRA sampling depend on it)"""
+    run_name: str | None = None
+    """outputs go to runs/<run_name>/; rerun with the same name to resume (default: <exp_name>__<seed>__<time>)"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works) as well as runs/<run_name>/metrics.jsonl"""
+    wandb_project: str = "cleancrs"
+    """the W&B project"""
+    wandb_entity: str | None = None
+    """the W&B entity (team); None uses your default"""
+
+    dataset: Literal["demo", "book", "game", "yelp"] = "demo"
+    """demo: the bundled movie tasks; book/game/yelp: the ECPO task files under --data-dir"""
+    data_dir: str = "../shared/data"
+    """root of the real data (see README 'Data'); unused for the demo"""
+    split: Literal["train", "test"] = "train"
+    """which ECPO task file: <Dataset>_train.jsonl or <Dataset>_test.jsonl (test is held-out: evaluation only)"""
+    num_tasks: int = 4
+    """how many tasks (simulated users) to run"""
+    task_offset: int = 0
+    """index of the first task in the task file"""
+    max_turns: int = 3
+    """T: the number of CRA responses per conversation (the paper uses 5)"""
+
+    user_llm: str = "hf:smollm2-135m"
+    """backend of the simulated user: hf:<model>, openai:<model> or vllm:<model> (paper: openai:gpt-4o-mini)"""
+    cra_llm: str = "hf:smollm2-135m"
+    """backend of the zero-shot prompted CRA that this script's CLI pits against AILO"""
+    persona_llm: str | None = None
+    """backend that builds personas from reviews (paper: GPT-4o); None reuses --user-llm"""
+    retriever_top_k: int = 5
+    """candidates the zero-shot CRA retrieves per turn (R counts the target in any retrieval)"""
+    batch_size: int = 16
+    """conversations advanced together; also the hf backend's generation batch size"""
+    user_max_tokens: int = 128
+    """max new tokens for each simulator call (policy, content, EC)"""
+    cra_max_tokens: int = 96
+    """max new tokens for a CRA response"""
+    max_parse_tries: int = 3
+    """tries per simulator call before falling back (each retry is +0.3 temperature, as in the ECPO code)"""
+    max_leak_tries: int = 2
+    """regenerations of an utterance that named the target before the title is redacted"""
+
+    num_personas: int = 0
+    """if > 0, build this many personas from real reviews (book/game) with --persona-llm and report diversity"""
+    reviews_per_user: int = 8
+    """reviews shown to the persona builder per user"""
+    print_conversations: bool = True
+    """print every finished conversation"""
+
+
+# =============================================================================================== personas
+
+ACTIVITY_TYPES = ("Efficiency-seeking", "Detail-oriented", "Exploration-oriented")
+
+PERSONA_PROMPT = """You are an expert in consumer psychology. Read one customer's product reviews and infer their persona along four dimensions (the AIO model extended with Language):
+- Activities: how they behave in a recommendation conversation. Start with exactly one of "Efficiency-seeking user", "Detail-oriented user" or "Exploration-oriented user", then one sentence.
+- Interests: the kinds of items, topics and features they like, from their well-rated items.
+- Language: their Information Density, Expression Style and Tone.
+- Orientations: their values and priorities (for example price vs quality, speed vs in-depth discussion).
+
+Reviews:
+{reviews}
+
+Answer with JSON only:
+{{"Activities": "...", "Interests": "...", "Language": {{"Information Density": "...", "Expression Style": "...", "Tone": "..."}}, "Orientations": "..."}}"""
+
+
+def render_reviews(reviews: list[dict], limit: int) -> str:
+    lines = []
+    for r in reviews[:limit]:
+        content = " ".join(str(r.get("Content", "")).split())[:300]
+        lines.append(f'- {r.get("ItemName", "?")} (rated {r.get("Rating", "?")}/5): "{r.get("Title", "")}" {content}')
+    return "\n".join(lines)
+
+
+def parse_persona(text: str, user_id: str) -> Persona | None:
+    data = parse_json(text)
+    if not data or not isinstance(data.get("Activities"), str):
+        return None
+    activity_type = next((t for t in ACTIVITY_TYPES if t.lower() in data["Activities"].lower()), None)
+    if activity_type is None:
+        return None
+    language = data.get("Language") if isinstance(data.get("Language"), dict) else {}
+    interests = data.get("Interests", "")
+    return Persona(user_id=user_id, activities=data["Activities"],
+                   interests=", ".join(map(str, interests)) if isinstance(interests, list) else str(interests),
+                   language={k: str(v) for k, v in language.items()}, orientations=str(data.get("Orientations", "")))
+
+
+def rouge_l(a: list[str], b: list[str]) -> float:
+    """ROUGE-L F1 between two token lists (longest common subsequence)."""
+    if not a or not b:
+        return 0.0
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def max_rouge_l(personas: list[Persona]) -> list[float]:
+    """Fig. 4: for each persona, ROUGE-L to its most similar other persona."""
+    tokens = [re.findall(r"\w+", p.as_text().lower()) for p in personas]
+    best = [0.0] * len(tokens)
+    for i in range(len(tokens)):
+        for j in range(i + 1, len(tokens)):
+            score = rouge_l(tokens[i], tokens[j])
+            best[i], best[j] = max(best[i], score), max(best[j], score)
+    return best
+
+
+def diversity_metrics(personas: list[Persona], prefix: str) -> dict[str, float]:
+    unique = list({p.as_text(): p for p in personas}.values())
+    if len(unique) < 2:
+        return {}
+    scores = sorted(max_rouge_l(unique))
+    return {f"{prefix}/count": len(unique), f"{prefix}/max_rouge_l_mean": sum(scores) / len(scores),
+            f"{prefix}/max_rouge_l_median": scores[len(scores) // 2]}
+
+
+# =============================================================================================== simulator
+
+POLICIES = ("respond_to_clarification", "provide_feedback_on_recommendation", "end_conversation")
+OPENING_POLICY = "ask_recommendation"
+
+POLICY_PROMPT = """You are role-playing a user who is chatting with a conversational recommender system to find a {domain}.
+Your behaviour type: {activities}
+Your priorities: {orientations}
+The {domain} you are secretly looking for: {target}
+
+Conversation so far:
+{history}
+
+The system just said: "{last}"
+{target_note}
+Choose how to respond next. Policies:
+- respond_to_clarification: the system asked something or needs more detail; answer it.
+- provide_feedback_on_recommendation: the system recommended something; say whether and why it fits.
+- end_conversation: stop the conversation.
+Rules by behaviour type: an Efficiency-seeking user ends the conversation as soon as the target has been recommended; a Detail-oriented user may ask follow-up questions about a recommendation before ending; an Exploration-oriented user rarely ends the conversation and keeps exploring.
+
+Answer with JSON only: {{"reason": "<one sentence>", "policy": "<one of respond_to_clarification, provide_feedback_on_recommendation, end_conversation>"}}"""
+
+CONTENT_INSTRUCTIONS = {
+    OPENING_POLICY: "Open the conversation by asking for a recommendation. Give minimal information: at most one broad preference.",
+    "respond_to_clarification": "Answer the system's question, revealing one or two new features of what you want, taken from the target's features.",
+    "provide_feedback_on_recommendation": "React to the system's recommendation. If it recommended your target, say you are satisfied. Otherwise say briefly what does not fit, and reveal one more feature you want.",
+    "end_conversation": "End the conversation politely in one short sentence.",
+}
+
+CONTENT_PROMPT = """You are role-playing a user who is chatting with a conversational recommender system to find a {domain}.
+Your interests: {interests}
+Your language: information density: {density}; expression style: {style}; tone: {tone}.
+The {domain} you are secretly looking for: {target}
+Never say its name: reveal what you want gradually, through its features.
+
+Conversation so far:
+{history}
+{target_note}
+Task: {instruction}
+Write one or two sentences in your own voice, as the user.
+
+Answer with JSON only: {{"reason": "<one sentence>", "response": "<your message to the system>"}}"""
+
+EC_PROMPT = """You are a user simulator. Evaluate the expressiveness and interaction quality of the conversational recommender system's last response: how well it supports the dialogue flow, user engagement and natural communication.
+
+Dimensions (start from 5 points and deduct):
+- Flexibility (deduct 0 to 2): -2 if the system ignores the user's change of intent or request and answers rigidly; -1 if it notices the change but adapts late, rigidly or awkwardly; 0 if it adapts naturally.
+- Coherence (deduct 0 to 2): -2 if the response is disjointed or irrelevant to the conversation; -1 if it partly loses context or contradicts earlier turns; 0 if it follows logically from the conversation.
+- User Guidance (deduct 0 to 1): -1 if it offers no clarification, follow-up or direction; 0 if it guides the user effectively toward what they want.
+Final rating = 5 - all deductions, from 0 to 5.
+
+In the reason, refer to flexibility, coherence and user guidance, mention any user reaction (confusion, frustration, engagement), and name the issues that caused deductions.
+
+System's last response: "{last}"
+Dialogue history:
+{history}
+Target: {target}
+
+Answer with JSON only: {{"reason": "<reason for the rating>", "rating": "<final rating from 0 to 5>"}}"""
+
+
+def render_history(history: list[dict]) -> str:
+    if not history:
+        return "(no messages yet)"
+    return "\n".join(f"{'User' if m['role'] == 'user' else 'System'}: {m['content']}" for m in history)
+
+
+def title_forms(title: str) -> list[str]:
+    """Spellings of a target that a user might leak: the full title, and its name without a trailing
+    "(year)" or subtitle when that part is distinctive enough (4+ characters) to check as whole words."""
+    forms = [title]
+    core = re.split(r"\s*[(:]", title, maxsplit=1)[0].strip()
+    if len(core) >= 4 and core.lower() != title.lower():
+        forms.append(core)
+    return forms
+
+
+def leaks_title(text: str, title: str) -> bool:
+    return any(re.search(r"(?<!\w)" + re.escape(form) + r"(?!\w)", text, re.IGNORECASE) for form in title_forms(title))
+
+
+def redact_title(text: str, title: str) -> str:
+    for form in title_forms(title):
+        text = re.sub(r"(?<!\w)" + re.escape(form) + r"(?!\w)", "that one", text, flags=re.IGNORECASE)
+    return text
+
+
+def parse_policy(text: str) -> str | None:
+    data = parse_json(text)
+    if data and str(data.get("policy", "")).strip() in POLICIES:
+        return str(data["policy"]).strip()
+    named = [p for p in POLICIES if p in text]  # a bare policy name without JSON
+    return named[0] if len(named) == 1 else None
+
+
+def parse_content(text: str) -> str | None:
+    data = parse_json(text)
+    response = data.get("response") if data else None
+    if not isinstance(response, str) or not response.strip() or is_placeholder(response):
+        return None
+    return " ".join(response.split())
+
+
+def parse_ec(text: str) -> tuple[str, int] | None:
+    data = parse_json(text)
+    if not data or "rating" not in data:
+        return None
+    rating = coerce_int(data["rating"], 0, 5)
+    reason = str(data.get("reason", ""))
+    return None if rating is None or is_placeholder(reason) else (reason, rating)
+
+
+def fallback_utterance(raw: str, policy: str) -> str:
+    """When every try failed to give JSON: the first "User:" line of a transcript-style answer, else the
+    raw text if it reads like one utterance, else a stock line for the policy."""
+    user_lines = re.findall(r"^\s*User\s*:\s*(.+)$", raw, flags=re.MULTILINE)
+    text = user_lines[0] if user_lines else raw.strip().strip("`")
+    if text and "{" not in text and "\n" not in text.strip() and len(text) < 400 and not is_placeholder(text):
+        return " ".join(text.split())
+    return {OPENING_POLICY: "Hi! Can you recommend something for me?",
+            "end_conversation": "Thanks, that's all for now."}.get(policy, "Hmm, can you tell me a bit more?")
+
+
+@dataclass
+class SimUser:
+    """One simulated user's state: the task (persona + hidden target) and the conversation so far."""
+
+    task: Task
+    history: list[dict] = field(default_factory=list)  # {"role": "user" | "assistant", "content": str}
+    ended: bool = False
+
+
+@dataclass
+class UserTurn:
+    policy: str
+    response: str
+    ec_reason: str | None
+    ec_rating: int | None
+    end: bool
+
+
+class AILO:
+    """Batched AILO simulator: ``start`` opens every conversation, ``step`` answers a batch of CRA responses
+    with one batched LLM call per sub-step (policy, content, EC) across all of them."""
+
+    def __init__(self, llm, domain: str = "movie", max_tokens: int = 160, max_parse_tries: int = 3,
+                 max_leak_tries: int = 2):
+        self.llm, self.domain, self.max_tokens = llm, domain, max_tokens
+        self.max_parse_tries, self.max_leak_tries = max_parse_tries, max_leak_tries
+        self.stats = ParseStats()
+        self.title_leaks = 0  # generated utterances that named the target, before the guard
+        self.title_redactions = 0  # utterances still leaking after regeneration, redacted
+
+    def _ask(self, prompts: list[str], parse: Callable):
+        return chat_parsed(self.llm, [[{"role": "user", "content": p}] for p in prompts], parse, self.stats,
+                           max_tries=self.max_parse_tries, max_tokens=self.max_tokens)
+
+    def _target_note(self, user: SimUser) -> str:
+        # The user knows its target title; saying explicitly whether the system named it keeps weak
+        # simulators from missing a successful recommendation (satisfaction must follow one).
+        last = next((m["content"] for m in reversed(user.history) if m["role"] == "assistant"), None)
+        if last is None:
+            return ""
+        named = mentions_title(last, user.task.target.title)
+        return f"(Note: the system's last message {'DID' if named else 'did NOT'} recommend your target.)\n"
+
+    def _content(self, users: list[SimUser], policies: list[str]) -> list[str]:
+        """Step 2: one utterance per user, generated in one batch; leaks are regenerated, then redacted."""
+        prompts = []
+        for user, policy in zip(users, policies):
+            persona, language = user.task.persona, user.task.persona.language
+            prompts.append(CONTENT_PROMPT.format(
+                domain=self.domain, interests=persona.interests or "(infer from the target)",
+                density=language.get("Information Density", "moderate"), style=language.get("Expression Style", "casual"),
+                tone=language.get("Tone", "friendly"), target=item_card(user.task.target), history=render_history(user.history),
+                target_note=self._target_note(user), instruction=CONTENT_INSTRUCTIONS[policy]))
+        parsed, raw = self._ask(prompts, parse_content)
+        texts = [p if p is not None else fallback_utterance(r, policy) for p, r, policy in zip(parsed, raw, policies)]
+        for attempt in range(self.max_leak_tries + 1):
+            leaking = [i for i, (u, t) in enumerate(zip(users, texts)) if leaks_title(t, u.task.target.title)]
+            if attempt == 0:
+                self.title_leaks += len(leaking)
+            if not leaking:
+                break
+            if attempt == self.max_leak_tries:  # hard guard: the title never reaches the CRA
+                self.title_redactions += len(leaking)
+                for i in leaking:
+                    texts[i] = redact_title(texts[i], users[i].task.target.title)
+                break
+            regenerated, raw = chat_parsed(self.llm, [[{"role": "user", "content": prompts[i]}] for i in leaking],
+                                           parse_content, self.stats, max_tries=1, temperature=0.7 + 0.3 * attempt,
+                                           max_tokens=self.max_tokens)
+            for i, text, r in zip(leaking, regenerated, raw):
+                texts[i] = text if text is not None else fallback_utterance(r, policies[i])
+        return texts
+
+    def start(self, tasks: list[Task]) -> tuple[list[SimUser], list[UserTurn]]:
+        """Turn 0: every user opens with the fixed ask_recommendation policy (no EC: nothing to rate yet)."""
+        users = [SimUser(task) for task in tasks]
+        texts = self._content(users, [OPENING_POLICY] * len(users))
+        for user, text in zip(users, texts):
+            user.history.append({"role": "user", "content": text})
+        return users, [UserTurn(OPENING_POLICY, t, None, None, False) for t in texts]
+
+    def step(self, users: list[SimUser], cra_responses: list[str], final: bool = False) -> list[UserTurn]:
+        """Answer one CRA response per user. With ``final`` (the turn limit) only EC runs: nobody replies."""
+        for user, response in zip(users, cra_responses):
+            user.history.append({"role": "assistant", "content": response})
+
+        # Step 3 (EC) rates p_t against the history up to and including it, so it is independent of the
+        # user's reply and runs first; the order of the three calls does not change any input.
+        ec_prompts = [EC_PROMPT.format(last=u.history[-1]["content"], history=render_history(u.history[:-1]),
+                                       target=u.task.target.title) for u in users]
+        ec, _ = self._ask(ec_prompts, parse_ec)
+        if final:
+            for user in users:
+                user.ended = True
+            return [UserTurn("", "", *(e or (None, None)), True) for e in ec]
+
+        # Step 1: the response policy.
+        policy_prompts = [POLICY_PROMPT.format(
+            domain=self.domain, activities=u.task.persona.activities, orientations=u.task.persona.orientations or "-",
+            target=item_card(u.task.target), history=render_history(u.history[:-1]), last=u.history[-1]["content"],
+            target_note=self._target_note(u)) for u in users]
+        policies, _ = self._ask(policy_prompts, parse_policy)
+        policies = [p or ("provide_feedback_on_recommendation" if mentions_title(u.history[-1]["content"], u.task.target.title)
+                          else "respond_to_clarification") for p, u in zip(policies, users)]
+
+        # Step 2: the response content, conditioned on the policy.
+        texts = self._content(users, policies)
+        turns = []
+        for user, policy, text, e in zip(users, policies, texts, ec):
+            user.history.append({"role": "user", "content": text})
+            user.ended = policy == "end_conversation"
+            turns.append(UserTurn(policy, text, *(e or (None, None)), user.ended))
+        return turns
+
+    def metrics(self) -> dict[str, int]:
+        return {**self.stats.metrics("rollout/user_"), "rollout/title_leaks": self.title_leaks,
+                "rollout/title_redactions": self.title_redactions}
+
+
+# =============================================================================================== harness
+
+
+@dataclass
+class CRAReply:
+    """What a CRA returns for one conversation turn."""
+
+    text: str  # the user-visible response p_t
+    retrieved: list[str] = field(default_factory=list)  # titles the CRA's retrieval returned this turn (for R)
+    record: dict = field(default_factory=dict)  # anything the CRA wants kept with the turn (prompt, action, ...)
+
+
+# A CRA maps (episode keys, histories) to one reply per conversation. Histories use chat roles from the
+# CRA's side: "user" is the simulated user, "assistant" the CRA. Keys let a stateful CRA keep a scratchpad.
+CRA = Callable[[list[str], list[list[dict]]], list[CRAReply]]
+
+
+def run_episodes(tasks: list[Task], cra: CRA, simulator: AILO, max_turns: int, batch_size: int = 16,
+                 records: RecordFile | None = None, on_episode: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run each task's conversation for up to ``max_turns`` CRA responses, ``batch_size`` at a time.
+
+    Returns one trajectory dict per task: per-turn system response, retrieval, user policy and reply,
+    EC reason and rating, plus ``success`` (SR: a CRA response contains the target title) and ``recall``
+    (R: the target appeared in a retrieval result). With ``records``, finished trajectories are appended as
+    they complete and tasks already in the file are skipped (their stored trajectories are returned).
+    """
+    done = {r["key"]: r for r in records.records()} if records else {}
+    todo = [t for t in tasks if t.task_id not in done]
+    finished: dict[str, dict] = {}
+    progress = tqdm(total=len(todo), desc="conversations", disable=not todo)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        users, openings = simulator.start(chunk)
+        trajectories = [{"key": t.task_id, "task_id": t.task_id, "user_id": t.persona.user_id,
+                         "target": t.target.title, "persona": asdict(t.persona),
+                         "opening": {"policy": o.policy, "user": o.response}, "turns": [],
+                         "success": False, "recall": False} for t, o in zip(chunk, openings)]
+        for turn in range(1, max_turns + 1):
+            live = [i for i, u in enumerate(users) if not u.ended]
+            if not live:
+                break
+            replies = cra([chunk[i].task_id for i in live], [list(users[i].history) for i in live])
+            final = turn == max_turns
+            answers = simulator.step([users[i] for i in live], [r.text for r in replies], final=final)
+            for i, reply, answer in zip(live, replies, answers):
+                target, trajectory = chunk[i].target.title, trajectories[i]
+                trajectory["turns"].append({
+                    "turn": turn, "system": reply.text, "retrieved": reply.retrieved, "cra": reply.record,
+                    "mentions_target": mentions_title(reply.text, target), "user_policy": answer.policy,
+                    "user": answer.response, "ec_reason": answer.ec_reason, "ec_rating": answer.ec_rating,
+                    "end": answer.end})
+                trajectory["success"] |= mentions_title(reply.text, target)
+                trajectory["recall"] |= target in reply.retrieved
+                if users[i].ended:
+                    trajectory["num_turns"] = turn
+                    trajectory["ended_by_user"] = not final
+                    finished[trajectory["key"]] = trajectory
+                    if records:
+                        records.append(trajectory)
+                    if on_episode:
+                        on_episode(trajectory)
+                    progress.update(1)
+    progress.close()
+    return [done.get(t.task_id) or finished[t.task_id] for t in tasks]
+
+
+def episode_metrics(trajectories: list[dict], max_turns: int) -> dict[str, float]:
+    """eval/sr, eval/recall and the EC ratings (overall and per turn) over finished trajectories."""
+    ratings = [(t["turn"], t["ec_rating"]) for tr in trajectories for t in tr["turns"] if t["ec_rating"] is not None]
+    metrics = {"eval/sr": success_rate([t["success"] for t in trajectories]),
+               "eval/recall": success_rate([t["recall"] for t in trajectories]),
+               "rollout/episodes": len(trajectories),
+               "rollout/turns_mean": sum(t["num_turns"] for t in trajectories) / max(len(trajectories), 1),
+               "rollout/ended_by_user": success_rate([t["ended_by_user"] for t in trajectories]),
+               "rollout/ec_rating_missing": sum(t["ec_rating"] is None for tr in trajectories for t in tr["turns"])}
+    if ratings:
+        metrics["rollout/ec_rating_mean"] = sum(r for _, r in ratings) / len(ratings)
+    for turn in range(1, max_turns + 1):
+        at_turn = [r for t, r in ratings if t == turn]
+        if at_turn:
+            metrics[f"rollout/ec_rating_turn{turn}"] = sum(at_turn) / len(at_turn)
+    return metrics
+
+
+# =============================================================================================== the demo CRA
+
+CRA_SYSTEM = """You are a conversational recommender system that helps the user find a {domain}.
+Ask a short clarifying question when you need to know more. When you recommend, name one or two items using their exact titles from the candidates below, and say briefly why they fit.
+Candidates retrieved for this conversation:
+{candidates}"""
+
+
+def make_zero_shot_cra(llm, catalog: Catalog, domain: str, top_k: int, max_tokens: int) -> CRA:
+    """A prompted CRA with no training: retrieve top-k items for everything the user said, then answer."""
+
+    def cra(keys: list[str], histories: list[list[dict]]) -> list[CRAReply]:
+        queries = [" ".join(m["content"] for m in h if m["role"] == "user") for h in histories]
+        candidates = catalog.search(queries, top_k)
+        conversations = [[{"role": "system", "content": CRA_SYSTEM.format(
+            domain=domain, candidates="\n".join(f"- {item_card(catalog.by_title[c], ('year', 'genre', 'categories'))}"
+                                                 for c in cands))}] + h for h, cands in zip(histories, candidates)]
+        outputs = llm.chat(conversations, max_tokens=max_tokens)
+        return [CRAReply(text=" ".join(out[0].split()) or "Could you tell me more about what you like?", retrieved=cands)
+                for out, cands in zip(outputs, candidates)]
+
+    return cra
+
+
+# =============================================================================================== data
+
+DOMAINS = {"demo": "movie", "book": "book", "game": "video game", "yelp": "restaurant or local business"}
+
+
+def load_tasks_and_catalog(args: Args) -> tuple[list[Task], Catalog]:
+    if args.dataset == "demo":
+        tasks, items = load_demo_tasks(), load_demo_catalog()
+    else:
+        name = args.dataset.capitalize()
+        folder = Path(args.data_dir) / "ecpo" / name
+        tasks = load_ecpo_tasks(folder / f"{name}_{args.split}.jsonl")
+        # The item database: the released pool where there is one, else every item the tasks name.
+        items = load_ecpo_items(folder / "items.jsonl") if (folder / "items.jsonl").exists() else []
+        items += [t.target for t in tasks]
+    selected = tasks[args.task_offset : args.task_offset + args.num_tasks]
+    if not selected:
+        raise DataError(f"no tasks selected: offset {args.task_offset}, count {args.num_tasks}, file has {len(tasks)}")
+    return selected, Catalog(items)
+
+
+def build_personas(args: Args, llm, records: RecordFile) -> list[Persona]:
+    """Persona modeling from real reviews, one batched LLM call per chunk, written as they are made."""
+    name = args.dataset.capitalize()
+    reviews = load_ecpo_reviews(Path(args.data_dir) / "ecpo" / name / "processed_data_with_summaries.jsonl")
+    done = records.done_keys()
+    users = [u for u in list(reviews)[: args.num_personas] if u not in done]
+    stats = ParseStats()
+    for start in tqdm(range(0, len(users), args.batch_size), desc="personas", disable=not users):
+        chunk = users[start : start + args.batch_size]
+        prompts = [[{"role": "user", "content": PERSONA_PROMPT.format(reviews=render_reviews(reviews[u], args.reviews_per_user))}]
+                   for u in chunk]
+        parsed, _ = chat_parsed(llm, prompts, lambda text: parse_persona(text, "?"), stats,
+                                max_tries=args.max_parse_tries, max_tokens=256)
+        for user_id, persona in zip(chunk, parsed):
+            if persona is not None:
+                persona.user_id = user_id
+                records.append({"key": user_id, **asdict(persona)})
+    if stats.failures:
+        print(f"persona builder: {stats.failures} of {len(users)} users gave no valid persona JSON; they are skipped")
+    return [Persona(**{k: v for k, v in r.items() if k != "key"}) for r in records.records()]
+
+
+def print_trajectory(trajectory: dict) -> None:
+    print(f"\n=== {trajectory['task_id']} | target: {trajectory['target']} | "
+          f"SR={int(trajectory['success'])} R={int(trajectory['recall'])}")
+    print(f"  USER   [{trajectory['opening']['policy']}] {trajectory['opening']['user']}")
+    for t in trajectory["turns"]:
+        print(f"  SYSTEM {t['system']}")
+        print(f"         EC rating {t['ec_rating']}: {(t['ec_reason'] or '')[:160]}")
+        if t["user"]:
+            print(f"  USER   [{t['user_policy']}] {t['user']}")
+
+
+# =============================================================================================== main
+
+
+def main(args: Args) -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not __import__("torch").cuda.is_available())
+    args.run_name = args.run_name or default_run_name(args.exp_name, args.seed)
+    run_dir = Path("runs") / args.run_name
+    seed_everything(args.seed + accelerator.process_index)
+    tracker = Tracker(run_dir, args, track=args.track, project=args.wandb_project, entity=args.wandb_entity,
+                      is_main=accelerator.is_main_process)
+
+    tasks, catalog = load_tasks_and_catalog(args)
+    domain = DOMAINS[args.dataset]
+    device = accelerator.device
+    user_llm = make_llm(args.user_llm, batch_size=args.batch_size, device=device)
+    cra_llm = make_llm(args.cra_llm, batch_size=args.batch_size, device=device)
+
+    metrics: dict[str, float] = {}
+    if accelerator.is_main_process:
+        metrics |= diversity_metrics([t.persona for t in tasks], "personas/tasks")
+        if args.num_personas > 0:
+            if args.dataset not in ("book", "game"):
+                raise DataError(f"--num-personas needs review data: use --dataset book or game, not {args.dataset}")
+            persona_llm = make_llm(args.persona_llm, batch_size=args.batch_size, device=device) if args.persona_llm else user_llm
+            built = build_personas(args, persona_llm, RecordFile(run_dir / "personas.jsonl"))
+            metrics |= diversity_metrics(built, "personas/built")
+
+    simulator = AILO(user_llm, domain=domain, max_tokens=args.user_max_tokens, max_parse_tries=args.max_parse_tries,
+                     max_leak_tries=args.max_leak_tries)
+    cra = make_zero_shot_cra(cra_llm, catalog, domain, args.retriever_top_k, args.cra_max_tokens)
+    records = RecordFile(run_dir / "trajectories.jsonl")
+    my_tasks = tasks[accelerator.process_index :: accelerator.num_processes]
+    run_episodes(my_tasks, cra, simulator, args.max_turns, batch_size=args.batch_size, records=records,
+                 on_episode=print_trajectory if args.print_conversations else None)
+
+    # Counters are per rank; sum them on rank 0. Trajectories are read back from the shared record file,
+    # so episodes finished by an earlier, interrupted run count too.
+    counters = {**simulator.metrics(), **user_llm.usage.metrics("cost/user_"), **cra_llm.usage.metrics("cost/cra_")}
+    from accelerate.utils import gather_object
+
+    gathered = gather_object([counters])
+    if accelerator.is_main_process:
+        for key in counters:
+            metrics[key] = sum(c[key] for c in gathered)
+        for kind in ("llm_calls", "prompt_tokens", "completion_tokens", "tokens"):
+            metrics[f"cost/{kind}"] = metrics[f"cost/user_{kind}"] + metrics[f"cost/cra_{kind}"]
+        wanted = {t.task_id for t in tasks}
+        trajectories = [r for r in records.records() if r["key"] in wanted]
+        metrics |= episode_metrics(trajectories, args.max_turns)
+        tracker.log(metrics, step=0)
+        print("\n" + json.dumps(metrics, indent=2))
+        print(f"outputs in {run_dir}/ (trajectories.jsonl, metrics.jsonl)")
+    tracker.close()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

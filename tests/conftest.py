@@ -1,0 +1,55 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DATA = Path(os.environ.get("CLEANCRS_DATA", ROOT.parent / "shared" / "data"))
+
+needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"real data not found at {DATA} (set CLEANCRS_DATA)")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded SmolLM2 tokenizer (real vocabulary and chat template)."""
+    from common.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer):
+    """A 2-layer random Llama over the real vocabulary: fast, deterministic, shaped like the real thing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+class ScriptedLLM:
+    """A backend stand-in that answers each prompt with ``respond(prompt_text)``; counts like the real ones."""
+
+    def __init__(self, respond):
+        from common.llm import Usage
+
+        self.respond, self.usage, self.prompts = respond, Usage(), []
+
+    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None):
+        out = []
+        for conv in conversations:
+            text = conv[-1]["content"]
+            self.prompts.append(text)
+            self.usage.add(n, len(text.split()), 1)
+            out.append([self.respond(text) for _ in range(n)])
+        return out
+
+
+@pytest.fixture
+def scripted_llm():
+    return ScriptedLLM
