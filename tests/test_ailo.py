@@ -1,0 +1,128 @@
+import json
+import re
+
+import pytest
+
+from ailo_sim import (AILO, CRAReply, episode_metrics, leaks_title, max_rouge_l, parse_ec, parse_persona,
+                      parse_policy, redact_title, rouge_l, run_episodes)
+from common.data import Item, Persona, Task, load_demo_tasks
+from common.tracking import RecordFile
+
+
+def _task(title="Jaws (1975)", activities="Efficiency-seeking user who wants one pick."):
+    return Task(task_id=f"t-{title}", persona=Persona("u", activities, "sea thrillers", {"Tone": "dry"}),
+                target=Item("1", title, {"genre": ["thriller"]}))
+
+
+def script(policy="respond_to_clarification", response='I want something tense at sea.', rating="4"):
+    """A simulator LLM that answers each AILO sub-step in its JSON format. ``{target}`` in ``response`` is
+    replaced by the title the prompt hides (a user that leaks its own target)."""
+
+    def respond(prompt):
+        target = re.search(r"secretly looking for: ([^;\n]+)", prompt)
+        if "Choose how to respond next" in prompt:
+            return json.dumps({"reason": "r", "policy": policy})
+        if prompt.startswith("You are a user simulator"):
+            return json.dumps({"reason": "coherent", "rating": rating})
+        return json.dumps({"reason": "r", "response": response.format(target=target.group(1) if target else "")})
+
+    return respond
+
+
+def echo_cra(text="Have you seen Jaws (1975)?", retrieved=("Jaws (1975)",)):
+    return lambda keys, histories: [CRAReply(text, list(retrieved)) for _ in keys]
+
+
+def test_title_guard_forms():
+    assert leaks_title("I loved JAWS as a kid", "Jaws (1975)")
+    assert not leaks_title("jawsome day", "Jaws (1975)")
+    assert leaks_title("like the Killer Clown Calamity", "The Killer Clown Calamity (A Charlie Rhodes Cozy Mystery Book 7)")
+    assert redact_title("Is it Jaws (1975)? Jaws!", "Jaws (1975)") == "Is it that one? that one!"
+
+
+def test_target_title_never_reaches_the_cra(scripted_llm):
+    llm = scripted_llm(script(response="Honestly I just want {target}, the one I loved."))
+    simulator = AILO(llm, max_leak_tries=2)
+    seen = []
+
+    def cra(keys, histories):
+        seen.extend(m["content"] for h in histories for m in h if m["role"] == "user")
+        return [CRAReply("What do you like?") for _ in keys]
+
+    trajectories = run_episodes([_task(), _task("The Godfather (1972)")], cra, simulator, max_turns=2)
+    utterances = seen + [t["opening"]["user"] for t in trajectories] + [u["user"] for t in trajectories for u in t["turns"]]
+    assert utterances and not any(re.search("jaws|godfather", u, re.IGNORECASE) for u in utterances)
+    assert simulator.title_leaks > 0 and simulator.title_redactions == simulator.title_leaks
+    # 2 users x 2 content steps (opening, turn 1; the final turn is EC only), each asked once and then
+    # regenerated max_leak_tries times before the redaction
+    assert sum("Never say its name" in p for p in llm.prompts) == 2 * 2 * (1 + 2)
+
+
+def test_one_batched_call_per_substep(scripted_llm):
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.batches, self.usage = inner, [], inner.usage
+
+        def chat(self, conversations, **kw):
+            self.batches.append(len(conversations))
+            return self.inner.chat(conversations, **kw)
+
+    llm = Counting(scripted_llm(script()))
+    tasks = [_task(f"Film {i} (2000)") for i in range(5)]
+    run_episodes(tasks, echo_cra("Tell me more."), AILO(llm), max_turns=2, batch_size=5)
+    # opening content, then turn 1: EC + policy + content, then turn 2 (final): EC only
+    assert llm.batches == [5, 5, 5, 5, 5]
+
+
+def test_harness_scores_sr_r_and_ratings(scripted_llm):
+    llm = scripted_llm(script(policy="end_conversation", rating="5"))
+    tasks = [_task("Jaws (1975)"), _task("Alien (1979)")]
+    trajectories = run_episodes(tasks, echo_cra(), AILO(llm), max_turns=3)
+    jaws, alien = trajectories
+    assert jaws["success"] and jaws["recall"] and not alien["success"] and not alien["recall"]
+    assert jaws["num_turns"] == 1 and jaws["ended_by_user"]  # the user chose end_conversation
+    assert jaws["turns"][0]["ec_rating"] == 5 and jaws["turns"][0]["user_policy"] == "end_conversation"
+    metrics = episode_metrics(trajectories, 3)
+    assert metrics["eval/sr"] == 0.5 and metrics["eval/recall"] == 0.5 and metrics["rollout/ec_rating_turn1"] == 5
+
+
+def test_unparseable_simulator_output_never_kills_a_run(scripted_llm):
+    llm = scripted_llm(lambda prompt: "The user is looking for a movie for tonight.")
+    simulator = AILO(llm, max_parse_tries=2)
+    trajectories = run_episodes([_task()], echo_cra("Any genre?", ()), simulator, max_turns=2)
+    turns = trajectories[0]["turns"]
+    assert len(turns) == 2 and turns[0]["ec_rating"] is None and turns[0]["user"]
+    assert simulator.stats.failures > 0 and simulator.stats.retries == simulator.stats.failures
+    assert episode_metrics(trajectories, 2)["rollout/ec_rating_missing"] == 2
+
+
+def test_resume_skips_finished_episodes(tmp_path, scripted_llm):
+    records = RecordFile(tmp_path / "trajectories.jsonl")
+    tasks = load_demo_tasks()[:3]
+    first = run_episodes(tasks[:2], echo_cra(), AILO(scripted_llm(script())), max_turns=1, records=records)
+    llm = scripted_llm(script())
+    second = run_episodes(tasks, echo_cra(), AILO(llm), max_turns=1, records=records)
+    assert second[:2] == first
+    assert len(records.records()) == 3
+    assert len(llm.prompts) == 2  # only the third task ran: its opening, then EC on the final turn
+
+
+def test_parsers_on_simulator_outputs():
+    assert parse_policy('{"reason": "asked", "policy": "end_conversation"}') == "end_conversation"
+    assert parse_policy("I will respond_to_clarification now") == "respond_to_clarification"
+    assert parse_policy("The user is looking for a movie.") is None
+    assert parse_ec('{"reason": "<reason for the rating>", "rating": "0"}') is None  # echoed template
+    assert parse_ec('{"reason": "Rigid.", "rating": "<Final rating from 0 to 5 >"}') is None
+    assert parse_ec('```json\n{"reason": "Good guidance.", "rating": "4"}\n```') == ("Good guidance.", 4)
+    persona = parse_persona('{"Activities": "A detail-oriented user who reads reviews.", "Interests": ["mystery", "humor"],'
+                            ' "Language": {"Tone": "warm"}, "Orientations": "quality"}', "u1")
+    assert persona.interests == "mystery, humor" and persona.language == {"Tone": "warm"}
+    assert parse_persona('{"Activities": "Likes books."}', "u1") is None  # no activity type
+
+
+def test_rouge_l_hand_computed():
+    # LCS("a b c d", "a c d e") = "a c d" -> P = R = 3/4
+    assert rouge_l("a b c d".split(), "a c d e".split()) == pytest.approx(0.75)
+    assert rouge_l([], ["a"]) == 0.0
+    personas = [Persona("1", "a b c d"), Persona("2", "a c d e"), Persona("3", "x y z w")]
+    assert max_rouge_l(personas) == pytest.approx([0.75, 0.75, 0.0])
