@@ -31,7 +31,8 @@ from tqdm import tqdm
 from common.catalog import Catalog, item_card
 from common.data import (DataError, Persona, Task, load_demo_catalog, load_demo_tasks, load_ecpo_items,
                          load_ecpo_reviews, load_ecpo_tasks)
-from common.llm import Usage, make_llm
+from common.llm import LLMBackendError, make_llm
+from common.models import ModelSpecError
 from common.metrics import mentions_title, success_rate
 from common.parsing import ParseStats, chat_parsed, coerce_int, is_placeholder, parse_json
 from common.tracking import RecordFile, Tracker, default_run_name, seed_everything
@@ -631,4 +632,7 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except (DataError, ModelSpecError, LLMBackendError) as err:
+        raise SystemExit(f"error: {err}")

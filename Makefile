@@ -1,0 +1,18 @@
+PYTHON ?= python3
+
+.PHONY: install demo test bench
+
+install:
+	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q --no-deps -r requirements-embedded.txt
+
+demo: install
+	$(PYTHON) ailo_sim.py
+
+test: install
+	$(PYTHON) -m pip install -q -r requirements-dev.txt
+	$(PYTHON) -m pytest -q tests
+
+bench: install
+	$(PYTHON) bench/bench_ailo.py

@@ -1,0 +1,61 @@
+import json
+
+import torch
+
+from common.models import add_lora
+from common.tracking import RecordFile, Tracker, latest_checkpoint, save_checkpoint, seed_everything
+
+
+def test_record_file_appends_resumes_and_ignores_a_torn_line(tmp_path):
+    records = RecordFile(tmp_path / "r.jsonl")
+    records.append({"key": "a", "x": 1})
+    records.append({"key": "b", "x": 2})
+    with open(tmp_path / "r.jsonl", "a") as f:
+        f.write('{"key": "c", "x"')  # a run killed mid-write
+    again = RecordFile(tmp_path / "r.jsonl")
+    assert again.done_keys() == {"a", "b"}
+
+
+def test_tracker_writes_config_and_metrics_on_main_only(tmp_path):
+    tracker = Tracker(tmp_path / "run", {"lr": 0.1})
+    tracker.log({"train/loss": 1.5}, step=3)
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"lr": 0.1}
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert line["step"] == 3 and line["train/loss"] == 1.5
+    Tracker(tmp_path / "other", {"lr": 0.1}, is_main=False).log({"train/loss": 1.0}, step=0)
+    assert not (tmp_path / "other").exists()
+
+
+def test_seeding_is_reproducible():
+    seed_everything(7)
+    a = torch.rand(3)
+    seed_everything(7)
+    assert torch.equal(a, torch.rand(3))
+
+
+def test_checkpoint_round_trip(tmp_path, tiny_model):
+    import copy
+
+    from peft import PeftModel
+
+    model = add_lora(copy.deepcopy(tiny_model), rank=2, alpha=4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    assert latest_checkpoint(tmp_path) is None
+    save_checkpoint(tmp_path, 5, model, optimizer, state={"epoch": 0})
+    path = save_checkpoint(tmp_path, 10, model, optimizer)
+    assert latest_checkpoint(tmp_path) == path and path.name == "step_00000010"
+    assert json.loads((path / "state.json").read_text())["step"] == 10
+    assert "optimizer" in torch.load(path / "training_state.pt", weights_only=False)
+    restored = PeftModel.from_pretrained(copy.deepcopy(tiny_model), path)
+    name = next(n for n, p in model.named_parameters() if "lora_B" in n)
+    assert torch.equal(dict(restored.named_parameters())[name], dict(model.named_parameters())[name])
+
+
+def test_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tracker = Tracker(tmp_path / "run", {"lr": 0.1}, track=True, project="cleancrs-test")
+    tracker.log({"eval/sr": 0.5}, step=1)
+    tracker.close()
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["eval/sr"] == 0.5
