@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
+import torch
 import tyro
 from tqdm import tqdm
 
@@ -247,14 +248,18 @@ def title_forms(title: str) -> list[str]:
     return forms
 
 
+def title_pattern(title: str) -> re.Pattern:
+    """Any of ``title_forms`` as a whole-word, case-insensitive match; the full title is tried first."""
+    forms = "|".join(re.escape(form) for form in title_forms(title))
+    return re.compile(r"(?<!\w)(?:" + forms + r")(?!\w)", re.IGNORECASE)
+
+
 def leaks_title(text: str, title: str) -> bool:
-    return any(re.search(r"(?<!\w)" + re.escape(form) + r"(?!\w)", text, re.IGNORECASE) for form in title_forms(title))
+    return title_pattern(title).search(text) is not None
 
 
 def redact_title(text: str, title: str) -> str:
-    for form in title_forms(title):
-        text = re.sub(r"(?<!\w)" + re.escape(form) + r"(?!\w)", "that one", text, flags=re.IGNORECASE)
-    return text
+    return title_pattern(title).sub("that one", text)
 
 
 def parse_policy(text: str) -> str | None:
@@ -323,9 +328,10 @@ class AILO:
         self.title_leaks = 0  # generated utterances that named the target, before the guard
         self.title_redactions = 0  # utterances still leaking after regeneration, redacted
 
-    def _ask(self, prompts: list[str], parse: Callable):
+    def _ask(self, prompts: list[str], parse: Callable, max_tries: int | None = None, temperature: float = 0.0):
         return chat_parsed(self.llm, [[{"role": "user", "content": p}] for p in prompts], parse, self.stats,
-                           max_tries=self.max_parse_tries, max_tokens=self.max_tokens)
+                           max_tries=max_tries or self.max_parse_tries, temperature=temperature,
+                           max_tokens=self.max_tokens)
 
     def _target_note(self, user: SimUser) -> str:
         # The user knows its target title; saying explicitly whether the system named it keeps weak
@@ -359,9 +365,8 @@ class AILO:
                 for i in leaking:
                     texts[i] = redact_title(texts[i], users[i].task.target.title)
                 break
-            regenerated, raw = chat_parsed(self.llm, [[{"role": "user", "content": prompts[i]}] for i in leaking],
-                                           parse_content, self.stats, max_tries=1, temperature=0.7 + 0.3 * attempt,
-                                           max_tokens=self.max_tokens)
+            regenerated, raw = self._ask([prompts[i] for i in leaking], parse_content, max_tries=1,
+                                         temperature=0.7 + 0.3 * attempt)
             for i, text, r in zip(leaking, regenerated, raw):
                 texts[i] = text if text is not None else fallback_utterance(r, policies[i])
         return texts
@@ -580,7 +585,7 @@ def print_trajectory(trajectory: dict) -> None:
 def main(args: Args) -> None:
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=not __import__("torch").cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     args.run_name = args.run_name or default_run_name(args.exp_name, args.seed)
     run_dir = Path("runs") / args.run_name
     seed_everything(args.seed + accelerator.process_index)
