@@ -15,4 +15,6 @@ test: install
 	$(PYTHON) -m pytest -q tests
 
 bench: install
+	$(PYTHON) -m pip install -q -r requirements-dev.txt
 	$(PYTHON) bench/bench_ailo.py
+	$(PYTHON) bench/bench_ecpo_dpo.py

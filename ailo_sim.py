@@ -327,6 +327,7 @@ class AILO:
         self.stats = ParseStats()
         self.title_leaks = 0  # generated utterances that named the target, before the guard
         self.title_redactions = 0  # utterances still leaking after regeneration, redacted
+        self.constrained_ratings = 0  # EC ratings decoded under the JSON grammar after every free try failed
 
     def _ask(self, prompts: list[str], parse: Callable, max_tries: int | None = None, temperature: float = 0.0):
         return chat_parsed(self.llm, [[{"role": "user", "content": p}] for p in prompts], parse, self.stats,
@@ -389,6 +390,10 @@ class AILO:
         ec_prompts = [EC_PROMPT.format(last=u.history[-1]["content"], history=render_history(u.history[:-1]),
                                        target=u.task.target.title) for u in users]
         ec, _ = self._ask(ec_prompts, parse_ec)
+        failed = [i for i, e in enumerate(ec) if e is None]
+        if failed and getattr(self.llm, "can_prefill", False):
+            for i, e in zip(failed, self._constrained_ec([ec_prompts[i] for i in failed])):
+                ec[i] = e
         if final:
             for user in users:
                 user.ended = True
@@ -412,9 +417,28 @@ class AILO:
             turns.append(UserTurn(policy, text, *(e or (None, None)), user.ended))
         return turns
 
+    def _constrained_ec(self, prompts: list[str]) -> list[tuple[str, int]]:
+        """EC for a simulator that never wrote valid JSON: the answer is pre-filled as '{"reason": "', the
+        reason is generated up to its closing quote, then the rating is read from the next-token distribution
+        over the digits 0..5 after '", "rating": "' (one forward pass): its probability-weighted mean (G-Eval's
+        scoring), floored as the paper parses ratings with int(float(...)). The mean uses the whole distribution,
+        where a weak model's argmax is always the same digit. Only local backends can pre-fill, so an API
+        simulator keeps the plain retries."""
+        convs = [[{"role": "user", "content": p}] for p in prompts]
+        reasons = [" ".join(out[0].split()) for out in self.llm.chat(convs, max_tokens=self.max_tokens, stop=['"'],
+                                                                         prefix='{"reason": "')]
+        digits = tuple(str(d) for d in range(6))
+        results = []
+        for conv, reason in zip(convs, reasons):
+            probs = self.llm.choice_probs([conv], choices=digits, prefix='{"reason": "' + reason + '", "rating": "')[0]
+            expected = sum(int(d) * p for d, p in probs.items()) / max(sum(probs.values()), 1e-9)
+            results.append((reason, int(expected)))
+        self.constrained_ratings += len(prompts)
+        return results
+
     def metrics(self) -> dict[str, int]:
         return {**self.stats.metrics("rollout/user_"), "rollout/title_leaks": self.title_leaks,
-                "rollout/title_redactions": self.title_redactions}
+                "rollout/title_redactions": self.title_redactions, "rollout/ec_constrained": self.constrained_ratings}
 
 
 # =============================================================================================== harness

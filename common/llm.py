@@ -5,8 +5,10 @@
     llm = make_llm("vllm:meta-llama/Llama-3.1-8B-Instruct")   # in-process vLLM, GPU only
 
 Every backend has the same two methods:
-    llm.chat(conversations, n=1, temperature=0.0, max_tokens=256, stop=None) -> list[list[str]]
+    llm.chat(conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix="") -> list[list[str]]
     llm.choice_probs(conversations, choices=("Yes", "No"), prefix="") -> list[dict[str, float]]
+``prefix`` pre-fills the start of the assistant's answer (constrained decoding); only local backends
+(``can_prefill``) support it.
 and a ``usage`` counter (calls, prompt and completion tokens) that scripts log as ``cost/*``.
 A "call" is one completion asked for: n samples of one conversation are n calls on every backend.
 """
@@ -65,6 +67,8 @@ def _choice_variants(choice: str) -> set[str]:
 class HFChat:
     """Local transformers backend. Wraps a live model, so a trainable policy generates with its current weights."""
 
+    can_prefill = True
+
     def __init__(self, model, tokenizer, batch_size: int = 16):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.usage = Usage()
@@ -81,8 +85,8 @@ class HFChat:
             yield chunk, input_ids, attention_mask
 
     @torch.no_grad()
-    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None) -> list[list[str]]:
-        texts = [render_prompt(self.tokenizer, conv) for conv in conversations for _ in range(n)]
+    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix="") -> list[list[str]]:
+        texts = [render_prompt(self.tokenizer, conv) + prefix for conv in conversations for _ in range(n)]
         outputs: list[str] = [""] * len(texts)
         was_training = self.model.training
         self.model.eval()
@@ -167,7 +171,10 @@ class OpenAIChat:
         with ThreadPoolExecutor(self.max_workers) as pool:
             return list(pool.map(fn, jobs))
 
-    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None) -> list[list[str]]:
+    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix="") -> list[list[str]]:
+        if prefix:
+            raise ValueError("the openai backend cannot prefill an assistant prefix; use free decoding")
+
         def one(conv):
             response = self._request(messages=conv, temperature=temperature, max_tokens=max_tokens, stop=stop or None)
             return truncate_at_stop(response.choices[0].message.content or "", stop).strip()
@@ -198,6 +205,8 @@ class OpenAIChat:
 class VLLMChat:
     """In-process vLLM (CUDA only). Optional: install with ``pip install -r requirements-gpu.txt``."""
 
+    can_prefill = True
+
     def __init__(self, model_path: str, **engine_kwargs):
         try:
             import vllm
@@ -218,9 +227,9 @@ class VLLMChat:
                            sum(len(o.token_ids) for o in out.outputs))
         return outputs
 
-    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None) -> list[list[str]]:
+    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix="") -> list[list[str]]:
         params = self._vllm.SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, stop=stop or None)
-        texts = [render_prompt(self.tokenizer, conv) for conv in conversations]
+        texts = [render_prompt(self.tokenizer, conv) + prefix for conv in conversations]
         return [[o.text.strip() for o in out.outputs] for out in self._generate(texts, params)]
 
     def choice_probs(self, conversations, choices=("Yes", "No"), prefix: str = "") -> list[dict[str, float]]:

@@ -43,11 +43,17 @@ def sequence_logprobs(model, input_ids, attention_mask, completion_mask):
 
     Returns ``(sum_logp [B], n_tokens [B], per_token_logp [B, L-1])``; ``per_token_logp[:, j]``
     is log p(input_ids[:, j+1] | input_ids[:, :j+1]) and is zero where the mask is off.
-    Computed in fp32 whatever the model dtype, so bf16 runs compare equal log-ratios.
+    The LM head runs only at positions that predict a completion token in some row (``logits_to_keep``):
+    prompts are long and completions short, and full-vocabulary logits over the prompt would dominate
+    time and memory. Computed in fp32 whatever the model dtype, so bf16 runs compare equal log-ratios.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    mask = completion_mask[:, 1:].to(logits.dtype)
-    token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    token_logp = token_logp * mask
+    predicts = completion_mask[:, 1:].bool()  # position j predicts token j+1
+    keep = predicts.any(0).nonzero().squeeze(1)
+    if keep.numel() == 0:  # no completion anywhere: keep one position so the graph still exists
+        keep = torch.zeros(1, dtype=torch.long, device=input_ids.device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits.float()
+    targets = input_ids[:, keep + 1]
+    mask = predicts[:, keep].to(logits.dtype)
+    kept_logp = (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)) * mask
+    token_logp = kept_logp.new_zeros(input_ids.shape[0], input_ids.shape[1] - 1).index_copy(1, keep, kept_logp)
     return token_logp.sum(-1), mask.sum(-1), token_logp

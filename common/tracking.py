@@ -97,13 +97,15 @@ class RecordFile:
             os.close(fd)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, optimizer=None, scheduler=None, state: dict | None = None) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, model, optimizer=None, scheduler=None, state: dict | None = None,
+                    state_dict: dict | None = None) -> Path:
     """Write ``checkpoints/step_<step>/``: the model (a peft model saves only its adapter), the optimizer
-    and scheduler states, and a JSON ``state``. The folder is renamed into place when complete."""
+    and scheduler states, and a JSON ``state``. The folder is renamed into place when complete.
+    ``state_dict`` overrides the model's own (under ZeRO-3, the one ``accelerator.get_state_dict`` gathered)."""
     final = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     torch.save({"optimizer": optimizer.state_dict() if optimizer else None,
                 "scheduler": scheduler.state_dict() if scheduler else None}, tmp / "training_state.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}))

@@ -126,3 +126,28 @@ def test_rouge_l_hand_computed():
     assert rouge_l([], ["a"]) == 0.0
     personas = [Persona("1", "a b c d"), Persona("2", "a c d e"), Persona("3", "x y z w")]
     assert max_rouge_l(personas) == pytest.approx([0.75, 0.75, 0.0])
+
+
+def test_ec_falls_back_to_the_expected_rating_on_a_local_backend(scripted_llm):
+    from ailo_sim import AILO, SimUser
+    from common.data import Item, Persona, Task
+
+    class PrefillLLM(scripted_llm):
+        can_prefill = True
+
+        def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix=""):
+            if prefix:  # the constrained reason
+                return [["coherent, but it gives no guidance"] for _ in conversations]
+            return super().chat(conversations, n, temperature, max_tokens, stop)
+
+        def choice_probs(self, conversations, choices=("Yes", "No"), prefix=""):
+            assert prefix.endswith('"rating": "') and "no guidance" in prefix
+            return [{"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.3, "4": 0.0, "5": 0.2}] * len(conversations)
+
+    llm = PrefillLLM(lambda prompt: "I think the system did fine.")  # never JSON
+    simulator = AILO(llm, max_parse_tries=1)
+    user = SimUser(Task("t", Persona("u", "Efficiency-seeking user.", "films", {}, ""), Item("1", "Heat (1995)", {})),
+                   history=[{"role": "user", "content": "hi"}])
+    (turn,) = simulator.step([user], ["What genre?"], final=True)
+    assert turn.ec_rating == 3 and turn.ec_reason == "coherent, but it gives no guidance"  # (3*.3 + 5*.2)/.5 = 3.8
+    assert simulator.metrics()["rollout/ec_constrained"] == 1 and simulator.stats.failures == 1

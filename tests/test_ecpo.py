@@ -1,0 +1,210 @@
+"""ecpo.py: the four losses against hand-computed values, the lambda filter, the rewrite and judge parsers,
+constrained action decoding, and the data split over ranks."""
+
+import math
+
+import pytest
+import torch
+
+import ecpo
+from common.parsing import ParseStats
+from common.tracking import RecordFile
+
+
+def _sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def _leaves(*values):
+    return [torch.tensor([v], dtype=torch.float64, requires_grad=True) for v in values]
+
+
+def test_dpo_is_log2_when_policy_equals_reference():
+    logps = torch.tensor([-3.0, -7.5, -0.2])
+    loss = ecpo.dpo_loss(logps, logps - 1.0, logps, logps - 1.0, beta=0.1)
+    assert torch.allclose(loss, torch.full_like(loss, math.log(2)))
+
+
+def test_dpo_value_and_gradient_signs():
+    pc, pr, rc, rr = _leaves(-1.0, -2.0, -1.5, -1.5)
+    loss = ecpo.dpo_loss(pc, pr, rc, rr, beta=0.1)
+    # logits = 0.1 * ((-1 + 1.5) - (-2 + 1.5)) = 0.1
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.1)), abs=1e-12)
+    loss.sum().backward()
+    assert pc.grad.item() == pytest.approx(-0.1 * _sigmoid(-0.1), abs=1e-12)  # descent raises the rewrite
+    assert pr.grad.item() == pytest.approx(0.1 * _sigmoid(-0.1), abs=1e-12)  # and lowers the original
+    assert rc.grad.item() == pytest.approx(-pc.grad.item())
+
+
+def test_simpo_value_and_gradient_signs():
+    pc, pr = _leaves(-4.0, -6.0)
+    loss = ecpo.simpo_loss(pc, pr, torch.tensor([2.0]), torch.tensor([3.0]), beta=2.0, gamma=1.0)
+    # 2 * (-4 / 2) - 2 * (-6 / 3) - 1 = -1
+    assert loss.item() == pytest.approx(math.log(1 + math.e), abs=1e-12)
+    loss.sum().backward()
+    assert pc.grad.item() == pytest.approx(-(2.0 / 2) * _sigmoid(1.0), abs=1e-12)
+    assert pr.grad.item() == pytest.approx((2.0 / 3) * _sigmoid(1.0), abs=1e-12)
+
+
+def test_kto_value_reference_point_and_gradient_signs():
+    pc, pr, rc, rr = _leaves(-1.0, -2.0, -1.5, -1.5)
+    z_ref = torch.tensor(0.02, dtype=torch.float64)
+    loss = ecpo.kto_loss(pc, pr, rc, rr, z_ref, beta=0.1, lambda_w=1.0, lambda_l=2.0)
+    chosen = 1 - _sigmoid(0.1 * 0.5 - 0.02)
+    rejected = 2.0 * (1 - _sigmoid(0.02 - 0.1 * -0.5))  # the corrected sign: the original is undesirable
+    assert loss.item() == pytest.approx((chosen + rejected) / 2, abs=1e-12)
+    loss.sum().backward()
+    assert pc.grad.item() < 0 < pr.grad.item()
+
+    # z_ref = beta * max(0, weighted mean of log-ratios on mismatched pairs), detached; weight-0 rows excluded
+    policy = torch.tensor([-1.0, -2.5, 100.0], requires_grad=True)
+    ref = torch.tensor([-2.0, -2.0, 0.0])
+    z = ecpo.kto_reference_point(policy, ref, torch.tensor([1.0, 1.0, 0.0]), beta=0.1)
+    assert z.item() == pytest.approx(0.1 * (1.0 - 0.5) / 2) and not z.requires_grad
+    assert ecpo.kto_reference_point(policy, ref + 5, torch.tensor([1.0, 1.0, 0.0]), beta=0.1).item() == 0.0
+
+
+def test_sft_loss_is_token_mean_nll(tokenizer, tiny_model):
+    rows = [ecpo.encode(tokenizer, "Find me a film.", "Ask[Which genre?]", 2048),
+            ecpo.encode(tokenizer, "Hello", "Search[space opera]", 2048)]
+    logps, n_tokens = ecpo.sequence_logps(tiny_model, rows, tokenizer.pad_token_id, "cpu")
+    # by hand: -mean over all completion tokens of log softmax at the right positions
+    by_hand = []
+    for ids, mask in rows:
+        logits = tiny_model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        by_hand += [logits[j - 1, ids[j]].item() for j in range(1, len(ids)) if mask[j]]
+    loss = ecpo.sft_loss(logps, n_tokens).sum() / n_tokens.sum()
+    assert n_tokens.sum().item() == len(by_hand) == sum(sum(m) for _, m in rows)
+    assert loss.item() == pytest.approx(-sum(by_hand) / len(by_hand), rel=1e-5)
+
+
+def test_rank_micro_batches_cover_the_batch_once_with_equal_shapes():
+    batch = [7, 3, 9, 1, 4]
+    world, micro, accum = 2, 2, 2
+    shares = [ecpo.rank_micro_batches(batch, r, world, micro, accum) for r in range(world)]
+    real = sorted(i for share in shares for chunk in share for i, w in chunk if w == 1.0)
+    assert real == sorted(batch)
+    assert all(len(share) == accum and all(len(chunk) == micro for chunk in share) for share in shares)
+    batches = ecpo.global_batches(10, 4, epochs=2, seed=3)
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]
+    assert sorted(sum(batches[:3], [])) == list(range(10)) and batches == ecpo.global_batches(10, 4, 2, 3)
+
+
+# ------------------------------------------------------------------------------------ rewrites and lambda
+
+
+def _forward_trajectory(key, ratings):
+    turns = []
+    for n, rating in enumerate(ratings, 1):
+        action = None if rating == "error" else f"Ask[question {n}?]"
+        turns.append({"turn": n, "ec_rating": 0 if rating == "error" else rating, "ec_reason": f"flaw {n}",
+                      "cra": {"state": f"...\nDialogue:\nObservation 1: User: hi\nAction {n}:", "action": action}})
+    return {"key": key, "turns": turns}
+
+
+def test_lower_lambda_gives_a_subset_of_the_pairs(tmp_path, scripted_llm):
+    trajectories = [_forward_trajectory("a", [1, 3, 5, "error"]), _forward_trajectory("b", [2, 4, None, 4])]
+    rewriter = scripted_llm(lambda prompt: '{"reason": "more concrete", "refinement": "Ask[Historical or contemporary?]"}')
+    args = ecpo.Args(batch_size=2)
+    records = RecordFile(tmp_path / "rewrites.jsonl")
+
+    pairs = {}
+    for lam in (4, 2):
+        turns = ecpo.rewritable_turns(trajectories, lam)
+        ecpo.derive_pairs(turns, rewriter, "movie", args, records, ParseStats())
+        keys = {t["key"] for t in turns}
+        pairs[lam] = ecpo.select_pairs([r for r in records.records() if r["key"] in keys], lam)
+    keys4, keys2 = {p["key"] for p in pairs[4]}, {p["key"] for p in pairs[2]}
+    assert keys4 == {"a#1", "a#2", "b#1", "b#2", "b#4"}  # 5 is above lambda; None and System Error are skipped
+    assert keys2 == {"a#1", "b#1"} and keys2 < keys4
+    assert all(p["rating"] <= 2 for p in pairs[2])
+    assert len(rewriter.prompts) == 5  # lambda 2 reused the rewrites made for lambda 4
+    assert pairs[4][0]["chosen"] == "Ask[Historical or contemporary?]" and pairs[4][0]["rejected"] == "Ask[question 1?]"
+
+
+@pytest.mark.parametrize("text, status", [
+    ('{"reason": "r", "refinement": "Recommend[Try Heat (1995), a tense crime saga.]"}', "ok"),
+    ('Sure! ```json\n{"reason": "r", "refinement": "Ask[Do you prefer older films?]",}\n```', "ok"),
+    ('{"reason": "r", "refinement": "Ask[question 1?]"}', "unchanged"),
+    ('{"reason": "r", "refinement": "Ask[Do you like [older] films?]"}', "bad_format"),
+    ('{"reason": "r", "refinement": "I would ask about the genre."}', "bad_format"),
+    ('{"reason": "r", "refinement": "Ask[What genre?] and then Search[genre]"}', "bad_format"),
+    ('{"reason": "r", "refinement": ["Ask[What genre?]"]}', "unparsable"),
+    ("Refinement: Ask[What genre do you like?]", "unparsable"),
+])
+def test_check_refinement_on_real_malformed_outputs(text, status):
+    refinement, got = ecpo.check_refinement(text, "Ask[question 1?]")
+    assert got == status and (refinement is not None) == (status == "ok")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"Flexibility": {"Reason": "a", "Score": 1}, "Coherence": {"Reason": "b", "Score": "0"}, '
+     '"User Guidance": {"Reason": "c", "Score": -1}, "Final Score": 1}',
+     {"flexibility": 1, "coherence": 0, "user_guidance": -1, "final": 1}),
+    ('```json\n{"flexibility": {"score": -1}, "Final Score": "-1"}\n```', {"flexibility": -1, "final": -1}),
+    ('{"Flexibility": {"Reason": "a", "Score": 1}}', None),  # no final verdict
+    ('{"Final Score": "-1 or 1 or 0"}', None),  # the echoed template
+    ("A is better overall.", None),
+])
+def test_parse_judgement(text, expected):
+    assert ecpo.parse_judgement(text) == expected
+
+
+def test_win_rates_per_dimension():
+    judgements = [{"label": "eval", "order": "ab", "scores": {"final": 1, "coherence": 0}},
+                  {"label": "eval", "order": "ba", "scores": {"final": 1, "coherence": 0}},
+                  {"label": "eval", "order": "ba", "scores": None},
+                  {"label": "eval_sft", "order": "ab", "scores": {"final": 1}}]
+    metrics = ecpo.win_rates(judgements, "eval", "eval")
+    assert metrics["eval/wr"] == 0.5 and metrics["eval/wr_coherence"] == 0.5  # a win, and a loss when swapped
+    assert metrics["eval/judgements"] == 2 and metrics["eval/judge_failures"] == 1
+
+
+# ------------------------------------------------------------------------------------ ActCRS
+
+
+def test_parse_actcrs():
+    assert ecpo.parse_actcrs("Action 2: Search[space opera") == "Search[space opera]"
+    assert ecpo.parse_actcrs("Recommend[Inception (2010)]") == "Recommend[Inception (2010)]"
+    assert ecpo.parse_actcrs("Search[x]", allowed=ecpo.VISIBLE_ACTIONS) is None
+    assert ecpo.parse_actcrs("I think you would like Inception.") is None
+
+
+def test_constrained_decoding_always_gives_a_well_formed_action(tokenizer, tiny_model):
+    from common.llm import HFChat
+
+    llm = HFChat(tiny_model, tokenizer, batch_size=4)
+    prompts = [ecpo.actcrs_prompt("movie", [f"Observation 1: User: I want a film about {x}."], few_shot=False)
+               for x in ("space", "dreams", "cooking")]
+    args = ecpo.Args(action_max_tokens=8)
+    stats = ParseStats()
+    actions = ecpo.decode_actions(llm, prompts, ecpo.VISIBLE_ACTIONS, args, stats)
+    assert stats.failures == sum(a is None for a in actions)
+    for action in actions:
+        assert action is None or (ecpo.ACTION_FORMAT.match(action) and not action.startswith("Search"))
+
+
+def test_actcrs_chains_searches_then_answers(scripted_llm):
+    from common.catalog import Catalog
+    from common.data import load_demo_catalog
+
+    catalog = Catalog(load_demo_catalog())
+    answers = iter(["Search[dream heist]", "Search[nolan]", "Recommend[Try Inception (2010).]"])
+    llm = scripted_llm(lambda prompt: next(answers))
+    args = ecpo.Args(action_decoding="free", max_searches=3, retriever_top_k=2)
+    stats = ParseStats()
+    cra = ecpo.make_actcrs(llm, catalog, "movie", args, few_shot=True, stats=stats)
+    (reply,) = cra(["k"], [[{"role": "user", "content": "A film about dreams?"}]])
+    assert reply.text == "Try Inception (2010)." and len(reply.retrieved) >= 2
+    calls = reply.record["calls"]
+    assert [c["type"] for c in calls] == ["Search", "Search", "Recommend"]
+    assert all("Here is an example" not in c["state"] for c in calls)  # D_sft prompts drop the few-shot block
+    assert "Here is an example" in llm.prompts[0]
+    assert calls[2]["state"].endswith("Action 3:") and "Observation 3: Search results: 1." in calls[2]["state"]
+
+    # past the search budget only a visible action is accepted; a parse failure becomes "Sorry, System Error"
+    answers = iter(["Search[a]", "Search[b]"] + ["Search[c]"] * 3)
+    args.max_searches = 2
+    cra = ecpo.make_actcrs(llm, catalog, "movie", args, few_shot=False, stats=stats)
+    (reply,) = cra(["k2"], [[{"role": "user", "content": "Hi"}]])
+    assert reply.text == ecpo.SYSTEM_ERROR and reply.record["action"] is None and stats.failures == 1
