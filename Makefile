@@ -8,7 +8,7 @@ install:
 	$(PYTHON) -m pip install -q --no-deps -r requirements-embedded.txt
 
 demo: install
-	$(PYTHON) ailo_sim.py
+	$(PYTHON) ecpo.py
 
 test: install
 	$(PYTHON) -m pip install -q -r requirements-dev.txt

@@ -74,11 +74,11 @@ class Args:
     """demo: the bundled movie tasks; book/game/yelp: the ECPO task files under --data-dir"""
     data_dir: str = "../shared/data"
     """root of the real data (see README 'Data'); unused for the demo"""
-    num_sft_tasks: int = 6
+    num_sft_tasks: int = 4
     """training tasks the teacher plays to build D_sft (paper: 1000)"""
-    num_pre_tasks: int = 6
+    num_pre_tasks: int = 4
     """further training tasks pi_sft plays to build D_pre, one trajectory each (paper: 500)"""
-    num_test_tasks: int = 3
+    num_test_tasks: int = 2
     """held-out tasks for evaluation: the first ones of the test file (paper: 100)"""
 
     # ------------------------------------------------------------------------------------------- roles
@@ -111,11 +111,12 @@ class Args:
     in the prompts of D_sft or of the trained policy"""
     action_max_tokens: int = 64
     """max new tokens of one action"""
-    user_max_tokens: int = 96
+    user_max_tokens: int = 64
     """max new tokens of each AILO call (policy, content, EC)"""
-    max_parse_tries: int = 2
-    """tries of any call whose output must parse; each retry is +0.3 temperature, as in the ECPO code (which
-    retries more: use 3+ with API models; the embedded model rarely writes JSON, so tries mostly cost time)"""
+    max_parse_tries: int = 1
+    """tries of any call whose output must parse; each retry is +0.3 temperature, as in the ECPO code. Use 3
+    with API models; the embedded model rarely writes JSON, so on it retries only cost time (local backends
+    fall back to constrained decoding instead)"""
     batch_size: int = 16
     """conversations advanced together; also the generation batch size of hf backends"""
 

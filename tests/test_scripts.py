@@ -51,3 +51,60 @@ def test_bad_input_is_a_clear_error(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "unknown model spec 'not a model'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_ecpo_all_stages_resume_and_lambda(tmp_path):
+    tiny = ("ecpo.py", "--num-sft-tasks", "2", "--num-pre-tasks", "2", "--num-test-tasks", "1", "--max-turns", "2",
+            "--max-parse-tries", "1", "--max-searches", "1", "--sft-epochs", "1", "--po-epochs", "1", "--run-name", "e2e")
+    run_dir = tmp_path / "runs" / "e2e"
+
+    # stop after the forward stage ...
+    run(*tiny, "--lam", "5", "--stages", "teacher", "sft", "forward", cwd=tmp_path)
+    assert (run_dir / "sft_adapter" / "adapter_config.json").exists() and not (run_dir / "rewrites.jsonl").exists()
+    teacher, forward = _jsonl(run_dir / "teacher_trajectories.jsonl"), _jsonl(run_dir / "forward_trajectories.jsonl")
+    assert len(teacher) == 2 and len(forward) == 2
+    sft_mtime = (run_dir / "sft_adapter" / "adapter_model.safetensors").stat().st_mtime
+
+    # ... then rerun every stage: the finished ones are not redone, the rest complete
+    result = run(*tiny, "--lam", "5", cwd=tmp_path)
+    assert _jsonl(run_dir / "teacher_trajectories.jsonl") == teacher and _jsonl(run_dir / "forward_trajectories.jsonl") == forward
+    assert (run_dir / "sft_adapter" / "adapter_model.safetensors").stat().st_mtime == sft_mtime
+    costs = {r["stage"]: r for r in _jsonl(run_dir / "costs.jsonl")[-4:]}
+    assert costs["teacher"]["llm_calls"] == 0 and costs["forward"]["llm_calls"] == 0
+    assert costs["backward"]["llm_calls"] > 0 and costs["eval"]["llm_calls"] > 0
+    pairs = _jsonl(run_dir / "pairs.jsonl")
+    assert pairs and (run_dir / "po_adapter" / "adapter_config.json").exists()
+    assert all(ecpo_format(p["chosen"]) and p["chosen"] != p["rejected"] for p in pairs)
+    for name in ("eval_expert", "eval_sft", "eval_ecpo"):
+        assert len(_jsonl(run_dir / f"{name}.jsonl")) == 1
+    metrics = _jsonl(run_dir / "metrics.jsonl")[-1]
+    for key in ("eval/sr", "eval/recall", "eval_sft/sr", "eval_expert/sr", "cost/pairs", "cost/trajectories_per_pair",
+                "cost/llm_calls_per_pair", "cost/llm_calls", "cost/tokens", "rollout/pairs"):
+        assert key in metrics, key
+    assert metrics["cost/trajectories_per_pair"] == 2 / len(pairs)
+    assert any("train/loss" in m for m in _jsonl(run_dir / "metrics.jsonl"))
+    assert "SR" in result.stdout and "ECPO" in result.stdout
+
+    # a lower lambda selects a subset of the pairs from the stored rewrites, with no new rewriter calls
+    run(*tiny, "--lam", "3", "--stages", "backward", cwd=tmp_path)
+    lower = _jsonl(run_dir / "pairs.jsonl")
+    assert {p["key"] for p in lower} <= {p["key"] for p in pairs} and all(p["rating"] <= 3 for p in lower)
+    assert _jsonl(run_dir / "costs.jsonl")[-1] == {"stage": "backward", "llm_calls": 0, "tokens": 0, "pairs": len(lower)}
+
+
+def ecpo_format(action):
+    return re.fullmatch(r"(Ask|Recommend|Response|Search)\[[^\[\]]+\]", action) is not None
+
+
+def test_ecpo_bad_input_is_a_clear_error(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "ecpo.py"), "--dataset", "game", "--data-dir", str(tmp_path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Game_train.jsonl: file not found" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, str(ROOT / "ecpo.py"), "--stages", "po", "--run-name", "empty"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "run the backward stage first" in result.stderr and "Traceback" not in result.stderr
