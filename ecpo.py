@@ -987,11 +987,13 @@ def cost_metrics(rows: list[dict]) -> dict[str, float]:
     tokens of the forward rollouts and the rewrites, and the forward trajectories (the paper's Fig. 5 counts
     trajectories: ECPO 500 on 500 tasks, trajectory-level MTPO 1000, tree-based SDPO/SKTO 2500). The SGPT
     teacher rollouts are reported apart, as every method starts from pi_sft."""
-    pairs = next((r["pairs"] for r in reversed(rows) if r["stage"] == "backward"), 0)
-    forward_trajectories = sum(r.get("trajectories", 0) for r in rows if r["stage"] == "forward")
+    def latest(stage: str, key: str) -> int:  # counts of records: a rerun's row already includes resumed ones
+        return next((r[key] for r in reversed(rows) if r["stage"] == stage), 0)
+
+    pairs, forward_trajectories = latest("backward", "pairs"), latest("forward", "trajectories")
     metrics = {"cost/llm_calls": sum(r["llm_calls"] for r in rows), "cost/tokens": sum(r["tokens"] for r in rows),
                "cost/pairs": pairs, "cost/forward_trajectories": forward_trajectories,
-               "cost/teacher_trajectories": sum(r.get("trajectories", 0) for r in rows if r["stage"] == "teacher"),
+               "cost/teacher_trajectories": latest("teacher", "trajectories"),
                "cost/teacher_llm_calls": sum(r["llm_calls"] for r in rows if r["stage"] == "teacher")}
     if pairs:
         pair_rows = [r for r in rows if r["stage"] in ("forward", "backward")]

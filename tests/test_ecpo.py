@@ -208,3 +208,15 @@ def test_actcrs_chains_searches_then_answers(scripted_llm):
     cra = ecpo.make_actcrs(llm, catalog, "movie", args, few_shot=False, stats=stats)
     (reply,) = cra(["k2"], [[{"role": "user", "content": "Hi"}]])
     assert reply.text == ecpo.SYSTEM_ERROR and reply.record["action"] is None and stats.failures == 1
+
+
+def test_cost_per_pair_counts_resumed_trajectories_once():
+    rows = [{"stage": "teacher", "llm_calls": 35, "tokens": 900, "trajectories": 2},
+            {"stage": "forward", "llm_calls": 34, "tokens": 800, "trajectories": 2},
+            {"stage": "teacher", "llm_calls": 0, "tokens": 0, "trajectories": 2},  # a rerun that resumed everything
+            {"stage": "forward", "llm_calls": 0, "tokens": 0, "trajectories": 2},
+            {"stage": "backward", "llm_calls": 12, "tokens": 400, "pairs": 4}]
+    metrics = ecpo.cost_metrics(rows)
+    assert metrics["cost/trajectories_per_pair"] == 0.5 and metrics["cost/teacher_trajectories"] == 2
+    assert metrics["cost/llm_calls_per_pair"] == (34 + 12) / 4 and metrics["cost/tokens_per_pair"] == 1200 / 4
+    assert metrics["cost/llm_calls"] == 81 and "cost/llm_calls_per_pair" not in ecpo.cost_metrics(rows[:4])
