@@ -427,10 +427,10 @@ class AILO:
         convs = [[{"role": "user", "content": p}] for p in prompts]
         reasons = [" ".join(out[0].split()) for out in self.llm.chat(convs, max_tokens=self.max_tokens, stop=['"'],
                                                                          prefix='{"reason": "')]
-        digits = tuple(str(d) for d in range(6))
+        all_probs = self.llm.choice_probs(convs, choices=tuple(str(d) for d in range(6)),
+                                          prefix=['{"reason": "' + reason + '", "rating": "' for reason in reasons])
         results = []
-        for conv, reason in zip(convs, reasons):
-            probs = self.llm.choice_probs([conv], choices=digits, prefix='{"reason": "' + reason + '", "rating": "')[0]
+        for reason, probs in zip(reasons, all_probs):
             expected = sum(int(d) * p for d, p in probs.items()) / max(sum(probs.values()), 1e-9)
             results.append((reason, int(expected)))
         self.constrained_ratings += len(prompts)

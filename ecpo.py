@@ -218,28 +218,22 @@ def split_action(action: str) -> tuple[str, str]:
     return kind, rest[:-1] if rest.endswith("]") else rest
 
 
-def decode_actions(llm, prompts: list[str], allowed, args: Args, stats: ParseStats, constrained: bool | None = None,
-                   prefix: str = "") -> list[str | None]:
+def decode_actions(llm, prompts: list[str], allowed, args: Args, stats: ParseStats, prefix: str = "") -> list[str | None]:
     """One action per prompt. Free decoding: generate, parse, retry the failures (+0.3 temperature each).
     Constrained decoding (``--action-decoding constrained`` on a backend that can pre-fill): after ``prefix``, the
     type is the most probable allowed name (one forward pass), then the argument is generated after the forced
     "Type[" up to "]". Both return the same string format; an empty argument counts as a failure."""
     convs = [[{"role": "user", "content": p}] for p in prompts]
-    constrained = args.action_decoding == "constrained" if constrained is None else constrained
-    if not constrained or not getattr(llm, "can_prefill", False):
+    if args.action_decoding == "free" or not getattr(llm, "can_prefill", False):
         parsed, _ = chat_parsed(llm, convs, lambda t: parse_actcrs(t, allowed), stats, max_tries=args.max_parse_tries,
                                 max_tokens=args.action_max_tokens, stop=["]"])
         return parsed
     kinds = [max(p, key=p.get) for p in llm.choice_probs(convs, choices=allowed, prefix=prefix)]
-    actions: list[str | None] = [None] * len(prompts)
-    for kind in set(kinds):
-        rows = [i for i, k in enumerate(kinds) if k == kind]
-        outputs = llm.chat([convs[i] for i in rows], max_tokens=args.action_max_tokens, stop=["]", "\n"] + (['"'] if prefix else []),
-                           prefix=f"{prefix}{kind}[")
-        for i, (text,) in zip(rows, outputs):
-            stats.attempts += 1
-            argument = " ".join(text.replace("[", "(").split())
-            actions[i] = f"{kind}[{argument}]" if argument else None
+    outputs = llm.chat(convs, max_tokens=args.action_max_tokens, stop=["]", "\n"] + (['"'] if prefix else []),
+                       prefix=[f"{prefix}{kind}[" for kind in kinds])
+    stats.attempts += len(prompts)
+    arguments = [" ".join(text.replace("[", "(").split()) for (text,) in outputs]
+    actions = [f"{kind}[{argument}]" if argument else None for kind, argument in zip(kinds, arguments)]
     stats.failures += sum(a is None for a in actions)
     return actions
 
@@ -469,7 +463,7 @@ def rank_micro_batches(batch: list[int], rank: int, world: int, micro: int, accu
 
 
 def train_adapter(accelerator, model, tokenizer, examples: list[dict], loss_name: str, args: Args, stage_dir: Path,
-                  lr: float, batch_size: int, epochs: int, tracker: Tracker, metric_prefix: str, step_offset: int) -> int:
+                  lr: float, batch_size: int, epochs: int, tracker: Tracker, metric_prefix: str, step_offset: int):
     """The optimization loop of both SGPT (loss "sft" on prompt/completion examples) and ECPO (on pairs with
     stored reference log-probs). Resumes from the newest checkpoint in ``stage_dir``. Returns the number of
     optimizer steps and the prepared model.
@@ -518,19 +512,20 @@ def train_adapter(accelerator, model, tokenizer, examples: list[dict], loss_name
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
     grad_norm = None
+    pairs = "chosen_ids" in examples[0]  # ECPO pairs, else SGPT (prompt, completion) examples
+    mask_key = "chosen_mask" if pairs else "completion_mask"
 
     for step in tqdm(range(start, len(steps)), desc=f"{stage_dir.name} steps", initial=start, total=len(steps),
                      disable=not accelerator.is_main_process):
         batch = steps[step]
         # The normalizer of the global batch: pairs, or completion tokens for a token-mean loss.
-        mask_key = "completion_mask" if "completion_mask" in examples[0] else "chosen_mask"
         normalizer = sum(sum(examples[i][mask_key]) for i in batch) if loss_name == "sft" else len(batch)
         sums = torch.zeros(5, device=device)  # loss, chosen reward, rejected reward, accuracy, margin (weighted sums)
         for chunk in rank_micro_batches(batch, rank, world, micro, accum):
             index = [i for i, _ in chunk]
             weights = torch.tensor([w for _, w in chunk], device=device)
             with accelerator.accumulate(model):
-                if "completion_mask" in examples[index[0]]:  # SGPT example
+                if not pairs:
                     rows = [(examples[i]["input_ids"], examples[i]["completion_mask"]) for i in index]
                     logps, n_tokens = sequence_logps(model, rows, pad_id, device)
                     per_example, rewards = sft_loss(logps, n_tokens), None
@@ -572,7 +567,7 @@ def train_adapter(accelerator, model, tokenizer, examples: list[dict], loss_name
         sums = accelerator.reduce(sums, reduction="sum")
         metrics = {f"{metric_prefix}/loss": sums[0].item(), f"{metric_prefix}/lr": scheduler.get_last_lr()[0],
                    f"{metric_prefix}/grad_norm": float(grad_norm if grad_norm is not None else "nan"), f"{metric_prefix}/epoch": (step + 1) * epochs / len(steps)}
-        if loss_name != "sft" and "ref_chosen" in examples[batch[0]]:
+        if loss_name != "sft":
             metrics |= {f"{metric_prefix}/rewards_chosen": sums[1].item() / len(batch),
                         f"{metric_prefix}/rewards_rejected": sums[2].item() / len(batch),
                         f"{metric_prefix}/reward_accuracy": sums[3].item() / len(batch),

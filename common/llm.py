@@ -5,10 +5,10 @@
     llm = make_llm("vllm:meta-llama/Llama-3.1-8B-Instruct")   # in-process vLLM, GPU only
 
 Every backend has the same two methods:
-    llm.chat(conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix="") -> list[list[str]]
+    llm.chat(conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = "") -> list[list[str]]
     llm.choice_probs(conversations, choices=("Yes", "No"), prefix="") -> list[dict[str, float]]
-``prefix`` pre-fills the start of the assistant's answer (constrained decoding); only local backends
-(``can_prefill``) support it.
+``prefix`` pre-fills the start of the assistant's answer (constrained decoding): one string for every
+conversation, or a list with one per conversation. Only local backends (``can_prefill``) support it.
 and a ``usage`` counter (calls, prompt and completion tokens) that scripts log as ``cost/*``.
 A "call" is one completion asked for: n samples of one conversation are n calls on every backend.
 """
@@ -60,6 +60,14 @@ def truncate_at_stop(text: str, stop: list[str] | None) -> str:
     return text[:cut]
 
 
+def per_conversation(prefix: str | list[str], count: int) -> list[str]:
+    """A ``prefix`` argument as one string per conversation."""
+    prefixes = [prefix] * count if isinstance(prefix, str) else list(prefix)
+    if len(prefixes) != count:
+        raise ValueError(f"{len(prefixes)} prefixes for {count} conversations")
+    return prefixes
+
+
 def _choice_variants(choice: str) -> set[str]:
     return {choice.strip(), " " + choice.strip()}
 
@@ -85,8 +93,9 @@ class HFChat:
             yield chunk, input_ids, attention_mask
 
     @torch.no_grad()
-    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix="") -> list[list[str]]:
-        texts = [render_prompt(self.tokenizer, conv) + prefix for conv in conversations for _ in range(n)]
+    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = "") -> list[list[str]]:
+        texts = [render_prompt(self.tokenizer, conv) + p
+                 for conv, p in zip(conversations, per_conversation(prefix, len(conversations))) for _ in range(n)]
         outputs: list[str] = [""] * len(texts)
         was_training = self.model.training
         self.model.eval()
@@ -108,12 +117,12 @@ class HFChat:
         return [outputs[k * n : (k + 1) * n] for k in range(len(conversations))]
 
     @torch.no_grad()
-    def choice_probs(self, conversations, choices=("Yes", "No"), prefix: str = "") -> list[dict[str, float]]:
+    def choice_probs(self, conversations, choices=("Yes", "No"), prefix: str | list[str] = "") -> list[dict[str, float]]:
         """P(next token starts each choice) after the generation header (+ ``prefix``), in one forward pass.
 
         A choice's probability sums its spellings with and without a leading space. No sampling.
         """
-        texts = [render_prompt(self.tokenizer, conv) + prefix for conv in conversations]
+        texts = [render_prompt(self.tokenizer, conv) + p for conv, p in zip(conversations, per_conversation(prefix, len(conversations)))]
         choice_ids = {
             c: sorted({self.tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in _choice_variants(c)})
             for c in choices
@@ -171,8 +180,8 @@ class OpenAIChat:
         with ThreadPoolExecutor(self.max_workers) as pool:
             return list(pool.map(fn, jobs))
 
-    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix="") -> list[list[str]]:
-        if prefix:
+    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = "") -> list[list[str]]:
+        if any(per_conversation(prefix, len(conversations))):
             raise ValueError("the openai backend cannot prefill an assistant prefix; use free decoding")
 
         def one(conv):
@@ -182,10 +191,10 @@ class OpenAIChat:
         flat = self._map(one, [conv for conv in conversations for _ in range(n)])
         return [flat[k * n : (k + 1) * n] for k in range(len(conversations))]
 
-    def choice_probs(self, conversations, choices=("Yes", "No"), prefix: str = "") -> list[dict[str, float]]:
+    def choice_probs(self, conversations, choices=("Yes", "No"), prefix: str | list[str] = "") -> list[dict[str, float]]:
         import math
 
-        if prefix:
+        if any(per_conversation(prefix, len(conversations))):
             raise ValueError("the openai backend cannot prefill an assistant prefix; put it in the instruction")
 
         def one(conv):
@@ -227,16 +236,16 @@ class VLLMChat:
                            sum(len(o.token_ids) for o in out.outputs))
         return outputs
 
-    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix="") -> list[list[str]]:
+    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = "") -> list[list[str]]:
         params = self._vllm.SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, stop=stop or None)
-        texts = [render_prompt(self.tokenizer, conv) + prefix for conv in conversations]
+        texts = [render_prompt(self.tokenizer, conv) + p for conv, p in zip(conversations, per_conversation(prefix, len(conversations)))]
         return [[o.text.strip() for o in out.outputs] for out in self._generate(texts, params)]
 
-    def choice_probs(self, conversations, choices=("Yes", "No"), prefix: str = "") -> list[dict[str, float]]:
+    def choice_probs(self, conversations, choices=("Yes", "No"), prefix: str | list[str] = "") -> list[dict[str, float]]:
         import math
 
         params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
-        texts = [render_prompt(self.tokenizer, conv) + prefix for conv in conversations]
+        texts = [render_prompt(self.tokenizer, conv) + p for conv, p in zip(conversations, per_conversation(prefix, len(conversations)))]
         results = []
         for out in self._generate(texts, params):
             top = out.outputs[0].logprobs[0].values()

@@ -141,7 +141,8 @@ def test_ec_falls_back_to_the_expected_rating_on_a_local_backend(scripted_llm):
             return super().chat(conversations, n, temperature, max_tokens, stop)
 
         def choice_probs(self, conversations, choices=("Yes", "No"), prefix=""):
-            assert prefix.endswith('"rating": "') and "no guidance" in prefix
+            assert len(prefix) == len(conversations)
+            assert all(p.endswith('"rating": "') and "no guidance" in p for p in prefix)
             return [{"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.3, "4": 0.0, "5": 0.2}] * len(conversations)
 
     llm = PrefillLLM(lambda prompt: "I think the system did fine.")  # never JSON

@@ -30,7 +30,6 @@ def tiny_policy(tmp_path_factory, tiny_model, tokenizer):
 
 
 def _prepare_run(root, name, tiny_policy):
-    from peft import PeftModel  # noqa: F401  (peft must be importable for the adapter below)
     from transformers import AutoModelForCausalLM
 
     from common.models import add_lora

@@ -37,6 +37,17 @@ def test_choice_probs_equal_one_forward_softmax(tiny_model, tokenizer):
     assert 0 < probs[0]["No"] < 1 and llm.usage.completion_tokens == 0
 
 
+def test_per_conversation_prefixes_match_one_call_per_prefix(tiny_model, tokenizer):
+    llm = HFChat(tiny_model, tokenizer, batch_size=1)
+    prefixes = ['{"rating": "', "Ask["]
+    together = llm.choice_probs(CONVS, choices=("1", "2"), prefix=prefixes)
+    apart = [llm.choice_probs([c], choices=("1", "2"), prefix=p)[0] for c, p in zip(CONVS, prefixes)]
+    assert together == apart
+    assert llm.chat(CONVS, max_tokens=4, prefix=prefixes) == [llm.chat([c], max_tokens=4, prefix=p)[0] for c, p in zip(CONVS, prefixes)]
+    with pytest.raises(ValueError, match="1 prefixes for 2 conversations"):
+        llm.chat(CONVS, prefix=["Ask["])
+
+
 def test_stop_strings_truncate():
     assert truncate_at_stop("Ask[which era?] and more", ["]"]) == "Ask[which era?"
     assert truncate_at_stop("abc", None) == "abc"
