@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,8 @@ from common.metrics import win_rate
 from common.models import ModelSpecError, add_lora, load_model
 from common.parsing import ParseStats, chat_parsed, coerce_int, parse_action, parse_json
 from common.tokens import collate, encode_prompt_completion, sequence_logprobs
-from common.tracking import RecordFile, Tracker, default_run_name, latest_checkpoint, save_checkpoint, seed_everything
+from common.distributed import configure_batches, global_batches, make_accelerator, rank_micro_batches, resume, save_final, save_resumable
+from common.tracking import RecordFile, Tracker, default_run_name, seed_everything
 
 STAGES = ("teacher", "sft", "forward", "backward", "po", "eval")
 
@@ -100,8 +100,9 @@ class Args:
     """T: CRA responses per conversation (paper: 5; ablations 3 and 7)"""
     retriever_top_k: int = 5
     """items a Search returns (paper: 5)"""
-    max_searches: int = 3
-    """Search calls the CRA may chain within one turn before it must answer the user"""
+    max_searches: int = 1
+    """Search calls the CRA may chain within one turn before it must answer the user (the paper's code: about 3;
+    1 keeps the CPU demo's prompts short, since every Search adds its results to every later prompt)"""
     action_decoding: Literal["constrained", "free"] = "constrained"
     """free: plain generation, parsed, retried, else "Sorry, System Error" (the paper). constrained: the action
     type is the most probable of the four names, then the argument is generated after a forced "Type[" (hf/vllm
@@ -443,25 +444,6 @@ def sequence_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int, 
     return logps, n_tokens
 
 
-def global_batches(n_examples: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
-    """The example indices of every optimizer step: a seeded shuffle per epoch, cut into global batches (the
-    last one of an epoch may be smaller). Every rank computes the same list, so ranks agree on the data."""
-    batches = []
-    for epoch in range(epochs):
-        order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        batches += [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
-    return batches
-
-
-def rank_micro_batches(batch: list[int], rank: int, world: int, micro: int, accum: int) -> list[list[tuple[int, float]]]:
-    """This rank's share of a global batch as ``accum`` micro-batches of ``micro`` (index, weight) entries.
-    A short batch is padded with weight-0 copies so every rank runs the same number of equal-sized passes,
-    which keeps DDP and ZeRO-3 in lockstep; the weights keep the padding out of the loss."""
-    share = [(i, 1.0) for i in batch[rank::world]]
-    share += [(batch[0], 0.0)] * (micro * accum - len(share))
-    return [share[k * micro : (k + 1) * micro] for k in range(accum)]
-
-
 def train_adapter(accelerator, model, tokenizer, examples: list[dict], loss_name: str, args: Args, stage_dir: Path,
                   lr: float, batch_size: int, epochs: int, tracker: Tracker, metric_prefix: str, step_offset: int):
     """The optimization loop of both SGPT (loss "sft" on prompt/completion examples) and ECPO (on pairs with
@@ -471,39 +453,20 @@ def train_adapter(accelerator, model, tokenizer, examples: list[dict], loss_name
     Every loss is an average over the global batch, whatever the number of ranks: each rank's micro-batch sum
     is scaled by world * accum / (global normalizer), accelerate divides by accum, and DDP averages over ranks.
     """
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
     from transformers import get_cosine_schedule_with_warmup
 
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = args.micro_batch_size
-    if batch_size % (world * micro):
-        raise DataError(f"the global batch {batch_size} must be a multiple of ranks x micro-batch = {world} x {micro}")
-    # With fewer examples than one batch, shrink the batch to the data instead of running padding.
-    batch_size = min(batch_size, math.ceil(len(examples) / (world * micro)) * world * micro)
-    accum = batch_size // (world * micro)
-    accelerator.gradient_accumulation_steps = accum
-    if accelerator.state.deepspeed_plugin is not None:  # no prepared dataloader to infer these from
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"] = micro, accum
-        ds_config["train_batch_size"] = batch_size
+    batch_size, accum = configure_batches(accelerator, len(examples), batch_size, micro)
     steps = global_batches(len(examples), batch_size, epochs, args.seed)
     beta = args.beta if args.beta is not None else DEFAULT_BETA[loss_name]
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * len(steps)), len(steps))
-    start = 0
-    checkpoint = latest_checkpoint(stage_dir)
-    if checkpoint is not None:
-        set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
-        state = torch.load(checkpoint / "training_state.pt", weights_only=False)
-        if state["optimizer"] is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        start = json.loads((checkpoint / "state.json").read_text())["step"]
-        if accelerator.is_main_process:
-            print(f"resuming {stage_dir.name} from {checkpoint.name} ({start}/{len(steps)} steps)")
+    start = resume(model, optimizer, scheduler, stage_dir)
+    if start and accelerator.is_main_process:
+        print(f"resuming {stage_dir.name} at step {start}/{len(steps)}")
     # The scheduler stays unprepared: accelerate would step it once per rank, for sharded dataloaders.
     model, optimizer = accelerator.prepare(model, optimizer)
     while scheduler.last_epoch < start:  # a checkpoint saved without optimizer state (ZeRO-3)
@@ -574,19 +537,8 @@ def train_adapter(accelerator, model, tokenizer, examples: list[dict], loss_name
                         f"{metric_prefix}/reward_margin": sums[4].item() / len(batch)}
         tracker.log(metrics, step=step_offset + step + 1)
         if (step + 1) % args.save_every == 0 or step + 1 == len(steps):
-            save_adapter(accelerator, model, stage_dir, step + 1, optimizer, scheduler)
+            save_resumable(accelerator, model, stage_dir, step + 1, optimizer, scheduler)
     return len(steps), model
-
-
-def save_adapter(accelerator, model, stage_dir: Path, step: int, optimizer, scheduler) -> None:
-    """A resumable checkpoint: the adapter (gathered from all ranks under ZeRO-3), optimizer and scheduler.
-    Under DeepSpeed the optimizer state is sharded, so it is not saved and a resume restarts its moments."""
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        deepspeed = accelerator.state.deepspeed_plugin is not None
-        save_checkpoint(stage_dir, step, accelerator.unwrap_model(model), None if deepspeed else optimizer,
-                        None if deepspeed else scheduler, state_dict=state_dict)
-    accelerator.wait_for_everyone()
 
 
 # =============================================================================================== model loading
@@ -608,18 +560,9 @@ def load_policy(args: Args, adapters: list[Path], device, trainable: bool = Fals
     return model.to(device), tokenizer
 
 
-def save_final_adapter(accelerator, model, folder: Path, info: dict) -> None:
-    """The stage's result: the adapter alone (gathered from every rank under ZeRO-3) and a JSON summary."""
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict)
-        (folder / "steps.json").write_text(json.dumps(info))
-    accelerator.wait_for_everyone()
-
-
 def final_adapter(run_dir: Path, stage: str) -> Path | None:
     folder = run_dir / f"{stage}_adapter"
-    return folder if (folder / "adapter_config.json").exists() else None
+    return folder if (folder / "steps.json").exists() else None
 
 
 # =============================================================================================== evaluation
@@ -735,13 +678,9 @@ def load_splits(args: Args) -> tuple[list[Task], list[Task], list[Task], Catalog
 
 
 def main(args: Args) -> None:
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, gather_object
+    from accelerate.utils import gather_object
 
-    # gloo lets DDP and ZeRO-3 run on CPU ranks (DeepSpeed would ask for nccl); on GPUs accelerate picks nccl.
-    cpu = not torch.cuda.is_available()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu and distributed else [])
+    accelerator = make_accelerator()
     rank, world, main_process = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     args.run_name = args.run_name or default_run_name(args.exp_name, args.seed)
     run_dir = Path("runs") / args.run_name
@@ -837,7 +776,7 @@ def main(args: Args) -> None:
         elif main_process:
             print("no successful teacher trajectory, so D_sft is empty and pi_sft is the base policy "
                   "(use more --num-sft-tasks or a stronger --teacher-llm)")
-        save_final_adapter(accelerator, model, sft_dir, {"steps": steps, "examples": len(d_sft)})
+        save_final(accelerator, model, sft_dir, {"steps": steps, "examples": len(d_sft)})
         del model
     sft_steps = json.loads((sft_dir / "steps.json").read_text())["steps"] if final_adapter(run_dir, "sft") else 0
     step = sft_steps
@@ -894,7 +833,7 @@ def main(args: Args) -> None:
             reference_logps(accelerator, model, tokenizer, examples, args, RecordFile(run_dir / "ref_logps.jsonl"))
         steps, model = train_adapter(accelerator, model, tokenizer, examples, args.loss, args, run_dir / "po", args.po_lr,
                                      args.po_batch_size, args.po_epochs, tracker, "train", step_offset=sft_steps)
-        save_final_adapter(accelerator, model, po_dir, {"steps": steps, "pairs": len(pairs), "loss": args.loss})
+        save_final(accelerator, model, po_dir, {"steps": steps, "pairs": len(pairs), "loss": args.loss})
         del model
     if final_adapter(run_dir, "po"):
         step += json.loads((po_dir / "steps.json").read_text())["steps"]

@@ -224,6 +224,20 @@ def load_cfcrs_kg(folder: str | Path) -> list[Item]:
     return items
 
 
+def load_cfcrs_dialogues(path: str | Path) -> list[Dialogue]:
+    """CFCRS INSPIRED splits: ``{dialog_id, dialog: [{role, text, movie: ["Title (year)", ...], ...}]}`` per line.
+    Unlike UniCRS's files, the movie names carry their year, as in the CFCRS KG."""
+    dialogues = []
+    for number, row in read_jsonl(path):
+        turns = _field(row, "dialog", path, number)
+        if not isinstance(turns, list):
+            raise DataError(f"{path}:{number}: 'dialog' must be a list of turns")
+        dialogues.append(Dialogue(str(row.get("dialog_id", f"{Path(path).stem}:{number}")), [
+            Turn(role=str(_field(t, "role", path, number)).lower(), text=_field(t, "text", path, number),
+                 items=list(t.get("movie") or [])) for t in turns]))
+    return dialogues
+
+
 # ---------------------------------------------------------------- ReDial
 
 

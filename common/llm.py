@@ -131,7 +131,8 @@ class HFChat:
         was_training = self.model.training
         self.model.eval()
         for chunk, input_ids, attention_mask in self._batches(texts):
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1].float()
+            # logits_to_keep=1: the LM head only at the last position (on a 49k vocabulary it is a large share of the pass)
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1].float()
             probs = logits.softmax(-1)
             for row, i in enumerate(chunk):
                 results[i] = {c: float(probs[row, ids].sum()) for c, ids in choice_ids.items()}

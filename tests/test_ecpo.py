@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ecpo
+from common.distributed import global_batches, rank_micro_batches
 from common.parsing import ParseStats
 from common.tracking import RecordFile
 
@@ -81,13 +82,13 @@ def test_sft_loss_is_token_mean_nll(tokenizer, tiny_model):
 def test_rank_micro_batches_cover_the_batch_once_with_equal_shapes():
     batch = [7, 3, 9, 1, 4]
     world, micro, accum = 2, 2, 2
-    shares = [ecpo.rank_micro_batches(batch, r, world, micro, accum) for r in range(world)]
+    shares = [rank_micro_batches(batch, r, world, micro, accum) for r in range(world)]
     real = sorted(i for share in shares for chunk in share for i, w in chunk if w == 1.0)
     assert real == sorted(batch)
     assert all(len(share) == accum and all(len(chunk) == micro for chunk in share) for share in shares)
-    batches = ecpo.global_batches(10, 4, epochs=2, seed=3)
+    batches = global_batches(10, 4, epochs=2, seed=3)
     assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]
-    assert sorted(sum(batches[:3], [])) == list(range(10)) and batches == ecpo.global_batches(10, 4, 2, 3)
+    assert sorted(sum(batches[:3], [])) == list(range(10)) and batches == global_batches(10, 4, 2, 3)
 
 
 # ------------------------------------------------------------------------------------ rewrites and lambda

@@ -108,3 +108,41 @@ def test_ecpo_bad_input_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "ecpo.py"), "--stages", "po", "--run-name", "empty"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "run the backward stage first" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_grsu_end_to_end_and_resume(tmp_path):
+    tiny = ("grsu.py", "--num-train-turns", "2", "--num-test", "2", "--beam-width", "1", "--expansion", "1",
+            "--depth", "1", "--critique-max-tokens", "16", "--crs-max-tokens", "48", "--examples-per-batch", "1",
+            "--run-name", "e2e")
+    run_dir = tmp_path / "runs" / "e2e"
+    result = run(*tiny, cwd=tmp_path)
+    assert "zero-shot" in result.stdout and "GRSU (beam)" in result.stdout
+    instructions = _jsonl(run_dir / "instructions.jsonl")
+    kinds = [r["kind"] for r in instructions]
+    assert kinds.count("score") >= 4 and kinds.count("critique") >= 2
+    assert all(r["completion"] for r in instructions)
+    assert (run_dir / "user_model" / "adapter_model.safetensors").exists()
+    searched = _jsonl(run_dir / "search_beam.jsonl")
+    assert len(searched) == 2 and all(len(r["states"]) == 1 + 1 for r in searched)
+    metrics = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("eval/recall@10", "eval/ndcg@50", "eval/mrr@10", "eval_zeroshot/recall@50",
+                "cost/llm_calls_per_example", "cost/tokens_per_example", "search/crs_lists"):
+        assert key in metrics
+    losses = [r["train/loss"] for r in _jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+    assert losses and all(0 < loss < 20 for loss in losses)
+    adapter_mtime = (run_dir / "user_model" / "adapter_model.safetensors").stat().st_mtime
+
+    # a rerun finds every stage done: no new instruction data, no training, no search
+    run(*tiny, cwd=tmp_path)
+    assert _jsonl(run_dir / "instructions.jsonl") == instructions and _jsonl(run_dir / "search_beam.jsonl") == searched
+    assert (run_dir / "user_model" / "adapter_model.safetensors").stat().st_mtime == adapter_mtime
+    resumed = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert resumed["search/crs_calls"] == 0 and resumed["cost/synth_llm_calls"] == 0
+    assert resumed["eval/recall@50"] == metrics["eval/recall@50"]
+
+
+def test_grsu_bad_input_is_a_clear_error(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "grsu.py"), "--dataset", "inspired", "--data-dir",
+                             str(tmp_path / "missing")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "movie2attrs.json: file not found" in result.stderr

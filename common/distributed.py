@@ -1,0 +1,106 @@
+"""What every rank of an ``accelerate launch`` must agree on: the process group, the data of each optimizer
+step, and the checkpoints a resumed run starts from. Used by every script that trains."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from common.data import DataError
+from common.tracking import latest_checkpoint, save_checkpoint
+
+
+def make_accelerator(**kwargs):
+    """An Accelerator that also runs on CPU ranks: gloo for the process group there (DeepSpeed would ask for
+    nccl, which CPUs lack); on GPUs accelerate picks nccl itself."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cpu = not torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and distributed else []
+    return Accelerator(cpu=cpu, kwargs_handlers=handlers, **kwargs)
+
+
+def global_batches(n_examples: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """The example indices of every optimizer step: a seeded shuffle per epoch, cut into global batches (the
+    last one of an epoch may be smaller). Every rank computes the same list, so ranks agree on the data."""
+    batches = []
+    for epoch in range(epochs):
+        order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        batches += [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
+    return batches
+
+
+def rank_micro_batches(batch: list[int], rank: int, world: int, micro: int, accum: int) -> list[list[tuple[int, float]]]:
+    """This rank's share of a global batch as ``accum`` micro-batches of ``micro`` (index, weight) entries.
+    A short batch is padded with weight-0 copies so every rank runs the same number of equal-sized passes,
+    which keeps DDP and ZeRO-3 in lockstep; the weights keep the padding out of the loss."""
+    share = [(i, 1.0) for i in batch[rank::world]]
+    share += [(batch[0], 0.0)] * (micro * accum - len(share))
+    return [share[k * micro : (k + 1) * micro] for k in range(accum)]
+
+
+def configure_batches(accelerator, examples: int, batch_size: int, micro: int) -> tuple[int, int]:
+    """(global batch, accumulation steps) for ``examples`` training rows. The global batch must split evenly
+    into ranks x micro-batches; with fewer examples than one batch it shrinks to the data instead of running
+    padding. DeepSpeed has no prepared dataloader to read these from, so its config is told directly."""
+    world = accelerator.num_processes
+    if batch_size % (world * micro):
+        raise DataError(f"the global batch {batch_size} must be a multiple of ranks x micro-batch = {world} x {micro}")
+    batch_size = min(batch_size, -(-examples // (world * micro)) * world * micro)
+    accum = batch_size // (world * micro)
+    accelerator.gradient_accumulation_steps = accum
+    if accelerator.state.deepspeed_plugin is not None:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"] = micro, accum
+        ds_config["train_batch_size"] = batch_size
+    return batch_size, accum
+
+
+def resume(model, optimizer, scheduler, stage_dir: Path) -> int:
+    """Load the newest checkpoint of ``stage_dir`` into the (unprepared) model, optimizer and scheduler; return
+    its step, 0 if there is none. A peft model loads its adapter, any other model its full weights."""
+    from safetensors.torch import load_file
+
+    checkpoint = latest_checkpoint(stage_dir)
+    if checkpoint is None:
+        return 0
+    if (checkpoint / "adapter_model.safetensors").exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+    else:
+        model.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False)
+    state = torch.load(checkpoint / "training_state.pt", weights_only=False)
+    if state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    return json.loads((checkpoint / "state.json").read_text())["step"]
+
+
+def save_resumable(accelerator, model, stage_dir: Path, step: int, optimizer, scheduler) -> None:
+    """A resumable checkpoint: the weights (gathered from all ranks under ZeRO-3; a peft model saves only its
+    adapter), the optimizer and the scheduler. Under DeepSpeed the optimizer state is sharded, so it is not
+    saved and a resume restarts its moments."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        deepspeed = accelerator.state.deepspeed_plugin is not None
+        save_checkpoint(stage_dir, step, accelerator.unwrap_model(model), None if deepspeed else optimizer,
+                        None if deepspeed else scheduler, state_dict=state_dict)
+    accelerator.wait_for_everyone()
+
+
+def save_final(accelerator, model, folder: Path, info: dict, tokenizer=None) -> None:
+    """A stage's result: the weights (an adapter alone for a peft model), gathered from every rank under
+    ZeRO-3, the tokenizer if given, and a JSON summary ``steps.json`` whose presence marks the stage done."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        (folder / "steps.json").write_text(json.dumps(info))
+    accelerator.wait_for_everyone()

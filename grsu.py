@@ -1,0 +1,878 @@
+"""GRSU: a Generative Reward model based Simulated User that scores items by P(Yes) and critiques lists by their
+attributes, steering a beam search over a zero-shot LLM recommender's lists (the GRSU paper; METHODS.md Sec. 5).
+
+    python grsu.py                                   # every stage on the embedded SmolLM2 + the bundled demo dialogues
+    python grsu.py --dataset inspired --num-test 20  # INSPIRED (validation split) from --data-dir
+    accelerate launch grsu.py --dataset redial       # shard synthesis and test examples over ranks
+    python grsu.py --stages search --search greedy --run-name <run>   # another search over the same simulated user
+
+The pipeline, one stage per section below, each writing its records under runs/<run_name>/:
+
+  synth    instruction data from the training conversations: attribute critiques written by a teacher that
+           sees the user's true preference (the student's input omits it), over lists with a subset of the
+           ground truth and lists without; and one Yes / one No scoring instance per ground-truth item
+                                                                           -> instructions.jsonl
+  train    instruction tuning of the simulated user: masked NLL on response tokens (Eq. 4), LoRA or full
+                                                                           -> user/checkpoints, user_model/
+  search   per test recommendation turn: N^2 zero-shot CRS lists, then D rounds of (score every list by the
+           mean P(accept) of its items, keep the best B, sample N critiques each, let the CRS revise), then
+           rank every item seen by its own score; Recall/NDCG/MRR@{10,50} for GRSU and the zero-shot CRS
+                                                                           -> search.jsonl, metrics.jsonl
+
+A rerun with the same --run-name skips every finished record, checkpoint and model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+
+from common.catalog import Catalog, item_card
+from common.data import (DataError, Dialogue, Item, load_cfcrs_dialogues, load_demo_catalog, load_ievalm_turns,
+                         load_movie_info, load_redial_official, load_unicrs_jsonl)
+from common.distributed import (configure_batches, global_batches, make_accelerator, rank_micro_batches, resume,
+                                save_final, save_resumable)
+from common.llm import HFChat, LLMBackendError, make_llm
+from common.metrics import mrr_at_k, ndcg_at_k, recall_at_k
+from common.models import ModelSpecError, add_lora, load_model
+from common.tokens import collate, encode_prompt_completion, render_prompt, sequence_logprobs
+from common.tracking import RecordFile, Tracker, default_run_name, seed_everything
+
+STAGES = ("synth", "train", "search")
+
+
+@dataclass
+class Args:
+    exp_name: str = "grsu"
+    """the name of this experiment (prefix of the default run name)"""
+    seed: int = 1
+    """seed of python, numpy and torch: negative sampling, LoRA init, data order, sampled lists and critiques"""
+    run_name: str | None = None
+    """outputs go to runs/<run_name>/; rerun with the same name to resume (default: <exp_name>__<seed>__<time>)"""
+    stages: tuple[Literal["synth", "train", "search"], ...] = STAGES
+    """which stages to run, in pipeline order; each reads what the earlier ones left in the run folder"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works) as well as runs/<run_name>/metrics.jsonl"""
+    wandb_project: str = "cleancrs"
+    """the W&B project"""
+    wandb_entity: str | None = None
+    """the W&B entity (team); None uses your default"""
+
+    # ------------------------------------------------------------------------------------------- data
+    dataset: Literal["demo", "inspired", "redial"] = "demo"
+    """whose test conversations are searched: demo (bundled), inspired (CFCRS split) or redial (iEvaLM split)"""
+    train_datasets: tuple[Literal["demo", "inspired", "redial"], ...] = ()
+    """whose training conversations build the instruction data; empty: --dataset's own (paper: redial inspired)"""
+    data_dir: str = "../shared/data"
+    """root of the real data (see README 'Data'); unused for the demo"""
+    eval_split: Literal["valid", "test"] = "valid"
+    """valid for development; test is held-out: use it only for final numbers"""
+    num_train_turns: int = 8
+    """recommendation turns per training dataset that instruction data is built from; 0 = all"""
+    num_test: int = 2
+    """test recommendation turns to search (each is scored once per ground-truth item); 0 = all"""
+
+    # ------------------------------------------------------------------------------------------- roles
+    user_model: str = "smollm2-135m"
+    """the simulated user to tune: smollm2-135m, a Hugging Face id or a local folder (paper: Llama-3.1-8B-Instruct)"""
+    teacher_llm: str = "hf:smollm2-135m"
+    """backend that writes the critique data, shown the true preference (paper: Llama-3.3-70B-Instruct)"""
+    crs_llm: str = "hf:smollm2-135m"
+    """backend of the frozen zero-shot CRS that generates item lists (paper: Phi-4)"""
+    batch_size: int = 32
+    """prompts per batched call of a local backend"""
+
+    # ------------------------------------------------------------------------------------------- synthesis
+    list_length: int = 10
+    """l: items per recommendation list (paper: 10)"""
+    max_subsets: int = 4
+    """ground-truth subsets per turn that get a critique list (paper: every subset of size < l)"""
+    no_gt_lists: int = 1
+    """lists of negatives only, per turn (paper: 1)"""
+    scoring_negatives: int = 1
+    """sampled No instances per ground-truth item (paper: 1)"""
+    critique_max_tokens: int = 128
+    """length cap of a critique, teacher's and simulated user's (paper's code: 1024)"""
+    max_resamples: int = 1
+    """a CRS list with the wrong number of titles, or an empty critique, is resampled at most this often (paper's
+    code: 5; each resample is a full CRS generation, so the CPU default keeps one)"""
+
+    # ------------------------------------------------------------------------------------------- training
+    finetune: Literal["lora", "full"] = "lora"
+    """LoRA adapters, or every weight (the paper)"""
+    lr: float | None = None
+    """peak learning rate; None: 1e-4 for LoRA, 1e-6 for full fine-tuning (the paper's code)"""
+    epochs: int = 1
+    """passes over the instruction data (paper: 1)"""
+    train_batch_size: int = 4
+    """examples per optimizer step, over all ranks (paper: 4 per device)"""
+    micro_batch_size: int = 2
+    """examples per forward pass on one rank; gradients accumulate up to the global batch"""
+    warmup_steps: int = 1000
+    """linear warmup (paper: 1000), capped at a tenth of the run so short runs reach the peak"""
+    min_lr_ratio: float = 0.1
+    """the cosine decay ends at this fraction of the peak (paper: 0.1)"""
+    weight_decay: float = 0.01
+    """AdamW weight decay (paper: 0.01)"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip (paper: 1.0)"""
+    max_length: int = 1024
+    """training sequences keep their last tokens up to this length (paper's code: 3072)"""
+    lora_rank: int = 8
+    """LoRA rank r"""
+    lora_alpha: int = 16
+    """LoRA alpha"""
+    save_every: int = 50
+    """optimizer steps between resumable checkpoints"""
+
+    # ------------------------------------------------------------------------------------------- search
+    search: Literal["beam", "greedy", "mc", "none"] = "beam"
+    """beam; greedy (width 1); mc, Monte Carlo (depth 1, as many lists as beam); none (the zero-shot lists only)"""
+    beam_width: int = 4
+    """B: lists kept per round (paper: 4)"""
+    expansion: int = 4
+    """N: critiques sampled per kept list; the search starts from N^2 lists (paper: 4)"""
+    depth: int = 5
+    """D: critique-and-revise rounds after the initial lists (paper: 5)"""
+    critiques: bool = True
+    """--no-critiques: the CRS revises without the user's critique (Fig. 2 ablation)"""
+    critique_attributes: bool = True
+    """--no-critique-attributes: lists shown to the simulated user by title only (Table 4 ablation)"""
+    scoring: Literal["generative", "majority", "weighted-majority"] = "generative"
+    """item scores: P(accept); majority, the share of lists holding the item (no scoring); weighted-majority,
+    that share times P(accept) (Table 4)"""
+    ranking: Literal["pooled", "best-list"] = "pooled"
+    """pooled: every item seen, by its own score; best-list: the highest-reward list alone (Fig. 2 ablation)"""
+    tuned_critic: bool = True
+    """--no-tuned-critic: critiques come from the untuned model (Table 4 ablation)"""
+    tuned_scorer: bool = True
+    """--no-tuned-scorer: scores come from the untuned model (Table 4 ablation)"""
+    crs_max_tokens: int = 160
+    """length cap of one CRS list: ten "N. **Title (year)**" lines take about 100 tokens (paper's code: 256)"""
+    temperature: float = 1.0
+    """sampling temperature of CRS lists and critiques (paper's code: 1)"""
+    examples_per_batch: int = 4
+    """test turns searched together, so their calls share batches; each is saved when its batch ends"""
+    ks: tuple[int, ...] = (10, 50)
+    """cutoffs of Recall, NDCG and MRR"""
+    print_examples: bool = False
+    """print every searched example's lists, critiques and rankings"""
+
+
+# =============================================================================================== data
+
+DOMAIN = "movie"  # all three datasets are movie conversations
+
+
+@dataclass
+class RecTurn:
+    """One recommendation turn: the conversation before it, its new ground-truth items, earlier mentions."""
+
+    key: str
+    history: list[dict]  # [{"role": "seeker" | "recommender", "text": ...}]
+    labels: list[str]  # catalog titles recommended here and not mentioned before ("only new")
+    mentioned: list[str]  # catalog titles mentioned earlier; removed from rankings at evaluation
+
+
+def bare_title(title: str) -> str:
+    return re.sub(r"\s*\(\d{4}\)\s*$", "", title).strip().lower()
+
+
+def restore_years(dialogues: list[Dialogue], catalog: list[Item]) -> None:
+    """UniCRS's INSPIRED files name movies without their year ("Knives Out"); map each to the one catalog title
+    with that name ("Knives Out (2019)"), where there is exactly one."""
+    by_bare: dict[str, list[str]] = {}
+    for item in catalog:
+        by_bare.setdefault(bare_title(item.title), []).append(item.title)
+    for dialogue in dialogues:
+        for turn in dialogue.turns:
+            turn.items = [by_bare[bare_title(t)][0] if len(by_bare.get(bare_title(t), [])) == 1 else t for t in turn.items]
+
+
+def rec_turns(dialogues: list[Dialogue], titles: set[str]) -> list[RecTurn]:
+    """The evaluation protocol's examples: a recommender turn that names a catalog item and has a non-empty
+    history. A label already mentioned earlier (as an item, or by name in the text) is dropped, and a turn left
+    without labels is skipped ("only new", as the paper's code does)."""
+    turns = []
+    for dialogue in dialogues:
+        for i, turn in enumerate(dialogue.turns):
+            history = [{"role": t.role, "text": t.text} for t in dialogue.turns[:i] if t.text.strip()]
+            if turn.role != "recommender" or not turn.items or not history:
+                continue
+            earlier_items = [t for previous in dialogue.turns[:i] for t in previous.items]
+            earlier_text = " ".join(h["text"] for h in history).lower()
+            labels = [t for t in dict.fromkeys(turn.items) if t in titles and t not in earlier_items
+                      and bare_title(t) not in earlier_text]
+            if labels:
+                mentioned = [t for t in dict.fromkeys(earlier_items) if t in titles]
+                turns.append(RecTurn(f"{dialogue.dialog_id}:{i}", history, labels, mentioned))
+    return turns
+
+
+def load_dataset(name: str, data_dir: str, split: Literal["train", "valid", "test"]) -> tuple[list[RecTurn], list[Item]]:
+    """(recommendation turns of ``split``, the dataset's items with attributes)."""
+    root = Path(data_dir)
+    if name == "demo":
+        items = load_demo_catalog()
+        dialogues = load_unicrs_jsonl(Path(__file__).parent / "data" / "demo" /
+                                      f"dialogues_{'train' if split == 'train' else 'test'}.jsonl")
+    elif name == "inspired":
+        items = load_movie_info(root / "inspired" / "movie2attrs.json")
+        if split == "train":  # CFCRS ships no train split; UniCRS's is the same conversations without years
+            dialogues = load_unicrs_jsonl(root / "inspired" / "unicrs" / "train_data_dbpedia.jsonl")
+            restore_years(dialogues, items)
+        else:
+            dialogues = load_cfcrs_dialogues(root / "inspired" / "cfcrs" / f"{split}_data.jsonl")
+    else:
+        items = load_movie_info(root / "redial" / "movie2info.json")
+        if split == "train":  # the official train split (the subsets mirrored here)
+            dialogues = [d for f in ("train_subset_500.jsonl", "valid_subset_100.jsonl")
+                         for d in load_redial_official(root / "redial" / "official" / f)]
+        else:
+            dialogues = load_ievalm_turns(root / "redial" / "ievalm" / f"{split}_data_processed.jsonl")
+    known = {item.title for item in items}
+    # Items the conversations name but the attribute file lacks still belong to the catalog, with no attributes.
+    items += [Item(t, t) for t in dict.fromkeys(t for d in dialogues for turn in d.turns for t in turn.items) if t not in known]
+    return rec_turns(dialogues, {item.title for item in items}), items
+
+
+def render_history(history: list[dict]) -> str:
+    return "\n".join(f"{'User' if h['role'] == 'seeker' else 'System'}: {h['text']}" for h in history)
+
+
+def render_item(catalog: Catalog, title: str, attributes: bool = True) -> str:
+    """An item as the simulated user sees it: the title with genre, actors, director and writer."""
+    if not attributes or title not in catalog.by_title:
+        return title
+    return item_card(catalog.by_title[title], fields=("genre", "star", "director", "writer"))
+
+
+# =============================================================================================== prompts
+
+# The two behaviours share the context and differ in the instruction (d_s, d_c in the paper).
+SCORE_INSTRUCTION = ("You are the user to look for recommendations. You need to provide feedback on the recommendations "
+                     "given by the system. For each recommendation, you should give feedback in the form of 'Accept the "
+                     "recommendation (Yes/No)? X', where X is either 'Yes' or 'No'.")
+CRITIQUE_INSTRUCTION = ("You are the user to look for recommendations. Read the conversation and provide feedback on the "
+                        "recommendations given by the system.")
+ANSWER_PREFIX = "Accept the recommendation (Yes/No)?"
+
+
+def score_prompt(history: list[dict], item: str) -> str:
+    """[C_{k-1}; one-item list with attributes; d_s]. The item comes last, so every item of one conversation
+    shares the prompt up to it (the scorer computes that prefix once)."""
+    return f"Conversation:\n{render_history(history)}\n\n{SCORE_INSTRUCTION}\n\nRecommendation:\n1. {item}"
+
+
+def critique_prompt(history: list[dict], items: list[str], preference: list[str] | None = None) -> str:
+    """[C_{k-1}; list; d_c], and for the teacher also p_k, the items the user really wants, with attributes."""
+    listing = "\n".join(f"{n}. {item}" for n, item in enumerate(items, 1))
+    prompt = f"Conversation:\n{render_history(history)}\n\nRecommendations:\n{listing}\n\n{CRITIQUE_INSTRUCTION}"
+    if preference:
+        prompt += ("\n\nWhat you really want (never name these titles; say which attributes of the recommendations "
+                   "are right or wrong for you):\n" + "\n".join(f"- {p}" for p in preference))
+    return prompt
+
+
+CRS_PROMPT = """You are a recommender chatting with a user to recommend {domain}s.
+
+Conversation:
+{history}
+
+Recommend {n} {domain}s the user will like. Answer with exactly {n} lines, each formatted as "1. **Title (year)**", and nothing else."""
+
+CRS_REVISE_PROMPT = """You are a recommender chatting with a user to recommend {domain}s.
+
+Conversation:
+{history}
+
+You recommended:
+{previous}
+{feedback}
+Recommend {n} {domain}s the user will like, all different from the ones above. Answer with exactly {n} lines, each formatted as "1. **Title (year)**", and nothing else."""
+
+
+def crs_prompt(history: list[dict], n: int, previous: list[str] | None = None, critique: str | None = None) -> str:
+    """Eq. 1: the history, and for a revision the previous list (with attributes) and the critique f_c."""
+    if previous is None:
+        return CRS_PROMPT.format(domain=DOMAIN, history=render_history(history), n=n)
+    feedback = f"\nThe user's feedback on them: {critique}\n" if critique else ""
+    return CRS_REVISE_PROMPT.format(domain=DOMAIN, history=render_history(history), n=n, feedback=feedback,
+                                    previous="\n".join(f"{i}. {p}" for i, p in enumerate(previous, 1)))
+
+
+def parse_titles(text: str) -> list[str]:
+    """The titles of a numbered list: per line the ``**bold**`` part (the paper's regex), else the line's text, since
+    small models often drop the bold after the first line. Without numbered lines, every bold span."""
+    lines = re.findall(r"^\s*\d+\s*[.)]\s*(.+?)\s*$", text, flags=re.M)
+    if not lines:
+        return [t.strip() for t in re.findall(r"\*\*(.*?)\*\*", text) if t.strip()]
+    titles = []
+    for line in lines:
+        bold = re.search(r"\*\*(.+?)\*\*", line)
+        title = (bold.group(1) if bold else line).strip(" *\"'")
+        if title:
+            titles.append(title)
+    return titles
+
+
+# =============================================================================================== synthesis
+
+
+def sample_negatives(catalog_titles: list[str], exclude: set[str], k: int, rng: random.Random) -> list[str]:
+    """k distinct titles from I minus I_k (and minus anything else in ``exclude``)."""
+    pool = [t for t in catalog_titles if t not in exclude]
+    return rng.sample(pool, min(k, len(pool)))
+
+
+def synthesis_jobs(turn: RecTurn, catalog: Catalog, args: Args) -> tuple[list[dict], list[dict]]:
+    """(critique jobs, scoring examples) for one training turn; negatives are seeded by the turn, so every rank
+    and every rerun draws the same ones.
+
+    Critique lists: one per ground-truth subset of size < l (the smallest first, at most --max-subsets), filled
+    with negatives and shuffled, plus --no-gt-lists lists of negatives only. Scoring: one Yes instance per
+    ground-truth item and --scoring-negatives No instances each, every instance holding one item."""
+    rng = random.Random(f"{args.seed}:{turn.key}")
+    exclude = set(turn.labels) | set(turn.mentioned)
+    subsets = [list(s) for size in range(1, min(len(turn.labels), args.list_length - 1) + 1)
+               for s in combinations(turn.labels, size)][: args.max_subsets]
+    lists = [s + sample_negatives(catalog.titles, exclude, args.list_length - len(s), rng) for s in subsets]
+    lists += [sample_negatives(catalog.titles, exclude, args.list_length, rng) for _ in range(args.no_gt_lists)]
+    preference = [render_item(catalog, t) for t in turn.labels]
+    critiques = []
+    for j, items in enumerate(lists):
+        rng.shuffle(items)
+        shown = [render_item(catalog, t) for t in items]
+        critiques.append({"key": f"{turn.key}|critique|{j}", "kind": "critique", "items": items,
+                          "gt_in_list": sum(t in turn.labels for t in items),
+                          "teacher_prompt": critique_prompt(turn.history, shown, preference),
+                          "prompt": critique_prompt(turn.history, shown)})
+    scoring = []
+    for label in turn.labels:
+        negatives = sample_negatives(catalog.titles, exclude, args.scoring_negatives, rng)
+        for title, answer in [(label, "Yes")] + [(t, "No") for t in negatives]:
+            scoring.append({"key": f"{turn.key}|score|{title}", "kind": "score", "item": title,
+                            "prompt": score_prompt(turn.history, render_item(catalog, title)),
+                            "completion": f"{ANSWER_PREFIX} {answer}"})
+    return critiques, scoring
+
+
+def synthesize(turns: list[RecTurn], catalog: Catalog, teacher, args: Args, records: RecordFile, counters: dict) -> None:
+    """Write this rank's instruction data. The teacher's critique is the student's target; the student's
+    prompt is the same without the preference. An empty critique is resampled, then dropped and counted."""
+    done = records.done_keys()
+    jobs = []
+    for turn in turns:
+        critiques, scoring = synthesis_jobs(turn, catalog, args)
+        for example in scoring:
+            if example["key"] not in done:
+                records.append(example)
+        jobs += [c for c in critiques if c["key"] not in done]
+    for start in tqdm(range(0, len(jobs), args.batch_size), desc="critique data", disable=not jobs):
+        batch = jobs[start : start + args.batch_size]
+        texts = sample_texts(teacher, [[{"role": "user", "content": j["teacher_prompt"]}] for j in batch], 0.0,
+                             args.critique_max_tokens, args.max_resamples, args.temperature, counters, "synth/critique")
+        for job, text in zip(batch, texts):
+            if text:
+                records.append({**job, "completion": text})
+            else:
+                counters["synth/critique_dropped"] = counters.get("synth/critique_dropped", 0) + 1
+
+
+def sample_texts(llm, conversations, temperature: float, max_tokens: int, max_resamples: int, resample_temperature: float,
+                 counters: dict, name: str) -> list[str]:
+    """One text per conversation; an empty one is resampled (hotter) up to ``max_resamples`` times, then left
+    empty. Counts ``<name>_resamples`` and ``<name>_empty``."""
+    texts = [t for (t,) in llm.chat(conversations, temperature=temperature, max_tokens=max_tokens)]
+    for _ in range(max_resamples):
+        empty = [i for i, t in enumerate(texts) if not t.strip()]
+        if not empty:
+            break
+        counters[f"{name}_resamples"] = counters.get(f"{name}_resamples", 0) + len(empty)
+        for i, (t,) in zip(empty, llm.chat([conversations[i] for i in empty], temperature=resample_temperature, max_tokens=max_tokens)):
+            texts[i] = t
+    counters[f"{name}_empty"] = counters.get(f"{name}_empty", 0) + sum(not t.strip() for t in texts)
+    return texts
+
+
+# =============================================================================================== training
+
+
+def instruction_loss(token_logps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: -sum_k log Pr(o_k | o_<k, I) over response tokens. ``token_logps`` [B, L] is already zero off the
+    response; each row is weighted (0 for padding rows) and the caller divides by the global batch's response
+    tokens, so a step's loss is the mean NLL per response token (the usual normalization of the summed Eq. 4,
+    which only rescales the step size)."""
+    return -(token_logps.sum(-1) * weights).sum()
+
+
+def train_user(accelerator, model, tokenizer, examples: list[dict], args: Args, stage_dir: Path, tracker: Tracker):
+    """Instruction tuning (Sec. 3.2): AdamW, linear warmup then cosine decay to --min-lr-ratio of the peak, gradient
+    clipping; the same global batch on any number of ranks. Resumes from the newest checkpoint; returns
+    (optimizer steps, the prepared model)."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    world, rank, micro = accelerator.num_processes, accelerator.process_index, args.micro_batch_size
+    batch_size, accum = configure_batches(accelerator, len(examples), args.train_batch_size, micro)
+    steps = global_batches(len(examples), batch_size, args.epochs, args.seed)
+    lr = args.lr if args.lr is not None else (1e-4 if args.finetune == "lora" else 1e-6)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=args.weight_decay)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, min(args.warmup_steps, math.ceil(0.1 * len(steps))), len(steps), min_lr_rate=args.min_lr_ratio)
+    start = resume(model, optimizer, scheduler, stage_dir)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    while scheduler.last_epoch < start:  # a checkpoint saved without optimizer state (DeepSpeed)
+        scheduler.step()
+    model.train()
+    device, pad_id = accelerator.device, tokenizer.pad_token_id
+    grad_norm = None
+    for step in tqdm(range(start, len(steps)), desc="instruction tuning", initial=start, total=len(steps),
+                     disable=not accelerator.is_main_process):
+        batch = steps[step]
+        response_tokens = sum(sum(examples[i]["completion_mask"]) for i in batch)
+        total = torch.zeros((), device=device)
+        for chunk in rank_micro_batches(batch, rank, world, micro, accum):
+            rows = [(examples[i]["input_ids"], examples[i]["completion_mask"]) for i, _ in chunk]
+            weights = torch.tensor([w for _, w in chunk], device=device)
+            with accelerator.accumulate(model):
+                inputs = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+                _, _, token_logps = sequence_logprobs(model, **inputs)
+                # Scaled so that after accelerate's 1/accum and DDP's mean over ranks the step's loss is the
+                # global token mean, identical on any number of ranks.
+                loss = instruction_loss(token_logps, weights) * world * accum / response_tokens
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            total += loss.detach() / (world * accum)
+        scheduler.step()
+        total = accelerator.reduce(total, reduction="sum")
+        tracker.log({"train/loss": total.item(), "train/lr": scheduler.get_last_lr()[0],
+                     "train/grad_norm": float(grad_norm if grad_norm is not None else "nan"),
+                     "train/epoch": (step + 1) * args.epochs / len(steps)}, step=step + 1)
+        if (step + 1) % args.save_every == 0 or step + 1 == len(steps):
+            save_resumable(accelerator, model, stage_dir, step + 1, optimizer, scheduler)
+    return len(steps), model
+
+
+# =============================================================================================== scoring
+
+
+@torch.no_grad()
+def accept_probs(model, tokenizer, prompts: list[str], batch_size: int) -> tuple[list[float], int]:
+    """P(accept) = p(Yes) / (p(Yes) + p(No)) at the answer token after "Accept the recommendation (Yes/No)?",
+    for prompts that share everything up to their last part (one conversation, many items). No sampling.
+
+    The shared prefix is run once and its key/value cache reused by every item, so an item costs only its own
+    few dozen tokens; items then go through in batches of ``batch_size``, one forward pass each. Returns the
+    probabilities and the prompt tokens an API would have billed (full prompt per item)."""
+    texts = [render_prompt(tokenizer, [{"role": "user", "content": p}]) + ANSWER_PREFIX for p in prompts]
+    common = 0
+    while common < min(map(len, texts)) and all(t[common] == texts[0][common] for t in texts):
+        common += 1
+    # Cut at the last newline of the shared part: "\n" is a token boundary, so the two halves tokenize as
+    # the whole would (tests/test_grsu.py checks against full-prompt scoring).
+    cut = texts[0].rfind("\n", 0, common) + 1 if len(texts) > 1 else 0
+    prefix_ids = tokenizer(texts[0][:cut], add_special_tokens=False)["input_ids"] if cut else []
+    suffixes = [tokenizer(t[cut:], add_special_tokens=False)["input_ids"] for t in texts]
+    yes = sorted({tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in ("Yes", " Yes")})
+    no = sorted({tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in ("No", " No")})
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    prefix_cache = None
+    if prefix_ids:
+        prefix_cache = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True).past_key_values
+    probs: list[float] = []
+    for start in range(0, len(suffixes), batch_size):
+        rows = suffixes[start : start + batch_size]
+        lengths = torch.tensor([len(r) for r in rows], device=device)
+        width = int(lengths.max())
+        input_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows], device=device)
+        mask = (torch.arange(width, device=device)[None] < lengths[:, None]).long()
+        cache = None
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(rows))
+            mask = torch.cat([mask.new_ones(len(rows), len(prefix_ids)), mask], dim=1)
+        # Right padding: each row's answer position is its own last real token.
+        logits = model(input_ids=input_ids, attention_mask=mask, past_key_values=cache).logits
+        probs += accept_probability(logits[torch.arange(len(rows), device=device), lengths - 1], yes, no).tolist()
+    model.train(was_training)
+    return probs, sum(len(prefix_ids) + len(s) for s in suffixes)
+
+
+def list_reward(items: list[str], scores: dict[str, float]) -> float:
+    """f_s: the mean P(accept) of the list's items (an empty list gets 0)."""
+    return sum(scores[t] for t in items) / len(items) if items else 0.0
+
+
+def accept_probability(logits: torch.Tensor, yes_ids: list[int], no_ids: list[int]) -> torch.Tensor:
+    """P(accept) = p(Yes) / (p(Yes) + p(No)) from next-token logits [B, V]; each answer sums its spellings (with
+    and without a leading space). The paper's code reads p(Yes), or 1 - p(No) when "No" is the greedy token;
+    normalizing over the two answers is the same ordering and needs no branch (METHODS.md 5.7.2)."""
+    probs = logits.float().softmax(-1)
+    p_yes, p_no = probs[:, yes_ids].sum(-1), probs[:, no_ids].sum(-1)
+    return p_yes / (p_yes + p_no).clamp_min(1e-12)
+
+
+def pooled_ranking(observations: list[tuple[str, float]]) -> list[str]:
+    """Efficient candidate ranking: every item seen in the search, by its own score, the mean where it was scored
+    more than once; ties keep the order of first appearance. ``observations`` are (item, score) in search order."""
+    sums: dict[str, list[float]] = {}
+    for title, score in observations:
+        sums.setdefault(title, []).append(score)
+    return sorted(sums, key=lambda t: -sum(sums[t]) / len(sums[t]))
+
+
+def zero_shot_ranking(lists: list[list[str]]) -> list[str]:
+    """The zero-shot CRS's ranking: its greedy list (``lists[0]``) first, then the other initial samples merged
+    rank by rank. @10 is exactly the greedy list; the merge only supplies the 50 items @50 needs."""
+    merged = list(lists[0])
+    for rank in range(max((len(items) for items in lists), default=0)):
+        merged += [items[rank] for items in lists[1:] if rank < len(items)]
+    return list(dict.fromkeys(merged))
+
+
+# =============================================================================================== search
+
+
+def search_shape(args: Args) -> tuple[int, int, int]:
+    """(width, expansion, depth) of each strategy. Monte Carlo and greedy keep beam's number of lists
+    (B*N*D after the N^2 initial ones), as in Table 6: mc expands every initial list once, greedy keeps one."""
+    b, n, d = args.beam_width, args.expansion, args.depth
+    if n < b:
+        raise DataError(f"--expansion ({n}) must be at least --beam-width ({b}): the search starts from N^2 >= B lists")
+    if args.search == "beam":
+        return b, n, d
+    if args.search == "greedy":
+        return 1, n, d
+    if args.search == "mc":
+        return n * n, math.ceil(b * n * d / (n * n)), 1
+    return 0, 0, 0
+
+
+class Search:
+    """The search-based interaction (Sec. 3.3) over a batch of test turns, level by level, so that every CRS,
+    critique and scoring call of one level is one batched call across the turns.
+
+    A state is {items, reward, depth, parent, critique}; ``counts`` tallies the calls the bookkeeping test
+    checks: crs_lists (= N^2 + B*N*D per turn), crs_calls (lists + resamples), critiques (= B*N*D), lists_scored
+    (= N^2 + B*N*D) and items_scored (after the per-conversation cache)."""
+
+    def __init__(self, crs, user_model, user_tokenizer, catalog: Catalog, args: Args):
+        self.crs, self.catalog, self.args = crs, catalog, args
+        self.user_model, self.user_tokenizer = user_model, user_tokenizer
+        self.user_llm = HFChat(user_model, user_tokenizer, batch_size=args.batch_size)  # critiques; scoring counts here too
+        self.counts = {k: 0 for k in ("crs_lists", "crs_calls", "crs_resamples", "crs_wrong_count", "critiques",
+                                      "critique_resamples", "critique_empty", "lists_scored", "items_scored")}
+        self.seen: list[list[dict]] = []  # per turn, every state so far, in creation order (a state's id)
+
+    def cost(self) -> tuple[int, int]:
+        """(LLM calls, tokens) spent so far by the CRS and the simulated user."""
+        usages = (self.crs.usage, self.user_llm.usage)
+        return sum(u.calls for u in usages), sum(u.prompt_tokens + u.completion_tokens for u in usages)
+
+    # ------------------------------------------------------------------ the CRS (transition function T)
+
+    def generate_lists(self, prompts: list[str], temperatures: list[float]) -> list[list[str]]:
+        """One list of catalog titles per prompt. Titles are fuzzy-matched to the catalog without repeats; a
+        list with the wrong count is resampled (at --temperature) up to --max-resamples times, then the try
+        closest to the right count is kept, cut to length."""
+        n = self.args.list_length
+        prefill = "1. **" if getattr(self.crs, "can_prefill", False) else ""  # start the format for small models
+        best: list[list[str] | None] = [None] * len(prompts)
+        pending = list(range(len(prompts)))
+        for attempt in range(self.args.max_resamples + 1):
+            if not pending:
+                break
+            if attempt:
+                self.counts["crs_resamples"] += len(pending)
+            self.counts["crs_calls"] += len(pending)
+            temperature_of = {i: temperatures[i] if attempt == 0 else self.args.temperature for i in pending}
+            still = []
+            for temperature in sorted(set(temperature_of.values())):
+                group = [i for i in pending if temperature_of[i] == temperature]
+                outputs = self.crs.chat([[{"role": "user", "content": prompts[i]}] for i in group], temperature=temperature,
+                                        max_tokens=self.args.crs_max_tokens, prefix=prefill)
+                for i, (text,) in zip(group, outputs):
+                    generated = parse_titles(prefill + text)
+                    titles = self.catalog.match_all(generated)[:n]
+                    if best[i] is None or abs(len(titles) - n) < abs(len(best[i]) - n):
+                        best[i] = titles
+                    if len(generated) != n:
+                        still.append(i)
+            pending = still
+        self.counts["crs_wrong_count"] += len(pending)
+        self.counts["crs_lists"] += len(prompts)
+        return [b or [] for b in best]
+
+    def critique(self, histories: list[list[dict]], lists: list[list[str]], k: int) -> list[list[str]]:
+        """k critiques f_c per list, sampled from the simulated user (temperature --temperature)."""
+        if not self.args.critiques:
+            return [[""] * k for _ in lists]
+        convs = [[{"role": "user", "content": critique_prompt(
+            h, [render_item(self.catalog, t, self.args.critique_attributes) for t in items])}]
+            for h, items in zip(histories, lists) for _ in range(k)]
+        with adapter_off(self.user_model, not self.args.tuned_critic):
+            counters: dict = {}
+            texts = sample_texts(self.user_llm, convs, self.args.temperature, self.args.critique_max_tokens,
+                                 self.args.max_resamples, self.args.temperature, counters, "critique")
+        self.counts["critique_resamples"] += counters.get("critique_resamples", 0)
+        self.counts["critique_empty"] += counters.get("critique_empty", 0)
+        self.counts["critiques"] += len(convs)
+        return [texts[j * k : (j + 1) * k] for j in range(len(lists))]
+
+    # ------------------------------------------------------------------ the reward (generative item scoring)
+
+    def score(self, turns: list[RecTurn], frontiers: list[list[dict]], caches: list[dict[str, float]]) -> None:
+        """Give every state a reward: score its items not yet in the turn's cache (P(accept), one batched pass per
+        turn), then f_s = the mean item score. Majority scores need no model."""
+        for i, (turn, states, cache) in enumerate(zip(turns, frontiers, caches)):
+            self.counts["lists_scored"] += len(states)
+            if self.args.scoring != "majority":
+                new = list(dict.fromkeys(t for s in states for t in s["items"] if t not in cache))
+                if new:
+                    with adapter_off(self.user_model, not self.args.tuned_scorer):
+                        probs, tokens = accept_probs(self.user_model, self.user_tokenizer,
+                                                     [score_prompt(turn.history, render_item(self.catalog, t)) for t in new],
+                                                     self.args.batch_size)
+                    cache.update(zip(new, probs))
+                    self.counts["items_scored"] += len(new)
+                    self.user_llm.usage.add(len(new), tokens, 0)  # one billed call per item, as an API would count
+            scores = self.item_scores(self.seen[i], cache)
+            for s in states:
+                s["reward"] = list_reward(s["items"], scores)
+
+    def item_scores(self, states: list[dict], cache: dict[str, float]) -> dict[str, float]:
+        """Each item's score under --scoring. Generative scores are greedy and cached, so "the mean of repeated
+        scorings" is the one cached value; majority counts the share of lists holding the item."""
+        share: dict[str, float] = {}
+        for s in states:
+            for t in s["items"]:
+                share[t] = share.get(t, 0.0) + 1.0 / len(states)
+        if self.args.scoring == "generative":
+            return {t: cache[t] for t in share}
+        if self.args.scoring == "majority":
+            return share
+        return {t: share[t] * cache[t] for t in share}
+
+    # ------------------------------------------------------------------ beam search and ranking
+
+    def run(self, turns: list[RecTurn]) -> list[dict]:
+        args, n = self.args, self.args.expansion
+        width, expansion, depth = search_shape(args)
+        # Depth 0: N^2 zero-shot lists per turn; the first greedy (the zero-shot CRS's own answer), the rest sampled.
+        prompts = [crs_prompt(t.history, args.list_length) for t in turns for _ in range(n * n)]
+        temperatures = [0.0 if j == 0 else args.temperature for _ in turns for j in range(n * n)]
+        lists = self.generate_lists(prompts, temperatures)
+        frontiers = [[{"id": j, "items": lists[i * n * n + j], "depth": 0, "parent": None, "critique": None}
+                      for j in range(n * n)] for i in range(len(turns))]
+        self.seen = [list(f) for f in frontiers]
+        caches: list[dict[str, float]] = [{} for _ in turns]
+        for level in range(1, depth + 1):
+            self.score(turns, frontiers, caches)
+            kept = [sorted(f, key=lambda s: -s["reward"])[:width] for f in frontiers]
+            flat = [(i, s) for i, states in enumerate(kept) for s in states]
+            critiques = self.critique([turns[i].history for i, _ in flat], [s["items"] for _, s in flat], expansion)
+            jobs = [(i, s, c) for (i, s), cs in zip(flat, critiques) for c in cs]
+            revised = self.generate_lists(
+                [crs_prompt(turns[i].history, args.list_length, [render_item(self.catalog, t) for t in s["items"]], c)
+                 for i, s, c in jobs], [args.temperature] * len(jobs))
+            frontiers = [[] for _ in turns]
+            for (i, parent, c), items in zip(jobs, revised):
+                state = {"id": len(self.seen[i]), "items": items, "depth": level, "parent": parent["id"], "critique": c}
+                frontiers[i].append(state)
+                self.seen[i].append(state)
+        if depth:
+            self.score(turns, frontiers, caches)
+        results = []
+        for turn, states, cache in zip(turns, self.seen, caches):
+            zero_shot = zero_shot_ranking([s["items"] for s in states[: n * n]])
+            if args.search == "none":
+                ranked = zero_shot
+            elif args.ranking == "best-list":
+                ranked = list(max(states, key=lambda s: s["reward"])["items"])
+            else:
+                scores = self.item_scores(states, cache)
+                ranked = pooled_ranking([(t, scores[t]) for s in states for t in s["items"]])
+            results.append({"key": turn.key, "labels": turn.labels, "mentioned": turn.mentioned,
+                            "ranked": ranked, "zero_shot": zero_shot, "states": states,
+                            "item_scores": {t: round(p, 5) for t, p in cache.items()}})
+        return results
+
+
+def adapter_off(model, off: bool):
+    """A context in which a peft model runs without its adapter (the untuned user, for the ablations)."""
+    return model.disable_adapter() if off and hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+# =============================================================================================== evaluation
+
+
+def ranking_metrics(records: list[dict], field: str, ks: tuple[int, ...], prefix: str) -> dict[str, float]:
+    """Recall, NDCG and MRR@k per (turn, ground-truth item) pair, averaged over pairs, each @k on its own top-k
+    slice, with the items mentioned earlier in the conversation removed from the ranking first."""
+    sums: dict[str, float] = {f"{prefix}/{m}@{k}": 0.0 for m in ("recall", "ndcg", "mrr") for k in ks}
+    pairs = 0
+    for record in records:
+        ranked = [t for t in record[field] if t not in set(record["mentioned"])]
+        for label in record["labels"]:
+            pairs += 1
+            for k in ks:
+                sums[f"{prefix}/recall@{k}"] += recall_at_k(ranked, [label], k)
+                sums[f"{prefix}/ndcg@{k}"] += ndcg_at_k(ranked, [label], k)
+                sums[f"{prefix}/mrr@{k}"] += mrr_at_k(ranked, [label], k)
+    return {name: value / pairs for name, value in sums.items()} if pairs else {}
+
+
+def print_example(record: dict) -> None:
+    print(f"\n=== {record['key']}  labels: {record['labels']}")
+    for j, s in enumerate(record["states"]):
+        critique = f"  <- {s['critique'][:100]!r}" if s["critique"] else ""
+        print(f"  [{j}] d{s['depth']} r={s.get('reward', float('nan')):.3f} {s['items'][:4]}{critique}")
+    print(f"  GRSU top-10: {record['ranked'][:10]}\n  zero-shot top-10: {record['zero_shot'][:10]}")
+
+
+# =============================================================================================== main
+
+
+def load_user(args: Args, model_dir: Path | None, device):
+    """(model, tokenizer) of the simulated user: the base model, with the tuned adapter (LoRA) or the tuned weights
+    (full) when ``model_dir`` holds them. The adapter stays unmerged so the ablations can switch it off."""
+    from peft import PeftModel
+
+    if model_dir is not None and args.finetune == "full" and not (args.tuned_critic and args.tuned_scorer):
+        raise DataError("the untuned-critic/scorer ablations switch off a LoRA adapter; use --finetune lora")
+    if model_dir is not None and args.finetune == "full":
+        model, tokenizer = load_model(str(model_dir))
+    else:
+        model, tokenizer = load_model(args.user_model)
+        if model_dir is not None:
+            model = PeftModel.from_pretrained(model, model_dir)
+    return model.to(device).eval(), tokenizer
+
+
+def main(args: Args) -> None:
+    from accelerate.utils import gather_object
+
+    accelerator = make_accelerator()
+    rank, world, main_process = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    args.run_name = args.run_name or default_run_name(args.exp_name, args.seed)
+    run_dir = Path("runs") / args.run_name
+    seed_everything(args.seed + rank)
+    tracker = Tracker(run_dir, args, track=args.track, project=args.wandb_project, entity=args.wandb_entity,
+                      is_main=main_process)
+    device = accelerator.device
+    counters: dict[str, int] = {}
+    metrics: dict[str, float] = {}
+    user_dir = run_dir / "user_model"
+
+    # ---------------------------------------------------------------------------- synth: instruction data
+    instructions = RecordFile(run_dir / "instructions.jsonl")
+    train_names = args.train_datasets or (args.dataset,)
+    if "synth" in args.stages:
+        teacher = make_llm(args.teacher_llm, batch_size=args.batch_size, device=device)
+        for name in train_names:
+            turns, items = load_dataset(name, args.data_dir, "train")
+            turns = turns[: args.num_train_turns or None]
+            if main_process:
+                print(f"synth: {len(turns)} training turns of {name}")
+            synthesize(turns[rank::world], Catalog(items), teacher, args, instructions, counters)
+        accelerator.wait_for_everyone()
+        counters |= {f"cost/synth_{k}": v for k, v in teacher.usage.metrics("").items()}
+
+    # ---------------------------------------------------------------------------- train: instruction tuning
+    if "train" in args.stages and not (user_dir / "steps.json").exists():
+        data = sorted(instructions.records(), key=lambda r: r["key"])
+        if not data:
+            raise DataError(f"{instructions.path} holds no instruction data: run the synth stage first")
+        model, tokenizer = load_model(args.user_model)
+        if args.finetune == "lora":
+            torch.manual_seed(args.seed)  # the same adapter init on every rank and every rerun
+            model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
+        examples = []
+        for r in data:
+            ids, mask = encode_prompt_completion(tokenizer, [{"role": "user", "content": r["prompt"]}], r["completion"])
+            examples.append({"input_ids": ids[-args.max_length :], "completion_mask": mask[-args.max_length :]})
+        if main_process:
+            kinds = [r["kind"] for r in data]
+            print(f"train: {kinds.count('critique')} critique and {kinds.count('score')} scoring examples")
+        steps, model = train_user(accelerator, model.to(device), tokenizer, examples, args, run_dir / "user", tracker)
+        save_final(accelerator, model, user_dir, {"steps": steps, "examples": len(examples)},
+                   tokenizer=tokenizer if args.finetune == "full" else None)
+        del model
+
+    # ---------------------------------------------------------------------------- search and evaluation
+    if "search" in args.stages:
+        tuned = (user_dir / "steps.json").exists()
+        if main_process and not tuned:
+            print("search: no tuned simulated user in this run; scoring and critiques come from the base model")
+        turns, items = load_dataset(args.dataset, args.data_dir, args.eval_split)
+        turns = turns[: args.num_test or None]
+        catalog = Catalog(items)
+        crs = make_llm(args.crs_llm, batch_size=args.batch_size, device=device)
+        user_model, user_tokenizer = load_user(args, user_dir if tuned else None, device)
+        search = Search(crs, user_model, user_tokenizer, catalog, args)
+        records = RecordFile(run_dir / f"search_{args.search}.jsonl")
+        done = records.done_keys()
+        mine = [t for t in turns[rank::world] if t.key not in done]
+        for start in tqdm(range(0, len(mine), args.examples_per_batch), desc=f"{args.search} search",
+                          disable=not main_process or not mine):
+            batch = mine[start : start + args.examples_per_batch]
+            calls_before, tokens_before = search.cost()
+            results = search.run(batch)
+            calls, tokens = (now - before for now, before in zip(search.cost(), (calls_before, tokens_before)))
+            for record in results:
+                # The batch's cost, split evenly over its turns.
+                records.append({**record, "llm_calls": calls / len(batch), "tokens": tokens / len(batch)})
+                if args.print_examples:
+                    print_example(record)
+        accelerator.wait_for_everyone()
+        counts = gather_object([search.counts])
+        wanted = {t.key for t in turns}
+        results = [r for r in records.records() if r["key"] in wanted]
+        if main_process and results:
+            metrics |= ranking_metrics(results, "ranked", args.ks, "eval")
+            metrics |= ranking_metrics(results, "zero_shot", args.ks, "eval_zeroshot")
+            metrics |= {"eval/examples": len(results), "eval/pairs": sum(len(r["labels"]) for r in results),
+                        "cost/llm_calls_per_example": sum(r["llm_calls"] for r in results) / len(results),
+                        "cost/tokens_per_example": sum(r["tokens"] for r in results) / len(results)}
+            metrics |= {f"search/{k}": sum(c[k] for c in counts) for k in counts[0]}
+            print_table(metrics, args.ks, args.search)
+
+    gathered = gather_object([counters])
+    if main_process:
+        metrics |= {k: sum(c.get(k, 0) for c in gathered) for c in gathered for k in c}
+        tracker.log(metrics, step=0)
+        print("\n" + json.dumps(metrics, indent=2))
+        print(f"outputs in {run_dir}/")
+    tracker.close()
+
+
+def print_table(metrics: dict, ks: tuple[int, ...], search: str) -> None:
+    columns = [f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in ks]
+    print(f"\n{'':14}" + "".join(f"{c:>11}" for c in columns))
+    for name, prefix in (("zero-shot", "eval_zeroshot"), (f"GRSU ({search})", "eval")):
+        print(f"{name:14}" + "".join(f"{metrics.get(f'{prefix}/{c}', float('nan')):11.3f}" for c in columns))
+    print(f"({metrics['eval/examples']} turns, {metrics['eval/pairs']} (turn, item) pairs)")
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except (DataError, ModelSpecError, LLMBackendError) as err:
+        raise SystemExit(f"error: {err}")

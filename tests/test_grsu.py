@@ -1,0 +1,177 @@
+"""grsu.py: scoring, ranking, search bookkeeping, data synthesis and evaluation, checked against hand values."""
+
+import math
+
+import pytest
+import torch
+
+import grsu
+from common.catalog import Catalog
+from common.data import Dialogue, Turn, load_demo_catalog
+from common.llm import HFChat
+from tests.conftest import DATA, needs_data
+
+
+def test_accept_probability_from_known_logits():
+    # vocabulary of 6: ids 1/2 spell "Yes"/" Yes", 3 spells "No"; the rest are other words
+    logits = torch.full((2, 6), -1e9)
+    logits[0, [1, 2, 3, 5]] = torch.log(torch.tensor([0.1, 0.2, 0.1, 0.6]))  # p(Yes) .3, p(No) .1
+    logits[1, [1, 3]] = torch.log(torch.tensor([0.05, 0.15]))
+    probs = grsu.accept_probability(logits, yes_ids=[1, 2], no_ids=[3])
+    assert probs.tolist() == pytest.approx([0.75, 0.25], abs=1e-6)
+    scores = {"A": 0.75, "B": 0.25, "C": 0.5}
+    assert grsu.list_reward(["A", "B", "C"], scores) == pytest.approx(0.5)
+    assert grsu.list_reward([], scores) == 0.0
+
+
+def test_prefix_shared_scoring_equals_scoring_each_full_prompt(tiny_model, tokenizer):
+    history = [{"role": "seeker", "text": "I want a tense thriller."}, {"role": "recommender", "text": "Old or new?"},
+               {"role": "seeker", "text": "New, please."}]
+    items = ["Get Out (2017); genre: horror", "Toy Story (1995); genre: animation, family", "Jaws (1975)"]
+    prompts = [grsu.score_prompt(history, item) for item in items]
+    shared, billed = grsu.accept_probs(tiny_model, tokenizer, prompts, batch_size=2)
+    full = HFChat(tiny_model, tokenizer).choice_probs([[{"role": "user", "content": p}] for p in prompts],
+                                                      choices=("Yes", "No"), prefix=grsu.ANSWER_PREFIX)
+    assert shared == pytest.approx([p["Yes"] / (p["Yes"] + p["No"]) for p in full], abs=1e-5)
+    assert billed == sum(len(tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                         add_generation_prompt=True, tokenize=False) + grsu.ANSWER_PREFIX)["input_ids"]) for p in prompts)
+
+
+def test_pooled_ranking_averages_repeated_items_and_sorts():
+    observations = [("a", 0.2), ("b", 0.5), ("a", 0.8), ("c", 0.9), ("d", 0.1), ("b", 0.5)]
+    # a: mean .5 ties with b (.5) and comes first, as it was seen first
+    assert grsu.pooled_ranking(observations) == ["c", "a", "b", "d"]
+    assert grsu.pooled_ranking([("x", 0.3), ("y", 0.1), ("x", 0.0)]) == ["x", "y"]  # x: .15 > .1
+
+
+def test_zero_shot_ranking_is_the_greedy_list_then_the_samples_by_rank():
+    lists = [["a", "b", "c"], ["d", "a", "e"], ["f", "g"]]
+    assert grsu.zero_shot_ranking(lists) == ["a", "b", "c", "d", "f", "g", "e"]
+
+
+def test_search_shapes_keep_the_number_of_lists():
+    args = grsu.Args(beam_width=4, expansion=4, depth=5)
+    assert grsu.search_shape(args) == (4, 4, 5)
+    for search, shape in (("greedy", (1, 4, 5)), ("mc", (16, 5, 1)), ("none", (0, 0, 0))):
+        args.search = search
+        assert grsu.search_shape(args) == shape
+    width, expansion, depth = grsu.search_shape(grsu.Args(search="mc"))
+    assert width * expansion * depth == 4 * 4 * 5  # Monte Carlo generates as many lists as beam search
+    with pytest.raises(grsu.DataError):
+        grsu.search_shape(grsu.Args(beam_width=3, expansion=2))
+
+
+def test_ranking_metrics_cut_each_k_on_its_own_slice_and_drop_mentions():
+    ranked = [f"x{i}" for i in range(30)]
+    ranked[19] = "gold"  # rank 20
+    record = {"labels": ["gold"], "mentioned": [], "ranked": ranked}
+    m = grsu.ranking_metrics([record], "ranked", (10, 50), "eval")
+    assert m["eval/recall@10"] == 0 and m["eval/ndcg@10"] == 0 and m["eval/mrr@10"] == 0
+    assert m["eval/recall@50"] == 1 and m["eval/mrr@50"] == pytest.approx(1 / 20)
+    assert m["eval/ndcg@50"] == pytest.approx(1 / math.log2(21))
+    # with the ten items ranked above it mentioned earlier, gold moves up to rank 10
+    record["mentioned"] = ranked[:10]
+    m = grsu.ranking_metrics([record], "ranked", (10, 50), "eval")
+    assert m["eval/recall@10"] == 1 and m["eval/mrr@10"] == pytest.approx(1 / 10)
+    # averaged per (turn, label) pair: one hit of two labels
+    two = {"labels": ["x0", "missing"], "mentioned": [], "ranked": ranked}
+    assert grsu.ranking_metrics([two], "ranked", (10,), "eval")["eval/recall@10"] == 0.5
+
+
+def test_instruction_loss_hand_value_and_gradient():
+    token_logps = torch.tensor([[0.0, -1.0, -2.0], [-0.5, 0.0, 0.0]], requires_grad=True)
+    weights = torch.tensor([1.0, 0.0])  # the second row is padding
+    loss = grsu.instruction_loss(token_logps, weights) / 2  # two response tokens in the real row
+    assert loss.item() == pytest.approx(1.5)
+    loss.backward()
+    assert token_logps.grad.tolist() == [[-0.5, -0.5, -0.5], [0.0, 0.0, 0.0]]  # raising a log-prob lowers the loss
+
+
+def test_rec_turns_keep_only_new_labels_with_history():
+    dialogue = Dialogue("d", [
+        Turn("recommender", "Have you seen Jaws (1975)?", ["Jaws (1975)"]),  # no history: not an example
+        Turn("seeker", "Yes! I also loved Alien."),
+        Turn("recommender", "Then Jaws (1975) again, or Alien (1979), or Fargo (1996).",
+             ["Jaws (1975)", "Alien (1979)", "Fargo (1996)"]),
+        Turn("recommender", "Or something unknown.", ["Not In Catalog (2000)"]),
+    ])
+    titles = {"Jaws (1975)", "Alien (1979)", "Fargo (1996)"}
+    turns = grsu.rec_turns([dialogue], titles)
+    assert len(turns) == 1
+    # Jaws was recommended before, Alien named in the text: only Fargo is new
+    assert turns[0].labels == ["Fargo (1996)"] and turns[0].mentioned == ["Jaws (1975)"]
+    assert [h["role"] for h in turns[0].history] == ["recommender", "seeker"]
+
+
+def test_synthesis_puts_the_preference_in_the_teacher_prompt_only():
+    catalog = Catalog(load_demo_catalog())
+    history = [{"role": "seeker", "text": "Something scary and smart."}]
+    turn = grsu.RecTurn("t1", history, labels=["Get Out (2017)", "Alien (1979)"], mentioned=["Jaws (1975)"])
+    args = grsu.Args(max_subsets=10, no_gt_lists=1, scoring_negatives=1)
+    critiques, scoring = grsu.synthesis_jobs(turn, catalog, args)
+    assert len(critiques) == 3 + 1  # the subsets {a}, {b}, {a, b} and one list without ground truth
+    for job in critiques:
+        assert len(job["items"]) == 10 and len(set(job["items"])) == 10 and "Jaws (1975)" not in job["items"]
+        preference = job["teacher_prompt"][len(job["prompt"]):]
+        assert job["teacher_prompt"].startswith(job["prompt"]) and "What you really want" not in job["prompt"]
+        assert all(grsu.render_item(catalog, t) in preference for t in turn.labels)
+    assert [job["gt_in_list"] for job in critiques] == [1, 1, 2, 0]
+    answers = [(r["item"], r["completion"].rsplit(" ", 1)[-1]) for r in scoring]
+    assert [a for _, a in answers] == ["Yes", "No", "Yes", "No"]
+    assert all((item in turn.labels) == (answer == "Yes") for item, answer in answers)
+    assert all(r["prompt"].endswith(grsu.render_item(catalog, r["item"])) for r in scoring)
+    # seeded by the turn: a rerun (or another rank) draws the same negatives
+    assert grsu.synthesis_jobs(turn, catalog, args) == (critiques, scoring)
+
+
+def test_parse_titles_on_real_crs_outputs():
+    bold = "1. **Inception (2010)**\n2. **The Matrix (1999)** - a classic\n3. **Dune (2021)**"
+    assert grsu.parse_titles(bold) == ["Inception (2010)", "The Matrix (1999)", "Dune (2021)"]
+    # SmolLM2, after the "1. **" pre-fill, often drops the bold from the second line on
+    numbered = "1. **Die Hard (1988)**\n2. Toy Story (1995)\n3) \"Coco\"\n4. ****"
+    assert grsu.parse_titles(numbered) == ["Die Hard (1988)", "Toy Story (1995)", "Coco"]
+    assert grsu.parse_titles("My picks: **Fargo (1996)** and **Up**.") == ["Fargo (1996)", "Up"]
+    assert grsu.parse_titles("I cannot recommend anything.") == []
+
+
+@needs_data
+def test_real_inspired_and_redial_turns_load():
+    for name in ("inspired", "redial"):
+        turns, items = grsu.load_dataset(name, str(DATA), "valid")
+        titles = {item.title for item in items}
+        assert len(turns) > 100
+        assert all(t.labels and t.history and set(t.labels) <= titles for t in turns)
+        assert all(not set(t.labels) & set(t.mentioned) for t in turns)
+    train, items = grsu.load_dataset("inspired", str(DATA), "train")
+    years = sum(bool(grsu.re.search(r"\(\d{4}\)$", label)) for t in train for label in t.labels)
+    assert len(train) > 1000 and years / sum(len(t.labels) for t in train) > 0.5  # UniCRS titles got their years back
+
+
+def test_beam_search_bookkeeping_at_depth_one_on_the_embedded_model():
+    from common.llm import make_llm
+    from common.models import load_model
+
+    turns, items = grsu.load_dataset("demo", "", "valid")
+    catalog = Catalog(items)
+    b, n, d = 2, 2, 1
+    args = grsu.Args(beam_width=b, expansion=n, depth=d, crs_max_tokens=48, critique_max_tokens=16, max_resamples=1)
+    user_model, user_tokenizer = load_model("smollm2-135m")
+    search = grsu.Search(make_llm("hf:smollm2-135m"), user_model, user_tokenizer, catalog, args)
+    (record,) = search.run(turns[:1])
+    c = search.counts
+    assert c["crs_lists"] == n * n + b * n * d == len(record["states"])
+    assert c["critiques"] == b * n * d and c["lists_scored"] == n * n + b * n * d
+    assert c["crs_calls"] == c["crs_lists"] + c["crs_resamples"] and c["crs_resamples"] <= c["crs_lists"]
+    seen = {t for s in record["states"] for t in s["items"]}
+    assert c["items_scored"] == len(seen) == len(record["item_scores"])  # each item scored once per conversation
+    assert search.user_llm.usage.calls == c["critiques"] + c["critique_resamples"] + c["items_scored"]
+    # depth-1 states hang off the best B initial lists, N each
+    initial = record["states"][: n * n]
+    best = sorted(initial, key=lambda s: -s["reward"])[:b]
+    children = record["states"][n * n :]
+    assert sorted(s["parent"] for s in children) == sorted([s["id"] for s in best] * n)
+    assert all(s["critique"] is not None and s["depth"] == 1 for s in children)
+    for s in record["states"]:
+        assert s["reward"] == pytest.approx(grsu.list_reward(s["items"], record["item_scores"]), abs=1e-4)
+    assert sorted(record["ranked"]) == sorted(seen)
+    assert record["zero_shot"][: len(initial[0]["items"])] == initial[0]["items"]
