@@ -1,8 +1,13 @@
 """Items scored per second: grsu.py's one-forward-pass P(accept) scorer against scoring by generating the answer
 and parsing Yes/No, on the same model, conversation and items. Prints a table and the ratio (target: >= 10x).
 
-    python bench/bench_grsu_scoring.py                       # embedded SmolLM2, 40 demo items, CPU
+    python bench/bench_grsu_scoring.py                       # embedded SmolLM2, a real INSPIRED conversation, CPU
+    python bench/bench_grsu_scoring.py --conversation demo   # a 3-utterance demo conversation instead
     python bench/bench_grsu_scoring.py --model meta-llama/Llama-3.1-8B-Instruct --items 200
+
+The conversation is the INSPIRED validation turn of median history length (the setting GRSU scores in);
+the items are the first --items titles of that dataset's catalog. The shared prefix is the conversation, so the
+longer it is, the more the one-pass scorer saves; the demo conversation shows the short end.
 
 Three ways, each over every item once, after one warm-up item:
   generate   the answer is generated greedily ("Accept the recommendation (Yes/No)? Yes": up to --answer-tokens
@@ -20,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import tyro
@@ -36,8 +42,12 @@ from common.models import load_model  # noqa: E402
 class Args:
     model: str = "smollm2-135m"
     """the simulated user's model (a spec load_model accepts)"""
+    conversation: Literal["inspired", "demo"] = "inspired"
+    """inspired: a real validation conversation from --data-dir; demo: the first bundled test conversation"""
+    data_dir: str = "../shared/data"
+    """root of the real data"""
     items: int = 40
-    """items to score (the demo catalog has 40; more repeat it)"""
+    """items to score (catalog titles in order; a catalog smaller than this repeats)"""
     batch_size: int = 32
     """items per batched call, the same for all three ways"""
     answer_tokens: int = 12
@@ -50,9 +60,9 @@ def main(args: Args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
-    turns, items = grsu.load_dataset("demo", "", "valid")
+    turns, items = grsu.load_dataset(args.conversation, args.data_dir, "valid")
     catalog = Catalog(items)
-    history = turns[0].history
+    history = sorted(turns, key=lambda t: len(grsu.render_history(t.history)))[len(turns) // 2].history
     titles = [catalog.titles[i % len(catalog)] for i in range(args.items)]
     prompts = [grsu.score_prompt(history, grsu.render_item(catalog, t)) for t in titles]
     convs = [[{"role": "user", "content": p}] for p in prompts]
@@ -80,7 +90,7 @@ def main(args: Args) -> None:
             parsed = sum(s == s for s in scores)
             rows.append((name, seconds, len(convs) / seconds, parsed, scores))
     prompt_tokens = sum(len(tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False))["input_ids"]) for c in convs)
-    print(f"\n{args.model}, {len(convs)} items of one demo conversation, mean prompt {prompt_tokens / len(convs):.0f} tokens, "
+    print(f"\n{args.model}, {len(convs)} items of one {args.conversation} conversation, mean prompt {prompt_tokens / len(convs):.0f} tokens, "
           f"batch {args.batch_size}, {torch.get_num_threads()} threads")
     print(f"{'scorer':26}{'seconds':>10}{'items/s':>10}{'scored':>9}")
     for name, seconds, rate, parsed, _ in rows:
