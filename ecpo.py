@@ -154,8 +154,9 @@ class Args:
     """ECPO global batch size in pairs (paper: 32)"""
     po_epochs: int = 3
     """ECPO epochs (ECPO code: 3)"""
-    micro_batch_size: int = 4
-    """examples (pairs, for ECPO) per rank per forward pass; accumulation fills the global batch"""
+    micro_batch_size: int = 1
+    """examples (pairs, for ECPO) per rank per forward pass; accumulation fills the global batch. One pair of
+    ~1.5k-token ActCRS states already holds several GiB of activations; 4 was killed for memory on 24 GiB"""
     warmup_ratio: float = 0.1
     """linear warmup share of the cosine schedule"""
     max_grad_norm: float = 1.0
