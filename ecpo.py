@@ -434,8 +434,7 @@ DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0, "kto": 0.1, "sft": 0.0}
 
 
 def encode(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
-    ids, mask = encode_prompt_completion(tokenizer, [{"role": "user", "content": prompt}], completion)
-    return ids[-max_length:], mask[-max_length:]  # the cutoff drops the oldest prompt tokens
+    return encode_prompt_completion(tokenizer, [{"role": "user", "content": prompt}], completion, max_length=max_length)
 
 
 def sequence_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int, device):

@@ -28,6 +28,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -44,10 +45,11 @@ from common.data import (DataError, Dialogue, Item, load_cfcrs_dialogues, load_d
                          load_movie_info, load_redial_official, load_unicrs_jsonl)
 from common.distributed import (configure_batches, global_batches, make_accelerator, rank_micro_batches, resume,
                                 save_final, save_resumable)
-from common.llm import HFChat, LLMBackendError, make_llm
+from common.llm import HFChat, LLMBackendError, choice_token_ids, make_llm, prefilled_prompts
 from common.metrics import mrr_at_k, ndcg_at_k, recall_at_k
 from common.models import ModelSpecError, add_lora, load_model
-from common.tokens import collate, encode_prompt_completion, render_prompt, sequence_logprobs
+from common.parsing import ParseStats, chat_parsed
+from common.tokens import collate, encode_prompt_completion, sequence_logprobs
 from common.tracking import RecordFile, Tracker, default_run_name, seed_everything
 
 STAGES = ("synth", "train", "search")
@@ -380,31 +382,18 @@ def synthesize(turns: list[RecTurn], catalog: Catalog, teacher, args: Args, reco
             if example["key"] not in done:
                 records.append(example)
         jobs += [c for c in critiques if c["key"] not in done]
+    stats = ParseStats()
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="critique data", disable=not jobs):
         batch = jobs[start : start + args.batch_size]
-        texts = sample_texts(teacher, [[{"role": "user", "content": j["teacher_prompt"]}] for j in batch], 0.0,
-                             args.critique_max_tokens, args.max_resamples, args.temperature, counters, "synth/critique")
-        for job, text in zip(batch, texts):
-            if text:
+        # Greedy first; an empty critique is resampled at --temperature up to --max-resamples times.
+        critiques, _ = chat_parsed(teacher, [[{"role": "user", "content": j["teacher_prompt"]}] for j in batch],
+                                   lambda text: text or None, stats, max_tries=args.max_resamples + 1, temperature=0.0,
+                                   retry_temperature=args.temperature, max_tokens=args.critique_max_tokens)
+        for job, text in zip(batch, critiques):
+            if text is not None:
                 records.append({**job, "completion": text})
-            else:
-                counters["synth/critique_dropped"] = counters.get("synth/critique_dropped", 0) + 1
-
-
-def sample_texts(llm, conversations, temperature: float, max_tokens: int, max_resamples: int, resample_temperature: float,
-                 counters: dict, name: str) -> list[str]:
-    """One text per conversation; an empty one is resampled (hotter) up to ``max_resamples`` times, then left
-    empty. Counts ``<name>_resamples`` and ``<name>_empty``."""
-    texts = [t for (t,) in llm.chat(conversations, temperature=temperature, max_tokens=max_tokens)]
-    for _ in range(max_resamples):
-        empty = [i for i, t in enumerate(texts) if not t.strip()]
-        if not empty:
-            break
-        counters[f"{name}_resamples"] = counters.get(f"{name}_resamples", 0) + len(empty)
-        for i, (t,) in zip(empty, llm.chat([conversations[i] for i in empty], temperature=resample_temperature, max_tokens=max_tokens)):
-            texts[i] = t
-    counters[f"{name}_empty"] = counters.get(f"{name}_empty", 0) + sum(not t.strip() for t in texts)
-    return texts
+    counters["synth/critique_resamples"] = counters.get("synth/critique_resamples", 0) + stats.retries
+    counters["synth/critique_empty"] = counters.get("synth/critique_empty", 0) + stats.failures
 
 
 # =============================================================================================== training
@@ -479,17 +468,14 @@ def accept_probs(model, tokenizer, prompts: list[str], batch_size: int) -> tuple
     The shared prefix is run once and its key/value cache reused by every item, so an item costs only its own
     few dozen tokens; items then go through in batches of ``batch_size``, one forward pass each. Returns the
     probabilities and the prompt tokens an API would have billed (full prompt per item)."""
-    texts = [render_prompt(tokenizer, [{"role": "user", "content": p}]) + ANSWER_PREFIX for p in prompts]
-    common = 0
-    while common < min(map(len, texts)) and all(t[common] == texts[0][common] for t in texts):
-        common += 1
+    texts = prefilled_prompts(tokenizer, [[{"role": "user", "content": p}] for p in prompts], ANSWER_PREFIX)
+    common = len(os.path.commonprefix(texts))
     # Cut at the last newline of the shared part: "\n" is a token boundary, so the two halves tokenize as
     # the whole would (tests/test_grsu.py checks against full-prompt scoring).
     cut = texts[0].rfind("\n", 0, common) + 1 if len(texts) > 1 else 0
     prefix_ids = tokenizer(texts[0][:cut], add_special_tokens=False)["input_ids"] if cut else []
     suffixes = [tokenizer(t[cut:], add_special_tokens=False)["input_ids"] for t in texts]
-    yes = sorted({tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in ("Yes", " Yes")})
-    no = sorted({tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in ("No", " No")})
+    yes, no = choice_token_ids(tokenizer, "Yes"), choice_token_ids(tokenizer, "No")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -627,12 +613,14 @@ class Search:
         convs = [[{"role": "user", "content": critique_prompt(
             h, [render_item(self.catalog, t, self.args.critique_attributes) for t in items])}]
             for h, items in zip(histories, lists) for _ in range(k)]
+        stats = ParseStats()
         with adapter_off(self.user_model, not self.args.tuned_critic):
-            counters: dict = {}
-            texts = sample_texts(self.user_llm, convs, self.args.temperature, self.args.critique_max_tokens,
-                                 self.args.max_resamples, self.args.temperature, counters, "critique")
-        self.counts["critique_resamples"] += counters.get("critique_resamples", 0)
-        self.counts["critique_empty"] += counters.get("critique_empty", 0)
+            # An empty critique is resampled up to --max-resamples times, then left empty.
+            _, texts = chat_parsed(self.user_llm, convs, lambda text: text or None, stats, max_tries=self.args.max_resamples + 1,
+                                   temperature=self.args.temperature, retry_temperature=self.args.temperature,
+                                   max_tokens=self.args.critique_max_tokens)
+        self.counts["critique_resamples"] += stats.retries
+        self.counts["critique_empty"] += stats.failures
         self.counts["critiques"] += len(convs)
         return [texts[j * k : (j + 1) * k] for j in range(len(lists))]
 
@@ -660,12 +648,12 @@ class Search:
     def item_scores(self, states: list[dict], cache: dict[str, float]) -> dict[str, float]:
         """Each item's score under --scoring. Generative scores are greedy and cached, so "the mean of repeated
         scorings" is the one cached value; majority counts the share of lists holding the item."""
+        if self.args.scoring == "generative":
+            return {t: cache[t] for s in states for t in s["items"]}
         share: dict[str, float] = {}
         for s in states:
             for t in s["items"]:
                 share[t] = share.get(t, 0.0) + 1.0 / len(states)
-        if self.args.scoring == "generative":
-            return {t: cache[t] for t in share}
         if self.args.scoring == "majority":
             return share
         return {t: share[t] * cache[t] for t in share}
@@ -806,8 +794,9 @@ def main(args: Args) -> None:
             model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
         examples = []
         for r in data:
-            ids, mask = encode_prompt_completion(tokenizer, [{"role": "user", "content": r["prompt"]}], r["completion"])
-            examples.append({"input_ids": ids[-args.max_length :], "completion_mask": mask[-args.max_length :]})
+            ids, mask = encode_prompt_completion(tokenizer, [{"role": "user", "content": r["prompt"]}], r["completion"],
+                                                 max_length=args.max_length)
+            examples.append({"input_ids": ids, "completion_mask": mask})
         if main_process:
             kinds = [r["kind"] for r in data]
             print(f"train: {kinds.count('critique')} critique and {kinds.count('score')} scoring examples")

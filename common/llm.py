@@ -68,8 +68,18 @@ def per_conversation(prefix: str | list[str], count: int) -> list[str]:
     return prefixes
 
 
+def prefilled_prompts(tokenizer, conversations, prefix: str | list[str]) -> list[str]:
+    """Each conversation's chat-template text up to the assistant header, followed by its ``prefix``."""
+    return [render_prompt(tokenizer, conv) + p for conv, p in zip(conversations, per_conversation(prefix, len(conversations)))]
+
+
 def _choice_variants(choice: str) -> set[str]:
     return {choice.strip(), " " + choice.strip()}
+
+
+def choice_token_ids(tokenizer, choice: str) -> list[int]:
+    """The first token of each spelling of ``choice`` (with and without a leading space)."""
+    return sorted({tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in _choice_variants(choice)})
 
 
 class HFChat:
@@ -94,8 +104,7 @@ class HFChat:
 
     @torch.no_grad()
     def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = "") -> list[list[str]]:
-        texts = [render_prompt(self.tokenizer, conv) + p
-                 for conv, p in zip(conversations, per_conversation(prefix, len(conversations))) for _ in range(n)]
+        texts = [text for text in prefilled_prompts(self.tokenizer, conversations, prefix) for _ in range(n)]
         outputs: list[str] = [""] * len(texts)
         was_training = self.model.training
         self.model.eval()
@@ -122,11 +131,8 @@ class HFChat:
 
         A choice's probability sums its spellings with and without a leading space. No sampling.
         """
-        texts = [render_prompt(self.tokenizer, conv) + p for conv, p in zip(conversations, per_conversation(prefix, len(conversations)))]
-        choice_ids = {
-            c: sorted({self.tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in _choice_variants(c)})
-            for c in choices
-        }
+        texts = prefilled_prompts(self.tokenizer, conversations, prefix)
+        choice_ids = {c: choice_token_ids(self.tokenizer, c) for c in choices}
         results: list[dict[str, float]] = [{} for _ in texts]
         was_training = self.model.training
         self.model.eval()
@@ -239,14 +245,14 @@ class VLLMChat:
 
     def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = "") -> list[list[str]]:
         params = self._vllm.SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, stop=stop or None)
-        texts = [render_prompt(self.tokenizer, conv) + p for conv, p in zip(conversations, per_conversation(prefix, len(conversations)))]
+        texts = prefilled_prompts(self.tokenizer, conversations, prefix)
         return [[o.text.strip() for o in out.outputs] for out in self._generate(texts, params)]
 
     def choice_probs(self, conversations, choices=("Yes", "No"), prefix: str | list[str] = "") -> list[dict[str, float]]:
         import math
 
         params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
-        texts = [render_prompt(self.tokenizer, conv) + p for conv, p in zip(conversations, per_conversation(prefix, len(conversations)))]
+        texts = prefilled_prompts(self.tokenizer, conversations, prefix)
         results = []
         for out in self._generate(texts, params):
             top = out.outputs[0].logprobs[0].values()

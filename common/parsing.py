@@ -113,9 +113,10 @@ class ParseStats:
 
 def chat_parsed(llm, conversations: list[list[dict]], parse: Callable[[str], Any], stats: ParseStats,
                 max_tries: int = 3, temperature: float = 0.0, temperature_step: float = 0.3,
-                max_tokens: int = 256, stop=None) -> tuple[list[Any], list[str]]:
+                max_tokens: int = 256, stop=None, retry_temperature: float | None = None) -> tuple[list[Any], list[str]]:
     """One batched ``llm.chat`` call, then re-ask only the conversations whose output ``parse`` rejected
-    (returned None), each retry hotter by ``temperature_step`` so greedy decoding does not repeat itself.
+    (returned None), each retry hotter by ``temperature_step`` so greedy decoding does not repeat itself, or
+    every retry at ``retry_temperature`` when that is given.
 
     Returns ``(parsed, last_texts)``: ``parsed[i]`` is ``None`` where every try failed (counted in
     ``stats.failures``), and ``last_texts[i]`` is the last raw output, for a caller's fallback.
@@ -129,8 +130,11 @@ def chat_parsed(llm, conversations: list[list[dict]], parse: Callable[[str], Any
         if attempt:
             stats.retries += len(pending)
         stats.attempts += len(pending)
-        outputs = llm.chat([conversations[i] for i in pending], temperature=temperature + attempt * temperature_step,
-                           max_tokens=max_tokens, stop=stop)
+        if not attempt:
+            current = temperature
+        else:
+            current = retry_temperature if retry_temperature is not None else temperature + attempt * temperature_step
+        outputs = llm.chat([conversations[i] for i in pending], temperature=current, max_tokens=max_tokens, stop=stop)
         still = []
         for i, (text,) in zip(pending, outputs):
             texts[i] = text

@@ -10,16 +10,19 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def encode_prompt_completion(tokenizer, messages: list[dict], completion: str) -> tuple[list[int], list[int]]:
+def encode_prompt_completion(tokenizer, messages: list[dict], completion: str,
+                             max_length: int | None = None) -> tuple[list[int], list[int]]:
     """Token ids of prompt + completion, and a mask that is 1 on completion tokens only.
 
     The prompt and the completion are tokenized separately and concatenated, so the mask
     boundary is exact even where a joint tokenization would merge tokens across it. The
-    completion is closed with the end-of-turn token, which the model must learn to emit.
+    completion is closed with the end-of-turn token, which the model must learn to emit. With ``max_length``,
+    only the last ``max_length`` tokens are kept: the cutoff drops the oldest prompt tokens first.
     """
     prompt_ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
+    ids, mask = prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
+    return (ids[-max_length:], mask[-max_length:]) if max_length else (ids, mask)
 
 
 def pad(sequences: list[list[int]], value: int, side: str = "right") -> torch.Tensor:

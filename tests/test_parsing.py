@@ -58,3 +58,21 @@ def test_chat_parsed_retries_only_failures_and_counts(scripted_llm):
     assert raw[2] == "no json here"
     assert llm.prompts.count("good") == 1  # never re-asked
     assert (stats.attempts, stats.retries, stats.failures) == (3 + 2 + 1, 3, 1)
+
+
+def test_chat_parsed_retries_at_a_fixed_temperature_when_given():
+    class Recorder:
+        def __init__(self):
+            self.temperatures = []
+
+        def chat(self, conversations, temperature=0.0, max_tokens=256, stop=None):
+            self.temperatures.append(temperature)
+            return [[""] for _ in conversations]  # never parses
+
+    stepped, fixed = Recorder(), Recorder()
+    chat_parsed(stepped, [[{"role": "user", "content": "x"}]], lambda t: t or None, ParseStats(), max_tries=3)
+    stats = ParseStats()
+    chat_parsed(fixed, [[{"role": "user", "content": "x"}]], lambda t: t or None, stats, max_tries=3,
+                temperature=0.0, retry_temperature=1.0)
+    assert stepped.temperatures == [0.0, 0.3, 0.6]
+    assert fixed.temperatures == [0.0, 1.0, 1.0] and (stats.retries, stats.failures) == (2, 1)

@@ -45,3 +45,9 @@ def test_only_completion_tokens_carry_gradient(tiny_model, tokenizer):
     sequence_logprobs(tiny_model, **batch)[0].sum().backward()
     assert tiny_model.get_output_embeddings().weight.grad.abs().max() > 0
     tiny_model.zero_grad(set_to_none=True)
+
+
+def test_max_length_keeps_the_last_tokens(tokenizer):
+    ids, mask = encode_prompt_completion(tokenizer, MESSAGES, "Ask[which era?]")
+    cut_ids, cut_mask = encode_prompt_completion(tokenizer, MESSAGES, "Ask[which era?]", max_length=10)
+    assert cut_ids == ids[-10:] and cut_mask == mask[-10:] and sum(cut_mask) == sum(mask)
