@@ -5,7 +5,7 @@ and parsing Yes/No, on the same model, conversation and items. Prints a table an
     python bench/bench_grsu_scoring.py --conversation demo   # a 3-utterance demo conversation instead
     python bench/bench_grsu_scoring.py --model meta-llama/Llama-3.1-8B-Instruct --items 200
 
-The conversation is the INSPIRED validation turn of median history length (the setting GRSU scores in);
+The conversation is the INSPIRED validation turn of median history length (--history-quantile; GRSU scores at every turn);
 the items are the first --items titles of that dataset's catalog. The shared prefix is the conversation, so the
 longer it is, the more the one-pass scorer saves; the demo conversation shows the short end.
 
@@ -54,6 +54,8 @@ class Args:
     """generation budget of the generate-and-parse way: the answer line is 11 tokens on SmolLM2"""
     threads: int = 0
     """torch CPU threads; 0 keeps torch's default"""
+    history_quantile: float = 0.5
+    """which conversation by history length: 0.5 the median (the default setting), 1.0 the longest"""
 
 
 def main(args: Args) -> None:
@@ -62,7 +64,8 @@ def main(args: Args) -> None:
     model, tokenizer = load_model(args.model)
     turns, items = grsu.load_dataset(args.conversation, args.data_dir, "valid")
     catalog = Catalog(items)
-    history = sorted(turns, key=lambda t: len(grsu.render_history(t.history)))[len(turns) // 2].history
+    by_length = sorted(turns, key=lambda t: len(grsu.render_history(t.history)))
+    history = by_length[min(len(turns) - 1, int(args.history_quantile * len(turns)))].history
     titles = [catalog.titles[i % len(catalog)] for i in range(args.items)]
     prompts = [grsu.score_prompt(history, grsu.render_item(catalog, t)) for t in titles]
     convs = [[{"role": "user", "content": p}] for p in prompts]
