@@ -18,3 +18,4 @@ bench: install
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 	$(PYTHON) bench/bench_ailo.py
 	$(PYTHON) bench/bench_ecpo_dpo.py
+	$(PYTHON) bench/bench_grsu_scoring.py

@@ -140,8 +140,9 @@ class Args:
     """optimizer steps between resumable checkpoints"""
 
     # ------------------------------------------------------------------------------------------- search
-    search: Literal["beam", "greedy", "mc", "none"] = "beam"
-    """beam; greedy (width 1); mc, Monte Carlo (depth 1, as many lists as beam); none (the zero-shot lists only)"""
+    search: Literal["beam", "greedy", "greedy-small", "mc", "none"] = "beam"
+    """beam; greedy (width 1, B*N lists per round: as many lists as beam); greedy-small (width 1, N per round);
+    mc, Monte Carlo (depth 1, as many lists as beam); none (the zero-shot lists only). Table 6"""
     beam_width: int = 4
     """B: lists kept per round (paper: 4)"""
     expansion: int = 4
@@ -544,14 +545,18 @@ def zero_shot_ranking(lists: list[list[str]]) -> list[str]:
 
 
 def search_shape(args: Args) -> tuple[int, int, int]:
-    """(width, expansion, depth) of each strategy. Monte Carlo and greedy keep beam's number of lists
-    (B*N*D after the N^2 initial ones), as in Table 6: mc expands every initial list once, greedy keeps one."""
+    """(width, expansion, depth) of each strategy, as in Table 6. Monte Carlo and greedy keep beam's number of
+    lists (B*N*D after the N^2 initial ones): mc expands every initial list at depth 1; greedy keeps one list per
+    round and expands it B*N times ("greedy (large)", the paper's standard version). greedy-small keeps beam's
+    expansion N, so it generates fewer lists ("greedy (small)")."""
     b, n, d = args.beam_width, args.expansion, args.depth
     if n < b:
         raise DataError(f"--expansion ({n}) must be at least --beam-width ({b}): the search starts from N^2 >= B lists")
     if args.search == "beam":
         return b, n, d
     if args.search == "greedy":
+        return 1, b * n, d
+    if args.search == "greedy-small":
         return 1, n, d
     if args.search == "mc":
         return n * n, math.ceil(b * n * d / (n * n)), 1
@@ -845,6 +850,8 @@ def main(args: Args) -> None:
             metrics |= ranking_metrics(results, "ranked", args.ks, "eval")
             metrics |= ranking_metrics(results, "zero_shot", args.ks, "eval_zeroshot")
             metrics |= {"eval/examples": len(results), "eval/pairs": sum(len(r["labels"]) for r in results),
+                        "cost/llm_calls": sum(r["llm_calls"] for r in results),
+                        "cost/tokens": sum(r["tokens"] for r in results),
                         "cost/llm_calls_per_example": sum(r["llm_calls"] for r in results) / len(results),
                         "cost/tokens_per_example": sum(r["tokens"] for r in results) / len(results)}
             metrics |= {f"search/{k}": sum(c[k] for c in counts) for k in counts[0]}

@@ -53,11 +53,12 @@ def test_zero_shot_ranking_is_the_greedy_list_then_the_samples_by_rank():
 def test_search_shapes_keep_the_number_of_lists():
     args = grsu.Args(beam_width=4, expansion=4, depth=5)
     assert grsu.search_shape(args) == (4, 4, 5)
-    for search, shape in (("greedy", (1, 4, 5)), ("mc", (16, 5, 1)), ("none", (0, 0, 0))):
+    for search, shape in (("greedy", (1, 16, 5)), ("greedy-small", (1, 4, 5)), ("mc", (16, 5, 1)), ("none", (0, 0, 0))):
         args.search = search
         assert grsu.search_shape(args) == shape
-    width, expansion, depth = grsu.search_shape(grsu.Args(search="mc"))
-    assert width * expansion * depth == 4 * 4 * 5  # Monte Carlo generates as many lists as beam search
+    for search in ("mc", "greedy"):  # Table 6: Monte Carlo and greedy (large) generate as many lists as beam search
+        width, expansion, depth = grsu.search_shape(grsu.Args(search=search))
+        assert width * expansion * depth == 4 * 4 * 5
     with pytest.raises(grsu.DataError):
         grsu.search_shape(grsu.Args(beam_width=3, expansion=2))
 
