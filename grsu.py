@@ -850,8 +850,8 @@ def main(args: Args) -> None:
             metrics |= ranking_metrics(results, "ranked", args.ks, "eval")
             metrics |= ranking_metrics(results, "zero_shot", args.ks, "eval_zeroshot")
             metrics |= {"eval/examples": len(results), "eval/pairs": sum(len(r["labels"]) for r in results),
-                        "cost/llm_calls": sum(r["llm_calls"] for r in results),
-                        "cost/tokens": sum(r["tokens"] for r in results),
+                        "cost/llm_calls": round(sum(r["llm_calls"] for r in results)),
+                        "cost/tokens": round(sum(r["tokens"] for r in results)),
                         "cost/llm_calls_per_example": sum(r["llm_calls"] for r in results) / len(results),
                         "cost/tokens_per_example": sum(r["tokens"] for r in results) / len(results)}
             metrics |= {f"search/{k}": sum(c[k] for c in counts) for k in counts[0]}
