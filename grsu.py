@@ -849,11 +849,11 @@ def main(args: Args) -> None:
         if main_process and results:
             metrics |= ranking_metrics(results, "ranked", args.ks, "eval")
             metrics |= ranking_metrics(results, "zero_shot", args.ks, "eval_zeroshot")
+            total_calls, total_tokens = sum(r["llm_calls"] for r in results), sum(r["tokens"] for r in results)
             metrics |= {"eval/examples": len(results), "eval/pairs": sum(len(r["labels"]) for r in results),
-                        "cost/llm_calls": round(sum(r["llm_calls"] for r in results)),
-                        "cost/tokens": round(sum(r["tokens"] for r in results)),
-                        "cost/llm_calls_per_example": sum(r["llm_calls"] for r in results) / len(results),
-                        "cost/tokens_per_example": sum(r["tokens"] for r in results) / len(results)}
+                        "cost/llm_calls": round(total_calls), "cost/tokens": round(total_tokens),
+                        "cost/llm_calls_per_example": total_calls / len(results),
+                        "cost/tokens_per_example": total_tokens / len(results)}
             metrics |= {f"search/{k}": sum(c[k] for c in counts) for k in counts[0]}
             print_table(metrics, args.ks, args.search)
 
