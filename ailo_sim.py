@@ -21,20 +21,29 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import tyro
 from tqdm import tqdm
 
 from common.catalog import Catalog, item_card
-from common.data import (DataError, Persona, Task, load_demo_catalog, load_demo_tasks, load_ecpo_items,
-                         load_ecpo_reviews, load_ecpo_tasks)
+from common.data import (
+    DataError,
+    Persona,
+    Task,
+    load_demo_catalog,
+    load_demo_tasks,
+    load_ecpo_items,
+    load_ecpo_reviews,
+    load_ecpo_tasks,
+)
 from common.llm import LLMBackendError, make_llm
-from common.models import ModelSpecError
 from common.metrics import mentions_title, success_rate
+from common.models import ModelSpecError
 from common.parsing import ParseStats, chat_parsed, coerce_int, is_placeholder, parse_json
 from common.tracking import RecordFile, Tracker, default_run_name, seed_everything
 
@@ -128,9 +137,13 @@ def parse_persona(text: str, user_id: str) -> Persona | None:
         return None
     language = data.get("Language") if isinstance(data.get("Language"), dict) else {}
     interests = data.get("Interests", "")
-    return Persona(user_id=user_id, activities=data["Activities"],
-                   interests=", ".join(map(str, interests)) if isinstance(interests, list) else str(interests),
-                   language={k: str(v) for k, v in language.items()}, orientations=str(data.get("Orientations", "")))
+    return Persona(
+        user_id=user_id,
+        activities=data["Activities"],
+        interests=", ".join(map(str, interests)) if isinstance(interests, list) else str(interests),
+        language={k: str(v) for k, v in language.items()},
+        orientations=str(data.get("Orientations", "")),
+    )
 
 
 def rouge_l(a: list[str], b: list[str]) -> float:
@@ -166,8 +179,11 @@ def diversity_metrics(personas: list[Persona], prefix: str) -> dict[str, float]:
     if len(unique) < 2:
         return {}
     scores = sorted(max_rouge_l(unique))
-    return {f"{prefix}/count": len(unique), f"{prefix}/max_rouge_l_mean": sum(scores) / len(scores),
-            f"{prefix}/max_rouge_l_median": scores[len(scores) // 2]}
+    return {
+        f"{prefix}/count": len(unique),
+        f"{prefix}/max_rouge_l_mean": sum(scores) / len(scores),
+        f"{prefix}/max_rouge_l_median": scores[len(scores) // 2],
+    }
 
 
 # =============================================================================================== simulator
@@ -294,8 +310,10 @@ def fallback_utterance(raw: str, policy: str) -> str:
     text = user_lines[0] if user_lines else raw.strip().strip("`")
     if text and "{" not in text and "\n" not in text.strip() and len(text) < 400 and not is_placeholder(text):
         return " ".join(text.split())
-    return {OPENING_POLICY: "Hi! Can you recommend something for me?",
-            "end_conversation": "Thanks, that's all for now."}.get(policy, "Hmm, can you tell me a bit more?")
+    return {
+        OPENING_POLICY: "Hi! Can you recommend something for me?",
+        "end_conversation": "Thanks, that's all for now.",
+    }.get(policy, "Hmm, can you tell me a bit more?")
 
 
 @dataclass
@@ -320,8 +338,9 @@ class AILO:
     """Batched AILO simulator: ``start`` opens every conversation, ``step`` answers a batch of CRA responses
     with one batched LLM call per sub-step (policy, content, EC) across all of them."""
 
-    def __init__(self, llm, domain: str = "movie", max_tokens: int = 160, max_parse_tries: int = 3,
-                 max_leak_tries: int = 2):
+    def __init__(
+        self, llm, domain: str = "movie", max_tokens: int = 160, max_parse_tries: int = 3, max_leak_tries: int = 2
+    ):
         self.llm, self.domain, self.max_tokens = llm, domain, max_tokens
         self.max_parse_tries, self.max_leak_tries = max_parse_tries, max_leak_tries
         self.stats = ParseStats()
@@ -330,9 +349,15 @@ class AILO:
         self.constrained_ratings = 0  # EC ratings decoded under the JSON grammar after every free try failed
 
     def _ask(self, prompts: list[str], parse: Callable, max_tries: int | None = None, temperature: float = 0.0):
-        return chat_parsed(self.llm, [[{"role": "user", "content": p}] for p in prompts], parse, self.stats,
-                           max_tries=max_tries or self.max_parse_tries, temperature=temperature,
-                           max_tokens=self.max_tokens)
+        return chat_parsed(
+            self.llm,
+            [[{"role": "user", "content": p}] for p in prompts],
+            parse,
+            self.stats,
+            max_tries=max_tries or self.max_parse_tries,
+            temperature=temperature,
+            max_tokens=self.max_tokens,
+        )
 
     def _target_note(self, user: SimUser) -> str:
         # The user knows its target title; saying explicitly whether the system named it keeps weak
@@ -348,11 +373,19 @@ class AILO:
         prompts = []
         for user, policy in zip(users, policies):
             persona, language = user.task.persona, user.task.persona.language
-            prompts.append(CONTENT_PROMPT.format(
-                domain=self.domain, interests=persona.interests or "(infer from the target)",
-                density=language.get("Information Density", "moderate"), style=language.get("Expression Style", "casual"),
-                tone=language.get("Tone", "friendly"), target=item_card(user.task.target), history=render_history(user.history),
-                target_note=self._target_note(user), instruction=CONTENT_INSTRUCTIONS[policy]))
+            prompts.append(
+                CONTENT_PROMPT.format(
+                    domain=self.domain,
+                    interests=persona.interests or "(infer from the target)",
+                    density=language.get("Information Density", "moderate"),
+                    style=language.get("Expression Style", "casual"),
+                    tone=language.get("Tone", "friendly"),
+                    target=item_card(user.task.target),
+                    history=render_history(user.history),
+                    target_note=self._target_note(user),
+                    instruction=CONTENT_INSTRUCTIONS[policy],
+                )
+            )
         parsed, raw = self._ask(prompts, parse_content)
         texts = [p if p is not None else fallback_utterance(r, policy) for p, r, policy in zip(parsed, raw, policies)]
         for attempt in range(self.max_leak_tries + 1):
@@ -366,8 +399,9 @@ class AILO:
                 for i in leaking:
                     texts[i] = redact_title(texts[i], users[i].task.target.title)
                 break
-            regenerated, raw = self._ask([prompts[i] for i in leaking], parse_content, max_tries=1,
-                                         temperature=0.7 + 0.3 * attempt)
+            regenerated, raw = self._ask(
+                [prompts[i] for i in leaking], parse_content, max_tries=1, temperature=0.7 + 0.3 * attempt
+            )
             for i, text, r in zip(leaking, regenerated, raw):
                 texts[i] = text if text is not None else fallback_utterance(r, policies[i])
         return texts
@@ -387,8 +421,12 @@ class AILO:
 
         # Step 3 (EC) rates p_t against the history up to and including it, so it is independent of the
         # user's reply and runs first; the order of the three calls does not change any input.
-        ec_prompts = [EC_PROMPT.format(last=u.history[-1]["content"], history=render_history(u.history[:-1]),
-                                       target=u.task.target.title) for u in users]
+        ec_prompts = [
+            EC_PROMPT.format(
+                last=u.history[-1]["content"], history=render_history(u.history[:-1]), target=u.task.target.title
+            )
+            for u in users
+        ]
         ec, _ = self._ask(ec_prompts, parse_ec)
         failed = [i for i, e in enumerate(ec) if e is None]
         if failed and getattr(self.llm, "can_prefill", False):
@@ -400,13 +438,28 @@ class AILO:
             return [UserTurn("", "", *(e or (None, None)), True) for e in ec]
 
         # Step 1: the response policy.
-        policy_prompts = [POLICY_PROMPT.format(
-            domain=self.domain, activities=u.task.persona.activities, orientations=u.task.persona.orientations or "-",
-            target=item_card(u.task.target), history=render_history(u.history[:-1]), last=u.history[-1]["content"],
-            target_note=self._target_note(u)) for u in users]
+        policy_prompts = [
+            POLICY_PROMPT.format(
+                domain=self.domain,
+                activities=u.task.persona.activities,
+                orientations=u.task.persona.orientations or "-",
+                target=item_card(u.task.target),
+                history=render_history(u.history[:-1]),
+                last=u.history[-1]["content"],
+                target_note=self._target_note(u),
+            )
+            for u in users
+        ]
         policies, _ = self._ask(policy_prompts, parse_policy)
-        policies = [p or ("provide_feedback_on_recommendation" if mentions_title(u.history[-1]["content"], u.task.target.title)
-                          else "respond_to_clarification") for p, u in zip(policies, users)]
+        policies = [
+            p
+            or (
+                "provide_feedback_on_recommendation"
+                if mentions_title(u.history[-1]["content"], u.task.target.title)
+                else "respond_to_clarification"
+            )
+            for p, u in zip(policies, users)
+        ]
 
         # Step 2: the response content, conditioned on the policy.
         texts = self._content(users, policies)
@@ -425,10 +478,15 @@ class AILO:
         where a weak model's argmax is always the same digit. Only local backends can pre-fill, so an API
         simulator keeps the plain retries."""
         convs = [[{"role": "user", "content": p}] for p in prompts]
-        reasons = [" ".join(out[0].split()) for out in self.llm.chat(convs, max_tokens=self.max_tokens, stop=['"'],
-                                                                         prefix='{"reason": "')]
-        all_probs = self.llm.choice_probs(convs, choices=tuple(str(d) for d in range(6)),
-                                          prefix=['{"reason": "' + reason + '", "rating": "' for reason in reasons])
+        reasons = [
+            " ".join(out[0].split())
+            for out in self.llm.chat(convs, max_tokens=self.max_tokens, stop=['"'], prefix='{"reason": "')
+        ]
+        all_probs = self.llm.choice_probs(
+            convs,
+            choices=tuple(str(d) for d in range(6)),
+            prefix=['{"reason": "' + reason + '", "rating": "' for reason in reasons],
+        )
         results = []
         for reason, probs in zip(reasons, all_probs):
             expected = sum(int(d) * p for d, p in probs.items()) / max(sum(probs.values()), 1e-9)
@@ -437,8 +495,12 @@ class AILO:
         return results
 
     def metrics(self) -> dict[str, int]:
-        return {**self.stats.metrics("rollout/user_"), "rollout/title_leaks": self.title_leaks,
-                "rollout/title_redactions": self.title_redactions, "rollout/ec_constrained": self.constrained_ratings}
+        return {
+            **self.stats.metrics("rollout/user_"),
+            "rollout/title_leaks": self.title_leaks,
+            "rollout/title_redactions": self.title_redactions,
+            "rollout/ec_constrained": self.constrained_ratings,
+        }
 
 
 # =============================================================================================== harness
@@ -458,8 +520,15 @@ class CRAReply:
 CRA = Callable[[list[str], list[list[dict]]], list[CRAReply]]
 
 
-def run_episodes(tasks: list[Task], cra: CRA, simulator: AILO, max_turns: int, batch_size: int = 16,
-                 records: RecordFile | None = None, on_episode: Callable[[dict], None] | None = None) -> list[dict]:
+def run_episodes(
+    tasks: list[Task],
+    cra: CRA,
+    simulator: AILO,
+    max_turns: int,
+    batch_size: int = 16,
+    records: RecordFile | None = None,
+    on_episode: Callable[[dict], None] | None = None,
+) -> list[dict]:
     """Run each task's conversation for up to ``max_turns`` CRA responses, ``batch_size`` at a time.
 
     Returns one trajectory dict per task: per-turn system response, retrieval, user policy and reply,
@@ -474,10 +543,20 @@ def run_episodes(tasks: list[Task], cra: CRA, simulator: AILO, max_turns: int, b
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         users, openings = simulator.start(chunk)
-        trajectories = [{"key": t.task_id, "task_id": t.task_id, "user_id": t.persona.user_id,
-                         "target": t.target.title, "persona": asdict(t.persona),
-                         "opening": {"policy": o.policy, "user": o.response}, "turns": [],
-                         "success": False, "recall": False} for t, o in zip(chunk, openings)]
+        trajectories = [
+            {
+                "key": t.task_id,
+                "task_id": t.task_id,
+                "user_id": t.persona.user_id,
+                "target": t.target.title,
+                "persona": asdict(t.persona),
+                "opening": {"policy": o.policy, "user": o.response},
+                "turns": [],
+                "success": False,
+                "recall": False,
+            }
+            for t, o in zip(chunk, openings)
+        ]
         for turn in range(1, max_turns + 1):
             live = [i for i, u in enumerate(users) if not u.ended]
             if not live:
@@ -487,11 +566,20 @@ def run_episodes(tasks: list[Task], cra: CRA, simulator: AILO, max_turns: int, b
             answers = simulator.step([users[i] for i in live], [r.text for r in replies], final=final)
             for i, reply, answer in zip(live, replies, answers):
                 target, trajectory = chunk[i].target.title, trajectories[i]
-                trajectory["turns"].append({
-                    "turn": turn, "system": reply.text, "retrieved": reply.retrieved, "cra": reply.record,
-                    "mentions_target": mentions_title(reply.text, target), "user_policy": answer.policy,
-                    "user": answer.response, "ec_reason": answer.ec_reason, "ec_rating": answer.ec_rating,
-                    "end": answer.end})
+                trajectory["turns"].append(
+                    {
+                        "turn": turn,
+                        "system": reply.text,
+                        "retrieved": reply.retrieved,
+                        "cra": reply.record,
+                        "mentions_target": mentions_title(reply.text, target),
+                        "user_policy": answer.policy,
+                        "user": answer.response,
+                        "ec_reason": answer.ec_reason,
+                        "ec_rating": answer.ec_rating,
+                        "end": answer.end,
+                    }
+                )
                 trajectory["success"] |= mentions_title(reply.text, target)
                 trajectory["recall"] |= target in reply.retrieved
                 if users[i].ended:
@@ -510,12 +598,14 @@ def run_episodes(tasks: list[Task], cra: CRA, simulator: AILO, max_turns: int, b
 def episode_metrics(trajectories: list[dict], max_turns: int) -> dict[str, float]:
     """eval/sr, eval/recall and the EC ratings (overall and per turn) over finished trajectories."""
     ratings = [(t["turn"], t["ec_rating"]) for tr in trajectories for t in tr["turns"] if t["ec_rating"] is not None]
-    metrics = {"eval/sr": success_rate([t["success"] for t in trajectories]),
-               "eval/recall": success_rate([t["recall"] for t in trajectories]),
-               "rollout/episodes": len(trajectories),
-               "rollout/turns_mean": sum(t["num_turns"] for t in trajectories) / max(len(trajectories), 1),
-               "rollout/ended_by_user": success_rate([t["ended_by_user"] for t in trajectories]),
-               "rollout/ec_rating_missing": sum(t["ec_rating"] is None for tr in trajectories for t in tr["turns"])}
+    metrics = {
+        "eval/sr": success_rate([t["success"] for t in trajectories]),
+        "eval/recall": success_rate([t["recall"] for t in trajectories]),
+        "rollout/episodes": len(trajectories),
+        "rollout/turns_mean": sum(t["num_turns"] for t in trajectories) / max(len(trajectories), 1),
+        "rollout/ended_by_user": success_rate([t["ended_by_user"] for t in trajectories]),
+        "rollout/ec_rating_missing": sum(t["ec_rating"] is None for tr in trajectories for t in tr["turns"]),
+    }
     if ratings:
         metrics["rollout/ec_rating_mean"] = sum(r for _, r in ratings) / len(ratings)
     for turn in range(1, max_turns + 1):
@@ -539,12 +629,26 @@ def make_zero_shot_cra(llm, catalog: Catalog, domain: str, top_k: int, max_token
     def cra(keys: list[str], histories: list[list[dict]]) -> list[CRAReply]:
         queries = [" ".join(m["content"] for m in h if m["role"] == "user") for h in histories]
         candidates = catalog.search(queries, top_k)
-        conversations = [[{"role": "system", "content": CRA_SYSTEM.format(
-            domain=domain, candidates="\n".join(f"- {item_card(catalog.by_title[c], ('year', 'genre', 'categories'))}"
-                                                 for c in cands))}] + h for h, cands in zip(histories, candidates)]
+        conversations = [
+            [
+                {
+                    "role": "system",
+                    "content": CRA_SYSTEM.format(
+                        domain=domain,
+                        candidates="\n".join(
+                            f"- {item_card(catalog.by_title[c], ('year', 'genre', 'categories'))}" for c in cands
+                        ),
+                    ),
+                }
+            ]
+            + h
+            for h, cands in zip(histories, candidates)
+        ]
         outputs = llm.chat(conversations, max_tokens=max_tokens)
-        return [CRAReply(text=" ".join(out[0].split()) or "Could you tell me more about what you like?", retrieved=cands)
-                for out, cands in zip(outputs, candidates)]
+        return [
+            CRAReply(text=" ".join(out[0].split()) or "Could you tell me more about what you like?", retrieved=cands)
+            for out, cands in zip(outputs, candidates)
+        ]
 
     return cra
 
@@ -579,10 +683,18 @@ def build_personas(args: Args, llm, records: RecordFile) -> list[Persona]:
     stats = ParseStats()
     for start in tqdm(range(0, len(users), args.batch_size), desc="personas", disable=not users):
         chunk = users[start : start + args.batch_size]
-        prompts = [[{"role": "user", "content": PERSONA_PROMPT.format(reviews=render_reviews(reviews[u], args.reviews_per_user))}]
-                   for u in chunk]
-        parsed, _ = chat_parsed(llm, prompts, lambda text: parse_persona(text, "?"), stats,
-                                max_tries=args.max_parse_tries, max_tokens=256)
+        prompts = [
+            [
+                {
+                    "role": "user",
+                    "content": PERSONA_PROMPT.format(reviews=render_reviews(reviews[u], args.reviews_per_user)),
+                }
+            ]
+            for u in chunk
+        ]
+        parsed, _ = chat_parsed(
+            llm, prompts, lambda text: parse_persona(text, "?"), stats, max_tries=args.max_parse_tries, max_tokens=256
+        )
         for user_id, persona in zip(chunk, parsed):
             if persona is not None:
                 persona.user_id = user_id
@@ -593,8 +705,10 @@ def build_personas(args: Args, llm, records: RecordFile) -> list[Persona]:
 
 
 def print_trajectory(trajectory: dict) -> None:
-    print(f"\n=== {trajectory['task_id']} | target: {trajectory['target']} | "
-          f"SR={int(trajectory['success'])} R={int(trajectory['recall'])}")
+    print(
+        f"\n=== {trajectory['task_id']} | target: {trajectory['target']} | "
+        f"SR={int(trajectory['success'])} R={int(trajectory['recall'])}"
+    )
     print(f"  USER   [{trajectory['opening']['policy']}] {trajectory['opening']['user']}")
     for t in trajectory["turns"]:
         print(f"  SYSTEM {t['system']}")
@@ -613,8 +727,14 @@ def main(args: Args) -> None:
     args.run_name = args.run_name or default_run_name(args.exp_name, args.seed)
     run_dir = Path("runs") / args.run_name
     seed_everything(args.seed + accelerator.process_index)
-    tracker = Tracker(run_dir, args, track=args.track, project=args.wandb_project, entity=args.wandb_entity,
-                      is_main=accelerator.is_main_process)
+    tracker = Tracker(
+        run_dir,
+        args,
+        track=args.track,
+        project=args.wandb_project,
+        entity=args.wandb_entity,
+        is_main=accelerator.is_main_process,
+    )
 
     tasks, catalog = load_tasks_and_catalog(args)
     domain = DOMAINS[args.dataset]
@@ -628,17 +748,31 @@ def main(args: Args) -> None:
         if args.num_personas > 0:
             if args.dataset not in ("book", "game"):
                 raise DataError(f"--num-personas needs review data: use --dataset book or game, not {args.dataset}")
-            persona_llm = make_llm(args.persona_llm, batch_size=args.batch_size, device=device) if args.persona_llm else user_llm
+            persona_llm = (
+                make_llm(args.persona_llm, batch_size=args.batch_size, device=device) if args.persona_llm else user_llm
+            )
             built = build_personas(args, persona_llm, RecordFile(run_dir / "personas.jsonl"))
             metrics |= diversity_metrics(built, "personas/built")
 
-    simulator = AILO(user_llm, domain=domain, max_tokens=args.user_max_tokens, max_parse_tries=args.max_parse_tries,
-                     max_leak_tries=args.max_leak_tries)
+    simulator = AILO(
+        user_llm,
+        domain=domain,
+        max_tokens=args.user_max_tokens,
+        max_parse_tries=args.max_parse_tries,
+        max_leak_tries=args.max_leak_tries,
+    )
     cra = make_zero_shot_cra(cra_llm, catalog, domain, args.retriever_top_k, args.cra_max_tokens)
     records = RecordFile(run_dir / "trajectories.jsonl")
     my_tasks = tasks[accelerator.process_index :: accelerator.num_processes]
-    run_episodes(my_tasks, cra, simulator, args.max_turns, batch_size=args.batch_size, records=records,
-                 on_episode=print_trajectory if args.print_conversations else None)
+    run_episodes(
+        my_tasks,
+        cra,
+        simulator,
+        args.max_turns,
+        batch_size=args.batch_size,
+        records=records,
+        on_episode=print_trajectory if args.print_conversations else None,
+    )
 
     # Counters are per rank; sum them on rank 0. Trajectories are read back from the shared record file,
     # so episodes finished by an earlier, interrupted run count too.

@@ -41,12 +41,20 @@ from tqdm import tqdm
 from ailo_sim import AILO, CRAReply, episode_metrics, render_history, run_episodes
 from common.catalog import Catalog, item_card
 from common.data import DataError, Task, load_demo_catalog, load_demo_tasks, load_ecpo_items, load_ecpo_tasks
+from common.distributed import (
+    configure_batches,
+    global_batches,
+    make_accelerator,
+    rank_micro_batches,
+    resume,
+    save_final,
+    save_resumable,
+)
 from common.llm import HFChat, LLMBackendError, make_llm
 from common.metrics import win_rate
 from common.models import ModelSpecError, add_lora, load_model
 from common.parsing import ParseStats, chat_parsed, coerce_int, parse_action, parse_json
 from common.tokens import collate, encode_prompt_completion, sequence_logprobs
-from common.distributed import configure_batches, global_batches, make_accelerator, rank_micro_batches, resume, save_final, save_resumable
 from common.tracking import RecordFile, Tracker, default_run_name, seed_everything
 
 STAGES = ("teacher", "sft", "forward", "backward", "po", "eval")
@@ -205,8 +213,12 @@ Action 3: Recommend[You might enjoy The Silent Harbor (2015), a tense mystery wh
 
 def actcrs_prompt(domain: str, scratchpad: list[str], few_shot: bool) -> str:
     """The state s_t: instruction, optional example, the scratchpad, and the slot for the next action."""
-    return ACTCRS_PROMPT.format(domain=domain, examples=FEW_SHOT if few_shot else "", scratchpad="\n".join(scratchpad),
-                                n=sum(line.startswith("Action ") for line in scratchpad) + 1)
+    return ACTCRS_PROMPT.format(
+        domain=domain,
+        examples=FEW_SHOT if few_shot else "",
+        scratchpad="\n".join(scratchpad),
+        n=sum(line.startswith("Action ") for line in scratchpad) + 1,
+    )
 
 
 def parse_actcrs(text: str, allowed=ACTIONS) -> str | None:
@@ -220,19 +232,32 @@ def split_action(action: str) -> tuple[str, str]:
     return kind, rest[:-1] if rest.endswith("]") else rest
 
 
-def decode_actions(llm, prompts: list[str], allowed, args: Args, stats: ParseStats, prefix: str = "") -> list[str | None]:
+def decode_actions(
+    llm, prompts: list[str], allowed, args: Args, stats: ParseStats, prefix: str = ""
+) -> list[str | None]:
     """One action per prompt. Free decoding: generate, parse, retry the failures (+0.3 temperature each).
     Constrained decoding (``--action-decoding constrained`` on a backend that can pre-fill): after ``prefix``, the
     type is the most probable allowed name (one forward pass), then the argument is generated after the forced
     "Type[" up to "]". Both return the same string format; an empty argument counts as a failure."""
     convs = [[{"role": "user", "content": p}] for p in prompts]
     if args.action_decoding == "free" or not getattr(llm, "can_prefill", False):
-        parsed, _ = chat_parsed(llm, convs, lambda t: parse_actcrs(t, allowed), stats, max_tries=args.max_parse_tries,
-                                max_tokens=args.action_max_tokens, stop=["]"])
+        parsed, _ = chat_parsed(
+            llm,
+            convs,
+            lambda t: parse_actcrs(t, allowed),
+            stats,
+            max_tries=args.max_parse_tries,
+            max_tokens=args.action_max_tokens,
+            stop=["]"],
+        )
         return parsed
     kinds = [max(p, key=p.get) for p in llm.choice_probs(convs, choices=allowed, prefix=prefix)]
-    outputs = llm.chat(convs, max_tokens=args.action_max_tokens, stop=["]", "\n"] + (['"'] if prefix else []),
-                       prefix=[f"{prefix}{kind}[" for kind in kinds])
+    outputs = llm.chat(
+        convs,
+        max_tokens=args.action_max_tokens,
+        stop=["]", "\n"] + (['"'] if prefix else []),
+        prefix=[f"{prefix}{kind}[" for kind in kinds],
+    )
     stats.attempts += len(prompts)
     arguments = [" ".join(text.replace("[", "(").split()) for (text,) in outputs]
     actions = [f"{kind}[{argument}]" if argument else None for kind, argument in zip(kinds, arguments)]
@@ -258,7 +283,9 @@ def make_actcrs(llm, catalog: Catalog, domain: str, args: Args, few_shot: bool, 
         pads = []
         for key, history in zip(keys, histories):
             pad = scratchpads.setdefault(key, [])
-            pad.append(f"Observation {sum(l.startswith('Observation') for l in pad) + 1}: User: {history[-1]['content']}")
+            pad.append(
+                f"Observation {sum(l.startswith('Observation') for l in pad) + 1}: User: {history[-1]['content']}"
+            )
             pads.append(pad)
         calls: list[list[dict]] = [[] for _ in keys]
         retrieved: list[list[str]] = [[] for _ in keys]
@@ -268,7 +295,9 @@ def make_actcrs(llm, catalog: Catalog, domain: str, args: Args, few_shot: bool, 
             if not pending:
                 break
             allowed = ACTIONS if searches < args.max_searches else VISIBLE_ACTIONS
-            actions = decode_actions(llm, [actcrs_prompt(domain, pads[i], few_shot) for i in pending], allowed, args, stats)
+            actions = decode_actions(
+                llm, [actcrs_prompt(domain, pads[i], few_shot) for i in pending], allowed, args, stats
+            )
             searching = []
             for i, action in zip(pending, actions):
                 state = actcrs_prompt(domain, pads[i], few_shot=False)
@@ -288,13 +317,24 @@ def make_actcrs(llm, catalog: Catalog, domain: str, args: Args, few_shot: bool, 
             if searching:
                 for (i, _), titles in zip(searching, catalog.search([q for _, q in searching], args.retriever_top_k)):
                     retrieved[i] += [t for t in titles if t not in retrieved[i]]
-                    pads[i].append(f"Observation {sum(l.startswith('Observation') for l in pads[i]) + 1}: "
-                                   f"{search_observation(catalog, titles)}")
+                    pads[i].append(
+                        f"Observation {sum(l.startswith('Observation') for l in pads[i]) + 1}: "
+                        f"{search_observation(catalog, titles)}"
+                    )
             pending = [i for i, _ in searching]
-        return [CRAReply(text=reply or SYSTEM_ERROR, retrieved=found,
-                         record={"calls": turn_calls, "state": turn_calls[-1]["state"], "action": turn_calls[-1]["action"],
-                                 "action_type": turn_calls[-1]["type"]})
-                for reply, found, turn_calls in zip(replies, retrieved, calls)]
+        return [
+            CRAReply(
+                text=reply or SYSTEM_ERROR,
+                retrieved=found,
+                record={
+                    "calls": turn_calls,
+                    "state": turn_calls[-1]["state"],
+                    "action": turn_calls[-1]["action"],
+                    "action_type": turn_calls[-1]["type"],
+                },
+            )
+            for reply, found, turn_calls in zip(replies, retrieved, calls)
+        ]
 
     return cra
 
@@ -353,8 +393,15 @@ def rewritable_turns(trajectories: list[dict], lam: float) -> list[dict]:
         for t in trajectory["turns"]:
             if t["ec_rating"] is None or t["ec_rating"] > lam or t["cra"].get("action") is None:
                 continue
-            turns.append({"key": f"{trajectory['key']}#{t['turn']}", "state": t["cra"]["state"],
-                          "action": t["cra"]["action"], "conf": t["ec_reason"], "rating": t["ec_rating"]})
+            turns.append(
+                {
+                    "key": f"{trajectory['key']}#{t['turn']}",
+                    "state": t["cra"]["state"],
+                    "action": t["cra"]["action"],
+                    "conf": t["ec_reason"],
+                    "rating": t["ec_rating"],
+                }
+            )
     return turns
 
 
@@ -367,16 +414,32 @@ def derive_pairs(turns: list[dict], rewriter, domain: str, args: Args, records: 
     well_formed = lambda text: check_refinement(text, original="")[0]  # noqa: E731
     for start in tqdm(range(0, len(todo), args.batch_size), desc="rewrites", disable=not todo):
         chunk = todo[start : start + args.batch_size]
-        prompts = [[{"role": "user", "content": REWRITE_PROMPT.format(
-            domain=domain, scratchpad=scratchpad_of(t["state"]), response=t["action"], feedback=t["conf"])}] for t in chunk]
-        _, texts = chat_parsed(rewriter, prompts, well_formed, stats, max_tries=args.max_parse_tries,
-                               max_tokens=args.rewriter_max_tokens)
+        prompts = [
+            [
+                {
+                    "role": "user",
+                    "content": REWRITE_PROMPT.format(
+                        domain=domain, scratchpad=scratchpad_of(t["state"]), response=t["action"], feedback=t["conf"]
+                    ),
+                }
+            ]
+            for t in chunk
+        ]
+        _, texts = chat_parsed(
+            rewriter, prompts, well_formed, stats, max_tries=args.max_parse_tries, max_tokens=args.rewriter_max_tokens
+        )
         # A local rewriter that never wrote the JSON gets its refinement decoded under the grammar instead:
         # the answer is pre-filled up to '{"refinement": "' and the action is decoded as in decode_actions.
         failed = [k for k, text in enumerate(texts) if well_formed(text) is None]
         if failed and args.action_decoding == "constrained" and getattr(rewriter, "can_prefill", False):
-            actions = decode_actions(rewriter, [prompts[k][0]["content"] for k in failed], ACTIONS, args, ParseStats(),
-                                     prefix='{"refinement": "')
+            actions = decode_actions(
+                rewriter,
+                [prompts[k][0]["content"] for k in failed],
+                ACTIONS,
+                args,
+                ParseStats(),
+                prefix='{"refinement": "',
+            )
             for k, action in zip(failed, actions):
                 if action is not None:
                     texts[k] = json.dumps({"reason": "", "refinement": action})
@@ -387,8 +450,18 @@ def derive_pairs(turns: list[dict], rewriter, domain: str, args: Args, records: 
 
 def select_pairs(rewrites: list[dict], lam: float) -> list[dict]:
     """D_pre: the valid rewrites of turns rated <= lambda; chosen = rewrite, rejected = original."""
-    return [{"key": r["key"], "prompt": r["state"], "chosen": r["refinement"], "rejected": r["action"],
-             "rating": r["rating"], "conf": r["conf"]} for r in rewrites if r["status"] == "ok" and r["rating"] <= lam]
+    return [
+        {
+            "key": r["key"],
+            "prompt": r["state"],
+            "chosen": r["refinement"],
+            "rejected": r["action"],
+            "rating": r["rating"],
+            "conf": r["conf"],
+        }
+        for r in rewrites
+        if r["status"] == "ok" and r["rating"] <= lam
+    ]
 
 
 # =============================================================================================== losses
@@ -406,13 +479,16 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return -F.logsigmoid(logits)
 
 
-def simpo_loss(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, beta: float, gamma: float) -> torch.Tensor:
+def simpo_loss(
+    policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, beta: float, gamma: float
+) -> torch.Tensor:
     """ECPO+SimPO (Table 4b): -log sigma(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma); no reference."""
     return -F.logsigmoid(beta * policy_chosen / chosen_tokens - beta * policy_rejected / rejected_tokens - gamma)
 
 
-def kto_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, z_ref, beta: float, lambda_w: float,
-             lambda_l: float) -> torch.Tensor:
+def kto_loss(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, z_ref, beta: float, lambda_w: float, lambda_l: float
+) -> torch.Tensor:
     """ECPO+KTO (Table 4b, with the sign of the undesirable term corrected to the standard KTO form):
     lambda_w (1 - sigma(beta lr_w - z_ref)) for the rewrite and lambda_l (1 - sigma(z_ref - beta lr_l)) for the
     original. Each pair is one desirable and one undesirable example, so a pair's loss is their mean."""
@@ -444,8 +520,21 @@ def sequence_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int, 
     return logps, n_tokens
 
 
-def train_adapter(accelerator, model, tokenizer, examples: list[dict], loss_name: str, args: Args, stage_dir: Path,
-                  lr: float, batch_size: int, epochs: int, tracker: Tracker, metric_prefix: str, step_offset: int):
+def train_adapter(
+    accelerator,
+    model,
+    tokenizer,
+    examples: list[dict],
+    loss_name: str,
+    args: Args,
+    stage_dir: Path,
+    lr: float,
+    batch_size: int,
+    epochs: int,
+    tracker: Tracker,
+    metric_prefix: str,
+    step_offset: int,
+):
     """The optimization loop of both SGPT (loss "sft" on prompt/completion examples) and ECPO (on pairs with
     stored reference log-probs). Resumes from the newest checkpoint in ``stage_dir``. Returns the number of
     optimizer steps and the prepared model.
@@ -478,8 +567,13 @@ def train_adapter(accelerator, model, tokenizer, examples: list[dict], loss_name
     pairs = "chosen_ids" in examples[0]  # ECPO pairs, else SGPT (prompt, completion) examples
     mask_key = "chosen_mask" if pairs else "completion_mask"
 
-    for step in tqdm(range(start, len(steps)), desc=f"{stage_dir.name} steps", initial=start, total=len(steps),
-                     disable=not accelerator.is_main_process):
+    for step in tqdm(
+        range(start, len(steps)),
+        desc=f"{stage_dir.name} steps",
+        initial=start,
+        total=len(steps),
+        disable=not accelerator.is_main_process,
+    ):
         batch = steps[step]
         # The normalizer of the global batch: pairs, or completion tokens for a token-mean loss.
         normalizer = sum(sum(examples[i][mask_key]) for i in batch) if loss_name == "sft" else len(batch)
@@ -525,16 +619,28 @@ def train_adapter(accelerator, model, tokenizer, examples: list[dict], loss_name
             sums[0] += loss.detach() / (world * accum)
             if rewards is not None:
                 chosen, rejected = rewards
-                sums[1:] += torch.stack([(chosen * weights).sum(), (rejected * weights).sum(),
-                                         ((chosen > rejected).float() * weights).sum(), ((chosen - rejected) * weights).sum()])
+                sums[1:] += torch.stack(
+                    [
+                        (chosen * weights).sum(),
+                        (rejected * weights).sum(),
+                        ((chosen > rejected).float() * weights).sum(),
+                        ((chosen - rejected) * weights).sum(),
+                    ]
+                )
         sums = accelerator.reduce(sums, reduction="sum")
-        metrics = {f"{metric_prefix}/loss": sums[0].item(), f"{metric_prefix}/lr": scheduler.get_last_lr()[0],
-                   f"{metric_prefix}/grad_norm": float(grad_norm if grad_norm is not None else "nan"), f"{metric_prefix}/epoch": (step + 1) * epochs / len(steps)}
+        metrics = {
+            f"{metric_prefix}/loss": sums[0].item(),
+            f"{metric_prefix}/lr": scheduler.get_last_lr()[0],
+            f"{metric_prefix}/grad_norm": float(grad_norm if grad_norm is not None else "nan"),
+            f"{metric_prefix}/epoch": (step + 1) * epochs / len(steps),
+        }
         if loss_name != "sft":
-            metrics |= {f"{metric_prefix}/rewards_chosen": sums[1].item() / len(batch),
-                        f"{metric_prefix}/rewards_rejected": sums[2].item() / len(batch),
-                        f"{metric_prefix}/reward_accuracy": sums[3].item() / len(batch),
-                        f"{metric_prefix}/reward_margin": sums[4].item() / len(batch)}
+            metrics |= {
+                f"{metric_prefix}/rewards_chosen": sums[1].item() / len(batch),
+                f"{metric_prefix}/rewards_rejected": sums[2].item() / len(batch),
+                f"{metric_prefix}/reward_accuracy": sums[3].item() / len(batch),
+                f"{metric_prefix}/reward_margin": sums[4].item() / len(batch),
+            }
         tracker.log(metrics, step=step_offset + step + 1)
         if (step + 1) % args.save_every == 0 or step + 1 == len(steps):
             save_resumable(accelerator, model, stage_dir, step + 1, optimizer, scheduler)
@@ -583,8 +689,12 @@ Trajectory B:
 Score each with 1, -1 or 0, then answer with JSON only:
 {{"Flexibility": {{"Reason": "...", "Score": 0}}, "Coherence": {{"Reason": "...", "Score": 0}}, "User Guidance": {{"Reason": "...", "Score": 0}}, "Final Score": 0}}"""
 
-JUDGE_DIMENSIONS = {"Flexibility": "flexibility", "Coherence": "coherence", "User Guidance": "user_guidance",
-                    "Final Score": "final"}
+JUDGE_DIMENSIONS = {
+    "Flexibility": "flexibility",
+    "Coherence": "coherence",
+    "User Guidance": "user_guidance",
+    "Final Score": "final",
+}
 
 
 def render_trajectory(trajectory: dict) -> str:
@@ -614,8 +724,16 @@ def parse_judgement(text: str) -> dict[str, int] | None:
     return scores if "final" in scores else None
 
 
-def judge_pairs(judge, candidate: list[dict], expert: list[dict], label: str, domain: str, args: Args,
-                records: RecordFile, stats: ParseStats) -> None:
+def judge_pairs(
+    judge,
+    candidate: list[dict],
+    expert: list[dict],
+    label: str,
+    domain: str,
+    args: Args,
+    records: RecordFile,
+    stats: ParseStats,
+) -> None:
     """Fig. 11 judgements of candidate vs expert on the same tasks, in both position orders."""
     done = records.done_keys()
     expert_by_task = {t["key"]: t for t in expert}
@@ -630,8 +748,14 @@ def judge_pairs(judge, candidate: list[dict], expert: list[dict], label: str, do
                 jobs.append((key, JUDGE_PROMPT.format(domain=domain, a=render_trajectory(a), b=render_trajectory(b))))
     for start in tqdm(range(0, len(jobs), args.batch_size), desc=f"judge {label}", disable=not jobs):
         chunk = jobs[start : start + args.batch_size]
-        parsed, _ = chat_parsed(judge, [[{"role": "user", "content": p}] for _, p in chunk], parse_judgement, stats,
-                                max_tries=args.max_parse_tries, max_tokens=args.judge_max_tokens)
+        parsed, _ = chat_parsed(
+            judge,
+            [[{"role": "user", "content": p}] for _, p in chunk],
+            parse_judgement,
+            stats,
+            max_tries=args.max_parse_tries,
+            max_tokens=args.judge_max_tokens,
+        )
         for (key, _), scores in zip(chunk, parsed):
             records.append({"key": key, "label": label, "order": key.rsplit("|", 1)[1], "scores": scores})
 
@@ -639,8 +763,10 @@ def judge_pairs(judge, candidate: list[dict], expert: list[dict], label: str, do
 def win_rates(judgements: list[dict], label: str, prefix: str) -> dict[str, float]:
     """eval/wr (on the final score) and eval/wr_<dimension>: (wins + 0.5 ties) / judgements, both orders."""
     mine = [j for j in judgements if j["label"] == label and j["scores"]]
-    metrics = {f"{prefix}/judgements": len(mine),
-               f"{prefix}/judge_failures": sum(1 for j in judgements if j["label"] == label and not j["scores"])}
+    metrics = {
+        f"{prefix}/judgements": len(mine),
+        f"{prefix}/judge_failures": sum(1 for j in judgements if j["label"] == label and not j["scores"]),
+    }
     for short in JUDGE_DIMENSIONS.values():
         ab = [j["scores"][short] for j in mine if j["order"] == "ab" and short in j["scores"]]
         ba = [j["scores"][short] for j in mine if j["order"] == "ba" and short in j["scores"]]
@@ -670,7 +796,9 @@ def load_splits(args: Args) -> tuple[list[Task], list[Task], list[Task], Catalog
     sft_tasks = train[: args.num_sft_tasks]
     pre_tasks = train[args.num_sft_tasks : args.num_sft_tasks + args.num_pre_tasks]
     if len(sft_tasks) + len(pre_tasks) < args.num_sft_tasks + args.num_pre_tasks:
-        raise DataError(f"{args.num_sft_tasks} + {args.num_pre_tasks} training tasks asked for, the train split has {len(train)}")
+        raise DataError(
+            f"{args.num_sft_tasks} + {args.num_pre_tasks} training tasks asked for, the train split has {len(train)}"
+        )
     return sft_tasks, pre_tasks, test[: args.num_test_tasks], Catalog(items)
 
 
@@ -685,8 +813,9 @@ def main(args: Args) -> None:
     args.run_name = args.run_name or default_run_name(args.exp_name, args.seed)
     run_dir = Path("runs") / args.run_name
     seed_everything(args.seed + rank)
-    tracker = Tracker(run_dir, args, track=args.track, project=args.wandb_project, entity=args.wandb_entity,
-                      is_main=main_process)
+    tracker = Tracker(
+        run_dir, args, track=args.track, project=args.wandb_project, entity=args.wandb_entity, is_main=main_process
+    )
     sft_tasks, pre_tasks, test_tasks, catalog = load_splits(args)
     catalog.embeddings()  # build (or load) the retrieval index once, before any rollout
     domain, device = DOMAINS[args.dataset], accelerator.device
@@ -703,7 +832,10 @@ def main(args: Args) -> None:
         return roles[name]
 
     def usage_now() -> dict[str, int]:
-        return {"llm_calls": sum(u.calls for u in usages), "tokens": sum(u.prompt_tokens + u.completion_tokens for u in usages)}
+        return {
+            "llm_calls": sum(u.calls for u in usages),
+            "tokens": sum(u.prompt_tokens + u.completion_tokens for u in usages),
+        }
 
     costs = RecordFile(run_dir / "costs.jsonl", key="stage")
 
@@ -721,10 +853,19 @@ def main(args: Args) -> None:
         """ActCRS on ``llm`` against AILO. Each rank plays its share of the tasks; all read the full record file."""
         nonlocal simulator
         if simulator is None:
-            simulator = AILO(role("user"), domain=domain, max_tokens=args.user_max_tokens, max_parse_tries=args.max_parse_tries)
+            simulator = AILO(
+                role("user"), domain=domain, max_tokens=args.user_max_tokens, max_parse_tries=args.max_parse_tries
+            )
         cra = make_actcrs(llm, catalog, domain, args, few_shot, stats["cra"])
-        run_episodes(tasks[rank::world], cra, simulator, args.max_turns, batch_size=args.batch_size, records=records,
-                     on_episode=print_trajectory if args.print_conversations else None)
+        run_episodes(
+            tasks[rank::world],
+            cra,
+            simulator,
+            args.max_turns,
+            batch_size=args.batch_size,
+            records=records,
+            on_episode=print_trajectory if args.print_conversations else None,
+        )
         accelerator.wait_for_everyone()
         wanted = {t.task_id for t in tasks}
         return [r for r in records.records() if r["key"] in wanted]
@@ -756,9 +897,14 @@ def main(args: Args) -> None:
         if not teacher:
             raise DataError(f"no teacher trajectories in {teacher_records.path}: run the teacher stage first")
         # D_sft: every CRA call (Search included) of every successful trajectory, its prompt without few-shot.
-        d_sft = [{"key": f"{tr['key']}#{t['turn']}#{k}", "prompt": call["state"], "completion": call["action"]}
-                 for tr in teacher if tr["success"] for t in tr["turns"] for k, call in enumerate(t["cra"]["calls"])
-                 if call["action"] is not None]
+        d_sft = [
+            {"key": f"{tr['key']}#{t['turn']}#{k}", "prompt": call["state"], "completion": call["action"]}
+            for tr in teacher
+            if tr["success"]
+            for t in tr["turns"]
+            for k, call in enumerate(t["cra"]["calls"])
+            if call["action"] is not None
+        ]
         if main_process:
             sft_file = RecordFile(run_dir / "sft_data.jsonl")
             done = sft_file.done_keys()
@@ -769,13 +915,35 @@ def main(args: Args) -> None:
         model, tokenizer = load_policy(args, [], device, trainable=True)
         steps = 0
         if d_sft:
-            examples = [dict(zip(("input_ids", "completion_mask"), encode(tokenizer, e["prompt"], e["completion"], args.max_length)))
-                        for e in d_sft]
-            steps, model = train_adapter(accelerator, model, tokenizer, examples, "sft", args, run_dir / "sft", args.sft_lr,
-                                         args.sft_batch_size, args.sft_epochs, tracker, "train_sft", step_offset=0)
+            examples = [
+                dict(
+                    zip(
+                        ("input_ids", "completion_mask"),
+                        encode(tokenizer, e["prompt"], e["completion"], args.max_length),
+                    )
+                )
+                for e in d_sft
+            ]
+            steps, model = train_adapter(
+                accelerator,
+                model,
+                tokenizer,
+                examples,
+                "sft",
+                args,
+                run_dir / "sft",
+                args.sft_lr,
+                args.sft_batch_size,
+                args.sft_epochs,
+                tracker,
+                "train_sft",
+                step_offset=0,
+            )
         elif main_process:
-            print("no successful teacher trajectory, so D_sft is empty and pi_sft is the base policy "
-                  "(use more --num-sft-tasks or a stronger --teacher-llm)")
+            print(
+                "no successful teacher trajectory, so D_sft is empty and pi_sft is the base policy "
+                "(use more --num-sft-tasks or a stronger --teacher-llm)"
+            )
         save_final(accelerator, model, sft_dir, {"steps": steps, "examples": len(d_sft)})
         del model
     sft_steps = json.loads((sft_dir / "steps.json").read_text())["steps"] if final_adapter(run_dir, "sft") else 0
@@ -793,10 +961,13 @@ def main(args: Args) -> None:
         forward = policy_rollout(pre_tasks, need_sft(), forward_records)
         account("forward", before, trajectories=len(forward))
         ratings = [t["ec_rating"] for tr in forward for t in tr["turns"] if t["ec_rating"] is not None]
-        metrics |= {"rollout/forward_sr": episode_metrics(forward, args.max_turns)["eval/sr"],
-                    "rollout/forward_turns": sum(len(tr["turns"]) for tr in forward), "rollout/ec_ratings": len(ratings),
-                    "rollout/ec_rating_mean": sum(ratings) / max(len(ratings), 1),
-                    "rollout/system_errors": sum(t["system"] == SYSTEM_ERROR for tr in forward for t in tr["turns"])}
+        metrics |= {
+            "rollout/forward_sr": episode_metrics(forward, args.max_turns)["eval/sr"],
+            "rollout/forward_turns": sum(len(tr["turns"]) for tr in forward),
+            "rollout/ec_ratings": len(ratings),
+            "rollout/ec_rating_mean": sum(ratings) / max(len(ratings), 1),
+            "rollout/system_errors": sum(t["system"] == SYSTEM_ERROR for tr in forward for t in tr["turns"]),
+        }
 
     # ------------------------------------------------------------------------ 4. backward expectation derivation
     if "backward" in args.stages:
@@ -818,8 +989,11 @@ def main(args: Args) -> None:
             tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
             tmp.rename(run_dir / "pairs.jsonl")
         statuses = [r["status"] for r in rewrites]
-        metrics |= {"rollout/rewrite_turns": len(turns), "rollout/pairs": len(pairs),
-                    **{f"rollout/rewrite_{s}": statuses.count(s) for s in ("ok", "unparsable", "bad_format", "unchanged")}}
+        metrics |= {
+            "rollout/rewrite_turns": len(turns),
+            "rollout/pairs": len(pairs),
+            **{f"rollout/rewrite_{s}": statuses.count(s) for s in ("ok", "unparsable", "bad_format", "unchanged")},
+        }
 
     # ------------------------------------------------------------------------ 5. ECPO preference optimization
     if "po" in args.stages and final_adapter(run_dir, "po") is None:
@@ -831,8 +1005,21 @@ def main(args: Args) -> None:
         examples = pair_examples(tokenizer, pairs, args.max_length)
         if args.loss in ("dpo", "kto"):
             reference_logps(accelerator, model, tokenizer, examples, args, RecordFile(run_dir / "ref_logps.jsonl"))
-        steps, model = train_adapter(accelerator, model, tokenizer, examples, args.loss, args, run_dir / "po", args.po_lr,
-                                     args.po_batch_size, args.po_epochs, tracker, "train", step_offset=sft_steps)
+        steps, model = train_adapter(
+            accelerator,
+            model,
+            tokenizer,
+            examples,
+            args.loss,
+            args,
+            run_dir / "po",
+            args.po_lr,
+            args.po_batch_size,
+            args.po_epochs,
+            tracker,
+            "train",
+            step_offset=sft_steps,
+        )
         save_final(accelerator, model, po_dir, {"steps": steps, "pairs": len(pairs), "loss": args.loss})
         del model
     if final_adapter(run_dir, "po"):
@@ -847,7 +1034,9 @@ def main(args: Args) -> None:
             candidates["eval"] = policy_rollout(test_tasks, [sft_dir, po_dir], RecordFile(run_dir / "eval_ecpo.jsonl"))
         judgements = RecordFile(run_dir / "judgements.jsonl")
         for label, trajectories in candidates.items():
-            judge_pairs(role("judge"), trajectories[rank::world], expert, label, domain, args, judgements, stats["judge"])
+            judge_pairs(
+                role("judge"), trajectories[rank::world], expert, label, domain, args, judgements, stats["judge"]
+            )
         accelerator.wait_for_everyone()
         account("eval", before)
         for label, trajectories in {"eval_expert": expert, **candidates}.items():
@@ -857,8 +1046,10 @@ def main(args: Args) -> None:
                 metrics |= win_rates(judgements.records(), label, label)
 
     # ------------------------------------------------------------------------ parse counters, costs, summary
-    counters = {**(simulator.metrics() if simulator else {}),
-                **{k: v for name, s in stats.items() for k, v in s.metrics(f"rollout/{name}_").items()}}
+    counters = {
+        **(simulator.metrics() if simulator else {}),
+        **{k: v for name, s in stats.items() for k, v in s.metrics(f"rollout/{name}_").items()},
+    }
     gathered = gather_object([counters])
     if main_process:
         metrics |= {k: sum(c.get(k, 0) for c in gathered) for k in counters}
@@ -877,8 +1068,11 @@ def pair_examples(tokenizer, pairs: list[dict], max_length: int) -> list[dict]:
     examples = []
     for k, pair in enumerate(pairs):
         example = {"key": pair["key"]}
-        for part, completion in (("chosen", pair["chosen"]), ("rejected", pair["rejected"]),
-                                 ("mismatched", pairs[(k + 1) % len(pairs)]["chosen"])):
+        for part, completion in (
+            ("chosen", pair["chosen"]),
+            ("rejected", pair["rejected"]),
+            ("mismatched", pairs[(k + 1) % len(pairs)]["chosen"]),
+        ):
             example[f"{part}_ids"], example[f"{part}_mask"] = encode(tokenizer, pair["prompt"], completion, max_length)
         example["ref_chosen"] = example["ref_rejected"] = example["ref_mismatched"] = 0.0  # SimPO and SFT need none
         examples.append(example)
@@ -897,16 +1091,25 @@ def reference_logps(accelerator, model, tokenizer, examples: list[dict], args: A
     model.eval()
     micro = args.micro_batch_size
     with torch.no_grad(), model.disable_adapter():
-        for start in tqdm(range(0, len(mine), micro), desc="reference log-probs", disable=not accelerator.is_main_process or not mine):
+        for start in tqdm(
+            range(0, len(mine), micro), desc="reference log-probs", disable=not accelerator.is_main_process or not mine
+        ):
             index = mine[start : start + micro]
-            rows = [(examples[i][f"{part}_ids"], examples[i][f"{part}_mask"]) for part in ("chosen", "rejected", "mismatched")
-                    for i in index]
+            rows = [
+                (examples[i][f"{part}_ids"], examples[i][f"{part}_mask"])
+                for part in ("chosen", "rejected", "mismatched")
+                for i in index
+            ]
             logps, _ = sequence_logps(model, rows, tokenizer.pad_token_id, accelerator.device)
             b = len(index)
             for j, i in enumerate(index):
                 if examples[i]["key"] not in done:
-                    record = {"key": examples[i]["key"], "ref_chosen": logps[j].item(), "ref_rejected": logps[b + j].item(),
-                              "ref_mismatched": logps[2 * b + j].item()}
+                    record = {
+                        "key": examples[i]["key"],
+                        "ref_chosen": logps[j].item(),
+                        "ref_rejected": logps[b + j].item(),
+                        "ref_mismatched": logps[2 * b + j].item(),
+                    }
                     records.append(record)
                     done[record["key"]] = record
     accelerator.wait_for_everyone()
@@ -921,25 +1124,34 @@ def cost_metrics(rows: list[dict]) -> dict[str, float]:
     tokens of the forward rollouts and the rewrites, and the forward trajectories (the paper's Fig. 5 counts
     trajectories: ECPO 500 on 500 tasks, trajectory-level MTPO 1000, tree-based SDPO/SKTO 2500). The SGPT
     teacher rollouts are reported apart, as every method starts from pi_sft."""
+
     def latest(stage: str, key: str) -> int:  # counts of records: a rerun's row already includes resumed ones
         return next((r[key] for r in reversed(rows) if r["stage"] == stage), 0)
 
     pairs, forward_trajectories = latest("backward", "pairs"), latest("forward", "trajectories")
-    metrics = {"cost/llm_calls": sum(r["llm_calls"] for r in rows), "cost/tokens": sum(r["tokens"] for r in rows),
-               "cost/pairs": pairs, "cost/forward_trajectories": forward_trajectories,
-               "cost/teacher_trajectories": latest("teacher", "trajectories"),
-               "cost/teacher_llm_calls": sum(r["llm_calls"] for r in rows if r["stage"] == "teacher")}
+    metrics = {
+        "cost/llm_calls": sum(r["llm_calls"] for r in rows),
+        "cost/tokens": sum(r["tokens"] for r in rows),
+        "cost/pairs": pairs,
+        "cost/forward_trajectories": forward_trajectories,
+        "cost/teacher_trajectories": latest("teacher", "trajectories"),
+        "cost/teacher_llm_calls": sum(r["llm_calls"] for r in rows if r["stage"] == "teacher"),
+    }
     if pairs:
         pair_rows = [r for r in rows if r["stage"] in ("forward", "backward")]
-        metrics |= {"cost/llm_calls_per_pair": sum(r["llm_calls"] for r in pair_rows) / pairs,
-                    "cost/tokens_per_pair": sum(r["tokens"] for r in pair_rows) / pairs,
-                    "cost/trajectories_per_pair": forward_trajectories / pairs}
+        metrics |= {
+            "cost/llm_calls_per_pair": sum(r["llm_calls"] for r in pair_rows) / pairs,
+            "cost/tokens_per_pair": sum(r["tokens"] for r in pair_rows) / pairs,
+            "cost/trajectories_per_pair": forward_trajectories / pairs,
+        }
     return metrics
 
 
 def print_trajectory(trajectory: dict) -> None:
-    print(f"\n=== {trajectory['task_id']} | target: {trajectory['target']} | SR={int(trajectory['success'])} "
-          f"R={int(trajectory['recall'])}")
+    print(
+        f"\n=== {trajectory['task_id']} | target: {trajectory['target']} | SR={int(trajectory['success'])} "
+        f"R={int(trajectory['recall'])}"
+    )
     print(f"  USER   {trajectory['opening']['user']}")
     for t in trajectory["turns"]:
         print(f"  CRA    {t['cra'].get('action') or SYSTEM_ERROR}   (EC {t['ec_rating']})")
@@ -953,8 +1165,10 @@ def print_summary(metrics: dict) -> None:
     for name, prefix in rows:
         if f"{prefix}/sr" in metrics:
             wr = metrics.get(f"{prefix}/wr")
-            print(f"{name:<16}{metrics[f'{prefix}/sr']:>7.2f}{metrics[f'{prefix}/recall']:>7.2f}"
-                  f"{'   -' if wr is None else f'{wr:>7.2f}'}")
+            print(
+                f"{name:<16}{metrics[f'{prefix}/sr']:>7.2f}{metrics[f'{prefix}/recall']:>7.2f}"
+                f"{'   -' if wr is None else f'{wr:>7.2f}'}"
+            )
 
 
 if __name__ == "__main__":

@@ -41,10 +41,26 @@ import tyro
 from tqdm import tqdm
 
 from common.catalog import Catalog, item_card
-from common.data import (DataError, Dialogue, Item, load_cfcrs_dialogues, load_demo_catalog, load_ievalm_turns,
-                         load_movie_info, load_redial_official, load_unicrs_jsonl)
-from common.distributed import (configure_batches, global_batches, make_accelerator, rank_micro_batches, resume,
-                                save_final, save_resumable)
+from common.data import (
+    DataError,
+    Dialogue,
+    Item,
+    load_cfcrs_dialogues,
+    load_demo_catalog,
+    load_ievalm_turns,
+    load_movie_info,
+    load_redial_official,
+    load_unicrs_jsonl,
+)
+from common.distributed import (
+    configure_batches,
+    global_batches,
+    make_accelerator,
+    rank_micro_batches,
+    resume,
+    save_final,
+    save_resumable,
+)
 from common.llm import HFChat, LLMBackendError, choice_token_ids, make_llm, prefilled_prompts
 from common.metrics import mrr_at_k, ndcg_at_k, recall_at_k
 from common.models import ModelSpecError, add_lora, load_model
@@ -201,7 +217,9 @@ def restore_years(dialogues: list[Dialogue], catalog: list[Item]) -> None:
         by_bare.setdefault(bare_title(item.title), []).append(item.title)
     for dialogue in dialogues:
         for turn in dialogue.turns:
-            turn.items = [by_bare[bare_title(t)][0] if len(by_bare.get(bare_title(t), [])) == 1 else t for t in turn.items]
+            turn.items = [
+                by_bare[bare_title(t)][0] if len(by_bare.get(bare_title(t), [])) == 1 else t for t in turn.items
+            ]
 
 
 def rec_turns(dialogues: list[Dialogue], titles: set[str]) -> list[RecTurn]:
@@ -216,21 +234,27 @@ def rec_turns(dialogues: list[Dialogue], titles: set[str]) -> list[RecTurn]:
                 continue
             earlier_items = [t for previous in dialogue.turns[:i] for t in previous.items]
             earlier_text = " ".join(h["text"] for h in history).lower()
-            labels = [t for t in dict.fromkeys(turn.items) if t in titles and t not in earlier_items
-                      and bare_title(t) not in earlier_text]
+            labels = [
+                t
+                for t in dict.fromkeys(turn.items)
+                if t in titles and t not in earlier_items and bare_title(t) not in earlier_text
+            ]
             if labels:
                 mentioned = [t for t in dict.fromkeys(earlier_items) if t in titles]
                 turns.append(RecTurn(f"{dialogue.dialog_id}:{i}", history, labels, mentioned))
     return turns
 
 
-def load_dataset(name: str, data_dir: str, split: Literal["train", "valid", "test"]) -> tuple[list[RecTurn], list[Item]]:
+def load_dataset(
+    name: str, data_dir: str, split: Literal["train", "valid", "test"]
+) -> tuple[list[RecTurn], list[Item]]:
     """(recommendation turns of ``split``, the dataset's items with attributes)."""
     root = Path(data_dir)
     if name == "demo":
         items = load_demo_catalog()
-        dialogues = load_unicrs_jsonl(Path(__file__).parent / "data" / "demo" /
-                                      f"dialogues_{'train' if split == 'train' else 'test'}.jsonl")
+        dialogues = load_unicrs_jsonl(
+            Path(__file__).parent / "data" / "demo" / f"dialogues_{'train' if split == 'train' else 'test'}.jsonl"
+        )
     elif name == "inspired":
         items = load_movie_info(root / "inspired" / "movie2attrs.json")
         if split == "train":  # CFCRS ships no train split; UniCRS's is the same conversations without years
@@ -241,13 +265,20 @@ def load_dataset(name: str, data_dir: str, split: Literal["train", "valid", "tes
     else:
         items = load_movie_info(root / "redial" / "movie2info.json")
         if split == "train":  # the official train split (the subsets mirrored here)
-            dialogues = [d for f in ("train_subset_500.jsonl", "valid_subset_100.jsonl")
-                         for d in load_redial_official(root / "redial" / "official" / f)]
+            dialogues = [
+                d
+                for f in ("train_subset_500.jsonl", "valid_subset_100.jsonl")
+                for d in load_redial_official(root / "redial" / "official" / f)
+            ]
         else:
             dialogues = load_ievalm_turns(root / "redial" / "ievalm" / f"{split}_data_processed.jsonl")
     known = {item.title for item in items}
     # Items the conversations name but the attribute file lacks still belong to the catalog, with no attributes.
-    items += [Item(t, t) for t in dict.fromkeys(t for d in dialogues for turn in d.turns for t in turn.items) if t not in known]
+    items += [
+        Item(t, t)
+        for t in dict.fromkeys(t for d in dialogues for turn in d.turns for t in turn.items)
+        if t not in known
+    ]
     return rec_turns(dialogues, {item.title for item in items}), items
 
 
@@ -265,11 +296,15 @@ def render_item(catalog: Catalog, title: str, attributes: bool = True) -> str:
 # =============================================================================================== prompts
 
 # The two behaviours share the context and differ in the instruction (d_s, d_c in the paper).
-SCORE_INSTRUCTION = ("You are the user to look for recommendations. You need to provide feedback on the recommendations "
-                     "given by the system. For each recommendation, you should give feedback in the form of 'Accept the "
-                     "recommendation (Yes/No)? X', where X is either 'Yes' or 'No'.")
-CRITIQUE_INSTRUCTION = ("You are the user to look for recommendations. Read the conversation and provide feedback on the "
-                        "recommendations given by the system.")
+SCORE_INSTRUCTION = (
+    "You are the user to look for recommendations. You need to provide feedback on the recommendations "
+    "given by the system. For each recommendation, you should give feedback in the form of 'Accept the "
+    "recommendation (Yes/No)? X', where X is either 'Yes' or 'No'."
+)
+CRITIQUE_INSTRUCTION = (
+    "You are the user to look for recommendations. Read the conversation and provide feedback on the "
+    "recommendations given by the system."
+)
 ANSWER_PREFIX = "Accept the recommendation (Yes/No)?"
 
 
@@ -284,8 +319,10 @@ def critique_prompt(history: list[dict], items: list[str], preference: list[str]
     listing = "\n".join(f"{n}. {item}" for n, item in enumerate(items, 1))
     prompt = f"Conversation:\n{render_history(history)}\n\nRecommendations:\n{listing}\n\n{CRITIQUE_INSTRUCTION}"
     if preference:
-        prompt += ("\n\nWhat you really want (never name these titles; say which attributes of the recommendations "
-                   "are right or wrong for you):\n" + "\n".join(f"- {p}" for p in preference))
+        prompt += (
+            "\n\nWhat you really want (never name these titles; say which attributes of the recommendations "
+            "are right or wrong for you):\n" + "\n".join(f"- {p}" for p in preference)
+        )
     return prompt
 
 
@@ -312,8 +349,13 @@ def crs_prompt(history: list[dict], n: int, previous: list[str] | None = None, c
     if previous is None:
         return CRS_PROMPT.format(domain=DOMAIN, history=render_history(history), n=n)
     feedback = f"\nThe user's feedback on them: {critique}\n" if critique else ""
-    return CRS_REVISE_PROMPT.format(domain=DOMAIN, history=render_history(history), n=n, feedback=feedback,
-                                    previous="\n".join(f"{i}. {p}" for i, p in enumerate(previous, 1)))
+    return CRS_REVISE_PROMPT.format(
+        domain=DOMAIN,
+        history=render_history(history),
+        n=n,
+        feedback=feedback,
+        previous="\n".join(f"{i}. {p}" for i, p in enumerate(previous, 1)),
+    )
 
 
 def parse_titles(text: str) -> list[str]:
@@ -349,8 +391,11 @@ def synthesis_jobs(turn: RecTurn, catalog: Catalog, args: Args) -> tuple[list[di
     ground-truth item and --scoring-negatives No instances each, every instance holding one item."""
     rng = random.Random(f"{args.seed}:{turn.key}")
     exclude = set(turn.labels) | set(turn.mentioned)
-    subsets = [list(s) for size in range(1, min(len(turn.labels), args.list_length - 1) + 1)
-               for s in combinations(turn.labels, size)][: args.max_subsets]
+    subsets = [
+        list(s)
+        for size in range(1, min(len(turn.labels), args.list_length - 1) + 1)
+        for s in combinations(turn.labels, size)
+    ][: args.max_subsets]
     lists = [s + sample_negatives(catalog.titles, exclude, args.list_length - len(s), rng) for s in subsets]
     lists += [sample_negatives(catalog.titles, exclude, args.list_length, rng) for _ in range(args.no_gt_lists)]
     preference = [render_item(catalog, t) for t in turn.labels]
@@ -358,21 +403,35 @@ def synthesis_jobs(turn: RecTurn, catalog: Catalog, args: Args) -> tuple[list[di
     for j, items in enumerate(lists):
         rng.shuffle(items)
         shown = [render_item(catalog, t) for t in items]
-        critiques.append({"key": f"{turn.key}|critique|{j}", "kind": "critique", "items": items,
-                          "gt_in_list": sum(t in turn.labels for t in items),
-                          "teacher_prompt": critique_prompt(turn.history, shown, preference),
-                          "prompt": critique_prompt(turn.history, shown)})
+        critiques.append(
+            {
+                "key": f"{turn.key}|critique|{j}",
+                "kind": "critique",
+                "items": items,
+                "gt_in_list": sum(t in turn.labels for t in items),
+                "teacher_prompt": critique_prompt(turn.history, shown, preference),
+                "prompt": critique_prompt(turn.history, shown),
+            }
+        )
     scoring = []
     for label in turn.labels:
         negatives = sample_negatives(catalog.titles, exclude, args.scoring_negatives, rng)
         for title, answer in [(label, "Yes")] + [(t, "No") for t in negatives]:
-            scoring.append({"key": f"{turn.key}|score|{title}", "kind": "score", "item": title,
-                            "prompt": score_prompt(turn.history, render_item(catalog, title)),
-                            "completion": f"{ANSWER_PREFIX} {answer}"})
+            scoring.append(
+                {
+                    "key": f"{turn.key}|score|{title}",
+                    "kind": "score",
+                    "item": title,
+                    "prompt": score_prompt(turn.history, render_item(catalog, title)),
+                    "completion": f"{ANSWER_PREFIX} {answer}",
+                }
+            )
     return critiques, scoring
 
 
-def synthesize(turns: list[RecTurn], catalog: Catalog, teacher, args: Args, records: RecordFile, counters: dict) -> None:
+def synthesize(
+    turns: list[RecTurn], catalog: Catalog, teacher, args: Args, records: RecordFile, counters: dict
+) -> None:
     """Write this rank's instruction data. The teacher's critique is the student's target; the student's
     prompt is the same without the preference. An empty critique is resampled, then dropped and counted."""
     done = records.done_keys()
@@ -387,9 +446,16 @@ def synthesize(turns: list[RecTurn], catalog: Catalog, teacher, args: Args, reco
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="critique data", disable=not jobs):
         batch = jobs[start : start + args.batch_size]
         # Greedy first; an empty critique is resampled at --temperature up to --max-resamples times.
-        critiques, _ = chat_parsed(teacher, [[{"role": "user", "content": j["teacher_prompt"]}] for j in batch],
-                                   lambda text: text or None, stats, max_tries=args.max_resamples + 1, temperature=0.0,
-                                   retry_temperature=args.temperature, max_tokens=args.critique_max_tokens)
+        critiques, _ = chat_parsed(
+            teacher,
+            [[{"role": "user", "content": j["teacher_prompt"]}] for j in batch],
+            lambda text: text or None,
+            stats,
+            max_tries=args.max_resamples + 1,
+            temperature=0.0,
+            retry_temperature=args.temperature,
+            max_tokens=args.critique_max_tokens,
+        )
         for job, text in zip(batch, critiques):
             if text is not None:
                 records.append({**job, "completion": text})
@@ -418,9 +484,12 @@ def train_user(accelerator, model, tokenizer, examples: list[dict], args: Args, 
     batch_size, accum = configure_batches(accelerator, len(examples), args.train_batch_size, micro)
     steps = global_batches(len(examples), batch_size, args.epochs, args.seed)
     lr = args.lr if args.lr is not None else (1e-4 if args.finetune == "lora" else 1e-6)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=args.weight_decay
+    )
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, min(args.warmup_steps, math.ceil(0.1 * len(steps))), len(steps), min_lr_rate=args.min_lr_ratio)
+        optimizer, min(args.warmup_steps, math.ceil(0.1 * len(steps))), len(steps), min_lr_rate=args.min_lr_ratio
+    )
     start = resume(model, optimizer, scheduler, stage_dir)
     model, optimizer = accelerator.prepare(model, optimizer)
     while scheduler.last_epoch < start:  # a checkpoint saved without optimizer state (DeepSpeed)
@@ -428,8 +497,13 @@ def train_user(accelerator, model, tokenizer, examples: list[dict], args: Args, 
     model.train()
     device, pad_id = accelerator.device, tokenizer.pad_token_id
     grad_norm = None
-    for step in tqdm(range(start, len(steps)), desc="instruction tuning", initial=start, total=len(steps),
-                     disable=not accelerator.is_main_process):
+    for step in tqdm(
+        range(start, len(steps)),
+        desc="instruction tuning",
+        initial=start,
+        total=len(steps),
+        disable=not accelerator.is_main_process,
+    ):
         batch = steps[step]
         response_tokens = sum(sum(examples[i]["completion_mask"]) for i in batch)
         total = torch.zeros((), device=device)
@@ -450,9 +524,15 @@ def train_user(accelerator, model, tokenizer, examples: list[dict], args: Args, 
             total += loss.detach() / (world * accum)
         scheduler.step()
         total = accelerator.reduce(total, reduction="sum")
-        tracker.log({"train/loss": total.item(), "train/lr": scheduler.get_last_lr()[0],
-                     "train/grad_norm": float(grad_norm if grad_norm is not None else "nan"),
-                     "train/epoch": (step + 1) * args.epochs / len(steps)}, step=step + 1)
+        tracker.log(
+            {
+                "train/loss": total.item(),
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/grad_norm": float(grad_norm if grad_norm is not None else "nan"),
+                "train/epoch": (step + 1) * args.epochs / len(steps),
+            },
+            step=step + 1,
+        )
         if (step + 1) % args.save_every == 0 or step + 1 == len(steps):
             save_resumable(accelerator, model, stage_dir, step + 1, optimizer, scheduler)
     return len(steps), model
@@ -492,8 +572,9 @@ def accept_probs(model, tokenizer, prompts: list[str], batch_size: int) -> tuple
         # Left padding puts every row's answer position last, so the LM head runs there only (logits_to_keep=1;
         # on a 49k vocabulary it is a fifth of the pass). The pads sit between the shared prefix and the item, so
         # positions are given explicitly: each real token keeps the position it has in the full prompt.
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(suffixes[i])) + suffixes[i] for i in rows],
-                                 device=device)
+        input_ids = torch.tensor(
+            [[tokenizer.pad_token_id] * (width - len(suffixes[i])) + suffixes[i] for i in rows], device=device
+        )
         mask = torch.tensor([[0] * (width - len(suffixes[i])) + [1] * len(suffixes[i]) for i in rows], device=device)
         positions = (len(prefix_ids) + mask.cumsum(1) - 1).clamp_min(0)
         cache = None
@@ -501,8 +582,9 @@ def accept_probs(model, tokenizer, prompts: list[str], batch_size: int) -> tuple
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(len(rows))
             mask = torch.cat([mask.new_ones(len(rows), len(prefix_ids)), mask], dim=1)
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       logits_to_keep=1).logits[:, -1]
+        logits = model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
+        ).logits[:, -1]
         for i, p in zip(rows, accept_probability(logits, yes, no).tolist()):
             probs[i] = p
     model.train(was_training)
@@ -574,9 +656,23 @@ class Search:
     def __init__(self, crs, user_model, user_tokenizer, catalog: Catalog, args: Args):
         self.crs, self.catalog, self.args = crs, catalog, args
         self.user_model, self.user_tokenizer = user_model, user_tokenizer
-        self.user_llm = HFChat(user_model, user_tokenizer, batch_size=args.batch_size)  # critiques; scoring counts here too
-        self.counts = {k: 0 for k in ("crs_lists", "crs_calls", "crs_resamples", "crs_wrong_count", "critiques",
-                                      "critique_resamples", "critique_empty", "lists_scored", "items_scored")}
+        self.user_llm = HFChat(
+            user_model, user_tokenizer, batch_size=args.batch_size
+        )  # critiques; scoring counts here too
+        self.counts = {
+            k: 0
+            for k in (
+                "crs_lists",
+                "crs_calls",
+                "crs_resamples",
+                "crs_wrong_count",
+                "critiques",
+                "critique_resamples",
+                "critique_empty",
+                "lists_scored",
+                "items_scored",
+            )
+        }
         self.seen: list[list[dict]] = []  # per turn, every state so far, in creation order (a state's id)
 
     def cost(self) -> tuple[int, int]:
@@ -604,8 +700,12 @@ class Search:
             still = []
             for temperature in sorted(set(temperature_of.values())):
                 group = [i for i in pending if temperature_of[i] == temperature]
-                outputs = self.crs.chat([[{"role": "user", "content": prompts[i]}] for i in group], temperature=temperature,
-                                        max_tokens=self.args.crs_max_tokens, prefix=prefill)
+                outputs = self.crs.chat(
+                    [[{"role": "user", "content": prompts[i]}] for i in group],
+                    temperature=temperature,
+                    max_tokens=self.args.crs_max_tokens,
+                    prefix=prefill,
+                )
                 for i, (text,) in zip(group, outputs):
                     generated = parse_titles(prefill + text)
                     titles = self.catalog.match_all(generated)[:n]
@@ -622,15 +722,31 @@ class Search:
         """k critiques f_c per list, sampled from the simulated user (temperature --temperature)."""
         if not self.args.critiques:
             return [[""] * k for _ in lists]
-        convs = [[{"role": "user", "content": critique_prompt(
-            h, [render_item(self.catalog, t, self.args.critique_attributes) for t in items])}]
-            for h, items in zip(histories, lists) for _ in range(k)]
+        convs = [
+            [
+                {
+                    "role": "user",
+                    "content": critique_prompt(
+                        h, [render_item(self.catalog, t, self.args.critique_attributes) for t in items]
+                    ),
+                }
+            ]
+            for h, items in zip(histories, lists)
+            for _ in range(k)
+        ]
         stats = ParseStats()
         with adapter_off(self.user_model, not self.args.tuned_critic):
             # An empty critique is resampled up to --max-resamples times, then left empty.
-            _, texts = chat_parsed(self.user_llm, convs, lambda text: text or None, stats, max_tries=self.args.max_resamples + 1,
-                                   temperature=self.args.temperature, retry_temperature=self.args.temperature,
-                                   max_tokens=self.args.critique_max_tokens)
+            _, texts = chat_parsed(
+                self.user_llm,
+                convs,
+                lambda text: text or None,
+                stats,
+                max_tries=self.args.max_resamples + 1,
+                temperature=self.args.temperature,
+                retry_temperature=self.args.temperature,
+                max_tokens=self.args.critique_max_tokens,
+            )
         self.counts["critique_resamples"] += stats.retries
         self.counts["critique_empty"] += stats.failures
         self.counts["critiques"] += len(convs)
@@ -647,9 +763,12 @@ class Search:
                 new = list(dict.fromkeys(t for s in states for t in s["items"] if t not in cache))
                 if new:
                     with adapter_off(self.user_model, not self.args.tuned_scorer):
-                        probs, tokens = accept_probs(self.user_model, self.user_tokenizer,
-                                                     [score_prompt(turn.history, render_item(self.catalog, t)) for t in new],
-                                                     self.args.batch_size)
+                        probs, tokens = accept_probs(
+                            self.user_model,
+                            self.user_tokenizer,
+                            [score_prompt(turn.history, render_item(self.catalog, t)) for t in new],
+                            self.args.batch_size,
+                        )
                     cache.update(zip(new, probs))
                     self.counts["items_scored"] += len(new)
                     self.user_llm.usage.add(len(new), tokens, 0)  # one billed call per item, as an API would count
@@ -679,8 +798,13 @@ class Search:
         prompts = [crs_prompt(t.history, args.list_length) for t in turns for _ in range(n * n)]
         temperatures = [0.0 if j == 0 else args.temperature for _ in turns for j in range(n * n)]
         lists = self.generate_lists(prompts, temperatures)
-        frontiers = [[{"id": j, "items": lists[i * n * n + j], "depth": 0, "parent": None, "critique": None}
-                      for j in range(n * n)] for i in range(len(turns))]
+        frontiers = [
+            [
+                {"id": j, "items": lists[i * n * n + j], "depth": 0, "parent": None, "critique": None}
+                for j in range(n * n)
+            ]
+            for i in range(len(turns))
+        ]
         self.seen = [list(f) for f in frontiers]
         caches: list[dict[str, float]] = [{} for _ in turns]
         for level in range(1, depth + 1):
@@ -690,8 +814,14 @@ class Search:
             critiques = self.critique([turns[i].history for i, _ in flat], [s["items"] for _, s in flat], expansion)
             jobs = [(i, s, c) for (i, s), cs in zip(flat, critiques) for c in cs]
             revised = self.generate_lists(
-                [crs_prompt(turns[i].history, args.list_length, [render_item(self.catalog, t) for t in s["items"]], c)
-                 for i, s, c in jobs], [args.temperature] * len(jobs))
+                [
+                    crs_prompt(
+                        turns[i].history, args.list_length, [render_item(self.catalog, t) for t in s["items"]], c
+                    )
+                    for i, s, c in jobs
+                ],
+                [args.temperature] * len(jobs),
+            )
             frontiers = [[] for _ in turns]
             for (i, parent, c), items in zip(jobs, revised):
                 state = {"id": len(self.seen[i]), "items": items, "depth": level, "parent": parent["id"], "critique": c}
@@ -709,9 +839,17 @@ class Search:
             else:
                 scores = self.item_scores(states, cache)
                 ranked = pooled_ranking([(t, scores[t]) for s in states for t in s["items"]])
-            results.append({"key": turn.key, "labels": turn.labels, "mentioned": turn.mentioned,
-                            "ranked": ranked, "zero_shot": zero_shot, "states": states,
-                            "item_scores": {t: round(p, 5) for t, p in cache.items()}})
+            results.append(
+                {
+                    "key": turn.key,
+                    "labels": turn.labels,
+                    "mentioned": turn.mentioned,
+                    "ranked": ranked,
+                    "zero_shot": zero_shot,
+                    "states": states,
+                    "item_scores": {t: round(p, 5) for t, p in cache.items()},
+                }
+            )
         return results
 
 
@@ -774,8 +912,9 @@ def main(args: Args) -> None:
     args.run_name = args.run_name or default_run_name(args.exp_name, args.seed)
     run_dir = Path("runs") / args.run_name
     seed_everything(args.seed + rank)
-    tracker = Tracker(run_dir, args, track=args.track, project=args.wandb_project, entity=args.wandb_entity,
-                      is_main=main_process)
+    tracker = Tracker(
+        run_dir, args, track=args.track, project=args.wandb_project, entity=args.wandb_entity, is_main=main_process
+    )
     device = accelerator.device
     counters: dict[str, int] = {}
     metrics: dict[str, float] = {}
@@ -806,15 +945,21 @@ def main(args: Args) -> None:
             model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
         examples = []
         for r in data:
-            ids, mask = encode_prompt_completion(tokenizer, [{"role": "user", "content": r["prompt"]}], r["completion"],
-                                                 max_length=args.max_length)
+            ids, mask = encode_prompt_completion(
+                tokenizer, [{"role": "user", "content": r["prompt"]}], r["completion"], max_length=args.max_length
+            )
             examples.append({"input_ids": ids, "completion_mask": mask})
         if main_process:
             kinds = [r["kind"] for r in data]
             print(f"train: {kinds.count('critique')} critique and {kinds.count('score')} scoring examples")
         steps, model = train_user(accelerator, model.to(device), tokenizer, examples, args, run_dir / "user", tracker)
-        save_final(accelerator, model, user_dir, {"steps": steps, "examples": len(examples)},
-                   tokenizer=tokenizer if args.finetune == "full" else None)
+        save_final(
+            accelerator,
+            model,
+            user_dir,
+            {"steps": steps, "examples": len(examples)},
+            tokenizer=tokenizer if args.finetune == "full" else None,
+        )
         del model
 
     # ---------------------------------------------------------------------------- search and evaluation
@@ -831,8 +976,11 @@ def main(args: Args) -> None:
         records = RecordFile(run_dir / f"search_{args.search}.jsonl")
         done = records.done_keys()
         mine = [t for t in turns[rank::world] if t.key not in done]
-        for start in tqdm(range(0, len(mine), args.examples_per_batch), desc=f"{args.search} search",
-                          disable=not main_process or not mine):
+        for start in tqdm(
+            range(0, len(mine), args.examples_per_batch),
+            desc=f"{args.search} search",
+            disable=not main_process or not mine,
+        ):
             batch = mine[start : start + args.examples_per_batch]
             calls_before, tokens_before = search.cost()
             results = search.run(batch)
@@ -850,10 +998,14 @@ def main(args: Args) -> None:
             metrics |= ranking_metrics(results, "ranked", args.ks, "eval")
             metrics |= ranking_metrics(results, "zero_shot", args.ks, "eval_zeroshot")
             total_calls, total_tokens = sum(r["llm_calls"] for r in results), sum(r["tokens"] for r in results)
-            metrics |= {"eval/examples": len(results), "eval/pairs": sum(len(r["labels"]) for r in results),
-                        "cost/llm_calls": round(total_calls), "cost/tokens": round(total_tokens),
-                        "cost/llm_calls_per_example": total_calls / len(results),
-                        "cost/tokens_per_example": total_tokens / len(results)}
+            metrics |= {
+                "eval/examples": len(results),
+                "eval/pairs": sum(len(r["labels"]) for r in results),
+                "cost/llm_calls": round(total_calls),
+                "cost/tokens": round(total_tokens),
+                "cost/llm_calls_per_example": total_calls / len(results),
+                "cost/tokens_per_example": total_tokens / len(results),
+            }
             metrics |= {f"search/{k}": sum(c[k] for c in counts) for k in counts[0]}
             print_table(metrics, args.ks, args.search)
 

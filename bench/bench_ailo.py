@@ -56,7 +56,13 @@ def main(args: Args) -> None:
         llm.chat([prompt] * batch_size, temperature=1.0, max_tokens=args.new_tokens)
         seconds = time.perf_counter() - start
         tokens = llm.usage.completion_tokens - before
-        rows.append((f"hf generate, batch {batch_size}", f"{tokens / seconds:.1f} tokens/s", f"{tokens} tokens in {seconds:.1f} s"))
+        rows.append(
+            (
+                f"hf generate, batch {batch_size}",
+                f"{tokens / seconds:.1f} tokens/s",
+                f"{tokens} tokens in {seconds:.1f} s",
+            )
+        )
 
     tasks, catalog = load_demo_tasks()[: args.conversations], Catalog(load_demo_catalog())
     catalog.embeddings()
@@ -66,8 +72,13 @@ def main(args: Args) -> None:
         start = time.perf_counter()
         run_episodes(tasks, cra, AILO(user_llm, max_tokens=args.user_max_tokens), args.max_turns, batch_size=batch_size)
         minutes = (time.perf_counter() - start) / 60
-        rows.append((f"AILO {len(tasks)} conversations, {label}", f"{len(tasks) / minutes:.2f} conversations/min",
-                     f"{minutes * 60:.0f} s, {user_llm.usage.calls} simulator calls"))
+        rows.append(
+            (
+                f"AILO {len(tasks)} conversations, {label}",
+                f"{len(tasks) / minutes:.2f} conversations/min",
+                f"{minutes * 60:.0f} s, {user_llm.usage.calls} simulator calls",
+            )
+        )
 
     print(f"\nmodel: {args.llm}   device: cpu x {torch.get_num_threads()} threads   turns: {args.max_turns}")
     width = max(len(r[0]) for r in rows)

@@ -40,26 +40,40 @@ from common.tracking import RecordFile  # noqa: E402
 
 # (ActCRS scratchpad, chosen, rejected): the kinds of turns ECPO's backward stage turns into pairs
 PAIRS = [
-    (["Observation 1: User: Hi! I'm looking for a movie to watch this weekend."],
-     "Ask[Happy to help! What are you in the mood for: something light and funny, or something tense and gripping?]",
-     "Recommend[You should watch Titanic (1997). It is a classic that almost everyone loves.]"),
-    (["Observation 1: User: Can you suggest a good science fiction film?",
-      "Action 1: Search[thoughtful science fiction drama]",
-      "Observation 2: Search results: 1. Arrival (2016); genre: drama, sci-fi 2. Moon (2009); genre: drama, sci-fi"],
-     "Recommend[Arrival (2016) is a thoughtful sci-fi drama about language and time. If you like quieter stories, "
-     "Moon (2009) is another great pick.]",
-     "Ask[Do you like movies?]"),
-    (["Observation 1: User: I loved Toy Story. Anything similar for a family night?",
-      "Action 1: Ask[Do your kids prefer funny adventures or musicals?]",
-      "Observation 2: User: Funny adventures, definitely."],
-     "Ask[Great choice! Should it be animated like Toy Story, or would a live-action family comedy work too?]",
-     "Recommend[You could try The Shining (1980), a famous film that many people call one of the best ever made.]"),
-    (["Observation 1: User: I want something romantic but not too cheesy.",
-      "Action 1: Search[understated romantic drama]",
-      "Observation 2: Search results: 1. Before Sunrise (1995); genre: romance, drama 2. Brooklyn (2015); genre: romance"],
-     "Recommend[Before Sunrise (1995) is a quiet, honest romance built on one long conversation. Brooklyn (2015) "
-     "is warmer but never cheesy.]",
-     "Ask[What kind of movies do you usually watch, and what is your favourite genre of all?]"),
+    (
+        ["Observation 1: User: Hi! I'm looking for a movie to watch this weekend."],
+        "Ask[Happy to help! What are you in the mood for: something light and funny, or something tense and gripping?]",
+        "Recommend[You should watch Titanic (1997). It is a classic that almost everyone loves.]",
+    ),
+    (
+        [
+            "Observation 1: User: Can you suggest a good science fiction film?",
+            "Action 1: Search[thoughtful science fiction drama]",
+            "Observation 2: Search results: 1. Arrival (2016); genre: drama, sci-fi 2. Moon (2009); genre: drama, sci-fi",
+        ],
+        "Recommend[Arrival (2016) is a thoughtful sci-fi drama about language and time. If you like quieter stories, "
+        "Moon (2009) is another great pick.]",
+        "Ask[Do you like movies?]",
+    ),
+    (
+        [
+            "Observation 1: User: I loved Toy Story. Anything similar for a family night?",
+            "Action 1: Ask[Do your kids prefer funny adventures or musicals?]",
+            "Observation 2: User: Funny adventures, definitely.",
+        ],
+        "Ask[Great choice! Should it be animated like Toy Story, or would a live-action family comedy work too?]",
+        "Recommend[You could try The Shining (1980), a famous film that many people call one of the best ever made.]",
+    ),
+    (
+        [
+            "Observation 1: User: I want something romantic but not too cheesy.",
+            "Action 1: Search[understated romantic drama]",
+            "Observation 2: Search results: 1. Before Sunrise (1995); genre: romance, drama 2. Brooklyn (2015); genre: romance",
+        ],
+        "Recommend[Before Sunrise (1995) is a quiet, honest romance built on one long conversation. Brooklyn (2015) "
+        "is warmer but never cheesy.]",
+        "Ask[What kind of movies do you usually watch, and what is your favourite genre of all?]",
+    ),
 ]
 
 
@@ -85,7 +99,9 @@ class Args:
 
 def our_step(model, examples, optimizer, scheduler, cfg: ecpo.Args, beta: float, pad_id: int, device) -> torch.Tensor:
     """What ecpo.train_adapter does for one DPO micro-batch (one rank, no accumulation, all weights 1)."""
-    rows = [(e["chosen_ids"], e["chosen_mask"]) for e in examples] + [(e["rejected_ids"], e["rejected_mask"]) for e in examples]
+    rows = [(e["chosen_ids"], e["chosen_mask"]) for e in examples] + [
+        (e["rejected_ids"], e["rejected_mask"]) for e in examples
+    ]
     logps, _ = ecpo.sequence_logps(model, rows, pad_id, device)  # chosen and rejected rows in one forward
     b = len(examples)
     ref_chosen = torch.tensor([e["ref_chosen"] for e in examples], device=device)
@@ -115,8 +131,15 @@ def main(args: Args) -> None:
         torch.set_num_threads(args.threads)
     cfg = ecpo.Args()
     beta = cfg.beta if cfg.beta is not None else ecpo.DEFAULT_BETA["dpo"]
-    pairs = [{"key": f"pair-{k}", "prompt": ecpo.actcrs_prompt("movie", PAIRS[k % len(PAIRS)][0], few_shot=False),
-              "chosen": PAIRS[k % len(PAIRS)][1], "rejected": PAIRS[k % len(PAIRS)][2]} for k in range(args.pairs)]
+    pairs = [
+        {
+            "key": f"pair-{k}",
+            "prompt": ecpo.actcrs_prompt("movie", PAIRS[k % len(PAIRS)][0], few_shot=False),
+            "chosen": PAIRS[k % len(PAIRS)][1],
+            "rejected": PAIRS[k % len(PAIRS)][2],
+        }
+        for k in range(args.pairs)
+    ]
 
     # ------------------------------------------------------------------ ours: ecpo.py's model, data and reference
     torch.manual_seed(args.seed)
@@ -138,26 +161,58 @@ def main(args: Args) -> None:
 
     # ------------------------------------------------------------------ TRL: same base, LoRA config, weights, pairs
     trl_base, _ = load_model(args.policy)
-    dataset = Dataset.from_list([{"prompt": render_prompt(tokenizer, [{"role": "user", "content": p["prompt"]}]),
-                                  "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs])
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": render_prompt(tokenizer, [{"role": "user", "content": p["prompt"]}]),
+                "chosen": p["chosen"],
+                "rejected": p["rejected"],
+            }
+            for p in pairs
+        ]
+    )
     config = DPOConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.pairs, gradient_accumulation_steps=1,
-        learning_rate=cfg.po_lr, beta=beta, loss_type=["sigmoid"], max_grad_norm=cfg.max_grad_norm,
-        precompute_ref_log_probs=True, max_length=None, padding_free=False, disable_dropout=True,
-        bf16=False, fp16=False, activation_checkpointing=False,  # TRL defaults to bf16 and checkpointing; we use neither
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, use_cpu=True, report_to="none",
-        save_strategy="no", dataloader_num_workers=0, seed=args.seed,
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=args.pairs,
+        gradient_accumulation_steps=1,
+        learning_rate=cfg.po_lr,
+        beta=beta,
+        loss_type=["sigmoid"],
+        max_grad_norm=cfg.max_grad_norm,
+        precompute_ref_log_probs=True,
+        max_length=None,
+        padding_free=False,
+        disable_dropout=True,
+        bf16=False,
+        fp16=False,
+        activation_checkpointing=False,  # TRL defaults to bf16 and checkpointing; we use neither
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        dataloader_num_workers=0,
+        seed=args.seed,
     )
     # peft_config (not a wrapped model) makes TRL's reference "adapter disabled", like ecpo.py's
-    trainer = DPOTrainer(model=trl_base, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=copy.deepcopy(model.peft_config["default"]))
+    trainer = DPOTrainer(
+        model=trl_base,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=copy.deepcopy(model.peft_config["default"]),
+    )
     trl_model = trainer.model
     set_peft_model_state_dict(trl_model, get_peft_model_state_dict(model))
     ours_sd, trl_sd = get_peft_model_state_dict(model), get_peft_model_state_dict(trl_model)
     same_adapter = ours_sd.keys() == trl_sd.keys() and all(torch.equal(ours_sd[k], trl_sd[k]) for k in ours_sd)
     rows = [trainer.train_dataset[i] for i in range(args.pairs)]
-    same_tokens = all(r["prompt_ids"] + r[f"{part}_ids"] == e[f"{part}_ids"] for r, e in zip(rows, examples)
-                      for part in ("chosen", "rejected"))
+    same_tokens = all(
+        r["prompt_ids"] + r[f"{part}_ids"] == e[f"{part}_ids"]
+        for r, e in zip(rows, examples)
+        for part in ("chosen", "rejected")
+    )
     batch = trainer.data_collator(rows)  # fixed order; carries TRL's precomputed ref_chosen/rejected_logps
     trainer.create_optimizer_and_scheduler(num_training_steps=1000)
     trainer.current_gradient_accumulation_steps = 1  # set by train(), which we do not call
@@ -174,7 +229,9 @@ def main(args: Args) -> None:
 
     # ------------------------------------------------------------------ losses on identical weights, no update
     with torch.no_grad():
-        rows_ours = [(e["chosen_ids"], e["chosen_mask"]) for e in examples] + [(e["rejected_ids"], e["rejected_mask"]) for e in examples]
+        rows_ours = [(e["chosen_ids"], e["chosen_mask"]) for e in examples] + [
+            (e["rejected_ids"], e["rejected_mask"]) for e in examples
+        ]
         logps, _ = ecpo.sequence_logps(model, rows_ours, tokenizer.pad_token_id, accelerator.device)
         ref_c = torch.tensor([e["ref_chosen"] for e in examples])
         ref_r = torch.tensor([e["ref_rejected"] for e in examples])
@@ -183,12 +240,15 @@ def main(args: Args) -> None:
         for precomputed in (True, False):
             trainer.precompute_ref_logps = precomputed
             loss_trl[precomputed] = trainer.compute_loss(trl_model, trainer._prepare_inputs(batch)).item()
-    ref_diff = max((batch["ref_chosen_logps"] - ref_c).abs().max().item(), (batch["ref_rejected_logps"] - ref_r).abs().max().item())
+    ref_diff = max(
+        (batch["ref_chosen_logps"] - ref_c).abs().max().item(), (batch["ref_rejected_logps"] - ref_r).abs().max().item()
+    )
 
     # ------------------------------------------------------------------ timing, one step of each per round
     variants = {
-        "ours (ecpo.py, ref stored)": lambda: our_step(model, examples, optimizer, scheduler, cfg, beta,
-                                                       tokenizer.pad_token_id, accelerator.device),
+        "ours (ecpo.py, ref stored)": lambda: our_step(
+            model, examples, optimizer, scheduler, cfg, beta, tokenizer.pad_token_id, accelerator.device
+        ),
         "TRL, ref precomputed": lambda: trl_step(True),
         "TRL, ref in step (default)": lambda: trl_step(False),
     }
@@ -204,25 +264,41 @@ def main(args: Args) -> None:
 
     n_tokens = sum(len(e[f"{part}_ids"]) for e in examples for part in ("chosen", "rejected"))
     width = max(len(e[f"{part}_ids"]) for e in examples for part in ("chosen", "rejected"))
-    print(f"\nmodel: {args.policy} + LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha}   device: cpu x {torch.get_num_threads()} "
-          f"threads   trl {trl.__version__}   beta {beta}   lr {cfg.po_lr}")
-    print(f"batch: {args.pairs} pairs = {2 * args.pairs} rows x {width} tokens ({n_tokens} unpadded)   "
-          f"median of {args.repeats} rounds after {args.warmup} warm-up   lora_B noise std {args.perturb_b}")
-    print(f"same adapter weights: {same_adapter}   same token ids: {same_tokens}   "
-          f"max |ref logp TRL - ours|: {ref_diff:.2e}")
-    loss_of = {"ours (ecpo.py, ref stored)": loss_ours, "TRL, ref precomputed": loss_trl[True],
-               "TRL, ref in step (default)": loss_trl[False]}
+    print(
+        f"\nmodel: {args.policy} + LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha}   device: cpu x {torch.get_num_threads()} "
+        f"threads   trl {trl.__version__}   beta {beta}   lr {cfg.po_lr}"
+    )
+    print(
+        f"batch: {args.pairs} pairs = {2 * args.pairs} rows x {width} tokens ({n_tokens} unpadded)   "
+        f"median of {args.repeats} rounds after {args.warmup} warm-up   lora_B noise std {args.perturb_b}"
+    )
+    print(
+        f"same adapter weights: {same_adapter}   same token ids: {same_tokens}   "
+        f"max |ref logp TRL - ours|: {ref_diff:.2e}"
+    )
+    loss_of = {
+        "ours (ecpo.py, ref stored)": loss_ours,
+        "TRL, ref precomputed": loss_trl[True],
+        "TRL, ref in step (default)": loss_trl[False],
+    }
     name_w = max(map(len, variants))
     print(f"{'step':<{name_w}}  {'ms':>9}  {'TRL/ours':>8}  {'loss':>12}  {'|loss - ours|':>13}")
     for name in variants:
         ratio = f"{ms[name] / ours_ms:.2f}" if name != "ours (ecpo.py, ref stored)" else "-"
-        print(f"{name:<{name_w}}  {ms[name]:9.1f}  {ratio:>8}  {loss_of[name]:12.8f}  {abs(loss_of[name] - loss_ours):13.2e}")
-    for precomputed, label in ((True, "ref precomputed, like for like"), (False, "TRL default, ref forward in its step")):
+        print(
+            f"{name:<{name_w}}  {ms[name]:9.1f}  {ratio:>8}  {loss_of[name]:12.8f}  {abs(loss_of[name] - loss_ours):13.2e}"
+        )
+    for precomputed, label in (
+        (True, "ref precomputed, like for like"),
+        (False, "TRL default, ref forward in its step"),
+    ):
         ratio = ms["TRL, ref precomputed" if precomputed else "TRL, ref in step (default)"] / ours_ms
         print(f"ratio TRL/ours ({label}): {ratio:.2f}  -> ours {'no slower' if ratio >= 1 else 'SLOWER'} than TRL")
     diff = max(abs(loss - loss_ours) for loss in loss_trl.values())
-    print(f"loss check: max |loss TRL - loss ours| = {diff:.2e} (tolerance {args.tolerance:g}): "
-          f"{'PASS' if diff <= args.tolerance else 'FAIL'}")
+    print(
+        f"loss check: max |loss TRL - loss ours| = {diff:.2e} (tolerance {args.tolerance:g}): "
+        f"{'PASS' if diff <= args.tolerance else 'FAIL'}"
+    )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ def main(args: Args) -> None:
     try:
         turns, items = grsu.load_dataset(args.conversation, args.data_dir, "valid")
     except grsu.DataError as err:  # no real data here: say so, and measure the bundled demo conversation
-        print(f"{err}\nthe INSPIRED conversation needs the real data (--data-dir); measuring --conversation demo instead")
+        print(
+            f"{err}\nthe INSPIRED conversation needs the real data (--data-dir); measuring --conversation demo instead"
+        )
         args.conversation = "demo"
         turns, items = grsu.load_dataset("demo", args.data_dir, "valid")
     catalog = Catalog(items)
@@ -78,8 +80,10 @@ def main(args: Args) -> None:
 
     def generate(c):
         texts = [t for (t,) in llm.chat(c, max_tokens=args.answer_tokens)]
-        return [1.0 if re.search(r"\byes\b", t, re.I) else 0.0 if re.search(r"\bno\b", t, re.I) else float("nan")
-                for t in texts]
+        return [
+            1.0 if re.search(r"\byes\b", t, re.I) else 0.0 if re.search(r"\bno\b", t, re.I) else float("nan")
+            for t in texts
+        ]
 
     def one_pass(c):
         probs = llm.choice_probs(c, choices=("Yes", "No"), prefix=grsu.ANSWER_PREFIX)
@@ -90,23 +94,36 @@ def main(args: Args) -> None:
 
     rows = []
     with torch.inference_mode():
-        for name, fn in (("generate + parse", generate), ("one pass, full prompts", one_pass), ("grsu.py (shared prefix)", shared)):
+        for name, fn in (
+            ("generate + parse", generate),
+            ("one pass, full prompts", one_pass),
+            ("grsu.py (shared prefix)", shared),
+        ):
             fn(convs[:1])  # warm-up
             start = time.perf_counter()
             scores = fn(convs)
             seconds = time.perf_counter() - start
             parsed = sum(s == s for s in scores)
             rows.append((name, seconds, len(convs) / seconds, parsed, scores))
-    prompt_tokens = sum(len(tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False))["input_ids"]) for c in convs)
-    print(f"\n{args.model}, {len(convs)} items of one {args.conversation} conversation, mean prompt {prompt_tokens / len(convs):.0f} tokens, "
-          f"batch {args.batch_size}, {torch.get_num_threads()} threads")
+    prompt_tokens = sum(
+        len(tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False))["input_ids"])
+        for c in convs
+    )
+    print(
+        f"\n{args.model}, {len(convs)} items of one {args.conversation} conversation, mean prompt {prompt_tokens / len(convs):.0f} tokens, "
+        f"batch {args.batch_size}, {torch.get_num_threads()} threads"
+    )
     print(f"{'scorer':26}{'seconds':>10}{'items/s':>10}{'scored':>9}")
     for name, seconds, rate, parsed, _ in rows:
         print(f"{name:26}{seconds:10.2f}{rate:10.2f}{parsed:>6}/{len(convs)}")
     agreement = max(abs(a - b) for a, b in zip(rows[1][4], rows[2][4]))
-    print(f"\ngrsu.py vs generate + parse: {rows[2][2] / rows[0][2]:.1f}x items/s (target >= 10x): "
-          f"{'PASS' if rows[2][2] >= 10 * rows[0][2] else 'FAIL'}")
-    print(f"grsu.py vs one pass over full prompts: {rows[2][2] / rows[1][2]:.1f}x; max |P(accept) difference| {agreement:.2e}")
+    print(
+        f"\ngrsu.py vs generate + parse: {rows[2][2] / rows[0][2]:.1f}x items/s (target >= 10x): "
+        f"{'PASS' if rows[2][2] >= 10 * rows[0][2] else 'FAIL'}"
+    )
+    print(
+        f"grsu.py vs one pass over full prompts: {rows[2][2] / rows[1][2]:.1f}x; max |P(accept) difference| {agreement:.2e}"
+    )
 
 
 if __name__ == "__main__":

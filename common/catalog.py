@@ -24,7 +24,9 @@ def encoder_path(spec: str = "minilm") -> str:
     return str(Path(list(found.submodule_search_locations)[0]) / EMBEDDED_ENCODER[1])
 
 
-def item_card(item: Item, fields=("year", "genre", "director", "star", "writer", "categories", "price", "plot", "description")) -> str:
+def item_card(
+    item: Item, fields=("year", "genre", "director", "star", "writer", "categories", "price", "plot", "description")
+) -> str:
     """One line per item: the title, then its non-empty attributes in a fixed order."""
     parts = [item.title]
     for key in fields:
@@ -57,8 +59,9 @@ class Catalog:
 
         excluded = set(exclude)
         limit = len(excluded) + 1  # enough candidates that one survives the exclusion
-        for title, score, _ in process.extract(text, self.titles, scorer=fuzz.QRatio, processor=utils.default_process,
-                                               limit=limit):
+        for title, score, _ in process.extract(
+            text, self.titles, scorer=fuzz.QRatio, processor=utils.default_process, limit=limit
+        ):
             if title not in excluded and score >= min_score:
                 return title
         return None
@@ -90,8 +93,11 @@ class Catalog:
             if path.exists():
                 self._embeddings = np.load(path)
             else:
-                self._embeddings = self._load_encoder().encode(
-                    cards, batch_size=64, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+                self._embeddings = (
+                    self._load_encoder()
+                    .encode(cards, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+                    .astype(np.float32)
+                )
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".{id(self)}.tmp.npy")
                 np.save(tmp, self._embeddings)

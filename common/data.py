@@ -11,9 +11,10 @@ import csv
 import json
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
 
@@ -108,16 +109,21 @@ def _field(row: Any, key: str, path: Path | str, number: int) -> Any:
 def _persona_from_task(user_id: str, raw: dict, path, number) -> Persona:
     if not isinstance(raw, dict) or "Activities" not in raw:
         raise DataError(f"{path}:{number}: Persona must be an object with 'Activities'")
-    return Persona(user_id=user_id, activities=raw["Activities"], interests=raw.get("Interests", ""),
-                   language=dict(raw.get("Linguistics") or raw.get("Language") or {}),
-                   orientations=raw.get("Orientations", ""))
+    return Persona(
+        user_id=user_id,
+        activities=raw["Activities"],
+        interests=raw.get("Interests", ""),
+        language=dict(raw.get("Linguistics") or raw.get("Language") or {}),
+        orientations=raw.get("Orientations", ""),
+    )
 
 
 def _ecpo_item(raw: dict, path, number) -> Item:
     title = _field(raw, "ItemName", path, number)
     attributes = {k: raw[k] for k in ("Categories", "Description", "Price") if raw.get(k) not in (None, "", [])}
-    return Item(item_id=str(raw.get("ItemID") or title), title=title,
-                attributes={k.lower(): v for k, v in attributes.items()})
+    return Item(
+        item_id=str(raw.get("ItemID") or title), title=title, attributes={k.lower(): v for k, v in attributes.items()}
+    )
 
 
 def load_ecpo_tasks(path: str | Path) -> list[Task]:
@@ -146,7 +152,9 @@ def load_ecpo_items(path: str | Path) -> list[Item]:
 
 def load_ecpo_reviews(path: str | Path) -> dict[str, list[dict]]:
     """``processed_data_with_summaries.jsonl``: user id -> that user's reviews (for persona building)."""
-    return {str(_field(row, "UserID", path, n)): list(_field(row, "ReviewList", path, n)) for n, row in read_jsonl(path)}
+    return {
+        str(_field(row, "UserID", path, n)): list(_field(row, "ReviewList", path, n)) for n, row in read_jsonl(path)
+    }
 
 
 def load_ecpo_personas(path: str | Path) -> list[Persona]:
@@ -160,11 +168,15 @@ def load_ecpo_personas(path: str | Path) -> list[Persona]:
     personas = []
     for number, row in read_jsonl(path):
         values = _field(row, "FilledValues", path, number)
-        personas.append(Persona(user_id=str(_field(row, "UserID", path, number)),
-                                activities=flat(values.get("Behavioral Traits")),
-                                interests=flat(values.get("Content Preferences")),
-                                language=dict(values.get("Linguistic Traits") or {}),
-                                orientations=flat(values.get("Experience Feedback"))))
+        personas.append(
+            Persona(
+                user_id=str(_field(row, "UserID", path, number)),
+                activities=flat(values.get("Behavioral Traits")),
+                interests=flat(values.get("Content Preferences")),
+                language=dict(values.get("Linguistic Traits") or {}),
+                orientations=flat(values.get("Experience Feedback")),
+            )
+        )
     return personas
 
 
@@ -187,8 +199,12 @@ def load_inspired_tsv(path: str | Path) -> list[Dialogue]:
             if row.get("text") is None:
                 raise DataError(f"{path}:{number}: row has fewer columns than the header")
             movies = [m.strip() for m in (row.get("movies") or "").split(";") if m.strip()]
-            turn = Turn(role=row["speaker"].strip().lower(), text=row["text"], items=movies,
-                        strategy=(row.get(label_column) or "").strip() or None)
+            turn = Turn(
+                role=row["speaker"].strip().lower(),
+                text=row["text"],
+                items=movies,
+                strategy=(row.get(label_column) or "").strip() or None,
+            )
             dialogues.setdefault(row["dialog_id"], Dialogue(row["dialog_id"], [])).turns.append(turn)
     return list(dialogues.values())
 
@@ -199,8 +215,14 @@ def load_unicrs_jsonl(path: str | Path) -> list[Dialogue]:
     for number, row in read_jsonl(path):
         if not isinstance(row, list):
             raise DataError(f"{path}:{number}: expected a list of turns")
-        turns = [Turn(role=str(_field(t, "role", path, number)).lower(), text=_field(t, "text", path, number),
-                      items=list(t.get("movie_name", []))) for t in row]
+        turns = [
+            Turn(
+                role=str(_field(t, "role", path, number)).lower(),
+                text=_field(t, "text", path, number),
+                items=list(t.get("movie_name", [])),
+            )
+            for t in row
+        ]
         dialogues.append(Dialogue(f"{Path(path).stem}:{number}", turns))
     return dialogues
 
@@ -232,9 +254,19 @@ def load_cfcrs_dialogues(path: str | Path) -> list[Dialogue]:
         turns = _field(row, "dialog", path, number)
         if not isinstance(turns, list):
             raise DataError(f"{path}:{number}: 'dialog' must be a list of turns")
-        dialogues.append(Dialogue(str(row.get("dialog_id", f"{Path(path).stem}:{number}")), [
-            Turn(role=str(_field(t, "role", path, number)).lower(), text=_field(t, "text", path, number),
-                 items=list(t.get("movie") or [])) for t in turns]))
+        dialogues.append(
+            Dialogue(
+                str(row.get("dialog_id", f"{Path(path).stem}:{number}")),
+                [
+                    Turn(
+                        role=str(_field(t, "role", path, number)).lower(),
+                        text=_field(t, "text", path, number),
+                        items=list(t.get("movie") or []),
+                    )
+                    for t in turns
+                ],
+            )
+        )
     return dialogues
 
 
@@ -279,8 +311,9 @@ def load_redial_movies_csv(path: str | Path) -> list[Item]:
         for number, row in enumerate(reader, 2):
             if not row.get("movieId") or row.get("movieName") is None:
                 raise DataError(f"{path}:{number}: empty movieId or movieName")
-            items.append(Item(row["movieId"], " ".join(row["movieName"].split()),
-                              {"mentions": int(row.get("nbMentions") or 0)}))
+            items.append(
+                Item(row["movieId"], " ".join(row["movieName"].split()), {"mentions": int(row.get("nbMentions") or 0)})
+            )
     return items
 
 
@@ -292,10 +325,14 @@ def load_ievalm_turns(path: str | Path) -> list[Dialogue]:
     for number, row in read_jsonl(path):
         context = [c for c in _field(row, "context", path, number) if c]
         n = len(context)
-        turns = [Turn(role="seeker" if (n - 1 - i) % 2 == 0 else "recommender", text=text)
-                 for i, text in enumerate(context)]
-        turns.append(Turn(role="recommender", text=_field(row, "resp", path, number),
-                          items=list(_field(row, "rec", path, number))))
+        turns = [
+            Turn(role="seeker" if (n - 1 - i) % 2 == 0 else "recommender", text=text) for i, text in enumerate(context)
+        ]
+        turns.append(
+            Turn(
+                role="recommender", text=_field(row, "resp", path, number), items=list(_field(row, "rec", path, number))
+            )
+        )
         dialogues.append(Dialogue(f"{row.get('dialog_id')}:{row.get('turn_id')}", turns))
     return dialogues
 
@@ -323,10 +360,19 @@ def load_demo_catalog(folder: str | Path = DEMO_DIR) -> list[Item]:
     path = Path(folder) / "catalog.jsonl"
     items = []
     for number, row in read_jsonl(path):
-        items.append(Item(item_id=_field(row, "item_id", path, number), title=_field(row, "title", path, number),
-                          attributes={"year": row.get("year"), "genre": row.get("genres", []),
-                                      "director": row.get("director", []), "star": row.get("stars", []),
-                                      "plot": row.get("plot", "")}))
+        items.append(
+            Item(
+                item_id=_field(row, "item_id", path, number),
+                title=_field(row, "title", path, number),
+                attributes={
+                    "year": row.get("year"),
+                    "genre": row.get("genres", []),
+                    "director": row.get("director", []),
+                    "star": row.get("stars", []),
+                    "plot": row.get("plot", ""),
+                },
+            )
+        )
     return items
 
 
@@ -340,6 +386,11 @@ def load_demo_tasks(folder: str | Path = DEMO_DIR) -> list[Task]:
         target = _field(row, "target", path, number)
         if target not in by_title:
             raise DataError(f"{path}:{number}: target {target!r} is not in catalog.jsonl")
-        tasks.append(Task(task_id=user_id, persona=_persona_from_task(user_id, _field(row, "persona", path, number),
-                                                                        path, number), target=by_title[target]))
+        tasks.append(
+            Task(
+                task_id=user_id,
+                persona=_persona_from_task(user_id, _field(row, "persona", path, number), path, number),
+                target=by_title[target],
+            )
+        )
     return tasks

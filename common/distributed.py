@@ -35,7 +35,9 @@ def global_batches(n_examples: int, batch_size: int, epochs: int, seed: int) -> 
     return batches
 
 
-def rank_micro_batches(batch: list[int], rank: int, world: int, micro: int, accum: int) -> list[list[tuple[int, float]]]:
+def rank_micro_batches(
+    batch: list[int], rank: int, world: int, micro: int, accum: int
+) -> list[list[tuple[int, float]]]:
     """This rank's share of a global batch as ``accum`` micro-batches of ``micro`` (index, weight) entries.
     A short batch is padded with weight-0 copies so every rank runs the same number of equal-sized passes,
     which keeps DDP and ZeRO-3 in lockstep; the weights keep the padding out of the loss."""
@@ -89,8 +91,14 @@ def save_resumable(accelerator, model, stage_dir: Path, step: int, optimizer, sc
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         deepspeed = accelerator.state.deepspeed_plugin is not None
-        save_checkpoint(stage_dir, step, accelerator.unwrap_model(model), None if deepspeed else optimizer,
-                        None if deepspeed else scheduler, state_dict=state_dict)
+        save_checkpoint(
+            stage_dir,
+            step,
+            accelerator.unwrap_model(model),
+            None if deepspeed else optimizer,
+            None if deepspeed else scheduler,
+            state_dict=state_dict,
+        )
     accelerator.wait_for_everyone()
 
 

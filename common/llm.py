@@ -70,7 +70,10 @@ def per_conversation(prefix: str | list[str], count: int) -> list[str]:
 
 def prefilled_prompts(tokenizer, conversations, prefix: str | list[str]) -> list[str]:
     """Each conversation's chat-template text up to the assistant header, followed by its ``prefix``."""
-    return [render_prompt(tokenizer, conv) + p for conv, p in zip(conversations, per_conversation(prefix, len(conversations)))]
+    return [
+        render_prompt(tokenizer, conv) + p
+        for conv, p in zip(conversations, per_conversation(prefix, len(conversations)))
+    ]
 
 
 def _choice_variants(choice: str) -> set[str]:
@@ -103,19 +106,28 @@ class HFChat:
             yield chunk, input_ids, attention_mask
 
     @torch.no_grad()
-    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = "") -> list[list[str]]:
+    def chat(
+        self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = ""
+    ) -> list[list[str]]:
         texts = [text for text in prefilled_prompts(self.tokenizer, conversations, prefix) for _ in range(n)]
         outputs: list[str] = [""] * len(texts)
         was_training = self.model.training
         self.model.eval()
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 else {
-            "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+            if temperature > 0
+            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        )
         for chunk, input_ids, attention_mask in self._batches(texts):
             generated = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_tokens,
-                pad_token_id=self.tokenizer.pad_token_id, stop_strings=stop or None, tokenizer=self.tokenizer,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                stop_strings=stop or None,
+                tokenizer=self.tokenizer,
                 **sampling,
-            )[:, input_ids.shape[1]:]
+            )[:, input_ids.shape[1] :]
             for row, i in enumerate(chunk):
                 tokens = generated[row].tolist()
                 if self.tokenizer.eos_token_id in tokens:  # eos doubles as pad: count up to the first one
@@ -126,7 +138,9 @@ class HFChat:
         return [outputs[k * n : (k + 1) * n] for k in range(len(conversations))]
 
     @torch.no_grad()
-    def choice_probs(self, conversations, choices=("Yes", "No"), prefix: str | list[str] = "") -> list[dict[str, float]]:
+    def choice_probs(
+        self, conversations, choices=("Yes", "No"), prefix: str | list[str] = ""
+    ) -> list[dict[str, float]]:
         """P(next token starts each choice) after the generation header (+ ``prefix``), in one forward pass.
 
         A choice's probability sums its spellings with and without a leading space. No sampling.
@@ -138,7 +152,9 @@ class HFChat:
         self.model.eval()
         for chunk, input_ids, attention_mask in self._batches(texts):
             # logits_to_keep=1: the LM head only at the last position (on a 49k vocabulary it is a large share of the pass)
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1].float()
+            logits = (
+                self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1].float()
+            )
             probs = logits.softmax(-1)
             for row, i in enumerate(chunk):
                 results[i] = {c: float(probs[row, ids].sum()) for c, ids in choice_ids.items()}
@@ -154,8 +170,15 @@ class OpenAIChat:
     concurrently; transient failures are retried with exponential backoff.
     """
 
-    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None,
-                 max_workers: int = 8, max_retries: int = 4, timeout: float = 300.0):
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        max_workers: int = 8,
+        max_retries: int = 4,
+        timeout: float = 300.0,
+    ):
         from openai import OpenAI
 
         self.model, self.max_workers, self.max_retries = model, max_workers, max_retries
@@ -175,19 +198,23 @@ class OpenAIChat:
                 self.usage.add(1, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
                 return response
             except fatal as err:
-                raise LLMBackendError(f"endpoint {self.base_url} (model {self.model}) refused the request: {err}") from None
+                raise LLMBackendError(
+                    f"endpoint {self.base_url} (model {self.model}) refused the request: {err}"
+                ) from None
             except openai.OpenAIError as err:
                 if attempt == self.max_retries:
                     raise LLMBackendError(
                         f"endpoint {self.base_url} (model {self.model}) failed after {attempt + 1} tries: {err}"
                     ) from None
-                time.sleep(min(2.0 ** attempt, 30.0))
+                time.sleep(min(2.0**attempt, 30.0))
 
     def _map(self, fn, jobs):
         with ThreadPoolExecutor(self.max_workers) as pool:
             return list(pool.map(fn, jobs))
 
-    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = "") -> list[list[str]]:
+    def chat(
+        self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = ""
+    ) -> list[list[str]]:
         if any(per_conversation(prefix, len(conversations))):
             raise ValueError("the openai backend cannot prefill an assistant prefix; use free decoding")
 
@@ -198,7 +225,9 @@ class OpenAIChat:
         flat = self._map(one, [conv for conv in conversations for _ in range(n)])
         return [flat[k * n : (k + 1) * n] for k in range(len(conversations))]
 
-    def choice_probs(self, conversations, choices=("Yes", "No"), prefix: str | list[str] = "") -> list[dict[str, float]]:
+    def choice_probs(
+        self, conversations, choices=("Yes", "No"), prefix: str | list[str] = ""
+    ) -> list[dict[str, float]]:
         import math
 
         if any(per_conversation(prefix, len(conversations))):
@@ -239,16 +268,23 @@ class VLLMChat:
     def _generate(self, texts, params):
         outputs = self.engine.generate(texts, params, use_tqdm=False)
         for out in outputs:
-            self.usage.add(len(out.outputs), len(out.prompt_token_ids) * len(out.outputs),
-                           sum(len(o.token_ids) for o in out.outputs))
+            self.usage.add(
+                len(out.outputs),
+                len(out.prompt_token_ids) * len(out.outputs),
+                sum(len(o.token_ids) for o in out.outputs),
+            )
         return outputs
 
-    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = "") -> list[list[str]]:
+    def chat(
+        self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = ""
+    ) -> list[list[str]]:
         params = self._vllm.SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, stop=stop or None)
         texts = prefilled_prompts(self.tokenizer, conversations, prefix)
         return [[o.text.strip() for o in out.outputs] for out in self._generate(texts, params)]
 
-    def choice_probs(self, conversations, choices=("Yes", "No"), prefix: str | list[str] = "") -> list[dict[str, float]]:
+    def choice_probs(
+        self, conversations, choices=("Yes", "No"), prefix: str | list[str] = ""
+    ) -> list[dict[str, float]]:
         import math
 
         params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
@@ -256,8 +292,9 @@ class VLLMChat:
         results = []
         for out in self._generate(texts, params):
             top = out.outputs[0].logprobs[0].values()
-            results.append({c: sum(math.exp(t.logprob) for t in top if t.decoded_token in _choice_variants(c))
-                            for c in choices})
+            results.append(
+                {c: sum(math.exp(t.logprob) for t in top if t.decoded_token in _choice_variants(c)) for c in choices}
+            )
         return results
 
 

@@ -42,7 +42,9 @@ def success_rate(outcomes: Sequence[bool]) -> float:
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:
     """Dist-n: distinct n-grams over all n-grams, pooled across ``texts`` (whitespace tokens)."""
-    grams = [tuple(tokens[i : i + n]) for text in texts for tokens in [text.split()] for i in range(len(tokens) - n + 1)]
+    grams = [
+        tuple(tokens[i : i + n]) for text in texts for tokens in [text.split()] for i in range(len(tokens) - n + 1)
+    ]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
@@ -107,13 +108,25 @@ class ParseStats:
     failures: int = 0
 
     def metrics(self, prefix: str = "rollout/") -> dict[str, int]:
-        return {f"{prefix}parse_attempts": self.attempts, f"{prefix}parse_retries": self.retries,
-                f"{prefix}parse_failures": self.failures}
+        return {
+            f"{prefix}parse_attempts": self.attempts,
+            f"{prefix}parse_retries": self.retries,
+            f"{prefix}parse_failures": self.failures,
+        }
 
 
-def chat_parsed(llm, conversations: list[list[dict]], parse: Callable[[str], Any], stats: ParseStats,
-                max_tries: int = 3, temperature: float = 0.0, temperature_step: float = 0.3,
-                max_tokens: int = 256, stop=None, retry_temperature: float | None = None) -> tuple[list[Any], list[str]]:
+def chat_parsed(
+    llm,
+    conversations: list[list[dict]],
+    parse: Callable[[str], Any],
+    stats: ParseStats,
+    max_tries: int = 3,
+    temperature: float = 0.0,
+    temperature_step: float = 0.3,
+    max_tokens: int = 256,
+    stop=None,
+    retry_temperature: float | None = None,
+) -> tuple[list[Any], list[str]]:
     """One batched ``llm.chat`` call, then re-ask only the conversations whose output ``parse`` rejected
     (returned None), each retry hotter by ``temperature_step`` so greedy decoding does not repeat itself, or
     every retry at ``retry_temperature`` when that is given.

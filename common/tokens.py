@@ -10,8 +10,9 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def encode_prompt_completion(tokenizer, messages: list[dict], completion: str,
-                             max_length: int | None = None) -> tuple[list[int], list[int]]:
+def encode_prompt_completion(
+    tokenizer, messages: list[dict], completion: str, max_length: int | None = None
+) -> tuple[list[int], list[int]]:
     """Token ids of prompt + completion, and a mask that is 1 on completion tokens only.
 
     The prompt and the completion are tokenized separately and concatenated, so the mask

@@ -32,8 +32,15 @@ class Tracker:
     W&B honours WANDB_MODE=offline.
     """
 
-    def __init__(self, run_dir: str | Path, config: Any, track: bool = False, project: str = "cleancrs",
-                 entity: str | None = None, is_main: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        config: Any,
+        track: bool = False,
+        project: str = "cleancrs",
+        entity: str | None = None,
+        is_main: bool = True,
+    ):
         self.run_dir = Path(run_dir)
         self.is_main = is_main
         self.wandb = None
@@ -45,8 +52,15 @@ class Tracker:
         if track:
             import wandb
 
-            self.wandb = wandb.init(project=project, entity=entity, name=self.run_dir.name, config=config,
-                                    dir=str(self.run_dir), resume="allow", id=self.run_dir.name.replace("/", "_"))
+            self.wandb = wandb.init(
+                project=project,
+                entity=entity,
+                name=self.run_dir.name,
+                config=config,
+                dir=str(self.run_dir),
+                resume="allow",
+                id=self.run_dir.name.replace("/", "_"),
+            )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.is_main:
@@ -97,8 +111,15 @@ class RecordFile:
             os.close(fd)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, optimizer=None, scheduler=None, state: dict | None = None,
-                    state_dict: dict | None = None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model,
+    optimizer=None,
+    scheduler=None,
+    state: dict | None = None,
+    state_dict: dict | None = None,
+) -> Path:
     """Write ``checkpoints/step_<step>/``: the model (a peft model saves only its adapter), the optimizer
     and scheduler states, and a JSON ``state``. The folder is renamed into place when complete.
     ``state_dict`` overrides the model's own (under ZeRO-3, the one ``accelerator.get_state_dict`` gathered)."""
@@ -106,8 +127,13 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer=None, sched
     tmp = final.with_name(final.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp, state_dict=state_dict)
-    torch.save({"optimizer": optimizer.state_dict() if optimizer else None,
-                "scheduler": scheduler.state_dict() if scheduler else None}, tmp / "training_state.pt")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict() if optimizer else None,
+            "scheduler": scheduler.state_dict() if scheduler else None,
+        },
+        tmp / "training_state.pt",
+    )
     (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}))
     if final.exists():
         import shutil

@@ -3,18 +3,32 @@ import re
 
 import pytest
 
-from ailo_sim import (AILO, CRAReply, episode_metrics, leaks_title, max_rouge_l, parse_ec, parse_persona,
-                      parse_policy, redact_title, rouge_l, run_episodes)
+from ailo_sim import (
+    AILO,
+    CRAReply,
+    episode_metrics,
+    leaks_title,
+    max_rouge_l,
+    parse_ec,
+    parse_persona,
+    parse_policy,
+    redact_title,
+    rouge_l,
+    run_episodes,
+)
 from common.data import Item, Persona, Task, load_demo_tasks
 from common.tracking import RecordFile
 
 
 def _task(title="Jaws (1975)", activities="Efficiency-seeking user who wants one pick."):
-    return Task(task_id=f"t-{title}", persona=Persona("u", activities, "sea thrillers", {"Tone": "dry"}),
-                target=Item("1", title, {"genre": ["thriller"]}))
+    return Task(
+        task_id=f"t-{title}",
+        persona=Persona("u", activities, "sea thrillers", {"Tone": "dry"}),
+        target=Item("1", title, {"genre": ["thriller"]}),
+    )
 
 
-def script(policy="respond_to_clarification", response='I want something tense at sea.', rating="4"):
+def script(policy="respond_to_clarification", response="I want something tense at sea.", rating="4"):
     """A simulator LLM that answers each AILO sub-step in its JSON format. ``{target}`` in ``response`` is
     replaced by the title the prompt hides (a user that leaks its own target)."""
 
@@ -36,7 +50,9 @@ def echo_cra(text="Have you seen Jaws (1975)?", retrieved=("Jaws (1975)",)):
 def test_title_guard_forms():
     assert leaks_title("I loved JAWS as a kid", "Jaws (1975)")
     assert not leaks_title("jawsome day", "Jaws (1975)")
-    assert leaks_title("like the Killer Clown Calamity", "The Killer Clown Calamity (A Charlie Rhodes Cozy Mystery Book 7)")
+    assert leaks_title(
+        "like the Killer Clown Calamity", "The Killer Clown Calamity (A Charlie Rhodes Cozy Mystery Book 7)"
+    )
     assert redact_title("Is it Jaws (1975)? Jaws!", "Jaws (1975)") == "Is it that one? that one!"
 
 
@@ -50,7 +66,9 @@ def test_target_title_never_reaches_the_cra(scripted_llm):
         return [CRAReply("What do you like?") for _ in keys]
 
     trajectories = run_episodes([_task(), _task("The Godfather (1972)")], cra, simulator, max_turns=2)
-    utterances = seen + [t["opening"]["user"] for t in trajectories] + [u["user"] for t in trajectories for u in t["turns"]]
+    utterances = (
+        seen + [t["opening"]["user"] for t in trajectories] + [u["user"] for t in trajectories for u in t["turns"]]
+    )
     assert utterances and not any(re.search("jaws|godfather", u, re.IGNORECASE) for u in utterances)
     assert simulator.title_leaks > 0 and simulator.title_redactions == simulator.title_leaks
     # 2 users x 2 content steps (opening, turn 1; the final turn is EC only), each asked once and then
@@ -114,8 +132,11 @@ def test_parsers_on_simulator_outputs():
     assert parse_ec('{"reason": "<reason for the rating>", "rating": "0"}') is None  # echoed template
     assert parse_ec('{"reason": "Rigid.", "rating": "<Final rating from 0 to 5 >"}') is None
     assert parse_ec('```json\n{"reason": "Good guidance.", "rating": "4"}\n```') == ("Good guidance.", 4)
-    persona = parse_persona('{"Activities": "A detail-oriented user who reads reviews.", "Interests": ["mystery", "humor"],'
-                            ' "Language": {"Tone": "warm"}, "Orientations": "quality"}', "u1")
+    persona = parse_persona(
+        '{"Activities": "A detail-oriented user who reads reviews.", "Interests": ["mystery", "humor"],'
+        ' "Language": {"Tone": "warm"}, "Orientations": "quality"}',
+        "u1",
+    )
     assert persona.interests == "mystery, humor" and persona.language == {"Tone": "warm"}
     assert parse_persona('{"Activities": "Likes books."}', "u1") is None  # no activity type
 
@@ -147,8 +168,10 @@ def test_ec_falls_back_to_the_expected_rating_on_a_local_backend(scripted_llm):
 
     llm = PrefillLLM(lambda prompt: "I think the system did fine.")  # never JSON
     simulator = AILO(llm, max_parse_tries=1)
-    user = SimUser(Task("t", Persona("u", "Efficiency-seeking user.", "films", {}, ""), Item("1", "Heat (1995)", {})),
-                   history=[{"role": "user", "content": "hi"}])
+    user = SimUser(
+        Task("t", Persona("u", "Efficiency-seeking user.", "films", {}, ""), Item("1", "Heat (1995)", {})),
+        history=[{"role": "user", "content": "hi"}],
+    )
     (turn,) = simulator.step([user], ["What genre?"], final=True)
     assert turn.ec_rating == 3 and turn.ec_reason == "coherent, but it gives no guidance"  # (3*.3 + 5*.2)/.5 = 3.8
     assert simulator.metrics()["rollout/ec_constrained"] == 1 and simulator.stats.failures == 1

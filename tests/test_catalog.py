@@ -1,9 +1,12 @@
 from common.catalog import Catalog, item_card
 from common.data import Item, load_demo_catalog
 
-ITEMS = [Item("1", "The Godfather (1972)", {"genre": ["crime"]}), Item("2", "The Godfather Part II (1974)"),
-         Item("3", "Toy Story (1995)", {"genre": ["animation"], "director": ["John Lasseter"]}),
-         Item("4", "Toy Story 2 (1999)")]
+ITEMS = [
+    Item("1", "The Godfather (1972)", {"genre": ["crime"]}),
+    Item("2", "The Godfather Part II (1974)"),
+    Item("3", "Toy Story (1995)", {"genre": ["animation"], "director": ["John Lasseter"]}),
+    Item("4", "Toy Story 2 (1999)"),
+]
 
 
 def test_fuzzy_match_tolerates_case_year_and_typos():

@@ -1,8 +1,21 @@
 import pytest
 
-from common.data import (DataError, load_cfcrs_kg, load_demo_catalog, load_demo_tasks, load_ecpo_items,
-                         load_ecpo_personas, load_ecpo_reviews, load_ecpo_tasks, load_ievalm_turns, load_inspired_tsv,
-                         load_movie_info, load_redial_movies_csv, load_redial_official, load_unicrs_jsonl)
+from common.data import (
+    DataError,
+    load_cfcrs_kg,
+    load_demo_catalog,
+    load_demo_tasks,
+    load_ecpo_items,
+    load_ecpo_personas,
+    load_ecpo_reviews,
+    load_ecpo_tasks,
+    load_ievalm_turns,
+    load_inspired_tsv,
+    load_movie_info,
+    load_redial_movies_csv,
+    load_redial_official,
+    load_unicrs_jsonl,
+)
 from tests.conftest import DATA, needs_data
 
 pytestmark = []
@@ -48,7 +61,10 @@ def test_ievalm_turns_and_movie_info():
     dialogues = load_ievalm_turns(DATA / "redial/ievalm/valid_data_processed.jsonl")
     assert len(dialogues) == 2716
     first = dialogues[0]
-    assert first.turns[-1].role == "recommender" and first.turns[-1].items == ["The Shining (1980)", "What Lies Beneath (2000)"]
+    assert first.turns[-1].role == "recommender" and first.turns[-1].items == [
+        "The Shining (1980)",
+        "What Lies Beneath (2000)",
+    ]
     assert first.turns[-2].role == "seeker" and "Babadook" in first.turns[-2].text
     by_id = {i.item_id: i for i in load_movie_info(DATA / "redial/ievalm/id2info.json")}
     assert by_id["100026"].title == "Pari (1995)" and by_id["100026"].attributes["director"] == ["Dariush Mehrjui"]
@@ -77,8 +93,10 @@ def test_demo_data_is_consistent():
     assert len(catalog) >= 30 and len(tasks) >= 30
     titles = {i.title for i in catalog}
     assert all(t.target.title in titles for t in tasks)
-    assert all(t.persona.activities.split()[0] in ("Efficiency-seeking", "Detail-oriented", "Exploration-oriented")
-               for t in tasks)
+    assert all(
+        t.persona.activities.split()[0] in ("Efficiency-seeking", "Detail-oriented", "Exploration-oriented")
+        for t in tasks
+    )
 
 
 def test_errors_name_the_file_and_line(tmp_path):

@@ -66,8 +66,10 @@ def test_kto_value_reference_point_and_gradient_signs():
 
 
 def test_sft_loss_is_token_mean_nll(tokenizer, tiny_model):
-    rows = [ecpo.encode(tokenizer, "Find me a film.", "Ask[Which genre?]", 2048),
-            ecpo.encode(tokenizer, "Hello", "Search[space opera]", 2048)]
+    rows = [
+        ecpo.encode(tokenizer, "Find me a film.", "Ask[Which genre?]", 2048),
+        ecpo.encode(tokenizer, "Hello", "Search[space opera]", 2048),
+    ]
     logps, n_tokens = ecpo.sequence_logps(tiny_model, rows, tokenizer.pad_token_id, "cpu")
     # by hand: -mean over all completion tokens of log softmax at the right positions
     by_hand = []
@@ -98,14 +100,22 @@ def _forward_trajectory(key, ratings):
     turns = []
     for n, rating in enumerate(ratings, 1):
         action = None if rating == "error" else f"Ask[question {n}?]"
-        turns.append({"turn": n, "ec_rating": 0 if rating == "error" else rating, "ec_reason": f"flaw {n}",
-                      "cra": {"state": f"...\nDialogue:\nObservation 1: User: hi\nAction {n}:", "action": action}})
+        turns.append(
+            {
+                "turn": n,
+                "ec_rating": 0 if rating == "error" else rating,
+                "ec_reason": f"flaw {n}",
+                "cra": {"state": f"...\nDialogue:\nObservation 1: User: hi\nAction {n}:", "action": action},
+            }
+        )
     return {"key": key, "turns": turns}
 
 
 def test_lower_lambda_gives_a_subset_of_the_pairs(tmp_path, scripted_llm):
     trajectories = [_forward_trajectory("a", [1, 3, 5, "error"]), _forward_trajectory("b", [2, 4, None, 4])]
-    rewriter = scripted_llm(lambda prompt: '{"reason": "more concrete", "refinement": "Ask[Historical or contemporary?]"}')
+    rewriter = scripted_llm(
+        lambda prompt: '{"reason": "more concrete", "refinement": "Ask[Historical or contemporary?]"}'
+    )
     args = ecpo.Args(batch_size=2)
     records = RecordFile(tmp_path / "rewrites.jsonl")
 
@@ -123,39 +133,49 @@ def test_lower_lambda_gives_a_subset_of_the_pairs(tmp_path, scripted_llm):
     assert pairs[4][0]["chosen"] == "Ask[Historical or contemporary?]" and pairs[4][0]["rejected"] == "Ask[question 1?]"
 
 
-@pytest.mark.parametrize("text, status", [
-    ('{"reason": "r", "refinement": "Recommend[Try Heat (1995), a tense crime saga.]"}', "ok"),
-    ('Sure! ```json\n{"reason": "r", "refinement": "Ask[Do you prefer older films?]",}\n```', "ok"),
-    ('{"reason": "r", "refinement": "Ask[question 1?]"}', "unchanged"),
-    ('{"reason": "r", "refinement": "Ask[Do you like [older] films?]"}', "bad_format"),
-    ('{"reason": "r", "refinement": "I would ask about the genre."}', "bad_format"),
-    ('{"reason": "r", "refinement": "Ask[What genre?] and then Search[genre]"}', "bad_format"),
-    ('{"reason": "r", "refinement": ["Ask[What genre?]"]}', "unparsable"),
-    ("Refinement: Ask[What genre do you like?]", "unparsable"),
-])
+@pytest.mark.parametrize(
+    "text, status",
+    [
+        ('{"reason": "r", "refinement": "Recommend[Try Heat (1995), a tense crime saga.]"}', "ok"),
+        ('Sure! ```json\n{"reason": "r", "refinement": "Ask[Do you prefer older films?]",}\n```', "ok"),
+        ('{"reason": "r", "refinement": "Ask[question 1?]"}', "unchanged"),
+        ('{"reason": "r", "refinement": "Ask[Do you like [older] films?]"}', "bad_format"),
+        ('{"reason": "r", "refinement": "I would ask about the genre."}', "bad_format"),
+        ('{"reason": "r", "refinement": "Ask[What genre?] and then Search[genre]"}', "bad_format"),
+        ('{"reason": "r", "refinement": ["Ask[What genre?]"]}', "unparsable"),
+        ("Refinement: Ask[What genre do you like?]", "unparsable"),
+    ],
+)
 def test_check_refinement_on_real_malformed_outputs(text, status):
     refinement, got = ecpo.check_refinement(text, "Ask[question 1?]")
     assert got == status and (refinement is not None) == (status == "ok")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('{"Flexibility": {"Reason": "a", "Score": 1}, "Coherence": {"Reason": "b", "Score": "0"}, '
-     '"User Guidance": {"Reason": "c", "Score": -1}, "Final Score": 1}',
-     {"flexibility": 1, "coherence": 0, "user_guidance": -1, "final": 1}),
-    ('```json\n{"flexibility": {"score": -1}, "Final Score": "-1"}\n```', {"flexibility": -1, "final": -1}),
-    ('{"Flexibility": {"Reason": "a", "Score": 1}}', None),  # no final verdict
-    ('{"Final Score": "-1 or 1 or 0"}', None),  # the echoed template
-    ("A is better overall.", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            '{"Flexibility": {"Reason": "a", "Score": 1}, "Coherence": {"Reason": "b", "Score": "0"}, '
+            '"User Guidance": {"Reason": "c", "Score": -1}, "Final Score": 1}',
+            {"flexibility": 1, "coherence": 0, "user_guidance": -1, "final": 1},
+        ),
+        ('```json\n{"flexibility": {"score": -1}, "Final Score": "-1"}\n```', {"flexibility": -1, "final": -1}),
+        ('{"Flexibility": {"Reason": "a", "Score": 1}}', None),  # no final verdict
+        ('{"Final Score": "-1 or 1 or 0"}', None),  # the echoed template
+        ("A is better overall.", None),
+    ],
+)
 def test_parse_judgement(text, expected):
     assert ecpo.parse_judgement(text) == expected
 
 
 def test_win_rates_per_dimension():
-    judgements = [{"label": "eval", "order": "ab", "scores": {"final": 1, "coherence": 0}},
-                  {"label": "eval", "order": "ba", "scores": {"final": 1, "coherence": 0}},
-                  {"label": "eval", "order": "ba", "scores": None},
-                  {"label": "eval_sft", "order": "ab", "scores": {"final": 1}}]
+    judgements = [
+        {"label": "eval", "order": "ab", "scores": {"final": 1, "coherence": 0}},
+        {"label": "eval", "order": "ba", "scores": {"final": 1, "coherence": 0}},
+        {"label": "eval", "order": "ba", "scores": None},
+        {"label": "eval_sft", "order": "ab", "scores": {"final": 1}},
+    ]
     metrics = ecpo.win_rates(judgements, "eval", "eval")
     assert metrics["eval/wr"] == 0.5 and metrics["eval/wr_coherence"] == 0.5  # a win, and a loss when swapped
     assert metrics["eval/judgements"] == 2 and metrics["eval/judge_failures"] == 1
@@ -175,8 +195,10 @@ def test_constrained_decoding_always_gives_a_well_formed_action(tokenizer, tiny_
     from common.llm import HFChat
 
     llm = HFChat(tiny_model, tokenizer, batch_size=4)
-    prompts = [ecpo.actcrs_prompt("movie", [f"Observation 1: User: I want a film about {x}."], few_shot=False)
-               for x in ("space", "dreams", "cooking")]
+    prompts = [
+        ecpo.actcrs_prompt("movie", [f"Observation 1: User: I want a film about {x}."], few_shot=False)
+        for x in ("space", "dreams", "cooking")
+    ]
     args = ecpo.Args(action_max_tokens=8)
     stats = ParseStats()
     actions = ecpo.decode_actions(llm, prompts, ecpo.VISIBLE_ACTIONS, args, stats)
@@ -212,11 +234,13 @@ def test_actcrs_chains_searches_then_answers(scripted_llm):
 
 
 def test_cost_per_pair_counts_resumed_trajectories_once():
-    rows = [{"stage": "teacher", "llm_calls": 35, "tokens": 900, "trajectories": 2},
-            {"stage": "forward", "llm_calls": 34, "tokens": 800, "trajectories": 2},
-            {"stage": "teacher", "llm_calls": 0, "tokens": 0, "trajectories": 2},  # a rerun that resumed everything
-            {"stage": "forward", "llm_calls": 0, "tokens": 0, "trajectories": 2},
-            {"stage": "backward", "llm_calls": 12, "tokens": 400, "pairs": 4}]
+    rows = [
+        {"stage": "teacher", "llm_calls": 35, "tokens": 900, "trajectories": 2},
+        {"stage": "forward", "llm_calls": 34, "tokens": 800, "trajectories": 2},
+        {"stage": "teacher", "llm_calls": 0, "tokens": 0, "trajectories": 2},  # a rerun that resumed everything
+        {"stage": "forward", "llm_calls": 0, "tokens": 0, "trajectories": 2},
+        {"stage": "backward", "llm_calls": 12, "tokens": 400, "pairs": 4},
+    ]
     metrics = ecpo.cost_metrics(rows)
     assert metrics["cost/trajectories_per_pair"] == 0.5 and metrics["cost/teacher_trajectories"] == 2
     assert metrics["cost/llm_calls_per_pair"] == (34 + 12) / 4 and metrics["cost/tokens_per_pair"] == 1200 / 4

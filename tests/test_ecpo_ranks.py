@@ -11,14 +11,16 @@ import torch
 
 from tests.conftest import ROOT
 
-PAIRS = [("I want a film about dreams.", "Recommend[Inception (2010) bends dreams into a heist.]", "Ask[What genre?]"),
-         ("Something funny tonight?", "Ask[Slapstick, or dry and witty?]", "Response[OK.]"),
-         ("A scary movie please.", "Search[supernatural horror haunted house]", "Recommend[Heat (1995)]"),
-         ("Any space adventures?", "Recommend[Interstellar (2014), a voyage through a wormhole.]", "Ask[Why?]"),
-         ("A romance, maybe.", "Ask[A classic love story, or something modern?]", "Response[Sure.]"),
-         ("I liked Heat.", "Search[crime thriller heist]", "Response[Nice.]"),
-         ("Animated films?", "Recommend[Spirited Away (2001), a hand-drawn fantasy.]", "Search[cartoon]"),
-         ("Surprise me.", "Ask[Do you want something light or something intense?]", "Recommend[Alien (1979)]")]
+PAIRS = [
+    ("I want a film about dreams.", "Recommend[Inception (2010) bends dreams into a heist.]", "Ask[What genre?]"),
+    ("Something funny tonight?", "Ask[Slapstick, or dry and witty?]", "Response[OK.]"),
+    ("A scary movie please.", "Search[supernatural horror haunted house]", "Recommend[Heat (1995)]"),
+    ("Any space adventures?", "Recommend[Interstellar (2014), a voyage through a wormhole.]", "Ask[Why?]"),
+    ("A romance, maybe.", "Ask[A classic love story, or something modern?]", "Response[Sure.]"),
+    ("I liked Heat.", "Search[crime thriller heist]", "Response[Nice.]"),
+    ("Animated films?", "Recommend[Spirited Away (2001), a hand-drawn fantasy.]", "Search[cartoon]"),
+    ("Surprise me.", "Ask[Do you want something light or something intense?]", "Recommend[Alien (1979)]"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +43,19 @@ def _prepare_run(root, name, tiny_policy):
     (run_dir / "sft_adapter" / "steps.json").write_text(json.dumps({"steps": 0, "examples": 0}))
     with (run_dir / "pairs.jsonl").open("w") as f:
         for k, (prompt, chosen, rejected) in enumerate(PAIRS):
-            f.write(json.dumps({"key": f"t{k}#1", "prompt": prompt, "chosen": chosen, "rejected": rejected,
-                                "rating": 2, "conf": "flaw"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "key": f"t{k}#1",
+                        "prompt": prompt,
+                        "chosen": chosen,
+                        "rejected": rejected,
+                        "rating": 2,
+                        "conf": "flaw",
+                    }
+                )
+                + "\n"
+            )
     return run_dir
 
 
@@ -52,17 +65,52 @@ def _losses(run_dir):
 
 
 def test_two_ranks_match_one_rank(tmp_path, tiny_policy):
-    flags = ["--stages", "po", "--policy", str(tiny_policy), "--po-batch-size", "4", "--micro-batch-size", "2",
-             "--po-epochs", "2", "--po-lr", "5e-3", "--warmup-ratio", "0"]
+    flags = [
+        "--stages",
+        "po",
+        "--policy",
+        str(tiny_policy),
+        "--po-batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--po-epochs",
+        "2",
+        "--po-lr",
+        "5e-3",
+        "--warmup-ratio",
+        "0",
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     one = _prepare_run(tmp_path, "one", tiny_policy)
     two = _prepare_run(tmp_path, "two", tiny_policy)
-    result = subprocess.run([sys.executable, str(ROOT / "ecpo.py"), *flags, "--run-name", "one"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "ecpo.py"), *flags, "--run-name", "one"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                             str(ROOT / "configs" / "cpu_2proc.yaml"), str(ROOT / "ecpo.py"), *flags, "--run-name", "two"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "configs" / "cpu_2proc.yaml"),
+            str(ROOT / "ecpo.py"),
+            *flags,
+            "--run-name",
+            "two",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     curve_one, curve_two = _losses(one), _losses(two)
     assert len(curve_one) == len(curve_two) == 4  # 8 pairs / 4 per step x 2 epochs

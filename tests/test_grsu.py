@@ -26,16 +26,29 @@ def test_accept_probability_from_known_logits():
 
 
 def test_prefix_shared_scoring_equals_scoring_each_full_prompt(tiny_model, tokenizer):
-    history = [{"role": "seeker", "text": "I want a tense thriller."}, {"role": "recommender", "text": "Old or new?"},
-               {"role": "seeker", "text": "New, please."}]
+    history = [
+        {"role": "seeker", "text": "I want a tense thriller."},
+        {"role": "recommender", "text": "Old or new?"},
+        {"role": "seeker", "text": "New, please."},
+    ]
     items = ["Get Out (2017); genre: horror", "Toy Story (1995); genre: animation, family", "Jaws (1975)"]
     prompts = [grsu.score_prompt(history, item) for item in items]
     shared, billed = grsu.accept_probs(tiny_model, tokenizer, prompts, batch_size=2)
-    full = HFChat(tiny_model, tokenizer).choice_probs([[{"role": "user", "content": p}] for p in prompts],
-                                                      choices=("Yes", "No"), prefix=grsu.ANSWER_PREFIX)
+    full = HFChat(tiny_model, tokenizer).choice_probs(
+        [[{"role": "user", "content": p}] for p in prompts], choices=("Yes", "No"), prefix=grsu.ANSWER_PREFIX
+    )
     assert shared == pytest.approx([p["Yes"] / (p["Yes"] + p["No"]) for p in full], abs=1e-5)
-    assert billed == sum(len(tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                         add_generation_prompt=True, tokenize=False) + grsu.ANSWER_PREFIX)["input_ids"]) for p in prompts)
+    assert billed == sum(
+        len(
+            tokenizer(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+                )
+                + grsu.ANSWER_PREFIX
+            )["input_ids"]
+        )
+        for p in prompts
+    )
 
 
 def test_pooled_ranking_averages_repeated_items_and_sorts():
@@ -90,13 +103,19 @@ def test_instruction_loss_hand_value_and_gradient():
 
 
 def test_rec_turns_keep_only_new_labels_with_history():
-    dialogue = Dialogue("d", [
-        Turn("recommender", "Have you seen Jaws (1975)?", ["Jaws (1975)"]),  # no history: not an example
-        Turn("seeker", "Yes! I also loved Alien."),
-        Turn("recommender", "Then Jaws (1975) again, or Alien (1979), or Fargo (1996).",
-             ["Jaws (1975)", "Alien (1979)", "Fargo (1996)"]),
-        Turn("recommender", "Or something unknown.", ["Not In Catalog (2000)"]),
-    ])
+    dialogue = Dialogue(
+        "d",
+        [
+            Turn("recommender", "Have you seen Jaws (1975)?", ["Jaws (1975)"]),  # no history: not an example
+            Turn("seeker", "Yes! I also loved Alien."),
+            Turn(
+                "recommender",
+                "Then Jaws (1975) again, or Alien (1979), or Fargo (1996).",
+                ["Jaws (1975)", "Alien (1979)", "Fargo (1996)"],
+            ),
+            Turn("recommender", "Or something unknown.", ["Not In Catalog (2000)"]),
+        ],
+    )
     titles = {"Jaws (1975)", "Alien (1979)", "Fargo (1996)"}
     turns = grsu.rec_turns([dialogue], titles)
     assert len(turns) == 1
@@ -114,7 +133,7 @@ def test_synthesis_puts_the_preference_in_the_teacher_prompt_only():
     assert len(critiques) == 3 + 1  # the subsets {a}, {b}, {a, b} and one list without ground truth
     for job in critiques:
         assert len(job["items"]) == 10 and len(set(job["items"])) == 10 and "Jaws (1975)" not in job["items"]
-        preference = job["teacher_prompt"][len(job["prompt"]):]
+        preference = job["teacher_prompt"][len(job["prompt"]) :]
         assert job["teacher_prompt"].startswith(job["prompt"]) and "What you really want" not in job["prompt"]
         assert all(grsu.render_item(catalog, t) in preference for t in turn.labels)
     assert [job["gt_in_list"] for job in critiques] == [1, 1, 2, 0]
@@ -130,7 +149,7 @@ def test_parse_titles_on_real_crs_outputs():
     bold = "1. **Inception (2010)**\n2. **The Matrix (1999)** - a classic\n3. **Dune (2021)**"
     assert grsu.parse_titles(bold) == ["Inception (2010)", "The Matrix (1999)", "Dune (2021)"]
     # SmolLM2, after the "1. **" pre-fill, often drops the bold from the second line on
-    numbered = "1. **Die Hard (1988)**\n2. Toy Story (1995)\n3) \"Coco\"\n4. ****"
+    numbered = '1. **Die Hard (1988)**\n2. Toy Story (1995)\n3) "Coco"\n4. ****'
     assert grsu.parse_titles(numbered) == ["Die Hard (1988)", "Toy Story (1995)", "Coco"]
     assert grsu.parse_titles("My picks: **Fargo (1996)** and **Up**.") == ["Fargo (1996)", "Up"]
     assert grsu.parse_titles("I cannot recommend anything.") == []

@@ -5,8 +5,10 @@ from common.llm import HFChat, LLMBackendError, OpenAIChat, make_llm, truncate_a
 from common.models import ModelSpecError, add_lora, resolve_model_path
 from common.tokens import render_prompt
 
-CONVS = [[{"role": "user", "content": "Hi"}],
-         [{"role": "user", "content": "Please recommend a long, slow, thoughtful science-fiction film."}]]
+CONVS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "Please recommend a long, slow, thoughtful science-fiction film."}],
+]
 
 
 def test_batched_left_padded_generation_matches_one_at_a_time(tiny_model, tokenizer):
@@ -32,7 +34,10 @@ def test_choice_probs_equal_one_forward_softmax(tiny_model, tokenizer):
     ids = tokenizer(render_prompt(tokenizer, CONVS[1]), add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         p = tiny_model(torch.tensor([ids])).logits[0, -1].softmax(-1)
-    yes = {tokenizer("Yes", add_special_tokens=False)["input_ids"][0], tokenizer(" Yes", add_special_tokens=False)["input_ids"][0]}
+    yes = {
+        tokenizer("Yes", add_special_tokens=False)["input_ids"][0],
+        tokenizer(" Yes", add_special_tokens=False)["input_ids"][0],
+    }
     assert probs[1]["Yes"] == pytest.approx(float(p[sorted(yes)].sum()), rel=1e-4)
     assert 0 < probs[0]["No"] < 1 and llm.usage.completion_tokens == 0
 
@@ -43,7 +48,9 @@ def test_per_conversation_prefixes_match_one_call_per_prefix(tiny_model, tokeniz
     together = llm.choice_probs(CONVS, choices=("1", "2"), prefix=prefixes)
     apart = [llm.choice_probs([c], choices=("1", "2"), prefix=p)[0] for c, p in zip(CONVS, prefixes)]
     assert together == apart
-    assert llm.chat(CONVS, max_tokens=4, prefix=prefixes) == [llm.chat([c], max_tokens=4, prefix=p)[0] for c, p in zip(CONVS, prefixes)]
+    assert llm.chat(CONVS, max_tokens=4, prefix=prefixes) == [
+        llm.chat([c], max_tokens=4, prefix=p)[0] for c, p in zip(CONVS, prefixes)
+    ]
     with pytest.raises(ValueError, match="1 prefixes for 2 conversations"):
         llm.chat(CONVS, prefix=["Ask["])
 
@@ -66,6 +73,7 @@ def test_vllm_backend_is_guarded():
     pytest.importorskip("torch")
     try:
         import vllm  # noqa: F401
+
         pytest.skip("vLLM is installed here")
     except ImportError:
         pass

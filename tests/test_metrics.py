@@ -4,7 +4,6 @@ import pytest
 
 from common.metrics import distinct_n, mrr_at_k, ndcg_at_k, recall_at_k, success_rate, win_rate
 
-
 RANKED = ["a", "b", "c", "d", "e"]
 
 

@@ -8,7 +8,7 @@ SINGLE_QUOTES = "{'reason': 'fine', 'response': 'Something with sharks?'}"
 TRUNCATED = '{"reason": "The system recommended a film that fits the mood, but it'
 TWO_OBJECTS = '{"reason": "a", "rating": "5"}\n{"reason": "b", "rating": "1"}'
 SMART_QUOTES = "{\u201creason\u201d: \u201cgood\u201d, \u201crating\u201d: \u201c4\u201d}"
-NO_JSON = "The user is looking for a movie for tonight.\n\nThe system just said: \"Sure! What genres do you like?\""
+NO_JSON = 'The user is looking for a movie for tonight.\n\nThe system just said: "Sure! What genres do you like?"'
 
 
 def test_parse_json_on_malformed_outputs():
@@ -52,8 +52,13 @@ def test_chat_parsed_retries_only_failures_and_counts(scripted_llm):
 
     llm = scripted_llm(respond)
     stats = ParseStats()
-    parsed, raw = chat_parsed(llm, [[{"role": "user", "content": p}] for p in ["good", "flaky", "bad"]],
-                              lambda t: (parse_json(t) or {}).get("rating"), stats, max_tries=3)
+    parsed, raw = chat_parsed(
+        llm,
+        [[{"role": "user", "content": p}] for p in ["good", "flaky", "bad"]],
+        lambda t: (parse_json(t) or {}).get("rating"),
+        stats,
+        max_tries=3,
+    )
     assert parsed == ["5", "2", None]
     assert raw[2] == "no json here"
     assert llm.prompts.count("good") == 1  # never re-asked
@@ -72,7 +77,14 @@ def test_chat_parsed_retries_at_a_fixed_temperature_when_given():
     stepped, fixed = Recorder(), Recorder()
     chat_parsed(stepped, [[{"role": "user", "content": "x"}]], lambda t: t or None, ParseStats(), max_tries=3)
     stats = ParseStats()
-    chat_parsed(fixed, [[{"role": "user", "content": "x"}]], lambda t: t or None, stats, max_tries=3,
-                temperature=0.0, retry_temperature=1.0)
+    chat_parsed(
+        fixed,
+        [[{"role": "user", "content": "x"}]],
+        lambda t: t or None,
+        stats,
+        max_tries=3,
+        temperature=0.0,
+        retry_temperature=1.0,
+    )
     assert stepped.temperatures == [0.0, 0.3, 0.6]
     assert fixed.temperatures == [0.0, 1.0, 1.0] and (stats.retries, stats.failures) == (2, 1)

@@ -9,16 +9,30 @@ from tests.conftest import ROOT
 
 
 def run(*args, cwd, timeout=900):
-    result = subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd, capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
 def test_ailo_sim_end_to_end(tmp_path):
     # short generations keep CI fast; two parse tries still exercise the retry-then-fallback path
-    args = ("ailo_sim.py", "--num-tasks", "2", "--max-turns", "2", "--max-parse-tries", "2", "--user-max-tokens", "64",
-            "--cra-max-tokens", "48", "--run-name", "e2e")
+    args = (
+        "ailo_sim.py",
+        "--num-tasks",
+        "2",
+        "--max-turns",
+        "2",
+        "--max-parse-tries",
+        "2",
+        "--user-max-tokens",
+        "64",
+        "--cra-max-tokens",
+        "48",
+        "--run-name",
+        "e2e",
+    )
     run(*args, cwd=tmp_path)
     run_dir = tmp_path / "runs" / "e2e"
     trajectories = [json.loads(line) for line in (run_dir / "trajectories.jsonl").read_text().splitlines()]
@@ -30,8 +44,14 @@ def test_ailo_sim_end_to_end(tmp_path):
         core = re.split(r"\s*[(:]", trajectory["target"])[0]
         assert not any(core.lower() in u.lower() for u in user_text)
     metrics = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    for key in ("eval/sr", "eval/recall", "cost/llm_calls", "cost/tokens", "rollout/user_parse_failures",
-                "personas/tasks/max_rouge_l_mean"):
+    for key in (
+        "eval/sr",
+        "eval/recall",
+        "cost/llm_calls",
+        "cost/tokens",
+        "rollout/user_parse_failures",
+        "personas/tasks/max_rouge_l_mean",
+    ):
         assert key in metrics
     assert metrics["cost/llm_calls"] > 0 and 0 <= metrics["eval/sr"] <= 1
 
@@ -44,13 +64,23 @@ def test_ailo_sim_end_to_end(tmp_path):
 
 
 def test_bad_input_is_a_clear_error(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "ailo_sim.py"), "--dataset", "book", "--data-dir",
-                             str(tmp_path / "missing")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "ailo_sim.py"), "--dataset", "book", "--data-dir", str(tmp_path / "missing")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "error: " in result.stderr and "Book_train.jsonl: file not found" in result.stderr
     assert "Traceback" not in result.stderr
-    result = subprocess.run([sys.executable, str(ROOT / "ailo_sim.py"), "--user-llm", "hf:not a model"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "ailo_sim.py"), "--user-llm", "hf:not a model"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "unknown model spec 'not a model'" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -60,9 +90,35 @@ def _jsonl(path):
 
 
 def test_ecpo_all_stages_resume_and_lambda(tmp_path):
-    tiny = ("ecpo.py", "--num-sft-tasks", "2", "--num-pre-tasks", "2", "--num-test-tasks", "1", "--max-turns", "2",
-            "--max-parse-tries", "1", "--max-searches", "1", "--sft-epochs", "1", "--po-epochs", "1", "--action-max-tokens", "32",
-            "--user-max-tokens", "48", "--rewriter-max-tokens", "96", "--judge-max-tokens", "64", "--run-name", "e2e")
+    tiny = (
+        "ecpo.py",
+        "--num-sft-tasks",
+        "2",
+        "--num-pre-tasks",
+        "2",
+        "--num-test-tasks",
+        "1",
+        "--max-turns",
+        "2",
+        "--max-parse-tries",
+        "1",
+        "--max-searches",
+        "1",
+        "--sft-epochs",
+        "1",
+        "--po-epochs",
+        "1",
+        "--action-max-tokens",
+        "32",
+        "--user-max-tokens",
+        "48",
+        "--rewriter-max-tokens",
+        "96",
+        "--judge-max-tokens",
+        "64",
+        "--run-name",
+        "e2e",
+    )
     run_dir = tmp_path / "runs" / "e2e"
 
     # stop after the forward stage ...
@@ -74,7 +130,10 @@ def test_ecpo_all_stages_resume_and_lambda(tmp_path):
 
     # ... then rerun every stage: the finished ones are not redone, the rest complete
     result = run(*tiny, "--lam", "5", cwd=tmp_path)
-    assert _jsonl(run_dir / "teacher_trajectories.jsonl") == teacher and _jsonl(run_dir / "forward_trajectories.jsonl") == forward
+    assert (
+        _jsonl(run_dir / "teacher_trajectories.jsonl") == teacher
+        and _jsonl(run_dir / "forward_trajectories.jsonl") == forward
+    )
     assert (run_dir / "sft_adapter" / "adapter_model.safetensors").stat().st_mtime == sft_mtime
     costs = {r["stage"]: r for r in _jsonl(run_dir / "costs.jsonl")[-4:]}
     assert costs["teacher"]["llm_calls"] == 0 and costs["forward"]["llm_calls"] == 0
@@ -85,8 +144,18 @@ def test_ecpo_all_stages_resume_and_lambda(tmp_path):
     for name in ("eval_expert", "eval_sft", "eval_ecpo"):
         assert len(_jsonl(run_dir / f"{name}.jsonl")) == 1
     metrics = _jsonl(run_dir / "metrics.jsonl")[-1]
-    for key in ("eval/sr", "eval/recall", "eval_sft/sr", "eval_expert/sr", "cost/pairs", "cost/trajectories_per_pair",
-                "cost/llm_calls_per_pair", "cost/llm_calls", "cost/tokens", "rollout/pairs"):
+    for key in (
+        "eval/sr",
+        "eval/recall",
+        "eval_sft/sr",
+        "eval_expert/sr",
+        "cost/pairs",
+        "cost/trajectories_per_pair",
+        "cost/llm_calls_per_pair",
+        "cost/llm_calls",
+        "cost/tokens",
+        "rollout/pairs",
+    ):
         assert key in metrics, key
     assert metrics["cost/trajectories_per_pair"] == 2 / len(pairs)
     assert any("train/loss" in m for m in _jsonl(run_dir / "metrics.jsonl"))
@@ -96,7 +165,12 @@ def test_ecpo_all_stages_resume_and_lambda(tmp_path):
     run(*tiny, "--lam", "3", "--stages", "backward", cwd=tmp_path)
     lower = _jsonl(run_dir / "pairs.jsonl")
     assert {p["key"] for p in lower} <= {p["key"] for p in pairs} and all(p["rating"] <= 3 for p in lower)
-    assert _jsonl(run_dir / "costs.jsonl")[-1] == {"stage": "backward", "llm_calls": 0, "tokens": 0, "pairs": len(lower)}
+    assert _jsonl(run_dir / "costs.jsonl")[-1] == {
+        "stage": "backward",
+        "llm_calls": 0,
+        "tokens": 0,
+        "pairs": len(lower),
+    }
 
 
 def ecpo_format(action):
@@ -104,19 +178,49 @@ def ecpo_format(action):
 
 
 def test_ecpo_bad_input_is_a_clear_error(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "ecpo.py"), "--dataset", "game", "--data-dir", str(tmp_path)],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "ecpo.py"), "--dataset", "game", "--data-dir", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "Game_train.jsonl: file not found" in result.stderr
     assert "Traceback" not in result.stderr
-    result = subprocess.run([sys.executable, str(ROOT / "ecpo.py"), "--stages", "po", "--run-name", "empty"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "run the backward stage first" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "ecpo.py"), "--stages", "po", "--run-name", "empty"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        result.returncode != 0 and "run the backward stage first" in result.stderr and "Traceback" not in result.stderr
+    )
 
 
 def test_grsu_end_to_end_and_resume(tmp_path):
-    tiny = ("grsu.py", "--num-train-turns", "2", "--num-test", "2", "--beam-width", "1", "--expansion", "1",
-            "--depth", "1", "--critique-max-tokens", "16", "--crs-max-tokens", "48", "--examples-per-batch", "1",
-            "--run-name", "e2e")
+    tiny = (
+        "grsu.py",
+        "--num-train-turns",
+        "2",
+        "--num-test",
+        "2",
+        "--beam-width",
+        "1",
+        "--expansion",
+        "1",
+        "--depth",
+        "1",
+        "--critique-max-tokens",
+        "16",
+        "--crs-max-tokens",
+        "48",
+        "--examples-per-batch",
+        "1",
+        "--run-name",
+        "e2e",
+    )
     run_dir = tmp_path / "runs" / "e2e"
     result = run(*tiny, cwd=tmp_path)
     assert "zero-shot" in result.stdout and "GRSU (beam)" in result.stdout
@@ -128,8 +232,17 @@ def test_grsu_end_to_end_and_resume(tmp_path):
     searched = _jsonl(run_dir / "search_beam.jsonl")
     assert len(searched) == 2 and all(len(r["states"]) == 1 + 1 for r in searched)
     metrics = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    for key in ("eval/recall@10", "eval/ndcg@50", "eval/mrr@10", "eval_zeroshot/recall@50",
-                "cost/llm_calls", "cost/tokens", "cost/llm_calls_per_example", "cost/tokens_per_example", "search/crs_lists"):
+    for key in (
+        "eval/recall@10",
+        "eval/ndcg@50",
+        "eval/mrr@10",
+        "eval_zeroshot/recall@50",
+        "cost/llm_calls",
+        "cost/tokens",
+        "cost/llm_calls_per_example",
+        "cost/tokens_per_example",
+        "search/crs_lists",
+    ):
         assert key in metrics
     losses = [r["train/loss"] for r in _jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
     assert losses and all(0 < loss < 20 for loss in losses)
@@ -146,7 +259,12 @@ def test_grsu_end_to_end_and_resume(tmp_path):
 
 
 def test_grsu_bad_input_is_a_clear_error(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "grsu.py"), "--dataset", "inspired", "--data-dir",
-                             str(tmp_path / "missing")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "grsu.py"), "--dataset", "inspired", "--data-dir", str(tmp_path / "missing")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "movie2attrs.json: file not found" in result.stderr

@@ -24,8 +24,11 @@ def server():
         pytest.skip("the transformers CLI is not installed")
     model_dir = resolve_model_path("smollm2-135m")
     port = _free_port()
-    process = subprocess.Popen(["transformers", "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-                                model_dir], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        ["transformers", "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", model_dir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
@@ -46,8 +49,11 @@ def server():
 def test_chat_against_transformers_serve(server):
     base_url, model = server
     llm = OpenAIChat(model, base_url=base_url, max_retries=1)
-    outputs = llm.chat([[{"role": "user", "content": "Say hello."}], [{"role": "user", "content": "Name a color."}]],
-                       n=2, max_tokens=12)
+    outputs = llm.chat(
+        [[{"role": "user", "content": "Say hello."}], [{"role": "user", "content": "Name a color."}]],
+        n=2,
+        max_tokens=12,
+    )
     assert [len(o) for o in outputs] == [2, 2]
     assert all(isinstance(t, str) and t for o in outputs for t in o)
     assert outputs[0][0] == outputs[0][1]  # temperature 0 is greedy
