@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: install demo test bench
+.PHONY: install demo test lint bench
 
 install:
 	$(PYTHON) -m pip install -q torch==2.13.0
@@ -13,6 +13,11 @@ demo: install
 test: install
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 	$(PYTHON) -m pytest -q tests
+
+lint:
+	$(PYTHON) -m pip install -q -r requirements-dev.txt
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 bench: install
 	$(PYTHON) -m pip install -q -r requirements-dev.txt

@@ -1,4 +1,4 @@
-"""AILO: the LLM user simulator of ECPO (Feng et al., 2025, Sec. 2.3), plus a harness any CRA plugs into.
+"""AILO: the LLM user simulator of ECPO (Feng et al., 2025, Sec. 2.3). Docs: docs/ailo_sim.md.
 
     python ailo_sim.py                                   # demo: 4 users x 3 turns on the embedded SmolLM2
     python ailo_sim.py --dataset book --split train --num-tasks 16 --max-turns 5
@@ -14,38 +14,30 @@ AILO has two parts:
       2. response content  -> {reason, response}    (never names the target; enforced by a guard)
       3. expectation confirmation (EC) of the CRA's last response -> {reason: CONF_t, rating: r_t in 0..5}
 
-``ecpo.py`` and ``rso.py`` import ``AILO``, ``CRAReply`` and ``run_episodes`` from here; nothing else.
+``ecpo.py`` and ``rso.py`` import ``AILO`` from here and talk with it through the conversation harness
+(``common/conversations.py``); this script's CLI runs it against a zero-shot prompted CRA.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
 import tyro
 from tqdm import tqdm
 
 from common.catalog import Catalog, item_card
-from common.data import (
-    DataError,
-    Persona,
-    Task,
-    load_demo_catalog,
-    load_demo_tasks,
-    load_ecpo_items,
-    load_ecpo_reviews,
-    load_ecpo_tasks,
-)
-from common.llm import LLMBackendError, make_llm
-from common.metrics import mentions_title, success_rate
+from common.conversations import CRA, CRAReply, episode_metrics, print_trajectory, render_history, run_episodes
+from common.data import TASK_DOMAINS, DataError, Persona, Task, load_ecpo_reviews, load_task_items, load_tasks
+from common.llm import LLMBackendError
+from common.metrics import mentions_title
 from common.models import ModelSpecError
 from common.parsing import ParseStats, chat_parsed, coerce_int, is_placeholder, parse_json
-from common.tracking import RecordFile, Tracker, default_run_name, seed_everything
+from common.run import Run
+from common.tracking import RecordFile
 
 
 @dataclass
@@ -117,7 +109,7 @@ Reviews:
 {reviews}
 
 Answer with JSON only:
-{{"Activities": "...", "Interests": "...", "Language": {{"Information Density": "...", "Expression Style": "...", "Tone": "..."}}, "Orientations": "..."}}"""
+{{"Activities": "...", "Interests": "...", "Language": {{"Information Density": "...", "Expression Style": "...", "Tone": "..."}}, "Orientations": "..."}}"""  # noqa: E501  (prompt text, kept verbatim)
 
 
 def render_reviews(reviews: list[dict], limit: int) -> str:
@@ -207,12 +199,15 @@ Choose how to respond next. Policies:
 - end_conversation: stop the conversation.
 Rules by behaviour type: an Efficiency-seeking user ends the conversation as soon as the target has been recommended; a Detail-oriented user may ask follow-up questions about a recommendation before ending; an Exploration-oriented user rarely ends the conversation and keeps exploring.
 
-Answer with JSON only: {{"reason": "<one sentence>", "policy": "<one of respond_to_clarification, provide_feedback_on_recommendation, end_conversation>"}}"""
+Answer with JSON only: {{"reason": "<one sentence>", "policy": "<one of respond_to_clarification, provide_feedback_on_recommendation, end_conversation>"}}"""  # noqa: E501  (prompt text, kept verbatim)
 
 CONTENT_INSTRUCTIONS = {
-    OPENING_POLICY: "Open the conversation by asking for a recommendation. Give minimal information: at most one broad preference.",
-    "respond_to_clarification": "Answer the system's question, revealing one or two new features of what you want, taken from the target's features.",
-    "provide_feedback_on_recommendation": "React to the system's recommendation. If it recommended your target, say you are satisfied. Otherwise say briefly what does not fit, and reveal one more feature you want.",
+    OPENING_POLICY: "Open the conversation by asking for a recommendation. "
+    "Give minimal information: at most one broad preference.",
+    "respond_to_clarification": "Answer the system's question, revealing one or two new features of what you want, "
+    "taken from the target's features.",
+    "provide_feedback_on_recommendation": "React to the system's recommendation. If it recommended your target, "
+    "say you are satisfied. Otherwise say briefly what does not fit, and reveal one more feature you want.",
     "end_conversation": "End the conversation politely in one short sentence.",
 }
 
@@ -228,7 +223,7 @@ Conversation so far:
 Task: {instruction}
 Write one or two sentences in your own voice, as the user.
 
-Answer with JSON only: {{"reason": "<one sentence>", "response": "<your message to the system>"}}"""
+Answer with JSON only: {{"reason": "<one sentence>", "response": "<your message to the system>"}}"""  # noqa: E501  (prompt text, kept verbatim)
 
 EC_PROMPT = """You are a user simulator. Evaluate the expressiveness and interaction quality of the conversational recommender system's last response: how well it supports the dialogue flow, user engagement and natural communication.
 
@@ -245,13 +240,7 @@ Dialogue history:
 {history}
 Target: {target}
 
-Answer with JSON only: {{"reason": "<reason for the rating>", "rating": "<final rating from 0 to 5>"}}"""
-
-
-def render_history(history: list[dict]) -> str:
-    if not history:
-        return "(no messages yet)"
-    return "\n".join(f"{'User' if m['role'] == 'user' else 'System'}: {m['content']}" for m in history)
+Answer with JSON only: {{"reason": "<reason for the rating>", "rating": "<final rating from 0 to 5>"}}"""  # noqa: E501  (prompt text, kept verbatim)
 
 
 def title_forms(title: str) -> list[str]:
@@ -421,17 +410,7 @@ class AILO:
 
         # Step 3 (EC) rates p_t against the history up to and including it, so it is independent of the
         # user's reply and runs first; the order of the three calls does not change any input.
-        ec_prompts = [
-            EC_PROMPT.format(
-                last=u.history[-1]["content"], history=render_history(u.history[:-1]), target=u.task.target.title
-            )
-            for u in users
-        ]
-        ec, _ = self._ask(ec_prompts, parse_ec)
-        failed = [i for i, e in enumerate(ec) if e is None]
-        if failed and getattr(self.llm, "can_prefill", False):
-            for i, e in zip(failed, self._constrained_ec([ec_prompts[i] for i in failed])):
-                ec[i] = e
+        ec = self.expectation_confirmation(users)
         if final:
             for user in users:
                 user.ended = True
@@ -470,6 +449,23 @@ class AILO:
             turns.append(UserTurn(policy, text, *(e or (None, None)), user.ended))
         return turns
 
+    def expectation_confirmation(self, users: list[SimUser]) -> list[tuple[str, int] | None]:
+        """Step 3, expectation confirmation: (CONF_t, r_t) for each user's last CRA response p_t, rated against
+        the dialogue before it (EC_PROMPT: start from 5, deduct flexibility 0-2, coherence 0-2, user guidance
+        0-1). Malformed output is retried; a local backend then decodes under the JSON grammar; else None."""
+        prompts = [
+            EC_PROMPT.format(
+                last=u.history[-1]["content"], history=render_history(u.history[:-1]), target=u.task.target.title
+            )
+            for u in users
+        ]
+        ec, _ = self._ask(prompts, parse_ec)
+        failed = [i for i, e in enumerate(ec) if e is None]
+        if failed and getattr(self.llm, "can_prefill", False):
+            for i, e in zip(failed, self._constrained_ec([prompts[i] for i in failed])):
+                ec[i] = e
+        return ec
+
     def _constrained_ec(self, prompts: list[str]) -> list[tuple[str, int]]:
         """EC for a simulator that never wrote valid JSON: the answer is pre-filled as '{"reason": "', the
         reason is generated up to its closing quote, then the rating is read from the next-token distribution
@@ -506,121 +502,12 @@ class AILO:
 # =============================================================================================== harness
 
 
-@dataclass
-class CRAReply:
-    """What a CRA returns for one conversation turn."""
-
-    text: str  # the user-visible response p_t
-    retrieved: list[str] = field(default_factory=list)  # titles the CRA's retrieval returned this turn (for R)
-    record: dict = field(default_factory=dict)  # anything the CRA wants kept with the turn (prompt, action, ...)
-
-
-# A CRA maps (episode keys, histories) to one reply per conversation. Histories use chat roles from the
-# CRA's side: "user" is the simulated user, "assistant" the CRA. Keys let a stateful CRA keep a scratchpad.
-CRA = Callable[[list[str], list[list[dict]]], list[CRAReply]]
-
-
-def run_episodes(
-    tasks: list[Task],
-    cra: CRA,
-    simulator: AILO,
-    max_turns: int,
-    batch_size: int = 16,
-    records: RecordFile | None = None,
-    on_episode: Callable[[dict], None] | None = None,
-) -> list[dict]:
-    """Run each task's conversation for up to ``max_turns`` CRA responses, ``batch_size`` at a time.
-
-    Returns one trajectory dict per task: per-turn system response, retrieval, user policy and reply,
-    EC reason and rating, plus ``success`` (SR: a CRA response contains the target title) and ``recall``
-    (R: the target appeared in a retrieval result). With ``records``, finished trajectories are appended as
-    they complete and tasks already in the file are skipped (their stored trajectories are returned).
-    """
-    done = {r["key"]: r for r in records.records()} if records else {}
-    todo = [t for t in tasks if t.task_id not in done]
-    finished: dict[str, dict] = {}
-    progress = tqdm(total=len(todo), desc="conversations", disable=not todo)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        users, openings = simulator.start(chunk)
-        trajectories = [
-            {
-                "key": t.task_id,
-                "task_id": t.task_id,
-                "user_id": t.persona.user_id,
-                "target": t.target.title,
-                "persona": asdict(t.persona),
-                "opening": {"policy": o.policy, "user": o.response},
-                "turns": [],
-                "success": False,
-                "recall": False,
-            }
-            for t, o in zip(chunk, openings)
-        ]
-        for turn in range(1, max_turns + 1):
-            live = [i for i, u in enumerate(users) if not u.ended]
-            if not live:
-                break
-            replies = cra([chunk[i].task_id for i in live], [list(users[i].history) for i in live])
-            final = turn == max_turns
-            answers = simulator.step([users[i] for i in live], [r.text for r in replies], final=final)
-            for i, reply, answer in zip(live, replies, answers):
-                target, trajectory = chunk[i].target.title, trajectories[i]
-                trajectory["turns"].append(
-                    {
-                        "turn": turn,
-                        "system": reply.text,
-                        "retrieved": reply.retrieved,
-                        "cra": reply.record,
-                        "mentions_target": mentions_title(reply.text, target),
-                        "user_policy": answer.policy,
-                        "user": answer.response,
-                        "ec_reason": answer.ec_reason,
-                        "ec_rating": answer.ec_rating,
-                        "end": answer.end,
-                    }
-                )
-                trajectory["success"] |= mentions_title(reply.text, target)
-                trajectory["recall"] |= target in reply.retrieved
-                if users[i].ended:
-                    trajectory["num_turns"] = turn
-                    trajectory["ended_by_user"] = not final
-                    finished[trajectory["key"]] = trajectory
-                    if records:
-                        records.append(trajectory)
-                    if on_episode:
-                        on_episode(trajectory)
-                    progress.update(1)
-    progress.close()
-    return [done.get(t.task_id) or finished[t.task_id] for t in tasks]
-
-
-def episode_metrics(trajectories: list[dict], max_turns: int) -> dict[str, float]:
-    """eval/sr, eval/recall and the EC ratings (overall and per turn) over finished trajectories."""
-    ratings = [(t["turn"], t["ec_rating"]) for tr in trajectories for t in tr["turns"] if t["ec_rating"] is not None]
-    metrics = {
-        "eval/sr": success_rate([t["success"] for t in trajectories]),
-        "eval/recall": success_rate([t["recall"] for t in trajectories]),
-        "rollout/episodes": len(trajectories),
-        "rollout/turns_mean": sum(t["num_turns"] for t in trajectories) / max(len(trajectories), 1),
-        "rollout/ended_by_user": success_rate([t["ended_by_user"] for t in trajectories]),
-        "rollout/ec_rating_missing": sum(t["ec_rating"] is None for tr in trajectories for t in tr["turns"]),
-    }
-    if ratings:
-        metrics["rollout/ec_rating_mean"] = sum(r for _, r in ratings) / len(ratings)
-    for turn in range(1, max_turns + 1):
-        at_turn = [r for t, r in ratings if t == turn]
-        if at_turn:
-            metrics[f"rollout/ec_rating_turn{turn}"] = sum(at_turn) / len(at_turn)
-    return metrics
-
-
 # =============================================================================================== the demo CRA
 
 CRA_SYSTEM = """You are a conversational recommender system that helps the user find a {domain}.
 Ask a short clarifying question when you need to know more. When you recommend, name one or two items using their exact titles from the candidates below, and say briefly why they fit.
 Candidates retrieved for this conversation:
-{candidates}"""
+{candidates}"""  # noqa: E501  (prompt text, kept verbatim)
 
 
 def make_zero_shot_cra(llm, catalog: Catalog, domain: str, top_k: int, max_tokens: int) -> CRA:
@@ -653,47 +540,21 @@ def make_zero_shot_cra(llm, catalog: Catalog, domain: str, top_k: int, max_token
     return cra
 
 
-# =============================================================================================== data
-
-DOMAINS = {"demo": "movie", "book": "book", "game": "video game", "yelp": "restaurant or local business"}
-
-
-def load_tasks_and_catalog(args: Args) -> tuple[list[Task], Catalog]:
-    if args.dataset == "demo":
-        tasks, items = load_demo_tasks(), load_demo_catalog()
-    else:
-        name = args.dataset.capitalize()
-        folder = Path(args.data_dir) / "ecpo" / name
-        tasks = load_ecpo_tasks(folder / f"{name}_{args.split}.jsonl")
-        # The item database: the released pool where there is one, else every item the tasks name.
-        items = load_ecpo_items(folder / "items.jsonl") if (folder / "items.jsonl").exists() else []
-        items += [t.target for t in tasks]
-    selected = tasks[args.task_offset : args.task_offset + args.num_tasks]
-    if not selected:
-        raise DataError(f"no tasks selected: offset {args.task_offset}, count {args.num_tasks}, file has {len(tasks)}")
-    return selected, Catalog(items)
-
-
-def build_personas(args: Args, llm, records: RecordFile) -> list[Persona]:
-    """Persona modeling from real reviews, one batched LLM call per chunk, written as they are made."""
-    name = args.dataset.capitalize()
-    reviews = load_ecpo_reviews(Path(args.data_dir) / "ecpo" / name / "processed_data_with_summaries.jsonl")
+def build_personas(users: list[str], reviews: dict[str, list[dict]], llm, args: Args, records: RecordFile) -> None:
+    """Persona modeling from real reviews, one batched LLM call per chunk, each persona written as it is made."""
     done = records.done_keys()
-    users = [u for u in list(reviews)[: args.num_personas] if u not in done]
+    users = [u for u in users if u not in done]
     stats = ParseStats()
     for start in tqdm(range(0, len(users), args.batch_size), desc="personas", disable=not users):
         chunk = users[start : start + args.batch_size]
-        prompts = [
-            [
-                {
-                    "role": "user",
-                    "content": PERSONA_PROMPT.format(reviews=render_reviews(reviews[u], args.reviews_per_user)),
-                }
-            ]
-            for u in chunk
-        ]
+        prompts = [PERSONA_PROMPT.format(reviews=render_reviews(reviews[u], args.reviews_per_user)) for u in chunk]
         parsed, _ = chat_parsed(
-            llm, prompts, lambda text: parse_persona(text, "?"), stats, max_tries=args.max_parse_tries, max_tokens=256
+            llm,
+            [[{"role": "user", "content": p}] for p in prompts],
+            lambda text: parse_persona(text, "?"),
+            stats,
+            max_tries=args.max_parse_tries,
+            max_tokens=256,
         )
         for user_id, persona in zip(chunk, parsed):
             if persona is not None:
@@ -701,101 +562,62 @@ def build_personas(args: Args, llm, records: RecordFile) -> list[Persona]:
                 records.append({"key": user_id, **asdict(persona)})
     if stats.failures:
         print(f"persona builder: {stats.failures} of {len(users)} users gave no valid persona JSON; they are skipped")
-    return [Persona(**{k: v for k, v in r.items() if k != "key"}) for r in records.records()]
 
 
-def print_trajectory(trajectory: dict) -> None:
-    print(
-        f"\n=== {trajectory['task_id']} | target: {trajectory['target']} | "
-        f"SR={int(trajectory['success'])} R={int(trajectory['recall'])}"
+# =============================================================================================== stages
+
+
+def model_personas(run: Run, args: Args) -> dict[str, float]:
+    """Persona modeling (Sec. 2.3.1) for --num-personas real users, and their diversity (Fig. 4)."""
+    if args.dataset not in ("book", "game"):
+        raise DataError(f"--num-personas needs review data: use --dataset book or game, not {args.dataset}")
+    name = args.dataset.capitalize()
+    reviews = load_ecpo_reviews(Path(args.data_dir) / "ecpo" / name / "processed_data_with_summaries.jsonl")
+    records = run.records("personas.jsonl")
+    users = run.shard(list(reviews)[: args.num_personas])
+    build_personas(users, reviews, run.llm(args.persona_llm or args.user_llm, args.batch_size), args, records)
+    run.barrier()
+    return diversity_metrics(
+        [Persona(**{k: v for k, v in r.items() if k != "key"}) for r in records.records()], "personas/built"
     )
-    print(f"  USER   [{trajectory['opening']['policy']}] {trajectory['opening']['user']}")
-    for t in trajectory["turns"]:
-        print(f"  SYSTEM {t['system']}")
-        print(f"         EC rating {t['ec_rating']}: {(t['ec_reason'] or '')[:160]}")
-        if t["user"]:
-            print(f"  USER   [{t['user_policy']}] {t['user']}")
+
+
+def simulate(run: Run, args: Args, tasks: list[Task], catalog: Catalog) -> dict[str, float]:
+    """AILO against the zero-shot CRA, each rank on its share of the tasks; SR, R and the EC ratings."""
+    user_llm, cra_llm = run.llm(args.user_llm, args.batch_size), run.llm(args.cra_llm, args.batch_size)
+    domain = TASK_DOMAINS[args.dataset]
+    simulator = AILO(user_llm, domain, args.user_max_tokens, args.max_parse_tries, args.max_leak_tries)
+    cra = make_zero_shot_cra(cra_llm, catalog, domain, args.retriever_top_k, args.cra_max_tokens)
+    records = run.records("trajectories.jsonl")
+    on_episode = print_trajectory if args.print_conversations else None
+    run_episodes(run.shard(tasks), cra, simulator, args.max_turns, args.batch_size, records, on_episode)
+    for usage, role in ((user_llm.usage, "user_"), (cra_llm.usage, "cra_")):
+        run.count(usage.metrics(f"cost/{role}") | usage.metrics("cost/"))  # per role, and their sum
+    run.count(simulator.metrics())
+    run.barrier()
+    wanted = {t.task_id for t in tasks}  # read back: conversations an interrupted run finished count too
+    return episode_metrics([r for r in records.records() if r["key"] in wanted], args.max_turns)
 
 
 # =============================================================================================== main
 
 
 def main(args: Args) -> None:
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    args.run_name = args.run_name or default_run_name(args.exp_name, args.seed)
-    run_dir = Path("runs") / args.run_name
-    seed_everything(args.seed + accelerator.process_index)
-    tracker = Tracker(
-        run_dir,
-        args,
-        track=args.track,
-        project=args.wandb_project,
-        entity=args.wandb_entity,
-        is_main=accelerator.is_main_process,
-    )
-
-    tasks, catalog = load_tasks_and_catalog(args)
-    domain = DOMAINS[args.dataset]
-    device = accelerator.device
-    user_llm = make_llm(args.user_llm, batch_size=args.batch_size, device=device)
-    cra_llm = make_llm(args.cra_llm, batch_size=args.batch_size, device=device)
-
-    metrics: dict[str, float] = {}
-    if accelerator.is_main_process:
-        metrics |= diversity_metrics([t.persona for t in tasks], "personas/tasks")
-        if args.num_personas > 0:
-            if args.dataset not in ("book", "game"):
-                raise DataError(f"--num-personas needs review data: use --dataset book or game, not {args.dataset}")
-            persona_llm = (
-                make_llm(args.persona_llm, batch_size=args.batch_size, device=device) if args.persona_llm else user_llm
-            )
-            built = build_personas(args, persona_llm, RecordFile(run_dir / "personas.jsonl"))
-            metrics |= diversity_metrics(built, "personas/built")
-
-    simulator = AILO(
-        user_llm,
-        domain=domain,
-        max_tokens=args.user_max_tokens,
-        max_parse_tries=args.max_parse_tries,
-        max_leak_tries=args.max_leak_tries,
-    )
-    cra = make_zero_shot_cra(cra_llm, catalog, domain, args.retriever_top_k, args.cra_max_tokens)
-    records = RecordFile(run_dir / "trajectories.jsonl")
-    my_tasks = tasks[accelerator.process_index :: accelerator.num_processes]
-    run_episodes(
-        my_tasks,
-        cra,
-        simulator,
-        args.max_turns,
-        batch_size=args.batch_size,
-        records=records,
-        on_episode=print_trajectory if args.print_conversations else None,
-    )
-
-    # Counters are per rank; sum them on rank 0. Trajectories are read back from the shared record file,
-    # so episodes finished by an earlier, interrupted run count too.
-    counters = {**simulator.metrics(), **user_llm.usage.metrics("cost/user_"), **cra_llm.usage.metrics("cost/cra_")}
-    from accelerate.utils import gather_object
-
-    gathered = gather_object([counters])
-    if accelerator.is_main_process:
-        for key in counters:
-            metrics[key] = sum(c[key] for c in gathered)
-        for kind in ("llm_calls", "prompt_tokens", "completion_tokens", "tokens"):
-            metrics[f"cost/{kind}"] = metrics[f"cost/user_{kind}"] + metrics[f"cost/cra_{kind}"]
-        wanted = {t.task_id for t in tasks}
-        trajectories = [r for r in records.records() if r["key"] in wanted]
-        metrics |= episode_metrics(trajectories, args.max_turns)
-        tracker.log(metrics, step=0)
-        print("\n" + json.dumps(metrics, indent=2))
-        print(f"outputs in {run_dir}/ (trajectories.jsonl, metrics.jsonl)")
-    tracker.close()
+    run = Run(args)
+    split = load_tasks(args.dataset, args.data_dir, args.split)
+    tasks = split[args.task_offset : args.task_offset + args.num_tasks]
+    if not tasks:
+        raise DataError(f"no tasks selected: offset {args.task_offset}, count {args.num_tasks}, split has {len(split)}")
+    catalog = Catalog(load_task_items(args.dataset, args.data_dir, split))
+    run.log(diversity_metrics([t.persona for t in tasks], "personas/tasks"))
+    if args.num_personas > 0:
+        run.stage("personas", model_personas, args)
+    run.stage("simulate", simulate, args, tasks, catalog)
+    run.finish()
 
 
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args))
     except (DataError, ModelSpecError, LLMBackendError) as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {err}") from None

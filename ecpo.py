@@ -1,15 +1,14 @@
 """ECPO: Expectation Confirmation Preference Optimization for a multi-turn conversational recommender agent
-(Feng et al., 2025, Sec. 2.2 and 3, App. B-D).
+(Feng et al., 2025, Sec. 2.2 and 3, App. B-D). Docs: docs/ecpo.md.
 
     python ecpo.py                                        # every stage on the embedded SmolLM2 + bundled demo
     accelerate launch ecpo.py --lam 4                     # the same, on every rank accelerate gives it
-    python ecpo.py --stages forward backward --lam 2      # rerun part of the pipeline in an existing run
-    accelerate launch --config_file configs/gpu_ddp.yaml ecpo.py --dataset book \\
-        --policy meta-llama/Llama-3.1-8B-Instruct --user-llm openai:gpt-4o-mini ...   # see README, Table 1
+    python ecpo.py --stages backward po --lam 2           # redo part of the pipeline in an existing run
+    bash benchmark/ecpo_table1.sh                         # the paper's Table 1 on GPUs
 
 The CRA is ActCRS: one action per LLM call, Search[keywords] | Ask[question] | Recommend[answer] |
 Response[content]. Search calls the dense retriever and the agent acts again; the other three are shown to the
-user. The pipeline, one stage per function below, each writing its records under runs/<run_name>/:
+user. The pipeline (the paper's Fig. 2), one stage function each, writing under runs/<run_name>/:
 
   teacher   a teacher CRA talks with the AILO simulator on D_sft tasks      -> teacher_trajectories.jsonl
   sft       SGPT: LoRA SFT (Eq. 1) on every CRA call of the successful ones -> sft_data.jsonl, sft_adapter/
@@ -29,6 +28,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,24 +39,26 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from ailo_sim import AILO, CRAReply, episode_metrics, render_history, run_episodes
+from ailo_sim import AILO
 from common.catalog import Catalog, item_card
-from common.data import DataError, Task, load_demo_catalog, load_demo_tasks, load_ecpo_items, load_ecpo_tasks
+from common.conversations import CRAReply, episode_metrics, print_trajectory, render_history, run_episodes
+from common.data import TASK_DOMAINS, DataError, Task, load_task_items, load_tasks
 from common.distributed import (
-    configure_batches,
-    global_batches,
-    make_accelerator,
-    rank_micro_batches,
-    resume,
+    micro_batches,
+    optimizer_step,
     save_final,
     save_resumable,
+    start_training,
+    training_steps,
 )
-from common.llm import HFChat, LLMBackendError, make_llm
+from common.llm import HFChat, LLMBackendError
 from common.metrics import win_rate
-from common.models import ModelSpecError, add_lora, load_model
+from common.models import ModelSpecError, add_lora, enable_gradient_checkpointing, load_model
 from common.parsing import ParseStats, chat_parsed, coerce_int, parse_action, parse_json
+from common.run import Run
+from common.sft import supervised_finetuning
 from common.tokens import collate, encode_prompt_completion, sequence_logprobs
-from common.tracking import RecordFile, Tracker, default_run_name, seed_everything
+from common.tracking import RecordFile
 
 STAGES = ("teacher", "sft", "forward", "backward", "po", "eval")
 
@@ -81,12 +84,12 @@ class Args:
     dataset: Literal["demo", "book", "game", "yelp"] = "demo"
     """demo: the bundled movie tasks; book/game/yelp: the ECPO task files under --data-dir"""
     data_dir: str = "../shared/data"
-    """root of the real data (see README 'Data'); unused for the demo"""
-    num_sft_tasks: int = 4
+    """root of the real data (docs/data.md); unused for the demo"""
+    num_sft_tasks: int = 2
     """training tasks the teacher plays to build D_sft (paper: 1000)"""
-    num_pre_tasks: int = 4
+    num_pre_tasks: int = 2
     """further training tasks pi_sft plays to build D_pre, one trajectory each (paper: 500)"""
-    num_test_tasks: int = 2
+    num_test_tasks: int = 1
     """held-out tasks for evaluation: the first ones of the test file (paper: 100)"""
 
     # ------------------------------------------------------------------------------------------- roles
@@ -104,7 +107,7 @@ class Args:
     """backend of the win-rate judge (paper: openai:gpt-4o)"""
 
     # ------------------------------------------------------------------------------------------- ActCRS
-    max_turns: int = 5
+    max_turns: int = 2
     """T: CRA responses per conversation (paper: 5; ablations 3 and 7)"""
     retriever_top_k: int = 5
     """items a Search returns (paper: 5)"""
@@ -160,17 +163,19 @@ class Args:
     """ECPO learning rate (paper: 1e-6 or 5e-7)"""
     po_batch_size: int = 32
     """ECPO global batch size in pairs (paper: 32)"""
-    po_epochs: int = 3
-    """ECPO epochs (ECPO code: 3)"""
+    po_epochs: int = 8
+    """ECPO epochs (ECPO code: 3); the demo's few pairs need more for the preference statistics to move at lr 1e-6"""
     micro_batch_size: int = 1
-    """examples (pairs, for ECPO) per rank per forward pass; accumulation fills the global batch. One pair of
-    ~1.5k-token ActCRS states already holds several GiB of activations; 4 was killed for memory on 24 GiB"""
+    """examples (pairs, for ECPO) per rank per forward pass; accumulation fills the global batch"""
     warmup_ratio: float = 0.1
     """linear warmup share of the cosine schedule"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
     max_length: int = 2048
     """cutoff in tokens of prompt + completion; longer prompts lose their oldest tokens"""
+    gradient_checkpointing: bool = True
+    """recompute each layer's activations in the backward pass instead of storing them (LLaMA-Factory's default,
+    which the paper's runs used): a DPO step on one ~1.5k-token pair needs 1.4 GB instead of 8.8 GB on SmolLM2"""
     save_every: int = 50
     """optimizer steps between resumable checkpoints (each stage also saves when it ends)"""
 
@@ -197,7 +202,7 @@ The user sees only Ask, Recommend and Response. Search before you recommend.
 {examples}
 Dialogue:
 {scratchpad}
-Action {n}:"""
+Action {n}:"""  # noqa: E501  (prompt text, kept verbatim)
 
 FEW_SHOT = """
 Here is an example:
@@ -208,7 +213,7 @@ Action 2: Search[tense mystery thriller twist]
 Observation 3: Search results: 1. The Silent Harbor (2015); genre: mystery, thriller 2. Night Ledger (2019); genre: crime, drama
 Action 3: Recommend[You might enjoy The Silent Harbor (2015), a tense mystery whose twist recasts everything before it. Would you like something darker, like Night Ledger (2019)?]
 (end of example)
-"""
+"""  # noqa: E501  (prompt text, kept verbatim)
 
 
 def actcrs_prompt(domain: str, scratchpad: list[str], few_shot: bool) -> str:
@@ -271,9 +276,9 @@ def search_observation(catalog: Catalog, titles: list[str]) -> str:
 
 
 def make_actcrs(llm, catalog: Catalog, domain: str, args: Args, few_shot: bool, stats: ParseStats):
-    """An ActCRS agent as a ``CRA`` for ``ailo_sim.run_episodes``. It keeps one scratchpad per conversation and,
-    per user turn, acts until it takes a visible action: Search results are appended as Observations, up to
-    ``max_searches`` chained searches; after that only Ask/Recommend/Response are accepted.
+    """An ActCRS agent as a ``CRA`` for ``common.conversations.run_episodes``. It keeps one scratchpad per
+    conversation and, per user turn, acts until it takes a visible action: Search results are appended as
+    Observations, up to ``max_searches`` chained searches; after that only Ask/Recommend/Response are accepted.
 
     Each reply's record holds every call of the turn as (state, action), the state without the few-shot
     block: these are SGPT's training examples and ECPO's (s_t, p_t)."""
@@ -284,7 +289,7 @@ def make_actcrs(llm, catalog: Catalog, domain: str, args: Args, few_shot: bool, 
         for key, history in zip(keys, histories):
             pad = scratchpads.setdefault(key, [])
             pad.append(
-                f"Observation {sum(l.startswith('Observation') for l in pad) + 1}: User: {history[-1]['content']}"
+                f"Observation {sum(line.startswith('Observation') for line in pad) + 1}: User: {history[-1]['content']}"
             )
             pads.append(pad)
         calls: list[list[dict]] = [[] for _ in keys]
@@ -318,7 +323,7 @@ def make_actcrs(llm, catalog: Catalog, domain: str, args: Args, few_shot: bool, 
                 for (i, _), titles in zip(searching, catalog.search([q for _, q in searching], args.retriever_top_k)):
                     retrieved[i] += [t for t in titles if t not in retrieved[i]]
                     pads[i].append(
-                        f"Observation {sum(l.startswith('Observation') for l in pads[i]) + 1}: "
+                        f"Observation {sum(line.startswith('Observation') for line in pads[i]) + 1}: "
                         f"{search_observation(catalog, titles)}"
                     )
             pending = [i for i, _ in searching]
@@ -337,6 +342,42 @@ def make_actcrs(llm, catalog: Catalog, domain: str, args: Args, few_shot: bool, 
         ]
 
     return cra
+
+
+# ============================================================================ reward: expectation confirmation
+# ECPO's reward is the simulated user's own rating of each turn. After every visible response p_t, AILO rates it
+# against the dialogue before it with ailo_sim.EC_PROMPT: start from 5, deduct flexibility 0-2, coherence 0-2 and
+# user guidance 0-1, and say why. The reason is CONF_t, the rating r_t (AILO.expectation_confirmation; the harness
+# stores both in each turn as ec_reason and ec_rating). r_t chooses which turns are rewritten (Eq. 2) and CONF_t
+# tells the rewriter what to fix; neither enters a loss as a number.
+
+
+def rated_turns(trajectories: list[dict]) -> list[dict]:
+    """(s_t, p_t, CONF_t, r_t) of every visible response: the state the policy acted from, its action, AILO's
+    reason and rating. "System Error" fallbacks (no action) and unparsed ratings are left out (METHODS.md 1.9)."""
+    return [
+        {
+            "key": f"{tr['key']}#{t['turn']}",
+            "state": t["cra"]["state"],
+            "action": t["cra"]["action"],
+            "conf": t["ec_reason"],
+            "rating": t["ec_rating"],
+        }
+        for tr in trajectories
+        for t in tr["turns"]
+        if t["ec_rating"] is not None and t["cra"].get("action") is not None
+    ]
+
+
+def rewritable_turns(trajectories: list[dict], lam: float) -> list[dict]:
+    """Eq. 2: the turns whose response fell short of the user's expectation, r_t <= lambda."""
+    return [t for t in rated_turns(trajectories) if t["rating"] <= lam]
+
+
+def rating_table(turns: list[dict], lam: float) -> str:
+    counts = [sum(t["rating"] == r for t in turns) for r in range(6)]
+    low = sum(t["rating"] <= lam for t in turns)
+    return f"r_t 0..5: {counts}; {low} of {len(turns)} rated responses have r_t <= lambda = {lam:g}"
 
 
 # =============================================================================================== rewriter
@@ -362,7 +403,7 @@ Original Response: {response}
 
 Feedback on Flaws: {feedback}
 
-Answer with JSON only: {{"reason": "<why the refinement fixes the flaws>", "refinement": "<the rewritten action: Ask[...], Recommend[...], Response[...] or Search[...]>"}}"""
+Answer with JSON only: {{"reason": "<why the refinement fixes the flaws>", "refinement": "<the rewritten action: Ask[...], Recommend[...], Response[...] or Search[...]>"}}"""  # noqa: E501  (prompt text, kept verbatim)
 
 
 def scratchpad_of(state: str) -> str:
@@ -383,26 +424,6 @@ def check_refinement(text: str, original: str) -> tuple[str | None, str]:
     if refinement == original:
         return None, "unchanged"
     return refinement, "ok"
-
-
-def rewritable_turns(trajectories: list[dict], lam: float) -> list[dict]:
-    """Eq. 2: every user-visible response rated r_t <= lambda. Responses that are the "System Error" fallback
-    and turns without a parsed rating are left out (Sec. 1.9 of the spec)."""
-    turns = []
-    for trajectory in trajectories:
-        for t in trajectory["turns"]:
-            if t["ec_rating"] is None or t["ec_rating"] > lam or t["cra"].get("action") is None:
-                continue
-            turns.append(
-                {
-                    "key": f"{trajectory['key']}#{t['turn']}",
-                    "state": t["cra"]["state"],
-                    "action": t["cra"]["action"],
-                    "conf": t["ec_reason"],
-                    "rating": t["ec_rating"],
-                }
-            )
-    return turns
 
 
 def derive_pairs(turns: list[dict], rewriter, domain: str, args: Args, records: RecordFile, stats: ParseStats) -> None:
@@ -467,12 +488,6 @@ def select_pairs(rewrites: list[dict], lam: float) -> list[dict]:
 # =============================================================================================== losses
 
 
-def sft_loss(token_logps: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
-    """Eq. 1 (SGPT): the token-mean NLL of the completions. Returned as a per-example sum of token NLLs, so the
-    training loop can divide by the number of completion tokens of the whole global batch."""
-    return -token_logps
-
-
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> torch.Tensor:
     """Eq. 3 (ECPO+DPO): -log sigma(beta * lr_w - beta * lr_l), lr = log pi_theta - log pi_sft (sequence sums)."""
     logits = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
@@ -520,136 +535,6 @@ def sequence_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int, 
     return logps, n_tokens
 
 
-def train_adapter(
-    accelerator,
-    model,
-    tokenizer,
-    examples: list[dict],
-    loss_name: str,
-    args: Args,
-    stage_dir: Path,
-    lr: float,
-    batch_size: int,
-    epochs: int,
-    tracker: Tracker,
-    metric_prefix: str,
-    step_offset: int,
-):
-    """The optimization loop of both SGPT (loss "sft" on prompt/completion examples) and ECPO (on pairs with
-    stored reference log-probs). Resumes from the newest checkpoint in ``stage_dir``. Returns the number of
-    optimizer steps and the prepared model.
-
-    Every loss is an average over the global batch, whatever the number of ranks: each rank's micro-batch sum
-    is scaled by world * accum / (global normalizer), accelerate divides by accum, and DDP averages over ranks.
-    """
-    from transformers import get_cosine_schedule_with_warmup
-
-    world, rank = accelerator.num_processes, accelerator.process_index
-    micro = args.micro_batch_size
-    batch_size, accum = configure_batches(accelerator, len(examples), batch_size, micro)
-    steps = global_batches(len(examples), batch_size, epochs, args.seed)
-    beta = args.beta if args.beta is not None else DEFAULT_BETA[loss_name]
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * len(steps)), len(steps))
-    start = resume(model, optimizer, scheduler, stage_dir)
-    if start and accelerator.is_main_process:
-        print(f"resuming {stage_dir.name} at step {start}/{len(steps)}")
-    # The scheduler stays unprepared: accelerate would step it once per rank, for sharded dataloaders.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    while scheduler.last_epoch < start:  # a checkpoint saved without optimizer state (ZeRO-3)
-        scheduler.step()
-    model.train()
-    device = accelerator.device
-    pad_id = tokenizer.pad_token_id
-    grad_norm = None
-    pairs = "chosen_ids" in examples[0]  # ECPO pairs, else SGPT (prompt, completion) examples
-    mask_key = "chosen_mask" if pairs else "completion_mask"
-
-    for step in tqdm(
-        range(start, len(steps)),
-        desc=f"{stage_dir.name} steps",
-        initial=start,
-        total=len(steps),
-        disable=not accelerator.is_main_process,
-    ):
-        batch = steps[step]
-        # The normalizer of the global batch: pairs, or completion tokens for a token-mean loss.
-        normalizer = sum(sum(examples[i][mask_key]) for i in batch) if loss_name == "sft" else len(batch)
-        sums = torch.zeros(5, device=device)  # loss, chosen reward, rejected reward, accuracy, margin (weighted sums)
-        for chunk in rank_micro_batches(batch, rank, world, micro, accum):
-            index = [i for i, _ in chunk]
-            weights = torch.tensor([w for _, w in chunk], device=device)
-            with accelerator.accumulate(model):
-                if not pairs:
-                    rows = [(examples[i]["input_ids"], examples[i]["completion_mask"]) for i in index]
-                    logps, n_tokens = sequence_logps(model, rows, pad_id, device)
-                    per_example, rewards = sft_loss(logps, n_tokens), None
-                else:
-                    rows = [(examples[i]["chosen_ids"], examples[i]["chosen_mask"]) for i in index]
-                    rows += [(examples[i]["rejected_ids"], examples[i]["rejected_mask"]) for i in index]
-                    if loss_name == "kto":
-                        rows += [(examples[i]["mismatched_ids"], examples[i]["mismatched_mask"]) for i in index]
-                    # One concatenated forward pass for chosen, rejected (and KTO's mismatched) rows.
-                    logps, n_tokens = sequence_logps(model, rows, pad_id, device)
-                    b = len(index)
-                    pc, pr, nc, nr = logps[:b], logps[b : 2 * b], n_tokens[:b], n_tokens[b : 2 * b]
-                    rc = torch.tensor([examples[i]["ref_chosen"] for i in index], device=device)
-                    rr = torch.tensor([examples[i]["ref_rejected"] for i in index], device=device)
-                    if loss_name == "dpo":
-                        per_example = dpo_loss(pc, pr, rc, rr, beta)
-                    elif loss_name == "simpo":
-                        per_example = simpo_loss(pc, pr, nc, nr, beta, args.simpo_gamma)
-                    elif loss_name == "kto":
-                        rm = torch.tensor([examples[i]["ref_mismatched"] for i in index], device=device)
-                        z_ref = kto_reference_point(logps[2 * b :], rm, weights, beta)
-                        per_example = kto_loss(pc, pr, rc, rr, z_ref, beta, args.kto_lambda_w, args.kto_lambda_l)
-                    else:  # ECPO+SFT: NLL of the rewritten responses only
-                        per_example = sft_loss(pc, nc)
-                    rewards = (pc - rc).detach() * (beta or 1.0), (pr - rr).detach() * (beta or 1.0)
-                loss = (per_example * weights).sum() * world * accum / normalizer
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()  # a no-op until the last micro-batch of the global batch
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                scheduler.step()
-            sums[0] += loss.detach() / (world * accum)
-            if rewards is not None:
-                chosen, rejected = rewards
-                sums[1:] += torch.stack(
-                    [
-                        (chosen * weights).sum(),
-                        (rejected * weights).sum(),
-                        ((chosen > rejected).float() * weights).sum(),
-                        ((chosen - rejected) * weights).sum(),
-                    ]
-                )
-        sums = accelerator.reduce(sums, reduction="sum")
-        metrics = {
-            f"{metric_prefix}/loss": sums[0].item(),
-            f"{metric_prefix}/lr": scheduler.get_last_lr()[0],
-            f"{metric_prefix}/grad_norm": float(grad_norm if grad_norm is not None else "nan"),
-            f"{metric_prefix}/epoch": (step + 1) * epochs / len(steps),
-        }
-        if loss_name != "sft":
-            metrics |= {
-                f"{metric_prefix}/rewards_chosen": sums[1].item() / len(batch),
-                f"{metric_prefix}/rewards_rejected": sums[2].item() / len(batch),
-                f"{metric_prefix}/reward_accuracy": sums[3].item() / len(batch),
-                f"{metric_prefix}/reward_margin": sums[4].item() / len(batch),
-            }
-        tracker.log(metrics, step=step_offset + step + 1)
-        if (step + 1) % args.save_every == 0 or step + 1 == len(steps):
-            save_resumable(accelerator, model, stage_dir, step + 1, optimizer, scheduler)
-    return len(steps), model
-
-
-# =============================================================================================== model loading
-
-
 def load_policy(args: Args, adapters: list[Path], device, trainable: bool = False):
     """(model, tokenizer): the base policy with ``adapters`` merged in order (SGPT's gives pi_sft, ECPO's sits on
     top), plus a fresh LoRA if ``trainable``. Merging makes "adapter disabled" mean pi_sft, so the reference
@@ -663,12 +548,157 @@ def load_policy(args: Args, adapters: list[Path], device, trainable: bool = Fals
     if trainable:
         torch.manual_seed(args.seed)  # the same LoRA init on every rank and every rerun
         model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
+        if args.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
     return model.to(device), tokenizer
 
 
-def final_adapter(run_dir: Path, stage: str) -> Path | None:
-    folder = run_dir / f"{stage}_adapter"
-    return folder if (folder / "steps.json").exists() else None
+def pair_examples(tokenizer, pairs: list[dict], max_length: int) -> list[dict]:
+    """Token ids and completion masks of each pair's chosen and rejected response. KTO's KL estimate also needs
+    a mismatched (prompt, response): this prompt with the next pair's rewrite, fixed here so that its reference
+    log-prob is stored with the others."""
+    examples = []
+    for k, pair in enumerate(pairs):
+        example = {"key": pair["key"]}
+        mismatched = pairs[(k + 1) % len(pairs)]["chosen"]
+        for part, completion in (
+            ("chosen", pair["chosen"]),
+            ("rejected", pair["rejected"]),
+            ("mismatched", mismatched),
+        ):
+            example[f"{part}_ids"], example[f"{part}_mask"] = encode(tokenizer, pair["prompt"], completion, max_length)
+        example["ref_chosen"] = example["ref_rejected"] = example["ref_mismatched"] = 0.0  # SimPO and SFT need none
+        examples.append(example)
+    return examples
+
+
+def reference_logps(run: Run, model, tokenizer, examples: list[dict], args: Args) -> None:
+    """log pi_sft of every chosen, rejected and mismatched response, computed once with the adapter disabled
+    (the adapter sits on the merged pi_sft weights) and stored in ref_logps.jsonl; ranks split the work."""
+    records = run.records("ref_logps.jsonl")
+    done = {r["key"] for r in records.records()}
+    todo = [k for k, e in enumerate(examples) if e["key"] not in done]
+    mine = run.shard(todo)
+    mine += todo[:1] * (math.ceil(len(todo) / run.world) - len(mine))  # ZeRO-3 needs equal forward passes per rank
+    model.eval()
+    parts = ("chosen", "rejected", "mismatched")
+    with torch.no_grad(), model.disable_adapter():
+        for start in tqdm(range(0, len(mine), args.micro_batch_size), desc="reference log-probs", disable=not mine):
+            index = mine[start : start + args.micro_batch_size]
+            rows = [(examples[i][f"{part}_ids"], examples[i][f"{part}_mask"]) for part in parts for i in index]
+            logps, _ = sequence_logps(model, rows, tokenizer.pad_token_id, run.device)
+            for j, i in enumerate(index):
+                if examples[i]["key"] not in done:
+                    done.add(examples[i]["key"])
+                    values = {f"ref_{part}": logps[p * len(index) + j].item() for p, part in enumerate(parts)}
+                    records.append({"key": examples[i]["key"], **values})
+    run.barrier()
+    stored = {r["key"]: r for r in records.records()}
+    for example in examples:
+        example.update({f"ref_{part}": stored[example["key"]][f"ref_{part}"] for part in parts})
+    model.train()
+
+
+def preference_statistics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps, weights):
+    """TRL's preference statistics of a micro-batch, as weighted sums (the loop divides by the global batch)."""
+    values = {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": policy_chosen_logps,
+        "logps/rejected": policy_rejected_logps,
+    }
+    return {name: (value.detach() * weights).sum().item() for name, value in values.items()}
+
+
+def train_preferences(run: Run, args: Args, model, tokenizer, examples: list[dict]):
+    """ECPO's optimization on D_pre: --loss dpo (Eq. 3), simpo, kto or sft, with pi_sft's log-probs stored.
+    Logs TRL's preference statistics per step: rewards/chosen = beta (log pi(y_w|s) - log pi_sft(y_w|s)) (SimPO
+    and SFT: beta log pi(y_w|s)), the same for y_l, rewards/accuracies (the share with chosen > rejected) and
+    rewards/margins (their mean difference)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    accelerator, micro, device = run.accelerator, args.micro_batch_size, run.device
+    beta = args.beta if args.beta is not None else DEFAULT_BETA[args.loss]
+    steps, accum = training_steps(accelerator, len(examples), args.po_batch_size, micro, args.po_epochs, args.seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.po_lr, weight_decay=0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * len(steps)), len(steps))
+    model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / "po")
+    for step in tqdm(range(start, len(steps)), desc="po", initial=start, total=len(steps), disable=not run.main):
+        started, batch = time.time(), steps[step]
+        sums = defaultdict(float)
+        # The loss is a mean over the global batch: over its pairs, or for --loss sft over its rewrites' tokens.
+        normalizer = sum(sum(examples[i]["chosen_mask"]) for i in batch) if args.loss == "sft" else len(batch)
+        for pairs, weights in micro_batches(examples, batch, accelerator, micro, accum):
+            parts = ("chosen", "rejected", "mismatched") if args.loss == "kto" else ("chosen", "rejected")
+            rows = [(e[f"{part}_ids"], e[f"{part}_mask"]) for part in parts for e in pairs]
+            ref_chosen_logps, ref_rejected_logps, ref_mismatched_logps = (
+                torch.tensor([e[f"ref_{part}"] for e in pairs], device=device)
+                for part in ("chosen", "rejected", "mismatched")
+            )
+            with accelerator.accumulate(model):
+                logps, n_tokens = sequence_logps(model, rows, tokenizer.pad_token_id, device)  # one forward pass
+                b = len(pairs)
+                policy_chosen_logps, policy_rejected_logps = logps[:b], logps[b : 2 * b]
+                if args.loss == "dpo":
+                    losses = dpo_loss(
+                        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+                    )
+                elif args.loss == "simpo":
+                    chosen_tokens, rejected_tokens = n_tokens[:b], n_tokens[b : 2 * b]
+                    losses = simpo_loss(
+                        policy_chosen_logps,
+                        policy_rejected_logps,
+                        chosen_tokens,
+                        rejected_tokens,
+                        beta,
+                        args.simpo_gamma,
+                    )
+                elif args.loss == "kto":
+                    z_ref = kto_reference_point(logps[2 * b :], ref_mismatched_logps, weights, beta)
+                    losses = kto_loss(
+                        policy_chosen_logps,
+                        policy_rejected_logps,
+                        ref_chosen_logps,
+                        ref_rejected_logps,
+                        z_ref,
+                        beta,
+                        args.kto_lambda_w,
+                        args.kto_lambda_l,
+                    )
+                else:  # ECPO+SFT: the NLL of the rewrites alone (their token mean, with the normalizer below)
+                    losses = -policy_chosen_logps
+                # The global batch's mean (sum / normalizer); * world * accum undoes accelerate's 1 / accum per
+                # micro-batch and DDP's mean over ranks.
+                loss = (losses * weights).sum() / normalizer * run.world * accum
+                grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
+            chosen_rewards = (beta or 1.0) * (policy_chosen_logps - ref_chosen_logps)
+            rejected_rewards = (beta or 1.0) * (policy_rejected_logps - ref_rejected_logps)
+            statistics = preference_statistics(
+                chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps, weights
+            )
+            for name, value in statistics.items():
+                sums[name] += value
+            sums["loss"] += loss.item() / (run.world * accum)
+        scheduler.step()
+        sums = run.sum_over_ranks(sums)
+        metrics = {
+            "train/loss": sums["loss"],
+            **{f"train/{name}": total / len(batch) for name, total in sums.items() if name != "loss"},
+            "train/lr": scheduler.get_last_lr()[0],
+            "train/grad_norm": grad_norm,
+            "train/epoch": (step + 1) * args.po_epochs / len(steps),
+        }
+        run.log_step(metrics, time.time() - started)
+        if run.main:
+            shown = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+            tqdm.write(
+                f"po step {step + 1}/{len(steps)}: " + "  ".join(f"{k} {metrics[f'train/{k}']:.4g}" for k in shown)
+            )
+        if (step + 1) % args.save_every == 0 or step + 1 == len(steps):
+            save_resumable(accelerator, model, run.dir / "po", step + 1, optimizer, scheduler)
+    return model
 
 
 # =============================================================================================== evaluation
@@ -687,7 +717,7 @@ Trajectory B:
 {b}
 
 Score each with 1, -1 or 0, then answer with JSON only:
-{{"Flexibility": {{"Reason": "...", "Score": 0}}, "Coherence": {{"Reason": "...", "Score": 0}}, "User Guidance": {{"Reason": "...", "Score": 0}}, "Final Score": 0}}"""
+{{"Flexibility": {{"Reason": "...", "Score": 0}}, "Coherence": {{"Reason": "...", "Score": 0}}, "User Guidance": {{"Reason": "...", "Score": 0}}, "Final Score": 0}}"""  # noqa: E501  (prompt text, kept verbatim)
 
 JUDGE_DIMENSIONS = {
     "Flexibility": "flexibility",
@@ -775,366 +805,202 @@ def win_rates(judgements: list[dict], label: str, prefix: str) -> dict[str, floa
     return metrics
 
 
-# =============================================================================================== data
-
-DOMAINS = {"demo": "movie", "book": "book", "game": "video game", "yelp": "restaurant or local business"}
+# =============================================================================================== stages (Fig. 2)
 
 
-def load_splits(args: Args) -> tuple[list[Task], list[Task], list[Task], Catalog]:
-    """(D_sft tasks, D_pre tasks, test tasks, catalog). Train tasks come from the train file in order; test tasks
-    are the first ones of the held-out file (demo: the last 8 demo users, disjoint from the first 24)."""
-    if args.dataset == "demo":
-        tasks = load_demo_tasks()
-        train, test, items = tasks[:24], tasks[24:], load_demo_catalog()
-    else:
-        name = args.dataset.capitalize()
-        folder = Path(args.data_dir) / "ecpo" / name
-        train = load_ecpo_tasks(folder / f"{name}_train.jsonl")
-        test = load_ecpo_tasks(folder / f"{name}_test.jsonl") if "eval" in args.stages else []
-        items = load_ecpo_items(folder / "items.jsonl") if (folder / "items.jsonl").exists() else []
-        items += [t.target for t in train + test]  # the item DB: every item a task names, plus any released pool
-    sft_tasks = train[: args.num_sft_tasks]
-    pre_tasks = train[args.num_sft_tasks : args.num_sft_tasks + args.num_pre_tasks]
-    if len(sft_tasks) + len(pre_tasks) < args.num_sft_tasks + args.num_pre_tasks:
+@dataclass
+class Tasks:
+    sft: list[Task]  # D_sft's tasks, played by the teacher
+    pre: list[Task]  # D_pre's tasks, played by pi_sft once each
+    test: list[Task]  # held out, for evaluation
+    catalog: Catalog  # the item database Search retrieves from
+    domain: str
+
+
+def load_data(args: Args) -> Tasks:
+    """Train tasks in file order (D_sft first, then D_pre); test tasks, the first of the held-out file, are read
+    only when the eval stage runs."""
+    train = load_tasks(args.dataset, args.data_dir, "train")
+    test = load_tasks(args.dataset, args.data_dir, "test") if "eval" in args.stages else []
+    if len(train) < args.num_sft_tasks + args.num_pre_tasks:
         raise DataError(
             f"{args.num_sft_tasks} + {args.num_pre_tasks} training tasks asked for, the train split has {len(train)}"
         )
-    return sft_tasks, pre_tasks, test[: args.num_test_tasks], Catalog(items)
-
-
-# =============================================================================================== main
-
-
-def main(args: Args) -> None:
-    from accelerate.utils import gather_object
-
-    accelerator = make_accelerator()
-    rank, world, main_process = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    args.run_name = args.run_name or default_run_name(args.exp_name, args.seed)
-    run_dir = Path("runs") / args.run_name
-    seed_everything(args.seed + rank)
-    tracker = Tracker(
-        run_dir, args, track=args.track, project=args.wandb_project, entity=args.wandb_entity, is_main=main_process
-    )
-    sft_tasks, pre_tasks, test_tasks, catalog = load_splits(args)
+    catalog = Catalog(load_task_items(args.dataset, args.data_dir, train + test))
     catalog.embeddings()  # build (or load) the retrieval index once, before any rollout
-    domain, device = DOMAINS[args.dataset], accelerator.device
+    sft, pre = train[: args.num_sft_tasks], train[args.num_sft_tasks : args.num_sft_tasks + args.num_pre_tasks]
+    return Tasks(sft, pre, test[: args.num_test_tasks], catalog, TASK_DOMAINS[args.dataset])
 
-    # The frozen roles are built on first use, so a stage loads only what it needs. Every LLM's usage counter
-    # (frozen roles and the policy's rollouts) is kept, for the cost accounting in costs.jsonl.
-    roles: dict[str, object] = {}
-    usages = []
 
-    def role(name: str):
-        if name not in roles:
-            roles[name] = make_llm(getattr(args, f"{name}_llm"), batch_size=args.batch_size, device=device)
-            usages.append(roles[name].usage)
-        return roles[name]
+def stored(run: Run, name: str, tasks: list[Task], stage: str) -> list[dict]:
+    """The finished conversations of ``tasks`` in ``name`` (a rerun resumes from them)."""
+    wanted = {t.task_id for t in tasks}
+    records = [r for r in run.records(name).records() if r["key"] in wanted]
+    if not records:
+        raise DataError(f"no trajectories in {run.dir / name}: run the {stage} stage first")
+    return records
 
-    def usage_now() -> dict[str, int]:
-        return {
-            "llm_calls": sum(u.calls for u in usages),
-            "tokens": sum(u.prompt_tokens + u.completion_tokens for u in usages),
-        }
 
-    costs = RecordFile(run_dir / "costs.jsonl", key="stage")
+def sft_adapter(run: Run) -> Path:
+    if not run.finished("sft_adapter"):
+        raise DataError(f"no {run.dir / 'sft_adapter'}: run the sft stage first")
+    return run.dir / "sft_adapter"
 
-    def account(stage: str, before: dict, **extra) -> None:
-        """Append the LLM calls and tokens this stage spent, summed over ranks (one row per stage run)."""
-        delta = {k: v - before[k] for k, v in usage_now().items()}
-        totals = gather_object([delta])
-        if main_process:
-            costs.append({"stage": stage, **{k: sum(t[k] for t in totals) for k in delta}, **extra})
 
-    stats = {name: ParseStats() for name in ("cra", "rewriter", "judge")}
-    simulator = None
+def rollout(run: Run, args: Args, tasks: Tasks, llm, which: list[Task], few_shot: bool, name: str) -> list[dict]:
+    """ActCRS on ``llm`` against AILO; each rank plays its share of ``which``, every rank returns all of them."""
+    simulator = AILO(run.llm(args.user_llm, args.batch_size), tasks.domain, args.user_max_tokens, args.max_parse_tries)
+    stats = ParseStats()
+    cra = make_actcrs(llm, tasks.catalog, tasks.domain, args, few_shot, stats)
+    on_episode = print_trajectory if args.print_conversations else None
+    run_episodes(run.shard(which), cra, simulator, args.max_turns, args.batch_size, run.records(name), on_episode)
+    run.count(simulator.metrics() | stats.metrics("rollout/cra_"))
+    run.barrier()
+    wanted = {t.task_id for t in which}
+    return [r for r in run.records(name).records() if r["key"] in wanted]  # every rank's, and a resumed run's
 
-    def rollout(tasks: list[Task], llm, few_shot: bool, records: RecordFile) -> list[dict]:
-        """ActCRS on ``llm`` against AILO. Each rank plays its share of the tasks; all read the full record file."""
-        nonlocal simulator
-        if simulator is None:
-            simulator = AILO(
-                role("user"), domain=domain, max_tokens=args.user_max_tokens, max_parse_tries=args.max_parse_tries
-            )
-        cra = make_actcrs(llm, catalog, domain, args, few_shot, stats["cra"])
-        run_episodes(
-            tasks[rank::world],
-            cra,
-            simulator,
-            args.max_turns,
-            batch_size=args.batch_size,
-            records=records,
-            on_episode=print_trajectory if args.print_conversations else None,
+
+def policy_rollout(run: Run, args: Args, tasks: Tasks, which: list[Task], adapters: list[Path], name: str):
+    model, tokenizer = load_policy(args, adapters, run.device)
+    return rollout(run, args, tasks, run.track(HFChat(model, tokenizer, args.batch_size)), which, False, name)
+
+
+def teacher_rollouts(run: Run, args: Args, tasks: Tasks) -> dict:
+    """Sec. 3.1: the teacher CRA, shown one example dialogue, talks with AILO on the D_sft tasks."""
+    teacher = run.llm(args.teacher_llm, args.batch_size)
+    trajectories = rollout(run, args, tasks, teacher, tasks.sft, args.few_shot, "teacher_trajectories.jsonl")
+    episode = episode_metrics(trajectories, args.max_turns)
+    return {"rollout/teacher_sr": episode["eval/sr"], "rollout/teacher_recall": episode["eval/recall"]}
+
+
+def sgpt(run: Run, args: Args, tasks: Tasks) -> dict:
+    """Simulator-guided planning tuning (Sec. 3.1, Eq. 1): LoRA SFT on every CRA call (Search included) of the
+    teacher's successful trajectories, each prompt without the few-shot block. pi_sft = the policy with it merged."""
+    if run.finished("sft_adapter"):
+        return {}
+    teacher = stored(run, "teacher_trajectories.jsonl", tasks.sft, "teacher")
+    d_sft = [
+        {"key": f"{tr['key']}#{t['turn']}#{k}", "prompt": call["state"], "completion": call["action"]}
+        for tr in teacher
+        if tr["success"]
+        for t in tr["turns"]
+        for k, call in enumerate(t["cra"]["calls"])
+        if call["action"] is not None
+    ]
+    if run.main:
+        records = run.records("sft_data.jsonl")
+        done = records.done_keys()
+        for example in (e for e in d_sft if e["key"] not in done):
+            records.append(example)
+    model, tokenizer = load_policy(args, [], run.device, trainable=True)
+    if d_sft:
+        encoded = [encode(tokenizer, e["prompt"], e["completion"], args.max_length) for e in d_sft]
+        examples = [{"input_ids": ids, "completion_mask": mask} for ids, mask in encoded]
+        # Eq. 1: the token-mean NLL of the teacher's actions (common/sft.py)
+        model = supervised_finetuning(
+            run, args, model, tokenizer, examples, "sft", lr=args.sft_lr, batch_size=args.sft_batch_size,
+            epochs=args.sft_epochs, warmup_ratio=args.warmup_ratio, metric_prefix="train_sft",
+        )  # fmt: skip
+    elif run.main:
+        print(
+            "no successful teacher trajectory, so D_sft is empty and pi_sft is the base policy "
+            "(use more --num-sft-tasks or a stronger --teacher-llm)"
         )
-        accelerator.wait_for_everyone()
-        wanted = {t.task_id for t in tasks}
-        return [r for r in records.records() if r["key"] in wanted]
+    save_final(run.accelerator, model, run.dir / "sft_adapter", {"examples": len(d_sft)})
+    return {"rollout/sft_examples": len(d_sft)}
 
-    def policy_rollout(tasks: list[Task], adapters: list[Path], records: RecordFile) -> list[dict]:
-        model, tokenizer = load_policy(args, adapters, device)
-        llm = HFChat(model, tokenizer, batch_size=args.batch_size)
-        usages.append(llm.usage)
-        trajectories = rollout(tasks, llm, few_shot=False, records=records)
-        del model, llm
-        return trajectories
 
-    metrics: dict[str, float] = {}
-    sft_dir, po_dir = run_dir / "sft_adapter", run_dir / "po_adapter"
-
-    # ------------------------------------------------------------------------ 1. teacher rollouts (SGPT's data)
-    teacher_records = RecordFile(run_dir / "teacher_trajectories.jsonl")
-    if "teacher" in args.stages:
-        before = usage_now()
-        teacher = rollout(sft_tasks, role("teacher"), args.few_shot, teacher_records)
-        account("teacher", before, trajectories=len(teacher))
-        episode = episode_metrics(teacher, args.max_turns)
-        metrics |= {"rollout/teacher_sr": episode["eval/sr"], "rollout/teacher_recall": episode["eval/recall"]}
-
-    # ------------------------------------------------------------------------ 2. SGPT: LoRA SFT, Eq. 1
-    if "sft" in args.stages and final_adapter(run_dir, "sft") is None:
-        wanted = {t.task_id for t in sft_tasks}
-        teacher = [r for r in teacher_records.records() if r["key"] in wanted]
-        if not teacher:
-            raise DataError(f"no teacher trajectories in {teacher_records.path}: run the teacher stage first")
-        # D_sft: every CRA call (Search included) of every successful trajectory, its prompt without few-shot.
-        d_sft = [
-            {"key": f"{tr['key']}#{t['turn']}#{k}", "prompt": call["state"], "completion": call["action"]}
-            for tr in teacher
-            if tr["success"]
-            for t in tr["turns"]
-            for k, call in enumerate(t["cra"]["calls"])
-            if call["action"] is not None
-        ]
-        if main_process:
-            sft_file = RecordFile(run_dir / "sft_data.jsonl")
-            done = sft_file.done_keys()
-            for example in d_sft:
-                if example["key"] not in done:
-                    sft_file.append(example)
-        metrics["rollout/sft_examples"] = len(d_sft)
-        model, tokenizer = load_policy(args, [], device, trainable=True)
-        steps = 0
-        if d_sft:
-            examples = [
-                dict(
-                    zip(
-                        ("input_ids", "completion_mask"),
-                        encode(tokenizer, e["prompt"], e["completion"], args.max_length),
-                    )
-                )
-                for e in d_sft
-            ]
-            steps, model = train_adapter(
-                accelerator,
-                model,
-                tokenizer,
-                examples,
-                "sft",
-                args,
-                run_dir / "sft",
-                args.sft_lr,
-                args.sft_batch_size,
-                args.sft_epochs,
-                tracker,
-                "train_sft",
-                step_offset=0,
-            )
-        elif main_process:
-            print(
-                "no successful teacher trajectory, so D_sft is empty and pi_sft is the base policy "
-                "(use more --num-sft-tasks or a stronger --teacher-llm)"
-            )
-        save_final(accelerator, model, sft_dir, {"steps": steps, "examples": len(d_sft)})
-        del model
-    sft_steps = json.loads((sft_dir / "steps.json").read_text())["steps"] if final_adapter(run_dir, "sft") else 0
-    step = sft_steps
-
-    def need_sft() -> list[Path]:
-        if final_adapter(run_dir, "sft") is None:
-            raise DataError(f"no {sft_dir}: run the sft stage first")
-        return [sft_dir]
-
-    # ------------------------------------------------------------------------ 3. forward expectation confirmation
-    forward_records = RecordFile(run_dir / "forward_trajectories.jsonl")
-    if "forward" in args.stages:
-        before = usage_now()
-        forward = policy_rollout(pre_tasks, need_sft(), forward_records)
-        account("forward", before, trajectories=len(forward))
-        ratings = [t["ec_rating"] for tr in forward for t in tr["turns"] if t["ec_rating"] is not None]
-        metrics |= {
-            "rollout/forward_sr": episode_metrics(forward, args.max_turns)["eval/sr"],
-            "rollout/forward_turns": sum(len(tr["turns"]) for tr in forward),
-            "rollout/ec_ratings": len(ratings),
-            "rollout/ec_rating_mean": sum(ratings) / max(len(ratings), 1),
-            "rollout/system_errors": sum(t["system"] == SYSTEM_ERROR for tr in forward for t in tr["turns"]),
-        }
-
-    # ------------------------------------------------------------------------ 4. backward expectation derivation
-    if "backward" in args.stages:
-        wanted = {t.task_id for t in pre_tasks}
-        forward = [r for r in forward_records.records() if r["key"] in wanted]
-        if not forward:
-            raise DataError(f"no forward trajectories in {forward_records.path}: run the forward stage first")
-        turns = rewritable_turns(forward, args.lam)
-        rewrite_records = RecordFile(run_dir / "rewrites.jsonl")
-        before = usage_now()
-        derive_pairs(turns[rank::world], role("rewriter"), domain, args, rewrite_records, stats["rewriter"])
-        accelerator.wait_for_everyone()
-        selected = {t["key"] for t in turns}
-        rewrites = [r for r in rewrite_records.records() if r["key"] in selected]
-        pairs = select_pairs(rewrites, args.lam)
-        account("backward", before, pairs=len(pairs))
-        if main_process:  # D_pre for this lambda, replaced whole so that it always matches the flag
-            tmp = run_dir / "pairs.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
-            tmp.rename(run_dir / "pairs.jsonl")
-        statuses = [r["status"] for r in rewrites]
-        metrics |= {
-            "rollout/rewrite_turns": len(turns),
-            "rollout/pairs": len(pairs),
-            **{f"rollout/rewrite_{s}": statuses.count(s) for s in ("ok", "unparsable", "bad_format", "unchanged")},
-        }
-
-    # ------------------------------------------------------------------------ 5. ECPO preference optimization
-    if "po" in args.stages and final_adapter(run_dir, "po") is None:
-        pairs_file = run_dir / "pairs.jsonl"
-        pairs = [json.loads(line) for line in pairs_file.read_text().splitlines()] if pairs_file.exists() else []
-        if not pairs:
-            raise DataError(f"no preference pairs in {pairs_file}: run the backward stage first (or raise --lam)")
-        model, tokenizer = load_policy(args, need_sft(), device, trainable=True)
-        examples = pair_examples(tokenizer, pairs, args.max_length)
-        if args.loss in ("dpo", "kto"):
-            reference_logps(accelerator, model, tokenizer, examples, args, RecordFile(run_dir / "ref_logps.jsonl"))
-        steps, model = train_adapter(
-            accelerator,
-            model,
-            tokenizer,
-            examples,
-            args.loss,
-            args,
-            run_dir / "po",
-            args.po_lr,
-            args.po_batch_size,
-            args.po_epochs,
-            tracker,
-            "train",
-            step_offset=sft_steps,
-        )
-        save_final(accelerator, model, po_dir, {"steps": steps, "pairs": len(pairs), "loss": args.loss})
-        del model
-    if final_adapter(run_dir, "po"):
-        step += json.loads((po_dir / "steps.json").read_text())["steps"]
-
-    # ------------------------------------------------------------------------ 6. evaluation: SR, R and WR
-    if "eval" in args.stages:
-        before = usage_now()
-        expert = rollout(test_tasks, role("expert"), args.few_shot, RecordFile(run_dir / "eval_expert.jsonl"))
-        candidates = {"eval_sft": policy_rollout(test_tasks, need_sft(), RecordFile(run_dir / "eval_sft.jsonl"))}
-        if final_adapter(run_dir, "po"):
-            candidates["eval"] = policy_rollout(test_tasks, [sft_dir, po_dir], RecordFile(run_dir / "eval_ecpo.jsonl"))
-        judgements = RecordFile(run_dir / "judgements.jsonl")
-        for label, trajectories in candidates.items():
-            judge_pairs(
-                role("judge"), trajectories[rank::world], expert, label, domain, args, judgements, stats["judge"]
-            )
-        accelerator.wait_for_everyone()
-        account("eval", before)
-        for label, trajectories in {"eval_expert": expert, **candidates}.items():
-            episode = episode_metrics(trajectories, args.max_turns)
-            metrics |= {f"{label}/sr": episode["eval/sr"], f"{label}/recall": episode["eval/recall"]}
-            if label != "eval_expert":
-                metrics |= win_rates(judgements.records(), label, label)
-
-    # ------------------------------------------------------------------------ parse counters, costs, summary
-    counters = {
-        **(simulator.metrics() if simulator else {}),
-        **{k: v for name, s in stats.items() for k, v in s.metrics(f"rollout/{name}_").items()},
+def forward_expectation_confirmation(run: Run, args: Args, tasks: Tasks) -> dict:
+    """Sec. 3.2, forward: pi_sft (greedy) talks with AILO on the D_pre tasks, one trajectory each, and AILO rates
+    every visible response as the conversation goes: (s_t, p_t, CONF_t, r_t)."""
+    forward = policy_rollout(run, args, tasks, tasks.pre, [sft_adapter(run)], "forward_trajectories.jsonl")
+    if run.main:
+        print(rating_table(rated_turns(forward), args.lam))
+    ratings = [t["ec_rating"] for tr in forward for t in tr["turns"] if t["ec_rating"] is not None]
+    return {
+        "rollout/forward_sr": episode_metrics(forward, args.max_turns)["eval/sr"],
+        "rollout/forward_turns": sum(len(tr["turns"]) for tr in forward),
+        "rollout/ec_ratings": len(ratings),
+        "rollout/ec_rating_mean": sum(ratings) / max(len(ratings), 1),
+        "rollout/system_errors": sum(t["system"] == SYSTEM_ERROR for tr in forward for t in tr["turns"]),
     }
-    gathered = gather_object([counters])
-    if main_process:
-        metrics |= {k: sum(c.get(k, 0) for c in gathered) for k in counters}
-        metrics |= cost_metrics(costs.records())
-        tracker.log(metrics, step=step)
-        print("\n" + json.dumps(metrics, indent=2))
-        print_summary(metrics)
-        print(f"outputs in {run_dir}/")
-    tracker.close()
 
 
-def pair_examples(tokenizer, pairs: list[dict], max_length: int) -> list[dict]:
-    """Token ids and completion masks of each pair's chosen and rejected response. KTO's KL estimate also needs
-    a mismatched (prompt, response): this prompt with the next pair's rewrite, fixed here so that its reference
-    log-prob is stored with the others."""
-    examples = []
-    for k, pair in enumerate(pairs):
-        example = {"key": pair["key"]}
-        for part, completion in (
-            ("chosen", pair["chosen"]),
-            ("rejected", pair["rejected"]),
-            ("mismatched", pairs[(k + 1) % len(pairs)]["chosen"]),
-        ):
-            example[f"{part}_ids"], example[f"{part}_mask"] = encode(tokenizer, pair["prompt"], completion, max_length)
-        example["ref_chosen"] = example["ref_rejected"] = example["ref_mismatched"] = 0.0  # SimPO and SFT need none
-        examples.append(example)
-    return examples
+def backward_expectation_derivation(run: Run, args: Args, tasks: Tasks) -> dict:
+    """Sec. 3.2, backward: each response with r_t <= lambda is rewritten by an LLM given the dialogue and CONF_t;
+    a well-formed rewrite that differs from p_t makes the pair (s_t, rewrite > p_t) of D_pre."""
+    turns = rewritable_turns(stored(run, "forward_trajectories.jsonl", tasks.pre, "forward"), args.lam)
+    records, stats = run.records("rewrites.jsonl"), ParseStats()
+    derive_pairs(run.shard(turns), run.llm(args.rewriter_llm, args.batch_size), tasks.domain, args, records, stats)
+    run.count(stats.metrics("rollout/rewriter_"))
+    run.barrier()
+    wanted = {t["key"] for t in turns}
+    rewrites = [r for r in records.records() if r["key"] in wanted]  # every lambda's rewrites stay in the file
+    pairs = select_pairs(rewrites, args.lam)
+    if run.main:  # D_pre for this lambda, replaced whole so that it always matches the flag
+        (run.dir / "pairs.jsonl.tmp").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+        (run.dir / "pairs.jsonl.tmp").rename(run.dir / "pairs.jsonl")
+    statuses = [r["status"] for r in rewrites]
+    counts = {f"rollout/rewrite_{s}": statuses.count(s) for s in ("ok", "unparsable", "bad_format", "unchanged")}
+    return {"rollout/rewrite_turns": len(turns), "rollout/pairs": len(pairs), **counts}
 
 
-def reference_logps(accelerator, model, tokenizer, examples: list[dict], args: Args, records: RecordFile) -> None:
-    """log pi_sft of every chosen, rejected and mismatched response, computed once with the adapter disabled
-    (the adapter sits on the merged pi_sft weights) and stored; ranks split the work."""
-    done = {r["key"]: r for r in records.records()}
-    todo = [k for k, e in enumerate(examples) if e["key"] not in done]
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = todo[rank::world]
-    per_rank = math.ceil(len(todo) / world) if todo else 0
-    mine += mine[:1] * (per_rank - len(mine)) if mine else []  # equal pass counts on every rank
-    model.eval()
-    micro = args.micro_batch_size
-    with torch.no_grad(), model.disable_adapter():
-        for start in tqdm(
-            range(0, len(mine), micro), desc="reference log-probs", disable=not accelerator.is_main_process or not mine
-        ):
-            index = mine[start : start + micro]
-            rows = [
-                (examples[i][f"{part}_ids"], examples[i][f"{part}_mask"])
-                for part in ("chosen", "rejected", "mismatched")
-                for i in index
-            ]
-            logps, _ = sequence_logps(model, rows, tokenizer.pad_token_id, accelerator.device)
-            b = len(index)
-            for j, i in enumerate(index):
-                if examples[i]["key"] not in done:
-                    record = {
-                        "key": examples[i]["key"],
-                        "ref_chosen": logps[j].item(),
-                        "ref_rejected": logps[b + j].item(),
-                        "ref_mismatched": logps[2 * b + j].item(),
-                    }
-                    records.append(record)
-                    done[record["key"]] = record
-    accelerator.wait_for_everyone()
-    done = {r["key"]: r for r in records.records()}
-    for example in examples:
-        example.update({k: done[example["key"]][k] for k in ("ref_chosen", "ref_rejected", "ref_mismatched")})
-    model.train()
+def preference_optimization(run: Run, args: Args) -> dict:
+    """Sec. 3.3: a fresh LoRA on pi_sft trained on D_pre with --loss (DPO, Eq. 3, by default); the reference is
+    pi_sft itself, the adapter switched off, its log-probs computed once."""
+    if run.finished("po_adapter"):
+        return {}
+    path = run.dir / "pairs.jsonl"
+    pairs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not pairs:
+        raise DataError(f"no preference pairs in {path}: run the backward stage first (or raise --lam)")
+    model, tokenizer = load_policy(args, [sft_adapter(run)], run.device, trainable=True)
+    examples = pair_examples(tokenizer, pairs, args.max_length)
+    if args.loss in ("dpo", "kto"):
+        reference_logps(run, model, tokenizer, examples, args)
+    model = train_preferences(run, args, model, tokenizer, examples)
+    save_final(run.accelerator, model, run.dir / "po_adapter", {"pairs": len(pairs), "loss": args.loss})
+    return {}
 
 
-def cost_metrics(rows: list[dict]) -> dict[str, float]:
-    """The whole run's LLM calls and tokens, and what building D_pre cost per preference pair: the calls and
-    tokens of the forward rollouts and the rewrites, and the forward trajectories (the paper's Fig. 5 counts
-    trajectories: ECPO 500 on 500 tasks, trajectory-level MTPO 1000, tree-based SDPO/SKTO 2500). The SGPT
-    teacher rollouts are reported apart, as every method starts from pi_sft."""
+def evaluate(run: Run, args: Args, tasks: Tasks) -> dict:
+    """Sec. 4: the expert CRA, pi_sft and the ECPO policy on the held-out tasks, greedy: SR, R, and the win rate
+    against the expert, judged in both position orders (Fig. 11)."""
+    expert_llm = run.llm(args.expert_llm, args.batch_size)
+    expert = rollout(run, args, tasks, expert_llm, tasks.test, args.few_shot, "eval_expert.jsonl")
+    candidates = {"eval_sft": policy_rollout(run, args, tasks, tasks.test, [sft_adapter(run)], "eval_sft.jsonl")}
+    if run.finished("po_adapter"):
+        adapters = [sft_adapter(run), run.dir / "po_adapter"]
+        candidates["eval"] = policy_rollout(run, args, tasks, tasks.test, adapters, "eval_ecpo.jsonl")
+    judge, judgements, stats = run.llm(args.judge_llm, args.batch_size), run.records("judgements.jsonl"), ParseStats()
+    for label, trajectories in candidates.items():
+        judge_pairs(judge, run.shard(trajectories), expert, label, tasks.domain, args, judgements, stats)
+    run.count(stats.metrics("rollout/judge_"))
+    run.barrier()
+    metrics = {}
+    for label, trajectories in {"eval_expert": expert, **candidates}.items():
+        episode = episode_metrics(trajectories, args.max_turns)
+        metrics |= {f"{label}/sr": episode["eval/sr"], f"{label}/recall": episode["eval/recall"]}
+        if label != "eval_expert":
+            metrics |= win_rates(judgements.records(), label, label)
+    return metrics
 
-    def latest(stage: str, key: str) -> int:  # counts of records: a rerun's row already includes resumed ones
-        return next((r[key] for r in reversed(rows) if r["stage"] == stage), 0)
 
-    pairs, forward_trajectories = latest("backward", "pairs"), latest("forward", "trajectories")
+def cost_metrics(run_dir: Path, tasks: Tasks) -> dict[str, float]:
+    """The run's LLM calls and tokens (every row of costs.jsonl, resumed invocations included), and what building
+    D_pre cost per preference pair: the calls and tokens of the forward rollouts and the rewrites, and the forward
+    trajectories (the paper's Fig. 5 counts trajectories: ECPO 500 on 500 tasks, trajectory-level MTPO 1000,
+    tree-based SDPO/SKTO 2500). The SGPT teacher rollouts are reported apart, as every method starts from pi_sft."""
+    rows = RecordFile(run_dir / "costs.jsonl").records()
+    pairs = len(RecordFile(run_dir / "pairs.jsonl").records())
+    played = {name: RecordFile(run_dir / f"{name}_trajectories.jsonl").done_keys() for name in ("teacher", "forward")}
+    forward_trajectories = sum(t.task_id in played["forward"] for t in tasks.pre)
     metrics = {
         "cost/llm_calls": sum(r["llm_calls"] for r in rows),
         "cost/tokens": sum(r["tokens"] for r in rows),
         "cost/pairs": pairs,
         "cost/forward_trajectories": forward_trajectories,
-        "cost/teacher_trajectories": latest("teacher", "trajectories"),
+        "cost/teacher_trajectories": sum(t.task_id in played["teacher"] for t in tasks.sft),
         "cost/teacher_llm_calls": sum(r["llm_calls"] for r in rows if r["stage"] == "teacher"),
     }
     if pairs:
@@ -1147,22 +1013,9 @@ def cost_metrics(rows: list[dict]) -> dict[str, float]:
     return metrics
 
 
-def print_trajectory(trajectory: dict) -> None:
-    print(
-        f"\n=== {trajectory['task_id']} | target: {trajectory['target']} | SR={int(trajectory['success'])} "
-        f"R={int(trajectory['recall'])}"
-    )
-    print(f"  USER   {trajectory['opening']['user']}")
-    for t in trajectory["turns"]:
-        print(f"  CRA    {t['cra'].get('action') or SYSTEM_ERROR}   (EC {t['ec_rating']})")
-        if t["user"]:
-            print(f"  USER   {t['user']}")
-
-
 def print_summary(metrics: dict) -> None:
-    rows = [("expert CRA", "eval_expert"), ("pi_sft (SGPT)", "eval_sft"), ("ECPO", "eval")]
     print(f"\n{'policy':<16}{'SR':>7}{'R':>7}{'WR':>7}")
-    for name, prefix in rows:
+    for name, prefix in (("expert CRA", "eval_expert"), ("pi_sft (SGPT)", "eval_sft"), ("ECPO", "eval")):
         if f"{prefix}/sr" in metrics:
             wr = metrics.get(f"{prefix}/wr")
             print(
@@ -1171,8 +1024,24 @@ def print_summary(metrics: dict) -> None:
             )
 
 
+# =============================================================================================== main
+
+
+def main(args: Args) -> None:
+    run = Run(args)  # runs/<run_name>/, ranks, seeding, metrics; each run.stage is timed and its LLM costs booked
+    tasks = load_data(args)
+    run.stage("teacher", teacher_rollouts, args, tasks)  # the teacher CRA's conversations with AILO
+    run.stage("sft", sgpt, args, tasks)  # Eq. 1: SFT on the successful ones -> pi_sft
+    run.stage("forward", forward_expectation_confirmation, args, tasks)  # pi_sft's turns, each rated r_t by AILO
+    run.stage("backward", backward_expectation_derivation, args, tasks)  # rewrites of r_t <= lambda -> D_pre
+    run.stage("po", preference_optimization, args)  # Eq. 3: DPO on D_pre against pi_sft
+    run.stage("eval", evaluate, args, tasks)  # SR, R and win rate against the expert
+    run.log(cost_metrics(run.dir, tasks))
+    run.finish(print_summary)
+
+
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args))
     except (DataError, ModelSpecError, LLMBackendError) as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {err}") from None

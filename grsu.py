@@ -1,12 +1,14 @@
 """GRSU: a Generative Reward model based Simulated User that scores items by P(Yes) and critiques lists by their
 attributes, steering a beam search over a zero-shot LLM recommender's lists (the GRSU paper; METHODS.md Sec. 5).
+Docs: docs/grsu.md.
 
     python grsu.py                                   # every stage on the embedded SmolLM2 + the bundled demo dialogues
     python grsu.py --dataset inspired --num-test 20  # INSPIRED (validation split) from --data-dir
     accelerate launch grsu.py --dataset redial       # shard synthesis and test examples over ranks
     python grsu.py --stages search --search greedy --run-name <run>   # another search over the same simulated user
+    bash benchmark/grsu_table3.sh                    # the paper's Table 3 on GPUs
 
-The pipeline, one stage per section below, each writing its records under runs/<run_name>/:
+The pipeline, one stage function each, writing under runs/<run_name>/:
 
   synth    instruction data from the training conversations: attribute critiques written by a teacher that
            sees the user's true preference (the student's input omits it), over lists with a subset of the
@@ -15,9 +17,9 @@ The pipeline, one stage per section below, each writing its records under runs/<
   train    instruction tuning of the simulated user: masked NLL on response tokens (Eq. 4), LoRA or full
                                                                            -> user/checkpoints, user_model/
   search   per test recommendation turn: N^2 zero-shot CRS lists, then D rounds of (score every list by the
-           mean P(accept) of its items, keep the best B, sample N critiques each, let the CRS revise), then
-           rank every item seen by its own score; Recall/NDCG/MRR@{10,50} for GRSU and the zero-shot CRS
-                                                                           -> search.jsonl, metrics.jsonl
+           mean P(accept) of its items (the reward, Eq. 2), keep the best B, sample N critiques each, let the CRS
+           revise), then rank every item seen by its own score; Recall/NDCG/MRR@{10,50} for GRSU and the
+           zero-shot CRS                                                   -> search_<strategy>.jsonl
 
 A rerun with the same --run-name skips every finished record, checkpoint and model.
 """
@@ -25,13 +27,11 @@ A rerun with the same --run-name skips every finished record, checkpoint and mod
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import math
-import os
 import random
 import re
 from dataclasses import dataclass
+from functools import partial
 from itertools import combinations
 from pathlib import Path
 from typing import Literal
@@ -41,6 +41,7 @@ import tyro
 from tqdm import tqdm
 
 from common.catalog import Catalog, item_card
+from common.conversations import render_history
 from common.data import (
     DataError,
     Dialogue,
@@ -53,20 +54,16 @@ from common.data import (
     load_unicrs_jsonl,
 )
 from common.distributed import (
-    configure_batches,
-    global_batches,
-    make_accelerator,
-    rank_micro_batches,
-    resume,
     save_final,
-    save_resumable,
 )
-from common.llm import HFChat, LLMBackendError, choice_token_ids, make_llm, prefilled_prompts
+from common.llm import HFChat, LLMBackendError
 from common.metrics import mrr_at_k, ndcg_at_k, recall_at_k
-from common.models import ModelSpecError, add_lora, load_model
+from common.models import ModelSpecError, add_lora, enable_gradient_checkpointing, load_model
 from common.parsing import ParseStats, chat_parsed
-from common.tokens import collate, encode_prompt_completion, sequence_logprobs
-from common.tracking import RecordFile, Tracker, default_run_name, seed_everything
+from common.run import Run
+from common.sft import supervised_finetuning
+from common.tokens import encode_prompt_completion
+from common.tracking import RecordFile
 
 STAGES = ("synth", "train", "search")
 
@@ -94,7 +91,7 @@ class Args:
     train_datasets: tuple[Literal["demo", "inspired", "redial"], ...] = ()
     """whose training conversations build the instruction data; empty: --dataset's own (paper: redial inspired)"""
     data_dir: str = "../shared/data"
-    """root of the real data (see README 'Data'); unused for the demo"""
+    """root of the real data (docs/data.md); unused for the demo"""
     eval_split: Literal["valid", "test"] = "valid"
     """valid for development; test is held-out: use it only for final numbers"""
     num_train_turns: int = 8
@@ -148,6 +145,8 @@ class Args:
     """gradient-norm clip (paper: 1.0)"""
     max_length: int = 1024
     """training sequences keep their last tokens up to this length (paper's code: 3072)"""
+    gradient_checkpointing: bool = True
+    """recompute each layer's activations in the backward pass instead of storing them (the paper's setting)"""
     lora_rank: int = 8
     """LoRA rank r"""
     lora_alpha: int = 16
@@ -159,11 +158,11 @@ class Args:
     search: Literal["beam", "greedy", "greedy-small", "mc", "none"] = "beam"
     """beam; greedy (width 1, B*N lists per round: as many lists as beam); greedy-small (width 1, N per round);
     mc, Monte Carlo (depth 1, as many lists as beam); none (the zero-shot lists only). Table 6"""
-    beam_width: int = 4
-    """B: lists kept per round (paper: 4)"""
-    expansion: int = 4
+    beam_width: int = 2
+    """B: lists kept per round (paper: 4; 2 keeps the CPU demo to minutes)"""
+    expansion: int = 2
     """N: critiques sampled per kept list; the search starts from N^2 lists (paper: 4)"""
-    depth: int = 5
+    depth: int = 2
     """D: critique-and-revise rounds after the initial lists (paper: 5)"""
     critiques: bool = True
     """--no-critiques: the CRS revises without the user's critique (Fig. 2 ablation)"""
@@ -200,7 +199,7 @@ class RecTurn:
     """One recommendation turn: the conversation before it, its new ground-truth items, earlier mentions."""
 
     key: str
-    history: list[dict]  # [{"role": "seeker" | "recommender", "text": ...}]
+    history: list[dict]  # chat roles: {"role": "user" (the seeker) | "assistant" (the recommender), "content": ...}
     labels: list[str]  # catalog titles recommended here and not mentioned before ("only new")
     mentioned: list[str]  # catalog titles mentioned earlier; removed from rankings at evaluation
 
@@ -229,11 +228,15 @@ def rec_turns(dialogues: list[Dialogue], titles: set[str]) -> list[RecTurn]:
     turns = []
     for dialogue in dialogues:
         for i, turn in enumerate(dialogue.turns):
-            history = [{"role": t.role, "text": t.text} for t in dialogue.turns[:i] if t.text.strip()]
+            history = [
+                {"role": "user" if t.role == "seeker" else "assistant", "content": t.text}
+                for t in dialogue.turns[:i]
+                if t.text.strip()
+            ]
             if turn.role != "recommender" or not turn.items or not history:
                 continue
             earlier_items = [t for previous in dialogue.turns[:i] for t in previous.items]
-            earlier_text = " ".join(h["text"] for h in history).lower()
+            earlier_text = " ".join(h["content"] for h in history).lower()
             labels = [
                 t
                 for t in dict.fromkeys(turn.items)
@@ -282,10 +285,6 @@ def load_dataset(
     return rec_turns(dialogues, {item.title for item in items}), items
 
 
-def render_history(history: list[dict]) -> str:
-    return "\n".join(f"{'User' if h['role'] == 'seeker' else 'System'}: {h['text']}" for h in history)
-
-
 def render_item(catalog: Catalog, title: str, attributes: bool = True) -> str:
     """An item as the simulated user sees it: the title with genre, actors, director and writer."""
     if not attributes or title not in catalog.by_title:
@@ -331,7 +330,7 @@ CRS_PROMPT = """You are a recommender chatting with a user to recommend {domain}
 Conversation:
 {history}
 
-Recommend {n} {domain}s the user will like. Answer with exactly {n} lines, each formatted as "1. **Title (year)**", and nothing else."""
+Recommend {n} {domain}s the user will like. Answer with exactly {n} lines, each formatted as "1. **Title (year)**", and nothing else."""  # noqa: E501  (prompt text, kept verbatim)
 
 CRS_REVISE_PROMPT = """You are a recommender chatting with a user to recommend {domain}s.
 
@@ -341,7 +340,7 @@ Conversation:
 You recommended:
 {previous}
 {feedback}
-Recommend {n} {domain}s the user will like, all different from the ones above. Answer with exactly {n} lines, each formatted as "1. **Title (year)**", and nothing else."""
+Recommend {n} {domain}s the user will like, all different from the ones above. Answer with exactly {n} lines, each formatted as "1. **Title (year)**", and nothing else."""  # noqa: E501  (prompt text, kept verbatim)
 
 
 def crs_prompt(history: list[dict], n: int, previous: list[str] | None = None, critique: str | None = None) -> str:
@@ -371,6 +370,31 @@ def parse_titles(text: str) -> list[str]:
         if title:
             titles.append(title)
     return titles
+
+
+# ============================================================== reward: generative item scoring (Sec. 3.2.1, Eq. 2)
+# The reward of a list is the simulated user's mean acceptance of its items. Each item is shown alone after the
+# conversation (score_prompt); Phi_s reads the answer token after "Accept the recommendation (Yes/No)?".
+
+
+def accept_probability(answer: dict[str, float]) -> float:
+    """Phi_s: P(accept) = p(Yes) / (p(Yes) + p(No)) at the answer token, each answer summing its spellings. The
+    paper's code reads p(Yes), or 1 - p(No) where "No" is the greedy token; normalizing over the two answers gives
+    the same order without a branch (METHODS.md 5.7.2)."""
+    return answer["Yes"] / max(answer["Yes"] + answer["No"], 1e-12)
+
+
+def list_reward(items: list[str], scores: dict[str, float]) -> float:
+    """Eq. 2: f_s(I) = (1 / |I|) sum_{i in I} P(accept | C, i, d_s); an empty list gets 0."""
+    return sum(scores[t] for t in items) / len(items) if items else 0.0
+
+
+def score_items(user_llm, history: list[dict], cards: list[str]) -> list[float]:
+    """P(accept) of each item card after ``history``, greedy, in batched forward passes. The items share the
+    conversation, which a local backend computes once (``shared_prefix``)."""
+    conversations = [[{"role": "user", "content": score_prompt(history, card)}] for card in cards]
+    answers = user_llm.choice_probs(conversations, ("Yes", "No"), prefix=ANSWER_PREFIX, shared_prefix=True)
+    return [accept_probability(answer) for answer in answers]
 
 
 # =============================================================================================== synthesis
@@ -429,9 +453,7 @@ def synthesis_jobs(turn: RecTurn, catalog: Catalog, args: Args) -> tuple[list[di
     return critiques, scoring
 
 
-def synthesize(
-    turns: list[RecTurn], catalog: Catalog, teacher, args: Args, records: RecordFile, counters: dict
-) -> None:
+def synthesize(turns: list[RecTurn], catalog: Catalog, teacher, args: Args, records: RecordFile) -> ParseStats:
     """Write this rank's instruction data. The teacher's critique is the student's target; the student's
     prompt is the same without the preference. An empty critique is resampled, then dropped and counted."""
     done = records.done_keys()
@@ -459,150 +481,10 @@ def synthesize(
         for job, text in zip(batch, critiques):
             if text is not None:
                 records.append({**job, "completion": text})
-    counters["synth/critique_resamples"] = counters.get("synth/critique_resamples", 0) + stats.retries
-    counters["synth/critique_empty"] = counters.get("synth/critique_empty", 0) + stats.failures
+    return stats
 
 
-# =============================================================================================== training
-
-
-def instruction_loss(token_logps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Eq. 4: -sum_k log Pr(o_k | o_<k, I) over response tokens. ``token_logps`` [B, L] is already zero off the
-    response; each row is weighted (0 for padding rows) and the caller divides by the global batch's response
-    tokens, so a step's loss is the mean NLL per response token (the usual normalization of the summed Eq. 4,
-    which only rescales the step size)."""
-    return -(token_logps.sum(-1) * weights).sum()
-
-
-def train_user(accelerator, model, tokenizer, examples: list[dict], args: Args, stage_dir: Path, tracker: Tracker):
-    """Instruction tuning (Sec. 3.2): AdamW, linear warmup then cosine decay to --min-lr-ratio of the peak, gradient
-    clipping; the same global batch on any number of ranks. Resumes from the newest checkpoint; returns
-    (optimizer steps, the prepared model)."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-    world, rank, micro = accelerator.num_processes, accelerator.process_index, args.micro_batch_size
-    batch_size, accum = configure_batches(accelerator, len(examples), args.train_batch_size, micro)
-    steps = global_batches(len(examples), batch_size, args.epochs, args.seed)
-    lr = args.lr if args.lr is not None else (1e-4 if args.finetune == "lora" else 1e-6)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=args.weight_decay
-    )
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, min(args.warmup_steps, math.ceil(0.1 * len(steps))), len(steps), min_lr_rate=args.min_lr_ratio
-    )
-    start = resume(model, optimizer, scheduler, stage_dir)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    while scheduler.last_epoch < start:  # a checkpoint saved without optimizer state (DeepSpeed)
-        scheduler.step()
-    model.train()
-    device, pad_id = accelerator.device, tokenizer.pad_token_id
-    grad_norm = None
-    for step in tqdm(
-        range(start, len(steps)),
-        desc="instruction tuning",
-        initial=start,
-        total=len(steps),
-        disable=not accelerator.is_main_process,
-    ):
-        batch = steps[step]
-        response_tokens = sum(sum(examples[i]["completion_mask"]) for i in batch)
-        total = torch.zeros((), device=device)
-        for chunk in rank_micro_batches(batch, rank, world, micro, accum):
-            rows = [(examples[i]["input_ids"], examples[i]["completion_mask"]) for i, _ in chunk]
-            weights = torch.tensor([w for _, w in chunk], device=device)
-            with accelerator.accumulate(model):
-                inputs = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
-                _, _, token_logps = sequence_logprobs(model, **inputs)
-                # Scaled so that after accelerate's 1/accum and DDP's mean over ranks the step's loss is the
-                # global token mean, identical on any number of ranks.
-                loss = instruction_loss(token_logps, weights) * world * accum / response_tokens
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            total += loss.detach() / (world * accum)
-        scheduler.step()
-        total = accelerator.reduce(total, reduction="sum")
-        tracker.log(
-            {
-                "train/loss": total.item(),
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/grad_norm": float(grad_norm if grad_norm is not None else "nan"),
-                "train/epoch": (step + 1) * args.epochs / len(steps),
-            },
-            step=step + 1,
-        )
-        if (step + 1) % args.save_every == 0 or step + 1 == len(steps):
-            save_resumable(accelerator, model, stage_dir, step + 1, optimizer, scheduler)
-    return len(steps), model
-
-
-# =============================================================================================== scoring
-
-
-@torch.no_grad()
-def accept_probs(model, tokenizer, prompts: list[str], batch_size: int) -> tuple[list[float], int]:
-    """P(accept) = p(Yes) / (p(Yes) + p(No)) at the answer token after "Accept the recommendation (Yes/No)?",
-    for prompts that share everything up to their last part (one conversation, many items). No sampling.
-
-    The shared prefix is run once and its key/value cache reused by every item, so an item costs only its own
-    few dozen tokens; items then go through in batches of ``batch_size``, one forward pass each. Returns the
-    probabilities and the prompt tokens an API would have billed (full prompt per item)."""
-    texts = prefilled_prompts(tokenizer, [[{"role": "user", "content": p}] for p in prompts], ANSWER_PREFIX)
-    common = len(os.path.commonprefix(texts))
-    # Cut at the last newline of the shared part: "\n" is a token boundary, so the two halves tokenize as
-    # the whole would (tests/test_grsu.py checks against full-prompt scoring).
-    cut = texts[0].rfind("\n", 0, common) + 1 if len(texts) > 1 else 0
-    prefix_ids = tokenizer(texts[0][:cut], add_special_tokens=False)["input_ids"] if cut else []
-    suffixes = [tokenizer(t[cut:], add_special_tokens=False)["input_ids"] for t in texts]
-    yes, no = choice_token_ids(tokenizer, "Yes"), choice_token_ids(tokenizer, "No")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    prefix_cache = None
-    if prefix_ids:
-        prefix_cache = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True).past_key_values
-    probs = [0.0] * len(suffixes)
-    # Similar lengths share a batch, so little of a batch is padding.
-    order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = max(len(suffixes[i]) for i in rows)
-        # Left padding puts every row's answer position last, so the LM head runs there only (logits_to_keep=1;
-        # on a 49k vocabulary it is a fifth of the pass). The pads sit between the shared prefix and the item, so
-        # positions are given explicitly: each real token keeps the position it has in the full prompt.
-        input_ids = torch.tensor(
-            [[tokenizer.pad_token_id] * (width - len(suffixes[i])) + suffixes[i] for i in rows], device=device
-        )
-        mask = torch.tensor([[0] * (width - len(suffixes[i])) + [1] * len(suffixes[i]) for i in rows], device=device)
-        positions = (len(prefix_ids) + mask.cumsum(1) - 1).clamp_min(0)
-        cache = None
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(rows))
-            mask = torch.cat([mask.new_ones(len(rows), len(prefix_ids)), mask], dim=1)
-        logits = model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
-        ).logits[:, -1]
-        for i, p in zip(rows, accept_probability(logits, yes, no).tolist()):
-            probs[i] = p
-    model.train(was_training)
-    return probs, sum(len(prefix_ids) + len(s) for s in suffixes)
-
-
-def list_reward(items: list[str], scores: dict[str, float]) -> float:
-    """f_s: the mean P(accept) of the list's items (an empty list gets 0)."""
-    return sum(scores[t] for t in items) / len(items) if items else 0.0
-
-
-def accept_probability(logits: torch.Tensor, yes_ids: list[int], no_ids: list[int]) -> torch.Tensor:
-    """P(accept) = p(Yes) / (p(Yes) + p(No)) from next-token logits [B, V]; each answer sums its spellings (with
-    and without a leading space). The paper's code reads p(Yes), or 1 - p(No) when "No" is the greedy token;
-    normalizing over the two answers is the same ordering and needs no branch (METHODS.md 5.7.2)."""
-    probs = logits.float().softmax(-1)
-    p_yes, p_no = probs[:, yes_ids].sum(-1), probs[:, no_ids].sum(-1)
-    return p_yes / (p_yes + p_no).clamp_min(1e-12)
+# =============================================================================================== ranking
 
 
 def pooled_ranking(observations: list[tuple[str, float]]) -> list[str]:
@@ -653,12 +535,8 @@ class Search:
     checks: crs_lists (= N^2 + B*N*D per turn), crs_calls (lists + resamples), critiques (= B*N*D), lists_scored
     (= N^2 + B*N*D) and items_scored (after the per-conversation cache)."""
 
-    def __init__(self, crs, user_model, user_tokenizer, catalog: Catalog, args: Args):
-        self.crs, self.catalog, self.args = crs, catalog, args
-        self.user_model, self.user_tokenizer = user_model, user_tokenizer
-        self.user_llm = HFChat(
-            user_model, user_tokenizer, batch_size=args.batch_size
-        )  # critiques; scoring counts here too
+    def __init__(self, crs, user_llm: HFChat, catalog: Catalog, args: Args):
+        self.crs, self.user_llm, self.catalog, self.args = crs, user_llm, catalog, args
         self.counts = {
             k: 0
             for k in (
@@ -735,7 +613,7 @@ class Search:
             for _ in range(k)
         ]
         stats = ParseStats()
-        with adapter_off(self.user_model, not self.args.tuned_critic):
+        with adapter_off(self.user_llm.model, not self.args.tuned_critic):
             # An empty critique is resampled up to --max-resamples times, then left empty.
             _, texts = chat_parsed(
                 self.user_llm,
@@ -755,23 +633,17 @@ class Search:
     # ------------------------------------------------------------------ the reward (generative item scoring)
 
     def score(self, turns: list[RecTurn], frontiers: list[list[dict]], caches: list[dict[str, float]]) -> None:
-        """Give every state a reward: score its items not yet in the turn's cache (P(accept), one batched pass per
-        turn), then f_s = the mean item score. Majority scores need no model."""
+        """Give every state its reward f_s (Eq. 2): score its items not yet in the turn's cache, then average. Majority
+        scores need no model. Usage counts one call per item with its full prompt, as an API would bill."""
         for i, (turn, states, cache) in enumerate(zip(turns, frontiers, caches)):
             self.counts["lists_scored"] += len(states)
             if self.args.scoring != "majority":
                 new = list(dict.fromkeys(t for s in states for t in s["items"] if t not in cache))
                 if new:
-                    with adapter_off(self.user_model, not self.args.tuned_scorer):
-                        probs, tokens = accept_probs(
-                            self.user_model,
-                            self.user_tokenizer,
-                            [score_prompt(turn.history, render_item(self.catalog, t)) for t in new],
-                            self.args.batch_size,
-                        )
-                    cache.update(zip(new, probs))
+                    with adapter_off(self.user_llm.model, not self.args.tuned_scorer):
+                        cards = [render_item(self.catalog, t) for t in new]
+                        cache.update(zip(new, score_items(self.user_llm, turn.history, cards)))
                     self.counts["items_scored"] += len(new)
-                    self.user_llm.usage.add(len(new), tokens, 0)  # one billed call per item, as an API would count
             scores = self.item_scores(self.seen[i], cache)
             for s in states:
                 s["reward"] = list_reward(s["items"], scores)
@@ -885,7 +757,7 @@ def print_example(record: dict) -> None:
     print(f"  GRSU top-10: {record['ranked'][:10]}\n  zero-shot top-10: {record['zero_shot'][:10]}")
 
 
-# =============================================================================================== main
+# =============================================================================================== stages
 
 
 def load_user(args: Args, model_dir: Path | None, device):
@@ -904,130 +776,119 @@ def load_user(args: Args, model_dir: Path | None, device):
     return model.to(device).eval(), tokenizer
 
 
-def main(args: Args) -> None:
-    from accelerate.utils import gather_object
-
-    accelerator = make_accelerator()
-    rank, world, main_process = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    args.run_name = args.run_name or default_run_name(args.exp_name, args.seed)
-    run_dir = Path("runs") / args.run_name
-    seed_everything(args.seed + rank)
-    tracker = Tracker(
-        run_dir, args, track=args.track, project=args.wandb_project, entity=args.wandb_entity, is_main=main_process
-    )
-    device = accelerator.device
-    counters: dict[str, int] = {}
-    metrics: dict[str, float] = {}
-    user_dir = run_dir / "user_model"
-
-    # ---------------------------------------------------------------------------- synth: instruction data
-    instructions = RecordFile(run_dir / "instructions.jsonl")
-    train_names = args.train_datasets or (args.dataset,)
-    if "synth" in args.stages:
-        teacher = make_llm(args.teacher_llm, batch_size=args.batch_size, device=device)
-        for name in train_names:
-            turns, items = load_dataset(name, args.data_dir, "train")
-            turns = turns[: args.num_train_turns or None]
-            if main_process:
-                print(f"synth: {len(turns)} training turns of {name}")
-            synthesize(turns[rank::world], Catalog(items), teacher, args, instructions, counters)
-        accelerator.wait_for_everyone()
-        counters |= {f"cost/synth_{k}": v for k, v in teacher.usage.metrics("").items()}
-
-    # ---------------------------------------------------------------------------- train: instruction tuning
-    if "train" in args.stages and not (user_dir / "steps.json").exists():
-        data = sorted(instructions.records(), key=lambda r: r["key"])
-        if not data:
-            raise DataError(f"{instructions.path} holds no instruction data: run the synth stage first")
-        model, tokenizer = load_model(args.user_model)
-        if args.finetune == "lora":
-            torch.manual_seed(args.seed)  # the same adapter init on every rank and every rerun
-            model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
-        examples = []
-        for r in data:
-            ids, mask = encode_prompt_completion(
-                tokenizer, [{"role": "user", "content": r["prompt"]}], r["completion"], max_length=args.max_length
-            )
-            examples.append({"input_ids": ids, "completion_mask": mask})
-        if main_process:
-            kinds = [r["kind"] for r in data]
-            print(f"train: {kinds.count('critique')} critique and {kinds.count('score')} scoring examples")
-        steps, model = train_user(accelerator, model.to(device), tokenizer, examples, args, run_dir / "user", tracker)
-        save_final(
-            accelerator,
-            model,
-            user_dir,
-            {"steps": steps, "examples": len(examples)},
-            tokenizer=tokenizer if args.finetune == "full" else None,
-        )
-        del model
-
-    # ---------------------------------------------------------------------------- search and evaluation
-    if "search" in args.stages:
-        tuned = (user_dir / "steps.json").exists()
-        if main_process and not tuned:
-            print("search: no tuned simulated user in this run; scoring and critiques come from the base model")
-        turns, items = load_dataset(args.dataset, args.data_dir, args.eval_split)
-        turns = turns[: args.num_test or None]
-        catalog = Catalog(items)
-        crs = make_llm(args.crs_llm, batch_size=args.batch_size, device=device)
-        user_model, user_tokenizer = load_user(args, user_dir if tuned else None, device)
-        search = Search(crs, user_model, user_tokenizer, catalog, args)
-        records = RecordFile(run_dir / f"search_{args.search}.jsonl")
-        done = records.done_keys()
-        mine = [t for t in turns[rank::world] if t.key not in done]
-        for start in tqdm(
-            range(0, len(mine), args.examples_per_batch),
-            desc=f"{args.search} search",
-            disable=not main_process or not mine,
-        ):
-            batch = mine[start : start + args.examples_per_batch]
-            calls_before, tokens_before = search.cost()
-            results = search.run(batch)
-            calls, tokens = (now - before for now, before in zip(search.cost(), (calls_before, tokens_before)))
-            for record in results:
-                # The batch's cost, split evenly over its turns.
-                records.append({**record, "llm_calls": calls / len(batch), "tokens": tokens / len(batch)})
-                if args.print_examples:
-                    print_example(record)
-        accelerator.wait_for_everyone()
-        counts = gather_object([search.counts])
-        wanted = {t.key for t in turns}
-        results = [r for r in records.records() if r["key"] in wanted]
-        if main_process and results:
-            metrics |= ranking_metrics(results, "ranked", args.ks, "eval")
-            metrics |= ranking_metrics(results, "zero_shot", args.ks, "eval_zeroshot")
-            total_calls, total_tokens = sum(r["llm_calls"] for r in results), sum(r["tokens"] for r in results)
-            metrics |= {
-                "eval/examples": len(results),
-                "eval/pairs": sum(len(r["labels"]) for r in results),
-                "cost/llm_calls": round(total_calls),
-                "cost/tokens": round(total_tokens),
-                "cost/llm_calls_per_example": total_calls / len(results),
-                "cost/tokens_per_example": total_tokens / len(results),
-            }
-            metrics |= {f"search/{k}": sum(c[k] for c in counts) for k in counts[0]}
-            print_table(metrics, args.ks, args.search)
-
-    gathered = gather_object([counters])
-    if main_process:
-        metrics |= {k: sum(c.get(k, 0) for c in gathered) for c in gathered for k in c}
-        tracker.log(metrics, step=0)
-        print("\n" + json.dumps(metrics, indent=2))
-        print(f"outputs in {run_dir}/")
-    tracker.close()
+def synthesize_instructions(run: Run, args: Args) -> dict:
+    """Sec. 3.2.2: critique and scoring instruction data from each training dataset's recommendation turns."""
+    teacher = run.llm(args.teacher_llm, args.batch_size)
+    records = run.records("instructions.jsonl")
+    for name in args.train_datasets or (args.dataset,):
+        turns, items = load_dataset(name, args.data_dir, "train")
+        turns = turns[: args.num_train_turns or None]
+        if run.main:
+            print(f"synth: {len(turns)} training turns of {name}")
+        stats = synthesize(run.shard(turns), Catalog(items), teacher, args, records)
+        run.count({"synth/critique_resamples": stats.retries, "synth/critique_empty": stats.failures})
+    run.count(teacher.usage.metrics("cost/synth_"))
+    return {}
 
 
-def print_table(metrics: dict, ks: tuple[int, ...], search: str) -> None:
-    columns = [f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in ks]
+def tune_user(run: Run, args: Args) -> dict:
+    """Sec. 3.2.2, Eq. 4: instruction tuning of the simulated user on both behaviours' data (LoRA or full)."""
+    if run.finished("user_model"):
+        return {}
+    data = sorted(run.records("instructions.jsonl").records(), key=lambda r: r["key"])
+    if not data:
+        raise DataError(f"{run.dir / 'instructions.jsonl'} holds no instruction data: run the synth stage first")
+    model, tokenizer = load_model(args.user_model)
+    if args.finetune == "lora":
+        torch.manual_seed(args.seed)  # the same adapter init on every rank and every rerun
+        model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    examples = []
+    for r in data:
+        prompt = [{"role": "user", "content": r["prompt"]}]
+        ids, mask = encode_prompt_completion(tokenizer, prompt, r["completion"], max_length=args.max_length)
+        examples.append({"input_ids": ids, "completion_mask": mask})
+    if run.main:
+        kinds = [r["kind"] for r in data]
+        print(f"train: {kinds.count('critique')} critique and {kinds.count('score')} scoring examples")
+    # Eq. 4: the NLL of the response tokens, their mean over each global batch (common/sft.py)
+    lr = args.lr if args.lr is not None else (1e-4 if args.finetune == "lora" else 1e-6)
+    model = supervised_finetuning(
+        run, args, model.to(run.device), tokenizer, examples, "user", lr=lr, batch_size=args.train_batch_size,
+        epochs=args.epochs, warmup_ratio=0.1, max_warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
+        weight_decay=args.weight_decay,
+    )  # fmt: skip
+    tokenizer = tokenizer if args.finetune == "full" else None
+    save_final(run.accelerator, model, run.dir / "user_model", {"examples": len(examples)}, tokenizer=tokenizer)
+    return {}
+
+
+def search_and_rank(run: Run, args: Args) -> dict:
+    """Sec. 3.3: per test turn, the beam search steered by the simulated user's rewards and critiques, then every
+    item seen ranked by its own score; Recall/NDCG/MRR beside the zero-shot CRS's own ranking."""
+    tuned = run.finished("user_model")
+    if run.main and not tuned:
+        print("search: no tuned simulated user in this run; scoring and critiques come from the base model")
+    turns, items = load_dataset(args.dataset, args.data_dir, args.eval_split)
+    turns = turns[: args.num_test or None]
+    user_model, user_tokenizer = load_user(args, run.dir / "user_model" if tuned else None, run.device)
+    user_llm = run.track(HFChat(user_model, user_tokenizer, batch_size=args.batch_size))
+    search = Search(run.llm(args.crs_llm, args.batch_size), user_llm, Catalog(items), args)
+    records = run.records(f"search_{args.search}.jsonl")
+    done = records.done_keys()
+    mine = [t for t in run.shard(turns) if t.key not in done]
+    for start in tqdm(range(0, len(mine), args.examples_per_batch), desc=f"{args.search} search", disable=not mine):
+        batch = mine[start : start + args.examples_per_batch]
+        before = search.cost()
+        results = search.run(batch)
+        calls, tokens = (now - then for now, then in zip(search.cost(), before))
+        for record in results:  # the batch's cost, split evenly over its turns
+            records.append({**record, "llm_calls": calls / len(batch), "tokens": tokens / len(batch)})
+            if args.print_examples:
+                print_example(record)
+    run.count({f"search/{k}": v for k, v in search.counts.items()})
+    run.barrier()
+    wanted = {t.key for t in turns}
+    results = [r for r in records.records() if r["key"] in wanted]  # a resumed run's earlier turns count too
+    if not results:
+        return {}
+    total_calls, total_tokens = sum(r["llm_calls"] for r in results), sum(r["tokens"] for r in results)
+    return {
+        **ranking_metrics(results, "ranked", args.ks, "eval"),
+        **ranking_metrics(results, "zero_shot", args.ks, "eval_zeroshot"),
+        "eval/examples": len(results),
+        "eval/pairs": sum(len(r["labels"]) for r in results),
+        "cost/llm_calls": round(total_calls),
+        "cost/tokens": round(total_tokens),
+        "cost/llm_calls_per_example": total_calls / len(results),
+        "cost/tokens_per_example": total_tokens / len(results),
+    }
+
+
+def print_table(metrics: dict, search: str) -> None:
+    columns = [key.split("/", 1)[1] for key in metrics if key.startswith("eval/") and "@" in key]
+    if not columns:
+        return
     print(f"\n{'':14}" + "".join(f"{c:>11}" for c in columns))
     for name, prefix in (("zero-shot", "eval_zeroshot"), (f"GRSU ({search})", "eval")):
         print(f"{name:14}" + "".join(f"{metrics.get(f'{prefix}/{c}', float('nan')):11.3f}" for c in columns))
     print(f"({metrics['eval/examples']} turns, {metrics['eval/pairs']} (turn, item) pairs)")
 
 
+# =============================================================================================== main
+
+
+def main(args: Args) -> None:
+    run = Run(args)  # runs/<run_name>/, ranks, seeding, metrics; each run.stage is timed and its LLM costs booked
+    run.stage("synth", synthesize_instructions, args)  # critique and scoring data written by a teacher
+    run.stage("train", tune_user, args)  # Eq. 4: instruction tuning of the simulated user
+    run.stage("search", search_and_rank, args)  # beam search on its rewards (Eq. 2) and critiques; pooled ranking
+    run.finish(partial(print_table, search=args.search))
+
+
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args))
     except (DataError, ModelSpecError, LLMBackendError) as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {err}") from None

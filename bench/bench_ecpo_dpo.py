@@ -5,7 +5,7 @@
 
 Both sides train the same LoRA (ecpo.Args defaults: rank, alpha, all linear layers) on the same base model and
 the same preference pairs: ActCRS states built by ``ecpo.actcrs_prompt`` with "Ask[...]"/"Recommend[...]"
-completions. Our step is the body of ``ecpo.train_adapter`` for one DPO micro-batch: the reference log-probs
+completions. Our step is the body of ``ecpo.train_preferences`` for one DPO micro-batch: the reference log-probs
 are stored beforehand by ``ecpo.reference_logps`` (adapter disabled), then one forward of the chosen and rejected
 rows together (``ecpo.sequence_logps``), ``ecpo.dpo_loss``, backward, gradient clipping, AdamW and scheduler
 step, zero_grad. TRL's step is ``trainer.training_step`` followed by the same clip/step/zero_grad its training
@@ -49,7 +49,8 @@ PAIRS = [
         [
             "Observation 1: User: Can you suggest a good science fiction film?",
             "Action 1: Search[thoughtful science fiction drama]",
-            "Observation 2: Search results: 1. Arrival (2016); genre: drama, sci-fi 2. Moon (2009); genre: drama, sci-fi",
+            "Observation 2: Search results: 1. Arrival (2016); genre: drama, sci-fi "
+            "2. Moon (2009); genre: drama, sci-fi",
         ],
         "Recommend[Arrival (2016) is a thoughtful sci-fi drama about language and time. If you like quieter stories, "
         "Moon (2009) is another great pick.]",
@@ -68,7 +69,8 @@ PAIRS = [
         [
             "Observation 1: User: I want something romantic but not too cheesy.",
             "Action 1: Search[understated romantic drama]",
-            "Observation 2: Search results: 1. Before Sunrise (1995); genre: romance, drama 2. Brooklyn (2015); genre: romance",
+            "Observation 2: Search results: 1. Before Sunrise (1995); genre: romance, drama "
+            "2. Brooklyn (2015); genre: romance",
         ],
         "Recommend[Before Sunrise (1995) is a quiet, honest romance built on one long conversation. Brooklyn (2015) "
         "is warmer but never cheesy.]",
@@ -98,7 +100,7 @@ class Args:
 
 
 def our_step(model, examples, optimizer, scheduler, cfg: ecpo.Args, beta: float, pad_id: int, device) -> torch.Tensor:
-    """What ecpo.train_adapter does for one DPO micro-batch (one rank, no accumulation, all weights 1)."""
+    """What ecpo.train_preferences does for one DPO micro-batch (one rank, no accumulation, all weights 1)."""
     rows = [(e["chosen_ids"], e["chosen_mask"]) for e in examples] + [
         (e["rejected_ids"], e["rejected_mask"]) for e in examples
     ]
@@ -265,7 +267,8 @@ def main(args: Args) -> None:
     n_tokens = sum(len(e[f"{part}_ids"]) for e in examples for part in ("chosen", "rejected"))
     width = max(len(e[f"{part}_ids"]) for e in examples for part in ("chosen", "rejected"))
     print(
-        f"\nmodel: {args.policy} + LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha}   device: cpu x {torch.get_num_threads()} "
+        f"\nmodel: {args.policy} + LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha}   "
+        f"device: cpu x {torch.get_num_threads()} "
         f"threads   trl {trl.__version__}   beta {beta}   lr {cfg.po_lr}"
     )
     print(
@@ -286,7 +289,8 @@ def main(args: Args) -> None:
     for name in variants:
         ratio = f"{ms[name] / ours_ms:.2f}" if name != "ours (ecpo.py, ref stored)" else "-"
         print(
-            f"{name:<{name_w}}  {ms[name]:9.1f}  {ratio:>8}  {loss_of[name]:12.8f}  {abs(loss_of[name] - loss_ours):13.2e}"
+            f"{name:<{name_w}}  {ms[name]:9.1f}  {ratio:>8}  {loss_of[name]:12.8f}  "
+            f"{abs(loss_of[name] - loss_ours):13.2e}"
         )
     for precomputed, label in (
         (True, "ref precomputed, like for like"),

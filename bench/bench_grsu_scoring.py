@@ -5,9 +5,9 @@ and parsing Yes/No, on the same model, conversation and items. Prints a table an
     python bench/bench_grsu_scoring.py --conversation demo   # a 3-utterance demo conversation instead
     python bench/bench_grsu_scoring.py --model meta-llama/Llama-3.1-8B-Instruct --items 200
 
-The conversation is the INSPIRED validation turn of median history length (--history-quantile; GRSU scores at every turn);
-the items are the first --items titles of that dataset's catalog. The shared prefix is the conversation, so the
-longer it is, the more the one-pass scorer saves; the demo conversation shows the short end.
+The conversation is the INSPIRED validation turn of median history length (--history-quantile; GRSU scores at
+every turn); the items are the first --items titles of that dataset's catalog. The shared prefix is the
+conversation, so the longer it is, the more the one-pass scorer saves; the demo conversation shows the short end.
 
 Three ways, each over every item once, after one warm-up item:
   generate   the answer is generated greedily ("Accept the recommendation (Yes/No)? Yes": up to --answer-tokens
@@ -15,7 +15,7 @@ Three ways, each over every item once, after one warm-up item:
   one pass   one batched forward pass per batch of full prompts, P(Yes)/(P(Yes)+P(No)) at the answer token
              (HFChat.choice_probs after the pre-filled question)
   grsu.py    the same single pass, with the conversation's shared prompt prefix run once and its key/value
-             cache reused by every item (grsu.accept_probs)
+             cache reused by every item (grsu.score_items: HFChat.choice_probs with shared_prefix)
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grsu  # noqa: E402
 from common.catalog import Catalog  # noqa: E402
+from common.conversations import render_history  # noqa: E402
 from common.llm import HFChat  # noqa: E402
 from common.models import load_model  # noqa: E402
 
@@ -71,7 +72,7 @@ def main(args: Args) -> None:
         args.conversation = "demo"
         turns, items = grsu.load_dataset("demo", args.data_dir, "valid")
     catalog = Catalog(items)
-    by_length = sorted(turns, key=lambda t: len(grsu.render_history(t.history)))
+    by_length = sorted(turns, key=lambda t: len(render_history(t.history)))
     history = by_length[min(len(turns) - 1, int(args.history_quantile * len(turns)))].history
     titles = [catalog.titles[i % len(catalog)] for i in range(args.items)]
     prompts = [grsu.score_prompt(history, grsu.render_item(catalog, t)) for t in titles]
@@ -89,8 +90,10 @@ def main(args: Args) -> None:
         probs = llm.choice_probs(c, choices=("Yes", "No"), prefix=grsu.ANSWER_PREFIX)
         return [p["Yes"] / (p["Yes"] + p["No"]) for p in probs]
 
+    cards = [grsu.render_item(catalog, t) for t in titles]
+
     def shared(c):
-        return grsu.accept_probs(model, tokenizer, [x[0]["content"] for x in c], args.batch_size)[0]
+        return grsu.score_items(llm, history, cards[: len(c)])
 
     rows = []
     with torch.inference_mode():
@@ -110,7 +113,8 @@ def main(args: Args) -> None:
         for c in convs
     )
     print(
-        f"\n{args.model}, {len(convs)} items of one {args.conversation} conversation, mean prompt {prompt_tokens / len(convs):.0f} tokens, "
+        f"\n{args.model}, {len(convs)} items of one {args.conversation} conversation, "
+        f"mean prompt {prompt_tokens / len(convs):.0f} tokens, "
         f"batch {args.batch_size}, {torch.get_num_threads()} threads"
     )
     print(f"{'scorer':26}{'seconds':>10}{'items/s':>10}{'scored':>9}")
@@ -122,7 +126,8 @@ def main(args: Args) -> None:
         f"{'PASS' if rows[2][2] >= 10 * rows[0][2] else 'FAIL'}"
     )
     print(
-        f"grsu.py vs one pass over full prompts: {rows[2][2] / rows[1][2]:.1f}x; max |P(accept) difference| {agreement:.2e}"
+        f"grsu.py vs one pass over full prompts: {rows[2][2] / rows[1][2]:.1f}x; "
+        f"max |P(accept) difference| {agreement:.2e}"
     )
 
 

@@ -288,7 +288,7 @@ def load_redial_official(path: str | Path) -> list[Dialogue]:
         for message in _field(row, "messages", path, number):
             text = _field(message, "text", path, number)
             items = [mentions[m] for m in _MENTION.findall(text) if m in mentions]
-            text = _MENTION.sub(lambda m: mentions.get(m.group(1), m.group(0)), text)
+            text = _MENTION.sub(lambda m, names=mentions: names.get(m.group(1), m.group(0)), text)
             sender = _field(message, "senderWorkerId", path, number)
             if turns and sender == last_sender:
                 turns[-1].text += " " + text
@@ -394,3 +394,28 @@ def load_demo_tasks(folder: str | Path = DEMO_DIR) -> list[Task]:
             )
         )
     return tasks
+
+
+# ---------------------------------------------------------------- simulated-user tasks (AILO, ECPO, RSO)
+
+TASK_DOMAINS = {"demo": "movie", "book": "book", "game": "video game", "yelp": "restaurant or local business"}
+DEMO_TRAIN_TASKS = 24  # the first 24 demo users train, the last 8 are the demo's test split
+
+
+def load_tasks(dataset: str, data_dir: str | Path, split: str) -> list[Task]:
+    """The simulated users of ``split`` (train or test): the demo users, or an ECPO task file
+    ``ecpo/<Dataset>/<Dataset>_<split>.jsonl`` (test is held out)."""
+    if dataset == "demo":
+        tasks = load_demo_tasks()
+        return tasks[:DEMO_TRAIN_TASKS] if split == "train" else tasks[DEMO_TRAIN_TASKS:]
+    name = dataset.capitalize()
+    return load_ecpo_tasks(Path(data_dir) / "ecpo" / name / f"{name}_{split}.jsonl")
+
+
+def load_task_items(dataset: str, data_dir: str | Path, tasks: list[Task]) -> list[Item]:
+    """The item database the agents search: the demo films; else ECPO's released pool where there is one
+    (``items.jsonl``), plus every item the tasks name."""
+    if dataset == "demo":
+        return load_demo_catalog()
+    pool = Path(data_dir) / "ecpo" / dataset.capitalize() / "items.jsonl"
+    return (load_ecpo_items(pool) if pool.exists() else []) + [t.target for t in tasks]

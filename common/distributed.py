@@ -46,6 +46,14 @@ def rank_micro_batches(
     return [share[k * micro : (k + 1) * micro] for k in range(accum)]
 
 
+def micro_batches(examples: list[dict], batch: list[int], accelerator, micro: int, accum: int):
+    """This rank's share of the global batch ``batch`` (indices into ``examples``), as ``accum`` micro-batches of
+    (examples, weights): the weights are 0 on the padding rows, which keep ranks in lockstep."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    for chunk in rank_micro_batches(batch, rank, world, micro, accum):
+        yield [examples[i] for i, _ in chunk], torch.tensor([w for _, w in chunk], device=accelerator.device)
+
+
 def configure_batches(accelerator, examples: int, batch_size: int, micro: int) -> tuple[int, int]:
     """(global batch, accumulation steps) for ``examples`` training rows. The global batch must split evenly
     into ranks x micro-batches; with fewer examples than one batch it shrinks to the data instead of running
@@ -61,6 +69,38 @@ def configure_batches(accelerator, examples: int, batch_size: int, micro: int) -
         ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"] = micro, accum
         ds_config["train_batch_size"] = batch_size
     return batch_size, accum
+
+
+def training_steps(accelerator, examples: int, batch_size: int, micro: int, epochs: int, seed: int):
+    """(the example indices of every optimizer step, accumulation steps): ``configure_batches`` then
+    ``global_batches``, the same on every rank."""
+    batch_size, accum = configure_batches(accelerator, examples, batch_size, micro)
+    return global_batches(examples, batch_size, epochs, seed), accum
+
+
+def start_training(accelerator, model, optimizer, scheduler, stage_dir: Path):
+    """(model, optimizer, first step): resume from the newest checkpoint in ``stage_dir``, then let accelerate
+    wrap the model and optimizer (DDP or DeepSpeed). The scheduler stays unprepared: accelerate would step it once
+    per rank, as it does for sharded dataloaders; the training loop steps it once per optimizer step."""
+    start = resume(model, optimizer, scheduler, stage_dir)
+    if start and accelerator.is_main_process:
+        print(f"resuming {stage_dir.name} at step {start}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    while scheduler.last_epoch < start:  # a checkpoint saved without optimizer state (DeepSpeed)
+        scheduler.step()
+    model.train()
+    return model, optimizer, start
+
+
+def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm: float):
+    """Backward one micro-batch's loss inside ``accelerator.accumulate``; on the last micro-batch of the global
+    batch, clip and step (accelerate makes the step a no-op before it). Returns the gradient norm where it was
+    clipped, else nan (before the last micro-batch; DeepSpeed clips inside its own step)."""
+    accelerator.backward(loss)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if accelerator.sync_gradients else None
+    optimizer.step()
+    optimizer.zero_grad()
+    return float("nan") if grad_norm is None else float(grad_norm)
 
 
 def resume(model, optimizer, scheduler, stage_dir: Path) -> int:

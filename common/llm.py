@@ -5,16 +5,19 @@
     llm = make_llm("vllm:meta-llama/Llama-3.1-8B-Instruct")   # in-process vLLM, GPU only
 
 Every backend has the same two methods:
-    llm.chat(conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = "") -> list[list[str]]
-    llm.choice_probs(conversations, choices=("Yes", "No"), prefix="") -> list[dict[str, float]]
+    llm.chat(conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix="") -> list[list[str]]
+    llm.choice_probs(conversations, choices=("Yes", "No"), prefix="", shared_prefix=False) -> list[dict[str, float]]
+and a ``usage`` counter (calls, prompt and completion tokens) that scripts log as ``cost/*``.
 ``prefix`` pre-fills the start of the assistant's answer (constrained decoding): one string for every
 conversation, or a list with one per conversation. Only local backends (``can_prefill``) support it.
-and a ``usage`` counter (calls, prompt and completion tokens) that scripts log as ``cost/*``.
+``shared_prefix`` tells a local backend that the conversations differ only at their end, so their common
+beginning is computed once (vLLM's prefix caching and API servers do this on their own).
 A "call" is one completion asked for: n samples of one conversation are n calls on every backend.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -139,28 +142,68 @@ class HFChat:
 
     @torch.no_grad()
     def choice_probs(
-        self, conversations, choices=("Yes", "No"), prefix: str | list[str] = ""
+        self, conversations, choices=("Yes", "No"), prefix: str | list[str] = "", shared_prefix: bool = False
     ) -> list[dict[str, float]]:
         """P(next token starts each choice) after the generation header (+ ``prefix``), in one forward pass.
 
-        A choice's probability sums its spellings with and without a leading space. No sampling.
+        A choice's probability sums its spellings with and without a leading space. No sampling. With
+        ``shared_prefix`` (conversations that differ only at their end, such as one dialogue and many items), the
+        common beginning is run once and its key/value cache reused, so each conversation costs its own tokens.
         """
         texts = prefilled_prompts(self.tokenizer, conversations, prefix)
         choice_ids = {c: choice_token_ids(self.tokenizer, c) for c in choices}
         results: list[dict[str, float]] = [{} for _ in texts]
         was_training = self.model.training
         self.model.eval()
-        for chunk, input_ids, attention_mask in self._batches(texts):
-            # logits_to_keep=1: the LM head only at the last position (on a 49k vocabulary it is a large share of the pass)
-            logits = (
-                self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1].float()
-            )
-            probs = logits.softmax(-1)
+        batches = self._shared_prefix_logits(texts) if shared_prefix and len(texts) > 1 else self._last_logits(texts)
+        for chunk, logits, prompt_tokens in batches:
+            probs = logits.float().softmax(-1)
             for row, i in enumerate(chunk):
                 results[i] = {c: float(probs[row, ids].sum()) for c, ids in choice_ids.items()}
-                self.usage.add(1, int(attention_mask[row].sum()), 0)
+                self.usage.add(1, prompt_tokens[row], 0)  # billed as an API would: the whole prompt
         self.model.train(was_training)
         return results
+
+    def _last_logits(self, texts: list[str]):
+        """(indices, next-token logits [B, V], prompt tokens per row) per batch of full prompts. logits_to_keep=1:
+        the LM head only at the last position (on a 49k vocabulary it is a large share of the pass)."""
+        for chunk, input_ids, attention_mask in self._batches(texts):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1]
+            yield chunk, logits, attention_mask.sum(1).tolist()
+
+    def _shared_prefix_logits(self, texts: list[str]):
+        """As ``_last_logits``, with the texts' common beginning computed once. It is cut at its last newline, a
+        token boundary, so the two halves tokenize as the whole would (tests check equality with full prompts)."""
+        cut = texts[0].rfind("\n", 0, len(os.path.commonprefix(texts))) + 1
+        prefix_ids = self.tokenizer(texts[0][:cut], add_special_tokens=False)["input_ids"] if cut else []
+        suffixes = [self.tokenizer(t[cut:], add_special_tokens=False)["input_ids"] for t in texts]
+        device = self.model.device
+        prefix_cache = None
+        if prefix_ids:
+            prefix_cache = self.model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True)
+            prefix_cache = prefix_cache.past_key_values
+        order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))  # similar lengths share a batch
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            rows = [suffixes[i] for i in chunk]
+            # Left padding puts every answer position last, so the LM head runs there only. The pads sit between
+            # the prefix and the suffix, so positions are explicit: each token keeps its place in the full prompt.
+            input_ids = pad(rows, self.tokenizer.pad_token_id, side="left").to(device)
+            mask = pad([[1] * len(r) for r in rows], 0, side="left").to(device)
+            positions = (len(prefix_ids) + mask.cumsum(1) - 1).clamp_min(0)
+            cache = None
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(rows))
+                mask = torch.cat([mask.new_ones(len(rows), len(prefix_ids)), mask], dim=1)
+            logits = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                logits_to_keep=1,
+            ).logits[:, -1]
+            yield chunk, logits, [len(prefix_ids) + len(r) for r in rows]
 
 
 class OpenAIChat:
@@ -226,7 +269,7 @@ class OpenAIChat:
         return [flat[k * n : (k + 1) * n] for k in range(len(conversations))]
 
     def choice_probs(
-        self, conversations, choices=("Yes", "No"), prefix: str | list[str] = ""
+        self, conversations, choices=("Yes", "No"), prefix: str | list[str] = "", shared_prefix: bool = False
     ) -> list[dict[str, float]]:
         import math
 
@@ -261,7 +304,7 @@ class VLLMChat:
                 "`pip install -r requirements-gpu.txt`, or use an hf: or openai: spec"
             ) from None
         self._vllm = vllm
-        self.engine = vllm.LLM(model=model_path, **engine_kwargs)
+        self.engine = vllm.LLM(model=model_path, enable_prefix_caching=True, **engine_kwargs)
         self.tokenizer = self.engine.get_tokenizer()
         self.usage = Usage()
 
@@ -283,7 +326,7 @@ class VLLMChat:
         return [[o.text.strip() for o in out.outputs] for out in self._generate(texts, params)]
 
     def choice_probs(
-        self, conversations, choices=("Yes", "No"), prefix: str | list[str] = ""
+        self, conversations, choices=("Yes", "No"), prefix: str | list[str] = "", shared_prefix: bool = False
     ) -> list[dict[str, float]]:
         import math
 

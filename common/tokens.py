@@ -55,7 +55,8 @@ def sequence_logprobs(model, input_ids, attention_mask, completion_mask):
     keep = predicts.any(0).nonzero().squeeze(1)
     if keep.numel() == 0:  # no completion anywhere: keep one position so the graph still exists
         keep = torch.zeros(1, dtype=torch.long, device=input_ids.device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits.float()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False).logits
+    logits = logits.float()
     targets = input_ids[:, keep + 1]
     mask = predicts[:, keep].to(logits.dtype)
     kept_logp = (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)) * mask

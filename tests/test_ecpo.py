@@ -65,22 +65,6 @@ def test_kto_value_reference_point_and_gradient_signs():
     assert ecpo.kto_reference_point(policy, ref + 5, torch.tensor([1.0, 1.0, 0.0]), beta=0.1).item() == 0.0
 
 
-def test_sft_loss_is_token_mean_nll(tokenizer, tiny_model):
-    rows = [
-        ecpo.encode(tokenizer, "Find me a film.", "Ask[Which genre?]", 2048),
-        ecpo.encode(tokenizer, "Hello", "Search[space opera]", 2048),
-    ]
-    logps, n_tokens = ecpo.sequence_logps(tiny_model, rows, tokenizer.pad_token_id, "cpu")
-    # by hand: -mean over all completion tokens of log softmax at the right positions
-    by_hand = []
-    for ids, mask in rows:
-        logits = tiny_model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
-        by_hand += [logits[j - 1, ids[j]].item() for j in range(1, len(ids)) if mask[j]]
-    loss = ecpo.sft_loss(logps, n_tokens).sum() / n_tokens.sum()
-    assert n_tokens.sum().item() == len(by_hand) == sum(sum(m) for _, m in rows)
-    assert loss.item() == pytest.approx(-sum(by_hand) / len(by_hand), rel=1e-5)
-
-
 def test_rank_micro_batches_cover_the_batch_once_with_equal_shapes():
     batch = [7, 3, 9, 1, 4]
     world, micro, accum = 2, 2, 2
@@ -233,15 +217,26 @@ def test_actcrs_chains_searches_then_answers(scripted_llm):
     assert reply.text == ecpo.SYSTEM_ERROR and reply.record["action"] is None and stats.failures == 1
 
 
-def test_cost_per_pair_counts_resumed_trajectories_once():
+def test_cost_per_pair_counts_resumed_trajectories_once(tmp_path):
+    from common.data import load_demo_tasks
+
+    demo = load_demo_tasks()
+    tasks = ecpo.Tasks(sft=demo[:2], pre=demo[2:4], test=[], catalog=None, domain="movie")
     rows = [
-        {"stage": "teacher", "llm_calls": 35, "tokens": 900, "trajectories": 2},
-        {"stage": "forward", "llm_calls": 34, "tokens": 800, "trajectories": 2},
-        {"stage": "teacher", "llm_calls": 0, "tokens": 0, "trajectories": 2},  # a rerun that resumed everything
-        {"stage": "forward", "llm_calls": 0, "tokens": 0, "trajectories": 2},
-        {"stage": "backward", "llm_calls": 12, "tokens": 400, "pairs": 4},
+        {"stage": "teacher", "llm_calls": 35, "tokens": 900},
+        {"stage": "forward", "llm_calls": 34, "tokens": 800},
+        {"stage": "teacher", "llm_calls": 0, "tokens": 0},  # a rerun that resumed everything
+        {"stage": "forward", "llm_calls": 0, "tokens": 0},
+        {"stage": "backward", "llm_calls": 12, "tokens": 400},
     ]
-    metrics = ecpo.cost_metrics(rows)
+    for name, records in (("costs", rows), ("teacher_trajectories", [{"key": t.task_id} for t in tasks.sft]),
+                          ("forward_trajectories", [{"key": t.task_id} for t in tasks.pre + demo[10:11]])):  # fmt: skip
+        for record in records:
+            RecordFile(tmp_path / f"{name}.jsonl").append(record)
+    assert "cost/llm_calls_per_pair" not in ecpo.cost_metrics(tmp_path, tasks)  # no pairs yet
+    for k in range(4):
+        RecordFile(tmp_path / "pairs.jsonl").append({"key": f"p{k}"})
+    metrics = ecpo.cost_metrics(tmp_path, tasks)
     assert metrics["cost/trajectories_per_pair"] == 0.5 and metrics["cost/teacher_trajectories"] == 2
     assert metrics["cost/llm_calls_per_pair"] == (34 + 12) / 4 and metrics["cost/tokens_per_pair"] == 1200 / 4
-    assert metrics["cost/llm_calls"] == 81 and "cost/llm_calls_per_pair" not in ecpo.cost_metrics(rows[:4])
+    assert metrics["cost/llm_calls"] == 81 and metrics["cost/pairs"] == 4

@@ -4,7 +4,6 @@ import math
 import re
 
 import pytest
-import torch
 
 import grsu
 from common.catalog import Catalog
@@ -13,42 +12,43 @@ from common.llm import HFChat
 from tests.conftest import DATA, needs_data
 
 
-def test_accept_probability_from_known_logits():
-    # vocabulary of 6: ids 1/2 spell "Yes"/" Yes", 3 spells "No"; the rest are other words
-    logits = torch.full((2, 6), -1e9)
-    logits[0, [1, 2, 3, 5]] = torch.log(torch.tensor([0.1, 0.2, 0.1, 0.6]))  # p(Yes) .3, p(No) .1
-    logits[1, [1, 3]] = torch.log(torch.tensor([0.05, 0.15]))
-    probs = grsu.accept_probability(logits, yes_ids=[1, 2], no_ids=[3])
-    assert probs.tolist() == pytest.approx([0.75, 0.25], abs=1e-6)
+def test_accept_probability_and_list_reward_by_hand():
+    assert grsu.accept_probability({"Yes": 0.3, "No": 0.1}) == pytest.approx(0.75)  # p(Yes) / (p(Yes) + p(No))
+    assert grsu.accept_probability({"Yes": 0.05, "No": 0.15}) == pytest.approx(0.25)
+    assert grsu.accept_probability({"Yes": 0.0, "No": 0.0}) == 0.0
     scores = {"A": 0.75, "B": 0.25, "C": 0.5}
-    assert grsu.list_reward(["A", "B", "C"], scores) == pytest.approx(0.5)
+    assert grsu.list_reward(["A", "B", "C"], scores) == pytest.approx(0.5)  # Eq. 2: the mean over the list
     assert grsu.list_reward([], scores) == 0.0
+
+
+def test_choice_probs_sum_the_spellings_of_each_answer(tiny_model, tokenizer):
+    from common.llm import choice_token_ids
+
+    llm = HFChat(tiny_model, tokenizer)
+    conversation = [[{"role": "user", "content": "Accept it?"}]]
+    (probs,) = llm.choice_probs(conversation, ("Yes", "No"), prefix=grsu.ANSWER_PREFIX)
+    text = tokenizer.apply_chat_template(conversation[0], add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text + grsu.ANSWER_PREFIX, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    manual = tiny_model(input_ids=ids).logits[0, -1].float().softmax(-1)
+    for answer in ("Yes", "No"):  # "Yes" and " Yes" both count
+        assert probs[answer] == pytest.approx(manual[choice_token_ids(tokenizer, answer)].sum().item(), rel=1e-5)
 
 
 def test_prefix_shared_scoring_equals_scoring_each_full_prompt(tiny_model, tokenizer):
     history = [
-        {"role": "seeker", "text": "I want a tense thriller."},
-        {"role": "recommender", "text": "Old or new?"},
-        {"role": "seeker", "text": "New, please."},
+        {"role": "user", "content": "I want a tense thriller."},
+        {"role": "assistant", "content": "Old or new?"},
+        {"role": "user", "content": "New, please."},
     ]
     items = ["Get Out (2017); genre: horror", "Toy Story (1995); genre: animation, family", "Jaws (1975)"]
-    prompts = [grsu.score_prompt(history, item) for item in items]
-    shared, billed = grsu.accept_probs(tiny_model, tokenizer, prompts, batch_size=2)
-    full = HFChat(tiny_model, tokenizer).choice_probs(
-        [[{"role": "user", "content": p}] for p in prompts], choices=("Yes", "No"), prefix=grsu.ANSWER_PREFIX
-    )
-    assert shared == pytest.approx([p["Yes"] / (p["Yes"] + p["No"]) for p in full], abs=1e-5)
-    assert billed == sum(
-        len(
-            tokenizer(
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-                )
-                + grsu.ANSWER_PREFIX
-            )["input_ids"]
-        )
-        for p in prompts
-    )
+    shared_llm, full_llm = HFChat(tiny_model, tokenizer, batch_size=2), HFChat(tiny_model, tokenizer)
+    shared = grsu.score_items(shared_llm, history, items)
+    conversations = [[{"role": "user", "content": grsu.score_prompt(history, item)}] for item in items]
+    full = full_llm.choice_probs(conversations, choices=("Yes", "No"), prefix=grsu.ANSWER_PREFIX)
+    assert shared == pytest.approx([grsu.accept_probability(p) for p in full], abs=1e-5)
+    # billed as an API would: one call per item with its whole prompt, as with full prompts
+    assert shared_llm.usage.calls == full_llm.usage.calls == 3
+    assert shared_llm.usage.prompt_tokens == full_llm.usage.prompt_tokens
 
 
 def test_pooled_ranking_averages_repeated_items_and_sorts():
@@ -70,7 +70,7 @@ def test_search_shapes_keep_the_number_of_lists():
         args.search = search
         assert grsu.search_shape(args) == shape
     for search in ("mc", "greedy"):  # Table 6: Monte Carlo and greedy (large) generate as many lists as beam search
-        width, expansion, depth = grsu.search_shape(grsu.Args(search=search))
+        width, expansion, depth = grsu.search_shape(grsu.Args(search=search, beam_width=4, expansion=4, depth=5))
         assert width * expansion * depth == 4 * 4 * 5
     with pytest.raises(grsu.DataError):
         grsu.search_shape(grsu.Args(beam_width=3, expansion=2))
@@ -93,15 +93,6 @@ def test_ranking_metrics_cut_each_k_on_its_own_slice_and_drop_mentions():
     assert grsu.ranking_metrics([two], "ranked", (10,), "eval")["eval/recall@10"] == 0.5
 
 
-def test_instruction_loss_hand_value_and_gradient():
-    token_logps = torch.tensor([[0.0, -1.0, -2.0], [-0.5, 0.0, 0.0]], requires_grad=True)
-    weights = torch.tensor([1.0, 0.0])  # the second row is padding
-    loss = grsu.instruction_loss(token_logps, weights) / 2  # two response tokens in the real row
-    assert loss.item() == pytest.approx(1.5)
-    loss.backward()
-    assert token_logps.grad.tolist() == [[-0.5, -0.5, -0.5], [0.0, 0.0, 0.0]]  # raising a log-prob lowers the loss
-
-
 def test_rec_turns_keep_only_new_labels_with_history():
     dialogue = Dialogue(
         "d",
@@ -121,12 +112,12 @@ def test_rec_turns_keep_only_new_labels_with_history():
     assert len(turns) == 1
     # Jaws was recommended before, Alien named in the text: only Fargo is new
     assert turns[0].labels == ["Fargo (1996)"] and turns[0].mentioned == ["Jaws (1975)"]
-    assert [h["role"] for h in turns[0].history] == ["recommender", "seeker"]
+    assert [h["role"] for h in turns[0].history] == ["assistant", "user"]  # the recommender, then the seeker
 
 
 def test_synthesis_puts_the_preference_in_the_teacher_prompt_only():
     catalog = Catalog(load_demo_catalog())
-    history = [{"role": "seeker", "text": "Something scary and smart."}]
+    history = [{"role": "user", "content": "Something scary and smart."}]
     turn = grsu.RecTurn("t1", history, labels=["Get Out (2017)", "Alien (1979)"], mentioned=["Jaws (1975)"])
     args = grsu.Args(max_subsets=10, no_gt_lists=1, scoring_negatives=1)
     critiques, scoring = grsu.synthesis_jobs(turn, catalog, args)
@@ -170,14 +161,12 @@ def test_real_inspired_and_redial_turns_load():
 
 def test_beam_search_bookkeeping_at_depth_one_on_the_embedded_model():
     from common.llm import make_llm
-    from common.models import load_model
 
     turns, items = grsu.load_dataset("demo", "", "valid")
     catalog = Catalog(items)
     b, n, d = 2, 2, 1
     args = grsu.Args(beam_width=b, expansion=n, depth=d, crs_max_tokens=48, critique_max_tokens=16, max_resamples=1)
-    user_model, user_tokenizer = load_model("smollm2-135m")
-    search = grsu.Search(make_llm("hf:smollm2-135m"), user_model, user_tokenizer, catalog, args)
+    search = grsu.Search(make_llm("hf:smollm2-135m"), make_llm("hf:smollm2-135m"), catalog, args)
     (record,) = search.run(turns[:1])
     c = search.counts
     assert c["crs_lists"] == n * n + b * n * d == len(record["states"])

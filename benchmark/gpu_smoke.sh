@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The smallest run of every script on a CUDA machine: the vllm: backend for the frozen roles, the GPU accelerate
+# configs for training, bf16. Meant for a user's first GPU session, to see that everything starts before a paper
+# run. It cannot run on this repository's CPU CI and has not been run by the developers (no GPU was available);
+# report what fails.
+#
+# Needs: a CUDA build of torch, `make install`, `pip install -r requirements-gpu.txt` (vLLM), and the embedded
+# model cached once on CPU or GPU (`python -c "from common.models import resolve_model_path as r; r('smollm2-135m')"`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL=$(python -c "from common.models import resolve_model_path; print(resolve_model_path('smollm2-135m'))")
+GPUS=${GPUS:-$(python -c "import torch; print(torch.cuda.device_count())")}
+export WANDB_MODE=${WANDB_MODE:-offline}
+# vLLM in one process: each vLLM engine takes most of its GPU's memory, so it does not share a GPU with training.
+python ailo_sim.py --run-name smoke_ailo --user-llm "vllm:$MODEL" --cra-llm "vllm:$MODEL" --num-tasks 2 --max-turns 2
+python grsu.py --run-name smoke_grsu_vllm --num-train-turns 2 --num-test 2 --beam-width 2 --expansion 2 --depth 1 \
+  --crs-llm "vllm:$MODEL" --teacher-llm "vllm:$MODEL"
+# Training under the GPU configs (DDP, then ZeRO-3), every role on the hf: backend.
+for config in gpu_ddp gpu_zero3; do
+  accelerate launch --config_file "configs/$config.yaml" --num_processes "$GPUS" ecpo.py --run-name "smoke_ecpo_$config" \
+    --num-sft-tasks 2 --num-pre-tasks 2 --num-test-tasks 1 --max-turns 2 --po-epochs 2
+  accelerate launch --config_file "configs/$config.yaml" --num_processes "$GPUS" grsu.py --run-name "smoke_grsu_$config" \
+    --num-train-turns 2 --num-test 2 --beam-width 2 --expansion 2 --depth 1
+done
+echo "all GPU smoke runs finished; see runs/smoke_*/metrics.jsonl"

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# GRSU, Table 3: Recall / NDCG / MRR @{10, 50} of GRSU and the zero-shot Phi-4 CRS on ReDial and INSPIRED.
+#
+# The paper's setting: Llama-3.1-8B-Instruct fully fine-tuned (lr 1e-6, max length 3072) as the simulated user on
+# ReDial + INSPIRED instruction data written by Llama-3.3-70B-Instruct; Phi-4 as the frozen CRS; beam search
+# B = N = 4, D = 5; the mean of 3 runs. Targets (R@10 / R@50 / N@10 / N@50 / M@10 / M@50): ReDial GRSU
+# .250/.488/.135/.187/.100/.111 against Phi-4 zero-shot .173/.313/.095/.126/.071/.077; INSPIRED GRSU
+# .352/.559/.212/.258/.170/.180 against .145/.277/.077/.106/.056/.062.
+#
+# Needs: 8 GPUs (4 serve the 70B teacher, then Phi-4; 4 train and search), a CUDA build of torch, `make install`,
+# `pip install -r requirements-gpu.txt`. The full ReDial train split is not in ../shared/data (only 600
+# conversations are mirrored): put the official train_data.jsonl in <data-dir>/redial/official/ for the paper's
+# data. Not run by this repository's CI, and never measured here (no GPU was available to the developers).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA_DIR=${DATA_DIR:-../shared/data}
+vllm serve meta-llama/Llama-3.3-70B-Instruct --tensor-parallel-size 4 --port 8001 &
+TEACHER=$!
+until curl -sf localhost:8001/v1/models >/dev/null; do sleep 10; done
+OPENAI_BASE_URL=http://localhost:8001/v1 accelerate launch --config_file configs/gpu_zero3.yaml --num_processes 4 \
+  grsu.py --run-name table3 --stages synth train --data-dir "$DATA_DIR" --train-datasets redial inspired \
+  --num-train-turns 0 --max-subsets 1000 --user-model meta-llama/Llama-3.1-8B-Instruct --finetune full --lr 1e-6 \
+  --max-length 3072 --teacher-llm openai:meta-llama/Llama-3.3-70B-Instruct --critique-max-tokens 1024 \
+  --batch-size 64 --track
+kill "$TEACHER"
+vllm serve microsoft/phi-4 --port 8002 &
+CRS=$!
+until curl -sf localhost:8002/v1/models >/dev/null; do sleep 10; done
+for seed in 1 2 3; do
+  for dataset in inspired redial; do
+    OPENAI_BASE_URL=http://localhost:8002/v1 accelerate launch --config_file configs/gpu_ddp.yaml --num_processes 4 \
+      grsu.py --run-name table3 --stages search --seed "$seed" --dataset "$dataset" --data-dir "$DATA_DIR" \
+      --eval-split test --num-test 0 --crs-llm openai:microsoft/phi-4 --crs-max-tokens 256 \
+      --critique-max-tokens 1024 --max-resamples 5 --batch-size 64 --track
+  done
+done
+kill "$CRS"

@@ -1,0 +1,82 @@
+"""Supervised fine-tuning on (prompt, completion) examples, the step every method shares: ECPO's SGPT (Eq. 1),
+GRSU's instruction tuning (Eq. 4), SMTPO's simulator and recommender SFT (Eq. 6). All of them minimise the
+negative log-likelihood of the completion tokens given the prompt, averaged over the completion tokens of each
+global batch; the methods differ only in their data and their hyper-parameters.
+
+    examples = [{"input_ids": ids, "completion_mask": mask}, ...]   # common.tokens.encode_prompt_completion
+    model = supervised_finetuning(run, args, model, tokenizer, examples, "sft", lr=5e-5, batch_size=8, epochs=3, ...)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm import tqdm
+
+from common.distributed import micro_batches, optimizer_step, save_resumable, start_training, training_steps
+from common.tokens import collate, sequence_logprobs
+
+
+def completion_nll(token_logps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """-sum_k log p(o_k | o_<k, prompt) over completion tokens, summed over the rows. ``token_logps`` [B, L] is
+    zero off the completion; each row is weighted (0 for padding rows). The caller divides by the completion tokens
+    of the global batch, so a step's loss is the mean NLL per completion token."""
+    return -(token_logps.sum(-1) * weights).sum()
+
+
+def supervised_finetuning(
+    run,
+    args,
+    model,
+    tokenizer,
+    examples: list[dict],
+    stage: str,
+    *,
+    lr: float,
+    batch_size: int,
+    epochs: int,
+    warmup_ratio: float,
+    max_warmup_steps: int | None = None,
+    min_lr_ratio: float = 0.0,
+    weight_decay: float = 0.0,
+    metric_prefix: str = "train",
+):
+    """AdamW, linear warmup over ``warmup_ratio`` of the run (at most ``max_warmup_steps``), then cosine decay to
+    ``min_lr_ratio`` of the peak, gradient clipping at ``args.max_grad_norm``; the same global batches of
+    ``args.micro_batch_size`` micro-batches on any number of ranks, ordered by ``args.seed``. Resumes from the
+    newest checkpoint in runs/<run>/<stage>/ (saved every ``args.save_every`` steps); logs <metric_prefix>/loss
+    per step. Returns the prepared model."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    accelerator = run.accelerator
+    steps, accum = training_steps(accelerator, len(examples), batch_size, args.micro_batch_size, epochs, args.seed)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    warmup = min(math.ceil(warmup_ratio * len(steps)), max_warmup_steps or len(steps))
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, len(steps), min_lr_rate=min_lr_ratio)
+    model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / stage)
+    for step in tqdm(range(start, len(steps)), desc=stage, initial=start, total=len(steps), disable=not run.main):
+        started, batch, loss_sum = time.time(), steps[step], 0.0
+        completion_tokens = sum(sum(examples[i]["completion_mask"]) for i in batch)
+        for chunk, weights in micro_batches(examples, batch, accelerator, args.micro_batch_size, accum):
+            rows = [(e["input_ids"], e["completion_mask"]) for e in chunk]
+            with accelerator.accumulate(model):
+                inputs = {k: v.to(run.device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
+                _, _, token_logps = sequence_logprobs(model, **inputs)
+                # The global batch's mean NLL per completion token. Accelerate divides each micro-batch's loss by
+                # accum and DDP averages gradients over ranks; * world * accum undoes both.
+                loss = completion_nll(token_logps, weights) / completion_tokens * run.world * accum
+                grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
+            loss_sum += loss.item() / (run.world * accum)
+        scheduler.step()
+        loss = run.sum_over_ranks({"loss": loss_sum})["loss"]
+        epoch = (step + 1) * epochs / len(steps)
+        metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "epoch": epoch}
+        run.log_step({f"{metric_prefix}/{k}": v for k, v in metrics.items()}, time.time() - started)
+        if run.main:
+            tqdm.write(f"{stage} step {step + 1}/{len(steps)}: loss {loss:.4f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == len(steps):
+            save_resumable(accelerator, model, run.dir / stage, step + 1, optimizer, scheduler)
+    return model

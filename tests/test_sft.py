@@ -1,0 +1,65 @@
+"""common/sft.py: the masked NLL every method's SFT stage minimises, by hand, and the loop that lowers it."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from common.sft import completion_nll, supervised_finetuning
+from common.tokens import collate, encode_prompt_completion, sequence_logprobs
+
+
+@dataclass
+class Settings:  # the fields of a script's Args that Run and supervised_finetuning read
+    exp_name: str = "sft"
+    seed: int = 1
+    run_name: str = "sft"
+    track: bool = False
+    wandb_project: str = "cleancrs"
+    wandb_entity: str | None = None
+    micro_batch_size: int = 2
+    max_grad_norm: float = 1.0
+    save_every: int = 50
+
+
+def test_completion_nll_hand_value_and_gradient():
+    token_logps = torch.tensor([[0.0, -1.0, -2.0], [-0.5, 0.0, 0.0]], requires_grad=True)
+    weights = torch.tensor([1.0, 0.0])  # the second row is padding
+    loss = completion_nll(token_logps, weights) / 2  # two completion tokens in the real row
+    assert loss.item() == pytest.approx(1.5)
+    loss.backward()
+    assert token_logps.grad.tolist() == [[-0.5, -0.5, -0.5], [0.0, 0.0, 0.0]]  # raising a log-prob lowers the loss
+
+
+def test_completion_nll_is_the_token_mean_over_the_batch(tokenizer, tiny_model):
+    rows = [
+        encode_prompt_completion(tokenizer, [{"role": "user", "content": "Find me a film."}], "Ask[Which genre?]"),
+        encode_prompt_completion(tokenizer, [{"role": "user", "content": "Hello"}], "Search[space opera]"),
+    ]
+    _, n_tokens, token_logps = sequence_logprobs(tiny_model, **collate(rows, tokenizer.pad_token_id))
+    loss = completion_nll(token_logps, torch.ones(2)) / n_tokens.sum()
+    by_hand = []  # log softmax at each completion position, one sequence at a time
+    for ids, mask in rows:
+        logits = tiny_model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        by_hand += [logits[j - 1, ids[j]].item() for j in range(1, len(ids)) if mask[j]]
+    assert n_tokens.sum().item() == len(by_hand) == sum(sum(m) for _, m in rows)
+    assert loss.item() == pytest.approx(-sum(by_hand) / len(by_hand), rel=1e-5)
+
+
+def test_supervised_finetuning_lowers_the_loss(tmp_path, monkeypatch, tokenizer, tiny_model):
+    import copy
+
+    from common.run import Run
+
+    monkeypatch.chdir(tmp_path)
+    args = Settings()
+    run = Run(args)
+    prompts = [("A scary film?", "Recommend[Alien (1979)]"), ("Something funny?", "Ask[Slapstick or witty?]")]
+    encoded = [encode_prompt_completion(tokenizer, [{"role": "user", "content": p}], c) for p, c in prompts]
+    examples = [{"input_ids": ids, "completion_mask": mask} for ids, mask in encoded]
+    model = copy.deepcopy(tiny_model)  # every weight trains: the tiny model's LoRA could not fit the words
+    supervised_finetuning(run, args, model, tokenizer, examples, "sft", lr=1e-2, batch_size=2, epochs=8, warmup_ratio=0)
+    losses = [json.loads(line)["train/loss"] for line in (tmp_path / "runs/sft/metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 1.0  # the same two examples, fit: over a nat lower
+    assert (tmp_path / "runs/sft/sft/checkpoints").exists()
