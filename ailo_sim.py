@@ -33,7 +33,7 @@ from common.catalog import Catalog, item_card
 from common.conversations import CRA, CRAReply, episode_metrics, print_trajectory, render_history, run_episodes
 from common.data import TASK_DOMAINS, DataError, Persona, Task, load_ecpo_reviews, load_task_items, load_tasks
 from common.llm import LLMBackendError
-from common.metrics import mentions_title
+from common.metrics import mentions_title, redact_title
 from common.models import ModelSpecError
 from common.parsing import ParseStats, chat_parsed, coerce_int, is_placeholder, parse_json
 from common.run import Run
@@ -86,6 +86,9 @@ class Args:
     """tries per simulator call before falling back (each retry is +0.3 temperature, as in the ECPO code)"""
     max_leak_tries: int = 2
     """regenerations of an utterance that named the target before the title is redacted"""
+    target_note: bool = False
+    """tell the simulated user whether the system's last message named its target (our addition, not the paper's:
+    it helps weak simulators notice a success, but it tells the user the very fact SR measures)"""
 
     num_personas: int = 0
     """if > 0, build this many personas from real reviews (book/game) with --persona-llm and report diversity"""
@@ -243,28 +246,10 @@ Target: {target}
 Answer with JSON only: {{"reason": "<reason for the rating>", "rating": "<final rating from 0 to 5>"}}"""  # noqa: E501  (prompt text, kept verbatim)
 
 
-def title_forms(title: str) -> list[str]:
-    """Spellings of a target that a user might leak: the full title, and its name without a trailing
-    "(year)" or subtitle when that part is distinctive enough (4+ characters) to check as whole words."""
-    forms = [title]
-    core = re.split(r"\s*[(:]", title, maxsplit=1)[0].strip()
-    if len(core) >= 4 and core.lower() != title.lower():
-        forms.append(core)
-    return forms
-
-
-def title_pattern(title: str) -> re.Pattern:
-    """Any of ``title_forms`` as a whole-word, case-insensitive match; the full title is tried first."""
-    forms = "|".join(re.escape(form) for form in title_forms(title))
-    return re.compile(r"(?<!\w)(?:" + forms + r")(?!\w)", re.IGNORECASE)
-
-
 def leaks_title(text: str, title: str) -> bool:
-    return title_pattern(title).search(text) is not None
-
-
-def redact_title(text: str, title: str) -> str:
-    return title_pattern(title).sub("that one", text)
+    """The leak guard: an utterance names the target (``common.metrics.title_spans``), a capitalised ordinary word
+    at the start of a sentence included ("Jaws!"), since a leak must not reach the CRA."""
+    return mentions_title(text, title, sentence_start=True)
 
 
 def parse_policy(text: str) -> str | None:
@@ -328,10 +313,11 @@ class AILO:
     with one batched LLM call per sub-step (policy, content, EC) across all of them."""
 
     def __init__(
-        self, llm, domain: str = "movie", max_tokens: int = 160, max_parse_tries: int = 3, max_leak_tries: int = 2
-    ):
+        self, llm, domain: str = "movie", max_tokens: int = 160, max_parse_tries: int = 3, max_leak_tries: int = 2,
+        target_note: bool = False,
+    ):  # fmt: skip
         self.llm, self.domain, self.max_tokens = llm, domain, max_tokens
-        self.max_parse_tries, self.max_leak_tries = max_parse_tries, max_leak_tries
+        self.max_parse_tries, self.max_leak_tries, self.target_note = max_parse_tries, max_leak_tries, target_note
         self.stats = ParseStats()
         self.title_leaks = 0  # generated utterances that named the target, before the guard
         self.title_redactions = 0  # utterances still leaking after regeneration, redacted
@@ -349,10 +335,10 @@ class AILO:
         )
 
     def _target_note(self, user: SimUser) -> str:
-        # The user knows its target title; saying explicitly whether the system named it keeps weak
-        # simulators from missing a successful recommendation (satisfaction must follow one).
+        # Our addition, off by default (--target-note): telling the user whether the system named its target keeps
+        # weak simulators from missing a success, but it hands the user the very fact that SR measures.
         last = next((m["content"] for m in reversed(user.history) if m["role"] == "assistant"), None)
-        if last is None:
+        if last is None or not self.target_note:
             return ""
         named = mentions_title(last, user.task.target.title)
         return f"(Note: the system's last message {'DID' if named else 'did NOT'} recommend your target.)\n"
@@ -586,7 +572,9 @@ def simulate(run: Run, args: Args, tasks: list[Task], catalog: Catalog) -> dict[
     """AILO against the zero-shot CRA, each rank on its share of the tasks; SR, R and the EC ratings."""
     user_llm, cra_llm = run.llm(args.user_llm, args.batch_size), run.llm(args.cra_llm, args.batch_size)
     domain = TASK_DOMAINS[args.dataset]
-    simulator = AILO(user_llm, domain, args.user_max_tokens, args.max_parse_tries, args.max_leak_tries)
+    simulator = AILO(
+        user_llm, domain, args.user_max_tokens, args.max_parse_tries, args.max_leak_tries, args.target_note
+    )
     cra = make_zero_shot_cra(cra_llm, catalog, domain, args.retriever_top_k, args.cra_max_tokens)
     records = run.records("trajectories.jsonl")
     on_episode = print_trajectory if args.print_conversations else None

@@ -3,7 +3,7 @@
 
     python ecpo.py                                        # every stage on the embedded SmolLM2 + bundled demo
     accelerate launch ecpo.py --lam 4                     # the same, on every rank accelerate gives it
-    python ecpo.py --stages backward po --lam 2           # redo part of the pipeline in an existing run
+    python ecpo.py --run-name <run> --stages backward --lam 2   # D_pre for another lambda, from the stored rewrites
     bash benchmark/ecpo_table1.sh                         # the paper's Table 1 on GPUs
 
 The CRA is ActCRS: one action per LLM call, Search[keywords] | Ask[question] | Recommend[answer] |
@@ -125,6 +125,9 @@ class Args:
     """max new tokens of one action"""
     user_max_tokens: int = 64
     """max new tokens of each AILO call (policy, content, EC)"""
+    target_note: bool = False
+    """tell AILO whether the system's last message named its target (our addition to AILO's prompts, not the
+    paper's; it tells the simulated user the very fact SR measures)"""
     max_parse_tries: int = 1
     """tries of any call whose output must parse; each retry is +0.3 temperature, as in the ECPO code. Use 3
     with API models; the embedded model rarely writes JSON, so on it retries only cost time (local backends
@@ -513,7 +516,8 @@ def kto_loss(
 
 
 def kto_reference_point(policy_mismatched, ref_mismatched, weights, beta: float) -> torch.Tensor:
-    """z_ref = beta * max(0, mean KL estimate) over mismatched (s_j, y_k) pairs of the batch, without gradient."""
+    """z_ref = beta * max(0, mean KL estimate) over mismatched (s_j, y_k) pairs, without gradient. The training loop
+    gives it every mismatched pair of the global batch (``global_kto_reference_point``)."""
     kl = ((policy_mismatched - ref_mismatched) * weights).sum() / weights.sum().clamp(min=1)
     return (beta * kl.clamp(min=0)).detach()
 
@@ -577,6 +581,7 @@ def reference_logps(run: Run, model, tokenizer, examples: list[dict], args: Args
     (the adapter sits on the merged pi_sft weights) and stored in ref_logps.jsonl; ranks split the work."""
     records = run.records("ref_logps.jsonl")
     done = {r["key"] for r in records.records()}
+    run.barrier()  # every rank reads the same file before any writes to it, so all agree on what is left to do
     todo = [k for k, e in enumerate(examples) if e["key"] not in done]
     mine = run.shard(todo)
     mine += todo[:1] * (math.ceil(len(todo) / run.world) - len(mine))  # ZeRO-3 needs equal forward passes per rank
@@ -599,6 +604,22 @@ def reference_logps(run: Run, model, tokenizer, examples: list[dict], args: Args
     model.train()
 
 
+@torch.no_grad()
+def global_kto_reference_point(run: Run, model, tokenizer, examples: list[dict], batch: list[int], accum: int,
+                               micro: int, beta: float) -> torch.Tensor:  # fmt: skip
+    """KTO's z_ref for one optimizer step, estimated on every mismatched (prompt, response) pair of the global batch,
+    over all its micro-batches and ranks, so that 1 rank and 2 ranks agree; one pair per micro-batch would be too
+    noisy an estimate (TRL refuses a KTO batch of 1 for this reason). The policy is the one the step starts from."""
+    policy, reference, weights = [], [], []
+    for pairs, pair_weights in micro_batches(examples, batch, run.accelerator, micro, accum):
+        rows = [(e["mismatched_ids"], e["mismatched_mask"]) for e in pairs]
+        policy.append(sequence_logps(model, rows, tokenizer.pad_token_id, run.device)[0])
+        reference.append(torch.tensor([e["ref_mismatched"] for e in pairs], device=run.device))
+        weights.append(pair_weights)
+    policy, reference, weights = (run.accelerator.gather(torch.cat(t)) for t in (policy, reference, weights))
+    return kto_reference_point(policy, reference, weights, beta)
+
+
 def preference_statistics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps, weights):
     """TRL's preference statistics of a micro-batch, as weighted sums (the loop divides by the global batch)."""
     values = {
@@ -614,9 +635,9 @@ def preference_statistics(chosen_rewards, rejected_rewards, policy_chosen_logps,
 
 def train_preferences(run: Run, args: Args, model, tokenizer, examples: list[dict]):
     """ECPO's optimization on D_pre: --loss dpo (Eq. 3), simpo, kto or sft, with pi_sft's log-probs stored.
-    Logs TRL's preference statistics per step: rewards/chosen = beta (log pi(y_w|s) - log pi_sft(y_w|s)) (SimPO
-    and SFT: beta log pi(y_w|s)), the same for y_l, rewards/accuracies (the share with chosen > rejected) and
-    rewards/margins (their mean difference)."""
+    Logs TRL's preference statistics per step: rewards/chosen = beta (log pi(y_w|s) - log pi_sft(y_w|s)) (SimPO:
+    beta log pi(y_w|s) / |y_w|; SFT: log pi(y_w|s)), the same for y_l, rewards/accuracies (the share with chosen >
+    rejected) and rewards/margins (their mean difference)."""
     from transformers import get_cosine_schedule_with_warmup
 
     accelerator, micro, device = run.accelerator, args.micro_batch_size, run.device
@@ -628,14 +649,16 @@ def train_preferences(run: Run, args: Args, model, tokenizer, examples: list[dic
     for step in tqdm(range(start, len(steps)), desc="po", initial=start, total=len(steps), disable=not run.main):
         started, batch = time.time(), steps[step]
         sums = defaultdict(float)
+        if args.loss == "kto":  # one z_ref for the step, from every mismatched pair of the global batch
+            z_ref = global_kto_reference_point(
+                run, model, tokenizer, examples, batch, accum, args.micro_batch_size, beta
+            )
         # The loss is a mean over the global batch: over its pairs, or for --loss sft over its rewrites' tokens.
         normalizer = sum(sum(examples[i]["chosen_mask"]) for i in batch) if args.loss == "sft" else len(batch)
         for pairs, weights in micro_batches(examples, batch, accelerator, micro, accum):
-            parts = ("chosen", "rejected", "mismatched") if args.loss == "kto" else ("chosen", "rejected")
-            rows = [(e[f"{part}_ids"], e[f"{part}_mask"]) for part in parts for e in pairs]
-            ref_chosen_logps, ref_rejected_logps, ref_mismatched_logps = (
-                torch.tensor([e[f"ref_{part}"] for e in pairs], device=device)
-                for part in ("chosen", "rejected", "mismatched")
+            rows = [(e[f"{part}_ids"], e[f"{part}_mask"]) for part in ("chosen", "rejected") for e in pairs]
+            ref_chosen_logps, ref_rejected_logps = (
+                torch.tensor([e[f"ref_{part}"] for e in pairs], device=device) for part in ("chosen", "rejected")
             )
             with accelerator.accumulate(model):
                 logps, n_tokens = sequence_logps(model, rows, tokenizer.pad_token_id, device)  # one forward pass
@@ -656,7 +679,6 @@ def train_preferences(run: Run, args: Args, model, tokenizer, examples: list[dic
                         args.simpo_gamma,
                     )
                 elif args.loss == "kto":
-                    z_ref = kto_reference_point(logps[2 * b :], ref_mismatched_logps, weights, beta)
                     losses = kto_loss(
                         policy_chosen_logps,
                         policy_rejected_logps,
@@ -673,8 +695,12 @@ def train_preferences(run: Run, args: Args, model, tokenizer, examples: list[dic
                 # micro-batch and DDP's mean over ranks.
                 loss = (losses * weights).sum() / normalizer * run.world * accum
                 grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
-            chosen_rewards = (beta or 1.0) * (policy_chosen_logps - ref_chosen_logps)
-            rejected_rewards = (beta or 1.0) * (policy_rejected_logps - ref_rejected_logps)
+            if args.loss == "simpo":  # SimPO's implicit reward is the length-normalized log-prob (as TRL logs it)
+                chosen_rewards = beta * policy_chosen_logps / n_tokens[:b]
+                rejected_rewards = beta * policy_rejected_logps / n_tokens[b : 2 * b]
+            else:
+                chosen_rewards = (beta or 1.0) * (policy_chosen_logps - ref_chosen_logps)
+                rejected_rewards = (beta or 1.0) * (policy_rejected_logps - ref_rejected_logps)
             statistics = preference_statistics(
                 chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps, weights
             )
@@ -849,7 +875,8 @@ def sft_adapter(run: Run) -> Path:
 
 def rollout(run: Run, args: Args, tasks: Tasks, llm, which: list[Task], few_shot: bool, name: str) -> list[dict]:
     """ActCRS on ``llm`` against AILO; each rank plays its share of ``which``, every rank returns all of them."""
-    simulator = AILO(run.llm(args.user_llm, args.batch_size), tasks.domain, args.user_max_tokens, args.max_parse_tries)
+    user = run.llm(args.user_llm, args.batch_size)
+    simulator = AILO(user, tasks.domain, args.user_max_tokens, args.max_parse_tries, target_note=args.target_note)
     stats = ParseStats()
     cra = make_actcrs(llm, tasks.catalog, tasks.domain, args, few_shot, stats)
     on_episode = print_trajectory if args.print_conversations else None
@@ -877,7 +904,7 @@ def sgpt(run: Run, args: Args, tasks: Tasks) -> dict:
     """Simulator-guided planning tuning (Sec. 3.1, Eq. 1): LoRA SFT on every CRA call (Search included) of the
     teacher's successful trajectories, each prompt without the few-shot block. pi_sft = the policy with it merged."""
     if run.finished("sft_adapter"):
-        return {}
+        return {"rollout/sft_examples": len(run.records("sft_data.jsonl").records())}
     teacher = stored(run, "teacher_trajectories.jsonl", tasks.sft, "teacher")
     d_sft = [
         {"key": f"{tr['key']}#{t['turn']}#{k}", "prompt": call["state"], "completion": call["action"]}

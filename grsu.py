@@ -30,6 +30,7 @@ import contextlib
 import math
 import random
 import re
+from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
 from itertools import combinations
@@ -98,6 +99,10 @@ class Args:
     """recommendation turns per training dataset that instruction data is built from; 0 = all"""
     num_test: int = 2
     """test recommendation turns to search (each is scored once per ground-truth item); 0 = all"""
+    only_new: Literal["labels", "turn", "off"] = "labels"
+    """repeated items, those the conversation mentioned before the turn (by its own item annotations): labels drops
+    them and skips a turn left with none (the paper: "removes repeated items within each conversation"); turn skips
+    every turn with one (the released code); off keeps them"""
 
     # ------------------------------------------------------------------------------------------- roles
     user_model: str = "smollm2-135m"
@@ -161,9 +166,10 @@ class Args:
     beam_width: int = 2
     """B: lists kept per round (paper: 4; 2 keeps the CPU demo to minutes)"""
     expansion: int = 2
-    """N: critiques sampled per kept list; the search starts from N^2 lists (paper: 4)"""
-    depth: int = 2
-    """D: critique-and-revise rounds after the initial lists (paper: 5)"""
+    """N: critiques sampled per kept list; the search starts from N^2 sampled lists (paper: 4)"""
+    depth: int = 3
+    """D: search iterations, the N^2 initial lists being the first, so N^2 + (D - 1) B N lists in all (the released
+    code's count: 80 lists at B = N = 4, D = 5) (paper: 5)"""
     critiques: bool = True
     """--no-critiques: the CRS revises without the user's critique (Fig. 2 ablation)"""
     critique_attributes: bool = True
@@ -185,6 +191,9 @@ class Args:
     """test turns searched together, so their calls share batches; each is saved when its batch ends"""
     ks: tuple[int, ...] = (10, 50)
     """cutoffs of Recall, NDCG and MRR"""
+    remove_mentioned: bool = False
+    """remove the items the conversation mentioned before the turn from every ranking before the metrics (neither
+    the paper nor its released code does this)"""
     print_examples: bool = False
     """print every searched example's lists, critiques and rankings"""
 
@@ -196,12 +205,13 @@ DOMAIN = "movie"  # all three datasets are movie conversations
 
 @dataclass
 class RecTurn:
-    """One recommendation turn: the conversation before it, its new ground-truth items, earlier mentions."""
+    """One recommendation turn: the conversation before it, its ground-truth items, and earlier mentions."""
 
     key: str
+    conversation: str  # the source conversation (training on a conversation that is evaluated is not allowed)
     history: list[dict]  # chat roles: {"role": "user" (the seeker) | "assistant" (the recommender), "content": ...}
-    labels: list[str]  # catalog titles recommended here and not mentioned before ("only new")
-    mentioned: list[str]  # catalog titles mentioned earlier; removed from rankings at evaluation
+    labels: list[str]  # the items recommended here (under --only-new labels, those not mentioned before)
+    mentioned: list[str]  # the items (and, for iEvaLM, entities) the conversation annotated before this turn
 
 
 def bare_title(title: str) -> str:
@@ -221,10 +231,12 @@ def restore_years(dialogues: list[Dialogue], catalog: list[Item]) -> None:
             ]
 
 
-def rec_turns(dialogues: list[Dialogue], titles: set[str]) -> list[RecTurn]:
-    """The evaluation protocol's examples: a recommender turn that names a catalog item and has a non-empty
-    history. A label already mentioned earlier (as an item, or by name in the text) is dropped, and a turn left
-    without labels is skipped ("only new", as the paper's code does)."""
+def rec_turns(dialogues: list[Dialogue], only_new: str = "labels") -> list[RecTurn]:
+    """The evaluation protocol's examples: a recommender turn that names at least one item (in the dialogue's own
+    annotations) and has a non-empty history. What the conversation mentioned before the turn also comes from its
+    annotations: the earlier turns' items, or, where a format annotates the context as a whole, ``context_items``
+    (iEvaLM). Repeated items are handled by ``only_new`` (see Args). Labels outside the catalog stay: they count
+    as misses."""
     turns = []
     for dialogue in dialogues:
         for i, turn in enumerate(dialogue.turns):
@@ -233,56 +245,74 @@ def rec_turns(dialogues: list[Dialogue], titles: set[str]) -> list[RecTurn]:
                 for t in dialogue.turns[:i]
                 if t.text.strip()
             ]
-            if turn.role != "recommender" or not turn.items or not history:
+            labels = list(dict.fromkeys(t for t in turn.items if t.strip()))
+            if turn.role != "recommender" or not labels or not history:
                 continue
-            earlier_items = [t for previous in dialogue.turns[:i] for t in previous.items]
-            earlier_text = " ".join(h["content"] for h in history).lower()
-            labels = [
-                t
-                for t in dict.fromkeys(turn.items)
-                if t in titles and t not in earlier_items and bare_title(t) not in earlier_text
-            ]
+            earlier = dialogue.context_items
+            if earlier is None:
+                earlier = [t for previous in dialogue.turns[:i] for t in previous.items]
+            repeated = set(labels) & set(earlier)
+            if only_new == "turn" and repeated:
+                continue
+            if only_new == "labels":
+                labels = [t for t in labels if t not in repeated]
             if labels:
-                mentioned = [t for t in dict.fromkeys(earlier_items) if t in titles]
-                turns.append(RecTurn(f"{dialogue.dialog_id}:{i}", history, labels, mentioned))
+                conversation = dialogue.conversation_id or dialogue.dialog_id
+                key = f"{dialogue.dialog_id}:{i}"
+                turns.append(RecTurn(key, conversation, history, labels, list(dict.fromkeys(earlier))))
     return turns
 
 
-def load_dataset(
-    name: str, data_dir: str, split: Literal["train", "valid", "test"]
-) -> tuple[list[RecTurn], list[Item]]:
-    """(recommendation turns of ``split``, the dataset's items with attributes)."""
+@dataclass
+class Dataset:
+    train: list[RecTurn]  # training turns, every conversation of the evaluated split left out
+    evaluated: list[RecTurn]  # the evaluated split's turns
+    items: list[Item]  # the catalog: the item file plus the items the (kept) training conversations name
+    left_out: int  # training turns left out because their conversation is evaluated
+
+
+def fingerprint(dialogue: Dialogue) -> str | None:
+    """A conversation's first four utterances, normalized: how two releases of one conversation are told to be the
+    same where their ids differ (INSPIRED's UniCRS and CFCRS splits)."""
+    texts = [" ".join(t.text.lower().split()) for t in dialogue.turns if t.text.strip()][:4]
+    return "\n".join(texts) if len(texts) == 4 else None
+
+
+def load_dataset(name: str, data_dir: str, eval_split: Literal["valid", "test"], only_new: str = "labels") -> Dataset:
+    """The training and evaluated recommendation turns of dataset ``name``, and its catalog. Training never sees a
+    conversation of the evaluated split (by id, or by its opening where the releases' ids differ): 50 of ReDial's
+    600 mirrored training conversations are in iEvaLM's validation file. The catalog, the candidates every ranking
+    is drawn from, is the item file plus the items the kept training conversations name, never the evaluated
+    split's own."""
     root = Path(data_dir)
     if name == "demo":
         items = load_demo_catalog()
-        dialogues = load_unicrs_jsonl(
-            Path(__file__).parent / "data" / "demo" / f"dialogues_{'train' if split == 'train' else 'test'}.jsonl"
-        )
+        train = load_unicrs_jsonl(Path(__file__).parent / "data" / "demo" / "dialogues_train.jsonl")
+        evaluated = load_unicrs_jsonl(Path(__file__).parent / "data" / "demo" / "dialogues_test.jsonl")
     elif name == "inspired":
         items = load_movie_info(root / "inspired" / "movie2attrs.json")
-        if split == "train":  # CFCRS ships no train split; UniCRS's is the same conversations without years
-            dialogues = load_unicrs_jsonl(root / "inspired" / "unicrs" / "train_data_dbpedia.jsonl")
-            restore_years(dialogues, items)
-        else:
-            dialogues = load_cfcrs_dialogues(root / "inspired" / "cfcrs" / f"{split}_data.jsonl")
+        # CFCRS ships no train split; UniCRS's is the same conversations, its titles without years
+        train = load_unicrs_jsonl(root / "inspired" / "unicrs" / "train_data_dbpedia.jsonl")
+        restore_years(train, items)
+        evaluated = load_cfcrs_dialogues(root / "inspired" / "cfcrs" / f"{eval_split}_data.jsonl")
     else:
         items = load_movie_info(root / "redial" / "movie2info.json")
-        if split == "train":  # the official train split (the subsets mirrored here)
-            dialogues = [
-                d
-                for f in ("train_subset_500.jsonl", "valid_subset_100.jsonl")
-                for d in load_redial_official(root / "redial" / "official" / f)
-            ]
-        else:
-            dialogues = load_ievalm_turns(root / "redial" / "ievalm" / f"{split}_data_processed.jsonl")
+        train = [  # the official train split (the subsets mirrored here)
+            d
+            for f in ("train_subset_500.jsonl", "valid_subset_100.jsonl")
+            for d in load_redial_official(root / "redial" / "official" / f)
+        ]
+        evaluated = load_ievalm_turns(root / "redial" / "ievalm" / f"{eval_split}_data_processed.jsonl")
+    held = ({d.conversation_id or d.dialog_id for d in evaluated} | {fingerprint(d) for d in evaluated}) - {None}
+    kept = [d for d in train if d.dialog_id not in held and fingerprint(d) not in held]
     known = {item.title for item in items}
-    # Items the conversations name but the attribute file lacks still belong to the catalog, with no attributes.
+    # Items the training conversations name but the attribute file lacks join the catalog, without attributes.
     items += [
-        Item(t, t)
-        for t in dict.fromkeys(t for d in dialogues for turn in d.turns for t in turn.items)
-        if t not in known
+        Item(t, t) for t in dict.fromkeys(t for d in kept for turn in d.turns for t in turn.items) if t not in known
     ]
-    return rec_turns(dialogues, {item.title for item in items}), items
+    train_turns = rec_turns(kept, only_new)
+    left_out = len(rec_turns(train, only_new)) - len(train_turns)
+    return Dataset(train_turns, rec_turns(evaluated, only_new), items, left_out)
 
 
 def render_item(catalog: Catalog, title: str, attributes: bool = True) -> str:
@@ -497,8 +527,10 @@ def pooled_ranking(observations: list[tuple[str, float]]) -> list[str]:
 
 
 def zero_shot_ranking(lists: list[list[str]]) -> list[str]:
-    """The zero-shot CRS's ranking: its greedy list (``lists[0]``) first, then the other initial samples merged
-    rank by rank. @10 is exactly the greedy list; the merge only supplies the 50 items @50 needs."""
+    """The zero-shot CRS's ranking: its own greedy answer (``lists[0]``) first, then the search's N^2 initial
+    samples merged rank by rank. @10 is exactly the greedy list; the merge only supplies the 50 items @50 needs.
+    Neither the paper nor its released code says how Table 3's zero-shot @50 was computed (the code has no
+    baseline and asks for 10 items), so this @50 is not comparable with the paper's."""
     merged = list(lists[0])
     for rank in range(max((len(items) for items in lists), default=0)):
         merged += [items[rank] for items in lists[1:] if rank < len(items)]
@@ -509,22 +541,26 @@ def zero_shot_ranking(lists: list[list[str]]) -> list[str]:
 
 
 def search_shape(args: Args) -> tuple[int, int, int]:
-    """(width, expansion, depth) of each strategy, as in Table 6. Monte Carlo and greedy keep beam's number of
-    lists (B*N*D after the N^2 initial ones): mc expands every initial list at depth 1; greedy keeps one list per
-    round and expands it B*N times ("greedy (large)", the paper's standard version). greedy-small keeps beam's
-    expansion N, so it generates fewer lists ("greedy (small)")."""
-    b, n, d = args.beam_width, args.expansion, args.depth
-    if n < b:
-        raise DataError(f"--expansion ({n}) must be at least --beam-width ({b}): the search starts from N^2 >= B lists")
+    """(width, expansion, rounds) of each strategy, as in Table 6: ``rounds`` critique-and-revise rounds follow the
+    N^2 initial lists, D - 1 of them for beam search, the initial lists being its first iteration (the released
+    code: 16 + 4 x 16 = 80 lists at B = N = 4, D = 5). Monte Carlo and greedy keep beam's number of lists
+    (B N (D - 1) after the initial ones; mc rounds up to a multiple of N^2): mc expands every initial list once;
+    greedy keeps one list per round and expands it B N times ("greedy (large)", the paper's standard version);
+    greedy-small keeps beam's expansion N, so it generates fewer lists ("greedy (small)")."""
+    b, n, rounds = args.beam_width, args.expansion, args.depth - 1
+    if args.search == "none":
+        return 0, 0, 0
+    if n * n < b:
+        raise DataError(f"--beam-width {b} keeps more lists than the N^2 = {n * n} initial ones (--expansion {n})")
+    if args.depth < 1:
+        raise DataError(f"--depth {args.depth}: the search has at least its initial iteration (depth 1)")
     if args.search == "beam":
-        return b, n, d
+        return b, n, rounds
     if args.search == "greedy":
-        return 1, b * n, d
+        return 1, b * n, rounds
     if args.search == "greedy-small":
-        return 1, n, d
-    if args.search == "mc":
-        return n * n, math.ceil(b * n * d / (n * n)), 1
-    return 0, 0, 0
+        return 1, n, rounds
+    return n * n, math.ceil(b * n * rounds / (n * n)), min(rounds, 1)  # mc
 
 
 class Search:
@@ -532,25 +568,15 @@ class Search:
     critique and scoring call of one level is one batched call across the turns.
 
     A state is {items, reward, depth, parent, critique}; ``counts`` tallies the calls the bookkeeping test
-    checks: crs_lists (= N^2 + B*N*D per turn), crs_calls (lists + resamples), critiques (= B*N*D), lists_scored
-    (= N^2 + B*N*D) and items_scored (after the per-conversation cache)."""
+    checks, per turn at beam search: crs_lists (the search's, N^2 + B N (D - 1)), zero_shot_lists (1, the
+    baseline's greedy list), crs_calls (both, plus resamples), critiques (B N (D - 1)), lists_scored (N^2 + B N (D - 1))
+    and items_scored (after the per-conversation cache)."""
 
     def __init__(self, crs, user_llm: HFChat, catalog: Catalog, args: Args):
         self.crs, self.user_llm, self.catalog, self.args = crs, user_llm, catalog, args
-        self.counts = {
-            k: 0
-            for k in (
-                "crs_lists",
-                "crs_calls",
-                "crs_resamples",
-                "crs_wrong_count",
-                "critiques",
-                "critique_resamples",
-                "critique_empty",
-                "lists_scored",
-                "items_scored",
-            )
-        }
+        counted = ("crs_lists", "zero_shot_lists", "crs_calls", "crs_resamples", "crs_wrong_count", "critiques")
+        counted += ("critique_resamples", "critique_empty", "lists_scored", "items_scored")
+        self.counts = dict.fromkeys(counted, 0)
         self.seen: list[list[dict]] = []  # per turn, every state so far, in creation order (a state's id)
 
     def cost(self) -> tuple[int, int]:
@@ -593,7 +619,6 @@ class Search:
                         still.append(i)
             pending = still
         self.counts["crs_wrong_count"] += len(pending)
-        self.counts["crs_lists"] += len(prompts)
         return [b or [] for b in best]
 
     def critique(self, histories: list[list[dict]], lists: list[list[str]], k: int) -> list[list[str]]:
@@ -665,11 +690,13 @@ class Search:
 
     def run(self, turns: list[RecTurn]) -> list[dict]:
         args, n = self.args, self.args.expansion
-        width, expansion, depth = search_shape(args)
-        # Depth 0: N^2 zero-shot lists per turn; the first greedy (the zero-shot CRS's own answer), the rest sampled.
+        width, expansion, rounds = search_shape(args)
+        # The zero-shot CRS's own answer (greedy), for the baseline only; then the N^2 initial lists, all sampled.
+        greedy = self.generate_lists([crs_prompt(t.history, args.list_length) for t in turns], [0.0] * len(turns))
+        self.counts["zero_shot_lists"] += len(turns)
         prompts = [crs_prompt(t.history, args.list_length) for t in turns for _ in range(n * n)]
-        temperatures = [0.0 if j == 0 else args.temperature for _ in turns for j in range(n * n)]
-        lists = self.generate_lists(prompts, temperatures)
+        lists = self.generate_lists(prompts, [args.temperature] * len(prompts))
+        self.counts["crs_lists"] += len(prompts)
         frontiers = [
             [
                 {"id": j, "items": lists[i * n * n + j], "depth": 0, "parent": None, "critique": None}
@@ -679,7 +706,7 @@ class Search:
         ]
         self.seen = [list(f) for f in frontiers]
         caches: list[dict[str, float]] = [{} for _ in turns]
-        for level in range(1, depth + 1):
+        for level in range(1, rounds + 1):
             self.score(turns, frontiers, caches)
             kept = [sorted(f, key=lambda s: -s["reward"])[:width] for f in frontiers]
             flat = [(i, s) for i, states in enumerate(kept) for s in states]
@@ -694,16 +721,17 @@ class Search:
                 ],
                 [args.temperature] * len(jobs),
             )
+            self.counts["crs_lists"] += len(jobs)
             frontiers = [[] for _ in turns]
             for (i, parent, c), items in zip(jobs, revised):
                 state = {"id": len(self.seen[i]), "items": items, "depth": level, "parent": parent["id"], "critique": c}
                 frontiers[i].append(state)
                 self.seen[i].append(state)
-        if depth:
+        if args.search != "none":
             self.score(turns, frontiers, caches)
         results = []
-        for turn, states, cache in zip(turns, self.seen, caches):
-            zero_shot = zero_shot_ranking([s["items"] for s in states[: n * n]])
+        for turn, states, cache, own in zip(turns, self.seen, caches, greedy):
+            zero_shot = zero_shot_ranking([own] + [s["items"] for s in states[: n * n]])
             if args.search == "none":
                 ranked = zero_shot
             elif args.ranking == "best-list":
@@ -718,6 +746,7 @@ class Search:
                     "mentioned": turn.mentioned,
                     "ranked": ranked,
                     "zero_shot": zero_shot,
+                    "greedy": own,
                     "states": states,
                     "item_scores": {t: round(p, 5) for t, p in cache.items()},
                 }
@@ -733,20 +762,31 @@ def adapter_off(model, off: bool):
 # =============================================================================================== evaluation
 
 
-def ranking_metrics(records: list[dict], field: str, ks: tuple[int, ...], prefix: str) -> dict[str, float]:
-    """Recall, NDCG and MRR@k per (turn, ground-truth item) pair, averaged over pairs, each @k on its own top-k
-    slice, with the items mentioned earlier in the conversation removed from the ranking first."""
-    sums: dict[str, float] = {f"{prefix}/{m}@{k}": 0.0 for m in ("recall", "ndcg", "mrr") for k in ks}
-    pairs = 0
+def ranking_metrics(records: list[dict], field: str, ks: tuple[int, ...], prefix: str,
+                    remove_mentioned: bool = False) -> dict[str, float]:  # fmt: skip
+    """Recall, NDCG and MRR@k of each label (one relevant item; each @k on its own top-k slice), averaged two ways:
+    within each turn and then over turns, the paper's "average scores on all the test examples" and the released
+    code's (``<prefix>/...``, the headline); and over every (turn, label) pair (``<prefix>_pairs/...``). A label
+    outside the catalog is never ranked, so it counts as a miss."""
+    per_turn, per_pair, pairs = defaultdict(float), defaultdict(float), 0
     for record in records:
-        ranked = [t for t in record[field] if t not in set(record["mentioned"])]
+        mentioned = set(record["mentioned"]) if remove_mentioned else set()
+        ranked = [t for t in record[field] if t not in mentioned]
+        scores = defaultdict(float)
         for label in record["labels"]:
-            pairs += 1
             for k in ks:
-                sums[f"{prefix}/recall@{k}"] += recall_at_k(ranked, [label], k)
-                sums[f"{prefix}/ndcg@{k}"] += ndcg_at_k(ranked, [label], k)
-                sums[f"{prefix}/mrr@{k}"] += mrr_at_k(ranked, [label], k)
-    return {name: value / pairs for name, value in sums.items()} if pairs else {}
+                scores[f"recall@{k}"] += recall_at_k(ranked, [label], k)
+                scores[f"ndcg@{k}"] += ndcg_at_k(ranked, [label], k)
+                scores[f"mrr@{k}"] += mrr_at_k(ranked, [label], k)
+        for name, total in scores.items():
+            per_turn[name] += total / len(record["labels"])
+            per_pair[name] += total
+        pairs += len(record["labels"])
+    if not pairs:
+        return {}
+    return {f"{prefix}/{name}": value / len(records) for name, value in per_turn.items()} | {
+        f"{prefix}_pairs/{name}": value / pairs for name, value in per_pair.items()
+    }
 
 
 def print_example(record: dict) -> None:
@@ -779,16 +819,19 @@ def load_user(args: Args, model_dir: Path | None, device):
 def synthesize_instructions(run: Run, args: Args) -> dict:
     """Sec. 3.2.2: critique and scoring instruction data from each training dataset's recommendation turns."""
     teacher = run.llm(args.teacher_llm, args.batch_size)
-    records = run.records("instructions.jsonl")
+    records, metrics = run.records("instructions.jsonl"), {}
     for name in args.train_datasets or (args.dataset,):
-        turns, items = load_dataset(name, args.data_dir, "train")
-        turns = turns[: args.num_train_turns or None]
+        dataset = load_dataset(name, args.data_dir, args.eval_split, args.only_new)
+        turns, items, left_out = dataset.train[: args.num_train_turns or None], dataset.items, dataset.left_out
         if run.main:
-            print(f"synth: {len(turns)} training turns of {name}")
+            print(
+                f"synth: {len(turns)} training turns of {name} ({left_out} left out: their conversation is evaluated)"
+            )
         stats = synthesize(run.shard(turns), Catalog(items), teacher, args, records)
         run.count({"synth/critique_resamples": stats.retries, "synth/critique_empty": stats.failures})
+        metrics |= {f"synth/{name}_turns": len(turns), f"synth/{name}_turns_left_out": left_out}
     run.count(teacher.usage.metrics("cost/synth_"))
-    return {}
+    return metrics
 
 
 def tune_user(run: Run, args: Args) -> dict:
@@ -830,7 +873,8 @@ def search_and_rank(run: Run, args: Args) -> dict:
     tuned = run.finished("user_model")
     if run.main and not tuned:
         print("search: no tuned simulated user in this run; scoring and critiques come from the base model")
-    turns, items = load_dataset(args.dataset, args.data_dir, args.eval_split)
+    dataset = load_dataset(args.dataset, args.data_dir, args.eval_split, args.only_new)
+    turns, items = dataset.evaluated, dataset.items
     turns = turns[: args.num_test or None]
     user_model, user_tokenizer = load_user(args, run.dir / "user_model" if tuned else None, run.device)
     user_llm = run.track(HFChat(user_model, user_tokenizer, batch_size=args.batch_size))
@@ -854,11 +898,13 @@ def search_and_rank(run: Run, args: Args) -> dict:
     if not results:
         return {}
     total_calls, total_tokens = sum(r["llm_calls"] for r in results), sum(r["tokens"] for r in results)
+    catalog = set(search.catalog.titles)
     return {
-        **ranking_metrics(results, "ranked", args.ks, "eval"),
-        **ranking_metrics(results, "zero_shot", args.ks, "eval_zeroshot"),
+        **ranking_metrics(results, "ranked", args.ks, "eval", args.remove_mentioned),
+        **ranking_metrics(results, "zero_shot", args.ks, "eval_zeroshot", args.remove_mentioned),
         "eval/examples": len(results),
         "eval/pairs": sum(len(r["labels"]) for r in results),
+        "eval/labels_outside_catalog": sum(label not in catalog for r in results for label in r["labels"]),
         "cost/llm_calls": round(total_calls),
         "cost/tokens": round(total_tokens),
         "cost/llm_calls_per_example": total_calls / len(results),
@@ -867,13 +913,15 @@ def search_and_rank(run: Run, args: Args) -> dict:
 
 
 def print_table(metrics: dict, search: str) -> None:
-    columns = [key.split("/", 1)[1] for key in metrics if key.startswith("eval/") and "@" in key]
-    if not columns:
+    ks = sorted({int(key.split("@")[1]) for key in metrics if key.startswith("eval/recall@")})
+    if not ks:
         return
+    columns = [f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in ks]
     print(f"\n{'':14}" + "".join(f"{c:>11}" for c in columns))
     for name, prefix in (("zero-shot", "eval_zeroshot"), (f"GRSU ({search})", "eval")):
         print(f"{name:14}" + "".join(f"{metrics.get(f'{prefix}/{c}', float('nan')):11.3f}" for c in columns))
-    print(f"({metrics['eval/examples']} turns, {metrics['eval/pairs']} (turn, item) pairs)")
+    print(f"(averaged over {metrics['eval/examples']} turns; {metrics['eval/pairs']} (turn, label) pairs, "
+          f"{metrics['eval/labels_outside_catalog']} labels outside the catalog, counted as misses)")  # fmt: skip
 
 
 # =============================================================================================== main

@@ -26,5 +26,18 @@ for dataset in book game yelp; do
     --lam 4 --loss dpo --po-lr 1e-6 --po-batch-size 32 --po-epochs 3 --sft-epochs 3 --micro-batch-size 1 \
     --batch-size 64 --track
 done
-# Table 4a (the other objectives) reuses each run's D_pre: add `--stages po eval --loss simpo` (or kto, sft)
-# with a new --run-name after copying the table1 run folder without po_adapter/, po/ and eval_ecpo.jsonl.
+# Table 4a (the other objectives) reuses each run's D_pre in a copy of the run without the ECPO policy's outputs
+# (its adapter, checkpoints, reference log-probs, evaluation rollouts and judgements; pi_sft's stay):
+for dataset in book game yelp; do
+  for loss in simpo kto sft; do
+    run="runs/table4a_${dataset}_${loss}"
+    cp -r "runs/table1_${dataset}" "$run" && rm -rf "$run"/{po,po_adapter,ref_logps.jsonl,eval_ecpo.jsonl}
+    grep -v '"label": "eval"' "runs/table1_${dataset}/judgements.jsonl" > "$run/judgements.jsonl" || true
+    accelerate launch --config_file configs/gpu_zero3.yaml --num_processes "$GPUS" ecpo.py \
+      --run-name "table4a_${dataset}_${loss}" --stages po eval --loss "$loss" --dataset "$dataset" \
+      --data-dir "${DATA_DIR:-../shared/data}" --policy meta-llama/Llama-3.1-8B-Instruct \
+      --user-llm openai:gpt-4o-mini --expert-llm openai:gpt-4o-mini --judge-llm openai:gpt-4o \
+      --num-test-tasks 100 --max-turns 5 --action-decoding free --max-parse-tries 3 --max-searches 3 \
+      --action-max-tokens 256 --user-max-tokens 256 --po-lr 1e-6 --po-batch-size 32 --batch-size 64 --track
+  done
+done

@@ -10,28 +10,35 @@
 # Needs: 8 GPUs (4 serve the 70B teacher, then Phi-4; 4 train and search), a CUDA build of torch, `make install`,
 # `pip install -r requirements-gpu.txt`. The full ReDial train split is not in ../shared/data (only 600
 # conversations are mirrored): put the official train_data.jsonl in <data-dir>/redial/official/ for the paper's
-# data. Not run by this repository's CI, and never measured here (no GPU was available to the developers).
+# data. Ablations (--no-critiques, --scoring ..., --search ...) search again: give each its own run folder with
+# the tuned user copied in, as the seeds below do. Not run by this repository's CI, and never measured here (no GPU
+# was available to the developers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA_DIR=${DATA_DIR:-../shared/data}
 vllm serve meta-llama/Llama-3.3-70B-Instruct --tensor-parallel-size 4 --port 8001 &
 TEACHER=$!
 until curl -sf localhost:8001/v1/models >/dev/null; do sleep 10; done
+# synthesis and training see neither dataset's test conversations (--eval-split test holds them out of training)
 OPENAI_BASE_URL=http://localhost:8001/v1 accelerate launch --config_file configs/gpu_zero3.yaml --num_processes 4 \
   grsu.py --run-name table3 --stages synth train --data-dir "$DATA_DIR" --train-datasets redial inspired \
-  --num-train-turns 0 --max-subsets 1000 --user-model meta-llama/Llama-3.1-8B-Instruct --finetune full --lr 1e-6 \
-  --max-length 3072 --teacher-llm openai:meta-llama/Llama-3.3-70B-Instruct --critique-max-tokens 1024 \
-  --batch-size 64 --track
+  --eval-split test --num-train-turns 0 --max-subsets 1000 --user-model meta-llama/Llama-3.1-8B-Instruct \
+  --finetune full --lr 1e-6 --max-length 3072 --teacher-llm openai:meta-llama/Llama-3.3-70B-Instruct \
+  --critique-max-tokens 1024 --batch-size 64 --track
 kill "$TEACHER"
 vllm serve microsoft/phi-4 --port 8002 &
 CRS=$!
 until curl -sf localhost:8002/v1/models >/dev/null; do sleep 10; done
+# the mean of 3 runs: search records are keyed by turn, so each seed searches in a run folder of its own, with the
+# one tuned user copied in
 for seed in 1 2 3; do
+  mkdir -p "runs/table3_seed$seed" && cp -rn runs/table3/user_model "runs/table3_seed$seed/"
   for dataset in inspired redial; do
     OPENAI_BASE_URL=http://localhost:8002/v1 accelerate launch --config_file configs/gpu_ddp.yaml --num_processes 4 \
-      grsu.py --run-name table3 --stages search --seed "$seed" --dataset "$dataset" --data-dir "$DATA_DIR" \
-      --eval-split test --num-test 0 --crs-llm openai:microsoft/phi-4 --crs-max-tokens 256 \
-      --critique-max-tokens 1024 --max-resamples 5 --batch-size 64 --track
+      grsu.py --run-name "table3_seed$seed" --stages search --seed "$seed" --dataset "$dataset" \
+      --data-dir "$DATA_DIR" --eval-split test --num-test 0 --user-model meta-llama/Llama-3.1-8B-Instruct \
+      --finetune full --crs-llm openai:microsoft/phi-4 --beam-width 4 --expansion 4 --depth 5 \
+      --crs-max-tokens 256 --critique-max-tokens 1024 --max-resamples 5 --batch-size 64 --track
   done
 done
 kill "$CRS"

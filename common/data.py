@@ -8,6 +8,7 @@ naming the file and line.
 from __future__ import annotations
 
 import csv
+import html
 import json
 import re
 import sys
@@ -42,6 +43,11 @@ class Turn:
 class Dialogue:
     dialog_id: str
     turns: list[Turn]
+    # Items annotated anywhere before the last turn, where a format annotates the context as a whole instead of
+    # turn by turn (iEvaLM's ``entity``); None where the turns carry their own items.
+    context_items: list[str] | None = None
+    # The source conversation, where a dialogue is one slice of it (iEvaLM: one line per recommendation turn).
+    conversation_id: str | None = None
 
 
 @dataclass
@@ -81,7 +87,7 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+        raise DataError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
@@ -94,13 +100,23 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: invalid JSON: {err.msg}") from None
+                raise DataError(f"{path}:{number}:{err.pos + 1}: invalid JSON: {err.msg}") from None
 
 
 def _field(row: Any, key: str, path: Path | str, number: int) -> Any:
     if not isinstance(row, dict) or key not in row:
         raise DataError(f"{path}:{number}: missing field {key!r}")
     return row[key]
+
+
+def _titles(row: dict, key: str, path: Path | str, number: int) -> list[str]:
+    """A list-of-titles field (absent or null: empty). A string would be split into characters, so it is refused."""
+    value = row.get(key) if isinstance(row, dict) else None
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise DataError(f"{path}:{number}: {key!r} must be a list of titles, not {type(value).__name__} {value!r:.60}")
+    return list(value)
 
 
 # ---------------------------------------------------------------- ECPO / AILO (Amazon Book, Game; Yelp)
@@ -196,8 +212,11 @@ def load_inspired_tsv(path: str | Path) -> list[Dialogue]:
             raise DataError(f"{path}:1: header lacks columns {sorted(missing)}")
         label_column = "expert_label" if "expert_label" in reader.fieldnames else "first_label"
         for number, row in enumerate(reader, 2):
-            if row.get("text") is None:
-                raise DataError(f"{path}:{number}: row has fewer columns than the header")
+            if None in row.values() or None in row:  # a short row pads with None, a long one keys its rest with None
+                columns = len([v for k, v in row.items() if k is not None and v is not None])
+                raise DataError(
+                    f"{path}:{number}: row has {columns} columns where the header has {len(reader.fieldnames)}"
+                )
             movies = [m.strip() for m in (row.get("movies") or "").split(";") if m.strip()]
             turn = Turn(
                 role=row["speaker"].strip().lower(),
@@ -219,7 +238,7 @@ def load_unicrs_jsonl(path: str | Path) -> list[Dialogue]:
             Turn(
                 role=str(_field(t, "role", path, number)).lower(),
                 text=_field(t, "text", path, number),
-                items=list(t.get("movie_name", [])),
+                items=_titles(t, "movie_name", path, number),
             )
             for t in row
         ]
@@ -261,7 +280,7 @@ def load_cfcrs_dialogues(path: str | Path) -> list[Dialogue]:
                     Turn(
                         role=str(_field(t, "role", path, number)).lower(),
                         text=_field(t, "text", path, number),
-                        items=list(t.get("movie") or []),
+                        items=_titles(t, "movie", path, number),
                     )
                     for t in turns
                 ],
@@ -281,12 +300,20 @@ def load_redial_official(path: str | Path) -> list[Dialogue]:
     consecutive messages of one worker merge into one turn; the initiator is the seeker."""
     dialogues = []
     for number, row in read_jsonl(path):
-        mentions = {k: " ".join(str(v).split()) for k, v in (_field(row, "movieMentions", path, number) or {}).items()}
+        mentions = _field(row, "movieMentions", path, number) or {}
+        if not isinstance(mentions, dict):
+            raise DataError(
+                f"{path}:{number}: 'movieMentions' must map movie ids to titles, not {type(mentions).__name__}"
+            )
+        mentions = {k: html.unescape(" ".join(str(v).split())) for k, v in mentions.items()}
         seeker = _field(row, "initiatorWorkerId", path, number)
         turns: list[Turn] = []
         last_sender = None
-        for message in _field(row, "messages", path, number):
-            text = _field(message, "text", path, number)
+        messages = _field(row, "messages", path, number)
+        if not isinstance(messages, list):
+            raise DataError(f"{path}:{number}: 'messages' must be a list")
+        for message in messages:
+            text = html.unescape(str(_field(message, "text", path, number)))  # the official text keeps &quot; etc.
             items = [mentions[m] for m in _MENTION.findall(text) if m in mentions]
             text = _MENTION.sub(lambda m, names=mentions: names.get(m.group(1), m.group(0)), text)
             sender = _field(message, "senderWorkerId", path, number)
@@ -318,22 +345,35 @@ def load_redial_movies_csv(path: str | Path) -> list[Item]:
 
 
 def load_ievalm_turns(path: str | Path) -> list[Dialogue]:
-    """iEvaLM's processed recommendation turns ``{dialog_id, turn_id, context, rec, resp}``: one Dialogue
-    per line, the context turns followed by the recommender turn whose ``items`` are the labels ``rec``.
-    The context alternates speakers and its last utterance is the seeker's."""
+    """iEvaLM's processed recommendation turns ``{dialog_id, turn_id, context, rec, resp, entity}``: one Dialogue
+    per line, the context turns followed by the recommender turn whose ``items`` are the labels ``rec``. The context
+    alternates speakers and its last utterance is the seeker's; it carries no items of its own, but ``entity``
+    annotates every entity and item mentioned in it (the @-mentions of the official data), kept as
+    ``context_items``. A line without ``entity`` gets the labels whose full title the context names as whole
+    words ("Saw (2003)" is not named by "chainsaw", nor "It (2017)" by "it")."""
     dialogues = []
     for number, row in read_jsonl(path):
-        context = [c for c in _field(row, "context", path, number) if c]
+        context = _field(row, "context", path, number)
+        if not isinstance(context, list):
+            raise DataError(f"{path}:{number}: 'context' must be a list of utterances")
+        context = [str(c) for c in context if c]
         n = len(context)
         turns = [
             Turn(role="seeker" if (n - 1 - i) % 2 == 0 else "recommender", text=text) for i, text in enumerate(context)
         ]
+        _field(row, "rec", path, number)
         turns.append(
-            Turn(
-                role="recommender", text=_field(row, "resp", path, number), items=list(_field(row, "rec", path, number))
-            )
+            Turn(role="recommender", text=_field(row, "resp", path, number), items=_titles(row, "rec", path, number))
         )
-        dialogues.append(Dialogue(f"{row.get('dialog_id')}:{row.get('turn_id')}", turns))
+        if "entity" in row:
+            context_items = _titles(row, "entity", path, number)
+        else:  # no annotations: a label counts as mentioned where the context names its full title as whole words
+            named = [
+                t for t in turns[-1].items if re.search(r"(?<!\w)" + re.escape(t) + r"(?!\w)", " ".join(context), re.I)
+            ]
+            context_items = named
+        dialog_id = str(row.get("dialog_id"))
+        dialogues.append(Dialogue(f"{dialog_id}:{row.get('turn_id')}", turns, context_items, conversation_id=dialog_id))
     return dialogues
 
 

@@ -88,6 +88,9 @@ def start_training(accelerator, model, optimizer, scheduler, stage_dir: Path):
     model, optimizer = accelerator.prepare(model, optimizer)
     while scheduler.last_epoch < start:  # a checkpoint saved without optimizer state (DeepSpeed)
         scheduler.step()
+    # accelerate counts micro-batches on the Accelerator, across stages: an earlier stage's count would shift
+    # which micro-batch of each global batch steps the optimizer.
+    accelerator.step = 0
     model.train()
     return model, optimizer, start
 
@@ -145,7 +148,10 @@ def save_resumable(accelerator, model, stage_dir: Path, step: int, optimizer, sc
 def save_final(accelerator, model, folder: Path, info: dict, tokenizer=None) -> None:
     """A stage's result: the weights (an adapter alone for a peft model), gathered from every rank under
     ZeRO-3, the tokenizer if given, and a JSON summary ``steps.json`` whose presence marks the stage done."""
-    state_dict = accelerator.get_state_dict(model)
+    # A model that never trained (an empty D_sft) was never prepared: every rank holds it whole, and DeepSpeed's
+    # gather would fail on it.
+    prepared = accelerator.unwrap_model(model) is not model
+    state_dict = accelerator.get_state_dict(model) if prepared else None
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict)
         if tokenizer is not None:

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
+
+
+def _unique(ranked: Sequence[str]) -> list[str]:
+    """A ranking that lists an item twice keeps its first place (an item cannot be found twice)."""
+    return list(dict.fromkeys(ranked))
 
 
 def recall_at_k(ranked: Sequence[str], labels: Sequence[str], k: int) -> float:
     """Fraction of ``labels`` found in the top-k of ``ranked``."""
     if not labels:
         raise ValueError("recall needs at least one label")
-    top = set(ranked[:k])
+    top = set(_unique(ranked)[:k])
     return sum(label in top for label in set(labels)) / len(set(labels))
 
 
 def ndcg_at_k(ranked: Sequence[str], labels: Sequence[str], k: int) -> float:
     """Binary-relevance NDCG@k: DCG of the top-k over the DCG of an ideal top-k."""
     relevant = set(labels)
-    dcg = sum(1.0 / math.log2(rank + 2) for rank, item in enumerate(ranked[:k]) if item in relevant)
+    dcg = sum(1.0 / math.log2(rank + 2) for rank, item in enumerate(_unique(ranked)[:k]) if item in relevant)
     ideal = sum(1.0 / math.log2(rank + 2) for rank in range(min(len(relevant), k)))
     return dcg / ideal if ideal else 0.0
 
@@ -25,15 +31,76 @@ def ndcg_at_k(ranked: Sequence[str], labels: Sequence[str], k: int) -> float:
 def mrr_at_k(ranked: Sequence[str], labels: Sequence[str], k: int) -> float:
     """Reciprocal rank of the first relevant item in the top-k, 0 if none."""
     relevant = set(labels)
-    for rank, item in enumerate(ranked[:k]):
+    for rank, item in enumerate(_unique(ranked)[:k]):
         if item in relevant:
             return 1.0 / (rank + 1)
     return 0.0
 
 
-def mentions_title(text: str, title: str) -> bool:
-    """ECPO's success check: the lower-cased title is a substring of the lower-cased text."""
-    return title.lower() in text.lower()
+_ARTICLE = re.compile(r"^(the|a|an)\s+", re.IGNORECASE)
+_QUOTES = "\"'*_\u201c\u201d\u2018\u2019"
+_SENTENCE_END = ".!?\n\"'\u201c\u2018"
+
+
+def title_forms(title: str) -> list[str]:
+    """The full title, and its name without a trailing "(year)" or a subtitle when that differs."""
+    name = re.split(r"\s*[(:]", title, maxsplit=1)[0].strip()
+    return list(dict.fromkeys(form for form in (title.strip(), name) if form))
+
+
+def is_ordinary_word(form: str) -> bool:
+    """A form that could be an ordinary word: one word once a leading article is dropped ("It", "Up", "Rage",
+    "Emma", "1948", "The Thing")."""
+    return len(_ARTICLE.sub("", form).split()) <= 1
+
+
+def _written_as_title(text: str, start: int, end: int, form: str, sentence_start: bool) -> bool:
+    """Quoted ("It", *It*), or, for a form with letters, capitalised away from the start of a sentence ("Have you
+    seen It?", "I loved JAWS", not "like it"); at the start of a sentence ("It was fun") only if ``sentence_start``."""
+    closed = end < len(text) and text[end] in _QUOTES and not text[end + 1 : end + 2].isalnum()  # not "It's"
+    quoted = 0 < start and text[start - 1] in _QUOTES and closed
+    before = text[:start].rstrip()
+    list_item = re.search(r"(^|\s)\d+[.)]$", before) is not None  # "1. Dune"
+    opens_sentence = before == "" or (before[-1] in _SENTENCE_END and not list_item)
+    capitalised = any(c.isalpha() for c in form) and text[start].isupper()
+    return quoted or (capitalised and (sentence_start or not opens_sentence))
+
+
+def title_spans(text: str, title: str, sentence_start: bool = False) -> list[tuple[int, int]]:
+    """Where ``text`` names ``title``: any of ``title_forms`` as whole words, in any case, as non-overlapping
+    (start, end) spans. A form that could be an ordinary word counts only where it is written as a title
+    (``_written_as_title``), so that "I would like it to be scary" does not name "It (2017)", nor "Try Itchy Feet"
+    name "It"."""
+    spans = []
+    full, *name = title_forms(title)
+    for form in (full, *name):
+        # the name without its year or subtitle does not count where another year or subtitle follows it
+        # ("Alien (1979)" does not name "Alien: Covenant (2017)"); the full title would have matched there
+        end = r"(?!\w)" if form == full else r"(?!\w)(?!\s*[(:])"
+        for match in re.finditer(r"(?<!\w)" + re.escape(form) + end, text, re.IGNORECASE):
+            if not is_ordinary_word(form) or _written_as_title(text, *match.span(), form, sentence_start):
+                spans.append(match.span())
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start < merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def mentions_title(text: str, title: str, sentence_start: bool = False) -> bool:
+    """ECPO's success check (SR): ``text`` names ``title`` (``title_spans``). The ECPO code checks a lower-cased
+    substring, which counts "it" for "It" and "chainsaw" for "Saw". AILO's leak guard passes ``sentence_start``,
+    erring towards catching "Jaws!" at the start of a sentence."""
+    return bool(title_spans(text, title, sentence_start))
+
+
+def redact_title(text: str, title: str, replacement: str = "that one") -> str:
+    """``text`` with every place that names ``title`` replaced, a sentence's first word included (the leak guard)."""
+    for start, end in reversed(title_spans(text, title, sentence_start=True)):
+        text = text[:start] + replacement + text[end:]
+    return text
 
 
 def success_rate(outcomes: Sequence[bool]) -> float:

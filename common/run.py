@@ -86,9 +86,9 @@ class Run:
         self.summary: dict[str, float] = {}
         self.counters: dict[str, float] = {}
         self.usages: list = []
-        # W&B needs steps that only grow: a resumed run continues after the last step it logged.
+        # W&B needs steps that only grow, and a resumed W&B run starts after its last step: a rerun logs from there.
         rows = RecordFile(self.dir / "metrics.jsonl").records() if self.main else []
-        self.step = max((r.get("step", 0) for r in rows), default=0)
+        self.step = max((r.get("step", 0) + 1 for r in rows), default=0)
 
     # ----------------------------------------------------------------------------------- files and ranks
     def records(self, name: str, key: str = "key") -> RecordFile:

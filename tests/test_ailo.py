@@ -3,9 +3,10 @@ import re
 
 import pytest
 
-from ailo_sim import AILO, leaks_title, max_rouge_l, parse_ec, parse_persona, parse_policy, redact_title, rouge_l
+from ailo_sim import AILO, leaks_title, max_rouge_l, parse_ec, parse_persona, parse_policy, rouge_l
 from common.conversations import CRAReply, episode_metrics, run_episodes
 from common.data import Item, Persona, Task, load_demo_tasks
+from common.metrics import redact_title
 from common.tracking import RecordFile
 
 
@@ -42,7 +43,9 @@ def test_title_guard_forms():
     assert leaks_title(
         "like the Killer Clown Calamity", "The Killer Clown Calamity (A Charlie Rhodes Cozy Mystery Book 7)"
     )
-    assert redact_title("Is it Jaws (1975)? Jaws!", "Jaws (1975)") == "Is it that one? that one!"
+    assert leaks_title("Jaws! That is the one I mean.", "Jaws (1975)")  # a sentence's first word, for the guard
+    assert not leaks_title("I would like it to be scary", "It (2017)")  # was redacted to "like that one to be"
+    assert redact_title("I would like it to be scary", "It (2017)") == "I would like it to be scary"
 
 
 def test_target_title_never_reaches_the_cra(scripted_llm):

@@ -2,6 +2,7 @@ import pytest
 
 from common.data import (
     DataError,
+    load_cfcrs_dialogues,
     load_cfcrs_kg,
     load_demo_catalog,
     load_demo_tasks,
@@ -104,7 +105,7 @@ def test_errors_name_the_file_and_line(tmp_path):
         load_ecpo_tasks(tmp_path / "nope.jsonl")
     bad = tmp_path / "tasks.jsonl"
     bad.write_text('{"UserID": "u", "Persona": {"Activities": "x"}, "Items": [{"ItemName": "A"}]}\n{"UserID": "u2"\n')
-    with pytest.raises(DataError, match=r"tasks.jsonl:2: invalid JSON"):
+    with pytest.raises(DataError, match=r"tasks.jsonl:2:17: invalid JSON"):  # line 2, column 17: where it was cut
         load_ecpo_tasks(bad)
     bad.write_text('{"UserID": "u", "Persona": {"Activities": "x"}, "Items": []}\n')
     with pytest.raises(DataError, match=r"tasks.jsonl:1: 'Items' must be a non-empty list"):
@@ -116,3 +117,52 @@ def test_errors_name_the_file_and_line(tmp_path):
     tsv.write_text("dialog_id\tspeaker\n1\tSEEKER\n")
     with pytest.raises(DataError, match=r"dev.tsv:1: header lacks columns \['text'\]"):
         load_inspired_tsv(tsv)
+
+
+def test_malformed_rows_of_each_format_name_file_line_and_expectation(tmp_path):
+    import json
+
+    redial = tmp_path / "redial.jsonl"
+    row = {"conversationId": "1", "initiatorWorkerId": 0, "movieMentions": [["111", "Heat (1995)"]],
+           "messages": [{"text": "hi @111", "senderWorkerId": 0}]}  # fmt: skip
+    redial.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"redial.jsonl:1: 'movieMentions' must map movie ids to titles, not list"):
+        load_redial_official(redial)
+    ievalm = tmp_path / "ievalm.jsonl"
+    ievalm.write_text(
+        json.dumps({"dialog_id": "1", "turn_id": 2, "context": ["hi"], "rec": "Heat (1995)", "resp": "x"})
+    )
+    with pytest.raises(DataError, match=r"ievalm.jsonl:1: 'rec' must be a list of titles, not str"):
+        load_ievalm_turns(ievalm)
+    cfcrs = tmp_path / "cfcrs.jsonl"
+    cfcrs.write_text(
+        json.dumps({"dialog_id": "d", "dialog": [{"role": "Seeker", "text": "hi", "movie": "Heat (1995)"}]})
+    )
+    with pytest.raises(DataError, match=r"cfcrs.jsonl:1: 'movie' must be a list of titles, not str"):
+        load_cfcrs_dialogues(cfcrs)
+    unicrs = tmp_path / "unicrs.jsonl"
+    unicrs.write_text(json.dumps([{"role": "SEEKER", "text": "hi", "movie_name": "Heat"}]) + "\n")
+    with pytest.raises(DataError, match=r"unicrs.jsonl:1: 'movie_name' must be a list of titles"):
+        load_unicrs_jsonl(unicrs)
+    header = "dialog_id\tutt_id\tspeaker\ttext\tmovies\tgenres\tpeople\texpert_label\textra"
+    tsv = tmp_path / "dev.tsv"
+    tsv.write_text(header + "\n" + "\t".join(["1", "0", "SEEKER", "hello", "", ""]) + "\n")  # cut to 6 of 9
+    with pytest.raises(DataError, match=r"dev.tsv:2: row has 6 columns where the header has 9"):
+        load_inspired_tsv(tsv)
+
+
+def test_redial_text_is_unescaped(tmp_path):
+    import json
+
+    path = tmp_path / "redial.jsonl"
+    row = {"conversationId": "1", "initiatorWorkerId": 0, "movieMentions": {"111": "Heat (1995)"},
+           "messages": [{"text": "I&quot;m a fan of @111 &amp; more", "senderWorkerId": 0}]}  # fmt: skip
+    path.write_text(json.dumps(row) + "\n")
+    (dialogue,) = load_redial_official(path)
+    assert dialogue.turns[0].text == 'I"m a fan of Heat (1995) & more' and dialogue.turns[0].items == ["Heat (1995)"]
+
+
+@needs_data
+def test_real_redial_training_text_has_no_entities_left():
+    dialogues = load_redial_official(DATA / "redial" / "official" / "train_subset_500.jsonl")
+    assert not any("&quot;" in t.text or "&amp;" in t.text or "&gt;" in t.text for d in dialogues for t in d.turns)

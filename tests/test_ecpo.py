@@ -183,12 +183,28 @@ def test_constrained_decoding_always_gives_a_well_formed_action(tokenizer, tiny_
         ecpo.actcrs_prompt("movie", [f"Observation 1: User: I want a film about {x}."], few_shot=False)
         for x in ("space", "dreams", "cooking")
     ]
-    args = ecpo.Args(action_max_tokens=8)
     stats = ParseStats()
-    actions = ecpo.decode_actions(llm, prompts, ecpo.VISIBLE_ACTIONS, args, stats)
-    assert stats.failures == sum(a is None for a in actions)
-    for action in actions:
-        assert action is None or (ecpo.ACTION_FORMAT.match(action) and not action.startswith("Search"))
+    actions = ecpo.decode_actions(llm, prompts, ecpo.VISIBLE_ACTIONS, ecpo.Args(action_max_tokens=8), stats)
+    # a random model writes nonsense, but always inside one visible action of the ActCRS format
+    assert stats.attempts == 3 and stats.failures == 0
+    assert all(ecpo.ACTION_FORMAT.match(action) and not action.startswith("Search") for action in actions)
+
+
+def test_constrained_decoding_counts_an_empty_argument_as_a_failure():
+    class Prefilled:  # a local backend whose argument comes out empty after the forced "Type["
+        can_prefill = True
+
+        def choice_probs(self, conversations, choices, prefix=""):
+            return [{c: float(c == "Recommend") for c in choices} for _ in conversations]
+
+        def chat(self, conversations, max_tokens, stop, prefix):
+            return [["  "] if p.startswith("Ask") else ["Heat (1995)"] for p in prefix]
+
+    stats = ParseStats()
+    actions = ecpo.decode_actions(Prefilled(), ["s1", "s2"], ecpo.VISIBLE_ACTIONS, ecpo.Args(), stats)
+    assert actions == ["Recommend[Heat (1995)]", "Recommend[Heat (1995)]"] and stats.failures == 0
+    Prefilled.choice_probs = lambda self, conversations, choices, prefix="": [{"Ask": 1.0} for _ in conversations]
+    assert ecpo.decode_actions(Prefilled(), ["s1"], ("Ask",), ecpo.Args(), stats) == [None] and stats.failures == 1
 
 
 def test_actcrs_chains_searches_then_answers(scripted_llm):
@@ -240,3 +256,26 @@ def test_cost_per_pair_counts_resumed_trajectories_once(tmp_path):
     assert metrics["cost/trajectories_per_pair"] == 0.5 and metrics["cost/teacher_trajectories"] == 2
     assert metrics["cost/llm_calls_per_pair"] == (34 + 12) / 4 and metrics["cost/tokens_per_pair"] == 1200 / 4
     assert metrics["cost/llm_calls"] == 81 and metrics["cost/pairs"] == 4
+
+
+def test_each_training_stage_starts_its_gradient_accumulation_afresh(tmp_path):
+    # accelerate counts micro-batches on the Accelerator: SGPT's count must not shift where ECPO's steps fall
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    from common.distributed import start_training
+
+    accelerator = Accelerator(cpu=True)
+    pattern = {}
+    for stage, accum, micro_batches in (("sft", 6, 17), ("po", 4, 8)):
+        model = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.AdamW(model.parameters())
+        accelerator.gradient_accumulation_steps = accum
+        model, optimizer, _ = start_training(
+            accelerator, model, optimizer, get_cosine_schedule_with_warmup(optimizer, 0, 10), tmp_path / stage
+        )
+        pattern[stage] = []
+        for _ in range(micro_batches):
+            with accelerator.accumulate(model):
+                pattern[stage].append(accelerator.sync_gradients)
+    assert pattern["po"] == [False, False, False, True] * 2  # every 4th micro-batch steps, from the first batch on

@@ -64,61 +64,137 @@ def test_zero_shot_ranking_is_the_greedy_list_then_the_samples_by_rank():
 
 
 def test_search_shapes_keep_the_number_of_lists():
+    # D counts the initial lists as the first iteration: 16 + 4 x 16 = 80 lists at B = N = 4, D = 5 (released code)
     args = grsu.Args(beam_width=4, expansion=4, depth=5)
-    assert grsu.search_shape(args) == (4, 4, 5)
-    for search, shape in (("greedy", (1, 16, 5)), ("greedy-small", (1, 4, 5)), ("mc", (16, 5, 1)), ("none", (0, 0, 0))):
+    assert grsu.search_shape(args) == (4, 4, 4)
+    for search, shape in (("greedy", (1, 16, 4)), ("greedy-small", (1, 4, 4)), ("mc", (16, 4, 1)), ("none", (0, 0, 0))):
         args.search = search
         assert grsu.search_shape(args) == shape
-    for search in ("mc", "greedy"):  # Table 6: Monte Carlo and greedy (large) generate as many lists as beam search
-        width, expansion, depth = grsu.search_shape(grsu.Args(search=search, beam_width=4, expansion=4, depth=5))
-        assert width * expansion * depth == 4 * 4 * 5
+    for search in ("beam", "mc", "greedy"):  # Table 6: Monte Carlo and greedy (large) generate as many lists as beam
+        width, expansion, rounds = grsu.search_shape(grsu.Args(search=search, beam_width=4, expansion=4, depth=5))
+        assert 16 + width * expansion * rounds == 80
+    assert grsu.search_shape(grsu.Args(beam_width=4, expansion=2, depth=2)) == (4, 2, 1)  # N^2 = 4 lists, keep 4
     with pytest.raises(grsu.DataError):
-        grsu.search_shape(grsu.Args(beam_width=3, expansion=2))
+        grsu.search_shape(grsu.Args(beam_width=5, expansion=2))
+    with pytest.raises(grsu.DataError):
+        grsu.search_shape(grsu.Args(depth=0))
 
 
-def test_ranking_metrics_cut_each_k_on_its_own_slice_and_drop_mentions():
+def test_ranking_metrics_average_within_turns_then_over_turns_and_over_pairs():
     ranked = [f"x{i}" for i in range(30)]
     ranked[19] = "gold"  # rank 20
-    record = {"labels": ["gold"], "mentioned": [], "ranked": ranked}
-    m = grsu.ranking_metrics([record], "ranked", (10, 50), "eval")
-    assert m["eval/recall@10"] == 0 and m["eval/ndcg@10"] == 0 and m["eval/mrr@10"] == 0
+    one = {"labels": ["gold"], "mentioned": [], "ranked": ranked}
+    m = grsu.ranking_metrics([one], "ranked", (10, 50), "eval")
+    assert m["eval/recall@10"] == 0 and m["eval/ndcg@10"] == 0 and m["eval/mrr@10"] == 0  # each k on its own slice
     assert m["eval/recall@50"] == 1 and m["eval/mrr@50"] == pytest.approx(1 / 20)
     assert m["eval/ndcg@50"] == pytest.approx(1 / math.log2(21))
-    # with the ten items ranked above it mentioned earlier, gold moves up to rank 10
-    record["mentioned"] = ranked[:10]
-    m = grsu.ranking_metrics([record], "ranked", (10, 50), "eval")
-    assert m["eval/recall@10"] == 1 and m["eval/mrr@10"] == pytest.approx(1 / 10)
-    # averaged per (turn, label) pair: one hit of two labels
-    two = {"labels": ["x0", "missing"], "mentioned": [], "ranked": ranked}
-    assert grsu.ranking_metrics([two], "ranked", (10,), "eval")["eval/recall@10"] == 0.5
+    # a turn with two labels, one hit (x0 at rank 1), and a turn with one label, missed: by turn (0.5 + 0) / 2, by
+    # (turn, label) pair 1 / 3; a label outside the catalog can never be ranked, so it is a miss
+    two = {"labels": ["x0", "not in the catalog"], "mentioned": [], "ranked": ranked}
+    miss = {"labels": ["gold"], "mentioned": [], "ranked": ranked[:10]}
+    m = grsu.ranking_metrics([two, miss], "ranked", (10,), "eval")
+    assert m["eval/recall@10"] == pytest.approx(0.25) and m["eval_pairs/recall@10"] == pytest.approx(1 / 3)
+    assert m["eval/mrr@10"] == pytest.approx(0.25) and m["eval_pairs/ndcg@10"] == pytest.approx(1 / 3)
+    # earlier mentions stay in the ranking unless asked (neither the paper nor its code removes them)
+    one["mentioned"] = ranked[:10]
+    assert grsu.ranking_metrics([one], "ranked", (10,), "eval")["eval/recall@10"] == 0
+    removed = grsu.ranking_metrics([one], "ranked", (10,), "eval", remove_mentioned=True)
+    assert removed["eval/recall@10"] == 1 and removed["eval/mrr@10"] == pytest.approx(1 / 10)
 
 
-def test_rec_turns_keep_only_new_labels_with_history():
+def test_rec_turns_decide_repeated_items_from_the_annotations():
     dialogue = Dialogue(
         "d",
         [
             Turn("recommender", "Have you seen Jaws (1975)?", ["Jaws (1975)"]),  # no history: not an example
-            Turn("seeker", "Yes! I also loved Alien."),
+            Turn("seeker", "Yes! I also loved Alien, and I saw it twice."),  # Alien named, not annotated
             Turn(
                 "recommender",
                 "Then Jaws (1975) again, or Alien (1979), or Fargo (1996).",
                 ["Jaws (1975)", "Alien (1979)", "Fargo (1996)"],
             ),
-            Turn("recommender", "Or something unknown.", ["Not In Catalog (2000)"]),
+            Turn("recommender", "Or something new.", ["Not In Catalog (2000)", ""]),
         ],
     )
-    titles = {"Jaws (1975)", "Alien (1979)", "Fargo (1996)"}
-    turns = grsu.rec_turns([dialogue], titles)
-    assert len(turns) == 1
-    # Jaws was recommended before, Alien named in the text: only Fargo is new
-    assert turns[0].labels == ["Fargo (1996)"] and turns[0].mentioned == ["Jaws (1975)"]
+    # the paper: the repeated item (Jaws, annotated in turn 0) is dropped; Alien was never annotated, so it stays
+    turns = grsu.rec_turns([dialogue], "labels")
+    assert [t.labels for t in turns] == [["Alien (1979)", "Fargo (1996)"], ["Not In Catalog (2000)"]]
+    assert turns[0].mentioned == ["Jaws (1975)"] and turns[0].conversation == "d"
     assert [h["role"] for h in turns[0].history] == ["assistant", "user"]  # the recommender, then the seeker
+    # the released code skips a turn with any repeated item; off keeps every label
+    assert [t.labels for t in grsu.rec_turns([dialogue], "turn")] == [["Not In Catalog (2000)"]]
+    assert grsu.rec_turns([dialogue], "off")[0].labels == ["Jaws (1975)", "Alien (1979)", "Fargo (1996)"]
+
+
+def test_ievalm_repeated_items_come_from_the_entity_annotations_or_whole_titles(tmp_path):
+    import json
+
+    from common.data import load_ievalm_turns
+
+    # real cases from ReDial's validation split: "Saw (2003)" after "chainsaw", "It (2017)" after the pronoun "it"
+    rows = [
+        {"dialog_id": "1", "turn_id": 3, "context": ["I love a good chainsaw horror", "Seen any lately?", "no"],
+         "rec": ["Saw (2003)"], "resp": "Try Saw (2003)", "entity": ["horror"]},
+        {"dialog_id": "2", "turn_id": 3, "context": ["Something scary?", "Like it?", "I want it to be scary"],
+         "rec": ["It (2017)"], "resp": "It (2017)!"},
+        {"dialog_id": "3", "turn_id": 3, "context": ["I loved It (2017)", "Same!", "more?"],
+         "rec": ["It (2017)", "Us (2019)"], "resp": "..."},
+    ]  # fmt: skip
+    path = tmp_path / "valid_data_processed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    turns = grsu.rec_turns(load_ievalm_turns(path), "labels")
+    assert [t.labels for t in turns] == [["Saw (2003)"], ["It (2017)"], ["Us (2019)"]]
+    assert [t.conversation for t in turns] == ["1", "2", "3"]
+
+
+@needs_data
+def test_real_redial_repeated_items_and_training_overlap():
+    from common.data import load_redial_official
+
+    dataset = grsu.load_dataset("redial", str(DATA), "valid", "labels")
+    turns = dataset.evaluated
+    it_2017 = [t for t in turns if "It (2017)" in t.labels]
+    assert len(it_2017) >= 36  # a label 39 times, repeated 3 times (the substring rule kept 15)
+    assert len(turns) > 2524  # the substring rule emptied 192 turns, the annotations 148: 2568 kept
+    assert len(grsu.load_dataset("redial", str(DATA), "valid", "turn").evaluated) < len(turns)  # the code's skip
+    # 50 of the 600 mirrored training conversations are in the validation file: they never train the user, and the
+    # titles only they name are not candidates
+    evaluated = {t.conversation for t in turns}
+    assert dataset.left_out > 0 and not {t.conversation for t in dataset.train} & evaluated
+    folder = DATA / "redial" / "official"
+    official = load_redial_official(folder / "train_subset_500.jsonl") + load_redial_official(
+        folder / "valid_subset_100.jsonl"
+    )
+    shared = [d for d in official if d.dialog_id in evaluated]
+    assert len(shared) == 50
+    named = {m for d in shared for t in d.turns for m in t.items}
+    elsewhere = {m for d in official if d.dialog_id not in evaluated for t in d.turns for m in t.items}
+    attributes = {item.title for item in grsu.load_movie_info(DATA / "redial" / "movie2info.json")}
+    assert not (named - elsewhere - attributes) & {item.title for item in dataset.items}
+
+
+@needs_data
+def test_real_inspired_catalog_comes_from_the_item_file_and_training_split():
+    from common.data import load_cfcrs_dialogues, load_movie_info, load_unicrs_jsonl
+
+    dataset = grsu.load_dataset("inspired", str(DATA), "valid")
+    turns, catalog = dataset.evaluated, {item.title for item in dataset.items}
+    attributes = load_movie_info(DATA / "inspired" / "movie2attrs.json")
+    train = load_unicrs_jsonl(DATA / "inspired" / "unicrs" / "train_data_dbpedia.jsonl")
+    grsu.restore_years(train, attributes)
+    assert catalog == {item.title for item in attributes} | {m for d in train for t in d.turns for m in t.items}
+    outside = [label for t in turns for label in t.labels if label not in catalog]
+    assert outside and len(outside) < sum(len(t.labels) for t in turns)  # outside labels stay, as misses
+    valid_only = {
+        m for d in load_cfcrs_dialogues(DATA / "inspired/cfcrs/valid_data.jsonl") for t in d.turns for m in t.items
+    }
+    assert valid_only - catalog  # titles only the evaluated split names are not candidates
 
 
 def test_synthesis_puts_the_preference_in_the_teacher_prompt_only():
     catalog = Catalog(load_demo_catalog())
     history = [{"role": "user", "content": "Something scary and smart."}]
-    turn = grsu.RecTurn("t1", history, labels=["Get Out (2017)", "Alien (1979)"], mentioned=["Jaws (1975)"])
+    turn = grsu.RecTurn("t1", "d1", history, labels=["Get Out (2017)", "Alien (1979)"], mentioned=["Jaws (1975)"])
     args = grsu.Args(max_subsets=10, no_gt_lists=1, scoring_negatives=1)
     critiques, scoring = grsu.synthesis_jobs(turn, catalog, args)
     assert len(critiques) == 3 + 1  # the subsets {a}, {b}, {a, b} and one list without ground truth
@@ -149,12 +225,12 @@ def test_parse_titles_on_real_crs_outputs():
 @needs_data
 def test_real_inspired_and_redial_turns_load():
     for name in ("inspired", "redial"):
-        turns, items = grsu.load_dataset(name, str(DATA), "valid")
-        titles = {item.title for item in items}
-        assert len(turns) > 100
-        assert all(t.labels and t.history and set(t.labels) <= titles for t in turns)
-        assert all(not set(t.labels) & set(t.mentioned) for t in turns)
-    train, items = grsu.load_dataset("inspired", str(DATA), "train")
+        dataset = grsu.load_dataset(name, str(DATA), "valid")
+        assert len(dataset.evaluated) > 100 and len(dataset.train) > 1000
+        assert all(t.labels and t.history for t in dataset.evaluated + dataset.train)
+        off = grsu.load_dataset(name, str(DATA), "valid", "off").evaluated  # repeated items kept: more labels
+        assert sum(len(t.labels) for t in off) > sum(len(t.labels) for t in dataset.evaluated)
+    train = grsu.load_dataset("inspired", str(DATA), "valid").train
     years = sum(bool(re.search(r"\(\d{4}\)$", label)) for t in train for label in t.labels)
     assert len(train) > 1000 and years / sum(len(t.labels) for t in train) > 0.5  # UniCRS titles got their years back
 
@@ -162,16 +238,16 @@ def test_real_inspired_and_redial_turns_load():
 def test_beam_search_bookkeeping_at_depth_one_on_the_embedded_model():
     from common.llm import make_llm
 
-    turns, items = grsu.load_dataset("demo", "", "valid")
-    catalog = Catalog(items)
-    b, n, d = 2, 2, 1
+    dataset = grsu.load_dataset("demo", "", "valid")
+    turns, catalog = dataset.evaluated, Catalog(dataset.items)
+    b, n, d = 2, 2, 2  # the initial lists, then one critique round
     args = grsu.Args(beam_width=b, expansion=n, depth=d, crs_max_tokens=48, critique_max_tokens=16, max_resamples=1)
     search = grsu.Search(make_llm("hf:smollm2-135m"), make_llm("hf:smollm2-135m"), catalog, args)
     (record,) = search.run(turns[:1])
     c = search.counts
-    assert c["crs_lists"] == n * n + b * n * d == len(record["states"])
-    assert c["critiques"] == b * n * d and c["lists_scored"] == n * n + b * n * d
-    assert c["crs_calls"] == c["crs_lists"] + c["crs_resamples"] and c["crs_resamples"] <= c["crs_lists"]
+    assert c["crs_lists"] == n * n + b * n * (d - 1) == len(record["states"]) and c["zero_shot_lists"] == 1
+    assert c["critiques"] == b * n * (d - 1) and c["lists_scored"] == n * n + b * n * (d - 1)
+    assert c["crs_calls"] == c["crs_lists"] + c["zero_shot_lists"] + c["crs_resamples"]
     seen = {t for s in record["states"] for t in s["items"]}
     assert c["items_scored"] == len(seen) == len(record["item_scores"])  # each item scored once per conversation
     assert search.user_llm.usage.calls == c["critiques"] + c["critique_resamples"] + c["items_scored"]
@@ -184,4 +260,4 @@ def test_beam_search_bookkeeping_at_depth_one_on_the_embedded_model():
     for s in record["states"]:
         assert s["reward"] == pytest.approx(grsu.list_reward(s["items"], record["item_scores"]), abs=1e-4)
     assert sorted(record["ranked"]) == sorted(seen)
-    assert record["zero_shot"][: len(initial[0]["items"])] == initial[0]["items"]
+    assert record["zero_shot"][: len(record["greedy"])] == record["greedy"]  # the zero-shot CRS's own answer first

@@ -2,7 +2,16 @@ import math
 
 import pytest
 
-from common.metrics import distinct_n, mrr_at_k, ndcg_at_k, recall_at_k, success_rate, win_rate
+from common.metrics import (
+    distinct_n,
+    mentions_title,
+    mrr_at_k,
+    ndcg_at_k,
+    recall_at_k,
+    redact_title,
+    success_rate,
+    win_rate,
+)
 
 RANKED = ["a", "b", "c", "d", "e"]
 
@@ -43,3 +52,61 @@ def test_win_rate_counts_both_orders():
     assert win_rate([1, 0], [1, -1]) == pytest.approx((2 + 0.5) / 4)
     # a system against itself with a position-biased judge (always A) scores exactly 0.5
     assert win_rate([1, 1, 1], [1, 1, 1]) == 0.5
+
+
+def test_a_ranking_that_repeats_an_item_counts_it_once():
+    # "b" listed twice used to give NDCG 1.63; an item is found once, at its first place
+    assert ndcg_at_k(["b", "b", "c"], ["b"], 3) == 1.0
+    assert ndcg_at_k(["a", "b", "b", "c"], ["b", "c"], 3) == pytest.approx(
+        (1 / math.log2(3) + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
+    )
+    assert recall_at_k(["a", "a", "b"], ["b"], 2) == 1.0 and mrr_at_k(["a", "a", "b"], ["b"], 2) == 0.5
+    for ranked in (["x", "x", "x"], ["b"] * 5, ["b", "c", "b", "c"]):
+        assert 0.0 <= ndcg_at_k(ranked, ["b", "c"], 5) <= 1.0
+
+
+@pytest.mark.parametrize(
+    "text, title, named",
+    [
+        # short or common titles are titles only when written as titles (the real task targets Rage, Emma, 1948, ...)
+        ("I would like it to be scary", "It (2017)", False),
+        ("Try Itchy Feet", "It", False),
+        ("It was fun, but I want something else", "It (2017)", False),
+        ("Have you seen It? Or It (2017), the remake?", "It (2017)", True),
+        ('Try "It", a horror film', "It (2017)", True),
+        ("I'm in a rage about it", "Rage", False),
+        ("You might like Rage.", "Rage", True),
+        ("Emma is a name I like", "Emma", False),
+        ("Read Emma by Jane Austen", "Emma", True),
+        ("It came out in 1948", "1948", False),
+        ('Read "1948", a novel', "1948", True),
+        ("I drink beer on Fridays", "Beer", False),
+        ("Have you read Beer?", "Beer", True),
+        ("Luke is my cousin", "Luke", False),
+        ("the thing is, I like horror", "The Thing (1982)", False),
+        ("a chainsaw massacre, or I saw it", "Saw (2003)", False),
+        ("Watch Saw tonight", "Saw (2003)", True),
+        # longer titles: whole words, any case, with or without the year
+        ("I loved JAWS as a kid", "Jaws (1975)", True),
+        ("jawsome day", "Jaws (1975)", False),
+        ("try heat (1995) tonight", "Heat (1995)", True),
+        ("I recommend star wars for you", "Star Wars (1977)", True),
+        ("like the Killer Clown Calamity", "The Killer Clown Calamity (A Charlie Rhodes Cozy Mystery Book 7)", True),
+        # a list item or a colon opens no sentence; another year or subtitle names another title; It's is no quote
+        ("Here: 1. Dune\n2. Alien", "Dune (2021)", True),
+        ("I recommend: Minecraft", "Minecraft", True),
+        ("Try Alien (1979) instead", "Alien: Covenant (2017)", False),
+        ("Star Wars: Episode V is better", "Star Wars: Episode IV (1977)", False),
+        ("'It's fine'", "It (2017)", False),
+    ],
+)
+def test_mentions_title_whole_words_and_short_titles_as_titles(text, title, named):
+    assert mentions_title(text, title) is named
+
+
+def test_redact_title_replaces_each_form_once():
+    assert redact_title("Is it Jaws (1975)? Jaws!", "Jaws (1975)") == "Is it that one? that one!"
+    assert (
+        redact_title("I would like it to be scary. Try It.", "It (2017)")
+        == "I would like it to be scary. Try that one."
+    )

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+from ailo_sim import leaks_title
+from common.metrics import mentions_title
 from tests.conftest import ROOT
 
 
@@ -49,8 +51,7 @@ def test_ailo_sim_end_to_end(tmp_path):
         assert 1 <= len(trajectory["turns"]) <= 2 and trajectory["turns"][0]["system"]
         assert all(t["ec_rating"] is None or 0 <= t["ec_rating"] <= 5 for t in trajectory["turns"])
         user_text = [trajectory["opening"]["user"]] + [t["user"] for t in trajectory["turns"]]
-        core = re.split(r"\s*[(:]", trajectory["target"])[0]
-        assert not any(core.lower() in u.lower() for u in user_text)
+        assert not any(leaks_title(u, trajectory["target"]) for u in user_text)  # the guard held
     metrics = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     for key in (
         "eval/sr",
@@ -61,7 +62,8 @@ def test_ailo_sim_end_to_end(tmp_path):
         "personas/tasks/max_rouge_l_mean",
     ):
         assert key in metrics
-    assert metrics["cost/llm_calls"] > 0 and 0 <= metrics["eval/sr"] <= 1
+    successes = [any(mentions_title(t["system"], tr["target"]) for t in tr["turns"]) for tr in trajectories]
+    assert metrics["cost/llm_calls"] > 0 and metrics["eval/sr"] == sum(successes) / 2  # SR: the target named
 
     # a rerun with the same run name resumes: nothing is simulated again
     again = run(*args, cwd=tmp_path)
@@ -157,7 +159,8 @@ def test_ecpo_all_stages_resume_and_lambda(tmp_path):
     # a lower lambda selects a subset of the pairs from the stored rewrites, with no new rewriter calls
     run(*tiny, "--lam", "3", "--stages", "backward", cwd=tmp_path)
     lower = _jsonl(run_dir / "pairs.jsonl")
-    assert {p["key"] for p in lower} <= {p["key"] for p in pairs} and all(p["rating"] <= 3 for p in lower)
+    expected = {r["key"] for r in _jsonl(run_dir / "rewrites.jsonl") if r["status"] == "ok" and r["rating"] <= 3}
+    assert {p["key"] for p in lower} == expected <= {p["key"] for p in pairs}  # exactly the stored ok rewrites
     assert _jsonl(run_dir / "costs.jsonl")[-1] == {"stage": "backward", "llm_calls": 0, "tokens": 0}
     assert _jsonl(run_dir / "metrics.jsonl")[-1]["cost/pairs"] == len(lower)
 
@@ -185,7 +188,7 @@ def test_grsu_end_to_end_and_resume(tmp_path):
         "--expansion",
         "1",
         "--depth",
-        "1",
+        "2",
         "--critique-max-tokens",
         "16",
         "--crs-max-tokens",
