@@ -24,3 +24,4 @@ bench: install
 	$(PYTHON) bench/bench_ailo.py
 	$(PYTHON) bench/bench_ecpo_dpo.py
 	$(PYTHON) bench/bench_grsu_scoring.py
+	$(PYTHON) bench/bench_memory.py

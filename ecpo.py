@@ -178,7 +178,7 @@ class Args:
     """cutoff in tokens of prompt + completion; longer prompts lose their oldest tokens"""
     gradient_checkpointing: bool = True
     """recompute each layer's activations in the backward pass instead of storing them (LLaMA-Factory's default,
-    which the paper's runs used): a DPO step on one ~1.5k-token pair needs 1.4 GB instead of 8.8 GB on SmolLM2"""
+    which the paper's runs used): a DPO step on one ~1.5k-token pair keeps 0.3 GB of activations instead of 5.2 GB"""
     save_every: int = 50
     """optimizer steps between resumable checkpoints (each stage also saves when it ends)"""
 
