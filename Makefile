@@ -25,3 +25,4 @@ bench: install
 	$(PYTHON) bench/bench_ecpo_dpo.py
 	$(PYTHON) bench/bench_grsu_scoring.py
 	$(PYTHON) bench/bench_memory.py
+	$(PYTHON) bench/bench_smtpo_grpo.py

@@ -53,7 +53,7 @@ from common.distributed import (
 )
 from common.llm import HFChat, LLMBackendError
 from common.metrics import win_rate
-from common.models import ModelSpecError, add_lora, enable_gradient_checkpointing, load_model
+from common.models import ModelSpecError, load_merged
 from common.parsing import ParseStats, chat_parsed, coerce_int, parse_action, parse_json
 from common.run import Run
 from common.sft import supervised_finetuning
@@ -544,17 +544,8 @@ def load_policy(args: Args, adapters: list[Path], device, trainable: bool = Fals
     top), plus a fresh LoRA if ``trainable``. Merging makes "adapter disabled" mean pi_sft, so the reference
     needs no second copy of the model. The ECPO code keeps training the SFT adapter instead; a fresh,
     zero-initialised adapter on the merged weights starts from the same policy pi_sft."""
-    from peft import PeftModel
-
-    model, tokenizer = load_model(args.policy)
-    for adapter in adapters:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    if trainable:
-        torch.manual_seed(args.seed)  # the same LoRA init on every rank and every rerun
-        model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
-        if args.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-    return model.to(device), tokenizer
+    lora = (args.lora_rank, args.lora_alpha) if trainable else None
+    return load_merged(args.policy, adapters, device, lora, args.seed, args.gradient_checkpointing)
 
 
 def pair_examples(tokenizer, pairs: list[dict], max_length: int) -> list[dict]:

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ecpo  # noqa: E402
 from common.models import add_lora, load_model  # noqa: E402
+from common.run import Run  # noqa: E402
 from common.tokens import render_prompt  # noqa: E402
-from common.tracking import RecordFile  # noqa: E402
 
 # (ActCRS scratchpad, chosen, rejected): the kinds of turns ECPO's backward stage turns into pairs
 PAIRS = [
@@ -153,10 +153,11 @@ def main(args: Args) -> None:
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=noise) * args.perturb_b)
-    accelerator = Accelerator(cpu=True)
     examples = ecpo.pair_examples(tokenizer, pairs, cfg.max_length)
     with tempfile.TemporaryDirectory() as tmp:  # stored once, outside the timed step, as in the po stage
-        ecpo.reference_logps(accelerator, model, tokenizer, examples, cfg, RecordFile(Path(tmp) / "ref_logps.jsonl"))
+        cfg.run_name = str(Path(tmp) / "bench")  # an absolute name: the run folder is the temporary one
+        ecpo.reference_logps(Run(cfg), model, tokenizer, examples, cfg)
+    accelerator = Accelerator(cpu=True)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.po_lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, 0, 1000)

@@ -15,11 +15,15 @@ export WANDB_MODE=${WANDB_MODE:-offline}
 python ailo_sim.py --run-name smoke_ailo --user-llm "vllm:$MODEL" --cra-llm "vllm:$MODEL" --num-tasks 2 --max-turns 2
 python grsu.py --run-name smoke_grsu_vllm --num-train-turns 2 --num-test 2 --beam-width 2 --expansion 2 --depth 1 \
   --crs-llm "vllm:$MODEL" --teacher-llm "vllm:$MODEL"
+# SMTPO's GRPO rollouts from a vLLM engine that loads the current LoRA after every update.
+python smtpo.py --run-name smoke_smtpo_vllm --num-train 2 --num-test 1 --max-turns 2 --grpo-steps 2 --rollout-backend vllm
 # Training under the GPU configs (DDP, then ZeRO-3), every role on the hf: backend.
 for config in gpu_ddp gpu_zero3; do
   accelerate launch --config_file "configs/$config.yaml" --num_processes "$GPUS" ecpo.py --run-name "smoke_ecpo_$config" \
     --num-sft-tasks 2 --num-pre-tasks 2 --num-test-tasks 1 --max-turns 2 --po-epochs 2
   accelerate launch --config_file "configs/$config.yaml" --num_processes "$GPUS" grsu.py --run-name "smoke_grsu_$config" \
     --num-train-turns 2 --num-test 2 --beam-width 2 --expansion 2 --depth 1
+  accelerate launch --config_file "configs/$config.yaml" --num_processes "$GPUS" smtpo.py --run-name "smoke_smtpo_$config" \
+    --num-train 2 --num-test 2 --max-turns 2 --grpo-steps 2
 done
 echo "all GPU smoke runs finished; see runs/smoke_*/metrics.jsonl"

@@ -104,10 +104,14 @@ class Catalog:
                 tmp.rename(path)
         return self._embeddings
 
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Normalized embeddings of any texts, by the catalog's encoder."""
+        return self._load_encoder().encode(texts, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+
     def search(self, queries: list[str], k: int = 5) -> list[list[str]]:
         """Top-k titles per query by cosine similarity of MiniLM embeddings."""
         matrix = self.embeddings()
-        query_vectors = self._load_encoder().encode(queries, normalize_embeddings=True, convert_to_numpy=True)
+        query_vectors = self.encode(queries)
         scores = query_vectors @ matrix.T
         k = min(k, len(self.items))
         top = np.argsort(-scores, axis=1)[:, :k]

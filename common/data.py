@@ -37,6 +37,7 @@ class Turn:
     text: str
     items: list[str] = field(default_factory=list)  # titles mentioned (for a recommendation turn: the labels)
     strategy: str | None = None  # INSPIRED's sociable-strategy label, where annotated
+    entities: list[str] = field(default_factory=list)  # other entities annotated (genres, people), where annotated
 
 
 @dataclass
@@ -239,11 +240,29 @@ def load_unicrs_jsonl(path: str | Path) -> list[Dialogue]:
                 role=str(_field(t, "role", path, number)).lower(),
                 text=_field(t, "text", path, number),
                 items=_titles(t, "movie_name", path, number),
+                entities=_titles(t, "entity_name", path, number),
             )
             for t in row
         ]
         dialogues.append(Dialogue(f"{Path(path).stem}:{number}", turns))
     return dialogues
+
+
+def bare_title(title: str) -> str:
+    return re.sub(r"\s*\(\d{4}\)\s*$", "", title).strip().lower()
+
+
+def restore_years(dialogues: list[Dialogue], catalog: list[Item]) -> None:
+    """UniCRS's INSPIRED files name movies without their year ("Knives Out"); map each to the one catalog title
+    with that name ("Knives Out (2019)"), where there is exactly one."""
+    by_bare: dict[str, list[str]] = {}
+    for item in catalog:
+        by_bare.setdefault(bare_title(item.title), []).append(item.title)
+    for dialogue in dialogues:
+        for turn in dialogue.turns:
+            turn.items = [
+                by_bare[bare_title(t)][0] if len(by_bare.get(bare_title(t), [])) == 1 else t for t in turn.items
+            ]
 
 
 def load_cfcrs_kg(folder: str | Path) -> list[Item]:
@@ -281,6 +300,7 @@ def load_cfcrs_dialogues(path: str | Path) -> list[Dialogue]:
                         role=str(_field(t, "role", path, number)).lower(),
                         text=_field(t, "text", path, number),
                         items=_titles(t, "movie", path, number),
+                        entities=_titles(t, "entity", path, number),
                     )
                     for t in turns
                 ],

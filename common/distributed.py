@@ -3,6 +3,7 @@ step, and the checkpoints a resumed run starts from. Used by every script that t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -104,6 +105,21 @@ def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm: float):
     optimizer.step()
     optimizer.zero_grad()
     return float("nan") if grad_norm is None else float(grad_norm)
+
+
+@contextlib.contextmanager
+def generation_weights(accelerator, model):
+    """The unwrapped model with its full weights, to sample from in the middle of training: ZeRO-3 shards the
+    weights, so every rank gathers them while it generates (every rank must enter together)."""
+    unwrapped = accelerator.unwrap_model(model)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
+            yield unwrapped
+    else:
+        yield unwrapped
 
 
 def resume(model, optimizer, scheduler, stage_dir: Path) -> int:

@@ -112,33 +112,61 @@ class HFChat:
     def chat(
         self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = ""
     ) -> list[list[str]]:
-        texts = [text for text in prefilled_prompts(self.tokenizer, conversations, prefix) for _ in range(n)]
-        outputs: list[str] = [""] * len(texts)
+        """``n`` completions per conversation. With n > 1, a conversation's samples share one prefill of its prompt:
+        the prompt is run once and its key/value cache copied to each sample (as vLLM's n does)."""
+        texts = prefilled_prompts(self.tokenizer, conversations, prefix)
+        outputs: list[list[str]] = [[] for _ in texts]
         was_training = self.model.training
         self.model.eval()
+        if n == 1:
+            for chunk, input_ids, attention_mask in self._batches(texts):
+                generated = self._generate(input_ids, attention_mask, None, temperature, max_tokens, stop)
+                for row, i in enumerate(chunk):
+                    outputs[i] = [self._finish(generated[row], stop, int(attention_mask[row].sum()))]
+        else:
+            for i, text in enumerate(texts):
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                prompt = torch.tensor([ids], device=self.model.device)
+                cache = None
+                if len(ids) > 1:  # the prompt but its last token, once; generate runs the last token per sample
+                    cache = self.model(input_ids=prompt[:, :-1], use_cache=True).past_key_values
+                    cache.batch_repeat_interleave(n)
+                generated = self._generate(
+                    prompt.repeat(n, 1),
+                    torch.ones(n, len(ids), dtype=torch.long, device=self.model.device),
+                    cache,
+                    temperature,
+                    max_tokens,
+                    stop,
+                )
+                outputs[i] = [self._finish(row, stop, len(ids)) for row in generated]
+        self.model.train(was_training)
+        return outputs
+
+    def _generate(self, input_ids, attention_mask, cache, temperature: float, max_tokens: int, stop):
         sampling = (
             {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
             if temperature > 0
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         )
-        for chunk, input_ids, attention_mask in self._batches(texts):
-            generated = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                stop_strings=stop or None,
-                tokenizer=self.tokenizer,
-                **sampling,
-            )[:, input_ids.shape[1] :]
-            for row, i in enumerate(chunk):
-                tokens = generated[row].tolist()
-                if self.tokenizer.eos_token_id in tokens:  # eos doubles as pad: count up to the first one
-                    tokens = tokens[: tokens.index(self.tokenizer.eos_token_id) + 1]
-                outputs[i] = truncate_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), stop).strip()
-                self.usage.add(1, int(attention_mask[row].sum()), len(tokens))
-        self.model.train(was_training)
-        return [outputs[k * n : (k + 1) * n] for k in range(len(conversations))]
+        return self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            max_new_tokens=max_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            stop_strings=stop or None,
+            tokenizer=self.tokenizer,
+            **sampling,
+        )[:, input_ids.shape[1] :]
+
+    def _finish(self, generated: torch.Tensor, stop, prompt_tokens: int) -> str:
+        """The decoded completion, cut at the first eos (it doubles as the pad) and the first stop string; counted."""
+        tokens = generated.tolist()
+        if self.tokenizer.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(self.tokenizer.eos_token_id) + 1]
+        self.usage.add(1, prompt_tokens, len(tokens))
+        return truncate_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), stop).strip()
 
     @torch.no_grad()
     def choice_probs(
@@ -307,9 +335,17 @@ class VLLMChat:
         self.engine = vllm.LLM(model=model_path, enable_prefix_caching=True, **engine_kwargs)
         self.tokenizer = self.engine.get_tokenizer()
         self.usage = Usage()
+        self.lora_request = None
+
+    def use_adapter(self, path: str | None, version: int = 1) -> None:
+        """Sample with the LoRA adapter saved in ``path`` from now on (the engine needs ``enable_lora=True``); a new
+        ``version`` makes vLLM load the adapter again, as after every training update."""
+        from vllm.lora.request import LoRARequest
+
+        self.lora_request = None if path is None else LoRARequest(f"adapter-{version}", version, str(path))
 
     def _generate(self, texts, params):
-        outputs = self.engine.generate(texts, params, use_tqdm=False)
+        outputs = self.engine.generate(texts, params, lora_request=self.lora_request, use_tqdm=False)
         for out in outputs:
             self.usage.add(
                 len(out.outputs),

@@ -129,3 +129,21 @@ def add_lora(model, rank: int = 8, alpha: int = 16, dropout: float = 0.0, target
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
     )
     return get_peft_model(model, config)
+
+
+def load_merged(spec: str, adapters=(), device="cpu", lora: tuple[int, int] | None = None, seed: int = 1,
+                gradient_checkpointing: bool = False):  # fmt: skip
+    """(model, tokenizer): the model with the LoRA ``adapters`` merged in order, plus a fresh LoRA (rank, alpha) to
+    train if ``lora``. Merging makes "adapter disabled" mean the merged model, so a reference policy needs no second
+    copy of the weights."""
+    from peft import PeftModel
+
+    model, tokenizer = load_model(spec)
+    for adapter in adapters:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if lora is not None:
+        torch.manual_seed(seed)  # the same LoRA init on every rank and every rerun
+        model = add_lora(model, rank=lora[0], alpha=lora[1])
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+    return model.to(device), tokenizer

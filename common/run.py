@@ -156,6 +156,16 @@ class Run:
         totals = self.accelerator.reduce(torch.tensor(list(values.values()), device=self.device), reduction="sum")
         return dict(zip(values, totals.tolist()))
 
+    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        """A table of results: ``runs/<run>/<name>.json`` and, with --track, a W&B table."""
+        if not self.main:
+            return
+        (self.dir / f"{name}.json").write_text(json.dumps({"columns": columns, "rows": rows}, indent=1))
+        if self.tracker.wandb is not None:
+            import wandb
+
+            self.tracker.wandb.log({name: wandb.Table(columns=columns, data=rows)}, step=self.step)
+
     def count(self, counters: dict[str, float]) -> None:
         for key, value in counters.items():
             self.counters[key] = self.counters.get(key, 0) + value

@@ -57,6 +57,7 @@ def supervised_finetuning(
     warmup = min(math.ceil(warmup_ratio * len(steps)), max_warmup_steps or len(steps))
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, len(steps), min_lr_rate=min_lr_ratio)
     model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / stage)
+    per_epoch, epoch_losses = len(steps) // epochs, []
     for step in tqdm(range(start, len(steps)), desc=stage, initial=start, total=len(steps), disable=not run.main):
         started, batch, loss_sum = time.time(), steps[step], 0.0
         completion_tokens = sum(sum(examples[i]["completion_mask"]) for i in batch)
@@ -75,8 +76,14 @@ def supervised_finetuning(
         epoch = (step + 1) * epochs / len(steps)
         metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "epoch": epoch}
         run.log_step({f"{metric_prefix}/{k}": v for k, v in metrics.items()}, time.time() - started)
+        epoch_losses.append(loss)
         if run.main:
             tqdm.write(f"{stage} step {step + 1}/{len(steps)}: loss {loss:.4f}")
+        if (step + 1) % per_epoch == 0 and run.main:  # batches differ in what they hold: the epoch mean shows the trend
+            tqdm.write(
+                f"{stage} epoch {(step + 1) // per_epoch}: mean loss {sum(epoch_losses) / len(epoch_losses):.4f}"
+            )
+            epoch_losses = []
         if (step + 1) % args.save_every == 0 or step + 1 == len(steps):
             save_resumable(accelerator, model, run.dir / stage, step + 1, optimizer, scheduler)
     return model

@@ -11,16 +11,17 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 
 
 def encode_prompt_completion(
-    tokenizer, messages: list[dict], completion: str, max_length: int | None = None
+    tokenizer, messages: list[dict], completion: str, max_length: int | None = None, prefix: str = ""
 ) -> tuple[list[int], list[int]]:
     """Token ids of prompt + completion, and a mask that is 1 on completion tokens only.
 
     The prompt and the completion are tokenized separately and concatenated, so the mask
     boundary is exact even where a joint tokenization would merge tokens across it. The
     completion is closed with the end-of-turn token, which the model must learn to emit. With ``max_length``,
-    only the last ``max_length`` tokens are kept: the cutoff drops the oldest prompt tokens first.
+    only the last ``max_length`` tokens are kept: the cutoff drops the oldest prompt tokens first. A ``prefix``
+    pre-filled after the assistant header belongs to the prompt, as it did when the completion was generated.
     """
-    prompt_ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(render_prompt(tokenizer, messages) + prefix, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids, mask = prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
     return (ids[-max_length:], mask[-max_length:]) if max_length else (ids, mask)

@@ -167,3 +167,12 @@ def test_ec_falls_back_to_the_expected_rating_on_a_local_backend(scripted_llm):
     (turn,) = simulator.step([user], ["What genre?"], final=True)
     assert turn.ec_rating == 3 and turn.ec_reason == "coherent, but it gives no guidance"  # (3*.3 + 5*.2)/.5 = 3.8
     assert simulator.metrics()["rollout/ec_constrained"] == 1 and simulator.stats.failures == 1
+
+
+@pytest.mark.parametrize("target_note", [False, True])
+def test_the_target_note_is_off_unless_asked_for(scripted_llm, target_note):
+    llm = scripted_llm(script())
+    run_episodes([_task()], echo_cra(), AILO(llm, target_note=target_note), max_turns=2)
+    notes = [p for p in llm.prompts if "recommend your target" in p]
+    assert bool(notes) == target_note  # by default the user is never told what SR measures
+    assert all("DID recommend your target" in p for p in notes)  # the CRA named Jaws (1975) each turn

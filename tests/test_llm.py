@@ -28,6 +28,18 @@ def test_n_samples_and_usage(tiny_model, tokenizer):
     assert llm.usage.calls == 6 and llm.usage.prompt_tokens == 3 * sum(prompt_lengths)
 
 
+def test_n_samples_share_one_prefill_and_equal_plain_generation(tiny_model, tokenizer):
+    # greedy, every one of the n samples that share the prompt's prefill is the plain, unshared generation
+    llm = HFChat(tiny_model, tokenizer)
+    plain = llm.chat(CONVS, n=1, max_tokens=10)
+    shared = llm.chat(CONVS, n=3, max_tokens=10)
+    assert shared == [[p] * 3 for (p,) in plain]
+    # and sampled ones differ from each other
+    torch.manual_seed(0)
+    sampled = llm.chat(CONVS[:1], n=4, temperature=1.0, max_tokens=10)[0]
+    assert len(set(sampled)) > 1
+
+
 def test_choice_probs_equal_one_forward_softmax(tiny_model, tokenizer):
     llm = HFChat(tiny_model, tokenizer)
     probs = llm.choice_probs(CONVS, choices=("Yes", "No"))

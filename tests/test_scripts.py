@@ -238,3 +238,56 @@ def test_grsu_end_to_end_and_resume(tmp_path):
 def test_grsu_bad_input_is_a_clear_error(tmp_path):
     stderr = fails_cleanly("grsu.py", "--dataset", "inspired", "--data-dir", str(tmp_path / "missing"), cwd=tmp_path)
     assert "movie2attrs.json: file not found" in stderr
+
+
+SMTPO_TINY = (
+    "smtpo.py", "--num-train", "2", "--num-test", "1", "--max-turns", "2", "--group-size", "2", "--grpo-steps", "2",
+    "--rec-max-tokens", "40", "--step-max-tokens", "6", "--feedback-max-tokens", "12", "--simulator-epochs", "1",
+    "--simulator-lists", "1", "--simulator-predictions", "1", "--sft-epochs", "1", "--bpr-epochs", "5",
+    "--retriever-epochs", "2", "--policies", "sft", "smtpo", "--run-name", "e2e",
+)  # fmt: skip
+
+
+def test_smtpo_killed_in_grpo_then_resumed(tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "runs" / "e2e"
+    process = subprocess.Popen([sys.executable, str(ROOT / "smtpo.py"), *SMTPO_TINY[1:]], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    checkpoint = run_dir / "grpo" / "checkpoints" / "step_00000001"
+    deadline = time.time() + 900
+    while not checkpoint.exists():  # kill it (SIGKILL: no clean-up) once the first GRPO step is saved
+        assert process.poll() is None and time.time() < deadline, "smtpo.py ended before its first GRPO step"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    kept = {name: (run_dir / name).read_text() for name in ("simulator_data.jsonl", "recommender_data.jsonl")}
+    adapters = {
+        n: (run_dir / n / "adapter_model.safetensors").stat().st_mtime for n in ("simulator_adapter", "sft_adapter")
+    }
+    assert not (run_dir / "grpo_adapter").exists()
+
+    result = run(*SMTPO_TINY, cwd=tmp_path)  # resumes inside the GRPO stage, from its step-1 checkpoint
+    assert {name: (run_dir / name).read_text() for name in kept} == kept  # nothing before GRPO was redone
+    assert all((run_dir / n / "adapter_model.safetensors").stat().st_mtime == t for n, t in adapters.items())
+    rollouts = [r["key"] for r in _jsonl(run_dir / "grpo_rollouts.jsonl")]
+    assert len(rollouts) == len(set(rollouts)) == 2  # one dialogue per step, each rolled out once
+    assert (run_dir / "grpo_adapter" / "adapter_model.safetensors").exists()
+    steps = [r for r in _jsonl(run_dir / "metrics.jsonl") if "rollout/reward_total" in r]
+    assert len(steps) == 2 and all(0 <= r["rollout/reward_think"] <= 1 for r in steps)  # the step after the kill too
+    metrics = _jsonl(run_dir / "metrics.jsonl")[-1]
+    for key in ("eval/turn1/recall@10", "eval/turn2/recall@10", "eval/recall@1", "eval_sft/ndcg@10", "eval/mrr@10",
+                "retriever/both/recall@20", "retriever/text/recall@20", "retriever/graph/recall@20"):  # fmt: skip
+        assert key in metrics, key
+    for name in ("eval_sft.jsonl", "eval_smtpo.jsonl"):
+        (record,) = _jsonl(run_dir / name)
+        assert len(record["turns"]) == 2  # all T turns, no early stop at evaluation
+    assert "turn2" in result.stdout and "eval_sft" in result.stdout
+
+
+def test_smtpo_bad_input_is_a_clear_error(tmp_path):
+    stderr = fails_cleanly("smtpo.py", "--dataset", "redial", "--data-dir", str(tmp_path / "missing"), cwd=tmp_path)
+    assert "file not found" in stderr
+    stderr = fails_cleanly("smtpo.py", "--stages", "grpo", "--run-name", "empty", cwd=tmp_path)
+    assert "run the retriever stage first" in stderr
