@@ -1,5 +1,6 @@
-"""smtpo.py's GRPO update on 1 rank and on 2 CPU ranks (accelerate, gloo), on the same recorded rollouts: the loss
-and the adapter agree, so the groups' split over ranks, the padding weights and the averaging are right."""
+"""smtpo.py's GRPO update on 1 rank and on 2 CPU ranks (accelerate, gloo; DDP and ZeRO-3), on the same recorded
+rollouts: the loss and the adapter agree, so the groups' split over ranks, the padding weights and the averaging are
+right."""
 
 import json
 import os
@@ -35,28 +36,41 @@ def test_two_ranks_match_one_rank_on_the_same_rollouts(tmp_path, tiny_policy):
         assert result.returncode == 0, result.stderr[-3000:]
 
     smtpo("--stages", "simulator", "retriever", "sft", "--run-name", "base")
-    for name in ("one", "two"):
+    shutil.copytree(tmp_path / "runs" / "base", tmp_path / "runs" / "sampler")
+    smtpo("--stages", "grpo", "--run-name", "sampler")  # records the rollouts of step 1
+    # A random model earns the same reward with every output, so every advantage would be 0 and no step would
+    # move: give the recorded outputs distinct rewards, then take the step from those rollouts on 1 and 2 ranks.
+    rollouts = [json.loads(line) for line in (tmp_path / "runs/sampler/grpo_rollouts.jsonl").read_text().splitlines()]
+    for rollout in rollouts:
+        for turn in rollout["turns"]:
+            for k, rewards in enumerate(turn["rewards"]):
+                rewards["total"] = float(k)
+    for name in ("one", "two", "zero3"):
         shutil.copytree(tmp_path / "runs" / "base", tmp_path / "runs" / name)
-    smtpo("--stages", "grpo", "--run-name", "one")  # samples the rollouts and takes the step on 1 rank
-    shutil.copy(tmp_path / "runs/one/grpo_rollouts.jsonl", tmp_path / "runs/two/grpo_rollouts.jsonl")
-    launcher = (
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "configs/cpu_2proc.yaml"),
-    )
-    smtpo("--stages", "grpo", "--run-name", "two", launcher=launcher)  # the same rollouts, the step on 2 ranks
+        (tmp_path / "runs" / name / "grpo_rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollouts))
+    smtpo("--stages", "grpo", "--run-name", "one")
+    for name, config in (("two", "cpu_2proc"), ("zero3", "cpu_zero3")):
+        launcher = (
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / f"configs/{config}.yaml"),
+        )
+        smtpo("--stages", "grpo", "--run-name", name, launcher=launcher)
 
     def step(name):
         rows = [json.loads(line) for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         (row,) = [r for r in rows if "rollout/reward_total" in r]
         return row
 
-    one, two = step("one"), step("two")
-    assert one["train/groups"] == two["train/groups"] == 4  # 2 dialogues x 2 turns
+    one, two, zero3 = step("one"), step("two"), step("zero3")
+    assert one["train/groups"] == two["train/groups"] == zero3["train/groups"] == 4  # 2 dialogues x 2 turns
     assert two["train/loss"] == pytest.approx(one["train/loss"], abs=1e-6)
-    assert two["rollout/reward_total"] == one["rollout/reward_total"]
-    adapters = [load_file(tmp_path / "runs" / n / "grpo_adapter" / "adapter_model.safetensors") for n in ("one", "two")]
+    assert zero3["train/loss"] == pytest.approx(one["train/loss"], abs=1e-5)
+    assert two["rollout/reward_total"] == zero3["rollout/reward_total"] == one["rollout/reward_total"]
+    names = ("one", "two", "zero3")
+    adapters = [load_file(tmp_path / "runs" / n / "grpo_adapter" / "adapter_model.safetensors") for n in names]
     assert max((adapters[0][k] - adapters[1][k]).abs().max().item() for k in adapters[0]) < 1e-5
+    assert max((adapters[0][k] - adapters[2][k]).abs().max().item() for k in adapters[0]) < 1e-4
     assert any(adapters[0][k].abs().max() > 0 for k in adapters[0] if "lora_B" in k)  # the step moved the policy
