@@ -40,6 +40,15 @@ def tiny_model(tokenizer):
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory, tiny_model, tokenizer):
+    """``tiny_model`` saved as a model folder, for the scripts' --policy flags in subprocess tests."""
+    folder = tmp_path_factory.mktemp("tiny_policy")
+    tiny_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 class ScriptedLLM:
     """A backend stand-in that answers each prompt with ``respond(prompt_text)``; counts like the real ones."""
 

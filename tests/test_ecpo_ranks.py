@@ -23,14 +23,6 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory, tiny_model, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny_policy")
-    tiny_model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _prepare_run(root, name, tiny_policy):
     from transformers import AutoModelForCausalLM
 

@@ -13,14 +13,6 @@ import pytest
 from tests.conftest import ROOT
 
 
-@pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory, tiny_model, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny_policy")
-    tiny_model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_two_ranks_match_one_rank_on_the_same_rollouts(tmp_path, tiny_policy):
     from safetensors.torch import load_file
 
