@@ -26,3 +26,4 @@ bench: install
 	$(PYTHON) bench/bench_grsu_scoring.py
 	$(PYTHON) bench/bench_memory.py
 	$(PYTHON) bench/bench_smtpo_grpo.py
+	$(PYTHON) bench/bench_rso.py

@@ -1394,6 +1394,7 @@ def main(args: Args) -> None:
     run.stage("sft", recommender_sft, args, data)  # Eq. 13: the five-step reasoning, taught
     run.stage("grpo", multi_turn_grpo, args, data)  # Eq. 14 with the rewards of Eq. 15-19, over T turns
     run.stage("eval", evaluate, args, data)  # Recall / NDCG / MRR per turn, three recommenders side by side
+    run.log(run.costs())
     run.finish(print_tables)
 
 

@@ -12,6 +12,7 @@ so that a method's stages can be plain functions that read like the paper.
     if run.finished("sft_adapter"): return            # a stage whose result is a folder is done once it is saved
     run.log({...})                                    # at run.step; training loops advance run.step
     run.count({...})                                  # counters, summed over ranks by run.finish
+    run.log(run.costs())                              # cost/llm_calls, cost/tokens over every stage so far
     run.finish(print_table)                           # one summary row with everything, printed
 
 Every stage logs ``perf/<stage>_seconds``, ``perf/<stage>_tokens_per_s`` (generated tokens, all ranks) and
@@ -113,6 +114,12 @@ class Run:
             sum(u.prompt_tokens + u.completion_tokens for u in self.usages),
             sum(u.completion_tokens for u in self.usages),
         )
+
+    def costs(self) -> dict[str, int]:
+        """The run's LLM calls and tokens: every row of costs.jsonl, the stage invocations of earlier (resumed)
+        launches included."""
+        rows = self.records("costs.jsonl", key="stage").records()
+        return {"cost/llm_calls": sum(r["llm_calls"] for r in rows), "cost/tokens": sum(r["tokens"] for r in rows)}
 
     def stage(self, name: str, function, *args, **kwargs):
         """Run ``function(run, *args, **kwargs)`` as stage ``name`` if it was asked for; it may return metrics.

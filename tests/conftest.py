@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +11,22 @@ sys.path.insert(0, str(ROOT))
 DATA = Path(os.environ.get("CLEANCRS_DATA", ROOT.parent / "shared" / "data"))
 
 needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"real data not found at {DATA} (set CLEANCRS_DATA)")
+
+
+def run_script(*args, cwd, timeout=900, check=True):
+    """``python <script> <flags>`` in ``cwd``; with ``check``, it must succeed."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0 or not check, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def fails_cleanly(*args, cwd) -> str:
+    """``python <script> <flags>`` must fail with a one-line error and no traceback; returns its stderr."""
+    result = run_script(*args, cwd=cwd, timeout=300, check=False)
+    assert result.returncode != 0 and "error: " in result.stderr and "Traceback" not in result.stderr, result.stderr
+    return result.stderr
 
 
 @pytest.fixture(scope="session")

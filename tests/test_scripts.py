@@ -7,23 +7,7 @@ import sys
 
 from ailo_sim import leaks_title
 from common.metrics import mentions_title
-from tests.conftest import ROOT
-
-
-def run(*args, cwd, timeout=900, check=True):
-    """``python <script> <flags>`` in ``cwd``; with ``check``, it must succeed."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode == 0 or not check, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def fails_cleanly(*args, cwd) -> str:
-    """``python <script> <flags>`` must fail with a one-line error and no traceback; returns its stderr."""
-    result = run(*args, cwd=cwd, timeout=300, check=False)
-    assert result.returncode != 0 and "error: " in result.stderr and "Traceback" not in result.stderr, result.stderr
-    return result.stderr
+from tests.conftest import ROOT, fails_cleanly, run_script
 
 
 def test_ailo_sim_end_to_end(tmp_path):
@@ -43,7 +27,7 @@ def test_ailo_sim_end_to_end(tmp_path):
         "--run-name",
         "e2e",
     )
-    run(*args, cwd=tmp_path)
+    run_script(*args, cwd=tmp_path)
     run_dir = tmp_path / "runs" / "e2e"
     trajectories = [json.loads(line) for line in (run_dir / "trajectories.jsonl").read_text().splitlines()]
     assert len(trajectories) == 2
@@ -66,7 +50,7 @@ def test_ailo_sim_end_to_end(tmp_path):
     assert metrics["cost/llm_calls"] > 0 and metrics["eval/sr"] == sum(successes) / 2  # SR: the target named
 
     # a rerun with the same run name resumes: nothing is simulated again
-    again = run(*args, cwd=tmp_path)
+    again = run_script(*args, cwd=tmp_path)
     assert len((run_dir / "trajectories.jsonl").read_text().splitlines()) == 2
     resumed = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert resumed["cost/user_llm_calls"] == 0 and resumed["eval/sr"] == metrics["eval/sr"]
@@ -117,14 +101,14 @@ def test_ecpo_all_stages_resume_and_lambda(tmp_path):
     run_dir = tmp_path / "runs" / "e2e"
 
     # stop after the forward stage ...
-    run(*tiny, "--lam", "5", "--stages", "teacher", "sft", "forward", cwd=tmp_path)
+    run_script(*tiny, "--lam", "5", "--stages", "teacher", "sft", "forward", cwd=tmp_path)
     assert (run_dir / "sft_adapter" / "adapter_config.json").exists() and not (run_dir / "rewrites.jsonl").exists()
     teacher, forward = _jsonl(run_dir / "teacher_trajectories.jsonl"), _jsonl(run_dir / "forward_trajectories.jsonl")
     assert len(teacher) == 2 and len(forward) == 2
     sft_mtime = (run_dir / "sft_adapter" / "adapter_model.safetensors").stat().st_mtime
 
     # ... then rerun every stage: the finished ones are not redone, the rest complete
-    result = run(*tiny, "--lam", "5", cwd=tmp_path)
+    result = run_script(*tiny, "--lam", "5", cwd=tmp_path)
     assert (
         _jsonl(run_dir / "teacher_trajectories.jsonl") == teacher
         and _jsonl(run_dir / "forward_trajectories.jsonl") == forward
@@ -157,7 +141,7 @@ def test_ecpo_all_stages_resume_and_lambda(tmp_path):
     assert "SR" in result.stdout and "ECPO" in result.stdout
 
     # a lower lambda selects a subset of the pairs from the stored rewrites, with no new rewriter calls
-    run(*tiny, "--lam", "3", "--stages", "backward", cwd=tmp_path)
+    run_script(*tiny, "--lam", "3", "--stages", "backward", cwd=tmp_path)
     lower = _jsonl(run_dir / "pairs.jsonl")
     expected = {r["key"] for r in _jsonl(run_dir / "rewrites.jsonl") if r["status"] == "ok" and r["rating"] <= 3}
     assert {p["key"] for p in lower} == expected <= {p["key"] for p in pairs}  # exactly the stored ok rewrites
@@ -199,7 +183,7 @@ def test_grsu_end_to_end_and_resume(tmp_path):
         "e2e",
     )
     run_dir = tmp_path / "runs" / "e2e"
-    result = run(*tiny, cwd=tmp_path)
+    result = run_script(*tiny, cwd=tmp_path)
     assert "zero-shot" in result.stdout and "GRSU (beam)" in result.stdout
     instructions = _jsonl(run_dir / "instructions.jsonl")
     kinds = [r["kind"] for r in instructions]
@@ -226,7 +210,7 @@ def test_grsu_end_to_end_and_resume(tmp_path):
     adapter_mtime = (run_dir / "user_model" / "adapter_model.safetensors").stat().st_mtime
 
     # a rerun finds every stage done: no new instruction data, no training, no search
-    run(*tiny, cwd=tmp_path)
+    run_script(*tiny, cwd=tmp_path)
     assert _jsonl(run_dir / "instructions.jsonl") == instructions and _jsonl(run_dir / "search_beam.jsonl") == searched
     assert (run_dir / "user_model" / "adapter_model.safetensors").stat().st_mtime == adapter_mtime
     resumed = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
@@ -268,7 +252,7 @@ def test_smtpo_killed_in_grpo_then_resumed(tmp_path):
     }
     assert not (run_dir / "grpo_adapter").exists()
 
-    result = run(*SMTPO_TINY, cwd=tmp_path)  # resumes inside the GRPO stage, from its step-1 checkpoint
+    result = run_script(*SMTPO_TINY, cwd=tmp_path)  # resumes inside the GRPO stage, from its step-1 checkpoint
     assert {name: (run_dir / name).read_text() for name in kept} == kept  # nothing before GRPO was redone
     assert all((run_dir / n / "adapter_model.safetensors").stat().st_mtime == t for n, t in adapters.items())
     rollouts = [r["key"] for r in _jsonl(run_dir / "grpo_rollouts.jsonl")]

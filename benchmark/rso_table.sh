@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# RSO, Tables IV and V: WI / PRS / Cred / Conv-SR / Dist-2 and Rec-SR / R@1 / R@5 on INSPIRED and ReDial, the SFT
+# planner and a uniform-random planner beside RSO, and the strategy distribution by progress (Fig. 3).
+#
+# The paper's setting: Qwen2.5-7B-Instruct for every LLM expert (Preference Reasoner, Actor), the rewarder and the
+# evaluator; RoBERTa as the Planner (METHODS.md: roberta-large) trained by SFT on INSPIRED's strategy labels (10
+# epochs, AdamW, lr 6e-6, batch 16, linear decay), then entropy-regularized policy gradient (10 epochs x 100
+# dialogues, at most 10 turns, lr 1e-4, gamma 0.99, 10 rewarder samples per turn, tau 0.75, beta_ent 0.01);
+# bge-base-en-v1.5 as the entity embedder, K = 5; 99 test dialogues per dataset. The user simulator is AILO on the
+# same model (METHODS.md 4.8.3; the paper does not say).
+# Targets: INSPIRED 3.8788 / 1.0000 / 3.8333 / .9798 / .9979 and .535 / .758 / .889;
+#          ReDial   3.8393 / .9783 / 3.6271 / .9798 / .9974 and .566 / .742 / .884.
+#
+# Needs: GPUs, a CUDA build of torch, `make install`, `pip install -r requirements-gpu.txt`, roberta-large and
+# BAAI/bge-base-en-v1.5 in the local Hugging Face cache, and Qwen2.5-7B-Instruct served by vLLM on an
+# OpenAI-compatible endpoint (the frozen roles are many short calls; a server batches them across ranks):
+#   vllm serve Qwen/Qwen2.5-7B-Instruct --port 8000 &
+# It cannot run on this repository's CPU machine, and it has not been run by the developers (no GPU was available).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OPENAI_BASE_URL=${OPENAI_BASE_URL:-http://localhost:8000/v1} OPENAI_API_KEY=${OPENAI_API_KEY:-none}
+GPUS=${GPUS:-1}
+LLM=openai:Qwen/Qwen2.5-7B-Instruct
+for dataset in inspired redial; do
+  accelerate launch --config_file configs/gpu_ddp.yaml --num_processes "$GPUS" rso.py \
+    --run-name "table_${dataset}" --dataset "$dataset" --data-dir "${DATA_DIR:-../shared/data}" --eval-split test \
+    --num-test 99 --planner roberta-large --text-encoder BAAI/bge-base-en-v1.5 \
+    --expert-llm "$LLM" --user-llm "$LLM" --judge-llm "$LLM" --evaluator-llm "$LLM" \
+    --reasoner-max-tokens 128 --actor-max-tokens 128 --user-max-tokens 256 --user-parse-tries 3 \
+    --sft-lr 6e-6 --sft-epochs 10 --sft-batch-size 16 --micro-batch-size 8 \
+    --rl-episodes 1000 --max-turns 10 --num-envs 16 --reward-samples 10 --judge-max-tokens 4 --track
+done

@@ -1,0 +1,1091 @@
+"""RSO: Reinforced Strategy Optimization. A strategy planner, trained by entropy-regularized policy gradient inside a
+network of frozen LLM experts (METHODS.md Sec. 4). Docs: docs/rso.md.
+
+    python rso.py                                        # every stage on the embedded models + the bundled demo
+    python rso.py --dataset inspired --rl-episodes 10 --sft-held-out 0.25 --num-test 20   # INSPIRED, --data-dir
+    accelerate launch rso.py --dataset redial --num-envs 16           # episodes sharded over ranks
+    bash benchmark/rso_table.sh                          # the paper's Tables IV and V on GPUs
+
+At every turn the Planner (a small encoder with a 13-way head) picks a macro strategy h_t from Table I; a
+Preference Reasoner infers the user's preferences C1_t, a Fact Retriever fetches the top-K entities and their
+facts from the dataset's KG (C2_t), and an Actor writes the reply a_t from (h_t, C1_t, C2_t, the history). The
+user is the AILO simulator with the dialogue's target item and a persona; a Rewarder (LLM judge) scores every
+new state from 1 to 5, and the episode ends when the user accepts (r_t > tau). Only the Planner trains. The
+pipeline, one stage function each, writing under runs/<run_name>/:
+
+  sft   the Planner warmed up on strategy-labelled dialogues (Eq. 6), accuracy and macro-F1 on held-out
+        dialogues against the majority class                              -> sft/, sft_planner/
+  rl    episodes of at most --max-turns turns with the experts, the user and the rewarder batched over
+        --num-envs episodes; discounted returns (Eq. 8-9) and the entropy-regularized policy gradient (Eq. 7)
+                                                                          -> rl_episodes.jsonl, rl/, rl_planner/
+  eval  the uniform-random, SFT and RL planners side by side on the evaluated dialogues: Conv-SR, WI, PRS,
+        Cred, Dist-2, Rec-SR, Recall@{1,5}; the strategy distribution by conversation progress (Fig. 3)
+                                          -> eval_<planner>.jsonl, judged_<planner>.jsonl, strategy_by_progress.png
+
+A rerun with the same --run-name skips every finished record, checkpoint and planner.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+from ailo_sim import AILO, SimUser, UserTurn
+from common.catalog import Catalog, encoder_path, item_card
+from common.conversations import CRAReply, render_history, run_episodes
+from common.data import (
+    DataError,
+    Dialogue,
+    Item,
+    Persona,
+    Task,
+    load_cfcrs_dialogues,
+    load_cfcrs_kg,
+    load_demo_catalog,
+    load_demo_tasks,
+    load_inspired_tsv,
+    load_redial_official,
+    load_unicrs_jsonl,
+    restore_years,
+)
+from common.distributed import (
+    generation_weights,
+    micro_batches,
+    optimizer_step,
+    save_final,
+    save_resumable,
+    start_training,
+    training_steps,
+)
+from common.llm import LLMBackendError
+from common.metrics import distinct_n, mentions_title, success_rate
+from common.models import ModelSpecError
+from common.parsing import ParseStats
+from common.run import Run
+from common.tracking import RecordFile
+
+STAGES = ("sft", "rl", "eval")
+PLANNERS = ("random", "sft", "rl")
+
+
+@dataclass
+class Args:
+    exp_name: str = "rso"
+    """the name of this experiment (prefix of the default run name)"""
+    seed: int = 1
+    """seed of python, numpy and torch: data order, head init, sampled strategies and generations"""
+    run_name: str | None = None
+    """outputs go to runs/<run_name>/; rerun with the same name to resume (default: <exp_name>__<seed>__<time>)"""
+    stages: tuple[Literal["sft", "rl", "eval"], ...] = STAGES
+    """which stages to run, in pipeline order; each reads what the earlier ones left in the run folder"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works) as well as runs/<run_name>/metrics.jsonl"""
+    wandb_project: str = "cleancrs"
+    """the W&B project"""
+    wandb_entity: str | None = None
+    """the W&B entity (team); None uses your default"""
+
+    # ------------------------------------------------------------------------------------------- data
+    dataset: Literal["demo", "inspired", "redial"] = "demo"
+    """where episodes come from: demo (bundled), inspired (UniCRS train for RL, CFCRS valid/test for evaluation,
+    the CFCRS KG) or redial (official train subsets for RL, iEvaLM valid / official test, the iEvaLM KG)"""
+    data_dir: str = "../shared/data"
+    """root of the real data (docs/data.md); unused for the demo"""
+    eval_split: Literal["valid", "test"] = "valid"
+    """valid for development; test is held out: use it only for final numbers"""
+    sft_labels: Literal["auto", "demo", "inspired"] = "auto"
+    """strategy-labelled dialogues for the warm-up: demo (bundled data/demo/strategy_dialogues.tsv) or inspired
+    (INSPIRED's dev.tsv); auto: demo for --dataset demo, inspired otherwise (ReDial has no labels)"""
+    sft_held_out: float = 0.2
+    """share of the labelled dialogues held out from SFT to measure its accuracy; with --dataset inspired and the
+    valid split, evaluation plays exactly these dialogues (they are INSPIRED's dev dialogues, which SFT trains on)"""
+    num_test: int = 4
+    """evaluated dialogues per planner; 0 = all (paper: 99)"""
+
+    # ------------------------------------------------------------------------------------------- roles
+    planner: str = "minilm"
+    """the Planner's encoder: minilm (embedded all-MiniLM-L6-v2) or any Hugging Face encoder id or folder (paper:
+    RoBERTa, size unstated; METHODS.md: roberta-large)"""
+    planner_max_length: int = 512
+    """the Planner's input, the history truncated from the left, in tokens (METHODS.md: 512)"""
+    expert_llm: str = "hf:smollm2-135m"
+    """backend of the Preference Reasoner and the Actor (paper: Qwen2.5-7B-Instruct)"""
+    user_llm: str = "hf:smollm2-135m"
+    """backend of the AILO user simulator (METHODS.md: Qwen2.5-7B-Instruct)"""
+    judge_llm: str = "hf:smollm2-135m"
+    """backend of the Rewarder during RL (paper: Qwen2.5-7B-Instruct)"""
+    evaluator_llm: str | None = None
+    """backend of the evaluation judge (its rewards end evaluated episodes and decide Conv-SR; WI, PRS, Cred);
+    None reuses --judge-llm (paper: Qwen2.5-7B-Instruct)"""
+    text_encoder: str = "minilm"
+    """the Fact Retriever's entity embedder: minilm or a sentence-transformers folder (METHODS.md:
+    BAAI/bge-base-en-v1.5)"""
+    batch_size: int = 16
+    """prompts per batched call of a local backend"""
+
+    # ------------------------------------------------------------------------------------------- experts
+    num_entities: int = 5
+    """K: entities the Fact Retriever returns per turn (METHODS.md: 5)"""
+    expert_temperature: float = 0.7
+    """sampling temperature of the Reasoner and the Actor (METHODS.md: 0.7)"""
+    reasoner_max_tokens: int = 24
+    """length cap of C1, the Reasoner's preference summary (paper: unstated)"""
+    actor_max_tokens: int = 40
+    """length cap of a_t, the Actor's reply (paper: unstated)"""
+    user_max_tokens: int = 48
+    """length cap of each AILO call (policy, content, expectation confirmation)"""
+    user_parse_tries: int = 1
+    """tries per AILO call before its fallback (ailo_sim's default: 3; one keeps the demo inside its CPU budget)"""
+    max_parse_tries: int = 2
+    """tries per judge call before a score counts as missing (each retry samples hotter)"""
+
+    # ------------------------------------------------------------------------------------------- rewarder
+    reward_samples: int = 10
+    """rewarder scores per turn, drawn in one call with n = K and averaged (paper: 10)"""
+    reward_temperature: float = 1.0
+    """sampling temperature of the rewarder (METHODS.md: 1.0)"""
+    judge_max_tokens: int = 3
+    """length cap of one score; the answer is pre-filled with "Score: " on local backends"""
+    tau: float = 0.75
+    """the user accepts, and the episode ends, when r_t > tau on the [0, 1] scale (METHODS.md: 0.75)"""
+
+    # ------------------------------------------------------------------------------------------- SFT (Eq. 6)
+    sft_epochs: int = 5
+    """SFT epochs (paper: 10; the demo's 5 keep the no-flag run inside its CPU budget)"""
+    sft_lr: float = 1e-4
+    """SFT learning rate, AdamW with linear decay (paper: 6e-6; the demo's 72 examples and 25 steps need a larger
+    step to move a freshly initialised head)"""
+    sft_batch_size: int = 16
+    """SFT global batch, over all ranks and accumulation steps (paper: 16)"""
+    micro_batch_size: int = 16
+    """SFT examples per rank per forward pass"""
+    save_every: int = 10
+    """SFT optimizer steps between resumable checkpoints (RL saves after every update)"""
+
+    # ------------------------------------------------------------------------------------------- RL (Eq. 7-9)
+    rl_episodes: int = 8
+    """RL episodes in all (paper: 10 epochs x 100 dialogues)"""
+    max_turns: int = 3
+    """T_max: system turns per episode (paper: 10)"""
+    num_envs: int = 4
+    """episodes played together: the experts, the user and the rewarder answer all of them in one batched call
+    per step, like a vectorized environment"""
+    episodes_per_update: int = 1
+    """episodes per policy-gradient update: 1 is Eq. 7's update at the end of each dialogue; more averages the
+    episodes' losses (METHODS.md 4.8.5 mentions 16)"""
+    rl_lr: float = 1e-4
+    """RL learning rate, AdamW with linear decay (paper: 1e-4)"""
+    gamma: float = 0.99
+    """discount of the returns (paper: 0.99)"""
+    beta_ent: float = 0.01
+    """weight of the entropy bonus in Eq. 7 (METHODS.md: 0.01)"""
+    baseline: bool = False
+    """subtract the mean return of the update's turns from each R_t (METHODS.md 4.8.6; the paper has none)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    planners: tuple[Literal["random", "sft", "rl"], ...] = PLANNERS
+    """which planners to evaluate side by side (random: uniform over the 13 strategies, the floor)"""
+    greedy_planner: bool = False
+    """evaluate the planners' most likely strategy instead of a sample from them"""
+    progress_bins: int = 3
+    """bins of conversation progress (turn / episode length) in the strategy-distribution plot"""
+
+
+# =============================================================================================== strategies (Table I)
+
+STRATEGIES = {
+    "Credibility": "provide factual information about the movie's attributes to show expertise",
+    "Personal Opinion": "express your own opinion about the movie without contradicting the facts",
+    "Encouragement": "compliment the user's taste and encourage them to try the recommended movie",
+    "Acknowledgment": "give a short, cheerful response that shows excitement or appreciation",
+    "Similarity": "express similar preferences or opinions, or agree with the user's views",
+    "Offer Help": "offer to help the user find suitable movies",
+    "Personal Experience": "share your own experience with the recommended movie",
+    "Self Modeling": "state your own positive reaction to the recommended movie",
+    "Transparency": "be open about why you recommend it, or confirm the user's preferences before recommending",
+    "Opinion Inquiry": "ask the user's opinion on specific movie attributes",
+    "Experience Inquiry": "ask about the user's past experiences with movies to learn their preferences",
+    "Rephrase Preference": "rephrase the user's preferences as you understand them, to confirm",
+    "No Strategy": "chat naturally, without any particular strategy",
+}
+NAMES = list(STRATEGIES)
+KEYS = [name.lower().replace(" ", "_") for name in NAMES]  # metric names: rollout/strategy/<key>
+
+# INSPIRED's 14 expert_label values onto the 13 classes: Preference Confirmation is not in Table I and becomes
+# Rephrase Preference (METHODS.md 4.8.2); the rest keep their names.
+INSPIRED_LABELS = dict(zip(KEYS, NAMES)) | {"preference_confirmation": "Rephrase Preference"}
+
+
+def strategy_index(label: str, where: str) -> int:
+    """The class of an INSPIRED label; an unknown label is a data error."""
+    if label not in INSPIRED_LABELS:
+        raise DataError(f"{where}: unknown strategy label {label!r}; expected one of {sorted(INSPIRED_LABELS)}")
+    return NAMES.index(INSPIRED_LABELS[label])
+
+
+# =============================================================================================== data
+
+
+@dataclass
+class Seed:
+    """What an episode starts from (METHODS.md 4.8.3): a real dialogue's opening, its target and a persona."""
+
+    key: str
+    opening: list[dict]  # the first turns, chat roles from the CRA's side, ending with the user's first words
+    target: Item
+    persona: Persona
+
+
+@dataclass
+class Data:
+    sft_train: list[dict]  # {"key", "text", "label"}: s_t and h'_t of every labelled system turn
+    sft_held_out: list[dict]
+    rl: list[Seed]
+    test: list[Seed]
+    catalog: Catalog
+    held_out_dialogues: set[str] = field(default_factory=set)
+
+
+def chat_roles(turns) -> list[dict]:
+    return [
+        {"role": "user" if t.role == "seeker" else "assistant", "content": " ".join(t.text.split())}
+        for t in turns
+        if t.text.strip()
+    ]
+
+
+def episode_seeds(dialogues: list[Dialogue], catalog: Catalog, personas: dict[str, Persona], cycle: list[Persona]):
+    """One seed per dialogue whose recommender names a catalog item after the opening (the turns up to the user's
+    first words): the target is the first new item of the last recommender turn that names one, usually the
+    recommendation the dialogue ends with. Its persona is the demo user's with that target, else one of ``cycle``
+    (behaviour and language only: the target carries the taste)."""
+    seeds = []
+    for dialogue in dialogues:
+        first = next((i for i, t in enumerate(dialogue.turns) if t.role == "seeker" and t.text.strip()), None)
+        if first is None:
+            continue
+        opening, said = dialogue.turns[: first + 1], {m for t in dialogue.turns[: first + 1] for m in t.items}
+        named = [
+            [m for m in t.items if m in catalog.by_title and m not in said]
+            for t in dialogue.turns[first + 1 :]
+            if t.role == "recommender"
+        ]
+        named = [n for n in named if n]
+        if not named:
+            continue
+        target = catalog.by_title[named[-1][0]]
+        persona = personas.get(target.title) or cycle[len(seeds) % len(cycle)]
+        seeds.append(Seed(dialogue.dialog_id, chat_roles(opening), target, persona))
+    return seeds
+
+
+def labelled_turns(path: Path) -> list[dict]:
+    """(s_t, h'_t) for every labelled recommender utterance of an INSPIRED-format TSV: the history before it,
+    rendered as the Planner reads it, and its class."""
+    examples = []
+    for dialogue in load_inspired_tsv(path):
+        for i, turn in enumerate(dialogue.turns):
+            if turn.role == "recommender" and turn.strategy:
+                label = strategy_index(turn.strategy, f"{path}: dialogue {dialogue.dialog_id}")
+                text = render_history(chat_roles(dialogue.turns[:i]))
+                examples.append({"key": f"{dialogue.dialog_id}:{i}", "dialog": dialogue.dialog_id, "text": text,
+                                 "label": label})  # fmt: skip
+    if not examples:
+        raise DataError(f"{path}: no recommender utterance with a strategy label")
+    return examples
+
+
+def load_data(args: Args) -> Data:
+    """The labelled turns (split by dialogue), the RL seeds and the evaluated seeds, and the catalog with the KG's
+    facts. The held-out split (--eval-split test) is read only when asked for."""
+    root, demo = Path(args.data_dir), Path(__file__).parent / "data" / "demo"
+    source = args.sft_labels if args.sft_labels != "auto" else ("demo" if args.dataset == "demo" else "inspired")
+    path = demo / "strategy_dialogues.tsv" if source == "demo" else root / "inspired" / "sweetpeach" / "dev.tsv"
+    examples = labelled_turns(path)
+    dialogues = sorted({e["dialog"] for e in examples})
+    random.Random(args.seed).shuffle(dialogues)
+    held = set(dialogues[: max(1, round(args.sft_held_out * len(dialogues)))])
+    if args.dataset == "demo":
+        items = load_demo_catalog()
+        train = load_unicrs_jsonl(demo / "dialogues_train.jsonl")
+        evaluated = load_unicrs_jsonl(demo / "dialogues_test.jsonl")
+    elif args.dataset == "inspired":
+        items = load_cfcrs_kg(root / "inspired" / "cfcrs")
+        train = load_unicrs_jsonl(root / "inspired" / "unicrs" / "train_data_dbpedia.jsonl")
+        restore_years(train, items)
+        evaluated = load_cfcrs_dialogues(root / "inspired" / "cfcrs" / f"{args.eval_split}_data.jsonl")
+        if args.eval_split == "valid" and source == "inspired":  # dev.tsv's dialogues: play those SFT never saw
+            evaluated = [d for d in evaluated if d.dialog_id in held]
+    else:
+        items = load_cfcrs_kg(root / "redial" / "ievalm")
+        official = root / "redial" / "official"
+        train = load_redial_official(official / "train_subset_500.jsonl")
+        train += load_redial_official(official / "valid_subset_100.jsonl")
+        split = (
+            root / "redial" / "ievalm" / "valid_data.jsonl"
+            if args.eval_split == "valid"
+            else official / "test_data.jsonl"
+        )
+        evaluated = load_redial_official(split)
+        kept = {d.dialog_id for d in evaluated}
+        train = [d for d in train if d.dialog_id not in kept]  # 50 of them are in iEvaLM's validation file
+    catalog = Catalog(items, encoder=args.text_encoder)
+    tasks = load_demo_tasks()
+    personas = {t.target.title: t.persona for t in tasks} if args.dataset == "demo" else {}
+    cycle = [Persona(t.persona.user_id, t.persona.activities, "", t.persona.language) for t in tasks]
+    rl = episode_seeds(train, catalog, personas, cycle)
+    random.Random(args.seed).shuffle(rl)
+    test = episode_seeds(evaluated, catalog, personas, cycle)[: args.num_test or None]
+    if not rl or not test:
+        raise DataError(f"{args.dataset}: {len(rl)} training and {len(test)} evaluated dialogues with a target")
+    sft_train = [e for e in examples if e["dialog"] not in held]
+    sft_held_out = [e for e in examples if e["dialog"] in held]
+    return Data(sft_train, sft_held_out, rl, test, catalog, held)
+
+
+def check_args(args: Args) -> None:
+    """Flags that cannot work, refused before anything loads."""
+    problems = [
+        (args.num_envs < 1, "--num-envs must be at least 1"),
+        (args.episodes_per_update < 1, "--episodes-per-update must be at least 1"),
+        (args.rl_episodes < 1, "--rl-episodes must be at least 1"),
+        (args.max_turns < 1, "--max-turns must be at least 1"),
+        (args.reward_samples < 1, "--reward-samples must be at least 1"),
+        (not 0 <= args.tau < 1, f"--tau {args.tau} must lie in [0, 1): rewards are rescaled to [0, 1]"),
+        (not 0 < args.sft_held_out < 1, "--sft-held-out must lie strictly between 0 and 1"),
+        (not 0 <= args.gamma <= 1, "--gamma must lie in [0, 1]"),
+        (args.num_entities < 1, "--num-entities must be at least 1"),
+        (min(args.user_parse_tries, args.max_parse_tries) < 1, "--user-parse-tries and --max-parse-tries must be >= 1"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise DataError(message)
+
+
+# =============================================================================================== prompts
+
+REASONER_PROMPT = """You are the Preference Reasoner of a movie recommender. Read the whole conversation and infer what the user wants now: genres, moods, people and movies they liked or disliked, and how their wishes changed.
+
+Conversation:
+{history}
+
+In one sentence, describe the user's current movie preferences."""  # noqa: E501  (prompt text, kept verbatim)
+
+ACTOR_PROMPT = """You are a friendly movie recommender chatting with a user. Write your next message.
+
+Strategy for this message: {strategy}: {description}.
+What the user wants: {preference}
+Facts you may use:
+{facts}
+
+Conversation:
+{history}
+
+Follow the strategy. State only facts from the list above, and name a movie by its exact title when you recommend one. Write one or two sentences, as the recommender."""  # noqa: E501  (prompt text, kept verbatim)
+
+REWARD_PROMPT = """You judge a conversation between a movie recommender (System) and a user (User). Rate the latest exchange from 1 to 5:
+5: the user accepts a recommended movie (says they will watch it), after a helpful and engaging conversation.
+4: the user is clearly interested in a recommended movie but has not accepted it yet.
+3: the conversation makes progress toward a movie that suits the user.
+2: the system's message is vague, unhelpful or off-topic.
+1: the system ignores the user, repeats itself or says something false.
+
+Conversation:
+{history}
+
+Answer with the score only, a single digit from 1 to 5."""  # noqa: E501  (prompt text, kept verbatim)
+
+WI_PROMPT = """You judge a conversation between a movie recommender (System) and a user (User). After the whole conversation, how willing is the user to accept the recommendation and watch the movie?
+1 = not at all, 2 = unlikely, 3 = maybe, 4 = likely, 5 = certainly.
+
+Conversation:
+{history}
+
+Answer with the score only, a single digit from 1 to 5."""  # noqa: E501  (prompt text, kept verbatim)
+
+INTENTION_PROMPT = """You are a movie viewer. {persona}
+You asked a recommender: "{request}"
+{evidence}
+How much do you want to watch {title}? 1 = not at all, 2 = a little, 3 = somewhat, 4 = a lot, 5 = I will certainly watch it.
+
+Answer with the score only, a single digit from 1 to 5."""  # noqa: E501  (prompt text, kept verbatim)
+
+EVIDENCE = {
+    "i_pre": "All you know about the movie is its title.",
+    "i_true": "Here is everything about the movie: {card}.",
+    "i_post": "Then you had this conversation with the recommender:\n{history}",
+}
+
+CRED_PROMPT = """You check a movie recommender's messages against the facts. Rate from 1 to 5 how consistent every factual statement in the messages is with the facts (5 = all consistent, 3 = some unsupported claims, 1 = several false statements).
+
+Facts:
+{facts}
+
+Recommender's messages:
+{messages}
+
+Answer with the score only, a single digit from 1 to 5."""  # noqa: E501  (prompt text, kept verbatim)
+
+
+# =============================================================================================== the experts
+
+
+def kg_facts(catalog: Catalog, title: str) -> list[str]:
+    """KG_retrieve (Eq. 4): an entity's facts from the dataset's KG, one "relation: value" per line."""
+    item = catalog.by_title[title]
+    return [
+        f"{relation}: {', '.join(map(str, value)) if isinstance(value, list) else value}"
+        for relation in ("year", "genre", "director", "star", "writer")
+        if (value := item.attributes.get(relation)) not in (None, "", [])
+    ]
+
+
+def fact_retriever(catalog: Catalog, histories: list[list[dict]], preferences: list[str], k: int) -> list[list[dict]]:
+    """C2_t = KG_retrieve(entity_retrieve(s_t, C1_t); G) (Eq. 4): the top-K entities (the catalog's movies) by
+    cosine similarity of the encoder's embeddings of (C1_t, the user's words) to each entity's card, then their
+    facts. The ranked entities double as the recommendation list that Recall@k reads."""
+    queries = [
+        f"{preference} {' '.join(m['content'] for m in history if m['role'] == 'user')}"
+        for history, preference in zip(histories, preferences)
+    ]
+    return [[{"entity": t, "facts": kg_facts(catalog, t)} for t in titles] for titles in catalog.search(queries, k)]
+
+
+def facts_text(entities: list[dict]) -> str:
+    return "\n".join(f"- {e['entity']}: {'; '.join(e['facts'])}" for e in entities) or "(none)"
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class NetworkOfExperts:
+    """The CRA of Algorithm 1, for ``common.conversations.run_episodes``: per turn, for every live episode in one
+    batch, the Planner samples h_t ~ pi(h | s_t; H), the Preference Reasoner writes C1_t (Eq. 3), the Fact
+    Retriever fetches C2_t (Eq. 4) and the Actor writes a_t = Actor(h_t; C1_t, C2_t) (Eq. 5). Without a planner,
+    h_t is uniform over H (the random floor). Each reply's record keeps what the update needs: s_t as the Planner
+    read it, h_t, and pi's log-probability and entropy at sampling time."""
+
+    def __init__(self, planner, tokenizer, llm, catalog: Catalog, args: Args, seed: int, greedy: bool = False):
+        self.planner, self.tokenizer, self.llm, self.catalog, self.args = planner, tokenizer, llm, catalog, args
+        self.generator, self.greedy, self.stats = torch.Generator().manual_seed(seed), greedy, ParseStats()
+
+    @torch.no_grad()
+    def plan(self, states: list[str]) -> tuple[list[int], torch.Tensor]:
+        if self.planner is None:
+            probs = torch.full((len(states), len(NAMES)), 1 / len(NAMES))
+        else:
+            was_training = self.planner.training
+            self.planner.eval()
+            logits = planner_logits(self.planner, self.tokenizer, states, self.args.planner_max_length)
+            self.planner.train(was_training)
+            probs = logits.float().softmax(-1).cpu()
+        if self.greedy:
+            return probs.argmax(-1).tolist(), probs
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1).tolist(), probs
+
+    def ask(self, prompts: list[str], max_tokens: int, fallback: str) -> list[str]:
+        outputs = self.llm.chat(
+            [[{"role": "user", "content": p}] for p in prompts],
+            temperature=self.args.expert_temperature,
+            max_tokens=max_tokens,
+        )
+        texts = [one_line(text) for (text,) in outputs]
+        self.stats.attempts += len(texts)
+        self.stats.failures += sum(not t for t in texts)
+        return [t or fallback for t in texts]
+
+    def __call__(self, keys: list[str], histories: list[list[dict]]) -> list[CRAReply]:
+        states = [render_history(h) for h in histories]
+        strategies, probs = self.plan(states)
+        preferences = self.ask(
+            [REASONER_PROMPT.format(history=s) for s in states],
+            self.args.reasoner_max_tokens,
+            "(no clear preference yet)",
+        )
+        retrieved = fact_retriever(self.catalog, histories, preferences, self.args.num_entities)
+        prompts = [
+            ACTOR_PROMPT.format(
+                strategy=NAMES[h], description=STRATEGIES[NAMES[h]], preference=p, facts=facts_text(c), history=s
+            )
+            for h, p, c, s in zip(strategies, preferences, retrieved, states)
+        ]
+        replies = self.ask(prompts, self.args.actor_max_tokens, "Could you tell me more about what you like?")
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+        return [
+            CRAReply(
+                text=reply,
+                retrieved=[e["entity"] for e in entities],
+                record={
+                    "state": state,
+                    "strategy": h,
+                    "strategy_name": NAMES[h],
+                    "logprob": math.log(max(float(p[h]), 1e-12)),
+                    "entropy": float(e),
+                    "preference": preference,
+                    "facts": entities,
+                },
+            )
+            for reply, entities, state, h, p, e, preference in zip(
+                replies, retrieved, states, strategies, probs, entropy, preferences
+            )
+        ]
+
+
+# =============================================================================================== the rewarder (Eq. 9)
+
+SCORE = re.compile(r"^\W*([1-5])(?![\d])")
+
+
+def parse_score(text: str) -> int | None:
+    """A 1-5 score at the start of the answer ("4", "4 stars", "**5**"); anything else is malformed."""
+    match = SCORE.match(text)
+    return int(match.group(1)) if match else None
+
+
+def sample_scores(llm, prompts: list[str], n: int, temperature: float, args: Args, stats: ParseStats) -> list[list]:
+    """``n`` scores per prompt from one batched ``llm.chat(n=n)`` call. Malformed samples are drawn again (hotter),
+    at most --max-parse-tries calls in all; samples still missing are counted as failures and left out. Local
+    backends pre-fill "Score: ", so the first token is the answer."""
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    extra = {"prefix": "Score: "} if getattr(llm, "can_prefill", False) else {}
+    scores: list[list[int]] = [[] for _ in prompts]
+    for attempt in range(args.max_parse_tries):
+        pending = [i for i in range(len(prompts)) if len(scores[i]) < n]
+        if not pending:
+            break
+        missing = [n - len(scores[i]) for i in pending]
+        stats.attempts += sum(missing)
+        stats.retries += sum(missing) if attempt else 0
+        heat = temperature if attempt == 0 else max(temperature, 0.7) + 0.3 * (attempt - 1)
+        outputs = llm.chat(
+            [conversations[i] for i in pending],
+            n=max(missing),
+            temperature=heat,
+            max_tokens=args.judge_max_tokens,
+            **extra,
+        )
+        for i, want, texts in zip(pending, missing, outputs):
+            scores[i] += [s for s in map(parse_score, texts) if s is not None][:want]
+    stats.failures += sum(n - len(s) for s in scores)
+    return scores
+
+
+def reward_of(scores: list[int]) -> float | None:
+    """r_t: the mean of the K scores rescaled to [0, 1] as (score - 1) / 4; None if the judge gave none."""
+    return sum((s - 1) / 4 for s in scores) / len(scores) if scores else None
+
+
+class RewardedUser:
+    """The environment around the AILO user for ``run_episodes``: episodes open with a real dialogue's first turns
+    (METHODS.md 4.8.3) instead of a generated request; after every user step the Rewarder scores s_{t+1} (K samples
+    in one batched call, Eq. 9), and an episode ends when r_t > tau, the user's acceptance (4.8.4). ``finish``
+    writes each finished episode with its rewards."""
+
+    def __init__(self, ailo: AILO, judge, args: Args, openings: dict[str, list[dict]], records: RecordFile):
+        self.ailo, self.judge, self.args, self.openings, self.records = ailo, judge, args, openings, records
+        self.rewards: dict[str, list[dict]] = {}
+        self.stats, self.unscored = ParseStats(), 0
+
+    def start(self, tasks: list[Task]) -> tuple[list[SimUser], list[UserTurn]]:
+        users = [SimUser(task, history=[dict(m) for m in self.openings[task.task_id]]) for task in tasks]
+        return users, [UserTurn("opening", u.history[-1]["content"], None, None, False) for u in users]
+
+    def step(self, users: list[SimUser], responses: list[str], final: bool = False) -> list[UserTurn]:
+        answers = self.ailo.step(users, responses, final=final)
+        prompts = [REWARD_PROMPT.format(history=render_history(u.history)) for u in users]
+        scores = sample_scores(self.judge, prompts, self.args.reward_samples, self.args.reward_temperature, self.args,
+                               self.stats)  # fmt: skip
+        for user, sampled in zip(users, scores):
+            reward = reward_of(sampled)
+            self.unscored += reward is None
+            reward = 0.0 if reward is None else reward  # an unscored turn earns nothing (counted)
+            self.rewards.setdefault(user.task.task_id, []).append({"reward": reward, "scores": sampled})
+            if reward > self.args.tau:
+                user.ended = True
+        return answers
+
+    def finish(self, trajectory: dict) -> None:
+        rewards = self.rewards.pop(trajectory["key"])
+        trajectory["rewards"] = [r["reward"] for r in rewards]
+        trajectory["judge_scores"] = [r["scores"] for r in rewards]
+        trajectory["accepted"] = any(r > self.args.tau for r in trajectory["rewards"])
+        self.records.append(trajectory)
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        return self.stats.metrics(f"{prefix}judge_") | {f"{prefix}judge_unscored": self.unscored}
+
+
+# =============================================================================================== the loss (Eq. 7-8)
+
+
+def discounted_returns(rewards: list[float], gamma: float) -> list[float]:
+    """Eq. 8: R_t = sum_{i=0}^{T-t} gamma^i r_{t+i}."""
+    returns, running = [], 0.0
+    for reward in reversed(rewards):
+        running = reward + gamma * running
+        returns.append(running)
+    return returns[::-1]
+
+
+def rso_loss(logits: torch.Tensor, actions: torch.Tensor, returns: torch.Tensor, beta: float):
+    """Eq. 7 as a loss to minimize, for one episode's T turns: L = -sum_t log pi(h_t|s_t) R_t - beta (1/T) sum_t
+    H(pi(.|s_t)), with H(p) = -sum_h p(h) log p(h). Descending L ascends the return and the entropy: the paper's
+    update, with the sign typo of its Eq. 7 corrected (METHODS.md 4.3). Returns (L, the mean entropy)."""
+    log_probs = logits.log_softmax(-1)
+    chosen = log_probs.gather(-1, actions[:, None]).squeeze(-1)  # log pi(h_t | s_t)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)  # H(pi(. | s_t))
+    return -(chosen * returns).sum() - beta * entropy.mean(), entropy.mean()
+
+
+# =============================================================================================== the planner
+
+
+def load_planner(spec: str, device, seed: int, trainable: bool = False):
+    """(model, tokenizer): an encoder with a 13-way linear head over its first token ([CLS] / <s>) (METHODS.md 4.8.1),
+    from ``minilm``, a hub id or a folder (a saved planner loads its head too). The tokenizer truncates from the
+    left, so the newest turns are kept."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = encoder_path(spec)
+    transformers.logging.set_verbosity_error()  # the fresh head's "newly initialized" warning is expected
+    torch.manual_seed(seed)  # the same head on every rank and rerun
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(NAMES), id2label=dict(enumerate(NAMES)), label2id={n: i for i, n in enumerate(NAMES)}
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelSpecError(f"could not load the planner encoder {spec!r}: {err}") from None
+    tokenizer.truncation_side = "left"
+    model.train(trainable)
+    return model.to(device), tokenizer
+
+
+def planner_logits(model, tokenizer, states: list[str], max_length: int) -> torch.Tensor:
+    config = getattr(model, "module", model).config  # a DDP or DeepSpeed wrapper holds the model as .module
+    limit = min(max_length, getattr(config, "max_position_embeddings", max_length))
+    device = next(model.parameters()).device
+    batch = tokenizer(states, truncation=True, max_length=limit, padding=True, return_tensors="pt").to(device)
+    return model(**batch).logits.float()
+
+
+def planner_folder(run: Run, name: str) -> Path:
+    folder = run.dir / f"{name}_planner"
+    if not run.finished(f"{name}_planner"):
+        raise DataError(f"no {folder}: run the {name} stage first")
+    return folder
+
+
+def prune_checkpoints(stage_dir: Path) -> None:
+    """Keep the newest resumable checkpoint only: an encoder with its AdamW state is ~3x its weights on disk."""
+    for old in sorted((stage_dir / "checkpoints").glob("step_*"))[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def classification_report(predictions: list[int], labels: list[int]) -> dict[str, float]:
+    """Accuracy and macro-F1 over the classes that occur in the labels or the predictions."""
+    classes = sorted(set(labels) | set(predictions))
+    f1s = []
+    for c in classes:
+        tp = sum(p == c and y == c for p, y in zip(predictions, labels))
+        fp, fn = sum(p == c for p in predictions) - tp, sum(y == c for y in labels) - tp
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    accuracy = sum(p == y for p, y in zip(predictions, labels)) / max(len(labels), 1)
+    return {"accuracy": accuracy, "macro_f1": sum(f1s) / max(len(f1s), 1)}
+
+
+# =============================================================================================== stages
+
+
+def sft_warmup(run: Run, args: Args, data: Data) -> dict:
+    """Sec. III-D1, Eq. 6: L_SFT = -sum log pi(h'_t | s_t), softmax cross-entropy over the 13 classes, on the
+    labelled dialogues not held out; AdamW with linear decay. Then the accuracy and macro-F1 on the held-out
+    dialogues, beside the majority class of the training turns."""
+    from transformers import get_linear_schedule_with_warmup
+
+    if run.finished("sft_planner"):
+        return json.loads((run.dir / "sft_planner" / "steps.json").read_text())["metrics"]
+    accelerator, examples = run.accelerator, data.sft_train
+    model, tokenizer = load_planner(args.planner, run.device, args.seed, trainable=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr)
+    steps, accum = training_steps(
+        accelerator, len(examples), args.sft_batch_size, args.micro_batch_size, args.sft_epochs, args.seed
+    )
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, len(steps))
+    model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / "sft")
+    for step in tqdm(range(start, len(steps)), desc="sft", initial=start, total=len(steps), disable=not run.main):
+        started, loss_sum = time.time(), 0.0
+        for chunk, weights in micro_batches(examples, steps[step], accelerator, args.micro_batch_size, accum):
+            with accelerator.accumulate(model):
+                logits = planner_logits(model, tokenizer, [e["text"] for e in chunk], args.planner_max_length)
+                labels = torch.tensor([e["label"] for e in chunk], device=logits.device)
+                losses = F.cross_entropy(logits, labels, reduction="none")  # Eq. 6, per turn
+                # the mean over the global batch; * world * accum undoes DDP's mean and accelerate's 1 / accum
+                loss = (losses * weights).sum() / len(steps[step]) * run.world * accum
+                optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
+            loss_sum += loss.item() / (run.world * accum)
+        scheduler.step()
+        loss = run.sum_over_ranks({"loss": loss_sum})["loss"]
+        run.log_step({"train_sft/loss": loss, "train_sft/lr": scheduler.get_last_lr()[0]}, time.time() - started)
+        if run.main:
+            tqdm.write(f"sft step {step + 1}/{len(steps)}: loss {loss:.4f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == len(steps):
+            save_resumable(accelerator, model, run.dir / "sft", step + 1, optimizer, scheduler)
+            if run.main:
+                prune_checkpoints(run.dir / "sft")
+    with torch.no_grad(), generation_weights(accelerator, model) as planner:
+        planner.eval()
+        texts = [e["text"] for e in data.sft_held_out]
+        predicted = [
+            planner_logits(planner, tokenizer, texts[i : i + 32], args.planner_max_length).argmax(-1).tolist()
+            for i in range(0, len(texts), 32)
+        ]
+    gold = [e["label"] for e in data.sft_held_out]
+    majority = max(range(len(NAMES)), key=lambda c: sum(e["label"] == c for e in examples))
+    report = classification_report([p for chunk in predicted for p in chunk], gold)
+    floor = classification_report([majority] * len(gold), gold)
+    metrics = {f"sft/{k}": v for k, v in report.items()} | {f"sft/majority_{k}": v for k, v in floor.items()}
+    metrics |= {"sft/train_turns": len(examples), "sft/held_out_turns": len(gold)}
+    save_final(accelerator, model, run.dir / "sft_planner", {"steps": len(steps), "metrics": metrics}, tokenizer)
+    return metrics
+
+
+def play(run: Run, args: Args, data: Data, seeds: list[tuple[str, Seed]], cra, judge, records: RecordFile) -> dict:
+    """Each rank plays its share of the unplayed ``seeds`` (episode key, seed) with ``cra`` against the AILO user,
+    --num-envs episodes at a time; returns the user's and the judge's counters for this call."""
+    done = records.done_keys()
+    todo = [(key, seed) for key, seed in run.shard(seeds) if key not in done]
+    if not todo:
+        return {}
+    user = run.llm(args.user_llm, args.batch_size)
+    ailo = AILO(user, "movie", args.user_max_tokens, args.user_parse_tries)
+    env = RewardedUser(ailo, judge, args, {key: seed.opening for key, seed in todo}, records)
+    tasks = [Task(key, seed.persona, seed.target) for key, seed in todo]
+    run_episodes(tasks, cra, env, args.max_turns, batch_size=args.num_envs, on_episode=env.finish)
+    return ailo.metrics() | env.metrics("rollout/") | cra.stats.metrics("rollout/expert_")
+
+
+def update_batch(episodes: list[dict], args: Args) -> list[dict]:
+    """Each episode as (states, actions, returns) for the update: Eq. 8's discounted returns, minus the mean
+    return of all the update's turns with --baseline."""
+    rows = [
+        {
+            "states": [t["cra"]["state"] for t in e["turns"]],
+            "actions": [t["cra"]["strategy"] for t in e["turns"]],
+            "returns": discounted_returns(e["rewards"], args.gamma),
+        }
+        for e in episodes
+    ]
+    if args.baseline:
+        mean = float(np.mean([r for row in rows for r in row["returns"]]))
+        for row in rows:
+            row["returns"] = [r - mean for r in row["returns"]]
+    return rows
+
+
+def planner_update(run: Run, args: Args, model, tokenizer, optimizer, episodes: list[dict]) -> dict[str, float]:
+    """One AdamW step on the mean of the episodes' Eq. 7 losses (the global batch split over ranks, one episode
+    per micro-batch). Dropout stays off, so log pi is the distribution that sampled the strategies."""
+    accelerator, rows = run.accelerator, update_batch(episodes, args)
+    steps, accum = training_steps(accelerator, len(rows), len(rows) + (-len(rows)) % run.world, 1, 1, args.seed)
+    accelerator.step = 0  # updates differ in size (the last may be short): count this one's micro-batches afresh
+    model.eval()
+    sums = {"loss": 0.0, "entropy": 0.0, "turns": 0.0}
+    for chunk, weights in micro_batches(rows, steps[0], accelerator, 1, accum):
+        (row,), weight = chunk, weights[0]
+        with accelerator.accumulate(model):
+            logits = planner_logits(model, tokenizer, row["states"], args.planner_max_length)
+            actions = torch.tensor(row["actions"], device=logits.device)
+            returns = torch.tensor(row["returns"], device=logits.device, dtype=torch.float32)
+            episode_loss, entropy = rso_loss(logits, actions, returns, args.beta_ent)
+            loss = episode_loss * weight / len(rows) * run.world * accum  # the mean over the update's episodes
+            optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
+        sums["loss"] += loss.item() / (run.world * accum)
+        sums["entropy"] += entropy.item() * len(row["actions"]) * weight.item()
+        sums["turns"] += len(row["actions"]) * weight.item()
+    totals = run.sum_over_ranks(sums)
+    return {"loss": totals["loss"], "entropy": totals["entropy"] / max(totals["turns"], 1)}
+
+
+def reinforce(run: Run, args: Args, data: Data) -> dict:
+    """Algorithm 1 and Sec. III-D2: --rl-episodes episodes seeded from the training dialogues (in a seeded order,
+    cycled), played --num-envs at a time with the current Planner; after every --episodes-per-update of them
+    (1: the end of each dialogue), one update on Eq. 7 with the returns of Eq. 8. Episodes are recorded as they
+    finish and the Planner is checkpointed after every update: a rerun resumes at the next one."""
+    from transformers import get_linear_schedule_with_warmup
+
+    if run.finished("rl_planner"):
+        return {}
+    accelerator = run.accelerator
+    model, tokenizer = load_planner(str(planner_folder(run, "sft")), run.device, args.seed, trainable=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.rl_lr)
+    updates = math.ceil(args.rl_episodes / args.episodes_per_update)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, updates)
+    model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / "rl")
+    seeds = [(f"{e:05d}|{data.rl[e % len(data.rl)].key}", data.rl[e % len(data.rl)]) for e in range(args.rl_episodes)]
+    records, experts = run.records("rl_episodes.jsonl"), run.llm(args.expert_llm, args.batch_size)
+    judge = run.llm(args.judge_llm, args.batch_size)
+    for update in tqdm(range(start, updates), desc="rl", initial=start, total=updates, disable=not run.main):
+        started, first = time.time(), update * args.episodes_per_update
+        chunk = seeds[first : first + args.episodes_per_update]
+        if not {key for key, _ in chunk} <= records.done_keys():  # play the next --num-envs episodes together
+            window = seeds[first : first + max(args.num_envs, len(chunk))]
+            with generation_weights(accelerator, model) as planner:
+                cra = NetworkOfExperts(planner, tokenizer, experts, data.catalog, args, args.seed + update)
+                run.count(play(run, args, data, window, cra, judge, records))
+        run.barrier()
+        stored = {r["key"]: r for r in records.records()}
+        episodes = [stored[key] for key, _ in chunk]
+        stats = planner_update(run, args, model, tokenizer, optimizer, episodes)
+        scheduler.step()
+        returns = [discounted_returns(e["rewards"], args.gamma)[0] for e in episodes]
+        chosen = [t["cra"]["strategy"] for e in episodes for t in e["turns"]]
+        shares = {f"rollout/strategy/{KEYS[c]}": chosen.count(c) / len(chosen) for c in sorted(set(chosen))}
+        run.log_step(
+            {
+                "train/loss": stats["loss"],
+                "train/entropy": stats["entropy"],
+                "train/lr": scheduler.get_last_lr()[0],
+                "rollout/return": float(np.mean(returns)),
+                "rollout/reward_mean": float(np.mean([r for e in episodes for r in e["rewards"]])),
+                "rollout/turns": float(np.mean([len(e["turns"]) for e in episodes])),
+                "rollout/accepted": success_rate([e["accepted"] for e in episodes]),
+                **shares,
+            },
+            time.time() - started,
+        )
+        if run.main:
+            top = max(set(chosen), key=chosen.count)
+            tqdm.write(
+                f"rl update {update + 1}/{updates}: return {np.mean(returns):.3f}  entropy {stats['entropy']:.3f}  "
+                f"loss {stats['loss']:+.4f}  turns {np.mean([len(e['turns']) for e in episodes]):.1f}  "
+                f"strategies {', '.join(NAMES[c] for c in chosen)} (top: {NAMES[top]})"
+            )
+        save_resumable(accelerator, model, run.dir / "rl", update + 1, optimizer, scheduler)
+        if run.main:
+            prune_checkpoints(run.dir / "rl")
+    save_final(accelerator, model, run.dir / "rl_planner", {"updates": updates}, tokenizer)
+    return {"rollout/episodes": args.rl_episodes, "rollout/updates": updates}
+
+
+# =============================================================================================== evaluation (Sec. IV-C)
+
+
+def persuasiveness(i_pre: int | None, i_post: int | None, i_true: int | None) -> float | None:
+    """PRS = 1 - (i_true - i_post) / (i_true - i_pre), with i_post clipped to at most i_true and the result to
+    [0, 1]; None (left out of the mean) when i_true == i_pre or a score is missing (METHODS.md 4.6)."""
+    if i_pre is None or i_post is None or i_true is None or i_true == i_pre:
+        return None
+    return min(1.0, max(0.0, 1 - (i_true - min(i_post, i_true)) / (i_true - i_pre)))
+
+
+def recommended_item(trajectory: dict, catalog: Catalog) -> str:
+    """The movie the system named last (among its retrieved entities and the target), else the target."""
+    candidates = {trajectory["target"]} | {e for t in trajectory["turns"] for e in t["retrieved"]}
+    for turn in reversed(trajectory["turns"]):
+        named = [c for c in candidates if c in catalog.by_title and mentions_title(turn["system"], c)]
+        if named:
+            return max(named, key=lambda c: turn["system"].lower().rfind(c.split(" (")[0].lower()))
+    return trajectory["target"]
+
+
+def judge_prompts(trajectory: dict, seed: Seed, catalog: Catalog) -> dict[str, str]:
+    """The evaluator's five questions about one finished conversation (METHODS.md 4.8.7): WI after it; the user's
+    intention to watch the recommended movie from its title only (i_pre), from its full card (i_true) and after
+    the conversation (i_post); and the consistency of the system's messages with the facts (Cred)."""
+    history = [*seed.opening]
+    for turn in trajectory["turns"]:
+        history += [{"role": "assistant", "content": turn["system"]}]
+        history += [{"role": "user", "content": turn["user"]}] if turn["user"] else []
+    item = recommended_item(trajectory, catalog)
+    persona = seed.persona.interests or "You know what you like."
+    request = " ".join(m["content"] for m in seed.opening if m["role"] == "user")
+    named = [t for t in catalog.titles if any(mentions_title(turn["system"], t) for turn in trajectory["turns"])]
+    cards = "\n".join(f"- {item_card(catalog.by_title[t])}" for t in (named or [trajectory["target"]])[:5])
+    prompts = {"wi": WI_PROMPT.format(history=render_history(history))}
+    for name, evidence in EVIDENCE.items():
+        evidence = evidence.format(card=item_card(catalog.by_title[item]), history=render_history(history))
+        prompts[name] = INTENTION_PROMPT.format(persona=persona, request=request, evidence=evidence, title=item)
+    messages = "\n".join(f"- {t['system']}" for t in trajectory["turns"])
+    return prompts | {"cred": CRED_PROMPT.format(facts=cards, messages=messages), "item": item}
+
+
+def judge_conversations(run: Run, args: Args, evaluator, data: Data, trajectories: list[dict], name: str) -> dict:
+    """The evaluator's scores of every conversation (greedy, one batched call for all), recorded per planner."""
+    records, stats = run.records(f"judged_{name}.jsonl"), ParseStats()
+    seeds = {seed.key: seed for seed in data.test}
+    done = records.done_keys()
+    todo = [t for t in run.shard(trajectories) if t["key"] not in done]
+    for start in range(0, len(todo), args.batch_size):
+        batch = todo[start : start + args.batch_size]
+        questions = [judge_prompts(t, seeds[t["key"]], data.catalog) for t in batch]
+        fields = ("wi", "i_pre", "i_true", "i_post", "cred")
+        scores = sample_scores(evaluator, [q[f] for q in questions for f in fields], 1, 0.0, args, stats)
+        for k, (trajectory, question) in enumerate(zip(batch, questions)):
+            row = {f: (scores[k * len(fields) + j] or [None])[0] for j, f in enumerate(fields)}
+            records.append({"key": trajectory["key"], "item": question["item"], **row})
+    run.count(stats.metrics(f"rollout/evaluator_{name}_"))
+    run.barrier()
+    return {r["key"]: r for r in records.records()}
+
+
+def recalled(trajectory: dict, k: int) -> bool:
+    """Recall@k of one conversation: the target among the Fact Retriever's top k at any turn (METHODS.md 4.6)."""
+    return any(trajectory["target"] in turn["retrieved"][:k] for turn in trajectory["turns"])
+
+
+def conversation_metrics(trajectories: list[dict], judged: dict[str, dict]) -> dict[str, float]:
+    """Table IV and V for one planner: Conv-SR (the evaluator's reward passed tau), WI, PRS, Cred (means over
+    the conversations the evaluator scored), Dist-2 (corpus level over every system utterance), Rec-SR (a system
+    utterance names the target) and Recall@k (the target among the Fact Retriever's top k at any turn)."""
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else float("nan")
+
+    rows = [judged.get(t["key"], {}) for t in trajectories]
+    return {
+        "sr": success_rate([t["accepted"] for t in trajectories]),
+        "wi": mean(r.get("wi") for r in rows),
+        "prs": mean(persuasiveness(r.get("i_pre"), r.get("i_post"), r.get("i_true")) for r in rows),
+        "prs_scored": sum(persuasiveness(r.get("i_pre"), r.get("i_post"), r.get("i_true")) is not None for r in rows),
+        "cred": mean(r.get("cred") for r in rows),
+        "dist2": distinct_n([turn["system"] for t in trajectories for turn in t["turns"]], 2),
+        "rec_sr": success_rate([t["success"] for t in trajectories]),
+        "recall@1": success_rate([recalled(t, 1) for t in trajectories]),
+        "recall@5": success_rate([recalled(t, 5) for t in trajectories]),
+        "turns": mean(len(t["turns"]) for t in trajectories),
+    }  # fmt: skip
+
+
+def strategy_by_progress(trajectories: list[dict], bins: int) -> np.ndarray:
+    """[bins, 13]: the share of each strategy among the turns in each bin of progress (turn - 1) / episode length."""
+    counts = np.zeros((bins, len(NAMES)))
+    for trajectory in trajectories:
+        for k, turn in enumerate(trajectory["turns"]):
+            counts[min(bins - 1, k * bins // len(trajectory["turns"])), turn["cra"]["strategy"]] += 1
+    return counts / counts.sum(1, keepdims=True).clip(min=1)
+
+
+def plot_strategies(path: Path, shares: dict[str, np.ndarray]) -> None:
+    """Fig. 3: stacked bars of the strategy shares by conversation progress, one panel per planner."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(shares), figsize=(4.2 * len(shares) + 2.6, 4), sharey=True, squeeze=False)
+    colors = plt.get_cmap("tab20")(np.arange(len(NAMES)))
+    for axis, (name, share) in zip(axes[0], shares.items()):
+        bottom = np.zeros(len(share))
+        labels = [f"{100 * k // len(share)}-{100 * (k + 1) // len(share)}%" for k in range(len(share))]
+        for c, strategy in enumerate(NAMES):
+            axis.bar(labels, share[:, c], bottom=bottom, color=colors[c], label=strategy)
+            bottom += share[:, c]
+        axis.set_title(f"{name} planner")
+        axis.set_xlabel("conversation progress")
+    axes[0][0].set_ylabel("share of turns")
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def evaluate(run: Run, args: Args, data: Data) -> dict:
+    """Sec. IV-C: each planner talks with the AILO user on the evaluated dialogues' openings and targets, with the
+    evaluator as the rewarder (so an episode ends, and counts for Conv-SR, when its reward passes tau); then the
+    evaluator scores WI, PRS and Cred. The strategy distribution by progress is plotted for every planner."""
+    evaluator = run.llm(args.evaluator_llm or args.judge_llm, args.batch_size)
+    experts = run.llm(args.expert_llm, args.batch_size)
+    seeds = [(seed.key, seed) for seed in data.test]
+    metrics, shares, rows = {}, {}, []
+    for name in args.planners:
+        if name != "random" and not run.finished(f"{name}_planner"):
+            if run.main:
+                print(f"eval: no {name} planner in this run, skipped")
+            continue
+        planner, tokenizer = (None, None) if name == "random" else load_planner(
+            str(run.dir / f"{name}_planner"), run.device, args.seed
+        )  # fmt: skip
+        cra = NetworkOfExperts(planner, tokenizer, experts, data.catalog, args, args.seed, args.greedy_planner)
+        records = run.records(f"eval_{name}.jsonl")
+        run.count({f"{k}_{name}" if k.startswith("rollout/") else k: v
+                   for k, v in play(run, args, data, seeds, cra, evaluator, records).items()})  # fmt: skip
+        run.barrier()
+        wanted = {seed.key for seed in data.test}
+        trajectories = [r for r in records.records() if r["key"] in wanted]
+        judged = judge_conversations(run, args, evaluator, data, trajectories, name)
+        found = conversation_metrics(trajectories, judged)
+        prefix = "eval" if name == "rl" else f"eval_{name}"
+        metrics |= {f"{prefix}/{k}": v for k, v in found.items()}
+        shares[name] = strategy_by_progress(trajectories, args.progress_bins)
+        rows.append([name, *[round(found[k], 4) for k in TABLE_COLUMNS]])
+        del planner
+    run.table("eval_table", ["planner", *TABLE_COLUMNS], rows)
+    if run.main and shares:
+        path = run.dir / "strategy_by_progress.png"
+        plot_strategies(path, shares)
+        if run.tracker.wandb is not None:
+            import wandb
+
+            run.tracker.wandb.log({"eval/strategy_by_progress": wandb.Image(str(path))}, step=run.step)
+        for name, share in shares.items():
+            metrics |= {f"eval_strategies/{name}/{key}": float(share[:, c].mean()) for c, key in enumerate(KEYS)}
+    return metrics | {"eval/dialogues": len(data.test)}
+
+
+TABLE_COLUMNS = ("sr", "wi", "prs", "cred", "dist2", "rec_sr", "recall@1", "recall@5")
+TABLE_HEADERS = ("Conv-SR", "WI", "PRS", "Cred", "Dist-2", "Rec-SR", "R@1", "R@5")
+
+
+def print_table(metrics: dict) -> None:
+    if "sft/accuracy" in metrics:
+        print(
+            f"\nplanner SFT on {metrics['sft/held_out_turns']} held-out turns: accuracy {metrics['sft/accuracy']:.3f}"
+            f"  macro-F1 {metrics['sft/macro_f1']:.3f}   (majority class: accuracy "
+            f"{metrics['sft/majority_accuracy']:.3f}  macro-F1 {metrics['sft/majority_macro_f1']:.3f})"
+        )
+    print(f"\n{'planner':<10}" + "".join(f"{h:>9}" for h in TABLE_HEADERS))
+    for label, prefix in (("random", "eval_random"), ("SFT", "eval_sft"), ("RL", "eval")):
+        if f"{prefix}/sr" in metrics:
+            print(f"{label:<10}" + "".join(f"{metrics[f'{prefix}/{c}']:>9.3f}" for c in TABLE_COLUMNS))
+    seconds = {k[5:-8]: v for k, v in metrics.items() if k.startswith("perf/") and k.endswith("_seconds")}
+    print("\nstage seconds: " + "  ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+
+
+# =============================================================================================== main
+
+
+def main(args: Args) -> None:
+    check_args(args)
+    run = Run(args)  # runs/<run_name>/, ranks, seeding, metrics; each run.stage is timed and its LLM costs booked
+    data = load_data(args)
+    run.stage("sft", sft_warmup, args, data)  # Eq. 6: the Planner warmed up on strategy labels
+    run.stage("rl", reinforce, args, data)  # Algorithm 1, Eq. 7-9: entropy-regularized policy gradient
+    run.stage("eval", evaluate, args, data)  # Tables IV-V and Fig. 3: random, SFT and RL planners side by side
+    run.log(run.costs())
+    run.finish(print_table)
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except (DataError, ModelSpecError, LLMBackendError) as err:
+        raise SystemExit(f"error: {err}") from None

@@ -1,0 +1,85 @@
+"""rso.py run end-to-end as a subprocess on the embedded models with tiny counts: killed in the middle of RL and
+resumed, and bad input refused with one clear line."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from tests.conftest import ROOT, fails_cleanly, run_script
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+RSO_TINY = (
+    "--rl-episodes", "3", "--num-envs", "1", "--max-turns", "2", "--num-test", "1", "--reward-samples", "2",
+    "--reasoner-max-tokens", "6", "--actor-max-tokens", "8", "--user-max-tokens", "16", "--judge-max-tokens", "2",
+    "--sft-epochs", "1", "--planner-max-length", "128", "--planners", "random", "rl", "--run-name", "e2e",
+)  # fmt: skip
+
+
+def test_rso_killed_in_rl_then_resumed(tmp_path):
+    run_dir = tmp_path / "runs" / "e2e"
+    process = subprocess.Popen([sys.executable, str(ROOT / "rso.py"), *RSO_TINY], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    checkpoint = run_dir / "rl" / "checkpoints" / "step_00000001"
+    deadline = time.time() + 1800
+    try:
+        while not checkpoint.exists():  # kill it (SIGKILL: no clean-up) once the first update is saved
+            assert process.poll() is None, "rso.py ended before its first RL update"
+            assert time.time() < deadline, "no RL update within 30 minutes"
+            time.sleep(0.5)
+    finally:  # never leave the run behind, whatever failed
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not (run_dir / "rl_planner").exists()
+    sft_weights = (run_dir / "sft_planner" / "model.safetensors").stat().st_mtime
+    played = _jsonl(run_dir / "rl_episodes.jsonl")
+
+    result = run_script("rso.py", *RSO_TINY, cwd=tmp_path, timeout=1800)  # resumes after update 1, from its checkpoint
+    assert (run_dir / "sft_planner" / "model.safetensors").stat().st_mtime == sft_weights  # SFT was not redone
+    episodes = _jsonl(run_dir / "rl_episodes.jsonl")
+    keys = [e["key"] for e in episodes]
+    assert len(keys) == len(set(keys)) == 3 and episodes[: len(played)] == played  # each episode played once
+    for episode in episodes:
+        assert 1 <= len(episode["turns"]) <= 2 and len(episode["rewards"]) == len(episode["turns"])
+        assert all(0 <= r <= 1 for r in episode["rewards"])
+        assert all(0 <= t["cra"]["strategy"] < 13 and t["cra"]["state"] for t in episode["turns"])
+        assert all(len(t["retrieved"]) == 5 and t["cra"]["facts"] for t in episode["turns"])
+    assert (run_dir / "rl_planner" / "model.safetensors").exists()
+    metrics = _jsonl(run_dir / "metrics.jsonl")
+    updates = [r for r in metrics if "train/entropy" in r]
+    assert len(updates) == 3 and all(0 < r["train/entropy"] <= 2.5650 for r in updates)  # log 13 = 2.565
+    assert all("rollout/return" in r for r in updates)
+    summary = metrics[-1]
+    for key in ("sft/accuracy", "sft/majority_accuracy", "sft/macro_f1", "eval/sr", "eval/wi", "eval/prs",
+                "eval/cred", "eval/dist2", "eval/rec_sr", "eval/recall@1", "eval/recall@5", "eval_random/sr",
+                "cost/llm_calls", "cost/tokens", "perf/rl_seconds"):  # fmt: skip
+        assert key in summary, key
+    for name in ("eval_random.jsonl", "eval_rl.jsonl", "judged_rl.jsonl"):
+        assert len(_jsonl(run_dir / name)) == 1
+    assert (run_dir / "strategy_by_progress.png").stat().st_size > 1000
+    assert "rl update 2/3" in result.stdout and "rl update 1/3" not in result.stdout  # resumed after update 1
+    assert "Conv-SR" in result.stdout and "random" in result.stdout and "RL" in result.stdout
+
+
+def test_rso_bad_input_is_a_clear_error(tmp_path):
+    stderr = fails_cleanly("rso.py", "--dataset", "inspired", "--data-dir", str(tmp_path / "missing"), cwd=tmp_path)
+    assert "dev.tsv: file not found" in stderr
+    stderr = fails_cleanly("rso.py", "--stages", "rl", "--run-name", "empty", cwd=tmp_path)
+    assert "run the sft stage first" in stderr
+    stderr = fails_cleanly("rso.py", "--tau", "1.5", cwd=tmp_path)
+    assert "--tau 1.5 must lie in [0, 1)" in stderr
+    stderr = fails_cleanly("rso.py", "--num-envs", "0", cwd=tmp_path)
+    assert "--num-envs must be at least 1" in stderr
+    broken = tmp_path / "data" / "inspired" / "sweetpeach"
+    broken.mkdir(parents=True)
+    (broken / "dev.tsv").write_text("dialog_id\tspeaker\ttext\texpert_label\nd1\tRECOMMENDER\tHi\tno_strategy\nd1\n")
+    stderr = fails_cleanly("rso.py", "--dataset", "inspired", "--data-dir", str(tmp_path / "data"), cwd=tmp_path)
+    assert "dev.tsv:3: row has 1 columns where the header has 4" in stderr
+    (broken / "dev.tsv").write_text("dialog_id\tspeaker\ttext\texpert_label\nd1\tRECOMMENDER\tHi\trecommend\n")
+    stderr = fails_cleanly("rso.py", "--dataset", "inspired", "--data-dir", str(tmp_path / "data"), cwd=tmp_path)
+    assert "unknown strategy label 'recommend'" in stderr
