@@ -610,6 +610,8 @@ class RewardedUser:
         # The user replies on the last turn too (AILO's ``final`` would skip the reply): Algorithm 1 observes the
         # reply before the Rewarder scores s_{t+1}, so every r_t is judged on the same kind of state.
         answers = self.ailo.step(users, responses)
+        for user in users if final else []:
+            user.ended = True
         prompts = [REWARD_PROMPT.format(history=render_history(u.history)) for u in users]
         scores = sample_scores(self.judge, prompts, self.args.reward_samples, self.args.reward_temperature, self.args,
                                self.stats)  # fmt: skip

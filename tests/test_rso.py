@@ -192,6 +192,25 @@ def test_unparsable_judge_is_counted_not_fatal(scripted_llm):
     assert scores == [[]] and stats.failures == 3 and stats.retries == 3
 
 
+def test_the_user_replies_on_the_last_turn_before_the_rewarder_scores_it(scripted_llm, tmp_path):
+    from common.data import load_demo_tasks
+    from common.tracking import RecordFile
+
+    def judge(prompt):  # 5 when the judged state ends on the user's words, 1 when it ends on the system's
+        history = prompt.split("Conversation:\n")[1].split("\n\nAnswer")[0]
+        return "5" if history.splitlines()[-1].startswith("User:") else "1"
+
+    task = load_demo_tasks()[0]
+    ailo = rso.AILO(scripted_llm(lambda p: "Sounds good, I will watch it."), "movie", 16, 1)
+    openings = {task.task_id: [{"role": "user", "content": "Hi, I want a movie for tonight."}]}
+    env = rso.RewardedUser(ailo, scripted_llm(judge), rso.Args(reward_samples=2), openings, RecordFile(tmp_path / "r"))
+    users, _ = env.start([task])
+    (answer,) = env.step(users, ["How about this one?"], final=True)
+    assert users[0].ended and answer.response  # the turn limit ends the episode, after the user's reply
+    assert users[0].history[-1]["role"] == "user"
+    assert env.rewards[task.task_id] == [{"reward": 1.0, "scores": [5, 5]}]
+
+
 # ------------------------------------------------------------------------------------ it must learn: a bandit
 
 
