@@ -29,6 +29,12 @@ def fails_cleanly(*args, cwd) -> str:
     return result.stderr
 
 
+def accelerate_launch(config: str) -> tuple[str, ...]:
+    """The command that starts a script under ``accelerate launch`` with ``configs/<config>.yaml`` (CPU ranks)."""
+    config_file = str(ROOT / "configs" / f"{config}.yaml")
+    return (sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The embedded SmolLM2 tokenizer (real vocabulary and chat template)."""

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, accelerate_launch
 
 PAIRS = [
     ("I want a film about dreams.", "Recommend[Inception (2010) bends dreams into a heist.]", "Ask[What genre?]"),
@@ -75,11 +75,7 @@ def test_two_ranks_match_one_rank(tmp_path, tiny_policy, loss):
     assert result.returncode == 0, result.stderr[-3000:]
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(ROOT / "configs" / "cpu_2proc.yaml"),
+            *accelerate_launch("cpu_2proc"),
             str(ROOT / "ecpo.py"),
             *flags,
             "--run-name",

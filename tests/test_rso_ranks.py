@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, accelerate_launch
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +59,7 @@ def test_two_ranks_match_one_rank_on_the_same_episodes(tmp_path, tiny_policy, ti
         (tmp_path / "runs" / name / "rl_episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
     rso("--stages", "rl", "--run-name", "one")
     for name, config in (("two", "cpu_2proc"), ("zero3", "cpu_zero3")):
-        launcher = (
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(ROOT / f"configs/{config}.yaml"),
-        )
-        rso("--stages", "rl", "--run-name", name, launcher=launcher)
+        rso("--stages", "rl", "--run-name", name, launcher=accelerate_launch(config))
 
     def update(name):
         rows = [json.loads(line) for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, accelerate_launch
 
 
 def test_two_ranks_match_one_rank_on_the_same_rollouts(tmp_path, tiny_policy):
@@ -42,14 +42,7 @@ def test_two_ranks_match_one_rank_on_the_same_rollouts(tmp_path, tiny_policy):
         (tmp_path / "runs" / name / "grpo_rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollouts))
     smtpo("--stages", "grpo", "--run-name", "one")
     for name, config in (("two", "cpu_2proc"), ("zero3", "cpu_zero3")):
-        launcher = (
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(ROOT / f"configs/{config}.yaml"),
-        )
-        smtpo("--stages", "grpo", "--run-name", name, launcher=launcher)
+        smtpo("--stages", "grpo", "--run-name", name, launcher=accelerate_launch(config))
 
     def step(name):
         rows = [json.loads(line) for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
