@@ -28,6 +28,7 @@ A rerun with the same --run-name skips every finished record, checkpoint and mod
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -57,6 +58,7 @@ from common.data import (
     restore_years,
 )
 from common.distributed import (
+    configure_batches,
     generation_weights,
     micro_batches,
     optimizer_step,
@@ -124,8 +126,12 @@ class Args:
     simulator_lists: int = 1
     """of the four lists (H+, H-, S+, S-) per training turn, how many get a feedback example, drawn per turn
     (paper: 4)"""
-    simulator_predictions: int = 1
-    """target-prediction (Yes/No) examples per training turn: the target and negatives from the lists"""
+    simulator_predictions: int = 2
+    """target-prediction examples per training turn: the target (Yes), then negatives drawn from the lists (No); 2
+    balances the labels (paper: any item of the four lists, so about one Yes in 37)"""
+    untrained_simulator: bool = False
+    """let the base model give the feedback where this run has no tuned simulator (the ablation); without it, a
+    missing simulator adapter is an error"""
     simulator_epochs: int = 5
     """simulator SFT epochs (paper: 5)"""
     simulator_lr: float = 1e-5
@@ -143,9 +149,11 @@ class Args:
     retriever_epochs: int = 50
     """fusion-head epochs, with early stopping on held-out Recall@20 (paper: up to 50)"""
     retriever_patience: int = 5
-    """epochs without a better held-out Recall@20 before stopping"""
+    """epochs without a better held-out Recall@20 before stopping (paper: unstated)"""
     retriever_lr: float = 5e-5
     """fusion-head learning rate, Adam (paper: 5e-5)"""
+    retriever_batch_size: int = 32
+    """training turns per fusion-head step, shuffled every epoch (paper: unstated)"""
     negatives: int = 64
     """InfoNCE negatives per example, excluding the target and the mentioned items (METHODS.md default: 64)"""
     num_candidates: int = 20
@@ -189,13 +197,18 @@ class Args:
     group_size: int = 4
     """G: outputs sampled from one shared prompt (paper: 4)"""
     grpo_steps: int = 5
-    """GRPO optimizer steps; each rolls out --dialogues-per-step dialogues through all their turns"""
-    dialogues_per_step: int = 1
-    """training dialogues rolled out per optimizer step; each turn is one group, so a step has up to this x T groups
-    (paper: gradient accumulation 8, i.e. 8 groups)"""
-    grpo_lr: float = 1e-3
-    """GRPO learning rate (paper: 1e-5; the demo's 5 steps of 2 groups on a 135M model need a much larger step for
-    the format rewards to move)"""
+    """GRPO steps; each rolls out training dialogues through their turns until it has --groups-per-step groups, then
+    takes --grpo-iterations optimizer steps on them"""
+    groups_per_step: int = 2
+    """groups (one turn's prompt and its G outputs) per optimizer step, however many turns the dialogues ran (paper:
+    gradient accumulation 8 over one group each, i.e. 8)"""
+    grpo_iterations: int = 1
+    """mu: optimizer steps on each step's groups, pi_old frozen at sampling, so that the clip acts from the second on
+    (TRL's num_iterations; paper: unstated, 1 reads Eq. 14's pi_old as the sampling policy of a single update)"""
+    grpo_lr: float = 3e-4
+    """GRPO learning rate (paper: 1e-5; the demo's 5 steps of 2 groups on a 135M model need a larger step to move the
+    policy measurably; at 1e-3 each step moved the sampled outputs by about 0.1 nat per token and the format reward
+    fell)"""
     epsilon: float = 0.2
     """clipping range of the probability ratio (METHODS.md default: 0.2)"""
     kl_beta: float = 0.04
@@ -389,28 +402,47 @@ def feedback_prompt(sample: Sample, recommendations: list[str], catalog: Catalog
     return prompt
 
 
-def recommender_prompt(sample: Sample, candidates: list[str], feedback: str, context: str, n: int) -> str:
+def candidate_line(catalog: Catalog, title: str) -> str:
+    """A candidate as the paper's Fig. 1 shows one to the recommender: its title, then "{Attribute: ...}" (genres)."""
+    item = catalog.by_title.get(title)
+    genres = (item.attributes.get("genre") or []) if item else []
+    return f"{title} {{Attribute: {', '.join(genres)}}}" if genres else title
+
+
+def recommender_prompt(
+    sample: Sample, candidates: list[str], feedback: str, context: str, n: int, catalog: Catalog
+) -> str:
     """Q = {Inst, D, I_D, I_cand, F}, with the earlier turns compressed to their feedback and lists (METHODS 3.9.8)."""
     return RECOMMENDER_PROMPT.format(
         history=render_history(sample.history),
         mentioned=mentioned_text(sample),
         context=context,
         feedback=feedback or "(none yet)",
-        candidates="\n".join(f"- {t}" for t in candidates),
+        candidates="\n".join(f"- {candidate_line(catalog, t)}" for t in candidates),
         n=n,
     )
 
 
 def turn_context(turns: list[dict]) -> str:
-    """The compressed C_{t-1}: each earlier turn's feedback and list, titles only."""
-    return "".join(f"Turn {t['turn']}: feedback: {t['feedback'] or '-'}; list: {t['ranked']}\n" for t in turns)
+    """The compressed C_{t-1} (METHODS.md 3.9.8): each earlier turn's feedback and list (titles only) and the latest
+    preference inference P_{t-1}; the earlier reasoning is dropped, so that T turns fit the context."""
+    lines = [
+        f"Turn {t['turn']}: feedback: {t['feedback'] or '-'}; list: {', '.join(listed_titles(t['ranked'])) or '-'}\n"
+        for t in turns
+    ]
+    if turns and turns[-1]["preference"]:
+        lines.append(f"Latest preference: {turns[-1]['preference']}\n")
+    return "".join(lines)
 
 
 # =============================================================================================== parsing
 
 THINK_PREFIX = "<think>\n"
-STEP_HEADER = re.compile(r"Step\s*\d+\s*[:.]", re.IGNORECASE)  # METHODS.md 3.9.6
-RANK_LIST = re.compile(r"RANK LIST:\s*\[(.+)\]", re.DOTALL)
+# METHODS.md 3.9.6, read as a header: a line that opens with "Step <k>:" or "Step <k>." (markdown marks such as #, *,
+# -, > before it, or * and _ around it, allowed). "as said in step 2." inside a sentence is not a header.
+STEP_HEADER = re.compile(r"^[ \t>#*_\-]*Step[ \t]*(\d+)[ \t]*[*_]*[ \t]*[:.]", re.IGNORECASE | re.MULTILINE)
+RANK_LIST_OPENING = re.compile(r"RANK LIST:\s*\[")
+YEAR = re.compile(r"\((\d{4})\)")
 
 
 def split_output(text: str) -> tuple[str, str]:
@@ -423,68 +455,118 @@ def split_output(text: str) -> tuple[str, str]:
 
 
 def preference_text(text: str) -> str:
-    """P_t: the Step 1 text of the reasoning (empty if there is none)."""
+    """P_t: the text under the Step 1 header of the reasoning, up to the next header (empty without one)."""
     thought, _ = split_output(text)
-    match = re.search(
-        r"Step\s*1\s*[:.]\s*(?:Preference Inference\s*[:.-]?)?(.*?)(?=Step\s*2\s*[:.]|$)", thought, re.S | re.I
-    )
-    return " ".join(match.group(1).split()) if match else ""
+    headers = list(STEP_HEADER.finditer(thought))
+    for k, header in enumerate(headers):
+        if int(header.group(1)) == 1:
+            body = thought[header.end() : headers[k + 1].start() if k + 1 < len(headers) else len(thought)]
+            body = re.sub(r"^\s*[*_]*\s*(Preference Inference)?\s*[*_]*\s*[:.\-]?", "", body, flags=re.IGNORECASE)
+            return " ".join(body.split())
+    return ""
 
 
-def parse_rank_list(text: str, candidates: list[str]) -> list[str] | None:
-    """The ranked candidates of the answer's RANK LIST, in order, or None without one. Titles can hold commas and
-    brackets, so the known candidate titles are found in order of appearance inside the brackets; what is left
-    between them is fuzzy-matched (rapidfuzz, cutoff 85) to the unused candidates; duplicates and titles outside
-    the candidates are dropped (METHODS.md 3.9.7)."""
-    _, answer = split_output(text)
-    match = RANK_LIST.search(answer)
-    if match is None:
+def rank_list_text(answer: str) -> str | None:
+    """What the bracketed list right after "RANK LIST:" holds, up to its matching bracket (titles such as
+    "Up [3D] (2009)" hold brackets); None without a closed list. Text after the list is not part of it."""
+    opening = RANK_LIST_OPENING.search(answer)
+    if opening is None:
         return None
+    depth = 1
+    for k in range(opening.end(), len(answer)):
+        depth += {"[": 1, "]": -1}.get(answer[k], 0)
+        if depth == 0:
+            return answer[opening.end() : k]
+    return None
+
+
+def top_level_pieces(text: str) -> list[str]:
+    """``text`` split at the commas outside any brackets: "Alien (1979) (sci-fi, horror)" stays one piece."""
+    pieces, depth, start = [], 0, 0
+    for k, char in enumerate(text):
+        depth += 1 if char in "([{" else -1 if char in ")]}" else 0
+        if char == "," and depth <= 0:
+            pieces.append(text[start:k])
+            start = k + 1
+    return pieces + [text[start:]]
+
+
+def fuzzy_candidate(piece: str, candidates: list[str]) -> str | None:
+    """The candidate a written title that is no exact mention stands for (rapidfuzz QRatio >= 85, METHODS.md 3.9.7);
+    a title written with a year matches only a candidate of that year (a remake is another film)."""
     from rapidfuzz import fuzz, process, utils
 
-    inside = match.group(1)
-    found: list[tuple[int, int, str]] = []  # (start, end, title) of the exact mentions
-    for title in sorted(candidates, key=len, reverse=True):  # longest first: "Alien" inside "Aliens (1986)"
-        for m in re.finditer(re.escape(title), inside, re.IGNORECASE):
-            if not any(s <= m.start() < e or s < m.end() <= e for s, e, _ in found):
-                found.append((m.start(), m.end(), title))
-    blanked = inside
-    for start, end, _ in found:  # keep every position: the leftovers are ranked where they stand
-        blanked = blanked[:start] + "," * (end - start) + blanked[end:]
-    placed = [(start, title) for start, _, title in found]
-    for piece in re.finditer(r"[^,]+", blanked):
-        text = piece.group().strip(" '\"")
-        unused = [c for c in candidates if c not in {t for _, t in placed}]
-        best = process.extractOne(text, unused, scorer=fuzz.QRatio, processor=utils.default_process, score_cutoff=85)
-        if text and best:
-            placed.append((piece.start(), best[0]))
-    return list(dict.fromkeys(title for _, title in sorted(placed)))
+    year = YEAR.search(piece)
+    if year:
+        candidates = [c for c in candidates if (YEAR.search(c) or year).group(1) == year.group(1)]
+    best = process.extractOne(piece, candidates, scorer=fuzz.QRatio, processor=utils.default_process, score_cutoff=85)
+    return best[0] if best else None
+
+
+def parse_rank_list(text: str, candidates: list[str]) -> list[str | None] | None:
+    """R_t: the entries of the answer's RANK LIST in order, each the candidate it names, or None for an entry that
+    names no candidate or repeats an earlier one; None without a list. Titles can hold commas and brackets, so the
+    candidates' titles are found first (whole words, longest first); the entries are what the commas outside
+    brackets separate, and an entry with no exact title is fuzzy-matched to the unnamed candidates. An entry that
+    is None keeps its place: Eq. 18's position counts every entry written above the target (docs/smtpo.md)."""
+    _, answer = split_output(text)
+    inside = rank_list_text(answer)
+    if inside is None:
+        return None
+    mentions: list[tuple[int, int, str]] = []
+    for title in sorted(candidates, key=len, reverse=True):  # "Aliens (1986)" before "Alien"
+        for m in re.finditer(rf"(?<!\w){re.escape(title)}(?!\w)", inside, re.IGNORECASE):
+            if not any(start < m.end() and m.start() < end for start, end, _ in mentions):
+                mentions.append((m.start(), m.end(), title))
+    mentions.sort()
+    masked, last = "", 0  # each mention becomes a marker without commas
+    for k, (start, end, _) in enumerate(mentions):
+        masked, last = masked + inside[last:start] + f"\0{k}\0", end
+    masked += inside[last:]
+    named = {title for _, _, title in mentions}
+    entries: list[str | None] = []
+    for piece in top_level_pieces(masked):
+        markers = re.findall(r"\0(\d+)\0", piece)
+        if markers:
+            entries += [mentions[int(k)][2] for k in markers]
+        elif piece.strip(" \t\n'\"*`"):
+            unnamed = [c for c in candidates if c not in named and c not in entries]
+            entries.append(fuzzy_candidate(piece.strip(" \t\n'\"*`"), unnamed))
+    return [title if title not in entries[:k] else None for k, title in enumerate(entries)]
+
+
+def listed_titles(ranked: list[str | None]) -> list[str]:
+    """The candidates a parsed list names, in order (what the simulator and the retriever are shown)."""
+    return [title for title in ranked if title is not None]
 
 
 # =============================================================================================== rewards (Sec. 3.4.2)
 
 
 def process_format_reward(text: str) -> float:
-    """Eq. 15: r_think = 1 - |N_match - 5| / 5 if 1 <= N_match <= 7, else 0; N_match counts the step headers inside
-    <think> (repeated ones too)."""
+    """Eq. 15: r_think = 1 - |N_match - 5| / 5 if 1 <= N_match <= 7, else 0; N_match counts the step headers (lines
+    that open with "Step k:") inside <think>, repeated ones too."""
     thought, _ = split_output(text)
     matches = len(STEP_HEADER.findall(thought)) if "<think>" in text else 0
     return 1 - abs(matches - 5) / 5 if 1 <= matches <= 7 else 0.0
 
 
 def answer_format_reward(text: str) -> float:
-    """Eq. 16: r_answer = 1 if the text after </think> holds RANK LIST: [...], else 0."""
+    """Eq. 16: r_answer = 1 if the text after </think> holds RANK LIST: [...] with something inside, else 0."""
     _, answer = split_output(text)
-    return float(RANK_LIST.search(answer) is not None)
+    inside = rank_list_text(answer)
+    return float(bool(inside and inside.strip()))
 
 
-def hit_reward(ranked: list[str], target: str) -> float:
+def hit_reward(ranked: list[str | None], target: str) -> float:
     """Eq. 17: r_hit = 1 if i* is in R_t."""
     return float(target in ranked)
 
 
-def rank_reward(ranked: list[str], target: str) -> float:
-    """Eq. 18: r_rank = 1 - (pos(i*) - 1) / len(R_t) for i* in R_t (1-based position), else 0."""
+def rank_reward(ranked: list[str | None], target: str) -> float:
+    """Eq. 18: r_rank = 1 - (pos(i*) - 1) / len(R_t) for i* in R_t, else 0. pos is 1-based and counts every entry
+    written above the target, made-up and repeated titles too (they are None in ``ranked``): listing titles that
+    are not candidates above the target is not free."""
     return 1 - ranked.index(target) / len(ranked) if target in ranked else 0.0
 
 
@@ -642,6 +724,13 @@ class Retriever:
         entity_mask[:, 0] |= ~entity_mask.any(1)  # nothing known: attend to a zero vector
         return text_embeddings, text_mask, entities, entity_mask
 
+    def training_turns(self, samples: list[Sample], feedback, preference, lists) -> RetrieverTurns:
+        """``samples`` as the fusion head trains and early-stops on them: the frozen encoders' views, computed once."""
+        titles = {title: k for k, title in enumerate(self.catalog.titles)}
+        mentioned = [[titles[t] for t in s.mentioned if t in titles] for s in samples]
+        targets = torch.tensor([titles[s.target] for s in samples])
+        return RetrieverTurns(*self.conversation_inputs(samples, feedback, preference, lists), targets, mentioned)
+
     @torch.no_grad()
     def retrieve(self, samples, feedback, preference, lists, k: int) -> list[list[str]]:
         scores = self.head(*self.conversation_inputs(samples, feedback, preference, lists)) @ self.item_matrix.T
@@ -653,8 +742,60 @@ class Retriever:
         return results
 
 
-def recall_at(ranked_lists: list[list[str]], targets: list[str], k: int) -> float:
-    return sum(t in r[:k] for r, t in zip(ranked_lists, targets)) / max(len(targets), 1)
+@dataclass
+class RetrieverTurns:
+    """Turns as the fusion head reads them: the frozen encoders' views (Eq. 7-8), the target item and the mentioned
+    items (never retrieved, never negatives), by catalog index."""
+
+    texts: torch.Tensor  # [N, 3, Ds]: the dialogue, the feedback, the preference
+    text_mask: torch.Tensor  # [N, 3]
+    entities: torch.Tensor  # [N, M, Dc]: the entities of I_D and of the list R
+    entity_mask: torch.Tensor  # [N, M]
+    targets: torch.Tensor  # [N]
+    mentioned: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def views(self, rows=slice(None)) -> tuple[torch.Tensor, ...]:
+        return self.texts[rows], self.text_mask[rows], self.entities[rows], self.entity_mask[rows]
+
+    def excluded(self, rows: torch.Tensor, num_items: int) -> torch.Tensor:
+        """[len(rows), I]: True on each row's target and mentioned items."""
+        mask = torch.zeros(len(rows), num_items, dtype=torch.bool)
+        for row, k in enumerate(rows.tolist()):
+            mask[row, self.mentioned[k]] = True
+        mask[torch.arange(len(rows)), self.targets[rows]] = True
+        return mask
+
+
+def sample_negatives(excluded: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Eq. 12's negatives: per row, ``count`` distinct items drawn uniformly from those not ``excluded`` [B, I] (the
+    target and the mentioned items); fewer where fewer are left."""
+    keys = torch.rand(excluded.shape, generator=generator).masked_fill(excluded, -1.0)
+    count = min(count, int((~excluded).sum(1).min()))
+    return keys.topk(count, dim=1).indices
+
+
+@torch.no_grad()
+def held_out_recall(head: FusionHead, turns: RetrieverTurns, items: torch.Tensor, ks=(1, 10, 20)) -> dict[str, float]:
+    """Recall@k of ``head`` over the whole catalog on ``turns``, the mentioned items never retrieved (as at
+    inference)."""
+    was_training = head.training
+    head.eval()
+    scores = head(*turns.views()) @ items.T
+    for row, mentioned in enumerate(turns.mentioned):
+        scores[row, mentioned] = float("-inf")
+    head.train(was_training)
+    target_scores = scores.gather(1, turns.targets[:, None])
+    ranks = (scores > target_scores).sum(1)  # 0-based rank of the target
+    return {f"recall@{k}": float((ranks < k).float().mean()) for k in ks}
+
+
+def random_recall(turns: RetrieverTurns, num_items: int, ks=(1, 10, 20)) -> dict[str, float]:
+    """The expected Recall@k of a uniformly random ranking of the items a turn may retrieve: the chance level."""
+    available = torch.tensor([num_items - len(set(m)) for m in turns.mentioned], dtype=torch.float)
+    return {f"recall@{k}": float((k / available).clamp(max=1).mean()) for k in ks}
 
 
 # =============================================================================================== the simulator
@@ -754,6 +895,17 @@ def teacher_reasoning(teacher, prompts: list[str], args: Args, stats: ParseStats
     return [f"{thought}</think>\n" for thought in thoughts]
 
 
+def sft_candidates(retrieved: list[str], target: str, rng: random.Random) -> list[str]:
+    """The candidates of an SFT prompt: the retriever's, with the target put in at a random slot (in place of the
+    last candidate) where the retriever missed it. A fixed slot would teach "move that slot to rank 1", a shortcut
+    that never holds in GRPO or evaluation, where the target is wherever the retriever put it."""
+    if target in retrieved:
+        return list(retrieved)
+    candidates = retrieved[:-1]
+    candidates.insert(rng.randrange(len(candidates) + 1), target)
+    return candidates
+
+
 def gold_answer(target: str, candidates: list[str], n: int) -> str:
     """The gold RANK LIST: the target first (the teacher sees it), then the others in the retriever's order."""
     ranked = [target] + [c for c in candidates if c != target]
@@ -803,19 +955,20 @@ def roll_out(
             args.num_candidates,
         )
         prompts = [
-            recommender_prompt(s, c, feedback[i], turn_context(turns[i]), args.list_length)
+            recommender_prompt(s, c, feedback[i], turn_context(turns[i]), args.list_length, data.catalog)
             for i, s, c in zip(live, batch, candidates)
         ]
         prefix = output_prefix(args)
-        outputs = roles.policy.chat(
+        completions = roles.policy.complete(
             [[{"role": "user", "content": p}] for p in prompts],
             n=n,
             temperature=temperature,
             max_tokens=args.rec_max_tokens,
             prefix=prefix,
+            max_prompt_tokens=args.max_length - args.rec_max_tokens,
         )
-        outputs = [[prefix + text for text in texts] for texts in outputs]
-        for i, sample, prompt, cands, texts in zip(live, batch, prompts, candidates, outputs):
+        for i, sample, prompt, cands, samples_i in zip(live, batch, prompts, candidates, completions):
+            texts = [prefix + c.text for c in samples_i]  # the pre-filled tag belongs to the output's format
             rewards = []
             if sample.key in roles.references:
                 steps = [preference_text(text) for text in texts]
@@ -837,21 +990,23 @@ def roll_out(
             else:
                 chosen = rng.choice(valid) if valid else 0
             ranked = (parse_rank_list(texts[chosen], cands) or [])[: args.list_length]
-            lists[i], preference[i] = ranked, preference_text(texts[chosen])
-            turns[i].append(
-                {
-                    "turn": t,
-                    "feedback": feedback[i],
-                    "candidates": cands,
-                    "prompt": prompt,
-                    "outputs": texts,
-                    "rewards": rewards,
-                    "chosen": chosen,
-                    "ranked": ranked,
-                }
-            )
+            lists[i], preference[i] = listed_titles(ranked), preference_text(texts[chosen])
+            turn = {
+                "turn": t,
+                "feedback": feedback[i],
+                "candidates": cands,
+                "prompt": prompt,
+                "outputs": texts,
+                "rewards": rewards,
+                "chosen": chosen,
+                "ranked": ranked,
+                "preference": preference[i],
+            }
+            if training:  # the update trains exactly the ids that were sampled
+                turn |= {"prompt_ids": samples_i[0].prompt_ids, "completion_ids": [c.completion_ids for c in samples_i]}
+            turns[i].append(turn)
         if training:
-            live = [i for i in live if not (lists[i][:1] == [samples[i].target])]
+            live = [i for i in live if not (turns[i][-1]["ranked"][:1] == [samples[i].target])]
         if t < args.max_turns and live:
             batch_lists = [lists[i] for i in live]
             new = simulate_feedback(
@@ -903,10 +1058,15 @@ def teacher_texts(run: Run, args: Args, name: str, jobs: list[dict], max_tokens:
 
 
 def load_simulator(run: Run, args: Args):
-    """The tuned simulator (its adapter merged), as an LLM for feedback."""
+    """The tuned simulator (its adapter merged), as an LLM for feedback; the base model only if asked for."""
     adapters = [run.dir / "simulator_adapter"] if run.finished("simulator_adapter") else []
+    if not adapters and not args.untrained_simulator:
+        raise DataError(
+            f"no {run.dir / 'simulator_adapter'}: run the simulator stage first, or pass --untrained-simulator to "
+            "let the base model give the feedback (an ablation)"
+        )
     if not adapters and run.main:
-        print("no tuned simulator in this run: the base model gives the feedback")
+        print("--untrained-simulator: the base model gives the feedback")
     model, tokenizer = load_merged(args.simulator_model, adapters, run.device)
     return run.track(HFChat(model, tokenizer, args.batch_size))
 
@@ -996,9 +1156,9 @@ def human_list_feedback(run: Run, args: Args, data: Data, samples: list[Sample])
 def train_retriever(run: Run, args: Args, data: Data) -> dict:
     """Sec. 3.3: LightGCN on the item-entity graph pretrained with BPR (Eq. 8) and frozen; then the fusion head
     (Eq. 9-11) trained with InfoNCE (Eq. 12) on the training turns, with the simulator's feedback and the reference
-    preference as texts and I_D plus R_human as entities, early-stopped on the held-out turns' Recall@20. The
-    text-only and graph-only heads are trained the same way, for the "w/o Rec" and "w/o Pref" comparison. The
-    head is small: rank 0 trains it and the others read it."""
+    preference as texts and I_D plus R_human as entities, early-stopped on the held-out turns' recall. The text-only
+    and graph-only heads are trained the same way, for the "w/o Rec" and "w/o Pref" comparison, and a random
+    ranking gives the chance level. The head is small: rank 0 trains it and the others read it."""
     if run.finished("retriever"):
         return json.loads((run.dir / "retriever" / "metrics.json").read_text())
     samples = data.train + data.held_out
@@ -1009,13 +1169,24 @@ def train_retriever(run: Run, args: Args, data: Data) -> dict:
         torch.manual_seed(args.seed)
         nodes, edges = item_graph(data.catalog)
         node_embeddings = pretrain_lightgcn(nodes, edges, len(data.catalog), args)
-        retriever_inputs = {
-            s.key: (feedback[s.key]["feedback"], preferences[s.key], feedback[s.key]["items"]) for s in samples
-        }
+        encoders = Retriever(
+            FusionHead(data.catalog.encode(["x"]).shape[1], args.gcn_dim), nodes, node_embeddings, data.catalog
+        )
+
+        def turns(part: list[Sample]) -> RetrieverTurns:
+            texts = [(feedback[s.key]["feedback"], preferences[s.key], feedback[s.key]["items"]) for s in part]
+            return encoders.training_turns(part, *([list(column) for column in zip(*texts)]))
+
+        train, held_out = turns(data.train), turns(data.held_out)
+        items = (node_embeddings[: len(data.catalog)], torch.from_numpy(data.catalog.embeddings()))
         heads = {}
         for views in ("both", "text", "graph"):
-            heads[views], found = fit_fusion_head(data, nodes, node_embeddings, retriever_inputs, views, args)
+            heads[views], found, history = fit_fusion_head(train, held_out, *items, views, args)
+            for epoch in history:
+                run.log_step({f"train_retriever/{views}/{k}": v for k, v in epoch.items()}, epoch["seconds"])
             metrics |= {f"retriever/{views}/{k}": v for k, v in found.items()}
+        metrics |= {f"retriever/random/{k}": v for k, v in random_recall(held_out, len(data.catalog)).items()}
+        metrics |= {"retriever/held_out_turns": len(held_out), "retriever/training_turns": len(train)}
         folder = run.dir / "retriever"
         folder.mkdir(parents=True, exist_ok=True)
         torch.save({"nodes": nodes, "node_embeddings": node_embeddings, "heads": heads}, folder / "retriever.pt")
@@ -1032,7 +1203,7 @@ def pretrain_lightgcn(nodes: list[str], edges: torch.Tensor, num_items: int, arg
     optimizer = torch.optim.Adam([embeddings], lr=1e-2)
     for _ in tqdm(range(args.bpr_epochs), desc="lightgcn (BPR)"):
         propagated = lightgcn(embeddings, adjacency, args.gcn_layers)
-        negatives = torch.randint(num_items, len(nodes), (edges.shape[1],))  # entity nodes follow the items
+        negatives = bpr_negatives(edges, num_items, len(nodes))
         loss = bpr_loss(propagated[edges[0]], propagated[edges[1]], propagated[negatives])
         loss = loss + 1e-4 * embeddings.pow(2).sum(-1).mean()
         optimizer.zero_grad()
@@ -1041,53 +1212,54 @@ def pretrain_lightgcn(nodes: list[str], edges: torch.Tensor, num_items: int, arg
     return lightgcn(embeddings, adjacency, args.gcn_layers).detach()
 
 
-def fit_fusion_head(data: Data, nodes, node_embeddings, inputs: dict, views: str, args: Args):
-    """(the best state, its held-out Recall@{1,10,20}) of one fusion head trained with InfoNCE (Eq. 12): each
-    training turn's target against --negatives random items, none of them the target or a mentioned item."""
-    text_dim = data.catalog.encode(["x"]).shape[1]
-    head = FusionHead(text_dim, args.gcn_dim, views)
-    retriever = Retriever(head, nodes, node_embeddings, data.catalog)
+def bpr_negatives(edges: torch.Tensor, num_items: int, num_nodes: int, max_draws: int = 100) -> torch.Tensor:
+    """One negative attribute per (movie, attribute) edge: an entity node (they follow the items) drawn uniformly
+    among those the movie is not linked to, so that BPR never pushes a movie away from its own attribute."""
+    linked = edges[0] * num_nodes + edges[1]
+    negatives = torch.randint(num_items, num_nodes, (edges.shape[1],))
+    for _ in range(max_draws):
+        hits = torch.isin(edges[0] * num_nodes + negatives, linked)
+        if not hits.any():
+            break
+        negatives[hits] = torch.randint(num_items, num_nodes, (int(hits.sum()),))
+    return negatives
+
+
+def fit_fusion_head(
+    train: RetrieverTurns, held_out: RetrieverTurns, item_graph: torch.Tensor, item_text: torch.Tensor, views, args
+) -> tuple[dict, dict[str, float], list[dict]]:
+    """(the best state, its held-out Recall@{1,10,20}, per-epoch history) of one fusion head trained with InfoNCE
+    (Eq. 12, Adam): shuffled mini-batches of --retriever-batch-size turns, each target against --negatives random
+    items that are neither the target nor mentioned; after every epoch the held-out recall, stopping after
+    --retriever-patience epochs without a better one (Recall@20, then @10 and @1 on ties)."""
+    head = FusionHead(train.texts.shape[-1], item_graph.shape[-1], views)
     optimizer = torch.optim.Adam(head.parameters(), lr=args.retriever_lr)
-    rng = random.Random(args.seed)
-
-    def columns(batch):
-        return [list(x) for x in zip(*(inputs[s.key] for s in batch))]
-
-    train_inputs = retriever.conversation_inputs(data.train, *columns(data.train))
-    titles = {t: k for k, t in enumerate(data.catalog.titles)}
-    item_graph_embeddings, item_text = node_embeddings[: len(data.catalog)], torch.from_numpy(data.catalog.embeddings())
-    best, best_recall, waited = None, -1.0, 0
-    for _ in tqdm(range(args.retriever_epochs), desc=f"retriever ({views})"):
-        head.train()
-        conversations = head(*train_inputs)
-        items = head.items(item_graph_embeddings, item_text)
-        negatives = []
-        for sample in data.train:
-            excluded = {titles[t] for t in [sample.target, *sample.mentioned] if t in titles}
-            pool = [k for k in range(len(titles)) if k not in excluded]
-            negatives.append(rng.sample(pool, min(args.negatives, len(pool))))
-        width = min(len(n) for n in negatives)
-        candidates = torch.tensor([[titles[s.target]] + n[:width] for s, n in zip(data.train, negatives)])
-        scores = (conversations[:, None, :] * items[candidates]).sum(-1)
-        loss = info_nce_loss(scores)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        found = held_out_recall(Retriever(head, nodes, node_embeddings, data.catalog), data, inputs, columns)
-        if found["recall@20"] > best_recall:
-            best, best_recall, waited = {k: v.clone() for k, v in head.state_dict().items()}, found["recall@20"], 0
-            best_found = found
+    generator = torch.Generator().manual_seed(args.seed)
+    best, best_found, best_key, waited, history = None, {}, None, 0, []
+    for epoch in (bar := tqdm(range(args.retriever_epochs), desc=f"retriever ({views})")):
+        started, losses = time.time(), []
+        for rows in torch.randperm(len(train), generator=generator).split(args.retriever_batch_size):
+            conversations = head(*train.views(rows))
+            items = head.items(item_graph, item_text)
+            negatives = sample_negatives(train.excluded(rows, len(item_graph)), args.negatives, generator)
+            candidates = torch.cat([train.targets[rows, None], negatives], dim=1)  # the target in column 0
+            loss = info_nce_loss((conversations[:, None, :] * items[candidates]).sum(-1))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        with torch.no_grad():
+            found = held_out_recall(head, held_out, head.items(item_graph, item_text))
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **found, "seconds": time.time() - started})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", recall_20=f"{found['recall@20']:.3f}")
+        key = (found["recall@20"], found["recall@10"], found["recall@1"])
+        if best_key is None or key > best_key:
+            best, best_found, best_key, waited = copy.deepcopy(head.state_dict()), found, key, 0
         else:
             waited += 1
             if waited >= args.retriever_patience:
                 break
-    return best, best_found
-
-
-def held_out_recall(retriever: Retriever, data: Data, inputs: dict, columns) -> dict[str, float]:
-    ranked = retriever.retrieve(data.held_out, *columns(data.held_out), k=20)
-    targets = [s.target for s in data.held_out]
-    return {f"recall@{k}": recall_at(ranked, targets, k) for k in (1, 10, 20)}
+    return best, best_found, history
 
 
 def load_retriever(run: Run, data: Data, views: str = "both") -> Retriever:
@@ -1117,8 +1289,13 @@ def recommender_sft(run: Run, args: Args, data: Data) -> dict:
         retrieved = retriever.retrieve(
             batch, f, [""] * len(batch), [feedback[s.key]["items"] for s in batch], args.num_candidates
         )
-        candidates = [c if s.target in c else c[:-1] + [s.target] for s, c in zip(batch, retrieved)]
-        prompts = [recommender_prompt(s, c, text, "", args.list_length) for s, c, text in zip(batch, candidates, f)]
+        candidates = [
+            sft_candidates(c, s.target, random.Random(f"{args.seed}:{s.key}")) for s, c in zip(batch, retrieved)
+        ]
+        prompts = [
+            recommender_prompt(s, c, text, "", args.list_length, data.catalog)
+            for s, c, text in zip(batch, candidates, f)
+        ]
         attributes = ["; ".join(sorted(attributes_of(data.catalog, s.target))) or "no attributes" for s in batch]
         notes = [TEACHER_NOTE.format(target=s.target, attributes=a) for s, a in zip(batch, attributes)]
         thoughts = teacher_reasoning(teacher, [p + n for p, n in zip(prompts, notes)], args, stats)
@@ -1163,23 +1340,42 @@ def load_policy(run: Run, args: Args, adapters: list[Path], trainable: bool = Fa
     return load_merged(args.policy, adapters, run.device, lora, args.seed, args.gradient_checkpointing)
 
 
-def group_examples(tokenizer, rollouts: list[dict], args: Args) -> list[dict]:
-    """Every sampled output of a step's groups as a training example with its group-normalized advantage."""
+def training_dialogue(data: Data, args: Args, position: int) -> Sample:
+    """The training dialogue at ``position`` of GRPO's stream: the training turns, reshuffled every epoch."""
+    epoch, index = divmod(position, len(data.train))
+    return random.Random(args.seed + epoch).sample(data.train, len(data.train))[index]
+
+
+def rollout_key(step: int, position: int, sample: Sample) -> str:
+    return f"{step}|{position}|{sample.key}"
+
+
+def step_groups(records, step: int) -> list[dict]:
+    """The groups (turns) that step ``step`` rolled out, in stream order."""
+    rollouts = [r for r in records.records() if r["key"].startswith(f"{step}|")]
+    return [turn for r in sorted(rollouts, key=lambda r: int(r["key"].split("|")[1])) for turn in r["turns"]]
+
+
+def group_examples(groups: list[dict]) -> list[dict]:
+    """Every sampled output of ``groups`` as a training example: the prompt's and the output's token ids exactly as
+    they were sampled (eos only where it was sampled), the output masked in, and its group-normalized advantage."""
     examples = []
-    for rollout in rollouts:
-        for turn in rollout["turns"]:
-            advantages = group_advantages(torch.tensor([r["total"] for r in turn["rewards"]]))
-            for output, advantage in zip(turn["outputs"], advantages.tolist()):
-                example = encode_example(tokenizer, turn["prompt"], output, args.max_length, output_prefix(args))
-                examples.append(example | {"advantage": advantage})
+    for turn in groups:
+        advantages = group_advantages(torch.tensor([r["total"] for r in turn["rewards"]]))
+        for completion_ids, advantage in zip(turn["completion_ids"], advantages.tolist()):
+            prompt_ids = turn["prompt_ids"]
+            mask = [0] * len(prompt_ids) + [1] * len(completion_ids)
+            examples.append({"input_ids": prompt_ids + completion_ids, "completion_mask": mask, "advantage": advantage})
     return examples
 
 
 def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
-    """Sec. 3.4.1 (Eq. 14): per optimizer step, --dialogues-per-step training dialogues are rolled out through T
-    turns with the current policy (``roll_out``: G outputs per turn, five rewards each); every output of the step
-    then takes one clipped-ratio step against the SFT reference (the adapter switched off). One update per rollout
-    (mu = 1), so pi_old is the policy that sampled. Rollouts are recorded per step and resumed from."""
+    """Sec. 3.4.1 (Eq. 14): per step, training dialogues are rolled out through T turns with the current policy
+    (``roll_out``: G outputs per turn, five rewards each) until the step has --groups-per-step groups (turns); the
+    step trains on that many of them, drawn at random when the last dialogue brought more, so that every optimizer
+    step weighs the same number of groups however many turns the dialogues ran. Then --grpo-iterations clipped-ratio
+    updates against the SFT reference (the adapter switched off), pi_old being the policy that sampled. Rollouts are
+    recorded and resumed from."""
     from transformers import get_constant_schedule
 
     if run.finished("grpo_adapter"):
@@ -1191,49 +1387,56 @@ def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
     model, tokenizer = load_policy(run, args, [run.dir / "sft_adapter"], trainable=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.grpo_lr, weight_decay=0)
     scheduler = get_constant_schedule(optimizer)
+    outputs = args.groups_per_step * args.group_size  # every step's global batch: DeepSpeed is told it up front
+    configure_batches(accelerator, outputs, padded_batch(outputs, run, args), args.micro_batch_size)
     model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / "grpo")
-    rng, records = random.Random(args.seed), run.records("grpo_rollouts.jsonl")
+    records = run.records("grpo_rollouts.jsonl")
     engine = rollout_engine(run, args) if args.rollout_backend == "vllm" else None
-    epochs = math.ceil(args.grpo_steps * args.dialogues_per_step / len(data.train))
-    order = [s for e in range(epochs) for s in random.Random(args.seed + e).sample(data.train, len(data.train))]
     for step in tqdm(
         range(start, args.grpo_steps), desc="grpo", initial=start, total=args.grpo_steps, disable=not run.main
     ):
-        started, dialogues = time.time(), order[step * args.dialogues_per_step : (step + 1) * args.dialogues_per_step]
-        done = records.done_keys()
-        mine = [s for s in run.shard(dialogues) if f"{step}|{s.key}" not in done]
+        started = time.time()
+        earlier = [int(r["key"].split("|")[1]) for r in records.records() if int(r["key"].split("|")[0]) < step]
+        position, groups = max(earlier, default=-1) + 1, 0
         if engine is not None:  # vLLM samples with the adapter as it is now
             save_final(accelerator, model, run.dir / "grpo" / "sampler_adapter", {"step": step})
             engine.use_adapter(run.dir / "grpo" / "sampler_adapter", version=step + 1)
-            roles = Roles(engine, simulator, retriever, references)
-            turns = roll_out(mine, roles, data, args, args.group_size, args.temperature, True, rng) if mine else []
-        else:
-            with generation_weights(accelerator, model) as current:  # the policy samples with its current weights
-                roles = Roles(run.track(HFChat(current, tokenizer, args.batch_size)), simulator, retriever, references)
-                turns = roll_out(mine, roles, data, args, args.group_size, args.temperature, True, rng) if mine else []
-        for sample, sample_turns in zip(mine, turns):
-            records.append({"key": f"{step}|{sample.key}", "turns": sample_turns})
-        run.barrier()
-        rollouts = sorted((r for r in records.records() if r["key"].startswith(f"{step}|")), key=lambda r: r["key"])
-        examples = group_examples(tokenizer, rollouts, args)
-        sums = grpo_update(run, args, model, optimizer, tokenizer, examples)
-        scheduler.step()
-        rewards = [r for rollout in rollouts for turn in rollout["turns"] for r in turn["rewards"]]
+        while groups < args.groups_per_step:  # rounds of dialogues, replayed the same way on a resume
+            count = math.ceil((args.groups_per_step - groups) / args.max_turns)
+            todo = [(p, training_dialogue(data, args, p)) for p in range(position, position + count)]
+            round_keys, done = {rollout_key(step, p, s) for p, s in todo}, records.done_keys()
+            mine = [(p, s) for p, s in run.shard(todo) if rollout_key(step, p, s) not in done]
+            rng = random.Random(f"{args.seed}:{step}:{position}")
+            if engine is not None:
+                roles = Roles(engine, simulator, retriever, references)
+                turns = roll_out([s for _, s in mine], roles, data, args, args.group_size, args.temperature, True, rng)
+            else:
+                with generation_weights(accelerator, model) as current:  # the policy samples with its current weights
+                    policy = run.track(HFChat(current, tokenizer, args.batch_size))
+                    roles = Roles(policy, simulator, retriever, references)
+                    turns = roll_out(
+                        [s for _, s in mine], roles, data, args, args.group_size, args.temperature, True, rng
+                    )
+            for (p, sample), sample_turns in zip(mine, turns):
+                records.append({"key": rollout_key(step, p, sample), "turns": sample_turns})
+            run.barrier()
+            groups += sum(len(r["turns"]) for r in records.records() if r["key"] in round_keys)
+            position += count
+        sampled = step_groups(records, step)
+        trained = sorted(random.Random(f"{args.seed}:{step}").sample(range(len(sampled)), args.groups_per_step))
+        iterations = grpo_update(run, args, model, optimizer, scheduler, group_examples([sampled[k] for k in trained]))
+        rewards = [r for turn in sampled for r in turn["rewards"]]
         means = {f"rollout/reward_{k}": float(np.mean([r[k] for r in rewards])) for k in rewards[0]}
-        run.log_step(
-            {
-                "train/loss": sums["loss"],
-                "train/kl": sums["kl"],
-                "train/groups": len(examples) / args.group_size,
-                **means,
-            },
-            time.time() - started,
-        )
+        update = {f"train/{k}": float(np.mean([it[k] for it in iterations])) for k in iterations[0]}
+        groups_logged = {"train/groups": len(trained), "rollout/groups_sampled": len(sampled)}
+        run.log_step(update | groups_logged | means, time.time() - started)
         if run.main:
             tqdm.write(
                 f"grpo step {step + 1}/{args.grpo_steps}: "
                 + "  ".join(f"{k.split('_')[-1]} {v:.3f}" for k, v in means.items())
-                + f"  loss {sums['loss']:.4f}"
+                + f"  loss {update['train/loss']:.4f}  clipped {update['train/clip_ratio/region_mean']:.3f}"
+                + f"  log-prob per token: A>0 {update['train/logp_change/positive_advantage']:+.4f}"
+                + f", A<0 {update['train/logp_change/negative_advantage']:+.4f}"
             )
         if (step + 1) % args.save_every == 0 or step + 1 == args.grpo_steps:
             save_resumable(accelerator, model, run.dir / "grpo", step + 1, optimizer, scheduler)
@@ -1267,38 +1470,84 @@ def rollout_engine(run: Run, args: Args):
     )
 
 
-def grpo_update(run: Run, args: Args, model, optimizer, tokenizer, examples: list[dict]) -> dict[str, float]:
-    """One optimizer step on every output of the step (the global batch, split over ranks and micro-batches): Eq. 14
-    averaged over the outputs. Returns the loss and the mean per-token KL. With one update per rollout the ratio is 1
-    here, so no token is clipped and no clip ratio is logged."""
+def padded_batch(outputs: int, run: Run, args: Args) -> int:
+    """The global batch that holds ``outputs`` on every rank's micro-batches (weight-0 rows pad it)."""
+    return outputs + (-outputs) % (run.world * args.micro_batch_size)
+
+
+def grpo_update(run: Run, args: Args, model, optimizer, scheduler, examples: list[dict]) -> list[dict[str, float]]:
+    """--grpo-iterations (mu) optimizer steps on every output of the step (the global batch, split over ranks and
+    micro-batches), each minimising Eq. 14 averaged over the outputs. pi_old is the policy that sampled: its
+    per-token log-probs are read in the first iteration, before any update, and held for the later ones, so the
+    ratio is 1 in the first iteration and the clip can act from the second on (TRL's num_iterations). Returns, per
+    iteration, the loss, the mean per-token KL, the gradient norm and TRL's clip ratios, with the mean per-token
+    log-prob change that the whole update made to the outputs of positive and of negative advantage."""
     accelerator, micro = run.accelerator, args.micro_batch_size
     steps, accum = training_steps(
-        accelerator, len(examples), len(examples) + (-len(examples)) % (run.world * micro), micro, 1, args.seed
+        accelerator, len(examples), padded_batch(len(examples), run, args), micro, 1, args.seed
     )
-    sums = {"loss": 0.0, "kl": 0.0, "tokens": 0.0}
-    for chunk, weights in micro_batches(examples, steps[0], accelerator, micro, accum):
-        rows = [(e["input_ids"], e["completion_mask"]) for e in chunk]
+    held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # micro-batch -> (pi_old's, pi_ref's log-probs)
+    iterations = []
+    for _ in range(args.grpo_iterations):
+        sums = dict.fromkeys(("loss", "kl", "tokens", "low", "high"), 0.0)
+        for m, (chunk, weights) in enumerate(micro_batches(examples, steps[0], accelerator, micro, accum)):
+            advantages = torch.tensor([e["advantage"] for e in chunk], device=run.device)
+            rows = [(e["input_ids"], e["completion_mask"]) for e in chunk]
+            inputs = {k: v.to(run.device) for k, v in collate(rows, 0).items()}  # pads are masked: any id does
+            mask = inputs["completion_mask"][:, 1:].float()
+            if m not in held:
+                with torch.no_grad(), accelerator.unwrap_model(model).disable_adapter():  # the reference: pi_sft
+                    _, _, ref_logps = sequence_logprobs(accelerator.unwrap_model(model), **inputs)
+            with accelerator.accumulate(model):
+                _, _, policy_logps = sequence_logprobs(model, **inputs)
+                if m not in held:
+                    held[m] = (policy_logps.detach(), ref_logps)
+                old_logps, ref_logps = held[m]
+                losses = grpo_loss(policy_logps, old_logps, ref_logps, advantages, mask, args.epsilon, args.kl_beta)
+                # Eq. 14's mean over the global batch's outputs; * world * accum undoes accelerate's 1 / accum per
+                # micro-batch and DDP's mean over ranks
+                loss = (losses * weights).sum() / len(examples) * run.world * accum
+                grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
+            with torch.no_grad():
+                ratio = torch.exp(policy_logps - old_logps)
+                kl = torch.exp(ref_logps - policy_logps) - (ref_logps - policy_logps) - 1
+                token_weights = mask * weights[:, None]
+                sums["loss"] += loss.item() / (run.world * accum)
+                sums["kl"] += (kl * token_weights).sum().item()
+                sums["tokens"] += token_weights.sum().item()
+                sums["low"] += (((ratio < 1 - args.epsilon) & (advantages[:, None] < 0)) * token_weights).sum().item()
+                sums["high"] += (((ratio > 1 + args.epsilon) & (advantages[:, None] > 0)) * token_weights).sum().item()
+        scheduler.step()
+        totals = run.sum_over_ranks(sums)
+        tokens = max(totals["tokens"], 1)
+        iterations.append(
+            {
+                "loss": totals["loss"],
+                "kl": totals["kl"] / tokens,
+                "grad_norm": grad_norm,
+                "clip_ratio/low_mean": totals["low"] / tokens,
+                "clip_ratio/high_mean": totals["high"] / tokens,
+                "clip_ratio/region_mean": (totals["low"] + totals["high"]) / tokens,
+            }
+        )
+    # bookkeeping: what the update did to the sampled outputs, the signal it should move (one forward, no grad)
+    moved = dict.fromkeys(("up", "up_outputs", "down", "down_outputs"), 0.0)
+    for m, (chunk, weights) in enumerate(micro_batches(examples, steps[0], accelerator, micro, accum)):
         advantages = torch.tensor([e["advantage"] for e in chunk], device=run.device)
-        inputs = {k: v.to(run.device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
-        mask = inputs["completion_mask"][:, 1:].float()
-        with torch.no_grad(), accelerator.unwrap_model(model).disable_adapter():  # the reference: pi_sft
-            _, _, ref_logps = sequence_logprobs(accelerator.unwrap_model(model), **inputs)
-        with accelerator.accumulate(model):
-            _, _, policy_logps = sequence_logprobs(model, **inputs)
-            losses = grpo_loss(
-                policy_logps, policy_logps.detach(), ref_logps, advantages, mask, args.epsilon, args.kl_beta
-            )
-            # Eq. 14's mean over the global batch's outputs; * world * accum undoes accelerate's 1 / accum per
-            # micro-batch and DDP's mean over ranks
-            loss = (losses * weights).sum() / len(examples) * run.world * accum
-            optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
+        inputs = {
+            k: v.to(run.device) for k, v in collate([(e["input_ids"], e["completion_mask"]) for e in chunk], 0).items()
+        }
         with torch.no_grad():
-            kl = torch.exp(ref_logps - policy_logps) - (ref_logps - policy_logps) - 1
-            sums["loss"] += loss.item() / (run.world * accum)
-            sums["kl"] += ((kl * mask).sum(-1) * weights).sum().item()
-            sums["tokens"] += (mask.sum(-1) * weights).sum().item()
-    totals = run.sum_over_ranks(sums)
-    return {"loss": totals["loss"], "kl": totals["kl"] / max(totals["tokens"], 1)}
+            _, lengths, new_logps = sequence_logprobs(model, **inputs)
+        change = (new_logps - held[m][0]).sum(-1) / lengths.clamp(min=1)  # per-token log-prob change of each output
+        for side, chosen in (("up", advantages > 0), ("down", advantages < 0)):
+            moved[side] += (change * weights * chosen).sum().item()
+            moved[f"{side}_outputs"] += (weights * chosen).sum().item()
+    moved = run.sum_over_ranks(moved)
+    for iteration in iterations:
+        iteration["logp_change/positive_advantage"] = moved["up"] / max(moved["up_outputs"], 1)
+        iteration["logp_change/negative_advantage"] = moved["down"] / max(moved["down_outputs"], 1)
+    return iterations
 
 
 def evaluate(run: Run, args: Args, data: Data) -> dict:
@@ -1340,7 +1589,7 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
         results = [r for r in records.records() if r["key"] in wanted]
         prefix = "eval" if name == "smtpo" else f"eval_{name.replace('-', '')}"
         for t in range(1, args.max_turns + 1):
-            lists = [(r["turns"][:t][-1]["ranked"] if r["turns"] else [], r["target"]) for r in results]
+            lists = [(ranking_slots(r["turns"][:t][-1]["ranked"]) if r["turns"] else [], r["target"]) for r in results]
             turn = {
                 "recall@1": np.mean([recall_at_k(ranked, [target], 1) for ranked, target in lists]),
                 "recall@10": np.mean([recall_at_k(ranked, [target], 10) for ranked, target in lists]),
@@ -1354,6 +1603,12 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
         del model
     run.table(f"eval{control}_by_turn", ["policy", "turn", "recall@1", "recall@10", "ndcg@10", "mrr@10"], rows)
     return metrics | {"eval/examples": len(data.test)}
+
+
+def ranking_slots(ranked: list[str | None]) -> list[str]:
+    """A parsed list for the ranking metrics: an entry that names no new candidate keeps its slot as a placeholder
+    that matches nothing, so a target written below made-up titles ranks where it was written."""
+    return [title if title is not None else f"(entry {k + 1}: no candidate)" for k, title in enumerate(ranked)]
 
 
 def print_tables(metrics: dict) -> None:

@@ -1,25 +1,30 @@
-"""One GRPO update of smtpo.py against TRL's GRPOTrainer on the same group and LoRA, and one rollout turn with G
-shared-prefill samples against G independent generations; prints two tables.
+"""GRPO updates of smtpo.py against TRL's GRPOTrainer on the same group and LoRA (mu = 2 iterations on it, so that
+the clip acts in the second), and one rollout turn with G shared-prefill samples against G independent generations;
+prints two tables.
 
     python bench/bench_smtpo_grpo.py                  # embedded SmolLM2, CPU, G = 4
     python bench/bench_smtpo_grpo.py --threads 2 --repeats 9
 
 The group: G outputs sampled (temperature 1) from one SMTPO recommender prompt (``smtpo.recommender_prompt`` on
-the first demo test context and 20 demo candidates) by ``HFChat.chat(n=G)``; its advantages come from fixed
-rewards (a 135M model rarely writes the format, so its real rewards are often all equal and every advantage 0).
-Both sides train the same LoRA (smtpo.Args defaults) from the same weights, without gradient checkpointing.
+the first demo test context and 20 demo candidates) by ``HFChat.complete(n=G)``, kept as the sampled token ids;
+its advantages come from fixed rewards (a 135M model rarely writes the format, so its real rewards are often all
+equal and every advantage 0). Both sides train the same LoRA (smtpo.Args defaults) from the same weights, without
+gradient checkpointing.
 
-Our update is ``smtpo.grpo_update``: the reference log-probs with the adapter switched off, one forward of the
-group, ``smtpo.grpo_loss`` (Eq. 14), backward, clipping and the AdamW step. TRL's is the same work as its
-trainer splits it: the reference log-probs (``_get_per_token_logps_and_entropies`` with the adapter disabled,
-done in its generation step), ``compute_loss`` with ``loss_type="grpo"``, backward, clipping and the step. The
-two variants alternate, one of each per round, and the median of the timed rounds is reported. lora_B starts
-from seeded noise, so the policy differs from the reference and the KL term is not zero. Losses are compared on
-identical weights, before any update.
+Our update is ``smtpo.grpo_update`` with ``--iterations`` (mu, default 2): the reference log-probs with the adapter
+switched off, then per iteration one forward of the group, ``smtpo.grpo_loss`` (Eq. 14), backward, clipping and
+the AdamW step; pi_old's log-probs are the first iteration's, held. TRL's is the same work as its trainer splits
+it (``num_iterations`` = mu): the reference and, for mu > 1, pi_old's log-probs (``_get_per_token_logps_and_
+entropies``, done in its generation step), then per iteration ``compute_loss`` with ``loss_type="grpo"``, backward,
+clipping and the step. From identical weights, the losses and TRL's clip ratio are compared iteration by iteration
+(the second iteration's clip acts on both sides); then the two variants alternate, one of each per timed round,
+and the median is reported. lora_B starts from seeded noise, so the policy differs from the reference and the KL
+term is not zero.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import sys
@@ -38,7 +43,7 @@ import smtpo  # noqa: E402
 from common.llm import HFChat  # noqa: E402
 from common.models import load_merged  # noqa: E402
 from common.run import Run  # noqa: E402
-from common.tokens import collate, render_prompt  # noqa: E402
+from common.tokens import collate  # noqa: E402
 
 
 @dataclass
@@ -49,6 +54,10 @@ class Args:
     """G: outputs of the one prompt (paper: 4)"""
     max_tokens: int = 160
     """length cap of each sampled output (smtpo.Args.rec_max_tokens)"""
+    iterations: int = 2
+    """mu: optimizer steps on the group (smtpo --grpo-iterations, TRL num_iterations)"""
+    lr: float = 1e-3
+    """learning rate of both sides (smtpo.Args.grpo_lr, the demo's; large enough that the second iteration clips)"""
     rewards: tuple[float, ...] = (2.0, 0.0, 1.0, 0.5)
     """the group's rewards (repeated to G), normalized into advantages by smtpo.group_advantages"""
     repeats: int = 5
@@ -69,7 +78,7 @@ def group_prompt(cfg: smtpo.Args) -> str:
     data = smtpo.load_data(cfg)
     sample = data.test[0]
     candidates = ([sample.target] + [t for t in data.catalog.titles if t != sample.target])[: cfg.num_candidates]
-    return smtpo.recommender_prompt(sample, candidates, "", "", cfg.list_length)
+    return smtpo.recommender_prompt(sample, candidates, "", "", cfg.list_length, data.catalog)
 
 
 def perturb(model, std: float, seed: int) -> None:
@@ -90,13 +99,20 @@ def main(args: Args) -> None:
     import trl
     from datasets import Dataset, disable_progress_bars
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import get_constant_schedule
     from trl import GRPOConfig, GRPOTrainer
 
     transformers.logging.set_verbosity_error()
     disable_progress_bars()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = smtpo.Args(micro_batch_size=args.group_size, gradient_checkpointing=False, seed=args.seed)
+    cfg = smtpo.Args(
+        micro_batch_size=args.group_size,
+        gradient_checkpointing=False,
+        seed=args.seed,
+        grpo_iterations=args.iterations,
+        grpo_lr=args.lr,
+    )
     prompt = group_prompt(cfg)
     conversation = [{"role": "user", "content": prompt}]
 
@@ -108,27 +124,29 @@ def main(args: Args) -> None:
     for round_ in range(args.warmup + max(1, args.repeats // 2)):
         torch.manual_seed(args.seed + round_)
         start = time.perf_counter()
-        (outputs,) = chat.chat([conversation], n=args.group_size, temperature=1.0, max_tokens=args.max_tokens)
+        (sampled,) = chat.complete([conversation], n=args.group_size, temperature=1.0, max_tokens=args.max_tokens)
         middle = time.perf_counter()
         for _ in range(args.group_size):
-            chat.chat([conversation], n=1, temperature=1.0, max_tokens=args.max_tokens)
+            chat.complete([conversation], n=1, temperature=1.0, max_tokens=args.max_tokens)
         end = time.perf_counter()
         if round_ >= args.warmup:
             shared.append(middle - start)
             independent.append(end - middle)
         if round_ == 0:
-            group = outputs
-    prompt_tokens = len(tokenizer(render_prompt(tokenizer, conversation), add_special_tokens=False).input_ids)
+            group = sampled
+    prompt_tokens = len(group[0].prompt_ids)
 
     # ------------------------------------------------------------------ the group as both sides see it
-    rewards = torch.tensor([args.rewards[k % len(args.rewards)] for k in range(args.group_size)])
-    advantages = smtpo.group_advantages(rewards)
-    examples = [
-        smtpo.encode_example(tokenizer, prompt, text, cfg.max_length) | {"advantage": a}
-        for text, a in zip(group, advantages.tolist())
-    ]
+    rewards = [args.rewards[k % len(args.rewards)] for k in range(args.group_size)]
+    turn = {
+        "prompt_ids": group[0].prompt_ids,
+        "completion_ids": [c.completion_ids for c in group],
+        "rewards": [{"total": r} for r in rewards],
+    }
+    examples = smtpo.group_examples([turn])
+    advantages = smtpo.group_advantages(torch.tensor(rewards))
     batch = collate([(e["input_ids"], e["completion_mask"]) for e in examples], tokenizer.pad_token_id)
-    prompt_length = examples[0]["completion_mask"].index(1)
+    prompt_length = len(group[0].prompt_ids)
     completion_ids = batch["input_ids"][:, prompt_length:]
     completion_mask = batch["completion_mask"][:, prompt_length:]
     trl_inputs = {
@@ -144,9 +162,13 @@ def main(args: Args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg.run_name = str(Path(tmp) / "bench")
         run = Run(cfg)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.grpo_lr)
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=cfg.grpo_lr, weight_decay=0
+        )
+        scheduler = get_constant_schedule(optimizer)
         model, optimizer = run.accelerator.prepare(model, optimizer)
         model.train()
+        start_state = copy.deepcopy(get_peft_model_state_dict(run.accelerator.unwrap_model(model)))
 
         # ------------------------------------------------------------------ TRL: same base, LoRA, weights
         trl_base, _ = load_merged(args.policy)
@@ -155,6 +177,7 @@ def main(args: Args) -> None:
             loss_type="grpo",
             beta=cfg.kl_beta,
             epsilon=cfg.epsilon,
+            num_iterations=args.iterations,
             num_generations=args.group_size,
             per_device_train_batch_size=args.group_size,
             gradient_accumulation_steps=1,
@@ -163,6 +186,7 @@ def main(args: Args) -> None:
             lr_scheduler_type="constant",
             warmup_steps=0,
             weight_decay=0.0,
+            optim="adamw_torch",
             gradient_checkpointing=False,
             bf16=False,
             fp16=False,
@@ -180,44 +204,49 @@ def main(args: Args) -> None:
             peft_config=copy.deepcopy(run.accelerator.unwrap_model(model).peft_config["default"]),
         )
         trl_model = trainer.model
-        set_peft_model_state_dict(trl_model, get_peft_model_state_dict(run.accelerator.unwrap_model(model)))
+        set_peft_model_state_dict(trl_model, start_state)
         trainer.create_optimizer_and_scheduler(num_training_steps=1000)
         trainer.current_gradient_accumulation_steps = 1  # set by train(), which we do not call
         trl_model.train()
         input_ids = batch["input_ids"]
         attention_mask = batch["attention_mask"]
 
-        def trl_reference() -> torch.Tensor:
-            with torch.no_grad(), trl_model.disable_adapter():
+        def trl_logps(adapter: bool) -> torch.Tensor:
+            with torch.no_grad(), contextlib.nullcontext() if adapter else trl_model.disable_adapter():
                 logps, _, _ = trainer._get_per_token_logps_and_entropies(
                     trl_model, input_ids, attention_mask, completion_ids.size(1)
                 )
             return logps
 
-        def trl_step() -> float:
-            loss = trainer.compute_loss(trl_model, trl_inputs | {"ref_per_token_logps": trl_reference()})
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trl_model.parameters(), cfg.max_grad_norm)
-            trainer.optimizer.step()
-            trl_model.zero_grad()
-            return loss.item()
+        def trl_update() -> list[dict[str, float]]:
+            """TRL's generation step (the reference's and pi_old's log-probs), then mu optimizer steps."""
+            inputs = trl_inputs | {"ref_per_token_logps": trl_logps(adapter=False)}
+            if args.iterations > 1:
+                inputs["old_per_token_logps"] = trl_logps(adapter=True)
+            steps = []
+            for _ in range(args.iterations):
+                trainer._metrics["train"].clear()
+                loss = trainer.compute_loss(trl_model, inputs)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trl_model.parameters(), cfg.max_grad_norm)
+                trainer.optimizer.step()
+                trl_model.zero_grad()
+                clip = trainer._metrics["train"]["clip_ratio/region_mean"]
+                steps.append({"loss": loss.item(), "clip_ratio/region_mean": clip[-1]})
+            return steps
 
-        def our_step() -> float:
-            return smtpo.grpo_update(run, cfg, model, optimizer, tokenizer, examples)["loss"]
+        def our_update() -> list[dict[str, float]]:
+            return smtpo.grpo_update(run, cfg, model, optimizer, scheduler, examples)
 
-        # ------------------------------------------------------------------ losses on identical weights
-        with torch.no_grad():
-            loss_trl = trainer.compute_loss(trl_model, trl_inputs | {"ref_per_token_logps": trl_reference()}).item()
+        # ------------------------------------------------------------------ mu iterations from identical weights
+        per_iteration = {"ours (smtpo.grpo_update)": our_update(), "TRL GRPOTrainer": trl_update()}
         times = {"ours (smtpo.grpo_update)": [], "TRL GRPOTrainer": []}
-        losses = {}
         for round_ in range(args.warmup + args.repeats):
-            for name, step in (("ours (smtpo.grpo_update)", our_step), ("TRL GRPOTrainer", trl_step)):
+            for name, update in (("ours (smtpo.grpo_update)", our_update), ("TRL GRPOTrainer", trl_update)):
                 start = time.perf_counter()
-                loss = step()
+                update()
                 if round_ >= args.warmup:
                     times[name].append(time.perf_counter() - start)
-                losses.setdefault(name, loss)  # the first step's loss: identical weights on both sides
-    loss_ours = losses["ours (smtpo.grpo_update)"]
 
     lengths = completion_mask.sum(-1).tolist()
     print(
@@ -228,19 +257,28 @@ def main(args: Args) -> None:
         f"group: G = {args.group_size}, prompt {prompt_tokens} tokens, outputs {lengths} tokens, "
         f"advantages {[round(a, 3) for a in advantages.tolist()]}   median of {args.repeats} rounds"
     )
-    print(f"\n{'GRPO update':<26}{'ms':>10}{'x ours':>9}{'loss (1st step)':>18}{'|diff|':>11}")
+    ours, theirs = per_iteration["ours (smtpo.grpo_update)"], per_iteration["TRL GRPOTrainer"]
+    print(f"\n{'iteration':<11}{'loss ours':>16}{'loss TRL':>16}{'|diff|':>10}{'clipped ours':>14}{'clipped TRL':>13}")
+    worst = 0.0
+    for k, (a, b) in enumerate(zip(ours, theirs), 1):
+        diff = abs(a["loss"] - b["loss"]) + abs(a["clip_ratio/region_mean"] - b["clip_ratio/region_mean"])
+        worst = max(worst, diff)
+        print(
+            f"{k:<11}{a['loss']:16.10f}{b['loss']:16.10f}{abs(a['loss'] - b['loss']):10.2e}"
+            f"{a['clip_ratio/region_mean']:14.4f}{b['clip_ratio/region_mean']:13.4f}"
+        )
+    verdict = "PASS" if worst <= args.tolerance else "FAIL"
+    print(f"agreement of losses and clip ratios (<= {args.tolerance:g}): {verdict}")
+    print(f"\n{'GRPO update, mu = ' + str(args.iterations):<26}{'ms':>10}{'x ours':>9}")
     ours_ms = median_ms(times["ours (smtpo.grpo_update)"])
     for name, t in times.items():
-        print(f"{name:<26}{median_ms(t):10.1f}{median_ms(t) / ours_ms:9.2f}{losses[name]:18.10f}{'':>11}")
-    diff = abs(loss_trl - loss_ours)
-    print(f"{'TRL compute_loss, no step':<26}{'':>10}{'':>9}{loss_trl:18.10f}{diff:11.2e}")
-    verdict = "PASS" if diff <= args.tolerance else "FAIL"
+        print(f"{name:<26}{median_ms(t):10.1f}{median_ms(t) / ours_ms:9.2f}")
     speed = median_ms(times["TRL GRPOTrainer"]) / ours_ms
-    print(f"loss agreement (<= {args.tolerance:g}): {verdict};  ours is {speed:.2f}x TRL's speed (target >= 1.0x)")
+    print(f"ours is {speed:.2f}x TRL's speed (target >= 1.0x)")
 
     s, i = statistics.median(shared), statistics.median(independent)
     print(f"\n{'rollout turn, G = ' + str(args.group_size):<34}{'s':>8}{'outputs/s':>11}")
-    print(f"{'HFChat.chat(n=G), one prefill':<34}{s:8.2f}{args.group_size / s:11.2f}")
+    print(f"{'HFChat.complete(n=G), one prefill':<34}{s:8.2f}{args.group_size / s:11.2f}")
     print(f"{'G independent generations':<34}{i:8.2f}{args.group_size / i:11.2f}")
     print(f"shared prefill: {i / s:.2f}x the speed of independent generations (max {args.max_tokens} new tokens)")
 

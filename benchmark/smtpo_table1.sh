@@ -21,7 +21,7 @@ for dataset in inspired redial; do
           --policy deepseek-ai/DeepSeek-R1-Distill-Llama-8B --simulator-model meta-llama/Llama-3.1-8B-Instruct
           --teacher-llm openai:gpt-3.5-turbo --text-encoder BAAI/bge-base-en-v1.5 --max-turns 5
           --simulator-lists 4 --simulator-predictions 2
-          --rec-max-tokens 1024 --feedback-max-tokens 128 --sft-lr 5e-5 --grpo-lr 1e-5 --dialogues-per-step 2
+          --rec-max-tokens 1024 --feedback-max-tokens 128 --sft-lr 5e-5 --grpo-lr 1e-5 --groups-per-step 8
           --grpo-steps 2000 --batch-size 64 --track)
   accelerate launch --config_file configs/gpu_zero3.yaml --num_processes "$GPUS" smtpo.py \
     --run-name "table1_${dataset}" "${common[@]}"

