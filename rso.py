@@ -2,8 +2,8 @@
 network of frozen LLM experts (METHODS.md Sec. 4). Docs: docs/rso.md.
 
     python rso.py                                        # every stage on the embedded models + the bundled demo
-    python rso.py --dataset inspired --rl-episodes 10 --sft-held-out 0.25 --num-test 20   # INSPIRED, --data-dir
-    accelerate launch rso.py --dataset redial --num-envs 16           # episodes sharded over ranks
+    python rso.py --dataset inspired --rl-episodes 12 --sft-held-out 0.25 --num-test 20   # INSPIRED, --data-dir
+    accelerate launch rso.py --dataset redial --num-envs 16           # 16 episodes per update, shared by the ranks
     bash benchmark/rso_table.sh                          # the paper's Tables IV and V on GPUs
 
 At every turn the Planner (a small encoder with a 13-way head) picks a macro strategy h_t from Table I; a
@@ -15,11 +15,13 @@ pipeline, one stage function each, writing under runs/<run_name>/:
 
   sft   the Planner warmed up on strategy-labelled dialogues (Eq. 6), accuracy and macro-F1 on held-out
         dialogues against the majority class                              -> sft/, sft_planner/
-  rl    episodes of at most --max-turns turns with the experts, the user and the rewarder batched over
-        --num-envs episodes; discounted returns (Eq. 8-9) and the entropy-regularized policy gradient (Eq. 7)
-                                                                          -> rl_episodes.jsonl, rl/, rl_planner/
+  rl    Algorithm 1 in `rollout`: --num-envs episodes of at most --max-turns turns played together by the current
+        Planner (h_t ~ pi, C1_t, C2_t, a_t, the user's reply, r_t from K judge samples, stop at r_t > tau), then
+        their discounted returns (Eq. 8-9), a baseline, and one step on the entropy-regularized policy gradient
+        (Eq. 7); every update is on-policy                                -> rl_episodes.jsonl, rl/, rl_planner/
   eval  the uniform-random, SFT and RL planners side by side on the evaluated dialogues: Conv-SR, WI, PRS,
-        Cred, Dist-2, Rec-SR, Recall@{1,5}; the strategy distribution by conversation progress (Fig. 3)
+        Cred, Dist-2, Rec-SR, Recall@{1,5}, through the same rollout; the strategy distribution by conversation
+        progress (Fig. 3)
                                           -> eval_<planner>.jsonl, judged_<planner>.jsonl, strategy_by_progress.png
 
 A rerun with the same --run-name skips every finished record, checkpoint and planner.
@@ -43,9 +45,9 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from ailo_sim import AILO, SimUser, UserTurn
+from ailo_sim import AILO, SimUser
 from common.catalog import Catalog, encoder_path, item_card
-from common.conversations import CRAReply, render_history, run_episodes
+from common.conversations import render_history
 from common.data import (
     DataError,
     Dialogue,
@@ -62,6 +64,7 @@ from common.data import (
     restore_years,
 )
 from common.distributed import (
+    configure_batches,
     generation_weights,
     micro_batches,
     optimizer_step,
@@ -72,10 +75,10 @@ from common.distributed import (
 )
 from common.llm import LLMBackendError
 from common.metrics import distinct_n, mentions_title, success_rate
-from common.models import ModelSpecError
+from common.models import ModelSpecError, whole_weights
 from common.parsing import ParseStats
 from common.run import Run
-from common.tracking import RecordFile
+from common.tracking import RecordFile, seed_everything
 
 STAGES = ("sft", "rl", "eval")
 PLANNERS = ("random", "sft", "rl")
@@ -172,6 +175,8 @@ class Args:
     """SFT global batch, over all ranks and accumulation steps (paper: 16)"""
     micro_batch_size: int = 16
     """SFT examples per rank per forward pass"""
+    sft_max_grad_norm: float = 1.0
+    """gradient clipping of SFT (paper: unstated)"""
     save_every: int = 10
     """SFT optimizer steps between resumable checkpoints (RL saves after every update)"""
 
@@ -180,28 +185,40 @@ class Args:
     """RL episodes in all (paper: 10 epochs x 100 dialogues)"""
     max_turns: int = 3
     """T_max: system turns per episode (paper: 10)"""
-    num_envs: int = 4
-    """episodes played together: the experts, the user and the rewarder answer all of them in one batched call
-    per step, like a vectorized environment"""
-    episodes_per_update: int = 1
-    """episodes per policy-gradient update: 1 is Eq. 7's update at the end of each dialogue; more averages the
-    episodes' losses (METHODS.md 4.8.5 mentions 16)"""
+    num_envs: int = 1
+    """episodes per policy-gradient update, played together by the current Planner (the experts, the user and the
+    rewarder answer all of them in one batched call per turn, like a vectorized environment), so that every update
+    is on-policy; under accelerate launch the ranks share them (paper: 1, an update at the end of each dialogue;
+    METHODS.md 4.8.5 mentions 16)"""
     rl_lr: float = 1e-4
     """RL learning rate, AdamW with linear decay (paper: 1e-4)"""
     gamma: float = 0.99
     """discount of the returns (paper: 0.99)"""
     beta_ent: float = 0.01
     """weight of the entropy bonus in Eq. 7 (METHODS.md: 0.01)"""
-    baseline: bool = False
-    """subtract the mean return of the update's turns from each R_t (METHODS.md 4.8.6; the paper has none)"""
-    max_grad_norm: float = 1.0
-    """gradient clipping"""
+    baseline: Literal["ema", "batch", "none"] = "ema"
+    """what Eq. 7 subtracts from each R_t: ema, a running mean of the returns at turn t over the earlier updates
+    (works with one episode per update); batch, the mean R_t of the update's own episodes (needs 2 or more per
+    update); none, the paper's Eq. 7, where rewards in [0, 1] reinforce every sampled strategy (docs/rso.md has the
+    measurements behind the default)"""
+    baseline_decay: float = 0.9
+    """weight of the old value in the ema baseline, per update: b_t <- decay b_t + (1 - decay) mean R_t (ours)"""
+    accept_credit: Literal["none", "remaining"] = "none"
+    """none: Eq. 8 as printed (paper), which pays stalling: ten turns at r = 0.75 return 7.2, accepting at the first
+    turn 1.0; remaining: an accepted episode's turns left up to --max-turns count at r = 1, so accepting never
+    returns less than stalling"""
+    rl_max_grad_norm: float = math.inf
+    """gradient clipping of the RL update (paper: none; inf, the default, is off). A bound that binds rescales every
+    update to the same norm, which erases the size of the return, the only signal rewards in [0, 1] carry without a
+    baseline (docs/rso.md)"""
 
     # ------------------------------------------------------------------------------------------- evaluation
     planners: tuple[Literal["random", "sft", "rl"], ...] = PLANNERS
     """which planners to evaluate side by side (random: uniform over the 13 strategies, the floor)"""
     greedy_planner: bool = False
     """evaluate the planners' most likely strategy instead of a sample from them"""
+    eval_num_envs: int = 16
+    """evaluated conversations played together (evaluation does not update the planner, so any number is fine)"""
     progress_bins: int = 3
     """bins of conversation progress (turn / episode length) in the strategy-distribution plot"""
 
@@ -360,10 +377,20 @@ def load_data(args: Args) -> Data:
 
 def check_args(args: Args) -> None:
     """Flags that cannot work, refused before anything loads."""
+    updates = math.ceil(args.rl_episodes / max(args.num_envs, 1))
     problems = [
         (args.num_envs < 1, "--num-envs must be at least 1"),
-        (args.episodes_per_update < 1, "--episodes-per-update must be at least 1"),
+        (args.eval_num_envs < 1, "--eval-num-envs must be at least 1"),
         (args.rl_episodes < 1, "--rl-episodes must be at least 1"),
+        (
+            args.baseline == "batch" and min(args.num_envs, args.rl_episodes - (updates - 1) * args.num_envs) < 2,
+            f"--baseline batch needs at least 2 episodes in every update, but --num-envs {args.num_envs} with "
+            f"--rl-episodes {args.rl_episodes} gives an update of "
+            f"{min(args.num_envs, args.rl_episodes - (updates - 1) * args.num_envs)}: use --baseline ema (a running "
+            "mean across updates) or more episodes per update",
+        ),
+        (not 0 <= args.baseline_decay < 1, "--baseline-decay must lie in [0, 1)"),
+        (not args.rl_max_grad_norm > 0, "--rl-max-grad-norm must be positive (inf turns clipping off)"),
         (args.max_turns < 1, "--max-turns must be at least 1"),
         (args.reward_samples < 1, "--reward-samples must be at least 1"),
         (not 0 <= args.tau < 1, f"--tau {args.tau} must lie in [0, 1): rewards are rescaled to [0, 1]"),
@@ -442,7 +469,7 @@ Recommender's messages:
 Answer with the score only, a single digit from 1 to 5."""  # noqa: E501  (prompt text, kept verbatim)
 
 
-# =============================================================================================== the experts
+# =============================================================================================== the experts (Eq. 3-5)
 
 
 def kg_facts(catalog: Catalog, title: str) -> list[str]:
@@ -474,77 +501,28 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-class NetworkOfExperts:
-    """The CRA of Algorithm 1, for ``common.conversations.run_episodes``: per turn, for every live episode in one
-    batch, the Planner samples h_t ~ pi(h | s_t; H), the Preference Reasoner writes C1_t (Eq. 3), the Fact
-    Retriever fetches C2_t (Eq. 4) and the Actor writes a_t = Actor(h_t; C1_t, C2_t) (Eq. 5). Without a planner,
-    h_t is uniform over H (the random floor). Each reply's record keeps what the update needs: s_t as the Planner
-    read it, h_t, and pi's log-probability and entropy at sampling time."""
+def ask_expert(llm, prompts: list[str], max_tokens: int, fallback: str, args: Args, stats: ParseStats) -> list[str]:
+    """One batched call of a frozen LLM expert (the Reasoner or the Actor); an empty answer becomes ``fallback``
+    and is counted."""
+    outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], temperature=args.expert_temperature,
+                       max_tokens=max_tokens)  # fmt: skip
+    texts = [one_line(text) for (text,) in outputs]
+    stats.attempts += len(texts)
+    stats.failures += sum(not t for t in texts)
+    return [t or fallback for t in texts]
 
-    def __init__(self, planner, tokenizer, llm, catalog: Catalog, args: Args, seed: int, greedy: bool = False):
-        self.planner, self.tokenizer, self.llm, self.catalog, self.args = planner, tokenizer, llm, catalog, args
-        self.generator, self.greedy, self.stats = torch.Generator().manual_seed(seed), greedy, ParseStats()
 
-    @torch.no_grad()
-    def plan(self, states: list[str]) -> tuple[list[int], torch.Tensor]:
-        if self.planner is None:
-            probs = torch.full((len(states), len(NAMES)), 1 / len(NAMES))
-        else:
-            was_training = self.planner.training
-            self.planner.eval()
-            logits = planner_logits(self.planner, self.tokenizer, states, self.args.planner_max_length)
-            self.planner.train(was_training)
-            probs = logits.float().softmax(-1).cpu()
-        if self.greedy:
-            return probs.argmax(-1).tolist(), probs
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1).tolist(), probs
-
-    def ask(self, prompts: list[str], max_tokens: int, fallback: str) -> list[str]:
-        outputs = self.llm.chat(
-            [[{"role": "user", "content": p}] for p in prompts],
-            temperature=self.args.expert_temperature,
-            max_tokens=max_tokens,
-        )
-        texts = [one_line(text) for (text,) in outputs]
-        self.stats.attempts += len(texts)
-        self.stats.failures += sum(not t for t in texts)
-        return [t or fallback for t in texts]
-
-    def __call__(self, keys: list[str], histories: list[list[dict]]) -> list[CRAReply]:
-        states = [render_history(h) for h in histories]
-        strategies, probs = self.plan(states)
-        preferences = self.ask(
-            [REASONER_PROMPT.format(history=s) for s in states],
-            self.args.reasoner_max_tokens,
-            "(no clear preference yet)",
-        )
-        retrieved = fact_retriever(self.catalog, histories, preferences, self.args.num_entities)
-        prompts = [
-            ACTOR_PROMPT.format(
-                strategy=NAMES[h], description=STRATEGIES[NAMES[h]], preference=p, facts=facts_text(c), history=s
-            )
-            for h, p, c, s in zip(strategies, preferences, retrieved, states)
-        ]
-        replies = self.ask(prompts, self.args.actor_max_tokens, "Could you tell me more about what you like?")
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-        return [
-            CRAReply(
-                text=reply,
-                retrieved=[e["entity"] for e in entities],
-                record={
-                    "state": state,
-                    "strategy": h,
-                    "strategy_name": NAMES[h],
-                    "logprob": math.log(max(float(p[h]), 1e-12)),
-                    "entropy": float(e),
-                    "preference": preference,
-                    "facts": entities,
-                },
-            )
-            for reply, entities, state, h, p, e, preference in zip(
-                replies, retrieved, states, strategies, probs, entropy, preferences
-            )
-        ]
+@torch.no_grad()
+def strategy_distribution(planner, tokenizer, states: list[str], max_length: int) -> torch.Tensor:
+    """pi(. | s_t; H) for each state, with dropout off: the distribution the update's log-probabilities are taken
+    from, so the sampled strategies are on-policy. Uniform over H without a planner (the random floor)."""
+    if planner is None:
+        return torch.full((len(states), len(NAMES)), 1 / len(NAMES))
+    was_training = planner.training
+    planner.eval()
+    probs = planner_logits(planner, tokenizer, states, max_length).softmax(-1).cpu()
+    planner.train(was_training)
+    return probs
 
 
 # =============================================================================================== the rewarder (Eq. 9)
@@ -591,51 +569,94 @@ def reward_of(scores: list[int]) -> float | None:
     return sum((s - 1) / 4 for s in scores) / len(scores) if scores else None
 
 
-class RewardedUser:
-    """The environment around the AILO user for ``run_episodes``: episodes open with a real dialogue's first turns
-    (METHODS.md 4.8.3) instead of a generated request; after every user step the Rewarder scores s_{t+1} (K samples
-    in one batched call, Eq. 9), and an episode ends when r_t > tau, the user's acceptance (4.8.4). ``finish``
-    writes each finished episode with its rewards."""
+# ========================================================================================= the rollout (Algorithm 1)
 
-    def __init__(self, ailo: AILO, judge, args: Args, openings: dict[str, list[dict]], records: RecordFile):
-        self.ailo, self.judge, self.args, self.openings, self.records = ailo, judge, args, openings, records
-        self.rewards: dict[str, list[dict]] = {}
-        self.stats, self.unscored = ParseStats(), 0
 
-    def start(self, tasks: list[Task]) -> tuple[list[SimUser], list[UserTurn]]:
-        users = [SimUser(task, history=[dict(m) for m in self.openings[task.task_id]]) for task in tasks]
-        return users, [UserTurn("opening", u.history[-1]["content"], None, None, False) for u in users]
-
-    def step(self, users: list[SimUser], responses: list[str], final: bool = False) -> list[UserTurn]:
-        # The user replies on the last turn too (AILO's ``final`` would skip the reply): Algorithm 1 observes the
-        # reply before the Rewarder scores s_{t+1}, so every r_t is judged on the same kind of state.
-        answers = self.ailo.step(users, responses)
-        for user in users if final else []:
-            user.ended = True
-        prompts = [REWARD_PROMPT.format(history=render_history(u.history)) for u in users]
-        scores = sample_scores(self.judge, prompts, self.args.reward_samples, self.args.reward_temperature, self.args,
-                               self.stats)  # fmt: skip
-        for user, sampled in zip(users, scores):
-            reward = reward_of(sampled)
-            self.unscored += reward is None
-            reward = 0.0 if reward is None else reward  # an unscored turn earns nothing (counted)
-            self.rewards.setdefault(user.task.task_id, []).append({"reward": reward, "scores": sampled})
-            if reward > self.args.tau:
+def rollout(
+    args: Args,
+    seeds: list[tuple[str, Seed]],
+    planner,
+    tokenizer,
+    experts,
+    ailo: AILO,
+    rewarder,
+    catalog: Catalog,
+    generator: torch.Generator,
+    stats: dict[str, ParseStats],
+    records: RecordFile | None = None,
+    greedy: bool = False,
+) -> list[dict]:
+    """Algorithm 1 for every (episode key, seed) in ``seeds``, played together like a vectorized environment: each
+    step below is one batched call over the episodes still running. An episode starts from its real dialogue's
+    opening (METHODS.md 4.8.3) with the AILO user holding its target and persona, and ends when the user accepts
+    (r_t > tau), when AILO's user leaves, or after --max-turns turns. ``planner`` None samples uniformly (the random
+    floor); ``greedy`` takes the most likely strategy. Each finished episode is appended to ``records`` (the file
+    only serves resuming and the other ranks) and returned."""
+    users = [SimUser(Task(key, seed.persona, seed.target), [dict(m) for m in seed.opening]) for key, seed in seeds]
+    episodes = [{"key": key, "target": seed.target.title, "turns": [], "accepted": False, "success": False}
+                for key, seed in seeds]  # fmt: skip
+    for t in range(1, args.max_turns + 1):
+        live = [i for i, user in enumerate(users) if not user.ended]
+        if not live:
+            break
+        histories = [users[i].history for i in live]
+        states = [render_history(history) for history in histories]  # s_t as the Planner reads it
+        # (1) macro-level strategy planning: h_t ~ pi(h | s_t; H)
+        probs = strategy_distribution(planner, tokenizer, states, args.planner_max_length)
+        sampled = probs.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        strategies = sampled.tolist()
+        # (2) micro-level strategy adaptation: C1_t = PrefReasoner(s_t) (Eq. 3), C2_t = Retriever(s_t, C1_t; G)
+        # (Eq. 4), a_t = Actor(h_t; C1_t, C2_t) with the history (Eq. 5)
+        reasoner_prompts = [REASONER_PROMPT.format(history=state) for state in states]
+        preferences = ask_expert(experts, reasoner_prompts, args.reasoner_max_tokens, "(no clear preference yet)",
+                                 args, stats["expert"])  # fmt: skip
+        facts = fact_retriever(catalog, histories, preferences, args.num_entities)
+        actor_prompts = [
+            ACTOR_PROMPT.format(
+                strategy=NAMES[h], description=STRATEGIES[NAMES[h]], preference=c1, facts=facts_text(c2), history=state
+            )
+            for h, c1, c2, state in zip(strategies, preferences, facts, states)
+        ]
+        replies = ask_expert(experts, actor_prompts, args.actor_max_tokens,
+                             "Could you tell me more about what you like?", args, stats["expert"])  # fmt: skip
+        # (3) state transition and rewarding: the user's reply gives s_{t+1}, then r_t = Rewarder(s_{t+1}) (Eq. 9).
+        # The user replies on the last turn too (not AILO's final=True), so every r_t judges a state that ends on
+        # the user's words.
+        answers = ailo.step([users[i] for i in live], replies)
+        judged = [REWARD_PROMPT.format(history=render_history(users[i].history)) for i in live]
+        scores = sample_scores(rewarder, judged, args.reward_samples, args.reward_temperature, args, stats["rewarder"])
+        for k, i in enumerate(live):
+            episode, user, reward = episodes[i], users[i], reward_of(scores[k])
+            episode["turns"].append(
+                {
+                    "turn": t,
+                    "state": states[k],
+                    "strategy": strategies[k],
+                    "strategy_name": NAMES[strategies[k]],
+                    "logprob": math.log(max(probs[k, strategies[k]].item(), 1e-12)),
+                    "entropy": -(probs[k] * probs[k].clamp_min(1e-12).log()).sum().item(),
+                    "preference": preferences[k],
+                    "facts": facts[k],
+                    "system": replies[k],
+                    "retrieved": [entity["entity"] for entity in facts[k]],
+                    "user_policy": answers[k].policy,
+                    "user": answers[k].response,
+                    "scores": scores[k],
+                    "reward": 0.0 if reward is None else reward,  # an unscored turn earns nothing (counted)
+                }
+            )
+            episode["success"] |= mentions_title(replies[k], episode["target"])
+            accepted = reward is not None and reward > args.tau  # d_t = 1[r_t > tau]: Stop(r_t), the user accepts
+            if accepted or user.ended or t == args.max_turns:
+                end = "accepted" if accepted else "user left" if user.ended else "turn limit"
                 user.ended = True
-        return answers
-
-    def finish(self, trajectory: dict) -> None:
-        rewards = self.rewards.pop(trajectory["key"])
-        trajectory["rewards"] = [r["reward"] for r in rewards]
-        trajectory["judge_scores"] = [r["scores"] for r in rewards]
-        trajectory["accepted"] = any(r > self.args.tau for r in trajectory["rewards"])
-        self.records.append(trajectory)
-
-    def metrics(self, prefix: str) -> dict[str, float]:
-        return self.stats.metrics(f"{prefix}judge_") | {f"{prefix}judge_unscored": self.unscored}
+                episode |= {"accepted": accepted, "end": end, "num_turns": t}
+                if records is not None:
+                    records.append(episode)
+    return episodes
 
 
-# =============================================================================================== the loss (Eq. 7-8)
+# ==================================================================================== returns and the loss (Eq. 7-8)
 
 
 def discounted_returns(rewards: list[float], gamma: float) -> list[float]:
@@ -647,14 +668,53 @@ def discounted_returns(rewards: list[float], gamma: float) -> list[float]:
     return returns[::-1]
 
 
-def rso_loss(logits: torch.Tensor, actions: torch.Tensor, returns: torch.Tensor, beta: float):
-    """Eq. 7 as a loss to minimize, for one episode's T turns: L = -sum_t log pi(h_t|s_t) R_t - beta (1/T) sum_t
-    H(pi(.|s_t)), with H(p) = -sum_h p(h) log p(h). Descending L ascends the return and the entropy: the paper's
-    update, with the sign typo of its Eq. 7 corrected (METHODS.md 4.3). Returns (L, the mean entropy)."""
+def episode_returns(episode: dict, args: Args) -> list[float]:
+    """R_t (Eq. 8) of every played turn. Eq. 8 as printed pays a planner for stalling: an episode ends at the first
+    r_t > tau, so ten turns just short of acceptance (r = 0.75) return 7.2 where accepting at once returns 1.0.
+    --accept-credit remaining counts the turns left after an acceptance, up to --max-turns, at r = 1 (the accepted
+    state persists), so that accepting is never worth less than stalling."""
+    rewards = [turn["reward"] for turn in episode["turns"]]
+    if args.accept_credit == "remaining" and episode["accepted"]:
+        rewards += [1.0] * (args.max_turns - len(rewards))
+    return discounted_returns(rewards, args.gamma)[: len(episode["turns"])]
+
+
+def subtract_baseline(
+    returns: list[list[float]], args: Args, running: dict[int, float]
+) -> tuple[list[list[float]], list[list[float]]]:
+    """(R_t - b_t, b_t) for every turn of the update's episodes (our addition: the paper's Eq. 7 has no baseline).
+    The rewards are all positive, so without a baseline every sampled strategy is reinforced and only the size of
+    R_t tells good from bad. b_t depends on the turn index t alone, never on the strategy sampled there, so the
+    gradient stays unbiased:
+      none   b_t = 0, the paper's Eq. 7;
+      batch  the mean R_t over the update's episodes that reached turn t (an episode alone there gets 0);
+      ema    a running mean of R_t over earlier updates, b_t <- decay b_t + (1 - decay) mean R_t, read before this
+             update's episodes join it; a turn index seen for the first time uses the update's own mean (0 for
+             one episode). ``running`` holds it ({t: b_t}) and is advanced here."""
+    baselines = [[0.0] * len(r) for r in returns]
+    for t in range(max(map(len, returns), default=0)):
+        reached = [k for k, r in enumerate(returns) if len(r) > t]
+        mean = sum(returns[k][t] for k in reached) / len(reached)
+        if args.baseline == "ema":
+            baseline = running.get(t, mean)
+            running[t] = args.baseline_decay * running[t] + (1 - args.baseline_decay) * mean if t in running else mean
+        else:
+            baseline = mean if args.baseline == "batch" else 0.0
+        for k in reached:
+            baselines[k][t] = baseline
+    advantages = [[r - b for r, b in zip(rs, bs)] for rs, bs in zip(returns, baselines)]
+    return advantages, baselines
+
+
+def rso_loss(logits: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor, beta: float):
+    """Eq. 7 as a loss to minimize, for one episode's T turns: L = -sum_t log pi(h_t|s_t) A_t - beta (1/T) sum_t
+    H(pi(.|s_t)), with A_t = R_t - b_t (b_t = 0 under --baseline none, the paper's) and H(p) = -sum_h p(h) log
+    p(h). Descending L ascends the return and the entropy: the paper's update, with the sign typo of its Eq. 7
+    corrected (METHODS.md 4.3). Returns (L, the mean entropy)."""
     log_probs = logits.log_softmax(-1)
     chosen = log_probs.gather(-1, actions[:, None]).squeeze(-1)  # log pi(h_t | s_t)
     entropy = -(log_probs.exp() * log_probs).sum(-1)  # H(pi(. | s_t))
-    return -(chosen * returns).sum() - beta * entropy.mean(), entropy.mean()
+    return -(chosen * advantages).sum() - beta * entropy.mean(), entropy.mean()
 
 
 # =============================================================================================== the planner
@@ -671,9 +731,13 @@ def load_planner(spec: str, device, seed: int, trainable: bool = False):
     transformers.logging.set_verbosity_error()  # the fresh head's "newly initialized" warning is expected
     torch.manual_seed(seed)  # the same head on every rank and rerun
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(NAMES), id2label=dict(enumerate(NAMES)), label2id={n: i for i, n in enumerate(NAMES)}
-        )
+        with whole_weights():  # ZeRO-3 shards the trained Planner at accelerator.prepare, never the frozen SFT one
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path,
+                num_labels=len(NAMES),
+                id2label=dict(enumerate(NAMES)),
+                label2id={n: i for i, n in enumerate(NAMES)},
+            )
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ModelSpecError(f"could not load the planner encoder {spec!r}: {err}") from None
@@ -743,7 +807,7 @@ def sft_warmup(run: Run, args: Args, data: Data) -> dict:
                 losses = F.cross_entropy(logits, labels, reduction="none")  # Eq. 6, per turn
                 # the mean over the global batch; * world * accum undoes DDP's mean and accelerate's 1 / accum
                 loss = (losses * weights).sum() / len(steps[step]) * run.world * accum
-                optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
+                optimizer_step(accelerator, model, optimizer, loss, args.sft_max_grad_norm)
             loss_sum += loss.item() / (run.world * accum)
         scheduler.step()
         loss = run.sum_over_ranks({"loss": loss_sum})["loss"]
@@ -771,122 +835,161 @@ def sft_warmup(run: Run, args: Args, data: Data) -> dict:
     return metrics
 
 
-def play(run: Run, args: Args, data: Data, seeds: list[tuple[str, Seed]], cra, judge, records: RecordFile) -> dict:
-    """Each rank plays its share of the unplayed ``seeds`` (episode key, seed) with ``cra`` against the AILO user,
-    --num-envs episodes at a time; returns the user's and the judge's counters for this call."""
-    done = records.done_keys()
-    todo = [(key, seed) for key, seed in run.shard(seeds) if key not in done]
-    if not todo:
-        return {}
-    user = run.llm(args.user_llm, args.batch_size)
-    ailo = AILO(user, "movie", args.user_max_tokens, args.user_parse_tries)
-    env = RewardedUser(ailo, judge, args, {key: seed.opening for key, seed in todo}, records)
-    tasks = [Task(key, seed.persona, seed.target) for key, seed in todo]
-    run_episodes(tasks, cra, env, args.max_turns, batch_size=args.num_envs, on_episode=env.finish)
-    return ailo.metrics() | env.metrics("rollout/") | cra.stats.metrics("rollout/expert_")
-
-
-def update_batch(episodes: list[dict], args: Args) -> list[dict]:
-    """Each episode as (states, actions, returns) for the update: Eq. 8's discounted returns, minus the mean
-    return of all the update's turns with --baseline."""
+def planner_update(
+    run: Run, args: Args, model, tokenizer, optimizer, episodes: list[dict], running: dict[int, float]
+) -> dict[str, float]:
+    """One AdamW step on Eq. 7 averaged over the update's episodes (the global batch split over ranks, one episode
+    per micro-batch): R_t of Eq. 8, minus the baseline, weights log pi(h_t|s_t). Dropout stays off, so log pi is
+    the distribution that sampled the strategies. Gradients are clipped at --rl-max-grad-norm; their norm before
+    clipping is returned with the loss, the entropy, the mean R_1 and the mean b_1."""
+    accelerator = run.accelerator
+    returns = [episode_returns(episode, args) for episode in episodes]
+    advantages, baselines = subtract_baseline(returns, args, running)
     rows = [
-        {
-            "states": [t["cra"]["state"] for t in e["turns"]],
-            "actions": [t["cra"]["strategy"] for t in e["turns"]],
-            "returns": discounted_returns(e["rewards"], args.gamma),
-        }
-        for e in episodes
+        {"states": [t["state"] for t in e["turns"]], "actions": [t["strategy"] for t in e["turns"]], "advantages": a}
+        for e, a in zip(episodes, advantages)
     ]
-    if args.baseline:
-        mean = float(np.mean([r for row in rows for r in row["returns"]]))
-        for row in rows:
-            row["returns"] = [r - mean for r in row["returns"]]
-    return rows
-
-
-def planner_update(run: Run, args: Args, model, tokenizer, optimizer, episodes: list[dict]) -> dict[str, float]:
-    """One AdamW step on the mean of the episodes' Eq. 7 losses (the global batch split over ranks, one episode
-    per micro-batch). Dropout stays off, so log pi is the distribution that sampled the strategies."""
-    accelerator, rows = run.accelerator, update_batch(episodes, args)
     steps, accum = training_steps(accelerator, len(rows), len(rows) + (-len(rows)) % run.world, 1, 1, args.seed)
     accelerator.step = 0  # updates differ in size (the last may be short): count this one's micro-batches afresh
     model.eval()
-    sums = {"loss": 0.0, "entropy": 0.0, "turns": 0.0}
+    sums, grad_norm = {"loss": 0.0, "entropy": 0.0, "turns": 0.0}, float("nan")
     for chunk, weights in micro_batches(rows, steps[0], accelerator, 1, accum):
         (row,), weight = chunk, weights[0]
         with accelerator.accumulate(model):
             logits = planner_logits(model, tokenizer, row["states"], args.planner_max_length)
             actions = torch.tensor(row["actions"], device=logits.device)
-            returns = torch.tensor(row["returns"], device=logits.device, dtype=torch.float32)
-            episode_loss, entropy = rso_loss(logits, actions, returns, args.beta_ent)
+            advantage = torch.tensor(row["advantages"], device=logits.device, dtype=torch.float32)
+            episode_loss, entropy = rso_loss(logits, actions, advantage, args.beta_ent)
             loss = episode_loss * weight / len(rows) * run.world * accum  # the mean over the update's episodes
-            optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
+            grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.rl_max_grad_norm)  # the last counts
         sums["loss"] += loss.item() / (run.world * accum)
         sums["entropy"] += entropy.item() * len(row["actions"]) * weight.item()
         sums["turns"] += len(row["actions"]) * weight.item()
     totals = run.sum_over_ranks(sums)
-    return {"loss": totals["loss"], "entropy": totals["entropy"] / max(totals["turns"], 1)}
+    return {
+        "loss": totals["loss"],
+        "entropy": totals["entropy"] / max(totals["turns"], 1),
+        "grad_norm": grad_norm,
+        "return": float(np.mean([r[0] for r in returns])),
+        "baseline": float(np.mean([b[0] for b in baselines])),
+    }
+
+
+def planner_movement(run: Run, model, tokenizer, args: Args, states: list[str]) -> dict[str, float]:
+    """How far RL moved the Planner from the SFT one: the L2 distance and the largest change of the weights, and
+    the mean total variation between the two strategy distributions on ``states``. Every rank must call it."""
+    from safetensors.torch import load_file
+
+    weights = run.accelerator.get_state_dict(model)
+    sft, _ = load_planner(str(run.dir / "sft_planner"), run.device, args.seed)
+    variation = []
+    with generation_weights(run.accelerator, model) as rl:  # ZeRO-3: every rank holds the whole Planner here
+        for start in range(0, len(states), 16):
+            chunk = states[start : start + 16]
+            p = strategy_distribution(sft, tokenizer, chunk, args.planner_max_length)
+            q = strategy_distribution(rl, tokenizer, chunk, args.planner_max_length)
+            variation += (0.5 * (p - q).abs().sum(-1)).tolist()
+    if not run.main:
+        return {}
+    before = load_file(run.dir / "sft_planner" / "model.safetensors")
+    distance = torch.cat([(weights[k].float().cpu() - before[k].float()).flatten() for k in before if k in weights])
+    return {
+        "train/weight_distance": distance.norm().item(),
+        "train/weight_change_max": distance.abs().max().item(),
+        "train/weights": distance.numel(),
+        "train/policy_tv_from_sft": float(np.mean(variation)) if variation else float("nan"),
+        "train/policy_tv_from_sft_max": max(variation, default=float("nan")),
+    }
 
 
 def reinforce(run: Run, args: Args, data: Data) -> dict:
-    """Algorithm 1 and Sec. III-D2: --rl-episodes episodes seeded from the training dialogues (in a seeded order,
-    cycled), played --num-envs at a time with the current Planner; after every --episodes-per-update of them
-    (1: the end of each dialogue), one update on Eq. 7 with the returns of Eq. 8. Episodes are recorded as they
-    finish and the Planner is checkpointed after every update: a rerun resumes at the next one."""
+    """Algorithm 1 and Sec. III-D2, top to bottom: --rl-episodes episodes seeded from the training dialogues (in a
+    seeded order, cycled), --num-envs per update. Each update plays its --num-envs episodes together with the
+    current Planner (rollout), then takes one step on their Eq. 7 loss (planner_update), so no update learns from an
+    older Planner's episodes. Episodes are recorded as they finish and the Planner is checkpointed after every
+    update: a rerun replays the recorded returns into the running baseline and resumes at the next update."""
     from transformers import get_linear_schedule_with_warmup
 
     if run.finished("rl_planner"):
-        return {}
+        return json.loads((run.dir / "rl_planner" / "steps.json").read_text()).get("metrics", {})
     accelerator = run.accelerator
     model, tokenizer = load_planner(str(planner_folder(run, "sft")), run.device, args.seed, trainable=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.rl_lr)
-    updates = math.ceil(args.rl_episodes / args.episodes_per_update)
+    updates = math.ceil(args.rl_episodes / args.num_envs)
+    if accelerator.state.deepspeed_plugin is not None and args.rl_episodes % args.num_envs:
+        raise DataError(  # the engine fixes its accumulation steps at prepare: a short last update cannot step
+            f"under DeepSpeed --rl-episodes ({args.rl_episodes}) must be a multiple of --num-envs ({args.num_envs})"
+        )
+    configure_batches(accelerator, args.num_envs, args.num_envs + (-args.num_envs) % run.world, 1)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, updates)
     model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / "rl")
     seeds = [(f"{e:05d}|{data.rl[e % len(data.rl)].key}", data.rl[e % len(data.rl)]) for e in range(args.rl_episodes)]
-    records, experts = run.records("rl_episodes.jsonl"), run.llm(args.expert_llm, args.batch_size)
-    judge = run.llm(args.judge_llm, args.batch_size)
-    for update in tqdm(range(start, updates), desc="rl", initial=start, total=updates, disable=not run.main):
-        started, first = time.time(), update * args.episodes_per_update
-        chunk = seeds[first : first + args.episodes_per_update]
-        if not {key for key, _ in chunk} <= records.done_keys():  # play the next --num-envs episodes together
-            window = seeds[first : first + max(args.num_envs, len(chunk))]
+    records = run.records("rl_episodes.jsonl")
+    experts, rewarder = run.llm(args.expert_llm, args.batch_size), run.llm(args.judge_llm, args.batch_size)
+    ailo = AILO(run.llm(args.user_llm, args.batch_size), "movie", args.user_max_tokens, args.user_parse_tries)
+    stats, running = {"expert": ParseStats(), "rewarder": ParseStats()}, {}  # running: the ema baseline, {t: b_t}
+    stored = {r["key"]: r for r in records.records()}
+    for update in tqdm(range(updates), desc="rl", total=updates, disable=not run.main):
+        started, window = time.time(), seeds[update * args.num_envs : (update + 1) * args.num_envs]
+        if update < start:  # resumed: the earlier updates' recorded returns advance the running baseline
+            subtract_baseline([episode_returns(stored[key], args) for key, _ in window], args, running)
+            continue
+        if any(key not in stored for key, _ in window):  # every rank enters: ZeRO-3 gathers the Planner for all
+            todo = [(key, seed) for key, seed in run.shard(window) if key not in stored]
+            generator = torch.Generator().manual_seed(args.seed + 1000 * update + run.rank)
             with generation_weights(accelerator, model) as planner:
-                cra = NetworkOfExperts(planner, tokenizer, experts, data.catalog, args, args.seed + update)
-                run.count(play(run, args, data, window, cra, judge, records))
-        run.barrier()
-        stored = {r["key"]: r for r in records.records()}
-        episodes = [stored[key] for key, _ in chunk]
-        stats = planner_update(run, args, model, tokenizer, optimizer, episodes)
+                rollout(
+                    args, todo, planner, tokenizer, experts, ailo, rewarder, data.catalog, generator, stats, records
+                )
+            run.barrier()
+            stored = {r["key"]: r for r in records.records()}
+        episodes = [stored[key] for key, _ in window]
+        update_stats = planner_update(run, args, model, tokenizer, optimizer, episodes, running)
         scheduler.step()
-        returns = [discounted_returns(e["rewards"], args.gamma)[0] for e in episodes]
-        chosen = [t["cra"]["strategy"] for e in episodes for t in e["turns"]]
-        shares = {f"rollout/strategy/{KEYS[c]}": chosen.count(c) / len(chosen) for c in sorted(set(chosen))}
+        chosen = [t["strategy"] for e in episodes for t in e["turns"]]
+        shares = {c: chosen.count(c) / len(chosen) for c in sorted(set(chosen), key=chosen.count, reverse=True)}
         run.log_step(
             {
-                "train/loss": stats["loss"],
-                "train/entropy": stats["entropy"],
+                "train/loss": update_stats["loss"],
+                "train/entropy": update_stats["entropy"],
+                "train/grad_norm": update_stats["grad_norm"],
+                "train/baseline": update_stats["baseline"],
                 "train/lr": scheduler.get_last_lr()[0],
-                "rollout/return": float(np.mean(returns)),
-                "rollout/reward_mean": float(np.mean([r for e in episodes for r in e["rewards"]])),
+                "rollout/return": update_stats["return"],
+                "rollout/reward_mean": float(np.mean([t["reward"] for e in episodes for t in e["turns"]])),
                 "rollout/turns": float(np.mean([len(e["turns"]) for e in episodes])),
                 "rollout/accepted": success_rate([e["accepted"] for e in episodes]),
-                **shares,
+                **{f"rollout/strategy/{KEYS[c]}": shares.get(c, 0.0) for c in range(len(NAMES))},
             },
             time.time() - started,
         )
         if run.main:
-            top = max(set(chosen), key=chosen.count)
             tqdm.write(
-                f"rl update {update + 1}/{updates}: return {np.mean(returns):.3f}  entropy {stats['entropy']:.3f}  "
-                f"loss {stats['loss']:+.4f}  turns {np.mean([len(e['turns']) for e in episodes]):.1f}  "
-                f"strategies {', '.join(NAMES[c] for c in chosen)} (top: {NAMES[top]})"
+                f"rl update {update + 1}/{updates}: return {update_stats['return']:.3f}  baseline "
+                f"{update_stats['baseline']:.3f}  entropy {update_stats['entropy']:.3f}  grad norm "
+                f"{update_stats['grad_norm']:.3g}  loss {update_stats['loss']:+.4f}  turns "
+                f"{np.mean([len(e['turns']) for e in episodes]):.1f}  strategies "
+                + ", ".join(f"{NAMES[c]} {share:.2f}" for c, share in shares.items())
             )
         save_resumable(accelerator, model, run.dir / "rl", update + 1, optimizer, scheduler)
         if run.main:
             prune_checkpoints(run.dir / "rl")
-    save_final(accelerator, model, run.dir / "rl_planner", {"updates": updates}, tokenizer)
-    return {"rollout/episodes": args.rl_episodes, "rollout/updates": updates}
+    run.count({f"rollout/{k}": v for name, s in stats.items() for k, v in s.metrics(f"{name}_").items()})
+    run.count(ailo.metrics())
+    if run.main:  # the recorded turns of every rank and launch, counted once
+        run.count({"rollout/rewarder_unscored": sum(not t["scores"] for e in stored.values() for t in e["turns"])})
+    states = [t["state"] for key, _ in seeds for t in stored[key]["turns"]][:256]
+    moved = planner_movement(run, model, tokenizer, args, states)
+    if run.main:
+        print(
+            f"rl: the planner moved {moved['train/weight_distance']:.4g} from the SFT planner (L2 over "
+            f"{moved['train/weights']:,} weights, largest change {moved['train/weight_change_max']:.3g}); on the "
+            f"{len(states)} states it played, its strategy distribution moved by a total variation of "
+            f"{moved['train/policy_tv_from_sft']:.4f} on average ({moved['train/policy_tv_from_sft_max']:.4f} at most)"
+        )
+    metrics = moved | {"rollout/episodes": args.rl_episodes, "rollout/updates": updates}
+    save_final(accelerator, model, run.dir / "rl_planner", {"updates": updates, "metrics": metrics}, tokenizer)
+    return metrics
 
 
 # =============================================================================================== evaluation (Sec. IV-C)
@@ -894,8 +997,10 @@ def reinforce(run: Run, args: Args, data: Data) -> dict:
 
 def persuasiveness(i_pre: int | None, i_post: int | None, i_true: int | None) -> float | None:
     """PRS = 1 - (i_true - i_post) / (i_true - i_pre), with i_post clipped to at most i_true and the result to
-    [0, 1]; None (left out of the mean) when i_true == i_pre or a score is missing (METHODS.md 4.6)."""
-    if i_pre is None or i_post is None or i_true is None or i_true == i_pre:
+    [0, 1] (METHODS.md 4.6). None, left out of the mean, when a score is missing or i_true <= i_pre: the full card
+    did not raise the intention above the title's, so there is no gap to persuade across (with i_true < i_pre the
+    formula would give 1 for any conversation)."""
+    if i_pre is None or i_post is None or i_true is None or i_true <= i_pre:
         return None
     return min(1.0, max(0.0, 1 - (i_true - min(i_post, i_true)) / (i_true - i_pre)))
 
@@ -916,8 +1021,7 @@ def judge_prompts(trajectory: dict, seed: Seed, catalog: Catalog) -> dict[str, s
     the conversation (i_post); and the consistency of the system's messages with the facts (Cred)."""
     history = [*seed.opening]
     for turn in trajectory["turns"]:
-        history += [{"role": "assistant", "content": turn["system"]}]
-        history += [{"role": "user", "content": turn["user"]}] if turn["user"] else []
+        history += [{"role": "assistant", "content": turn["system"]}, {"role": "user", "content": turn["user"]}]
     item = recommended_item(trajectory, catalog)
     persona = seed.persona.interests or "You know what you like."
     request = " ".join(m["content"] for m in seed.opening if m["role"] == "user")
@@ -950,33 +1054,54 @@ def judge_conversations(run: Run, args: Args, evaluator, data: Data, trajectorie
     return {r["key"]: r for r in records.records()}
 
 
-def recalled(trajectory: dict, k: int) -> bool:
-    """Recall@k of one conversation: the target among the Fact Retriever's top k at any turn (METHODS.md 4.6)."""
-    return any(trajectory["target"] in turn["retrieved"][:k] for turn in trajectory["turns"])
+def recalled(trajectory: dict, k: int, last_turn: bool = False) -> bool:
+    """Recall@k of one conversation: the target among the Fact Retriever's top k at any turn (the lists pooled,
+    METHODS.md 4.6), or with ``last_turn`` in the last turn's list alone (the list the conversation ended on)."""
+    turns = trajectory["turns"][-1:] if last_turn else trajectory["turns"]
+    return any(trajectory["target"] in turn["retrieved"][:k] for turn in turns)
+
+
+def distinct_2_per_response(texts: list[str]) -> float:
+    """Dist-2 of each response on its own (distinct bigrams over bigrams), averaged over the responses that have a
+    bigram; 0 if none has."""
+    values = [distinct_n([text], 2) for text in texts if len(text.split()) >= 2]
+    return float(np.mean(values)) if values else 0.0
 
 
 def conversation_metrics(trajectories: list[dict], judged: dict[str, dict]) -> dict[str, float]:
-    """Table IV and V for one planner: Conv-SR (the evaluator's reward passed tau), WI, PRS, Cred (means over
-    the conversations the evaluator scored), Dist-2 (corpus level over every system utterance), Rec-SR (a system
-    utterance names the target) and Recall@k (the target among the Fact Retriever's top k at any turn)."""
+    """Table IV and V for one planner: Conv-SR (the evaluator's reward passed tau), WI, PRS, Cred (means over the
+    conversations the evaluator scored; PRS leaves out and counts those with i_true <= i_pre), Dist-2 (the mean
+    over system responses of each one's Dist-2, the headline, and corpus level over all of them), Rec-SR (a
+    system utterance names the target), Recall@k (the target among the Fact Retriever's top k at any turn, and
+    in the last turn's list alone) and H(pi), the mean entropy of the planner's strategy distribution at the turns
+    it played (what Fig. 3 says the entropy-regularized RL changes; log 13 = 2.565 for the random planner)."""
 
     def mean(values):
         values = [v for v in values if v is not None]
         return float(np.mean(values)) if values else float("nan")
 
     rows = [judged.get(t["key"], {}) for t in trajectories]
+    intentions = [(r.get("i_pre"), r.get("i_post"), r.get("i_true")) for r in rows]
+    complete = [(pre, post, true) for pre, post, true in intentions if None not in (pre, post, true)]
+    responses = [turn["system"] for t in trajectories for turn in t["turns"]]
     return {
         "sr": success_rate([t["accepted"] for t in trajectories]),
         "wi": mean(r.get("wi") for r in rows),
-        "prs": mean(persuasiveness(r.get("i_pre"), r.get("i_post"), r.get("i_true")) for r in rows),
-        "prs_scored": sum(persuasiveness(r.get("i_pre"), r.get("i_post"), r.get("i_true")) is not None for r in rows),
+        "prs": mean(persuasiveness(*scores) for scores in intentions),
+        "prs_scored": sum(persuasiveness(*scores) is not None for scores in intentions),
+        "prs_left_out": sum(true <= pre for pre, _, true in complete),  # i_true <= i_pre
+        "prs_unscored": len(intentions) - len(complete),  # a score missing
         "cred": mean(r.get("cred") for r in rows),
-        "dist2": distinct_n([turn["system"] for t in trajectories for turn in t["turns"]], 2),
+        "dist2": distinct_2_per_response(responses),
+        "dist2_corpus": distinct_n(responses, 2),
         "rec_sr": success_rate([t["success"] for t in trajectories]),
         "recall@1": success_rate([recalled(t, 1) for t in trajectories]),
         "recall@5": success_rate([recalled(t, 5) for t in trajectories]),
+        "recall@1_last": success_rate([recalled(t, 1, last_turn=True) for t in trajectories]),
+        "recall@5_last": success_rate([recalled(t, 5, last_turn=True) for t in trajectories]),
         "turns": mean(len(t["turns"]) for t in trajectories),
-    }  # fmt: skip
+        "planner_entropy": mean(turn["entropy"] for t in trajectories for turn in t["turns"]),
+    }
 
 
 def strategy_by_progress(trajectories: list[dict], bins: int) -> np.ndarray:
@@ -984,7 +1109,7 @@ def strategy_by_progress(trajectories: list[dict], bins: int) -> np.ndarray:
     counts = np.zeros((bins, len(NAMES)))
     for trajectory in trajectories:
         for k, turn in enumerate(trajectory["turns"]):
-            counts[min(bins - 1, k * bins // len(trajectory["turns"])), turn["cra"]["strategy"]] += 1
+            counts[min(bins - 1, k * bins // len(trajectory["turns"])), turn["strategy"]] += 1
     return counts / counts.sum(1, keepdims=True).clip(min=1)
 
 
@@ -1013,12 +1138,13 @@ def plot_strategies(path: Path, shares: dict[str, np.ndarray]) -> None:
 
 
 def evaluate(run: Run, args: Args, data: Data) -> dict:
-    """Sec. IV-C: each planner talks with the AILO user on the evaluated dialogues' openings and targets, with the
-    evaluator as the rewarder (so an episode ends, and counts for Conv-SR, when its reward passes tau); then the
-    evaluator scores WI, PRS and Cred. The strategy distribution by progress is plotted for every planner."""
+    """Sec. IV-C: each planner talks with the AILO user on the evaluated dialogues' openings and targets through
+    the same rollout as RL, with the evaluator as the rewarder (so an episode ends, and counts for Conv-SR, when
+    its reward passes tau); then the evaluator scores WI, PRS and Cred. The strategy distribution by progress is
+    plotted for every planner."""
     evaluator = run.llm(args.evaluator_llm or args.judge_llm, args.batch_size)
     experts = run.llm(args.expert_llm, args.batch_size)
-    seeds = [(seed.key, seed) for seed in data.test]
+    ailo = AILO(run.llm(args.user_llm, args.batch_size), "movie", args.user_max_tokens, args.user_parse_tries)
     metrics, shares, rows = {}, {}, []
     for name in args.planners:
         if name != "random" and not run.finished(f"{name}_planner"):
@@ -1028,10 +1154,18 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
         planner, tokenizer = (None, None) if name == "random" else load_planner(
             str(run.dir / f"{name}_planner"), run.device, args.seed
         )  # fmt: skip
-        cra = NetworkOfExperts(planner, tokenizer, experts, data.catalog, args, args.seed, args.greedy_planner)
-        records = run.records(f"eval_{name}.jsonl")
-        run.count({f"{k}_{name}" if k.startswith("rollout/") else k: v
-                   for k, v in play(run, args, data, seeds, cra, evaluator, records).items()})  # fmt: skip
+        records, stats = run.records(f"eval_{name}.jsonl"), {"expert": ParseStats(), "rewarder": ParseStats()}
+        done = records.done_keys()
+        todo = [(seed.key, seed) for seed in run.shard(data.test) if seed.key not in done]
+        # The same random numbers for every planner (the LLMs' samples and the strategy draws): rows differ only
+        # where the planners' strategies do.
+        seed_everything(args.seed + run.rank)
+        generator = torch.Generator().manual_seed(args.seed + run.rank)
+        for start in range(0, len(todo), args.eval_num_envs):
+            rollout(args, todo[start : start + args.eval_num_envs], planner, tokenizer, experts, ailo, evaluator,
+                    data.catalog, generator, stats, records, greedy=args.greedy_planner)  # fmt: skip
+        run.count({f"rollout/{key}_{name}": value for role, s in stats.items()
+                   for key, value in s.metrics(f"{'evaluator' if role == 'rewarder' else role}_").items()})  # fmt: skip
         run.barrier()
         wanted = {seed.key for seed in data.test}
         trajectories = [r for r in records.records() if r["key"] in wanted]
@@ -1042,6 +1176,7 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
         shares[name] = strategy_by_progress(trajectories, args.progress_bins)
         rows.append([name, *[round(found[k], 4) for k in TABLE_COLUMNS]])
         del planner
+    run.count({f"{key}_eval": value for key, value in ailo.metrics().items()})  # apart from RL's
     run.table("eval_table", ["planner", *TABLE_COLUMNS], rows)
     if run.main and shares:
         path = run.dir / "strategy_by_progress.png"
@@ -1055,8 +1190,10 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
     return metrics | {"eval/dialogues": len(data.test)}
 
 
-TABLE_COLUMNS = ("sr", "wi", "prs", "cred", "dist2", "rec_sr", "recall@1", "recall@5")
-TABLE_HEADERS = ("Conv-SR", "WI", "PRS", "Cred", "Dist-2", "Rec-SR", "R@1", "R@5")
+TABLE_COLUMNS = ("sr", "wi", "prs", "cred", "dist2", "dist2_corpus", "rec_sr", "recall@1", "recall@5",
+                 "recall@1_last", "recall@5_last", "planner_entropy")  # fmt: skip
+TABLE_HEADERS = ("Conv-SR", "WI", "PRS", "Cred", "Dist-2", "Dist-2c", "Rec-SR", "R@1", "R@5", "R@1 last", "R@5 last",
+                 "H(pi)")  # fmt: skip
 
 
 def print_table(metrics: dict) -> None:
@@ -1066,10 +1203,27 @@ def print_table(metrics: dict) -> None:
             f"  macro-F1 {metrics['sft/macro_f1']:.3f}   (majority class: accuracy "
             f"{metrics['sft/majority_accuracy']:.3f}  macro-F1 {metrics['sft/majority_macro_f1']:.3f})"
         )
+    if "train/weight_distance" in metrics:
+        print(
+            f"RL moved the planner {metrics['train/weight_distance']:.4g} (L2 over its weights; largest change "
+            f"{metrics['train/weight_change_max']:.3g}); its strategy distribution by a mean total variation of "
+            f"{metrics['train/policy_tv_from_sft']:.4f} on the states it played"
+        )
     print(f"\n{'planner':<10}" + "".join(f"{h:>9}" for h in TABLE_HEADERS))
     for label, prefix in (("random", "eval_random"), ("SFT", "eval_sft"), ("RL", "eval")):
         if f"{prefix}/sr" in metrics:
             print(f"{label:<10}" + "".join(f"{metrics[f'{prefix}/{c}']:>9.3f}" for c in TABLE_COLUMNS))
+    print(
+        "Dist-2: the mean over responses of each one's (the headline); Dist-2c: corpus level over all responses. "
+        "R@k: the Fact Retriever's lists of every turn pooled; R@k last: the last turn's list alone. H(pi): the "
+        "planner's mean strategy entropy at the turns it played. PRS over the dialogues scored: "
+        + ", ".join(
+            f"{label} {metrics[f'{prefix}/prs_scored']:.0f} ({metrics[f'{prefix}/prs_left_out']:.0f} left out with "
+            f"i_true <= i_pre, {metrics[f'{prefix}/prs_unscored']:.0f} unscored)"
+            for label, prefix in (("random", "eval_random"), ("SFT", "eval_sft"), ("RL", "eval"))
+            if f"{prefix}/prs_scored" in metrics
+        )
+    )
     seconds = {k[5:-8]: v for k, v in metrics.items() if k.startswith("perf/") and k.endswith("_seconds")}
     print("\nstage seconds: " + "  ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
 

@@ -1,24 +1,33 @@
-"""RSO episodes per minute: the experts, the user and the rewarder batched across 8 parallel episodes against the
-same 8 episodes played one at a time; prints a table.
+"""RSO measurements on the CPU, two tables.
 
-    python bench/bench_rso.py                    # embedded SmolLM2 in every role, MiniLM planner, CPU
-    python bench/bench_rso.py --episodes 16 --max-turns 3 --threads 2
+    python bench/bench_rso.py                          # speed: episodes per minute, batched against one at a time
+    python bench/bench_rso.py --table learning         # learning: the planner update in a bandit, per setting
+    python bench/bench_rso.py --table learning --updates 300 --seeds 1 2 3 --threads 2
 
-Both sides play the same demo seeds (the RL stage's training dialogues) with the same untrained planner (the
-embedded MiniLM with a fresh 13-way head: its forward pass is part of each turn) through ``rso.play``'s pieces:
-``NetworkOfExperts`` (Reasoner, Fact Retriever, Actor), ``RewardedUser`` (AILO and the K-sample rewarder) and
-``common.conversations.run_episodes``; only ``--num-envs`` differs. Generation caps are rso.Args' defaults. An
+speed: ``rso.rollout`` (Algorithm 1: the Planner, the Reasoner, the Fact Retriever, the Actor, the AILO user and the
+K-sample rewarder) plays the same demo seeds with the same untrained planner (the embedded MiniLM with a fresh
+13-way head: its forward pass is part of each turn), --batched episodes together against one at a time. An
 episode may end early (acceptance or AILO's end_conversation), so the table also gives turns per minute.
+
+learning: the settings that chose rso.py's RL defaults. One state, 13 strategies, and a judge-like reward: 0.75
+(a raw score of 4) for one strategy and 0.5 (a 3) for the others, so every reward is positive as in the paper.
+``rso.planner_update`` runs at rso.Args' learning rate (1e-4, AdamW with linear decay over the run) and entropy
+weight on the default MiniLM planner (--planner), with each gradient-clipping bound and baseline, one or two
+episodes per update, the same number of episodes for each. Per setting and seed: the rewarded strategy's
+probability at the start and the end, whether it ended as the argmax, and the gradient norms before clipping.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import tyro
 
@@ -26,67 +35,148 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import rso  # noqa: E402
 from ailo_sim import AILO  # noqa: E402
-from common.conversations import run_episodes  # noqa: E402
-from common.data import Task  # noqa: E402
 from common.llm import make_llm  # noqa: E402
+from common.parsing import ParseStats  # noqa: E402
 from common.tracking import RecordFile  # noqa: E402
 
 
 @dataclass
 class Args:
+    table: str = "speed"
+    """speed (episodes per minute) or learning (the planner update in a bandit)"""
     llm: str = "hf:smollm2-135m"
-    """backend of every LLM role (experts, user, rewarder)"""
+    """speed: backend of every LLM role (experts, user, rewarder)"""
     episodes: int = 8
-    """episodes per measurement"""
+    """speed: episodes per measurement"""
     batched: int = 8
-    """--num-envs of the batched side (the other plays 1)"""
+    """speed: episodes played together on the batched side (the other plays 1)"""
     max_turns: int = 2
-    """system turns per episode"""
+    """speed: system turns per episode"""
     reward_samples: int = 10
-    """K rewarder samples per turn (rso.Args default)"""
+    """speed: K rewarder samples per turn (rso.Args default)"""
+    planner: str = "minilm"
+    """the planner's encoder (rso.Args default)"""
+    updates: int = 300
+    """learning: episodes per setting and seed (a setting with two episodes per update takes half as many updates)"""
+    seeds: tuple[int, ...] = (1, 2, 3)
+    """learning: seeds of the planner's head and of the sampled strategies"""
+    target: int = 5
+    """learning: the rewarded strategy (5: Offer Help)"""
     threads: int | None = None
     """torch CPU threads; None keeps torch's default"""
     seed: int = 1
-    """seed of the planner head and the sampling"""
+    """speed: seed of the planner head and the sampling"""
+
+
+# ----------------------------------------------------------------------------------------------- speed
 
 
 def play_all(args: Args, cfg: rso.Args, data: rso.Data, planner, tokenizer, num_envs: int) -> tuple[float, int, int]:
     """(seconds, finished episodes, system turns) of playing the seeds with ``num_envs`` episodes at a time."""
     llm = make_llm(args.llm, batch_size=max(num_envs, 1) * 2)
     seeds = [data.rl[k % len(data.rl)] for k in range(args.episodes)]
-    keys = [f"{k:03d}|{s.key}" for k, s in enumerate(seeds)]
+    keyed = [(f"{k:03d}|{s.key}", s) for k, s in enumerate(seeds)]
     torch.manual_seed(args.seed)
+    ailo = AILO(llm, "movie", cfg.user_max_tokens, cfg.user_parse_tries)
+    stats, generator = {"expert": ParseStats(), "rewarder": ParseStats()}, torch.Generator().manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as folder:
         records = RecordFile(Path(folder) / "episodes.jsonl")
-        env = rso.RewardedUser(AILO(llm, "movie", cfg.user_max_tokens, cfg.user_parse_tries), llm, cfg,
-                               {k: s.opening for k, s in zip(keys, seeds)}, records)  # fmt: skip
-        cra = rso.NetworkOfExperts(planner, tokenizer, llm, data.catalog, cfg, args.seed)
-        tasks = [Task(k, s.persona, s.target) for k, s in zip(keys, seeds)]
         start = time.perf_counter()
-        run_episodes(tasks, cra, env, cfg.max_turns, batch_size=num_envs, on_episode=env.finish)
+        for first in range(0, len(keyed), num_envs):
+            rso.rollout(cfg, keyed[first : first + num_envs], planner, tokenizer, llm, ailo, llm, data.catalog,
+                        generator, stats, records)  # fmt: skip
         seconds = time.perf_counter() - start
         episodes = records.records()
     return seconds, len(episodes), sum(len(e["turns"]) for e in episodes)
 
 
-def main(args: Args) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def speed(args: Args) -> None:
     cfg = rso.Args(max_turns=args.max_turns, reward_samples=args.reward_samples, seed=args.seed)
     data = rso.load_data(cfg)
     data.catalog.embeddings()  # the retrieval index, built once before timing
-    planner, tokenizer = rso.load_planner(cfg.planner, "cpu", args.seed)
+    planner, tokenizer = rso.load_planner(args.planner, "cpu", args.seed)
     rows = []
-    for label, num_envs in ((f"batched, --num-envs {args.batched}", args.batched), ("one at a time", 1)):
+    for label, num_envs in ((f"batched, {args.batched} together", args.batched), ("one at a time", 1)):
         seconds, episodes, turns = play_all(args, cfg, data, planner, tokenizer, num_envs)
         rows.append((label, episodes / seconds * 60, turns / seconds * 60, seconds, episodes, turns))
-    speedup = rows[0][1] / rows[1][1]
-    print(f"\nmodel: {args.llm}   planner: {cfg.planner}   device: cpu x {torch.get_num_threads()} threads   "
+    print(f"\nmodel: {args.llm}   planner: {args.planner}   device: cpu x {torch.get_num_threads()} threads   "
           f"episodes: {args.episodes} x <= {args.max_turns} turns   K = {args.reward_samples}")  # fmt: skip
     print(f"{'measurement':<26}{'episodes/min':>14}{'turns/min':>12}{'seconds':>10}{'episodes':>10}{'turns':>8}")
     for label, per_minute, turns_per_minute, seconds, episodes, turns in rows:
         print(f"{label:<26}{per_minute:>14.2f}{turns_per_minute:>12.2f}{seconds:>10.0f}{episodes:>10}{turns:>8}")
-    print(f"speed-up of batching: {speedup:.2f}x episodes/min (target: at least 4x)")
+    print(f"speed-up of batching: {rows[0][1] / rows[1][1]:.2f}x episodes/min (target: at least 4x)")
+
+
+# ----------------------------------------------------------------------------------------------- learning
+
+SETTINGS = (  # (label, gradient clipping, baseline, episodes per update)
+    ("clip 1.0, no baseline (old default)", 1.0, "none", 1),
+    ("no clip, no baseline (paper)", math.inf, "none", 1),
+    ("clip 1.0, ema baseline", 1.0, "ema", 1),
+    ("no clip, ema baseline", math.inf, "ema", 1),
+    ("no clip, ema baseline, 2/update", math.inf, "ema", 2),
+    ("no clip, batch baseline, 2/update", math.inf, "batch", 2),
+)
+STATE = "User: Hi! I'm looking for a movie to watch tonight, something fun."
+
+
+def bandit(args: Args, clip: float, baseline: str, per_update: int, seed: int) -> dict:
+    """One bandit run through rso.planner_update; the rewarded strategy's probability before and after, and the
+    gradient norms before clipping."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from common.distributed import start_training
+    from common.run import Run
+
+    cfg = rso.Args(run_name=f"bandit_{seed}_{clip}_{baseline}_{per_update}", seed=seed, num_envs=per_update,
+                   baseline=baseline, rl_max_grad_norm=clip)  # fmt: skip
+    run = Run(cfg)
+    model, tokenizer = rso.load_planner(args.planner, "cpu", seed, trainable=True)
+    updates = args.updates // per_update
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, updates)
+    model, optimizer, _ = start_training(run.accelerator, model, optimizer, scheduler, run.dir / "rl")
+    generator, running, norms = torch.Generator().manual_seed(seed), {}, []
+    start = rso.strategy_distribution(model, tokenizer, [STATE], cfg.planner_max_length)[0]
+    for _ in range(updates):
+        probs = rso.strategy_distribution(model, tokenizer, [STATE], cfg.planner_max_length)[0]
+        actions = torch.multinomial(probs, per_update, replacement=True, generator=generator).tolist()
+        episodes = [{"turns": [{"state": STATE, "strategy": a, "reward": 0.75 if a == args.target else 0.5}],
+                     "accepted": False} for a in actions]  # fmt: skip
+        norms.append(rso.planner_update(run, cfg, model, tokenizer, optimizer, episodes, running)["grad_norm"])
+        scheduler.step()
+    end = rso.strategy_distribution(model, tokenizer, [STATE], cfg.planner_max_length)[0]
+    return {"start": start[args.target].item(), "end": end[args.target].item(), "top": end.max().item(),
+            "argmax": int(end.argmax()) == args.target, "norms": norms}  # fmt: skip
+
+
+def learning(args: Args) -> None:
+    os.chdir(tempfile.mkdtemp(prefix="bench_rso_"))  # the Run folders of the bandits
+    print(f"planner: {args.planner}   lr 1e-4 (AdamW, linear decay)   beta_ent 0.01   {args.updates} episodes per "
+          f"run   reward 0.75 for {rso.NAMES[args.target]}, 0.5 for the others   seeds {args.seeds}")  # fmt: skip
+    header = f"{'setting':<37}{'p start':>9}{'p end':>9}{'max p':>8}{'argmax':>8}{'norm p50':>10}{'norm p90':>10}"
+    print(header + f"{'norm max':>10}{'clipped':>9}{'s':>6}")
+    for label, clip, baseline, per_update in SETTINGS:
+        started, results = time.time(), [bandit(args, clip, baseline, per_update, s) for s in args.seeds]
+        norms = np.array([n for r in results for n in r["norms"]])
+        for k, r in enumerate(results):
+            print(f"  seed {args.seeds[k]}: p {r['start']:.3f} -> {r['end']:.3f} (max p {r['top']:.3f})"
+                  f"{'  argmax' if r['argmax'] else ''}")  # fmt: skip
+        print(
+            f"{label:<37}{np.mean([r['start'] for r in results]):>9.3f}{np.mean([r['end'] for r in results]):>9.3f}"
+            f"{np.mean([r['top'] for r in results]):>8.3f}{sum(r['argmax'] for r in results):>5}/{len(results)}"
+            f"{np.percentile(norms, 50):>10.3g}{np.percentile(norms, 90):>10.3g}{norms.max():>10.3g}"
+            f"{np.mean(norms > clip):>9.0%}{time.time() - started:>6.0f}",
+            flush=True,
+        )
+
+
+def main(args: Args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.table not in ("speed", "learning"):
+        raise SystemExit(f"error: --table {args.table!r}: expected speed or learning")
+    speed(args) if args.table == "speed" else learning(args)
 
 
 if __name__ == "__main__":

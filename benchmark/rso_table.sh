@@ -5,7 +5,8 @@
 # The paper's setting: Qwen2.5-7B-Instruct for every LLM expert (Preference Reasoner, Actor), the rewarder and the
 # evaluator; RoBERTa as the Planner (METHODS.md: roberta-large) trained by SFT on INSPIRED's strategy labels (10
 # epochs, AdamW, lr 6e-6, batch 16, linear decay), then entropy-regularized policy gradient (10 epochs x 100
-# dialogues, at most 10 turns, lr 1e-4, gamma 0.99, 10 rewarder samples per turn, tau 0.75, beta_ent 0.01);
+# dialogues, at most 10 turns, lr 1e-4, gamma 0.99, 10 rewarder samples per turn, tau 0.75, beta_ent 0.01, one
+# update at the end of each dialogue, no gradient clipping; rso.py adds its ema baseline, docs/rso.md);
 # bge-base-en-v1.5 as the entity embedder, K = 5; 99 test dialogues per dataset. The user simulator is AILO on the
 # same model (METHODS.md 4.8.3; the paper does not say).
 # Targets: INSPIRED 3.8788 / 1.0000 / 3.8333 / .9798 / .9979 and .535 / .758 / .889;
@@ -15,11 +16,15 @@
 # BAAI/bge-base-en-v1.5 in the local Hugging Face cache, and Qwen2.5-7B-Instruct served by vLLM on an
 # OpenAI-compatible endpoint (the frozen roles are many short calls; a server batches them across ranks):
 #   vllm serve Qwen/Qwen2.5-7B-Instruct --port 8000 &
+# Episodes per update: NUM_ENVS (default 1, the paper's one update per dialogue: 1,000 updates, each played by the
+# Planner it updates). NUM_ENVS=16 plays 16 dialogues together per update (63 on-policy updates, METHODS.md
+# 4.8.5's batch of 16), much faster where the LLM server batches; more ranks than NUM_ENVS leave ranks idle in RL.
 # It cannot run on this repository's CPU machine, and it has not been run by the developers (no GPU was available).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OPENAI_BASE_URL=${OPENAI_BASE_URL:-http://localhost:8000/v1} OPENAI_API_KEY=${OPENAI_API_KEY:-none}
 GPUS=${GPUS:-1}
+NUM_ENVS=${NUM_ENVS:-1}
 LLM=openai:Qwen/Qwen2.5-7B-Instruct
 for dataset in inspired redial; do
   accelerate launch --config_file configs/gpu_ddp.yaml --num_processes "$GPUS" rso.py \
@@ -28,5 +33,6 @@ for dataset in inspired redial; do
     --expert-llm "$LLM" --user-llm "$LLM" --judge-llm "$LLM" --evaluator-llm "$LLM" \
     --reasoner-max-tokens 128 --actor-max-tokens 128 --user-max-tokens 256 --user-parse-tries 3 \
     --sft-lr 6e-6 --sft-epochs 10 --sft-batch-size 16 --micro-batch-size 8 \
-    --rl-episodes 1000 --max-turns 10 --num-envs 16 --reward-samples 10 --judge-max-tokens 4 --track
+    --rl-episodes 1000 --max-turns 10 --num-envs "$NUM_ENVS" --baseline ema --rl-max-grad-norm inf \
+    --reward-samples 10 --judge-max-tokens 4 --eval-num-envs 33 --track
 done

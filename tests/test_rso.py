@@ -48,16 +48,49 @@ def test_the_entropy_term_raises_the_entropy():
     assert after > entropy.item() + 0.05
 
 
-def test_baseline_subtracts_the_mean_return_of_the_update():
-    episodes = [
-        {"turns": [{"cra": {"state": "a", "strategy": 1}}, {"cra": {"state": "b", "strategy": 2}}], "rewards": [0, 1]},
-        {"turns": [{"cra": {"state": "c", "strategy": 3}}], "rewards": [0.5]},
-    ]
-    plain = rso.update_batch(episodes, rso.Args(gamma=1.0))
-    assert [r["returns"] for r in plain] == [[1.0, 1.0], [0.5]]
-    centred = rso.update_batch(episodes, rso.Args(gamma=1.0, baseline=True))
-    assert [r["returns"] for r in centred] == [pytest.approx([1 / 6, 1 / 6]), pytest.approx([-1 / 3])]
-    assert centred[0]["states"] == ["a", "b"] and centred[0]["actions"] == [1, 2]
+def test_the_baselines_by_hand():
+    returns = [[1.0, 0.4], [0.5]]  # two episodes of the update: turn 1 reached by both, turn 2 by the first alone
+    none, _ = rso.subtract_baseline(returns, rso.Args(baseline="none"), {})
+    assert none == returns  # the paper's Eq. 7
+    batch, baselines = rso.subtract_baseline(returns, rso.Args(baseline="batch"), {})
+    assert batch == [pytest.approx([0.25, 0.0]), pytest.approx([-0.25])] and baselines == [[0.75, 0.4], [0.75]]
+    running = {}  # ema: the first sight of a turn index uses the update's own mean, later updates the running one
+    first, _ = rso.subtract_baseline(returns, rso.Args(baseline="ema", baseline_decay=0.9), running)
+    assert first == batch and running == {0: 0.75, 1: 0.4}
+    second, baselines = rso.subtract_baseline([[2.0, 1.0, 0.5]], rso.Args(baseline="ema", baseline_decay=0.9), running)
+    assert baselines == [[0.75, 0.4, 0.5]]  # read before this episode joins the mean
+    assert second == [pytest.approx([1.25, 0.6, 0.0])]
+    assert running == {0: pytest.approx(0.9 * 0.75 + 0.1 * 2.0), 1: pytest.approx(0.9 * 0.4 + 0.1), 2: 0.5}
+
+
+def test_one_episode_per_update_learns_through_the_ema_baseline_only():
+    """With one episode per update, the batch mean is the episode's own return (every advantage 0); the running
+    mean compares it with the earlier episodes'."""
+    running, args = {}, rso.Args(baseline="ema")
+    rso.subtract_baseline([[0.5]], args, running)
+    (advantage,), _ = rso.subtract_baseline([[0.75]], args, running)
+    assert advantage == [pytest.approx(0.25)]
+    (advantage,), _ = rso.subtract_baseline([[0.5]], args, running)
+    assert advantage[0] < 0  # below the running mean (0.525)
+
+
+def toy_episode(rewards, accepted):
+    return {"turns": [{"reward": r} for r in rewards], "accepted": accepted}
+
+
+def test_stalling_pays_under_eq_8_and_not_with_the_acceptance_credit():
+    """Ten turns just short of acceptance against accepting at the first turn, T_max = 10, gamma = 0.99."""
+    stall, accept = toy_episode([0.75] * 10, False), toy_episode([1.0], True)
+    paper = rso.Args(max_turns=10, gamma=0.99)
+    assert rso.episode_returns(stall, paper)[0] == pytest.approx(0.75 * (1 - 0.99**10) / 0.01)  # 7.17
+    assert rso.episode_returns(accept, paper) == [1.0]  # Eq. 8 pays the planner to avoid acceptance
+    credited = rso.Args(max_turns=10, gamma=0.99, accept_credit="remaining")
+    assert rso.episode_returns(stall, credited) == rso.episode_returns(stall, paper)  # nothing accepted: unchanged
+    assert rso.episode_returns(accept, credited) == [pytest.approx((1 - 0.99**10) / 0.01)]  # 9.56: the turns left at 1
+    late = toy_episode([0.75] * 9 + [1.0], True)  # stalling nine turns, then accepting, earns less than accepting now
+    assert rso.episode_returns(late, credited)[0] < rso.episode_returns(accept, credited)[0]
+    two = rso.episode_returns(toy_episode([0.5, 0.9], True), credited)
+    assert len(two) == 2 and two[1] == pytest.approx(0.9 + sum(0.99**i for i in range(1, 9)))
 
 
 # ------------------------------------------------------------------------------------ evaluation metrics
@@ -71,6 +104,7 @@ def test_baseline_subtracts_the_mean_return_of_the_update():
         (2, 5, 4, 1.0),  # i_post above i_true is clipped to i_true
         (3, 1, 5, 0.0),  # 1 - 4 / 2 < 0 is clipped to 0
         (3, 4, 3, None),  # i_true == i_pre: left out of the mean
+        (4, 2, 3, None),  # i_true < i_pre: left out too (the formula would give 1 whatever the conversation did)
         (None, 4, 5, None),  # a missing score
     ],
 )
@@ -79,28 +113,49 @@ def test_persuasiveness_edge_cases(i_pre, i_post, i_true, prs):
 
 
 def trajectory(key, target, systems, retrieved, accepted, success):
-    turns = [{"system": s, "retrieved": r, "cra": {"strategy": 0}} for s, r in zip(systems, retrieved)]
+    turns = [
+        {"system": s, "retrieved": r, "strategy": 0, "entropy": 2.0 + len(s) / 10} for s, r in zip(systems, retrieved)
+    ]
     return {"key": key, "target": target, "turns": turns, "accepted": accepted, "success": success}
 
 
 def test_conversation_metrics_by_hand():
     trajectories = [
-        trajectory("a", "Jaws (1975)", ["a b c"], [["Jaws (1975)", "Alien (1979)"]], True, True),
-        trajectory("b", "Alien (1979)", ["a b d"], [["Jaws (1975)", "Dune (2021)", "Alien (1979)"]], False, False),
+        trajectory("a", "Jaws (1975)", ["a b c", "x"], [["Jaws (1975)", "Alien (1979)"], ["Dune (2021)"]], True, True),
+        trajectory("b", "Alien (1979)", ["a b d a b"], [["Jaws (1975)", "Dune (2021)", "Alien (1979)"]], False, False),
+        trajectory("c", "Dune (2021)", ["e f"], [["Jaws (1975)"]], False, False),
     ]
     judged = {
         "a": {"wi": 4, "i_pre": 2, "i_post": 3, "i_true": 4, "cred": 5},
-        "b": {"wi": 2, "i_pre": 3, "i_post": 2, "i_true": 3, "cred": None},  # PRS excluded, Cred unscored
+        "b": {"wi": 2, "i_pre": 3, "i_post": 2, "i_true": 3, "cred": None},  # i_true == i_pre; Cred unscored
+        "c": {"wi": 3, "i_pre": 4, "i_post": 4, "i_true": 2, "cred": 4},  # i_true < i_pre
     }
     metrics = rso.conversation_metrics(trajectories, judged)
-    assert metrics["dist2"] == pytest.approx(3 / 4)  # bigrams (a b) (b c) (a b) (b d): 3 distinct of 4
-    assert metrics["sr"] == 0.5 and metrics["rec_sr"] == 0.5 and metrics["wi"] == 3.0
-    assert metrics["prs"] == pytest.approx(0.5) and metrics["prs_scored"] == 1 and metrics["cred"] == 5.0
-    assert metrics["recall@1"] == 0.5 and metrics["recall@5"] == 1.0
+    # Dist-2 per response: "a b c" 2/2, "x" has no bigram (left out), "a b d a b" 3 distinct of 4, "e f" 1/1
+    assert metrics["dist2"] == pytest.approx((1 + 3 / 4 + 1) / 3)
+    # corpus: (a b) (b c) | (a b) (b d) (d a) (a b) | (e f): 5 distinct of 7
+    assert metrics["dist2_corpus"] == pytest.approx(5 / 7)
+    assert metrics["sr"] == pytest.approx(1 / 3) and metrics["rec_sr"] == pytest.approx(1 / 3)
+    assert metrics["wi"] == 3.0 and metrics["cred"] == 4.5
+    assert metrics["prs"] == pytest.approx(0.5) and metrics["prs_scored"] == 1
+    assert metrics["prs_left_out"] == 2 and metrics["prs_unscored"] == 0
+    # pooled over turns: a's target in its first list, b's in its top 5; last turn only: a's last list lacks it
+    assert metrics["recall@1"] == pytest.approx(1 / 3) and metrics["recall@5"] == pytest.approx(2 / 3)
+    assert metrics["recall@1_last"] == 0.0 and metrics["recall@5_last"] == pytest.approx(1 / 3)
+    assert metrics["turns"] == pytest.approx(4 / 3)
+    assert metrics["planner_entropy"] == pytest.approx(2.0 + (5 + 1 + 9 + 3) / 40)  # the mean over the 4 turns
+
+
+def test_prs_counts_missing_scores_apart_from_the_left_out():
+    rows = [trajectory(k, "Jaws (1975)", ["hi there"], [[]], False, False) for k in "ab"]
+    judged = {"a": {"i_pre": None, "i_post": 3, "i_true": 4}, "b": {"i_pre": 2, "i_post": 2, "i_true": 2}}
+    metrics = rso.conversation_metrics(rows, judged)
+    assert metrics["prs_unscored"] == 1 and metrics["prs_left_out"] == 1 and metrics["prs_scored"] == 0
+    assert math.isnan(metrics["prs"])
 
 
 def test_strategy_by_progress_shares():
-    one = {"turns": [{"cra": {"strategy": s}} for s in (0, 1, 1, 2)]}
+    one = {"turns": [{"strategy": s} for s in (0, 1, 1, 2)]}
     shares = rso.strategy_by_progress([one], bins=2)
     assert shares[0, 0] == shares[0, 1] == 0.5 and shares[1, 1] == shares[1, 2] == 0.5
     assert shares.sum(1).tolist() == [1.0, 1.0]
@@ -192,26 +247,100 @@ def test_unparsable_judge_is_counted_not_fatal(scripted_llm):
     assert scores == [[]] and stats.failures == 3 and stats.retries == 3
 
 
-def test_the_user_replies_on_the_last_turn_before_the_rewarder_scores_it(scripted_llm, tmp_path):
+# ------------------------------------------------------------------------------------ the rollout (Algorithm 1)
+
+
+def scripted_roles(judge):
+    """One scripted backend for every role of the rollout: AILO's policy, content and expectation confirmation as
+    JSON, the rewarder by ``judge(the judged conversation)``, and a fixed line for the Reasoner and the Actor."""
+
+    def respond(prompt):
+        if "Rate the latest exchange" in prompt:
+            return judge(prompt.split("Conversation:\n")[1].split("\n\nAnswer")[0])
+        if "Choose how to respond next" in prompt:
+            return '{"reason": "r", "policy": "respond_to_clarification"}'
+        if "Write one or two sentences in your own voice" in prompt:
+            return '{"reason": "r", "response": "I like films about space."}'
+        if "expectation" in prompt.lower() or "Final rating" in prompt:
+            return '{"reason": "fine", "rating": "4"}'
+        return "How about a space adventure?"
+
+    return respond
+
+
+@pytest.fixture(scope="module")
+def demo_catalog():
+    return Catalog(load_demo_catalog())
+
+
+def play_scripted(scripted_llm, catalog, judge, tmp_path, max_turns=3, episodes=2, greedy=False):
     from common.data import load_demo_tasks
     from common.tracking import RecordFile
 
-    def judge(prompt):  # 5 when the judged state ends on the user's words, 1 when it ends on the system's
-        history = prompt.split("Conversation:\n")[1].split("\n\nAnswer")[0]
+    llm = scripted_llm(scripted_roles(judge))
+    args = rso.Args(max_turns=max_turns, reward_samples=2)
+    tasks = load_demo_tasks()[:episodes]
+    seeds = [(f"e{k}", rso.Seed(f"d{k}", [{"role": "user", "content": "Hi, a movie for tonight?"}], t.target,
+                                t.persona)) for k, t in enumerate(tasks)]  # fmt: skip
+    stats = {"expert": rso.ParseStats(), "rewarder": rso.ParseStats()}
+    records = RecordFile(tmp_path / "episodes.jsonl")
+    ailo = rso.AILO(llm, "movie", 16, 1)
+    episodes = rso.rollout(args, seeds, None, None, llm, ailo, llm, catalog, torch.Generator().manual_seed(0), stats,
+                           records, greedy=greedy)  # fmt: skip
+    return episodes, records.records(), llm
+
+
+def test_the_rollout_stops_when_the_reward_passes_tau(scripted_llm, demo_catalog, tmp_path):
+    """The rewarder scores 5 (r = 1 > tau) once the conversation has two system turns: every episode stops at its
+    second turn, accepted; each turn carries s_t, h_t, C1_t, C2_t, a_t, the user's reply and r_t."""
+
+    def judge(history):
+        return "5" if history.count("System:") >= 2 else "3"
+
+    episodes, recorded, _ = play_scripted(scripted_llm, demo_catalog, judge, tmp_path)
+    assert [e["key"] for e in recorded] == ["e0", "e1"] and recorded == episodes  # each written once, as it ended
+    for episode in episodes:
+        assert episode["accepted"] and episode["end"] == "accepted" and episode["num_turns"] == 2
+        assert [t["reward"] for t in episode["turns"]] == [0.5, 1.0] and episode["turns"][1]["scores"] == [5, 5]
+        first, second = episode["turns"]
+        assert first["state"] == "User: Hi, a movie for tonight?"  # s_1: the opening, as the Planner reads it
+        assert second["state"].endswith("User: I like films about space.")  # s_2 holds a_1 and the user's reply
+        assert "System: How about a space adventure?" in second["state"]
+        for turn in episode["turns"]:
+            assert 0 <= turn["strategy"] < 13 and turn["strategy_name"] == rso.NAMES[turn["strategy"]]
+            assert turn["logprob"] == pytest.approx(-math.log(13)) and turn["entropy"] == pytest.approx(math.log(13))
+            assert turn["preference"] and len(turn["facts"]) == 5 and len(turn["retrieved"]) == 5
+            assert turn["system"] == "How about a space adventure?" and turn["user"] == "I like films about space."
+
+
+def test_the_user_replies_on_the_last_turn_before_the_rewarder_scores_it(scripted_llm, demo_catalog, tmp_path):
+    def judge(history):  # 5 when the judged state ends on the user's words, 1 when it ends on the system's
         return "5" if history.splitlines()[-1].startswith("User:") else "1"
 
-    task = load_demo_tasks()[0]
-    ailo = rso.AILO(scripted_llm(lambda p: "Sounds good, I will watch it."), "movie", 16, 1)
-    openings = {task.task_id: [{"role": "user", "content": "Hi, I want a movie for tonight."}]}
-    env = rso.RewardedUser(ailo, scripted_llm(judge), rso.Args(reward_samples=2), openings, RecordFile(tmp_path / "r"))
-    users, _ = env.start([task])
-    (answer,) = env.step(users, ["How about this one?"], final=True)
-    assert users[0].ended and answer.response  # the turn limit ends the episode, after the user's reply
-    assert users[0].history[-1]["role"] == "user"
-    assert env.rewards[task.task_id] == [{"reward": 1.0, "scores": [5, 5]}]
+    (episode,), _, _ = play_scripted(scripted_llm, demo_catalog, judge, tmp_path, max_turns=1, episodes=1)
+    assert episode["turns"][0]["reward"] == 1.0 and episode["turns"][0]["user"]
 
 
-# ------------------------------------------------------------------------------------ it must learn: a bandit
+def test_the_turn_limit_ends_an_unaccepted_episode(scripted_llm, demo_catalog, tmp_path):
+    episodes, recorded, llm = play_scripted(scripted_llm, demo_catalog, lambda history: "4", tmp_path, max_turns=3)
+    assert len(recorded) == 2
+    for episode in episodes:  # r = 0.75 is not above tau: never accepted
+        assert not episode["accepted"] and episode["end"] == "turn limit" and episode["num_turns"] == 3
+        assert [t["reward"] for t in episode["turns"]] == [0.75] * 3
+    judged = [p for p in llm.prompts if "Rate the latest exchange" in p]
+    assert len(judged) == 2 * 3  # one rewarder prompt per episode and turn, K = 2 samples each (n = 2)
+
+
+# ------------------------------------------------------------------------------------ it must learn
+
+
+@pytest.fixture
+def one_thread():
+    """A tiny planner's passes are too small to share between threads: on a busy CPU two threads mostly wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -223,50 +352,74 @@ def planner_tokenizer():
     return tokenizer
 
 
-def play_bandit(tmp_path, monkeypatch, tokenizer, beta: float, updates: int, target: int = 5):
-    """Episodes of one turn whose reward is 1 for the target strategy and 0 otherwise, sampled from the planner;
-    one rso.planner_update per batch of 8. Returns the target's probability and the entropy after each update."""
-    from transformers import BertConfig, BertForSequenceClassification, get_constant_schedule
+STATE = "User: Hi! I'm looking for a movie to watch tonight, something fun."
+
+
+def play_bandit(tmp_path, monkeypatch, tokenizer, args, updates, reward, seed=0):
+    """Episodes of one turn from one state, sampled from a small random planner and rewarded by ``reward(strategy)``,
+    each update taking --num-envs of them through rso.planner_update under rso.reinforce's optimizer and linear
+    decay. Returns pi(. | s) before each update and after the last, and the updates' statistics."""
+    from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
 
     from common.distributed import start_training
     from common.run import Run
 
     monkeypatch.chdir(tmp_path)
-    args = rso.Args(run_name=f"bandit{beta}", beta_ent=beta, episodes_per_update=8, planner_max_length=32)
+    args.run_name, args.planner_max_length = f"bandit_{seed}_{args.beta_ent}_{args.baseline}", 32
     run = Run(args)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, num_labels=13, hidden_dropout_prob=0.0)  # fmt: skip
+                        intermediate_size=64, num_labels=13, hidden_dropout_prob=0.0,
+                        max_position_embeddings=64)  # fmt: skip
     model = BertForSequenceClassification(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model, optimizer, _ = start_training(run.accelerator, model, optimizer, get_constant_schedule(optimizer),
-                                         tmp_path / f"b{beta}")  # fmt: skip
-    generator, history = torch.Generator().manual_seed(0), []
-    state = "User: I want a movie for tonight."
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.rl_lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, updates)
+    model, optimizer, _ = start_training(run.accelerator, model, optimizer, scheduler, run.dir / "rl")
+    generator, running, history, stats = torch.Generator().manual_seed(seed), {}, [], []
     for _ in range(updates):
-        with torch.no_grad():
-            probs = rso.planner_logits(model, tokenizer, [state], 32).softmax(-1)[0]
-        actions = torch.multinomial(probs, 8, replacement=True, generator=generator).tolist()
-        episodes = [{"turns": [{"cra": {"state": state, "strategy": a}}], "rewards": [float(a == target)]}
+        probs = rso.strategy_distribution(model, tokenizer, [STATE], 32)[0]
+        history.append(probs)
+        actions = torch.multinomial(probs, args.num_envs, replacement=True, generator=generator).tolist()
+        episodes = [{"turns": [{"state": STATE, "strategy": a, "reward": reward(a)}], "accepted": False}
                     for a in actions]  # fmt: skip
-        stats = rso.planner_update(run, args, model, tokenizer, optimizer, episodes)
-        history.append((probs[target].item(), stats["entropy"]))
-    with torch.no_grad():
-        probs = rso.planner_logits(model, tokenizer, [state], 32).softmax(-1)[0]
-    history.append((probs[target].item(), -(probs * probs.log()).sum().item()))
-    return history
+        stats.append(rso.planner_update(run, args, model, tokenizer, optimizer, episodes, running))
+        scheduler.step()
+    history.append(rso.strategy_distribution(model, tokenizer, [STATE], 32)[0])
+    return history, stats
 
 
-def test_bandit_moves_probability_to_the_rewarded_strategy(tmp_path, monkeypatch, planner_tokenizer):
-    history = play_bandit(tmp_path, monkeypatch, planner_tokenizer, beta=0.01, updates=60)
-    assert history[0][0] < 0.2  # near uniform at the start (1/13)
-    reached = next((k for k, (p, _) in enumerate(history) if p > 0.8), None)
-    assert reached is not None and reached <= 60, history[-1]
-    assert history[-1][1] < history[0][1]  # the policy became more certain
+TARGET = 5  # Offer Help
 
 
-def test_a_higher_entropy_weight_keeps_the_entropy_higher(tmp_path, monkeypatch, planner_tokenizer):
-    low = play_bandit(tmp_path, monkeypatch, planner_tokenizer, beta=0.0, updates=40)
-    high = play_bandit(tmp_path, monkeypatch, planner_tokenizer, beta=2.0, updates=40)
-    assert high[-1][1] > low[-1][1] + 0.3
-    assert high[-1][0] < low[-1][0]  # and spread the mass: less on the rewarded strategy
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_update_learns_a_judge_like_reward_at_the_papers_settings(
+    tmp_path, monkeypatch, planner_tokenizer, one_thread, seed
+):
+    """rso.Args' defaults (lr 1e-4, AdamW with linear decay, the default clipping and baseline, one episode per
+    update: the paper's regime) and a judge's positive rewards: 0.75 (a score of 4) for one strategy, 0.5 (a 3) for the
+    others. The rewarded strategy must become the planner's most likely one within 100 updates and stay so. With
+    the old defaults (clipping at 1.0, no baseline) it did not within 200 updates for any of 5 seeds."""
+    args = rso.Args()
+    assert args.rl_lr == 1e-4 and args.num_envs == 1  # the paper's learning rate and one episode per update
+    history, stats = play_bandit(tmp_path, monkeypatch, planner_tokenizer, args, 100, lambda a: 0.75 if a == TARGET
+                                 else 0.5, seed)  # fmt: skip
+    assert int(history[0].argmax()) != TARGET and history[0][TARGET] < 0.08  # near uniform (1/13), not the argmax
+    reached = next(k for k, probs in enumerate(history) if int(probs.argmax()) == TARGET)
+    assert all(int(probs.argmax()) == TARGET for probs in history[reached:]), f"lost after update {reached}"
+    assert history[-1][TARGET] > history[0][TARGET]
+    assert all(math.isfinite(s["grad_norm"]) and s["grad_norm"] > 0 for s in stats[1:])  # logged before clipping
+
+
+def test_a_higher_entropy_weight_keeps_the_entropy_higher(tmp_path, monkeypatch, planner_tokenizer, one_thread):
+    def entropy(probs):
+        return -(probs * probs.log()).sum().item()
+
+    def reward(a):
+        return float(a == TARGET)
+
+    low, _ = play_bandit(tmp_path, monkeypatch, planner_tokenizer, rso.Args(num_envs=8, beta_ent=0.0, rl_lr=3e-3), 40,
+                         reward)  # fmt: skip
+    high, _ = play_bandit(tmp_path, monkeypatch, planner_tokenizer, rso.Args(num_envs=8, beta_ent=2.0, rl_lr=3e-3),
+                          40, reward)  # fmt: skip
+    assert entropy(high[-1]) > entropy(low[-1]) + 0.3
+    assert high[-1][TARGET] < low[-1][TARGET]  # and spread the mass: less on the rewarded strategy

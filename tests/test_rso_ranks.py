@@ -1,6 +1,6 @@
 """rso.py's policy-gradient update on 1 rank and on 2 CPU ranks (accelerate, gloo; DDP and ZeRO-3), from the same
-recorded episodes: the loss and the planner agree, so the episodes' split over ranks, the padding weights and the
-averaging over the update's episodes are right."""
+recorded episodes: the loss, the gradient norm, the baseline and the planner agree, so the episodes' split over
+ranks, the padding weights and the averaging over the update's episodes are right."""
 
 import json
 import os
@@ -35,10 +35,11 @@ def test_two_ranks_match_one_rank_on_the_same_episodes(tmp_path, tiny_policy, ti
     flags = ["--planner", str(tiny_planner), "--planner-max-length", "128"]
     for role in ("expert", "user", "judge"):
         flags += [f"--{role}-llm", f"hf:{tiny_policy}"]
-    flags += "--sft-epochs 1 --rl-episodes 4 --num-envs 4 --episodes-per-update 4 --max-turns 2".split()
+    flags += "--sft-epochs 1 --rl-episodes 4 --num-envs 4 --max-turns 2".split()
     flags += "--reward-samples 2 --reasoner-max-tokens 4 --actor-max-tokens 6 --user-max-tokens 8".split()
     flags += "--judge-max-tokens 2 --rl-lr 1e-2".split()
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # no ACCELERATE_USE_CPU: under cpu_zero3 it would turn DeepSpeed off
+    env.pop("ACCELERATE_USE_CPU", None)
 
     def rso(*extra, launcher=(sys.executable,)):
         result = subprocess.run([*launcher, str(ROOT / "rso.py"), *flags, *extra], cwd=tmp_path, env=env,
@@ -53,7 +54,8 @@ def test_two_ranks_match_one_rank_on_the_same_episodes(tmp_path, tiny_policy, ti
     episodes = [json.loads(line) for line in (tmp_path / "runs/sampler/rl_episodes.jsonl").read_text().splitlines()]
     assert len(episodes) == 4
     for k, episode in enumerate(episodes):
-        episode["rewards"] = [0.25 * ((k + t) % 4) for t in range(len(episode["turns"]))]
+        for t, turn in enumerate(episode["turns"]):
+            turn["reward"] = 0.25 * ((k + t) % 4)
     for name in ("one", "two", "zero3"):
         shutil.copytree(tmp_path / "runs" / "base", tmp_path / "runs" / name)
         (tmp_path / "runs" / name / "rl_episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
@@ -71,6 +73,9 @@ def test_two_ranks_match_one_rank_on_the_same_episodes(tmp_path, tiny_policy, ti
     assert two["train/loss"] == pytest.approx(one["train/loss"], abs=1e-6)
     assert zero3["train/loss"] == pytest.approx(one["train/loss"], abs=1e-5)
     assert two["train/entropy"] == pytest.approx(one["train/entropy"], abs=1e-6)
+    assert two["train/grad_norm"] == pytest.approx(one["train/grad_norm"], rel=1e-5) and one["train/grad_norm"] > 0
+    assert zero3["train/grad_norm"] == pytest.approx(one["train/grad_norm"], rel=1e-4)  # DeepSpeed's own norm
+    assert one["train/baseline"] == two["train/baseline"] == zero3["train/baseline"]
     names = ("base", "one", "two", "zero3")
     weights = [load_file(tmp_path / "runs" / n / ("sft_planner" if n == "base" else "rl_planner") / "model.safetensors")
                for n in names]  # fmt: skip

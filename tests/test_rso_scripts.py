@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import ROOT, fails_cleanly, run_script
 
 
@@ -45,24 +47,33 @@ def test_rso_killed_in_rl_then_resumed(tmp_path):
     keys = [e["key"] for e in episodes]
     assert len(keys) == len(set(keys)) == 3 and episodes[: len(played)] == played  # each episode played once
     for episode in episodes:
-        assert 1 <= len(episode["turns"]) <= 2 and len(episode["rewards"]) == len(episode["turns"])
-        assert all(0 <= r <= 1 for r in episode["rewards"])
-        assert all(0 <= t["cra"]["strategy"] < 13 and t["cra"]["state"] for t in episode["turns"])
-        assert all(len(t["retrieved"]) == 5 and t["cra"]["facts"] for t in episode["turns"])
+        assert 1 <= len(episode["turns"]) == episode["num_turns"] <= 2
+        assert episode["end"] in ("accepted", "user left", "turn limit")
+        assert all(0 <= t["reward"] <= 1 and len(t["scores"]) <= 2 for t in episode["turns"])
+        assert all(0 <= t["strategy"] < 13 and t["state"] and t["user"] for t in episode["turns"])
+        assert all(len(t["retrieved"]) == 5 and t["facts"] for t in episode["turns"])
     assert (run_dir / "rl_planner" / "model.safetensors").exists()
     metrics = _jsonl(run_dir / "metrics.jsonl")
     updates = [r for r in metrics if "train/entropy" in r]
     assert len(updates) == 3 and all(0 < r["train/entropy"] <= 2.5650 for r in updates)  # log 13 = 2.565
-    assert all("rollout/return" in r for r in updates)
+    assert all("rollout/return" in r and "train/baseline" in r and r["train/grad_norm"] > 0 for r in updates)
+    # the resumed run replayed update 1's returns into the running baseline: update 2 compares with them
+    first = episodes[0]
+    assert updates[1]["train/baseline"] == pytest.approx(
+        sum(0.99**t * r["reward"] for t, r in enumerate(first["turns"]))
+    )
     summary = metrics[-1]
     for key in ("sft/accuracy", "sft/majority_accuracy", "sft/macro_f1", "eval/sr", "eval/wi", "eval/prs",
-                "eval/cred", "eval/dist2", "eval/rec_sr", "eval/recall@1", "eval/recall@5", "eval_random/sr",
-                "cost/llm_calls", "cost/tokens", "perf/rl_seconds"):  # fmt: skip
+                "eval/prs_left_out", "eval/cred", "eval/dist2", "eval/dist2_corpus", "eval/rec_sr", "eval/recall@1",
+                "eval/recall@5", "eval/recall@1_last", "eval_random/sr", "cost/llm_calls", "cost/tokens",
+                "perf/rl_seconds", "train/weight_distance", "train/policy_tv_from_sft"):  # fmt: skip
         assert key in summary, key
     for name in ("eval_random.jsonl", "eval_rl.jsonl", "judged_rl.jsonl"):
         assert len(_jsonl(run_dir / name)) == 1
     assert (run_dir / "strategy_by_progress.png").stat().st_size > 1000
+    assert summary["train/weight_distance"] > 0  # the three updates moved the planner
     assert "rl update 2/3" in result.stdout and "rl update 1/3" not in result.stdout  # resumed after update 1
+    assert "the planner moved" in result.stdout and "R@1 last" in result.stdout
     assert "Conv-SR" in result.stdout and "random" in result.stdout and "RL" in result.stdout
 
 
@@ -75,6 +86,10 @@ def test_rso_bad_input_is_a_clear_error(tmp_path):
     assert "--tau 1.5 must lie in [0, 1)" in stderr
     stderr = fails_cleanly("rso.py", "--num-envs", "0", cwd=tmp_path)
     assert "--num-envs must be at least 1" in stderr
+    stderr = fails_cleanly("rso.py", "--baseline", "batch", "--num-envs", "1", cwd=tmp_path)
+    assert "--baseline batch needs at least 2 episodes in every update" in stderr and "--baseline ema" in stderr
+    stderr = fails_cleanly("rso.py", "--baseline", "batch", "--num-envs", "4", "--rl-episodes", "9", cwd=tmp_path)
+    assert "gives an update of 1" in stderr  # the last update would hold one episode
     broken = tmp_path / "data" / "inspired" / "sweetpeach"
     broken.mkdir(parents=True)
     (broken / "dev.tsv").write_text("dialog_id\tspeaker\ttext\texpert_label\nd1\tRECOMMENDER\tHi\tno_strategy\nd1\n")
