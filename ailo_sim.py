@@ -32,6 +32,7 @@ from tqdm import tqdm
 from common.catalog import Catalog, item_card
 from common.conversations import CRA, CRAReply, episode_metrics, print_trajectory, render_history, run_episodes
 from common.data import TASK_DOMAINS, DataError, Persona, Task, load_ecpo_reviews, load_task_items, load_tasks
+from common.distributed import print_dry_run
 from common.llm import LLMBackendError
 from common.metrics import mentions_title, redact_title
 from common.models import ModelSpecError
@@ -96,6 +97,9 @@ class Args:
     """reviews shown to the persona builder per user"""
     print_conversations: bool = True
     """print every finished conversation"""
+    dry_run: int = 0
+    """validate the flags and the data files, then exit without loading a model (0: run; nothing here trains, so
+    the number of processes only shares out the tasks)"""
 
 
 # =============================================================================================== personas
@@ -591,12 +595,15 @@ def simulate(run: Run, args: Args, tasks: list[Task], catalog: Catalog) -> dict[
 
 
 def main(args: Args) -> None:
-    run = Run(args)
     split = load_tasks(args.dataset, args.data_dir, args.split)
     tasks = split[args.task_offset : args.task_offset + args.num_tasks]
     if not tasks:
         raise DataError(f"no tasks selected: offset {args.task_offset}, count {args.num_tasks}, split has {len(split)}")
     catalog = Catalog(load_task_items(args.dataset, args.data_dir, split))
+    if args.dry_run:
+        print_dry_run("ailo_sim.py", args.dry_run, [], {"tasks": len(tasks), "items": len(catalog)})
+        return
+    run = Run(args)
     run.log(diversity_metrics([t.persona for t in tasks], "personas/tasks"))
     if args.num_personas > 0:
         run.stage("personas", model_personas, args)

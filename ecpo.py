@@ -44,8 +44,11 @@ from common.catalog import Catalog, item_card
 from common.conversations import CRAReply, episode_metrics, print_trajectory, render_history, run_episodes
 from common.data import TASK_DOMAINS, DataError, Task, load_task_items, load_tasks
 from common.distributed import (
+    check_division,
+    launched_processes,
     micro_batches,
     optimizer_step,
+    print_dry_run,
     save_final,
     save_resumable,
     start_training,
@@ -187,6 +190,9 @@ class Args:
     """max new tokens of one judgement"""
     print_conversations: bool = False
     """print every finished evaluation conversation"""
+    dry_run: int = 0
+    """validate the flags, every batch division for this many processes, and the data files, then exit without
+    loading a model (0: run)"""
 
 
 # =============================================================================================== ActCRS
@@ -567,31 +573,42 @@ def pair_examples(tokenizer, pairs: list[dict], max_length: int) -> list[dict]:
     return examples
 
 
-def reference_logps(run: Run, model, tokenizer, examples: list[dict], args: Args) -> None:
-    """log pi_sft of every chosen, rejected and mismatched response, computed once with the adapter disabled
-    (the adapter sits on the merged pi_sft weights) and stored in ref_logps.jsonl; ranks split the work."""
+REFERENCE_KEYS = ("ref_chosen", "ref_rejected", "ref_mismatched")
+
+
+def reference_logps(run: Run, model, tokenizer, examples: list[dict], args: Args, epoch: list[list[int]],
+                    accum: int) -> None:  # fmt: skip
+    """log pi_sft of every chosen, rejected and mismatched response, computed once with the adapter disabled (the
+    adapter sits on the merged pi_sft weights) and stored in ref_logps.jsonl. ``model`` is the prepared policy and
+    ``epoch`` the first epoch's global batches: each micro-batch's rows go through the forward passes the policy's do
+    in training, in its precision (accelerate's bf16 autocast, DeepSpeed's bf16 weights) and with the same batch
+    shapes (low-precision kernels round differently at other shapes), so every log-ratio is exactly 0 before the
+    first update. Ranks split the work as they split training's, in lockstep as ZeRO-3 needs."""
     records = run.records("ref_logps.jsonl")
     done = {r["key"] for r in records.records()}
     run.barrier()  # every rank reads the same file before any writes to it, so all agree on what is left to do
-    todo = [k for k, e in enumerate(examples) if e["key"] not in done]
-    mine = run.shard(todo)
-    mine += todo[:1] * (math.ceil(len(todo) / run.world) - len(mine))  # ZeRO-3 needs equal forward passes per rank
+    todo = [batch for batch in epoch if any(examples[i]["key"] not in done for i in batch)]
+
+    def reference(pairs: list[dict], parts: tuple[str, ...]) -> torch.Tensor:
+        rows = [(e[f"{part}_ids"], e[f"{part}_mask"]) for part in parts for e in pairs]
+        return sequence_logps(model, rows, tokenizer.pad_token_id, run.device)[0]
+
     model.eval()
-    parts = ("chosen", "rejected", "mismatched")
-    with torch.no_grad(), model.disable_adapter():
-        for start in tqdm(range(0, len(mine), args.micro_batch_size), desc="reference log-probs", disable=not mine):
-            index = mine[start : start + args.micro_batch_size]
-            rows = [(examples[i][f"{part}_ids"], examples[i][f"{part}_mask"]) for part in parts for i in index]
-            logps, _ = sequence_logps(model, rows, tokenizer.pad_token_id, run.device)
-            for j, i in enumerate(index):
-                if examples[i]["key"] not in done:
-                    done.add(examples[i]["key"])
-                    values = {f"ref_{part}": logps[p * len(index) + j].item() for p, part in enumerate(parts)}
-                    records.append({"key": examples[i]["key"], **values})
+    with torch.no_grad(), run.accelerator.unwrap_model(model).disable_adapter():
+        for batch in tqdm(todo, desc="reference log-probs", disable=not run.main):
+            for pairs, weights in micro_batches(examples, batch, run.accelerator, args.micro_batch_size, accum):
+                # as in training: chosen and rejected in one pass, the mismatched responses in another (KTO's z_ref)
+                chosen_rejected = reference(pairs, ("chosen", "rejected"))
+                mismatched = reference(pairs, ("mismatched",))
+                for j, (example, weight) in enumerate(zip(pairs, weights.tolist())):
+                    if weight and example["key"] not in done:  # weight 0: a rank's padding
+                        done.add(example["key"])
+                        values = (chosen_rejected[j], chosen_rejected[len(pairs) + j], mismatched[j])
+                        records.append({"key": example["key"], **dict(zip(REFERENCE_KEYS, map(float, values)))})
     run.barrier()
     stored = {r["key"]: r for r in records.records()}
     for example in examples:
-        example.update({f"ref_{part}": stored[example["key"]][f"ref_{part}"] for part in parts})
+        example.update({key: stored[example["key"]][key] for key in REFERENCE_KEYS})
     model.train()
 
 
@@ -637,6 +654,8 @@ def train_preferences(run: Run, args: Args, model, tokenizer, examples: list[dic
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.po_lr, weight_decay=0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * len(steps)), len(steps))
     model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / "po")
+    if args.loss in ("dpo", "kto"):  # after prepare: pi_sft in the precision the policy is compared in
+        reference_logps(run, model, tokenizer, examples, args, steps[: len(steps) // args.po_epochs], accum)
     for step in tqdm(range(start, len(steps)), desc="po", initial=start, total=len(steps), disable=not run.main):
         started, batch = time.time(), steps[step]
         sums = defaultdict(float)
@@ -844,9 +863,19 @@ def load_data(args: Args) -> Tasks:
             f"{args.num_sft_tasks} + {args.num_pre_tasks} training tasks asked for, the train split has {len(train)}"
         )
     catalog = Catalog(load_task_items(args.dataset, args.data_dir, train + test))
-    catalog.embeddings()  # build (or load) the retrieval index once, before any rollout
     sft, pre = train[: args.num_sft_tasks], train[args.num_sft_tasks : args.num_sft_tasks + args.num_pre_tasks]
     return Tasks(sft, pre, test[: args.num_test_tasks], catalog, TASK_DOMAINS[args.dataset])
+
+
+def check_args(args: Args, world: int) -> list[str]:
+    """Flags that cannot work on ``world`` ranks, refused before anything loads: the global batch of each training
+    stage asked for must split evenly into ranks x micro-batches. Returns those splits, for the dry run's plan."""
+    micro, batches = args.micro_batch_size, []
+    if "sft" in args.stages:
+        batches.append(check_division(world, args.sft_batch_size, micro, "--sft-batch-size"))
+    if "po" in args.stages:
+        batches.append(check_division(world, args.po_batch_size, micro, "--po-batch-size"))
+    return batches
 
 
 def stored(run: Run, name: str, tasks: list[Task], stage: str) -> list[dict]:
@@ -974,8 +1003,6 @@ def preference_optimization(run: Run, args: Args) -> dict:
         raise DataError(f"no preference pairs in {path}: run the backward stage first (or raise --lam)")
     model, tokenizer = load_policy(args, [sft_adapter(run)], run.device, trainable=True)
     examples = pair_examples(tokenizer, pairs, args.max_length)
-    if args.loss in ("dpo", "kto"):
-        reference_logps(run, model, tokenizer, examples, args)
     model = train_preferences(run, args, model, tokenizer, examples)
     save_final(run.accelerator, model, run.dir / "po_adapter", {"pairs": len(pairs), "loss": args.loss})
     return {}
@@ -1046,8 +1073,14 @@ def print_summary(metrics: dict) -> None:
 
 
 def main(args: Args) -> None:
-    run = Run(args)  # runs/<run_name>/, ranks, seeding, metrics; each run.stage is timed and its LLM costs booked
+    batches = check_args(args, args.dry_run or launched_processes())
     tasks = load_data(args)
+    if args.dry_run:
+        sizes = {"D_sft tasks": len(tasks.sft), "D_pre tasks": len(tasks.pre), "test tasks": len(tasks.test)}
+        print_dry_run("ecpo.py", args.dry_run, batches, sizes | {"items": len(tasks.catalog)})
+        return
+    run = Run(args)  # runs/<run_name>/, ranks, seeding, metrics; each run.stage is timed and its LLM costs booked
+    tasks.catalog.embeddings()  # build (or load) the retrieval index once, before any rollout
     run.stage("teacher", teacher_rollouts, args, tasks)  # the teacher CRA's conversations with AILO
     run.stage("sft", sgpt, args, tasks)  # Eq. 1: SFT on the successful ones -> pi_sft
     run.stage("forward", forward_expectation_confirmation, args, tasks)  # pi_sft's turns, each rated r_t by AILO

@@ -56,6 +56,9 @@ from common.data import (
     restore_years,
 )
 from common.distributed import (
+    check_division,
+    launched_processes,
+    print_dry_run,
     save_final,
 )
 from common.llm import HFChat, LLMBackendError
@@ -197,6 +200,9 @@ class Args:
     the paper nor its released code does this)"""
     print_examples: bool = False
     """print every searched example's lists, critiques and rankings"""
+    dry_run: int = 0
+    """validate the flags, every batch division for this many processes, and the data files, then exit without
+    loading a model (0: run)"""
 
 
 # =============================================================================================== data
@@ -825,7 +831,9 @@ def tune_user(run: Run, args: Args) -> dict:
     data = sorted(run.records("instructions.jsonl").records(), key=lambda r: r["key"])
     if not data:
         raise DataError(f"{run.dir / 'instructions.jsonl'} holds no instruction data: run the synth stage first")
-    model, tokenizer = load_model(args.user_model)
+    # Every weight that trains is fp32, for AdamW's small steps (accelerate's mixed precision still computes in bf16):
+    # the whole model under --finetune full, the adapter alone (peft's choice) on a default-dtype base under lora.
+    model, tokenizer = load_model(args.user_model, dtype=torch.float32 if args.finetune == "full" else None)
     if args.finetune == "lora":
         torch.manual_seed(args.seed)  # the same adapter init on every rank and every rerun
         model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
@@ -896,6 +904,29 @@ def search_and_rank(run: Run, args: Args) -> dict:
     }
 
 
+def check_args(args: Args, world: int) -> list[str]:
+    """Flags that cannot work on ``world`` ranks, refused before anything loads: a search shape that cannot search,
+    a training batch that does not split evenly into ranks x micro-batches. Returns the split, for the dry run."""
+    if "search" in args.stages:
+        search_shape(args)
+    if "train" not in args.stages:
+        return []
+    return [check_division(world, args.train_batch_size, args.micro_batch_size, "--train-batch-size")]
+
+
+def data_sizes(args: Args) -> dict[str, int]:
+    """What the stages asked for would read, loaded (for the dry run: every file they need exists and parses)."""
+    sizes = {}
+    synthesized = (args.train_datasets or (args.dataset,)) if "synth" in args.stages else ()
+    for name in synthesized:
+        turns = load_dataset(name, args.data_dir, args.eval_split, args.only_new).train
+        sizes[f"{name} training turns"] = len(turns[: args.num_train_turns or None])
+    if "search" in args.stages:
+        turns = load_dataset(args.dataset, args.data_dir, args.eval_split, args.only_new).evaluated
+        sizes[f"{args.dataset} {args.eval_split} turns"] = len(turns[: args.num_test or None])
+    return sizes
+
+
 def print_table(metrics: dict, search: str) -> None:
     ks = sorted({int(key.split("@")[1]) for key in metrics if key.startswith("eval/recall@")})
     if not ks:
@@ -912,6 +943,10 @@ def print_table(metrics: dict, search: str) -> None:
 
 
 def main(args: Args) -> None:
+    batches = check_args(args, args.dry_run or launched_processes())
+    if args.dry_run:
+        print_dry_run("grsu.py", args.dry_run, batches, data_sizes(args))
+        return
     run = Run(args)  # runs/<run_name>/, ranks, seeding, metrics; each run.stage is timed and its LLM costs booked
     run.stage("synth", synthesize_instructions, args)  # critique and scoring data written by a teacher
     run.stage("train", tune_user, args)  # Eq. 4: instruction tuning of the simulated user

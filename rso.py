@@ -64,10 +64,13 @@ from common.data import (
     restore_years,
 )
 from common.distributed import (
+    check_division,
     configure_batches,
     generation_weights,
+    launched_processes,
     micro_batches,
     optimizer_step,
+    print_dry_run,
     save_final,
     save_resumable,
     start_training,
@@ -221,6 +224,9 @@ class Args:
     """evaluated conversations played together (evaluation does not update the planner, so any number is fine)"""
     progress_bins: int = 3
     """bins of conversation progress (turn / episode length) in the strategy-distribution plot"""
+    dry_run: int = 0
+    """validate the flags, every batch division for this many processes, and the data files, then exit without
+    loading a model (0: run)"""
 
 
 # =============================================================================================== strategies (Table I)
@@ -375,8 +381,9 @@ def load_data(args: Args) -> Data:
     return Data(sft_train, sft_held_out, rl, test, catalog, held)
 
 
-def check_args(args: Args) -> None:
-    """Flags that cannot work, refused before anything loads."""
+def check_args(args: Args, world: int) -> list[str]:
+    """Flags that cannot work on ``world`` ranks, refused before anything loads. Returns the SFT batch's split over
+    the ranks, for the dry run's plan (RL pads its episodes to fit)."""
     updates = math.ceil(args.rl_episodes / max(args.num_envs, 1))
     problems = [
         (args.num_envs < 1, "--num-envs must be at least 1"),
@@ -402,6 +409,9 @@ def check_args(args: Args) -> None:
     for bad, message in problems:
         if bad:
             raise DataError(message)
+    if "sft" not in args.stages:
+        return []
+    return [check_division(world, args.sft_batch_size, args.micro_batch_size, "--sft-batch-size")]
 
 
 # =============================================================================================== prompts
@@ -734,6 +744,7 @@ def load_planner(spec: str, device, seed: int, trainable: bool = False):
         with whole_weights():  # ZeRO-3 shards the trained Planner at accelerator.prepare, never the frozen SFT one
             model = AutoModelForSequenceClassification.from_pretrained(
                 path,
+                dtype=torch.float32,  # a small encoder that trains whole, and is compared with its SFT self
                 num_labels=len(NAMES),
                 id2label=dict(enumerate(NAMES)),
                 label2id={n: i for i, n in enumerate(NAMES)},
@@ -1232,9 +1243,14 @@ def print_table(metrics: dict) -> None:
 
 
 def main(args: Args) -> None:
-    check_args(args)
-    run = Run(args)  # runs/<run_name>/, ranks, seeding, metrics; each run.stage is timed and its LLM costs booked
+    batches = check_args(args, args.dry_run or launched_processes())
     data = load_data(args)
+    if args.dry_run:
+        sizes = {"SFT turns": len(data.sft_train), "held-out SFT turns": len(data.sft_held_out)}
+        sizes |= {"RL seed dialogues": len(data.rl), "evaluated dialogues": len(data.test), "items": len(data.catalog)}
+        print_dry_run("rso.py", args.dry_run, batches, sizes)
+        return
+    run = Run(args)  # runs/<run_name>/, ranks, seeding, metrics; each run.stage is timed and its LLM costs booked
     run.stage("sft", sft_warmup, args, data)  # Eq. 6: the Planner warmed up on strategy labels
     run.stage("rl", reinforce, args, data)  # Algorithm 1, Eq. 7-9: entropy-regularized policy gradient
     run.stage("eval", evaluate, args, data)  # Tables IV-V and Fig. 3: random, SFT and RL planners side by side

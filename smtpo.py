@@ -58,10 +58,13 @@ from common.data import (
     restore_years,
 )
 from common.distributed import (
+    check_division,
     configure_batches,
     generation_weights,
+    launched_processes,
     micro_batches,
     optimizer_step,
+    print_dry_run,
     save_final,
     save_resumable,
     start_training,
@@ -148,12 +151,17 @@ class Args:
     """BPR passes over the item-attribute pairs"""
     retriever_epochs: int = 50
     """fusion-head epochs, with early stopping on held-out Recall@20 (paper: up to 50)"""
-    retriever_patience: int = 5
-    """epochs without a better held-out Recall@20 before stopping (paper: unstated)"""
+    retriever_patience: int = 50
+    """epochs without a better held-out Recall@20 before stopping; the best epoch's weights are kept (paper: unstated;
+    on INSPIRED a patience of 5 stopped every view at half the recall it reached later, docs/smtpo.md)"""
     retriever_lr: float = 5e-5
     """fusion-head learning rate, Adam (paper: 5e-5)"""
     retriever_batch_size: int = 32
     """training turns per fusion-head step, shuffled every epoch (paper: unstated)"""
+    retriever_inputs: Literal["all", "dialogue"] = "all"
+    """all: the paper's inputs; dialogue: the dialogue text and I_D alone, without the simulator's feedback, the
+    reference preference and the list R, so no LLM call (an ablation for measuring the retriever on real data on a
+    CPU; only with --stages retriever)"""
     negatives: int = 64
     """InfoNCE negatives per example, excluding the target and the mentioned items (METHODS.md default: 64)"""
     num_candidates: int = 20
@@ -230,6 +238,9 @@ class Args:
     """Table 3's control: the simulator sees the dialogue only, never the recommender's lists"""
     noisy_feedback: bool = False
     """Table 3's control: every feedback is replaced by irrelevant chat"""
+    dry_run: int = 0
+    """validate the flags, every batch division for this many processes, and the data files, then exit without
+    loading a model (0: run)"""
 
 
 # =============================================================================================== data
@@ -309,6 +320,20 @@ def load_data(args: Args) -> Data:
     if not train_samples or not test:
         raise DataError(f"{args.dataset}: {len(train_samples)} training and {len(test)} test turns with a target")
     return Data(train_samples, held_out, test, catalog)
+
+
+def check_args(args: Args, world: int) -> list[str]:
+    """Flags that cannot work on ``world`` ranks, refused before anything loads: the SFT batch of the simulator and
+    of the recommender must split evenly into ranks x micro-batches (GRPO pads its outputs to fit). Returns the
+    splits, for the dry run's plan."""
+    batches = []
+    for stage in ("simulator", "sft"):
+        if stage in args.stages:
+            split = check_division(world, args.sft_batch_size, args.micro_batch_size, "--sft-batch-size")
+            batches.append(f"{stage} stage: {split}")
+    if args.retriever_inputs == "dialogue" and set(args.stages) != {"retriever"}:
+        raise DataError("--retriever-inputs dialogue measures the retriever alone: use it with --stages retriever")
+    return batches
 
 
 def attributes_of(catalog: Catalog, title: str) -> set[str]:
@@ -1162,8 +1187,11 @@ def train_retriever(run: Run, args: Args, data: Data) -> dict:
     if run.finished("retriever"):
         return json.loads((run.dir / "retriever" / "metrics.json").read_text())
     samples = data.train + data.held_out
-    preferences = reference_preferences(run, args, data, samples)
-    feedback = human_list_feedback(run, args, data, samples)
+    if args.retriever_inputs == "dialogue":  # an empty text is masked out of the fusion
+        preferences, feedback = {s.key: "" for s in samples}, {s.key: {"feedback": "", "items": []} for s in samples}
+    else:
+        preferences = reference_preferences(run, args, data, samples)
+        feedback = human_list_feedback(run, args, data, samples)
     metrics = {}
     if run.main:
         torch.manual_seed(args.seed)
@@ -1553,6 +1581,8 @@ def grpo_update(run: Run, args: Args, model, optimizer, scheduler, examples: lis
 def evaluate(run: Run, args: Args, data: Data) -> dict:
     """Sec. 3.7: every test dialogue through all T turns (greedy, no early stop), for the zero-shot backbone, the SFT
     recommender and SMTPO side by side; Recall@{1,10}, NDCG@10 and MRR@10 at every turn over the whole test set."""
+    from accelerate.utils import clear_device_cache
+
     retriever, simulator = load_retriever(run, data), load_simulator(run, args)
     adapters = {
         "zero-shot": [],
@@ -1600,7 +1630,8 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
             rows.append([name, t, *[round(float(v), 4) for v in turn.values()]])
             if t == args.max_turns:
                 metrics |= {f"{prefix}{control}/{k}": float(v) for k, v in turn.items()}
-        del model
+        del model, roles  # gone before the next policy loads: one policy at a time beside the simulator
+        clear_device_cache(garbage_collection=True)
     run.table(f"eval{control}_by_turn", ["policy", "turn", "recall@1", "recall@10", "ndcg@10", "mrr@10"], rows)
     return metrics | {"eval/examples": len(data.test)}
 
@@ -1642,8 +1673,13 @@ def print_tables(metrics: dict) -> None:
 
 
 def main(args: Args) -> None:
-    run = Run(args)  # runs/<run_name>/, ranks, seeding, metrics; each run.stage is timed and its LLM costs booked
+    batches = check_args(args, args.dry_run or launched_processes())
     data = load_data(args)
+    if args.dry_run:
+        sizes = {"training turns": len(data.train), "held-out turns": len(data.held_out), "test turns": len(data.test)}
+        print_dry_run("smtpo.py", args.dry_run, batches, sizes | {"items": len(data.catalog)})
+        return
+    run = Run(args)  # runs/<run_name>/, ranks, seeding, metrics; each run.stage is timed and its LLM costs booked
     run.stage("simulator", train_simulator, args, data)  # Eq. 6: the multi-task simulator
     run.stage("retriever", train_retriever, args, data)  # Eq. 8-12: LightGCN + the dual-view fusion head
     run.stage("sft", recommender_sft, args, data)  # Eq. 13: the five-step reasoning, taught

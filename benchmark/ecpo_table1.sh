@@ -6,17 +6,23 @@
 # Targets (SR / R / WR): Book .56/.60/.70, Game .47/.63/.56, Yelp .49/.53/.69; +SGPT alone .55/.58/.46,
 # .41/.61/.42, .44/.48/.47.
 #
-# Needs: a CUDA machine with 8 GPUs (one is enough with --num_processes 1, slower), a CUDA build of torch, then
+# Needs: a CUDA machine with 8 GPUs (one is enough with GPUS=1, slower), a CUDA build of torch, then
 # `make install` and `pip install -r requirements-gpu.txt`; OPENAI_API_KEY (or OPENAI_BASE_URL for an
 # OpenAI-compatible server of open models, whose numbers are then not comparable with the paper's). Game and Yelp
 # train tasks are not in ../shared/data: download them from XueyangFeng/ECPO into <data-dir>/ecpo/{Game,Yelp}/.
 # Not run by this repository's CI, and never measured here (no GPU was available to the developers).
+#
+# GPUs: 0 to GPUS-1 (default 8) train; no server runs here (the frozen roles are API calls).
+# DRY_RUN=8 bash benchmark/ecpo_table1.sh checks every command's flags, batches and data files for 8 processes
+# without loading a model (benchmark/lib.sh). The batches (SFT 8, ECPO 32 pairs, the paper's) split over 1, 2, 4
+# or 8 ranks with --micro-batch-size 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmark/lib.sh
 : "${OPENAI_API_KEY:?set OPENAI_API_KEY (or OPENAI_BASE_URL and a key for your server)}"
 GPUS=${GPUS:-8}
 for dataset in book game yelp; do
-  accelerate launch --config_file configs/gpu_zero3.yaml --num_processes "$GPUS" ecpo.py \
+  launch gpu_zero3 "$(gpu_list "$GPUS")" ecpo.py \
     --run-name "table1_${dataset}" --dataset "$dataset" --data-dir "${DATA_DIR:-../shared/data}" \
     --policy meta-llama/Llama-3.1-8B-Instruct \
     --teacher-llm openai:gpt-4o-mini --user-llm openai:gpt-4o-mini --rewriter-llm openai:gpt-4o-mini \
@@ -31,9 +37,11 @@ done
 for dataset in book game yelp; do
   for loss in simpo kto sft; do
     run="runs/table4a_${dataset}_${loss}"
-    cp -r "runs/table1_${dataset}" "$run" && rm -rf "$run"/{po,po_adapter,ref_logps.jsonl,eval_ecpo.jsonl}
-    grep -v '"label": "eval"' "runs/table1_${dataset}/judgements.jsonl" > "$run/judgements.jsonl" || true
-    accelerate launch --config_file configs/gpu_zero3.yaml --num_processes "$GPUS" ecpo.py \
+    dry_run || {
+      cp -r "runs/table1_${dataset}" "$run" && rm -rf "$run"/{po,po_adapter,ref_logps.jsonl,eval_ecpo.jsonl}
+      grep -v '"label": "eval"' "runs/table1_${dataset}/judgements.jsonl" > "$run/judgements.jsonl" || true
+    }
+    launch gpu_zero3 "$(gpu_list "$GPUS")" ecpo.py \
       --run-name "table4a_${dataset}_${loss}" --stages po eval --loss "$loss" --dataset "$dataset" \
       --data-dir "${DATA_DIR:-../shared/data}" --policy meta-llama/Llama-3.1-8B-Instruct \
       --user-llm openai:gpt-4o-mini --expert-llm openai:gpt-4o-mini --judge-llm openai:gpt-4o \

@@ -7,38 +7,44 @@
 # .250/.488/.135/.187/.100/.111 against Phi-4 zero-shot .173/.313/.095/.126/.071/.077; INSPIRED GRSU
 # .352/.559/.212/.258/.170/.180 against .145/.277/.077/.106/.056/.062.
 #
-# Needs: 8 GPUs (4 serve the 70B teacher, then Phi-4; 4 train and search), a CUDA build of torch, `make install`,
-# `pip install -r requirements-gpu.txt`. The full ReDial train split is not in ../shared/data (only 600
-# conversations are mirrored): put the official train_data.jsonl in <data-dir>/redial/official/ for the paper's
-# data. Ablations (--no-critiques, --scoring ..., --search ...) search again: give each its own run folder with
-# the tuned user copied in, as the seeds below do. Not run by this repository's CI, and never measured here (no GPU
-# was available to the developers).
+# Needs: 8 GPUs, a CUDA build of torch, `make install`, `pip install -r requirements-gpu.txt`. The full ReDial
+# train split is not in ../shared/data (only 600 conversations are mirrored): put the official train_data.jsonl in
+# <data-dir>/redial/official/ for the paper's data. Ablations (--no-critiques, --scoring ..., --search ...) search
+# again: give each its own run folder with the tuned user copied in, as the seeds below do. Not run by this
+# repository's CI, and never measured here (no GPU was available to the developers).
+#
+# GPUs: 0-3 serve the 70B teacher (tensor parallel over 4), then Phi-4 (a replica on each); 4-7 train the simulated
+# user and run the search (4 ranks). SERVE_GPUS and TRAIN_GPUS move them; the two must not share a GPU
+# (benchmark/lib.sh refuses a launch on a GPU the server holds).
+# Training batch: the paper's code trains 4 examples per device, so 16 on the 4 training GPUs, in micro-batches of 2
+# (2 accumulation steps on 4 ranks). The defaults (4, micro-batch 2) do not split over 4 ranks.
+# DRY_RUN=4 bash benchmark/grsu_table3.sh checks every command's flags, batches and data files for 4 processes
+# without loading a model or starting a server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmark/lib.sh
 DATA_DIR=${DATA_DIR:-../shared/data}
-vllm serve meta-llama/Llama-3.3-70B-Instruct --tensor-parallel-size 4 --port 8001 &
-TEACHER=$!
-until curl -sf localhost:8001/v1/models >/dev/null; do sleep 10; done
+SERVE_GPUS=${SERVE_GPUS:-0,1,2,3}
+TRAIN_GPUS=${TRAIN_GPUS:-4,5,6,7}
+serve "$SERVE_GPUS" 8001 meta-llama/Llama-3.3-70B-Instruct --tensor-parallel-size "$(gpu_count "$SERVE_GPUS")"
 # synthesis and training see neither dataset's test conversations (--eval-split test holds them out of training)
-OPENAI_BASE_URL=http://localhost:8001/v1 accelerate launch --config_file configs/gpu_zero3.yaml --num_processes 4 \
+OPENAI_BASE_URL=http://localhost:8001/v1 launch gpu_zero3 "$TRAIN_GPUS" \
   grsu.py --run-name table3 --stages synth train --data-dir "$DATA_DIR" --train-datasets redial inspired \
   --eval-split test --num-train-turns 0 --max-subsets 1000 --user-model meta-llama/Llama-3.1-8B-Instruct \
   --finetune full --lr 1e-6 --max-length 3072 --teacher-llm openai:meta-llama/Llama-3.3-70B-Instruct \
-  --critique-max-tokens 1024 --batch-size 64 --track
-kill "$TEACHER"
-vllm serve microsoft/phi-4 --port 8002 &
-CRS=$!
-until curl -sf localhost:8002/v1/models >/dev/null; do sleep 10; done
+  --critique-max-tokens 1024 --train-batch-size 16 --micro-batch-size 2 --batch-size 64 --track
+stop_server
+serve "$SERVE_GPUS" 8002 microsoft/phi-4 --data-parallel-size "$(gpu_count "$SERVE_GPUS")"
 # the mean of 3 runs: search records are keyed by turn, so each seed searches in a run folder of its own, with the
 # one tuned user copied in
 for seed in 1 2 3; do
-  mkdir -p "runs/table3_seed$seed" && cp -rn runs/table3/user_model "runs/table3_seed$seed/"
+  dry_run || { mkdir -p "runs/table3_seed$seed" && cp -rn runs/table3/user_model "runs/table3_seed$seed/"; }
   for dataset in inspired redial; do
-    OPENAI_BASE_URL=http://localhost:8002/v1 accelerate launch --config_file configs/gpu_ddp.yaml --num_processes 4 \
+    OPENAI_BASE_URL=http://localhost:8002/v1 launch gpu_ddp "$TRAIN_GPUS" \
       grsu.py --run-name "table3_seed$seed" --stages search --seed "$seed" --dataset "$dataset" \
       --data-dir "$DATA_DIR" --eval-split test --num-test 0 --user-model meta-llama/Llama-3.1-8B-Instruct \
       --finetune full --crs-llm openai:microsoft/phi-4 --beam-width 4 --expansion 4 --depth 5 \
       --crs-max-tokens 256 --critique-max-tokens 1024 --max-resamples 5 --batch-size 64 --track
   done
 done
-kill "$CRS"
+stop_server

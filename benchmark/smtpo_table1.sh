@@ -12,8 +12,14 @@
 # BAAI/bge-base-en-v1.5 in the local Hugging Face cache. Only 600 ReDial training conversations are mirrored in
 # ../shared/data. Not run by this repository's CI, and never measured here (no GPU was available to the
 # developers).
+#
+# GPUs: 0 to GPUS-1 (default 8) train; no server runs here (the teacher is an API).
+# DRY_RUN=8 bash benchmark/smtpo_table1.sh checks every command's flags, batches and data files for 8 processes
+# without loading a model (benchmark/lib.sh). The SFT batch is 8 (the paper gives none; the default 4 does not split
+# over 8 ranks), so it splits over 1, 2, 4 or 8 ranks; GRPO pads its 8 groups x G outputs to fit any number.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmark/lib.sh
 : "${OPENAI_API_KEY:?set OPENAI_API_KEY (or OPENAI_BASE_URL and a key for your server)}"
 GPUS=${GPUS:-8}
 for dataset in inspired redial; do
@@ -21,13 +27,12 @@ for dataset in inspired redial; do
           --policy deepseek-ai/DeepSeek-R1-Distill-Llama-8B --simulator-model meta-llama/Llama-3.1-8B-Instruct
           --teacher-llm openai:gpt-3.5-turbo --text-encoder BAAI/bge-base-en-v1.5 --max-turns 5
           --simulator-lists 4 --simulator-predictions 2
-          --rec-max-tokens 1024 --feedback-max-tokens 128 --sft-lr 5e-5 --grpo-lr 1e-5 --groups-per-step 8
-          --grpo-steps 2000 --batch-size 64 --track)
-  accelerate launch --config_file configs/gpu_zero3.yaml --num_processes "$GPUS" smtpo.py \
-    --run-name "table1_${dataset}" "${common[@]}"
+          --rec-max-tokens 1024 --feedback-max-tokens 128 --sft-lr 5e-5 --sft-batch-size 8 --grpo-lr 1e-5
+          --groups-per-step 8 --grpo-steps 2000 --batch-size 64 --track)
+  launch gpu_zero3 "$(gpu_list "$GPUS")" smtpo.py --run-name "table1_${dataset}" "${common[@]}"
   # Table 3's controls on the trained run: the same recommenders, a blind simulator, then noisy feedback
   for control in --blind-simulator --noisy-feedback; do
-    accelerate launch --config_file configs/gpu_ddp.yaml --num_processes "$GPUS" smtpo.py \
-      --run-name "table1_${dataset}" --stages eval --policies smtpo "$control" "${common[@]}"
+    launch gpu_ddp "$(gpu_list "$GPUS")" smtpo.py --run-name "table1_${dataset}" --stages eval --policies smtpo \
+      "$control" "${common[@]}"
   done
 done

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -14,17 +15,34 @@ from common.data import DataError
 from common.tracking import latest_checkpoint, save_checkpoint
 
 
+def collective_timeout() -> timedelta:
+    """How long a rank waits for the others at a barrier or any collective before the run stops with an error (the
+    process group's timeout, NCCL's on GPUs): ``CLEANCRS_COLLECTIVE_TIMEOUT_MINUTES``, default 120. torch's default
+    of 10 minutes for NCCL is too short for the work one rank does while the others wait at a barrier: rank 0 alone
+    trains SMTPO's retriever, and merges and saves the policy its vLLM engine loads."""
+    value = os.environ.get("CLEANCRS_COLLECTIVE_TIMEOUT_MINUTES", "120")
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = float("nan")
+    if not minutes > 0:
+        raise DataError(f"CLEANCRS_COLLECTIVE_TIMEOUT_MINUTES={value!r}: use a positive number of minutes")
+    return timedelta(minutes=minutes)
+
+
 def make_accelerator(**kwargs):
     """An Accelerator that also runs on CPU ranks: gloo for the process group there (DeepSpeed would ask for
     nccl, which CPUs lack); on GPUs accelerate picks nccl itself. Under a DeepSpeed config it is not told cpu=True:
-    that would silently fall back to plain data parallelism, where DeepSpeed runs on CPU ranks as it is."""
+    that would silently fall back to plain data parallelism, where DeepSpeed runs on CPU ranks as it is. Its
+    process group waits ``collective_timeout()`` at a collective."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     on_cpu = not torch.cuda.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and distributed else []
+    backend = {"backend": "gloo"} if on_cpu and distributed else {}
+    handlers = [InitProcessGroupKwargs(timeout=collective_timeout(), **backend)]
     return Accelerator(cpu=on_cpu and not deepspeed, kwargs_handlers=handlers, **kwargs)
 
 
@@ -57,13 +75,40 @@ def micro_batches(examples: list[dict], batch: list[int], accelerator, micro: in
         yield [examples[i] for i, _ in chunk], torch.tensor([w for _, w in chunk], device=accelerator.device)
 
 
+def launched_processes() -> int:
+    """How many ranks ``accelerate launch`` started (1 without it), known before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_division(world: int, batch_size: int, micro: int, flag: str) -> str:
+    """Refuse a global batch (the value of ``flag``) that does not split evenly into ``world`` ranks x micro-batches
+    of ``micro``: each script checks its training batches with this before anything loads (and ``--dry-run``
+    for any number of ranks), and training checks again with it, so the two cannot disagree. Returns the split in
+    words, for the dry run's plan."""
+    if min(world, batch_size, micro) < 1:
+        raise DataError(f"{flag} {batch_size} with micro-batch {micro} on {world} ranks: each must be at least 1")
+    if batch_size % (world * micro):
+        fits = [m for m in range(1, batch_size // world + 1) if batch_size % (world * m) == 0]
+        hint = f"micro-batches that fit: {', '.join(map(str, fits))}" if fits else f"make it a multiple of {world}"
+        raise DataError(f"{flag} {batch_size} must be a multiple of ranks x micro-batch = {world} x {micro} ({hint})")
+    accum = batch_size // (world * micro)
+    return f"{flag} {batch_size} = {world} ranks x micro-batch {micro} x {accum} accumulation steps"
+
+
+def print_dry_run(script: str, world: int, batches: list[str], data: dict[str, int]) -> None:
+    """The plan a dry run checked: every training batch's split over ``world`` ranks and what the data holds."""
+    print(f"dry run of {script} for {world} processes: flags, batch divisions and data files checked, no model loaded")
+    for line in batches or ["no training batch in the stages asked for"]:
+        print(f"  {line}")
+    print("  data: " + ", ".join(f"{count} {what}" for what, count in data.items()))
+
+
 def configure_batches(accelerator, examples: int, batch_size: int, micro: int) -> tuple[int, int]:
     """(global batch, accumulation steps) for ``examples`` training rows. The global batch must split evenly
     into ranks x micro-batches; with fewer examples than one batch it shrinks to the data instead of running
     padding. DeepSpeed has no prepared dataloader to read these from, so its config is told directly."""
     world = accelerator.num_processes
-    if batch_size % (world * micro):
-        raise DataError(f"the global batch {batch_size} must be a multiple of ranks x micro-batch = {world} x {micro}")
+    check_division(world, batch_size, micro, "the global batch")
     batch_size = min(batch_size, -(-examples // (world * micro)) * world * micro)
     accum = batch_size // (world * micro)
     accelerator.gradient_accumulation_steps = accum

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.models import ModelSpecError, load_model, resolve_model_path
+from common.models import ModelSpecError, default_dtype, load_model, resolve_model_path
 from common.tokens import pad, render_prompt
 
 
@@ -115,10 +115,12 @@ class HFChat:
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            rows = [ids[i] for i in chunk]
-            input_ids = pad(rows, self.tokenizer.pad_token_id, side="left").to(self.model.device)
-            attention_mask = pad([[1] * len(r) for r in rows], 0, side="left").to(self.model.device)
-            yield chunk, input_ids, attention_mask
+            yield chunk, *self._left_padded([ids[i] for i in chunk])
+
+    def _left_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = pad(rows, self.tokenizer.pad_token_id, side="left").to(self.model.device)
+        attention_mask = pad([[1] * len(r) for r in rows], 0, side="left").to(self.model.device)
+        return input_ids, attention_mask
 
     def _prompt_ids(self, conversations, prefix, max_prompt_tokens: int | None = None) -> list[list[int]]:
         texts = prefilled_prompts(self.tokenizer, conversations, prefix)
@@ -127,32 +129,26 @@ class HFChat:
 
     @torch.no_grad()
     def _sample(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int, stop) -> list[list]:
-        """``n`` generated token rows per prompt, each cut after its first eos. With n > 1, a prompt's samples share
-        one prefill: the prompt is run once and its key/value cache copied to each sample (as vLLM's n does)."""
+        """``n`` generated token rows per prompt, in order, each cut after its first eos. The prompts' n samples each
+        are one list of rows, prompts of similar length next to each other, generated ``batch_size`` rows at a time.
+        Samples of one prompt in a batch share its prefill: the prompt is run once and its key/value cache copied to
+        each of them (as vLLM's n does)."""
         outputs: list[list[list[int]]] = [[] for _ in prompts]
         was_training = self.model.training
         self.model.eval()
-        if n == 1:
-            for chunk, input_ids, attention_mask in self._batches(prompts):
-                generated = self._generate(input_ids, attention_mask, None, temperature, max_tokens, stop)
-                for row, i in enumerate(chunk):
-                    outputs[i] = [self._trim(generated[row])]
-        else:
-            for i, ids in enumerate(prompts):
-                prompt = torch.tensor([ids], device=self.model.device)
-                cache = None
-                if len(ids) > 1:  # the prompt but its last token, once; generate runs the last token per sample
-                    cache = self.model(input_ids=prompt[:, :-1], use_cache=True).past_key_values
-                    cache.batch_repeat_interleave(n)
-                generated = self._generate(
-                    prompt.repeat(n, 1),
-                    torch.ones(n, len(ids), dtype=torch.long, device=self.model.device),
-                    cache,
-                    temperature,
-                    max_tokens,
-                    stop,
-                )
-                outputs[i] = [self._trim(row) for row in generated]
+        owners = [i for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])) for _ in range(n)]
+        for start in range(0, len(owners), self.batch_size):
+            chunk = owners[start : start + self.batch_size]
+            distinct = list(dict.fromkeys(chunk))
+            input_ids, attention_mask = self._left_padded([prompts[i] for i in distinct])
+            rows = torch.tensor([distinct.index(i) for i in chunk], device=self.model.device)
+            cache = None
+            if len(distinct) < len(chunk) and min(len(prompts[i]) for i in distinct) > 1:
+                cache = self._prefill(input_ids, attention_mask)
+                cache.reorder_cache(rows)  # each sample's copy of its prompt's cache
+            generated = self._generate(input_ids[rows], attention_mask[rows], cache, temperature, max_tokens, stop)
+            for i, row in zip(chunk, generated):
+                outputs[i].append(self._trim(row))
         self.model.train(was_training)
         for ids, rows in zip(prompts, outputs):
             for row in rows:
@@ -181,6 +177,15 @@ class HFChat:
             [Completion(decode(row, skip_special_tokens=True), ids, row) for row in rows]
             for ids, rows in zip(prompts, sampled)
         ]
+
+    def _prefill(self, input_ids, attention_mask):
+        """The key/value cache of left-padded prompts but their last token, which generate then runs per sample.
+        Positions count real tokens only, as generate counts them, so a padded row's cache is its unpadded one."""
+        mask = attention_mask[:, :-1]
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        return self.model(
+            input_ids=input_ids[:, :-1], attention_mask=mask, position_ids=positions, use_cache=True
+        ).past_key_values
 
     def _generate(self, input_ids, attention_mask, cache, temperature: float, max_tokens: int, stop):
         sampling = (
@@ -284,8 +289,9 @@ class HFChat:
 class OpenAIChat:
     """Any OpenAI-compatible endpoint: OpenAI itself, a vLLM server, or ``transformers serve``.
 
-    The base URL and key come from OPENAI_BASE_URL / OPENAI_API_KEY unless given. Requests run
-    concurrently; transient failures are retried with exponential backoff.
+    The base URL and key come from OPENAI_BASE_URL / OPENAI_API_KEY unless given. Up to ``max_workers`` requests
+    run concurrently (``make_llm`` reads CLEANCRS_OPENAI_CONCURRENCY); transient failures are retried with
+    exponential backoff.
     """
 
     def __init__(
@@ -442,8 +448,26 @@ class VLLMChat:
 _LOADED_HF: dict[tuple[str, torch.dtype, str], tuple] = {}
 
 
-def make_llm(spec: str, batch_size: int = 16, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Build a backend from ``hf:<model>``, ``openai:<model>`` or ``vllm:<model>``.
+def release_models() -> None:
+    """Stop sharing the ``hf:`` weights loaded so far: they are freed once no backend holds them, and a later
+    ``make_llm`` loads them again. ``Run.stage`` calls it when a stage ends, so that a stage's roles do not hold
+    memory through the stages after it."""
+    _LOADED_HF.clear()
+
+
+def openai_concurrency() -> int:
+    """How many requests each process keeps in flight to an ``openai:`` endpoint: ``CLEANCRS_OPENAI_CONCURRENCY``,
+    default 8 (gentle on a hosted API's rate limits; raise it for a vLLM server, which batches them). Under
+    ``accelerate launch`` every rank keeps that many."""
+    value = os.environ.get("CLEANCRS_OPENAI_CONCURRENCY", "8")
+    if not value.isdigit() or int(value) < 1:
+        raise ModelSpecError(f"CLEANCRS_OPENAI_CONCURRENCY={value!r}: use a positive number of requests")
+    return int(value)
+
+
+def make_llm(spec: str, batch_size: int = 16, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Build a backend from ``hf:<model>``, ``openai:<model>`` or ``vllm:<model>``; an ``hf:`` model loads in
+    ``dtype`` (default: ``default_dtype()``, bf16 on CUDA).
 
     Roles that name the same ``hf:`` model share one copy of the weights but count usage apart.
     """
@@ -451,13 +475,13 @@ def make_llm(spec: str, batch_size: int = 16, dtype: torch.dtype = torch.float32
     if not sep or not model:
         raise ModelSpecError(f"LLM spec {spec!r} must look like hf:<model>, openai:<model> or vllm:<model>")
     if backend == "hf":
-        key = (model, dtype, str(device))
+        key = (model, dtype or default_dtype(), str(device))
         if key not in _LOADED_HF:
-            loaded, tokenizer = load_model(model, dtype=dtype)
+            loaded, tokenizer = load_model(model, dtype=key[1])
             _LOADED_HF[key] = (loaded.to(device), tokenizer)
         return HFChat(*_LOADED_HF[key], batch_size=batch_size)
     if backend == "openai":
-        return OpenAIChat(model)
+        return OpenAIChat(model, max_workers=openai_concurrency())
     if backend == "vllm":
         return VLLMChat(resolve_model_path(model))
     raise ModelSpecError(f"unknown LLM backend {backend!r} in {spec!r}: use hf, openai or vllm")

@@ -120,11 +120,29 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for a spec; the model is in eval mode."""
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def default_dtype() -> torch.dtype:
+    """The dtype every model loads in: bf16 on a CUDA device that supports it (half of fp32's memory, and the fused
+    attention kernels), fp32 elsewhere (CPUs compute bf16 slowly). ``CLEANCRS_DTYPE=bfloat16`` or ``float32`` sets it
+    instead (the tests run bf16 on CPU). A model whose every weight trains loads in fp32 whatever this says: its
+    optimizer steps need fp32 weights, and accelerate's mixed precision still computes in bf16."""
+    choice = os.environ.get("CLEANCRS_DTYPE", "auto")
+    if choice == "auto":
+        on_bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if on_bf16_gpu else torch.float32
+    if choice not in DTYPES:
+        raise ModelSpecError(f"CLEANCRS_DTYPE={choice!r}: use auto, {' or '.join(DTYPES)}")
+    return DTYPES[choice]
+
+
+def load_model(spec: str, dtype: torch.dtype | None = None):
+    """(model, tokenizer) for a spec, in ``dtype`` (default: ``default_dtype()``); the model is in eval mode."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(spec)
+    dtype = dtype or default_dtype()
     try:
         # SDPA: PyTorch's fused attention (flash / memory-efficient kernels on GPUs); never the eager path,
         # which stores every layer's full attention matrix for the backward pass.
@@ -159,7 +177,7 @@ def load_merged(spec: str, adapters=(), device="cpu", lora: tuple[int, int] | No
                 gradient_checkpointing: bool = False):  # fmt: skip
     """(model, tokenizer): the model with the LoRA ``adapters`` merged in order, plus a fresh LoRA (rank, alpha) to
     train if ``lora``. Merging makes "adapter disabled" mean the merged model, so a reference policy needs no second
-    copy of the weights."""
+    copy of the weights. The weights load in ``default_dtype()``; peft keeps a LoRA's own weights in fp32."""
     from peft import PeftModel
 
     model, tokenizer = load_model(spec)

@@ -8,7 +8,8 @@ so that a method's stages can be plain functions that read like the paper.
     ...inside a stage...
     records = run.records("forward.jsonl")            # append-only, keyed: a rerun skips what is already there
     mine = run.shard(tasks)                           # this rank's share; run.barrier() waits for the others
-    llm = run.llm(args.user_llm)                      # a backend whose usage the stage's cost row counts
+    llm = run.llm(args.user_llm)                      # a backend whose usage the stage's cost row counts; roles
+                                                      # on one hf: model share it until the stage ends
     if run.finished("sft_adapter"): return            # a stage whose result is a folder is done once it is saved
     run.log({...})                                    # at run.step; training loops advance run.step
     run.count({...})                                  # counters, summed over ranks by run.finish
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from common.distributed import make_accelerator
-from common.llm import make_llm
+from common.llm import make_llm, release_models
 from common.tracking import RecordFile, Tracker, default_run_name, seed_everything
 
 
@@ -123,12 +124,18 @@ class Run:
 
     def stage(self, name: str, function, *args, **kwargs):
         """Run ``function(run, *args, **kwargs)`` as stage ``name`` if it was asked for; it may return metrics.
-        Appends {stage, llm_calls, tokens} (this invocation's, all ranks) to costs.jsonl."""
+        Appends {stage, llm_calls, tokens} (this invocation's, all ranks) to costs.jsonl. The models the stage loaded
+        are freed when it returns."""
         if self.stages and name not in self.stages:
             return None
         start, before = time.time(), self._usage()
         reset_peak_memory()
         metrics = function(self, *args, **kwargs) or {}
+        # Before the next stage loads its models, this one's must go, or they add up (SMTPO's evaluation on top of
+        # GRPO's policy and roles). Two things outlive a stage's function: make_llm's shared hf: weights, and every
+        # model accelerate prepared (with its DeepSpeed engine); free_memory also collects them and empties the cache.
+        release_models()
+        self.accelerator.free_memory()
         self.barrier()
         spent = self.gather([[now - then for now, then in zip(self._usage(), before)]])
         peaks = self.gather([peak_memory_gb()])

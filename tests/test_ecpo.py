@@ -26,6 +26,53 @@ def test_dpo_is_log2_when_policy_equals_reference():
     assert torch.allclose(loss, torch.full_like(loss, math.log(2)))
 
 
+@pytest.fixture
+def bf16_accelerate(monkeypatch):
+    """accelerate's bf16 mixed precision (autocast on CPU) for the test's Accelerator; accelerate keeps one state per
+    process, so it is reset before and after."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_dpo_starts_at_log2_when_the_policy_computes_in_bf16(tmp_path, monkeypatch, tiny_policy, bf16_accelerate,
+                                                             weights):  # fmt: skip
+    # The reference pi_sft is the policy with its fresh adapter off: before the first update every log-ratio is 0 and
+    # the loss log 2, exactly, when both run in the policy's precision (fp32 or bf16 weights, under bf16 autocast as
+    # on GPUs) and batch shapes. Here a reference computed outside accelerate's autocast is off by ~4e-4 nats, and one
+    # computed in it but at other batch shapes by ~3e-5.
+    from transformers import AutoModelForCausalLM
+
+    from common.models import add_lora
+    from common.run import Run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CLEANCRS_DTYPE", weights)
+    run_dir = tmp_path / "runs" / "bf16"
+    add_lora(AutoModelForCausalLM.from_pretrained(tiny_policy)).save_pretrained(run_dir / "sft_adapter")
+    (run_dir / "sft_adapter" / "steps.json").write_text("{}")
+    pairs = [
+        ("A film about dreams?", "Recommend[Inception (2010)]", "Ask[What genre?]"),
+        ("Something funny tonight?", "Ask[Slapstick, or dry and witty?]", "Response[OK.]"),
+        ("A scary movie please.", "Search[supernatural horror haunted house]", "Recommend[Heat (1995)]"),
+        ("Any space adventures?", "Recommend[Interstellar (2014), through a wormhole.]", "Ask[Why?]"),
+    ]
+    for k, (prompt, chosen, rejected) in enumerate(pairs):
+        pair = {"key": f"t{k}", "prompt": prompt, "chosen": chosen, "rejected": rejected}
+        RecordFile(run_dir / "pairs.jsonl").append(pair)
+    args = ecpo.Args(run_name="bf16", policy=str(tiny_policy), po_batch_size=4, micro_batch_size=2, po_epochs=1)
+    run = Run(args)
+    assert run.accelerator.mixed_precision == "bf16"
+    ecpo.preference_optimization(run, args)
+    (first,) = [row for row in RecordFile(run_dir / "metrics.jsonl").records() if "train/loss" in row]
+    assert first["train/rewards/chosen"] == first["train/rewards/rejected"] == 0.0
+    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-7)
+
+
 def test_dpo_value_and_gradient_signs():
     pc, pr, rc, rr = _leaves(-1.0, -2.0, -1.5, -1.5)
     loss = ecpo.dpo_loss(pc, pr, rc, rr, beta=0.1)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from common.llm import HFChat, LLMBackendError, OpenAIChat, make_llm, truncate_at_stop
-from common.models import ModelSpecError, add_lora, resolve_model_path
+from common.models import ModelSpecError, add_lora, default_dtype, load_merged, resolve_model_path
 from common.tokens import render_prompt
 
 CONVS = [
@@ -38,6 +38,23 @@ def test_n_samples_share_one_prefill_and_equal_plain_generation(tiny_model, toke
     torch.manual_seed(0)
     sampled = llm.chat(CONVS[:1], n=4, temperature=1.0, max_tokens=10)[0]
     assert len(set(sampled)) > 1
+
+
+def test_n_samples_of_several_prompts_fill_batches_of_the_batch_size(tiny_model, tokenizer, monkeypatch):
+    # 3 prompts x 3 samples in batches of 4 rows: 3 generate calls of 4, 4 and 1 rows (one call per prompt before),
+    # the middle prompt's samples split over two batches; greedy, every sample is its prompt's plain generation
+    convs = CONVS + [[{"role": "user", "content": "Something to watch with my kids this weekend?"}]]
+    plain = [HFChat(tiny_model, tokenizer, batch_size=1).chat([c], max_tokens=10)[0][0] for c in convs]
+    generate, rows = tiny_model.generate, []
+    monkeypatch.setattr(tiny_model, "generate", lambda **kw: rows.append(len(kw["input_ids"])) or generate(**kw))
+    llm = HFChat(tiny_model, tokenizer, batch_size=4)
+    assert llm.chat(convs, n=3, max_tokens=10) == [[p] * 3 for p in plain]
+    assert rows == [4, 4, 1] and llm.usage.calls == 9
+    # sampled, each prompt gets its n samples, and a seed fixes them
+    torch.manual_seed(0)
+    sampled = llm.chat(convs, n=3, temperature=1.0, max_tokens=6)
+    torch.manual_seed(0)
+    assert [len(s) for s in sampled] == [3, 3, 3] and llm.chat(convs, n=3, temperature=1.0, max_tokens=6) == sampled
 
 
 def test_choice_probs_equal_one_forward_softmax(tiny_model, tokenizer):
@@ -97,6 +114,37 @@ def test_openai_backend_reports_endpoint_after_retries():
     llm = OpenAIChat("m", base_url="http://127.0.0.1:9/v1", max_retries=1, timeout=2)
     with pytest.raises(LLMBackendError, match=r"127.0.0.1:9/v1 .*failed after 2 tries"):
         llm.chat(CONVS[:1], max_tokens=2)
+
+
+def test_models_load_in_bf16_on_a_bf16_gpu_and_in_fp32_on_cpu(monkeypatch, tiny_policy):
+    monkeypatch.delenv("CLEANCRS_DTYPE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_dtype() == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a V100 or T4
+    assert default_dtype() == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert default_dtype() == torch.bfloat16
+    monkeypatch.setenv("CLEANCRS_DTYPE", "float32")
+    assert default_dtype() == torch.float32
+    monkeypatch.setenv("CLEANCRS_DTYPE", "bfloat16")  # every load path reads it: a role, a policy, its fresh LoRA
+    assert make_llm(f"hf:{tiny_policy}").model.dtype == torch.bfloat16
+    policy, _ = load_merged(str(tiny_policy), lora=(4, 8))
+    assert {p.dtype for p in policy.parameters() if p.requires_grad} == {torch.float32}  # peft: the adapter in fp32
+    assert {p.dtype for p in policy.parameters() if not p.requires_grad} == {torch.bfloat16}
+    monkeypatch.setenv("CLEANCRS_DTYPE", "fp16")
+    with pytest.raises(ModelSpecError, match="CLEANCRS_DTYPE='fp16': use auto, bfloat16 or float32"):
+        default_dtype()
+
+
+def test_openai_concurrency_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("CLEANCRS_OPENAI_CONCURRENCY", raising=False)
+    assert make_llm("openai:m").max_workers == 8
+    monkeypatch.setenv("CLEANCRS_OPENAI_CONCURRENCY", "64")
+    assert make_llm("openai:m").max_workers == 64
+    monkeypatch.setenv("CLEANCRS_OPENAI_CONCURRENCY", "0")
+    with pytest.raises(ModelSpecError, match="CLEANCRS_OPENAI_CONCURRENCY='0': use a positive number"):
+        make_llm("openai:m")
 
 
 def test_lora_wraps_all_linear_layers(tiny_model):
