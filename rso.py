@@ -33,7 +33,6 @@ import json
 import math
 import random
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +117,7 @@ class Args:
     sft_held_out: float = 0.2
     """share of the labelled dialogues held out from SFT to measure its accuracy; with --dataset inspired and the
     valid split, evaluation plays exactly these dialogues (they are INSPIRED's dev dialogues, which SFT trains on)"""
-    num_test: int = 4
+    num_test: int = 3
     """evaluated dialogues per planner; 0 = all (paper: 99)"""
 
     # ------------------------------------------------------------------------------------------- roles
@@ -184,7 +183,7 @@ class Args:
     """SFT optimizer steps between resumable checkpoints (RL saves after every update)"""
 
     # ------------------------------------------------------------------------------------------- RL (Eq. 7-9)
-    rl_episodes: int = 8
+    rl_episodes: int = 6
     """RL episodes in all (paper: 10 epochs x 100 dialogues)"""
     max_turns: int = 3
     """T_max: system turns per episode (paper: 10)"""
@@ -772,12 +771,6 @@ def planner_folder(run: Run, name: str) -> Path:
     return folder
 
 
-def prune_checkpoints(stage_dir: Path) -> None:
-    """Keep the newest resumable checkpoint only: an encoder with its AdamW state is ~3x its weights on disk."""
-    for old in sorted((stage_dir / "checkpoints").glob("step_*"))[:-1]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def classification_report(predictions: list[int], labels: list[int]) -> dict[str, float]:
     """Accuracy and macro-F1 over the classes that occur in the labels or the predictions."""
     classes = sorted(set(labels) | set(predictions))
@@ -827,8 +820,6 @@ def sft_warmup(run: Run, args: Args, data: Data) -> dict:
             tqdm.write(f"sft step {step + 1}/{len(steps)}: loss {loss:.4f}")
         if (step + 1) % args.save_every == 0 or step + 1 == len(steps):
             save_resumable(accelerator, model, run.dir / "sft", step + 1, optimizer, scheduler)
-            if run.main:
-                prune_checkpoints(run.dir / "sft")
     with torch.no_grad(), generation_weights(accelerator, model) as planner:
         planner.eval()
         texts = [e["text"] for e in data.sft_held_out]
@@ -983,8 +974,6 @@ def reinforce(run: Run, args: Args, data: Data) -> dict:
                 + ", ".join(f"{NAMES[c]} {share:.2f}" for c, share in shares.items())
             )
         save_resumable(accelerator, model, run.dir / "rl", update + 1, optimizer, scheduler)
-        if run.main:
-            prune_checkpoints(run.dir / "rl")
     run.count({f"rollout/{k}": v for name, s in stats.items() for k, v in s.metrics(f"{name}_").items()})
     run.count(ailo.metrics())
     if run.main:  # the recorded turns of every rank and launch, counted once

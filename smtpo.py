@@ -106,7 +106,7 @@ class Args:
     """root of the real data (docs/data.md); unused for the demo"""
     eval_split: Literal["valid", "test"] = "valid"
     """valid for development; test is held out: use it only for final numbers"""
-    num_train: int = 4
+    num_train: int = 2
     """training turns (a context ending at a recommendation turn) for the simulator and the recommender; 0 = all"""
     num_test: int = 2
     """test dialogues, each run through all --max-turns turns; 0 = all"""
@@ -176,7 +176,8 @@ class Args:
     """length cap of one recommender output (reasoning and list; paper: 2048 in all)"""
     think_prefill: bool = True
     """open every recommender output with "<think>" pre-filled after the assistant header, as the chat template of
-    the paper's DeepSeek-R1-Distill backbone does; the tag counts as part of the output for the format rewards"""
+    the paper's DeepSeek-R1-Distill backbone does (a template that already ends with it gets no second one); the tag
+    counts as part of the output for the format rewards"""
     step_max_tokens: int = 8
     """length cap of each reasoning step a local teacher writes"""
     lora_rank: int = 8
@@ -198,15 +199,19 @@ class Args:
     """recompute each layer's activations in the backward pass instead of storing them"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
-    save_every: int = 1
-    """optimizer steps between resumable checkpoints"""
+    save_every: int = 50
+    """SFT optimizer steps between resumable checkpoints (each SFT stage also saves when it ends)"""
 
     # ------------------------------------------------------------------------------------------- GRPO
     group_size: int = 4
     """G: outputs sampled from one shared prompt (paper: 4)"""
-    grpo_steps: int = 5
+    grpo_steps: int = 3
     """GRPO steps; each rolls out training dialogues through their turns until it has --groups-per-step groups, then
-    takes --grpo-iterations optimizer steps on them"""
+    takes --grpo-iterations optimizer steps on them (the demo's 3 keep the no-flag run under 15 minutes on 2 CPU
+    cores; benchmark/smtpo_table1.sh sets the paper-scale count)"""
+    grpo_save_every: int = 1
+    """GRPO steps between resumable checkpoints: a step's rollouts take far longer than saving a LoRA adapter and
+    its optimizer state"""
     groups_per_step: int = 2
     """groups (one turn's prompt and its G outputs) per optimizer step, however many turns the dialogues ran (paper:
     gradient accumulation 8 over one group each, i.e. 8)"""
@@ -1066,7 +1071,7 @@ def teacher_texts(run: Run, args: Args, name: str, jobs: list[dict], max_tokens:
     records = run.records(name)
     done = records.done_keys()
     jobs = [j for j in jobs if j["key"] not in done]
-    if not jobs:
+    if not any(run.gather([bool(jobs)])):  # the ranks build a vllm: teacher together, those without jobs too
         return
     teacher, stats = run.llm(args.teacher_llm, args.batch_size), ParseStats()
     for start in tqdm(range(0, len(jobs), args.batch_size), desc=name, disable=not jobs):
@@ -1310,7 +1315,8 @@ def recommender_sft(run: Run, args: Args, data: Data) -> dict:
     records = run.records("recommender_data.jsonl")
     done = records.done_keys()
     todo = [s for s in run.shard(data.train) if s.key not in done]
-    teacher, stats = run.llm(args.teacher_llm, args.batch_size) if todo else None, ParseStats()
+    # The ranks build a vllm: teacher together, those without turns to write too.
+    teacher, stats = run.llm(args.teacher_llm, args.batch_size) if any(run.gather([bool(todo)])) else None, ParseStats()
     for start in tqdm(range(0, len(todo), args.batch_size), desc="reasoning", disable=not todo):
         batch = todo[start : start + args.batch_size]
         f = [feedback[s.key]["feedback"] for s in batch]
@@ -1466,7 +1472,7 @@ def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
                 + f"  log-prob per token: A>0 {update['train/logp_change/positive_advantage']:+.4f}"
                 + f", A<0 {update['train/logp_change/negative_advantage']:+.4f}"
             )
-        if (step + 1) % args.save_every == 0 or step + 1 == args.grpo_steps:
+        if (step + 1) % args.grpo_save_every == 0 or step + 1 == args.grpo_steps:
             save_resumable(accelerator, model, run.dir / "grpo", step + 1, optimizer, scheduler)
     save_final(accelerator, model, run.dir / "grpo_adapter", {"steps": args.grpo_steps})
     return reward_curve(records.records(), args.grpo_steps) if run.main else {}
@@ -1484,7 +1490,8 @@ def reward_curve(rollouts: list[dict], steps: int) -> dict[str, float]:
 
 
 def rollout_engine(run: Run, args: Args):
-    """A vLLM engine on pi_sft (the SFT adapter merged and saved once), for sampling with LoRA adapters."""
+    """A vLLM engine on pi_sft (the SFT adapter merged and saved once), for sampling with LoRA adapters, holding
+    --max-length tokens per sequence (the rollouts' prompts are cut to leave room for --rec-max-tokens)."""
     from common.llm import VLLMChat
 
     base = run.dir / "sft_merged"
@@ -1493,9 +1500,15 @@ def rollout_engine(run: Run, args: Args):
         model.save_pretrained(base)
         tokenizer.save_pretrained(base)
     run.barrier()
-    return run.track(
-        VLLMChat(str(base), enable_lora=True, max_lora_rank=args.lora_rank, gpu_memory_utilization=args.vllm_memory)
+    engine = VLLMChat(
+        str(base),
+        args.seed,
+        enable_lora=True,
+        max_lora_rank=args.lora_rank,
+        gpu_memory_utilization=args.vllm_memory,
+        max_model_len=args.max_length,
     )
+    return run.track(engine)
 
 
 def padded_batch(outputs: int, run: Run, args: Args) -> int:
@@ -1581,7 +1594,7 @@ def grpo_update(run: Run, args: Args, model, optimizer, scheduler, examples: lis
 def evaluate(run: Run, args: Args, data: Data) -> dict:
     """Sec. 3.7: every test dialogue through all T turns (greedy, no early stop), for the zero-shot backbone, the SFT
     recommender and SMTPO side by side; Recall@{1,10}, NDCG@10 and MRR@10 at every turn over the whole test set."""
-    from accelerate.utils import clear_device_cache
+    from accelerate.utils.memory import clear_device_cache
 
     retriever, simulator = load_retriever(run, data), load_simulator(run, args)
     adapters = {

@@ -8,6 +8,8 @@
 #                                         answers; stop_server stops it (so does the recipe's exit, even on an error)
 #   gpu_list N, gpu_count GPUS            0,1,...,N-1; the number of GPUs in a list
 #
+# STEP_TIMEOUT=SECONDS before launch or run_single stops that command after SECONDS (exit status 124).
+#
 # A launch on a GPU that the running server holds is refused: vLLM takes most of each GPU's memory, so a training
 # rank there would run out of it.
 #
@@ -43,8 +45,8 @@ launch() {
     echo "dry run, $DRY_RUN processes (for real: $(gpu_count "$gpus") on GPUs $gpus, configs/$config.yaml): $*"
     CUDA_VISIBLE_DEVICES=$gpus python "$@" --dry-run "$DRY_RUN"
   else
-    CUDA_VISIBLE_DEVICES=$gpus accelerate launch --config_file "configs/$config.yaml" \
-      --num_processes "$(gpu_count "$gpus")" "$@"
+    CUDA_VISIBLE_DEVICES=$gpus ${STEP_TIMEOUT:+timeout "$STEP_TIMEOUT"} accelerate launch \
+      --config_file "configs/$config.yaml" --num_processes "$(gpu_count "$gpus")" "$@"
   fi
 }
 
@@ -56,7 +58,7 @@ run_single() {
     echo "dry run, 1 process (for real: on GPUs $gpus): $*"
     CUDA_VISIBLE_DEVICES=$gpus python "$@" --dry-run 1
   else
-    CUDA_VISIBLE_DEVICES=$gpus python "$@"
+    CUDA_VISIBLE_DEVICES=$gpus ${STEP_TIMEOUT:+timeout "$STEP_TIMEOUT"} python "$@"
   fi
 }
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from common.models import ModelSpecError, default_dtype, load_model, resolve_model_path
-from common.tokens import pad, render_prompt
+from common.tokens import pad, prefill, render_prompt
 
 
 class LLMBackendError(RuntimeError):
@@ -74,9 +74,10 @@ def per_conversation(prefix: str | list[str], count: int) -> list[str]:
 
 
 def prefilled_prompts(tokenizer, conversations, prefix: str | list[str]) -> list[str]:
-    """Each conversation's chat-template text up to the assistant header, followed by its ``prefix``."""
+    """Each conversation's chat-template text up to the assistant header, followed by what its ``prefix`` adds to
+    it (``prefill``: not a "<think>" the template already opened)."""
     return [
-        render_prompt(tokenizer, conv) + p
+        prefill(render_prompt(tokenizer, conv), p)
         for conv, p in zip(conversations, per_conversation(prefix, len(conversations)))
     ]
 
@@ -371,21 +372,85 @@ class OpenAIChat:
         return self._map(one, conversations)
 
 
+def vllm_memory_fraction() -> float:
+    """The share of its GPU's memory each in-process vLLM engine takes (vLLM's gpu_memory_utilization):
+    ``CLEANCRS_VLLM_MEMORY``, default 0.9, vLLM's own, for one engine alone on its GPU. Engines of different models,
+    and a model that trains beside them, share the GPU: lower it so that the shares fit together."""
+    value = os.environ.get("CLEANCRS_VLLM_MEMORY", "0.9")
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = 0.0
+    if not 0 < fraction <= 1:
+        raise ModelSpecError(f"CLEANCRS_VLLM_MEMORY={value!r}: use a share of GPU memory in (0, 1]")
+    return fraction
+
+
+def vllm_max_model_len(model_path: str) -> int:
+    """The longest prompt plus completion an in-process vLLM engine holds: ``CLEANCRS_VLLM_MAX_MODEL_LEN``, default
+    8192, at most the model's own context. Unbounded, vLLM reserves key/value memory for the model's whole context
+    (128k tokens for Llama-3.1) and refuses to start where one such sequence does not fit in its share."""
+    value = os.environ.get("CLEANCRS_VLLM_MAX_MODEL_LEN", "8192")
+    if not value.isdigit() or int(value) < 1:
+        raise ModelSpecError(f"CLEANCRS_VLLM_MAX_MODEL_LEN={value!r}: use a positive number of tokens")
+    from transformers import AutoConfig
+
+    context = getattr(AutoConfig.from_pretrained(model_path).get_text_config(), "max_position_embeddings", None)
+    return min(int(value), context or int(value))
+
+
+_LOADED_VLLM: dict[tuple, object] = {}
+
+
+def vllm_engine(model_path: str, seed: int = 0, **engine_kwargs):
+    """The process's vLLM engine on ``model_path``, built on first use and shared by every role that asks for the
+    same model and ``engine_kwargs``: each engine reserves its share of the GPU, so a second engine on one model
+    would only take memory away from the first.
+
+    ``engine_kwargs`` override the defaults (``vllm_memory_fraction``, ``vllm_max_model_len``). Under ``accelerate
+    launch`` (WORLD_SIZE > 1) every rank runs its own engine inside its process, as TRL's colocate mode does: vLLM's
+    external launcher takes the rank's GPU from LOCAL_RANK and the process group accelerate started, where without it
+    every rank's engine would land on GPU 0. The ranks build such an engine together (vLLM creates its groups on the
+    whole process group), so every rank must ask for it at the same point of the run. The sampling seed is
+    ``seed`` plus the rank, so ranks draw different samples, as their torch seeds differ."""
+    key = (model_path, tuple(sorted(engine_kwargs.items())))
+    if key in _LOADED_VLLM:
+        return _LOADED_VLLM[key]
+    try:
+        import vllm
+    except ImportError:
+        raise ImportError(
+            "the vllm backend needs vLLM, which has no CPU build: on a CUDA machine run "
+            "`pip install -r requirements-gpu.txt`, or use an hf: or openai: spec"
+        ) from None
+    settings = {"gpu_memory_utilization": vllm_memory_fraction(), "max_model_len": vllm_max_model_len(model_path)}
+    settings["seed"] = seed + int(os.environ.get("RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        settings["distributed_executor_backend"] = "external_launcher"
+    try:
+        engine = vllm.LLM(model=model_path, enable_prefix_caching=True, **(settings | engine_kwargs))
+    except Exception as err:
+        err.add_note(
+            "cleancrs: each in-process vLLM engine takes CLEANCRS_VLLM_MEMORY of its GPU (now "
+            f"{settings['gpu_memory_utilization']}) and holds CLEANCRS_VLLM_MAX_MODEL_LEN tokens per sequence (now "
+            f"{settings['max_model_len']}); one engine is built per model"
+        )
+        raise
+    _LOADED_VLLM[key] = engine
+    return engine
+
+
 class VLLMChat:
-    """In-process vLLM (CUDA only). Optional: install with ``pip install -r requirements-gpu.txt``."""
+    """In-process vLLM (CUDA only), on the process's engine for ``model_path`` (``vllm_engine``): roles on one model
+    share the engine but count usage and load adapters apart. Optional: ``pip install -r requirements-gpu.txt``."""
 
     can_prefill = True
 
-    def __init__(self, model_path: str, **engine_kwargs):
-        try:
-            import vllm
-        except ImportError:
-            raise ImportError(
-                "the vllm backend needs vLLM, which has no CPU build: on a CUDA machine run "
-                "`pip install -r requirements-gpu.txt`, or use an hf: or openai: spec"
-            ) from None
+    def __init__(self, model_path: str, seed: int = 0, **engine_kwargs):
+        self.engine = vllm_engine(model_path, seed, **engine_kwargs)
+        import vllm
+
         self._vllm = vllm
-        self.engine = vllm.LLM(model=model_path, enable_prefix_caching=True, **engine_kwargs)
         self.tokenizer = self.engine.get_tokenizer()
         self.usage = Usage()
         self.lora_request = None
@@ -397,8 +462,16 @@ class VLLMChat:
 
         self.lora_request = None if path is None else LoRARequest(f"adapter-{version}", version, str(path))
 
-    def _generate(self, texts, params):
-        outputs = self.engine.generate(texts, params, lora_request=self.lora_request, use_tqdm=False)
+    def _prompt_ids(self, conversations, prefix, max_prompt_tokens: int | None = None) -> list[list[int]]:
+        """The prompts as token ids, as the engine is to read them. A rendered text would be tokenized again by vLLM,
+        with a second BOS where the template writes one (Llama-3's, DeepSeek-R1-Distill's)."""
+        texts = prefilled_prompts(self.tokenizer, conversations, prefix)
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return [row[-max_prompt_tokens:] for row in ids] if max_prompt_tokens else ids
+
+    def _generate(self, prompts: list[list[int]], params):
+        requests = [{"prompt_token_ids": ids} for ids in prompts]
+        outputs = self.engine.generate(requests, params, lora_request=self.lora_request, use_tqdm=False)
         for out in outputs:
             self.usage.add(
                 len(out.outputs),
@@ -411,22 +484,17 @@ class VLLMChat:
         self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = ""
     ) -> list[list[str]]:
         params = self._vllm.SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, stop=stop or None)
-        texts = prefilled_prompts(self.tokenizer, conversations, prefix)
-        return [[o.text.strip() for o in out.outputs] for out in self._generate(texts, params)]
+        outputs = self._generate(self._prompt_ids(conversations, prefix), params)
+        return [[o.text.strip() for o in out.outputs] for out in outputs]
 
     def complete(
         self, conversations, n=1, temperature=1.0, max_tokens=256, prefix: str | list[str] = "", max_prompt_tokens=None
     ) -> list[list[Completion]]:
-        """As ``HFChat.complete``. The prompts go in as token ids, so the engine reads exactly the ids the update
-        trains on (a rendered text would be tokenized again, with a second BOS where the template writes one); vLLM's
-        output ids hold the end-of-sequence token where it was sampled."""
-        prompts = [
-            self.tokenizer(t, add_special_tokens=False)["input_ids"]
-            for t in prefilled_prompts(self.tokenizer, conversations, prefix)
-        ]
-        prompts = [ids[-max_prompt_tokens:] for ids in prompts] if max_prompt_tokens else prompts
+        """As ``HFChat.complete``: the engine reads exactly the prompt ids the update trains on; vLLM's output ids
+        hold the end-of-sequence token where it was sampled."""
+        prompts = self._prompt_ids(conversations, prefix, max_prompt_tokens)
         params = self._vllm.SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens)
-        outputs = self._generate([{"prompt_token_ids": ids} for ids in prompts], params)
+        outputs = self._generate(prompts, params)
         return [[Completion(o.text, ids, list(o.token_ids)) for o in out.outputs] for ids, out in zip(prompts, outputs)]
 
     def choice_probs(
@@ -435,9 +503,8 @@ class VLLMChat:
         import math
 
         params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
-        texts = prefilled_prompts(self.tokenizer, conversations, prefix)
         results = []
-        for out in self._generate(texts, params):
+        for out in self._generate(self._prompt_ids(conversations, prefix), params):
             top = out.outputs[0].logprobs[0].values()
             results.append(
                 {c: sum(math.exp(t.logprob) for t in top if t.decoded_token in _choice_variants(c)) for c in choices}
@@ -449,10 +516,11 @@ _LOADED_HF: dict[tuple[str, torch.dtype, str], tuple] = {}
 
 
 def release_models() -> None:
-    """Stop sharing the ``hf:`` weights loaded so far: they are freed once no backend holds them, and a later
-    ``make_llm`` loads them again. ``Run.stage`` calls it when a stage ends, so that a stage's roles do not hold
-    memory through the stages after it."""
+    """Stop sharing the ``hf:`` weights and vLLM engines loaded so far: they are freed once no backend holds them,
+    and a later ``make_llm`` loads them again. ``Run.stage`` calls it when a stage ends, so that a stage's roles do
+    not hold memory through the stages after it."""
     _LOADED_HF.clear()
+    _LOADED_VLLM.clear()
 
 
 def openai_concurrency() -> int:
@@ -465,11 +533,14 @@ def openai_concurrency() -> int:
     return int(value)
 
 
-def make_llm(spec: str, batch_size: int = 16, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+def make_llm(
+    spec: str, batch_size: int = 16, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", seed: int = 0
+):
     """Build a backend from ``hf:<model>``, ``openai:<model>`` or ``vllm:<model>``; an ``hf:`` model loads in
-    ``dtype`` (default: ``default_dtype()``, bf16 on CUDA).
+    ``dtype`` (default: ``default_dtype()``, bf16 on CUDA), a ``vllm:`` engine samples from ``seed`` (plus the rank).
 
-    Roles that name the same ``hf:`` model share one copy of the weights but count usage apart.
+    Roles that name the same ``hf:`` model share one copy of the weights, roles on the same ``vllm:`` model one
+    engine (``vllm_engine``); each counts its usage apart.
     """
     backend, sep, model = spec.partition(":")
     if not sep or not model:
@@ -483,5 +554,5 @@ def make_llm(spec: str, batch_size: int = 16, dtype: torch.dtype | None = None, 
     if backend == "openai":
         return OpenAIChat(model, max_workers=openai_concurrency())
     if backend == "vllm":
-        return VLLMChat(resolve_model_path(model))
+        return VLLMChat(resolve_model_path(model), seed)
     raise ModelSpecError(f"unknown LLM backend {backend!r} in {spec!r}: use hf, openai or vllm")

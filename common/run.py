@@ -68,6 +68,7 @@ class Run:
         args.run_name = names[0]
         self.dir = Path("runs") / args.run_name
         self.stages = tuple(getattr(args, "stages", ()))
+        self.seed = args.seed
         seed_everything(args.seed + self.rank)
         self.tracker = Tracker(
             self.dir, args, track=args.track, project=args.wandb_project, entity=args.wandb_entity, is_main=self.main
@@ -102,7 +103,7 @@ class Run:
 
     # ----------------------------------------------------------------------------------- LLMs and costs
     def llm(self, spec: str, batch_size: int = 16):
-        return self.track(make_llm(spec, batch_size=batch_size, device=self.device))
+        return self.track(make_llm(spec, batch_size=batch_size, device=self.device, seed=self.seed))
 
     def track(self, llm):
         """Count ``llm``'s calls and tokens in the cost rows of the stages it is used in."""

@@ -10,6 +10,17 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def prefill(prompt: str, prefix: str) -> str:
+    """``prompt`` followed by the part of the pre-filled answer ``prefix`` that it does not already end with. Some
+    templates open the answer themselves (DeepSeek-R1-Distill's generation header ends with "<think>\n"), and a
+    prefix that opens the same way must not write it twice. Only an overlap with visible text counts: a prefix's
+    leading newlines are its own, even after a header that ends with a newline."""
+    for size in range(len(prefix), 0, -1):
+        if prefix[:size].strip() and prompt.endswith(prefix[:size]):
+            return prompt + prefix[size:]
+    return prompt + prefix
+
+
 def encode_prompt_completion(
     tokenizer, messages: list[dict], completion: str, max_length: int | None = None, prefix: str = ""
 ) -> tuple[list[int], list[int]]:
@@ -21,7 +32,7 @@ def encode_prompt_completion(
     only the last ``max_length`` tokens are kept: the cutoff drops the oldest prompt tokens first. A ``prefix``
     pre-filled after the assistant header belongs to the prompt, as it did when the completion was generated.
     """
-    prompt_ids = tokenizer(render_prompt(tokenizer, messages) + prefix, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(prefill(render_prompt(tokenizer, messages), prefix), add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids, mask = prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
     return (ids[-max_length:], mask[-max_length:]) if max_length else (ids, mask)

@@ -97,3 +97,39 @@ class ScriptedLLM:
 @pytest.fixture
 def scripted_llm():
     return ScriptedLLM
+
+
+# Chat templates of two shapes that the embedded model's does not have, written for these tests: DeepSeek-R1-Distill's
+# (it writes the BOS, and its generation header opens the reasoning with "<think>\n") and Llama-3's (it writes the BOS,
+# which vLLM, tokenizing a rendered text, would add a second time).
+R1_DISTILL_LIKE_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+    "{% else %}{{ '<｜Assistant｜>' + m['content'] + '<｜end▁of▁sentence｜>' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\n' }}{% endif %}"
+)
+LLAMA3_LIKE_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\n\n' + m['content'] + '<|im_end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n\n' }}{% endif %}"
+)
+
+
+def templated(tokenizer, template: str):
+    """A copy of the embedded tokenizer with ``template`` as its chat template and a BOS of its own (SmolLM2's BOS is
+    its turn marker, which would hide a doubled BOS among the turns)."""
+    import copy
+
+    copied = copy.deepcopy(tokenizer)
+    copied.chat_template, copied.bos_token = template, "<|endoftext|>"
+    return copied
+
+
+@pytest.fixture(scope="session")
+def r1_distill_tokenizer(tokenizer):
+    return templated(tokenizer, R1_DISTILL_LIKE_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(tokenizer):
+    return templated(tokenizer, LLAMA3_LIKE_TEMPLATE)

@@ -1,12 +1,16 @@
-"""common/distributed.py under real ranks: generation from ZeRO-3-sharded weights with unequal work per rank, and the
-process group's timeout."""
+"""common/distributed.py under real ranks: generation from ZeRO-3-sharded weights with unequal work per rank, the
+process group's timeout, and ZeRO-3 checkpoints of a LoRA (the adapter alone, the last two kept, Adam's moments
+resumed)."""
 
+import json
 import os
+import shutil
 import subprocess
 from datetime import timedelta
 
 import psutil
 import pytest
+import torch
 
 from common.data import DataError
 from common.distributed import collective_timeout
@@ -73,3 +77,76 @@ def test_zero3_generation_with_unequal_work_per_rank_does_not_hang(idle):
         pytest.fail("the ranks hung in ZeRO-3 generation (killed after 300 s)")
     assert process.returncode == 0, stderr[-3000:]
     assert stdout.count("zero3 generation ok") == 2, stdout[-2000:]
+
+
+def launch_zero3_checkpoint(stage_dir, steps: int, weights) -> str:
+    """tests/zero3_checkpoint.py on 2 ZeRO-3 ranks: train a LoRA up to step ``steps`` from the newest checkpoint of
+    ``stage_dir``, checking each save; returns its stdout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)  # it would turn DeepSpeed off
+    script = [str(ROOT / "tests" / "zero3_checkpoint.py"), "--stage-dir", str(stage_dir), "--weights", str(weights)]
+    command = [*accelerate_launch("cpu_zero3"), *script, "--steps", str(steps)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.stdout.count("zero3 checkpoint ok") == 2, result.stdout[-2000:]
+    return result.stdout
+
+
+def test_zero3_lora_checkpoints_hold_the_adapter_alone_keep_the_last_two_and_resume_adams_moments(tmp_path):
+    # The launched script checks every save: the checkpoint holds exactly the adapter, equal to the gathered
+    # weights, and the save gathered no frozen weight (nor asked accelerate for the whole state dict).
+    stage = tmp_path / "stage"
+    launch_zero3_checkpoint(stage, 3, tmp_path / "uninterrupted.pt")
+    checkpoints = stage / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000003"]
+    assert sorted(p.name for p in (checkpoints / "step_00000002").glob("training_state*")) == [
+        "training_state.pt",
+        "training_state_rank0.pt",
+        "training_state_rank1.pt",
+    ]
+    uninterrupted = torch.load(tmp_path / "uninterrupted.pt")
+
+    shutil.rmtree(checkpoints / "step_00000003")  # as if killed after step 2's save
+    kept = tmp_path / "step_00000002"
+    shutil.copytree(checkpoints / "step_00000002", kept)
+    resumed = launch_zero3_checkpoint(stage, 3, tmp_path / "resumed.pt")
+    assert "resuming stage at step 2" in resumed and "without the optimizer state" not in resumed
+    weights = torch.load(tmp_path / "resumed.pt")
+    assert all(torch.equal(weights[name], uninterrupted[name]) for name in uninterrupted)  # Adam's moments too
+
+    # The same checkpoint as if saved by 4 ranks: ZeRO's partitions do not fit 2, and the run says so.
+    shutil.rmtree(checkpoints)
+    shutil.copytree(kept, checkpoints / "step_00000002")
+    state = json.loads((checkpoints / "step_00000002" / "state.json").read_text())
+    (checkpoints / "step_00000002" / "state.json").write_text(json.dumps(state | {"ranks": 4}))
+    restarted = launch_zero3_checkpoint(stage, 3, tmp_path / "restarted.pt")
+    message = (
+        "resuming stage at step 2 without the optimizer state: the checkpoint holds its ZeRO-3 partitions for 4 "
+        "ranks, and this launch runs 2 ranks under ZeRO-3; AdamW's moments start again from zero"
+    )
+    assert message in restarted
+    weights = torch.load(tmp_path / "restarted.pt")
+    assert not all(torch.equal(weights[name], uninterrupted[name]) for name in uninterrupted)  # the moments matter
+
+
+def test_a_resume_without_deepspeed_says_it_cannot_load_zero3_partitions(tmp_path, tiny_model, capsys):
+    import copy
+
+    from transformers import get_linear_schedule_with_warmup
+
+    from common.distributed import make_accelerator, start_training
+    from common.models import add_lora
+    from common.tracking import save_checkpoint
+
+    model = add_lora(copy.deepcopy(tiny_model), rank=2, alpha=4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, 10)
+    folder = save_checkpoint(tmp_path, 4, model, state={"ranks": 2})  # what 2 ZeRO-3 ranks save, but the partitions
+    for rank in (0, 1):
+        torch.save({}, folder / f"training_state_rank{rank}.pt")
+    _, _, start = start_training(make_accelerator(), model, optimizer, scheduler, tmp_path)
+    assert start == 4 and scheduler.last_epoch == 4
+    assert (
+        f"resuming {tmp_path.name} at step 4 without the optimizer state: the checkpoint holds its ZeRO-3 partitions "
+        "for 2 ranks, and this launch runs 1 rank without ZeRO-3; AdamW's moments start again from zero"
+    ) in capsys.readouterr().out

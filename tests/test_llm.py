@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from common.llm import HFChat, LLMBackendError, OpenAIChat, make_llm, truncate_at_stop
+from common.llm import (
+    HFChat,
+    LLMBackendError,
+    OpenAIChat,
+    make_llm,
+    release_models,
+    truncate_at_stop,
+)
 from common.models import ModelSpecError, add_lora, default_dtype, load_merged, resolve_model_path
 from common.tokens import render_prompt
 
@@ -155,3 +162,126 @@ def test_lora_wraps_all_linear_layers(tiny_model):
     assert trainable and all("lora_" in n for n in trainable)
     wrapped = {n.split(".lora_A")[0].split(".")[-1] for n in trainable if "lora_A" in n}
     assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+# ------------------------------------------------------------------------------------------- in-process vLLM
+# vLLM has no CPU build: a stand-in module takes its place, records what each engine is built with and the prompts it
+# is sent, and answers "Yes" to everything.
+
+
+class FakeEngine:
+    """``vllm.LLM``'s stand-in. A text prompt is tokenized as vLLM tokenizes it: with the BOS that Llama's and
+    DeepSeek's tokenizers add to a text, where the template may have written one already."""
+
+    built: list[dict] = []
+    tokenizer = None
+
+    def __init__(self, **kwargs):
+        self.built.append(kwargs)
+        self.sent: list[list[int]] = []
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(self, prompts, params, lora_request=None, use_tqdm=True):
+        from types import SimpleNamespace
+
+        outputs = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                ids = [self.tokenizer.bos_token_id] + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            else:
+                ids = list(prompt["prompt_token_ids"])
+            self.sent.append(ids)
+            top = {42: SimpleNamespace(logprob=0.0, decoded_token="Yes")}
+            sample = SimpleNamespace(text="Yes", token_ids=[42], logprobs=[top])
+            outputs.append(SimpleNamespace(prompt_token_ids=ids, outputs=[sample] * params.n))
+        return outputs
+
+
+class FakeSamplingParams:
+    def __init__(self, n=1, **kwargs):
+        self.n = n
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch, tokenizer):
+    """A ``vllm`` module whose ``LLM`` is a fresh ``FakeEngine`` class (its ``built`` list: every engine's kwargs),
+    in a single process with no vLLM setting in the environment."""
+    import sys
+    import types
+
+    module = types.ModuleType("vllm")
+    module.LLM = type("LLM", (FakeEngine,), {"built": [], "tokenizer": tokenizer})
+    module.SamplingParams = FakeSamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "CLEANCRS_VLLM_MEMORY", "CLEANCRS_VLLM_MAX_MODEL_LEN"):
+        monkeypatch.delenv(name, raising=False)
+    release_models()
+    yield module.LLM
+    release_models()
+
+
+def test_roles_on_one_vllm_model_share_one_engine_and_each_model_takes_its_memory_share(
+    fake_vllm, tiny_policy, monkeypatch
+):
+    monkeypatch.setenv("CLEANCRS_VLLM_MEMORY", "0.4")
+    user, cra = make_llm("vllm:smollm2-135m"), make_llm("vllm:smollm2-135m")
+    assert user.engine is cra.engine and len(fake_vllm.built) == 1
+    user.chat(CONVS)
+    assert (user.usage.calls, cra.usage.calls) == (2, 0)  # one engine, usage counted per role
+    other = make_llm(f"vllm:{tiny_policy}")
+    assert other.engine is not user.engine
+    assert [kwargs["model"] for kwargs in fake_vllm.built] == [resolve_model_path("smollm2-135m"), str(tiny_policy)]
+    assert [kwargs["gpu_memory_utilization"] for kwargs in fake_vllm.built] == [0.4, 0.4]
+    assert [kwargs["max_model_len"] for kwargs in fake_vllm.built] == [8192, 512]  # tiny_policy's context is 512
+    assert all("distributed_executor_backend" not in kwargs for kwargs in fake_vllm.built)
+    from common.llm import vllm_memory_fraction
+
+    monkeypatch.setenv("CLEANCRS_VLLM_MEMORY", "90")
+    assert make_llm("vllm:smollm2-135m").engine is user.engine  # built already: the setting is not read again
+    with pytest.raises(ModelSpecError, match=r"CLEANCRS_VLLM_MEMORY='90': use a share of GPU memory in \(0, 1\]"):
+        vllm_memory_fraction()
+
+
+def test_a_vllm_engine_under_several_ranks_runs_in_its_rank_with_the_external_launcher(fake_vllm, monkeypatch):
+    # accelerate launch's environment on the second of two ranks
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("CLEANCRS_VLLM_MAX_MODEL_LEN", "4096")
+    make_llm("vllm:smollm2-135m", seed=7)
+    (kwargs,) = fake_vllm.built
+    assert kwargs["distributed_executor_backend"] == "external_launcher"  # the engine on GPU LOCAL_RANK, in-process
+    assert kwargs["seed"] == 8 and kwargs["max_model_len"] == 4096 and kwargs["gpu_memory_utilization"] == 0.9
+
+
+def test_vllm_prompts_go_in_as_token_ids_with_the_templates_bos_only(fake_vllm, llama3_tokenizer):
+    fake_vllm.tokenizer = llama3_tokenizer
+    llm = make_llm("vllm:smollm2-135m")
+    llm.chat(CONVS[:1])
+    assert llm.choice_probs(CONVS[:1]) == [{"Yes": 1.0, "No": 0.0}]
+    llm.complete(CONVS[:1])
+    rendered = llama3_tokenizer(render_prompt(llama3_tokenizer, CONVS[0]), add_special_tokens=False)["input_ids"]
+    bos = llama3_tokenizer.bos_token_id
+    assert rendered[0] == bos and rendered[1] != bos
+    assert llm.engine.sent == [rendered] * 3  # chat, choice_probs, complete: one BOS, the template's
+
+
+def test_think_is_prefilled_once_where_the_template_opens_it(fake_vllm, r1_distill_tokenizer, tokenizer):
+    from common.llm import prefilled_prompts
+    from common.tokens import encode_prompt_completion
+
+    header = "<think>\nStep 1: Preference Inference:"  # SMTPO's local teacher pre-fills each step's header so
+    (opened,) = prefilled_prompts(r1_distill_tokenizer, CONVS[:1], "<think>\n")
+    (step,) = prefilled_prompts(r1_distill_tokenizer, CONVS[:1], header)
+    assert opened.endswith("<｜Assistant｜><think>\n") and opened.count("<think>") == 1
+    assert step.endswith("<｜Assistant｜>" + header) and step.count("<think>") == 1
+    # a template that does not open the reasoning gets the tag; a prefix's own leading newline stays
+    assert prefilled_prompts(tokenizer, CONVS[:1], "<think>\n")[0].endswith("<|im_start|>assistant\n<think>\n")
+    assert prefilled_prompts(tokenizer, CONVS[:1], "\nA")[0].endswith("<|im_start|>assistant\n\nA")
+    ids, mask = encode_prompt_completion(r1_distill_tokenizer, CONVS[0], "Step 1: sci-fi.", prefix="<think>\n")
+    assert r1_distill_tokenizer.decode(ids[: mask.index(1)]).count("<think>") == 1
+    fake_vllm.tokenizer = r1_distill_tokenizer
+    ((sample,),) = make_llm("vllm:smollm2-135m").complete(CONVS[:1], prefix="<think>\n")
+    assert sample.prompt_ids == ids[: mask.index(1)]  # vLLM samples from the prompt that training reads

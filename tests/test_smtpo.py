@@ -505,6 +505,18 @@ def test_the_prefilled_think_tag_is_prompt_for_training_and_output_for_the_rewar
     assert tokenizer.decode(plain["input_ids"][plain["completion_mask"].index(1) :]).startswith("<think>")
 
 
+def test_the_think_tag_is_not_prefilled_twice_where_the_template_opens_it(r1_distill_tokenizer):
+    # DeepSeek-R1-Distill's generation header ends with "<think>\n" (the paper's backbone): the pre-filled tag is the
+    # template's, once, in the prompt that SFT trains on and GRPO samples from
+    prefix = smtpo.output_prefix(smtpo.Args())
+    text = prefix + "Step 1: Preference Inference: sci-fi.\n</think>\nRANK LIST: [Alien (1979)]"
+    example = smtpo.encode_example(r1_distill_tokenizer, "Rank the films.", text, 512, prefix)
+    start = example["completion_mask"].index(1)
+    prompt = r1_distill_tokenizer.decode(example["input_ids"][:start])
+    assert prompt.endswith("Rank the films.<｜Assistant｜><think>\n") and prompt.count("<think>") == 1
+    assert r1_distill_tokenizer.decode(example["input_ids"][start:]).startswith("Step 1: Preference Inference")
+
+
 def test_reward_curve_compares_the_first_and_second_half_of_the_steps():
     rollouts = [
         {

@@ -3,7 +3,14 @@ import json
 import torch
 
 from common.models import add_lora
-from common.tracking import RecordFile, Tracker, latest_checkpoint, save_checkpoint, seed_everything
+from common.tracking import (
+    RecordFile,
+    Tracker,
+    latest_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    seed_everything,
+)
 
 
 def test_record_file_appends_resumes_and_ignores_a_torn_line(tmp_path):
@@ -49,6 +56,16 @@ def test_checkpoint_round_trip(tmp_path, tiny_model):
     restored = PeftModel.from_pretrained(copy.deepcopy(tiny_model), path)
     name = next(n for n, p in model.named_parameters() if "lora_B" in n)
     assert torch.equal(dict(restored.named_parameters())[name], dict(model.named_parameters())[name])
+
+
+def test_pruning_keeps_the_newest_checkpoints_and_drops_unfinished_ones(tmp_path):
+    for step in (3, 10, 2, 7):
+        (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_00000012.tmp").mkdir()  # a save killed mid-way
+    prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000007", "step_00000010"]
+    prune_checkpoints(tmp_path, keep=2)  # no more than keep: none goes
+    assert latest_checkpoint(tmp_path).name == "step_00000010"
 
 
 def test_wandb_offline(tmp_path, monkeypatch):
