@@ -15,11 +15,13 @@ Our update is ``smtpo.grpo_update`` with ``--iterations`` (mu, default 2): the r
 switched off, then per iteration one forward of the group, ``smtpo.grpo_loss`` (Eq. 14), backward, clipping and
 the AdamW step; pi_old's log-probs are the first iteration's, held. TRL's is the same work as its trainer splits
 it (``num_iterations`` = mu): the reference and, for mu > 1, pi_old's log-probs (``_get_per_token_logps_and_
-entropies``, done in its generation step), then per iteration ``compute_loss`` with ``loss_type="grpo"``, backward,
-clipping and the step. From identical weights, the losses and TRL's clip ratio are compared iteration by iteration
-(the second iteration's clip acts on both sides); then the two variants alternate, one of each per timed round,
-and the median is reported. lora_B starts from seeded noise, so the policy differs from the reference and the KL
-term is not zero.
+entropies``, done in its generation step), then per iteration ``compute_loss`` with ``loss_type="grpo"`` and
+``use_bias_correction_kl=False`` (Eq. 14's KL; TRL's default weights it by the ratio), backward, clipping and the
+step. From identical weights, the losses, TRL's clip ratio and the gradients each step applies are compared
+iteration by iteration (the second iteration's clip acts on both sides; the first iteration's loss is almost all
+KL, since the advantages sum to zero, so its gradient is the sharper check); then the two variants alternate, one of
+each per timed round, and the median is reported. lora_B starts from seeded noise, so the policy differs from the
+reference and the KL term is not zero.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ class Args:
     """seed of the LoRA init, the lora_B noise and the sampling"""
     tolerance: float = 1e-5
     """largest |loss TRL - loss ours| that counts as agreement"""
+    grad_tolerance: float = 1e-3
+    """largest relative difference of one weight matrix's applied gradient that counts as agreement (fp32 rounding
+    of two different log-prob kernels, amplified where the group's gradients cancel)"""
 
 
 def group_prompt(cfg: smtpo.Args) -> str:
@@ -176,6 +181,10 @@ def main(args: Args) -> None:
             output_dir=tempfile.mkdtemp(),
             loss_type="grpo",
             beta=cfg.kl_beta,
+            # Eq. 14's KL term is the k3 estimate alone. TRL's default (True) multiplies it by the ratio pi_theta /
+            # pi_old (DeepSeek-V3.2's correction): the loss changes from the second iteration on, and the gradient
+            # in every iteration, since the ratio is differentiable even where it equals 1.
+            use_bias_correction_kl=False,
             epsilon=cfg.epsilon,
             num_iterations=args.iterations,
             num_generations=args.group_size,
@@ -239,7 +248,24 @@ def main(args: Args) -> None:
             return smtpo.grpo_update(run, cfg, model, optimizer, scheduler, examples)
 
         # ------------------------------------------------------------------ mu iterations from identical weights
+        applied = {"ours": [], "TRL": []}  # per optimizer step, the gradients it applies (after clipping), by name
+        hooks = []
+        for side, optim, owner in (
+            ("ours", getattr(optimizer, "optimizer", optimizer), run.accelerator.unwrap_model(model)),
+            ("TRL", trainer.optimizer, trl_model),
+        ):
+            names = {id(p): n.removeprefix("base_model.model.") for n, p in owner.named_parameters()}
+
+            def record(opt, *_, side=side, names=names):
+                grads = {
+                    names[id(p)]: p.grad.clone() for g in opt.param_groups for p in g["params"] if p.grad is not None
+                }
+                applied[side].append(grads)
+
+            hooks.append(optim.register_step_pre_hook(record))
         per_iteration = {"ours (smtpo.grpo_update)": our_update(), "TRL GRPOTrainer": trl_update()}
+        for hook in hooks:
+            hook.remove()
         times = {"ours (smtpo.grpo_update)": [], "TRL GRPOTrainer": []}
         for round_ in range(args.warmup + args.repeats):
             for name, update in (("ours (smtpo.grpo_update)", our_update), ("TRL GRPOTrainer", trl_update)):
@@ -258,17 +284,25 @@ def main(args: Args) -> None:
         f"advantages {[round(a, 3) for a in advantages.tolist()]}   median of {args.repeats} rounds"
     )
     ours, theirs = per_iteration["ours (smtpo.grpo_update)"], per_iteration["TRL GRPOTrainer"]
-    print(f"\n{'iteration':<11}{'loss ours':>16}{'loss TRL':>16}{'|diff|':>10}{'clipped ours':>14}{'clipped TRL':>13}")
-    worst = 0.0
-    for k, (a, b) in enumerate(zip(ours, theirs), 1):
+    print(
+        f"\n{'iteration':<11}{'loss ours':>16}{'loss TRL':>16}{'|diff|':>10}{'clipped ours':>14}{'clipped TRL':>13}"
+        f"{'gradient diff':>15}"
+    )
+    worst, worst_grad = 0.0, 0.0
+    for k, (a, b, g_ours, g_trl) in enumerate(zip(ours, theirs, applied["ours"], applied["TRL"]), 1):
         diff = abs(a["loss"] - b["loss"]) + abs(a["clip_ratio/region_mean"] - b["clip_ratio/region_mean"])
-        worst = max(worst, diff)
+        # the largest relative difference of one weight matrix's gradient
+        grad = max(float((g_ours[n] - g_trl[n]).norm() / g_trl[n].norm().clamp(min=1e-30)) for n in g_trl)
+        worst, worst_grad = max(worst, diff), max(worst_grad, grad)
         print(
             f"{k:<11}{a['loss']:16.10f}{b['loss']:16.10f}{abs(a['loss'] - b['loss']):10.2e}"
-            f"{a['clip_ratio/region_mean']:14.4f}{b['clip_ratio/region_mean']:13.4f}"
+            f"{a['clip_ratio/region_mean']:14.4f}{b['clip_ratio/region_mean']:13.4f}{grad:15.2e}"
         )
-    verdict = "PASS" if worst <= args.tolerance else "FAIL"
-    print(f"agreement of losses and clip ratios (<= {args.tolerance:g}): {verdict}")
+    verdict = "PASS" if worst <= args.tolerance and worst_grad <= args.grad_tolerance else "FAIL"
+    print(
+        f"agreement of losses and clip ratios (<= {args.tolerance:g}) and of gradients (<= {args.grad_tolerance:g} "
+        f"relative, per weight matrix): {verdict}"
+    )
     print(f"\n{'GRPO update, mu = ' + str(args.iterations):<26}{'ms':>10}{'x ours':>9}")
     ours_ms = median_ms(times["ours (smtpo.grpo_update)"])
     for name, t in times.items():
