@@ -570,6 +570,12 @@ def listed_titles(ranked: list[str | None]) -> list[str]:
     return [title for title in ranked if title is not None]
 
 
+def continuable(texts: list[str], candidates: list[str]) -> list[int]:
+    """The sampled outputs a dialogue may continue with: a well-formed answer whose RANK LIST names at least one
+    candidate, since the next turn shows that list to the simulated user (a list of made-up titles shows nothing)."""
+    return [k for k, text in enumerate(texts) if listed_titles(parse_rank_list(text, candidates) or [])]
+
+
 # =============================================================================================== rewards (Sec. 3.4.2)
 
 
@@ -1014,7 +1020,7 @@ def roll_out(
                     )
                     for text, step, vector in zip(texts, steps, vectors)
                 ]
-            valid = [k for k, text in enumerate(texts) if answer_format_reward(text) and parse_rank_list(text, cands)]
+            valid = continuable(texts, cands)
             if args.continuation == "best" and rewards:
                 chosen = max(range(len(texts)), key=lambda k: rewards[k]["total"])
             else:

@@ -89,6 +89,15 @@ def test_rank_list_parsing_on_real_shapes_of_output(text, ranked):
     assert smtpo.answer_format_reward(text) == float(ranked is not None)
 
 
+def test_a_dialogue_continues_only_with_a_list_that_names_a_candidate():
+    made_up = output(5, "RANK LIST: [Halloween (2018), The Matrx Reloaded (2003)]")  # well formed, no candidate
+    real = output(5, "RANK LIST: [Halloween (2018), Alien (1979)]")
+    no_list = output(5, "I recommend Alien (1979).")
+    assert smtpo.answer_format_reward(made_up) == 1.0  # the format reward still pays for it
+    assert smtpo.continuable([made_up, real, no_list], CANDIDATES) == [1]
+    assert smtpo.continuable([made_up, no_list], CANDIDATES) == []
+
+
 def test_made_up_and_repeated_titles_above_the_target_are_not_free():
     text = output(5, "RANK LIST: [Not A Film (1990), Alien (1979), Alien (1979), Inception (2010)]")
     ranked = smtpo.parse_rank_list(text, CANDIDATES)
