@@ -67,6 +67,7 @@ from common.distributed import (
     configure_batches,
     generation_weights,
     launched_processes,
+    launched_with_deepspeed,
     micro_batches,
     optimizer_step,
     print_dry_run,
@@ -397,6 +398,10 @@ def check_args(args: Args, world: int) -> list[str]:
         ),
         (not 0 <= args.baseline_decay < 1, "--baseline-decay must lie in [0, 1)"),
         (not args.rl_max_grad_norm > 0, "--rl-max-grad-norm must be positive (inf turns clipping off)"),
+        (  # the engine fixes its accumulation steps at prepare: a short last update could not step
+            launched_with_deepspeed() and args.rl_episodes % max(args.num_envs, 1) > 0,
+            f"under DeepSpeed --rl-episodes ({args.rl_episodes}) must be a multiple of --num-envs ({args.num_envs})",
+        ),
         (args.max_turns < 1, "--max-turns must be at least 1"),
         (args.reward_samples < 1, "--reward-samples must be at least 1"),
         (not 0 <= args.tau < 1, f"--tau {args.tau} must lie in [0, 1): rewards are rescaled to [0, 1]"),
@@ -918,10 +923,6 @@ def reinforce(run: Run, args: Args, data: Data) -> dict:
     model, tokenizer = load_planner(str(planner_folder(run, "sft")), run.device, args.seed, trainable=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.rl_lr)
     updates = math.ceil(args.rl_episodes / args.num_envs)
-    if accelerator.state.deepspeed_plugin is not None and args.rl_episodes % args.num_envs:
-        raise DataError(  # the engine fixes its accumulation steps at prepare: a short last update cannot step
-            f"under DeepSpeed --rl-episodes ({args.rl_episodes}) must be a multiple of --num-envs ({args.num_envs})"
-        )
     configure_batches(accelerator, args.num_envs, args.num_envs + (-args.num_envs) % run.world, 1)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, updates)
     model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / "rl")
@@ -930,6 +931,7 @@ def reinforce(run: Run, args: Args, data: Data) -> dict:
     experts, rewarder = run.llm(args.expert_llm, args.batch_size), run.llm(args.judge_llm, args.batch_size)
     ailo = AILO(run.llm(args.user_llm, args.batch_size), "movie", args.user_max_tokens, args.user_parse_tries)
     stats, running = {"expert": ParseStats(), "rewarder": ParseStats()}, {}  # running: the ema baseline, {t: b_t}
+    run.barrier()  # every rank reads the file before any rank appends to it, so all agree on what is left to play
     stored = {r["key"]: r for r in records.records()}
     for update in tqdm(range(updates), desc="rl", total=updates, disable=not run.main):
         started, window = time.time(), seeds[update * args.num_envs : (update + 1) * args.num_envs]

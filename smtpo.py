@@ -219,7 +219,7 @@ class Args:
     """mu: optimizer steps on each step's groups, pi_old frozen at sampling, so that the clip acts from the second on
     (TRL's num_iterations; paper: unstated, 1 reads Eq. 14's pi_old as the sampling policy of a single update)"""
     grpo_lr: float = 3e-4
-    """GRPO learning rate (paper: 1e-5; the demo's 5 steps of 2 groups on a 135M model need a larger step to move the
+    """GRPO learning rate (paper: 1e-5; the demo's 3 steps of 2 groups on a 135M model need a larger step to move the
     policy measurably; at 1e-3 each step moved the sampled outputs by about 0.1 nat per token and the format reward
     fell)"""
     epsilon: float = 0.2
@@ -338,6 +338,18 @@ def check_args(args: Args, world: int) -> list[str]:
             batches.append(f"{stage} stage: {split}")
     if args.retriever_inputs == "dialogue" and set(args.stages) != {"retriever"}:
         raise DataError("--retriever-inputs dialogue measures the retriever alone: use it with --stages retriever")
+    problems = [
+        (args.grpo_iterations < 1, "--grpo-iterations must be at least 1"),
+        (args.groups_per_step < 1, "--groups-per-step must be at least 1"),
+        (args.group_size < 2, "--group-size must be at least 2: Eq. 14's advantages compare the outputs of a group"),
+        (
+            args.max_length <= args.rec_max_tokens,
+            f"--max-length {args.max_length} leaves no room for a prompt beside --rec-max-tokens {args.rec_max_tokens}",
+        ),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise DataError(message)
     return batches
 
 

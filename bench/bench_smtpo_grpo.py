@@ -59,7 +59,7 @@ class Args:
     iterations: int = 2
     """mu: optimizer steps on the group (smtpo --grpo-iterations, TRL num_iterations)"""
     lr: float = 1e-3
-    """learning rate of both sides (smtpo.Args.grpo_lr, the demo's; large enough that the second iteration clips)"""
+    """learning rate of both sides (above smtpo.Args.grpo_lr, 3e-4, so that the second iteration clips)"""
     rewards: tuple[float, ...] = (2.0, 0.0, 1.0, 0.5)
     """the group's rewards (repeated to G), normalized into advantages by smtpo.group_advantages"""
     repeats: int = 5

@@ -138,11 +138,12 @@ def probe_vllm_lora(args: Args) -> None:
         adapter.save_pretrained(folder)
         chat.use_adapter(folder, version=1)
         tuned = chat.complete(conversation, n=4, temperature=1.0, max_tokens=args.new_tokens)[0]
+        tuned_probs = chat.choice_probs(conversation, choices=("Yes", "No"))[0]  # deterministic, unlike the samples
     seconds = time.perf_counter() - started
     print(
         f"| vllm-lora | smollm2-135m, LoRA r8 | {len(base)} + {len(tuned)} samples, P(Yes) + P(No) = "
-        f"{sum(probs.values()):.2f} | {seconds:.1f} s; adapter changed the samples: "
-        f"{[c.completion_ids for c in base] != [c.completion_ids for c in tuned]} |"
+        f"{sum(probs.values()):.2f} | {seconds:.1f} s; the adapter moved P(Yes) by "
+        f"{abs(tuned_probs['Yes'] - probs['Yes']):.2e} (0 means it was not applied) |"
     )
 
 

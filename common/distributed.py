@@ -26,8 +26,8 @@ def collective_timeout() -> timedelta:
         minutes = float(value)
     except ValueError:
         minutes = float("nan")
-    if not minutes > 0:
-        raise DataError(f"CLEANCRS_COLLECTIVE_TIMEOUT_MINUTES={value!r}: use a positive number of minutes")
+    if not 0 < minutes < float("inf"):  # timedelta overflows on inf
+        raise DataError(f"CLEANCRS_COLLECTIVE_TIMEOUT_MINUTES={value!r}: use a positive, finite number of minutes")
     return timedelta(minutes=minutes)
 
 
@@ -40,7 +40,7 @@ def make_accelerator(**kwargs):
     from accelerate.utils import InitProcessGroupKwargs
 
     on_cpu = not torch.cuda.is_available()
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    deepspeed = launched_with_deepspeed()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     backend = {"backend": "gloo"} if on_cpu and distributed else {}
     handlers = [InitProcessGroupKwargs(timeout=collective_timeout(), **backend)]
@@ -74,6 +74,11 @@ def micro_batches(examples: list[dict], batch: list[int], accelerator, micro: in
     rank, world = accelerator.process_index, accelerator.num_processes
     for chunk in rank_micro_batches(batch, rank, world, micro, accum):
         yield [examples[i] for i, _ in chunk], torch.tensor([w for _, w in chunk], device=accelerator.device)
+
+
+def launched_with_deepspeed() -> bool:
+    """Whether ``accelerate launch`` was given a DeepSpeed config, known before any process group exists."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def launched_processes() -> int:

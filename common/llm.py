@@ -412,7 +412,8 @@ def vllm_engine(model_path: str, seed: int = 0, **engine_kwargs):
     external launcher takes the rank's GPU from LOCAL_RANK and the process group accelerate started, where without it
     every rank's engine would land on GPU 0. The ranks build such an engine together (vLLM creates its groups on the
     whole process group), so every rank must ask for it at the same point of the run. The sampling seed is
-    ``seed`` plus the rank, so ranks draw different samples, as their torch seeds differ."""
+    ``seed`` plus the rank, so ranks draw different samples, as their torch seeds differ; it is fixed when the engine
+    is built, and a later role asking with another seed shares the first engine and its seed."""
     key = (model_path, tuple(sorted(engine_kwargs.items())))
     if key in _LOADED_VLLM:
         return _LOADED_VLLM[key]

@@ -49,9 +49,9 @@ def test_the_collective_timeout_is_two_hours_unless_set(monkeypatch):
     assert collective_timeout() == timedelta(hours=2)
     monkeypatch.setenv("CLEANCRS_COLLECTIVE_TIMEOUT_MINUTES", "0.5")
     assert collective_timeout() == timedelta(seconds=30)
-    for bad in ("0", "-3", "ten"):
+    for bad in ("0", "-3", "ten", "inf"):  # inf would overflow timedelta
         monkeypatch.setenv("CLEANCRS_COLLECTIVE_TIMEOUT_MINUTES", bad)
-        with pytest.raises(DataError, match=f"CLEANCRS_COLLECTIVE_TIMEOUT_MINUTES='{bad}': use a positive number"):
+        with pytest.raises(DataError, match=f"TIMEOUT_MINUTES='{bad}': use a positive, finite number"):
             collective_timeout()
 
 

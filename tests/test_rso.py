@@ -194,6 +194,15 @@ def test_label_mapping_on_the_real_dev_tsv():
     assert len({t["dialog"] for t in turns}) == 99 and turns[0]["text"] == "(no messages yet)"
 
 
+def test_a_short_last_update_is_refused_under_deepspeed_before_anything_loads(monkeypatch):
+    args = rso.Args(rl_episodes=7, num_envs=2, stages=("rl",))
+    rso.check_args(args, 2)  # data parallelism takes a short last update
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(DataError, match="multiple of --num-envs"):
+        rso.check_args(args, 2)
+    rso.check_args(rso.Args(rl_episodes=8, num_envs=2, stages=("rl",)), 2)
+
+
 def test_bundled_demo_labels_and_seeds():
     args = rso.Args()
     data = rso.load_data(args)

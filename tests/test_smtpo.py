@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import smtpo
 from common.catalog import Catalog
-from common.data import load_demo_catalog
+from common.data import DataError, load_demo_catalog
 
 CANDIDATES = [
     "Inception (2010)",
@@ -87,6 +87,20 @@ def test_rank_list_parsing_on_real_shapes_of_output(text, ranked):
     candidates = CANDIDATES + ["Halloween (1978)"]
     assert smtpo.parse_rank_list(text, candidates) == ranked
     assert smtpo.answer_format_reward(text) == float(ranked is not None)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"grpo_iterations": 0}, "--grpo-iterations"),
+        ({"groups_per_step": 0}, "--groups-per-step"),
+        ({"group_size": 1}, "--group-size"),
+        ({"max_length": 192, "rec_max_tokens": 192}, "no room for a prompt"),
+    ],
+)
+def test_flags_that_would_fail_deep_in_grpo_are_refused_before_anything_loads(flags, message):
+    with pytest.raises(DataError, match=message):
+        smtpo.check_args(smtpo.Args(**flags), 1)
 
 
 def test_a_dialogue_continues_only_with_a_list_that_names_a_candidate():
@@ -358,7 +372,6 @@ def test_the_simulators_yes_no_labels_are_balanced_by_default():
 
 
 def test_a_missing_simulator_adapter_is_an_error_unless_the_ablation_asks_for_it(tmp_path, monkeypatch):
-    from common.data import DataError
 
     monkeypatch.chdir(tmp_path)
     loaded = []
