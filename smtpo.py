@@ -211,7 +211,8 @@ class Args:
     cores; benchmark/smtpo_table1.sh sets the paper-scale count)"""
     grpo_save_every: int = 1
     """GRPO steps between resumable checkpoints: a step's rollouts take far longer than saving a LoRA adapter and
-    its optimizer state"""
+    its optimizer state. Above 1, a resume trains the recorded rollouts of the steps after the last checkpoint,
+    which the lost, later policy sampled: they are then slightly off-policy"""
     groups_per_step: int = 2
     """groups (one turn's prompt and its G outputs) per optimizer step, however many turns the dialogues ran (paper:
     gradient accumulation 8 over one group each, i.e. 8)"""
