@@ -82,6 +82,15 @@ def prefilled_prompts(tokenizer, conversations, prefix: str | list[str]) -> list
     ]
 
 
+def prompt_ids(tokenizer, conversations, prefix, max_prompt_tokens: int | None = None) -> list[list[int]]:
+    """The prefilled prompts as token ids, the latest ``max_prompt_tokens`` of each where given. Both backends
+    generate from ids: a rendered text would be tokenized again (by vLLM), with a second BOS where the template writes
+    one (Llama-3's, DeepSeek-R1-Distill's)."""
+    texts = prefilled_prompts(tokenizer, conversations, prefix)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return [row[-max_prompt_tokens:] for row in ids] if max_prompt_tokens else ids
+
+
 @dataclass
 class Completion:
     """One sampled completion with the token ids it was sampled as: a policy trained on its own samples (GRPO)
@@ -123,11 +132,6 @@ class HFChat:
         attention_mask = pad([[1] * len(r) for r in rows], 0, side="left").to(self.model.device)
         return input_ids, attention_mask
 
-    def _prompt_ids(self, conversations, prefix, max_prompt_tokens: int | None = None) -> list[list[int]]:
-        texts = prefilled_prompts(self.tokenizer, conversations, prefix)
-        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return [row[-max_prompt_tokens:] for row in ids] if max_prompt_tokens else ids
-
     @torch.no_grad()
     def _sample(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int, stop) -> list[list]:
         """``n`` generated token rows per prompt, in order, each cut after its first eos. The prompts' n samples each
@@ -160,7 +164,7 @@ class HFChat:
         self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = ""
     ) -> list[list[str]]:
         """``n`` completions per conversation, decoded and cut at the first stop string."""
-        sampled = self._sample(self._prompt_ids(conversations, prefix), n, temperature, max_tokens, stop)
+        sampled = self._sample(prompt_ids(self.tokenizer, conversations, prefix), n, temperature, max_tokens, stop)
         decode = self.tokenizer.decode
         return [
             [truncate_at_stop(decode(row, skip_special_tokens=True), stop).strip() for row in rows] for rows in sampled
@@ -171,7 +175,7 @@ class HFChat:
     ) -> list[list[Completion]]:
         """``n`` samples per conversation with the token ids they were sampled as (for training on them). A prompt
         longer than ``max_prompt_tokens`` loses its oldest tokens before it is sampled from."""
-        prompts = self._prompt_ids(conversations, prefix, max_prompt_tokens)
+        prompts = prompt_ids(self.tokenizer, conversations, prefix, max_prompt_tokens)
         sampled = self._sample(prompts, n, temperature, max_tokens, None)
         decode = self.tokenizer.decode
         return [
@@ -463,13 +467,6 @@ class VLLMChat:
 
         self.lora_request = None if path is None else LoRARequest(f"adapter-{version}", version, str(path))
 
-    def _prompt_ids(self, conversations, prefix, max_prompt_tokens: int | None = None) -> list[list[int]]:
-        """The prompts as token ids, as the engine is to read them. A rendered text would be tokenized again by vLLM,
-        with a second BOS where the template writes one (Llama-3's, DeepSeek-R1-Distill's)."""
-        texts = prefilled_prompts(self.tokenizer, conversations, prefix)
-        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return [row[-max_prompt_tokens:] for row in ids] if max_prompt_tokens else ids
-
     def _generate(self, prompts: list[list[int]], params):
         requests = [{"prompt_token_ids": ids} for ids in prompts]
         outputs = self.engine.generate(requests, params, lora_request=self.lora_request, use_tqdm=False)
@@ -485,7 +482,7 @@ class VLLMChat:
         self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = ""
     ) -> list[list[str]]:
         params = self._vllm.SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, stop=stop or None)
-        outputs = self._generate(self._prompt_ids(conversations, prefix), params)
+        outputs = self._generate(prompt_ids(self.tokenizer, conversations, prefix), params)
         return [[o.text.strip() for o in out.outputs] for out in outputs]
 
     def complete(
@@ -493,7 +490,7 @@ class VLLMChat:
     ) -> list[list[Completion]]:
         """As ``HFChat.complete``: the engine reads exactly the prompt ids the update trains on; vLLM's output ids
         hold the end-of-sequence token where it was sampled."""
-        prompts = self._prompt_ids(conversations, prefix, max_prompt_tokens)
+        prompts = prompt_ids(self.tokenizer, conversations, prefix, max_prompt_tokens)
         params = self._vllm.SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens)
         outputs = self._generate(prompts, params)
         return [[Completion(o.text, ids, list(o.token_ids)) for o in out.outputs] for ids, out in zip(prompts, outputs)]
@@ -505,7 +502,7 @@ class VLLMChat:
 
         params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
         results = []
-        for out in self._generate(self._prompt_ids(conversations, prefix), params):
+        for out in self._generate(prompt_ids(self.tokenizer, conversations, prefix), params):
             top = out.outputs[0].logprobs[0].values()
             results.append(
                 {c: sum(math.exp(t.logprob) for t in top if t.decoded_token in _choice_variants(c)) for c in choices}
