@@ -183,6 +183,10 @@ def generation_weights(accelerator, model):
     # too, or a rank that generates while another does not waits there.
     start_of_forward = root._forward_pre_hooks[hooks.fwd_pre_hook.id]
     with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
+        # a parameter some module still counts as in use is not released when the gathered block ends (TRL clears
+        # these sets too)
+        for param in unwrapped.parameters():
+            getattr(param, "ds_active_sub_modules", set()).clear()
         for hook in [hooks.fwd_pre_hook, *hooks.forward_hooks, *hooks.backward_hooks]:
             hook.remove()
         hooks.forward_hooks, hooks.backward_hooks = [], []
