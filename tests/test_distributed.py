@@ -4,6 +4,7 @@ resumed)."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from datetime import timedelta
@@ -40,7 +41,7 @@ def test_both_configs_start_two_ranks_that_wait_the_collective_timeout(tmp_path,
     command = list(accelerate_launch(config))
     result = subprocess.run([*command, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    waits = sorted(line for line in result.stdout.splitlines() if " waits " in line)
+    waits = sorted(re.findall(r"rank \d of 2 waits [\d:]+", result.stdout))  # the ranks' lines may interleave
     assert waits == [f"rank {k} of 2 waits 0:07:00" for k in (0, 1)], result.stdout
 
 
