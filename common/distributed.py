@@ -41,7 +41,7 @@ def make_accelerator(**kwargs):
 
     on_cpu = not torch.cuda.is_available()
     deepspeed = launched_with_deepspeed()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = launched_processes() > 1
     backend = {"backend": "gloo"} if on_cpu and distributed else {}
     handlers = [InitProcessGroupKwargs(timeout=collective_timeout(), **backend)]
     return Accelerator(cpu=on_cpu and not deepspeed, kwargs_handlers=handlers, **kwargs)
@@ -74,6 +74,12 @@ def micro_batches(examples: list[dict], batch: list[int], accelerator, micro: in
     rank, world = accelerator.process_index, accelerator.num_processes
     for chunk in rank_micro_batches(batch, rank, world, micro, accum):
         yield [examples[i] for i, _ in chunk], torch.tensor([w for _, w in chunk], device=accelerator.device)
+
+
+def under_zero3(accelerator) -> bool:
+    """Whether the prepared model's weights and optimizer state are cut over the ranks (DeepSpeed ZeRO-3)."""
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and plugin.zero_stage == 3
 
 
 def launched_with_deepspeed() -> bool:
@@ -171,8 +177,7 @@ def generation_weights(accelerator, model):
     forward pass releases and gathers each layer again (collectives at every decode step), and ranks that generate
     different numbers of tokens, or none, meet each other's collectives out of order and hang."""
     unwrapped = accelerator.unwrap_model(model)
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None or plugin.zero_stage != 3:
+    if not under_zero3(accelerator):
         yield unwrapped
         return
     import deepspeed
@@ -233,7 +238,7 @@ def resume_optimizer_partition(accelerator, model, stage_dir: Path, step: int) -
     world, rank = accelerator.num_processes, accelerator.process_index
     partitions = list(checkpoint.glob("training_state_rank*.pt"))
     plugin = accelerator.state.deepspeed_plugin
-    zero3 = plugin is not None and plugin.zero_stage == 3
+    zero3 = under_zero3(accelerator)
     if zero3 and saved_ranks == world == len(partitions):
         optimizer = model.optimizer  # DeepSpeed's ZeRO-3 optimizer, which accelerate's wrapper steps
         states = [None] * world  # it reads the entry of its own rank
@@ -270,9 +275,8 @@ def checkpoint_weights(accelerator, model) -> dict | None:
     if not isinstance(unwrapped, PeftModel):
         return accelerator.get_state_dict(model)
     trainable = {name: p for name, p in unwrapped.named_parameters() if p.requires_grad}
-    plugin = accelerator.state.deepspeed_plugin
     gathered = contextlib.nullcontext()
-    if plugin is not None and plugin.zero_stage == 3:
+    if under_zero3(accelerator):
         import deepspeed
 
         gathered = deepspeed.zero.GatheredParameters(list(trainable.values()))
@@ -294,7 +298,7 @@ def save_resumable(accelerator, model, stage_dir: Path, step: int, optimizer, sc
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)  # a save killed mid-way, maybe by a launch of more ranks
         staging.mkdir(parents=True)
-    if plugin is not None and plugin.zero_stage == 3:
+    if under_zero3(accelerator):
         accelerator.wait_for_everyone()
         torch.save(model.optimizer.state_dict(), staging / f"training_state_rank{accelerator.process_index}.pt")
         accelerator.wait_for_everyone()

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.distributed import launched_processes
 from common.models import ModelSpecError, default_dtype, load_model, resolve_model_path
 from common.tokens import pad, prefill, render_prompt
 
@@ -430,7 +431,7 @@ def vllm_engine(model_path: str, seed: int = 0, **engine_kwargs):
         ) from None
     settings = {"gpu_memory_utilization": vllm_memory_fraction(), "max_model_len": vllm_max_model_len(model_path)}
     settings["seed"] = seed + int(os.environ.get("RANK", "0"))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_processes() > 1:
         settings["distributed_executor_backend"] = "external_launcher"
     try:
         engine = vllm.LLM(model=model_path, enable_prefix_caching=True, **(settings | engine_kwargs))
