@@ -39,12 +39,13 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from ailo_sim import AILO
+from ailo_sim import AILO, CRAReply, episode_metrics, print_trajectory, run_episodes
 from common.catalog import Catalog, item_card
-from common.conversations import CRAReply, episode_metrics, print_trajectory, render_history, run_episodes
+from common.conversations import render_history
 from common.data import TASK_DOMAINS, DataError, Task, load_task_items, load_tasks
 from common.distributed import (
     check_division,
+    global_batch_mean,
     launched_processes,
     micro_batches,
     optimizer_step,
@@ -55,9 +56,8 @@ from common.distributed import (
     training_steps,
 )
 from common.llm import HFChat, LLMBackendError
-from common.metrics import win_rate
 from common.models import ModelSpecError, load_merged
-from common.parsing import ParseStats, chat_parsed, coerce_int, parse_action, parse_json
+from common.parsing import ParseStats, chat_parsed, coerce_int, parse_json
 from common.run import Run
 from common.sft import supervised_finetuning
 from common.tokens import collate, encode_prompt_completion, sequence_logprobs
@@ -236,9 +236,12 @@ def actcrs_prompt(domain: str, scratchpad: list[str], few_shot: bool) -> str:
 
 
 def parse_actcrs(text: str, allowed=ACTIONS) -> str | None:
-    """The normalized action string ``Type[argument]``, or None. Generation stops at "]", which is put back."""
-    parsed = parse_action(text, allowed)
-    return None if parsed is None else f"{parsed[0]}[{parsed[1]}]"
+    """The first ``Type[argument]`` in ``text`` with an allowed type, normalized, or None. Generation stops at "]",
+    so a missing closing bracket is put back; nested brackets and an empty argument are refused."""
+    match = re.search(r"\b(" + "|".join(map(re.escape, allowed)) + r")\s*\[([^\[\]]+)(?:\]|\s*$)", text)
+    if match is None or not match.group(2).strip():
+        return None
+    return f"{match.group(1)}[{match.group(2).strip()}]"
 
 
 def split_action(action: str) -> tuple[str, str]:
@@ -285,7 +288,7 @@ def search_observation(catalog: Catalog, titles: list[str]) -> str:
 
 
 def make_actcrs(llm, catalog: Catalog, domain: str, args: Args, few_shot: bool, stats: ParseStats):
-    """An ActCRS agent as a ``CRA`` for ``common.conversations.run_episodes``. It keeps one scratchpad per
+    """An ActCRS agent as a ``CRA`` for ``ailo_sim.run_episodes``. It keeps one scratchpad per
     conversation and, per user turn, acts until it takes a visible action: Search results are appended as
     Observations, up to ``max_searches`` chained searches; after that only Ask/Recommend/Response are accepted.
 
@@ -628,6 +631,51 @@ def global_kto_reference_point(run: Run, model, tokenizer, examples: list[dict],
     return kto_reference_point(policy, reference, weights, beta)
 
 
+def preference_loss(
+    args: Args,
+    beta,
+    z_ref,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    n_tokens,
+    b,
+):
+    """--loss on one micro-batch of b pairs -> (per-pair losses, chosen rewards, rejected rewards). The losses are
+    Eq. 3's DPO, SimPO, KTO against ``z_ref``, or ECPO+SFT's NLL of the rewrite alone (its token mean comes from the
+    caller's normalizer); the implicit rewards are the ones TRL logs: beta times the log-ratio to pi_sft, SimPO's
+    beta times the length-normalized log-prob, and for SFT the log-prob itself. ``n_tokens`` holds the chosen
+    rows' lengths, then the rejected rows'."""
+    chosen_tokens, rejected_tokens = n_tokens[:b], n_tokens[b : 2 * b]
+    if args.loss == "dpo":
+        losses = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    elif args.loss == "simpo":
+        losses = simpo_loss(
+            policy_chosen_logps, policy_rejected_logps, chosen_tokens, rejected_tokens, beta, args.simpo_gamma
+        )
+    elif args.loss == "kto":
+        losses = kto_loss(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            z_ref,
+            beta,
+            args.kto_lambda_w,
+            args.kto_lambda_l,
+        )
+    else:
+        losses = -policy_chosen_logps
+    if args.loss == "simpo":
+        return losses, beta * policy_chosen_logps / chosen_tokens, beta * policy_rejected_logps / rejected_tokens
+    return (
+        losses,
+        (beta or 1.0) * (policy_chosen_logps - ref_chosen_logps),
+        (beta or 1.0) * (policy_rejected_logps - ref_rejected_logps),
+    )
+
+
 def preference_statistics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps, weights):
     """TRL's preference statistics of a micro-batch, as weighted sums (the loop divides by the global batch)."""
     values = {
@@ -659,10 +707,9 @@ def train_preferences(run: Run, args: Args, model, tokenizer, examples: list[dic
     for step in tqdm(range(start, len(steps)), desc="po", initial=start, total=len(steps), disable=not run.main):
         started, batch = time.time(), steps[step]
         sums = defaultdict(float)
+        z_ref = None
         if args.loss == "kto":  # one z_ref for the step, from every mismatched pair of the global batch
-            z_ref = global_kto_reference_point(
-                run, model, tokenizer, examples, batch, accum, args.micro_batch_size, beta
-            )
+            z_ref = global_kto_reference_point(run, model, tokenizer, examples, batch, accum, micro, beta)
         # The loss is a mean over the global batch: over its pairs, or for --loss sft over its rewrites' tokens.
         normalizer = sum(sum(examples[i]["chosen_mask"]) for i in batch) if args.loss == "sft" else len(batch)
         for pairs, weights in micro_batches(examples, batch, accelerator, micro, accum):
@@ -673,47 +720,12 @@ def train_preferences(run: Run, args: Args, model, tokenizer, examples: list[dic
             with accelerator.accumulate(model):
                 logps, n_tokens = sequence_logps(model, rows, tokenizer.pad_token_id, device)  # one forward pass
                 b = len(pairs)
-                policy_chosen_logps, policy_rejected_logps = logps[:b], logps[b : 2 * b]
-                if args.loss == "dpo":
-                    losses = dpo_loss(
-                        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
-                    )
-                elif args.loss == "simpo":
-                    chosen_tokens, rejected_tokens = n_tokens[:b], n_tokens[b : 2 * b]
-                    losses = simpo_loss(
-                        policy_chosen_logps,
-                        policy_rejected_logps,
-                        chosen_tokens,
-                        rejected_tokens,
-                        beta,
-                        args.simpo_gamma,
-                    )
-                elif args.loss == "kto":
-                    losses = kto_loss(
-                        policy_chosen_logps,
-                        policy_rejected_logps,
-                        ref_chosen_logps,
-                        ref_rejected_logps,
-                        z_ref,
-                        beta,
-                        args.kto_lambda_w,
-                        args.kto_lambda_l,
-                    )
-                else:  # ECPO+SFT: the NLL of the rewrites alone (their token mean, with the normalizer below)
-                    losses = -policy_chosen_logps
-                # The global batch's mean (sum / normalizer); * world * accum undoes accelerate's 1 / accum per
-                # micro-batch and DDP's mean over ranks.
-                loss = (losses * weights).sum() / normalizer * run.world * accum
+                losses, chosen_rewards, rejected_rewards = preference_loss(
+                    args, beta, z_ref, logps[:b], logps[b : 2 * b], ref_chosen_logps, ref_rejected_logps, n_tokens, b
+                )
+                loss = global_batch_mean(losses, weights, normalizer, run.world, accum)
                 grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
-            if args.loss == "simpo":  # SimPO's implicit reward is the length-normalized log-prob (as TRL logs it)
-                chosen_rewards = beta * policy_chosen_logps / n_tokens[:b]
-                rejected_rewards = beta * policy_rejected_logps / n_tokens[b : 2 * b]
-            else:
-                chosen_rewards = (beta or 1.0) * (policy_chosen_logps - ref_chosen_logps)
-                rejected_rewards = (beta or 1.0) * (policy_rejected_logps - ref_rejected_logps)
-            statistics = preference_statistics(
-                chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps, weights
-            )
+            statistics = preference_statistics(chosen_rewards, rejected_rewards, logps[:b], logps[b : 2 * b], weights)
             for name, value in statistics.items():
                 sums[name] += value
             sums["loss"] += loss.item() / (run.world * accum)
@@ -826,6 +838,16 @@ def judge_pairs(
             records.append({"key": key, "label": label, "order": key.rsplit("|", 1)[1], "scores": scores})
 
 
+def win_rate(scores_ab: list[float], scores_ba: list[float]) -> float:
+    """(wins + 0.5 ties) / total over both position orders. ``scores_ab[i]`` is the judge's verdict with the
+    candidate shown as A (1 = A better, -1 = B better, 0 = tie); ``scores_ba[i]`` is the verdict on the same pair
+    with the positions swapped, so it is negated to speak for the candidate again."""
+    verdicts = list(scores_ab) + [-s for s in scores_ba]
+    if not verdicts:
+        return 0.0
+    return (sum(v > 0 for v in verdicts) + 0.5 * sum(v == 0 for v in verdicts)) / len(verdicts)
+
+
 def win_rates(judgements: list[dict], label: str, prefix: str) -> dict[str, float]:
     """eval/wr (on the final score) and eval/wr_<dimension>: (wins + 0.5 ties) / judgements, both orders."""
     mine = [j for j in judgements if j["label"] == label and j["scores"]]
@@ -845,7 +867,7 @@ def win_rates(judgements: list[dict], label: str, prefix: str) -> dict[str, floa
 
 
 @dataclass
-class Tasks:
+class Data:
     sft: list[Task]  # D_sft's tasks, played by the teacher
     pre: list[Task]  # D_pre's tasks, played by pi_sft once each
     test: list[Task]  # held out, for evaluation
@@ -853,7 +875,7 @@ class Tasks:
     domain: str
 
 
-def load_data(args: Args) -> Tasks:
+def load_data(args: Args) -> Data:
     """Train tasks in file order (D_sft first, then D_pre); test tasks, the first of the held-out file, are read
     only when the eval stage runs."""
     train = load_tasks(args.dataset, args.data_dir, "train")
@@ -864,7 +886,7 @@ def load_data(args: Args) -> Tasks:
         )
     catalog = Catalog(load_task_items(args.dataset, args.data_dir, train + test))
     sft, pre = train[: args.num_sft_tasks], train[args.num_sft_tasks : args.num_sft_tasks + args.num_pre_tasks]
-    return Tasks(sft, pre, test[: args.num_test_tasks], catalog, TASK_DOMAINS[args.dataset])
+    return Data(sft, pre, test[: args.num_test_tasks], catalog, TASK_DOMAINS[args.dataset])
 
 
 def check_args(args: Args, world: int) -> list[str]:
@@ -893,12 +915,12 @@ def sft_adapter(run: Run) -> Path:
     return run.dir / "sft_adapter"
 
 
-def rollout(run: Run, args: Args, tasks: Tasks, llm, which: list[Task], few_shot: bool, name: str) -> list[dict]:
+def rollout(run: Run, args: Args, data: Data, llm, which: list[Task], few_shot: bool, name: str) -> list[dict]:
     """ActCRS on ``llm`` against AILO; each rank plays its share of ``which``, every rank returns all of them."""
     user = run.llm(args.user_llm, args.batch_size)
-    simulator = AILO(user, tasks.domain, args.user_max_tokens, args.max_parse_tries, target_note=args.target_note)
+    simulator = AILO(user, data.domain, args.user_max_tokens, args.max_parse_tries, target_note=args.target_note)
     stats = ParseStats()
-    cra = make_actcrs(llm, tasks.catalog, tasks.domain, args, few_shot, stats)
+    cra = make_actcrs(llm, data.catalog, data.domain, args, few_shot, stats)
     on_episode = print_trajectory if args.print_conversations else None
     run_episodes(run.shard(which), cra, simulator, args.max_turns, args.batch_size, run.records(name), on_episode)
     run.count(simulator.metrics() | stats.metrics("rollout/cra_"))
@@ -907,25 +929,25 @@ def rollout(run: Run, args: Args, tasks: Tasks, llm, which: list[Task], few_shot
     return [r for r in run.records(name).records() if r["key"] in wanted]  # every rank's, and a resumed run's
 
 
-def policy_rollout(run: Run, args: Args, tasks: Tasks, which: list[Task], adapters: list[Path], name: str):
+def policy_rollout(run: Run, args: Args, data: Data, which: list[Task], adapters: list[Path], name: str):
     model, tokenizer = load_policy(args, adapters, run.device)
-    return rollout(run, args, tasks, run.track(HFChat(model, tokenizer, args.batch_size)), which, False, name)
+    return rollout(run, args, data, run.track(HFChat(model, tokenizer, args.batch_size)), which, False, name)
 
 
-def teacher_rollouts(run: Run, args: Args, tasks: Tasks) -> dict:
+def teacher_rollouts(run: Run, args: Args, data: Data) -> dict:
     """Sec. 3.1: the teacher CRA, shown one example dialogue, talks with AILO on the D_sft tasks."""
     teacher = run.llm(args.teacher_llm, args.batch_size)
-    trajectories = rollout(run, args, tasks, teacher, tasks.sft, args.few_shot, "teacher_trajectories.jsonl")
+    trajectories = rollout(run, args, data, teacher, data.sft, args.few_shot, "teacher_trajectories.jsonl")
     episode = episode_metrics(trajectories, args.max_turns)
     return {"rollout/teacher_sr": episode["eval/sr"], "rollout/teacher_recall": episode["eval/recall"]}
 
 
-def sgpt(run: Run, args: Args, tasks: Tasks) -> dict:
+def sgpt(run: Run, args: Args, data: Data) -> dict:
     """Simulator-guided planning tuning (Sec. 3.1, Eq. 1): LoRA SFT on every CRA call (Search included) of the
     teacher's successful trajectories, each prompt without the few-shot block. pi_sft = the policy with it merged."""
     if run.finished("sft_adapter"):
         return {"rollout/sft_examples": len(run.records("sft_data.jsonl").records())}
-    teacher = stored(run, "teacher_trajectories.jsonl", tasks.sft, "teacher")
+    teacher = stored(run, "teacher_trajectories.jsonl", data.sft, "teacher")
     d_sft = [
         {"key": f"{tr['key']}#{t['turn']}#{k}", "prompt": call["state"], "completion": call["action"]}
         for tr in teacher
@@ -957,10 +979,10 @@ def sgpt(run: Run, args: Args, tasks: Tasks) -> dict:
     return {"rollout/sft_examples": len(d_sft)}
 
 
-def forward_expectation_confirmation(run: Run, args: Args, tasks: Tasks) -> dict:
+def forward_expectation_confirmation(run: Run, args: Args, data: Data) -> dict:
     """Sec. 3.2, forward: pi_sft (greedy) talks with AILO on the D_pre tasks, one trajectory each, and AILO rates
     every visible response as the conversation goes: (s_t, p_t, CONF_t, r_t)."""
-    forward = policy_rollout(run, args, tasks, tasks.pre, [sft_adapter(run)], "forward_trajectories.jsonl")
+    forward = policy_rollout(run, args, data, data.pre, [sft_adapter(run)], "forward_trajectories.jsonl")
     if run.main:
         print(rating_table(rated_turns(forward), args.lam))
     ratings = [t["ec_rating"] for tr in forward for t in tr["turns"] if t["ec_rating"] is not None]
@@ -973,12 +995,12 @@ def forward_expectation_confirmation(run: Run, args: Args, tasks: Tasks) -> dict
     }
 
 
-def backward_expectation_derivation(run: Run, args: Args, tasks: Tasks) -> dict:
+def backward_expectation_derivation(run: Run, args: Args, data: Data) -> dict:
     """Sec. 3.2, backward: each response with r_t <= lambda is rewritten by an LLM given the dialogue and CONF_t;
     a well-formed rewrite that differs from p_t makes the pair (s_t, rewrite > p_t) of D_pre."""
-    turns = rewritable_turns(stored(run, "forward_trajectories.jsonl", tasks.pre, "forward"), args.lam)
+    turns = rewritable_turns(stored(run, "forward_trajectories.jsonl", data.pre, "forward"), args.lam)
     records, stats = run.records("rewrites.jsonl"), ParseStats()
-    derive_pairs(run.shard(turns), run.llm(args.rewriter_llm, args.batch_size), tasks.domain, args, records, stats)
+    derive_pairs(run.shard(turns), run.llm(args.rewriter_llm, args.batch_size), data.domain, args, records, stats)
     run.count(stats.metrics("rollout/rewriter_"))
     run.barrier()
     wanted = {t["key"] for t in turns}
@@ -1008,18 +1030,18 @@ def preference_optimization(run: Run, args: Args) -> dict:
     return {}
 
 
-def evaluate(run: Run, args: Args, tasks: Tasks) -> dict:
+def evaluate(run: Run, args: Args, data: Data) -> dict:
     """Sec. 4: the expert CRA, pi_sft and the ECPO policy on the held-out tasks, greedy: SR, R, and the win rate
     against the expert, judged in both position orders (Fig. 11)."""
     expert_llm = run.llm(args.expert_llm, args.batch_size)
-    expert = rollout(run, args, tasks, expert_llm, tasks.test, args.few_shot, "eval_expert.jsonl")
-    candidates = {"eval_sft": policy_rollout(run, args, tasks, tasks.test, [sft_adapter(run)], "eval_sft.jsonl")}
+    expert = rollout(run, args, data, expert_llm, data.test, args.few_shot, "eval_expert.jsonl")
+    candidates = {"eval_sft": policy_rollout(run, args, data, data.test, [sft_adapter(run)], "eval_sft.jsonl")}
     if run.finished("po_adapter"):
         adapters = [sft_adapter(run), run.dir / "po_adapter"]
-        candidates["eval"] = policy_rollout(run, args, tasks, tasks.test, adapters, "eval_ecpo.jsonl")
+        candidates["eval"] = policy_rollout(run, args, data, data.test, adapters, "eval_ecpo.jsonl")
     judge, judgements, stats = run.llm(args.judge_llm, args.batch_size), run.records("judgements.jsonl"), ParseStats()
     for label, trajectories in candidates.items():
-        judge_pairs(judge, run.shard(trajectories), expert, label, tasks.domain, args, judgements, stats)
+        judge_pairs(judge, run.shard(trajectories), expert, label, data.domain, args, judgements, stats)
     run.count(stats.metrics("rollout/judge_"))
     run.barrier()
     metrics = {}
@@ -1031,7 +1053,7 @@ def evaluate(run: Run, args: Args, tasks: Tasks) -> dict:
     return metrics
 
 
-def cost_metrics(run_dir: Path, tasks: Tasks) -> dict[str, float]:
+def cost_metrics(run_dir: Path, data: Data) -> dict[str, float]:
     """The run's LLM calls and tokens (every row of costs.jsonl, resumed invocations included), and what building
     D_pre cost per preference pair: the calls and tokens of the forward rollouts and the rewrites, and the forward
     trajectories (the paper's Fig. 5 counts trajectories: ECPO 500 on 500 tasks, trajectory-level MTPO 1000,
@@ -1039,13 +1061,13 @@ def cost_metrics(run_dir: Path, tasks: Tasks) -> dict[str, float]:
     rows = RecordFile(run_dir / "costs.jsonl").records()
     pairs = len(RecordFile(run_dir / "pairs.jsonl").records())
     played = {name: RecordFile(run_dir / f"{name}_trajectories.jsonl").done_keys() for name in ("teacher", "forward")}
-    forward_trajectories = sum(t.task_id in played["forward"] for t in tasks.pre)
+    forward_trajectories = sum(t.task_id in played["forward"] for t in data.pre)
     metrics = {
         "cost/llm_calls": sum(r["llm_calls"] for r in rows),
         "cost/tokens": sum(r["tokens"] for r in rows),
         "cost/pairs": pairs,
         "cost/forward_trajectories": forward_trajectories,
-        "cost/teacher_trajectories": sum(t.task_id in played["teacher"] for t in tasks.sft),
+        "cost/teacher_trajectories": sum(t.task_id in played["teacher"] for t in data.sft),
         "cost/teacher_llm_calls": sum(r["llm_calls"] for r in rows if r["stage"] == "teacher"),
     }
     if pairs:
@@ -1074,20 +1096,20 @@ def print_summary(metrics: dict) -> None:
 
 def main(args: Args) -> None:
     batches = check_args(args, args.dry_run or launched_processes())
-    tasks = load_data(args)
+    data = load_data(args)
     if args.dry_run:
-        sizes = {"D_sft tasks": len(tasks.sft), "D_pre tasks": len(tasks.pre), "test tasks": len(tasks.test)}
-        print_dry_run("ecpo.py", args.dry_run, batches, sizes | {"items": len(tasks.catalog)})
+        sizes = {"D_sft tasks": len(data.sft), "D_pre tasks": len(data.pre), "test tasks": len(data.test)}
+        print_dry_run("ecpo.py", args.dry_run, batches, sizes | {"items": len(data.catalog)})
         return
     run = Run(args)  # runs/<run_name>/, ranks, seeding, metrics; each run.stage is timed and its LLM costs booked
-    tasks.catalog.embeddings()  # build (or load) the retrieval index once, before any rollout
-    run.stage("teacher", teacher_rollouts, args, tasks)  # the teacher CRA's conversations with AILO
-    run.stage("sft", sgpt, args, tasks)  # Eq. 1: SFT on the successful ones -> pi_sft
-    run.stage("forward", forward_expectation_confirmation, args, tasks)  # pi_sft's turns, each rated r_t by AILO
-    run.stage("backward", backward_expectation_derivation, args, tasks)  # rewrites of r_t <= lambda -> D_pre
+    data.catalog.embeddings()  # build (or load) the retrieval index once, before any rollout
+    run.stage("teacher", teacher_rollouts, args, data)  # the teacher CRA's conversations with AILO
+    run.stage("sft", sgpt, args, data)  # Eq. 1: SFT on the successful ones -> pi_sft
+    run.stage("forward", forward_expectation_confirmation, args, data)  # pi_sft's turns, each rated r_t by AILO
+    run.stage("backward", backward_expectation_derivation, args, data)  # rewrites of r_t <= lambda -> D_pre
     run.stage("po", preference_optimization, args)  # Eq. 3: DPO on D_pre against pi_sft
-    run.stage("eval", evaluate, args, tasks)  # SR, R and win rate against the expert
-    run.log(cost_metrics(run.dir, tasks))
+    run.stage("eval", evaluate, args, data)  # SR, R and win rate against the expert
+    run.log(cost_metrics(run.dir, data))
     run.finish(print_summary)
 
 

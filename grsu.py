@@ -254,7 +254,7 @@ def rec_turns(dialogues: list[Dialogue], only_new: str = "labels") -> list[RecTu
 
 
 @dataclass
-class Dataset:
+class Data:
     train: list[RecTurn]  # training turns, every conversation of the evaluated split left out
     evaluated: list[RecTurn]  # the evaluated split's turns
     items: list[Item]  # the catalog: the item file plus the items the (kept) training conversations name
@@ -268,7 +268,7 @@ def fingerprint(dialogue: Dialogue) -> str | None:
     return "\n".join(texts) if len(texts) == 4 else None
 
 
-def load_dataset(name: str, data_dir: str, eval_split: Literal["valid", "test"], only_new: str = "labels") -> Dataset:
+def load_data(name: str, data_dir: str, eval_split: Literal["valid", "test"], only_new: str = "labels") -> Data:
     """The training and evaluated recommendation turns of dataset ``name``, and its catalog. Training never sees a
     conversation of the evaluated split (by id, or by its opening where the releases' ids differ): 50 of ReDial's
     600 mirrored training conversations are in iEvaLM's validation file. The catalog, the candidates every ranking
@@ -302,7 +302,7 @@ def load_dataset(name: str, data_dir: str, eval_split: Literal["valid", "test"],
     ]
     train_turns = rec_turns(kept, only_new)
     left_out = len(rec_turns(train, only_new)) - len(train_turns)
-    return Dataset(train_turns, rec_turns(evaluated, only_new), items, left_out)
+    return Data(train_turns, rec_turns(evaluated, only_new), items, left_out)
 
 
 def render_item(catalog: Catalog, title: str, attributes: bool = True) -> str:
@@ -811,7 +811,7 @@ def synthesize_instructions(run: Run, args: Args) -> dict:
     teacher = run.llm(args.teacher_llm, args.batch_size)
     records, metrics = run.records("instructions.jsonl"), {}
     for name in args.train_datasets or (args.dataset,):
-        dataset = load_dataset(name, args.data_dir, args.eval_split, args.only_new)
+        dataset = load_data(name, args.data_dir, args.eval_split, args.only_new)
         turns, items, left_out = dataset.train[: args.num_train_turns or None], dataset.items, dataset.left_out
         if run.main:
             print(
@@ -865,7 +865,7 @@ def search_and_rank(run: Run, args: Args) -> dict:
     tuned = run.finished("user_model")
     if run.main and not tuned:
         print("search: no tuned simulated user in this run; scoring and critiques come from the base model")
-    dataset = load_dataset(args.dataset, args.data_dir, args.eval_split, args.only_new)
+    dataset = load_data(args.dataset, args.data_dir, args.eval_split, args.only_new)
     turns, items = dataset.evaluated, dataset.items
     turns = turns[: args.num_test or None]
     user_model, user_tokenizer = load_user(args, run.dir / "user_model" if tuned else None, run.device)
@@ -919,10 +919,10 @@ def data_sizes(args: Args) -> dict[str, int]:
     sizes = {}
     synthesized = (args.train_datasets or (args.dataset,)) if "synth" in args.stages else ()
     for name in synthesized:
-        turns = load_dataset(name, args.data_dir, args.eval_split, args.only_new).train
+        turns = load_data(name, args.data_dir, args.eval_split, args.only_new).train
         sizes[f"{name} training turns"] = len(turns[: args.num_train_turns or None])
     if "search" in args.stages:
-        turns = load_dataset(args.dataset, args.data_dir, args.eval_split, args.only_new).evaluated
+        turns = load_data(args.dataset, args.data_dir, args.eval_split, args.only_new).evaluated
         sizes[f"{args.dataset} {args.eval_split} turns"] = len(turns[: args.num_test or None])
     return sizes
 

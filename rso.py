@@ -66,6 +66,7 @@ from common.distributed import (
     check_division,
     configure_batches,
     generation_weights,
+    global_batch_mean,
     launched_processes,
     launched_with_deepspeed,
     micro_batches,
@@ -77,7 +78,7 @@ from common.distributed import (
     training_steps,
 )
 from common.llm import LLMBackendError
-from common.metrics import distinct_n, mentions_title, success_rate
+from common.metrics import mentions_title, success_rate
 from common.models import ModelSpecError, whole_weights
 from common.parsing import ParseStats
 from common.run import Run
@@ -814,8 +815,7 @@ def sft_warmup(run: Run, args: Args, data: Data) -> dict:
                 logits = planner_logits(model, tokenizer, [e["text"] for e in chunk], args.planner_max_length)
                 labels = torch.tensor([e["label"] for e in chunk], device=logits.device)
                 losses = F.cross_entropy(logits, labels, reduction="none")  # Eq. 6, per turn
-                # the mean over the global batch; * world * accum undoes DDP's mean and accelerate's 1 / accum
-                loss = (losses * weights).sum() / len(steps[step]) * run.world * accum
+                loss = global_batch_mean(losses, weights, len(steps[step]), run.world, accum)
                 optimizer_step(accelerator, model, optimizer, loss, args.sft_max_grad_norm)
             loss_sum += loss.item() / (run.world * accum)
         scheduler.step()
@@ -857,7 +857,6 @@ def planner_update(
         for e, a in zip(episodes, advantages)
     ]
     steps, accum = training_steps(accelerator, len(rows), len(rows) + (-len(rows)) % run.world, 1, 1, args.seed)
-    accelerator.step = 0  # updates differ in size (the last may be short): count this one's micro-batches afresh
     model.eval()
     sums, grad_norm = {"loss": 0.0, "entropy": 0.0, "turns": 0.0}, float("nan")
     for chunk, weights in micro_batches(rows, steps[0], accelerator, 1, accum):
@@ -867,7 +866,7 @@ def planner_update(
             actions = torch.tensor(row["actions"], device=logits.device)
             advantage = torch.tensor(row["advantages"], device=logits.device, dtype=torch.float32)
             episode_loss, entropy = rso_loss(logits, actions, advantage, args.beta_ent)
-            loss = episode_loss * weight / len(rows) * run.world * accum  # the mean over the update's episodes
+            loss = global_batch_mean(episode_loss, weight, len(rows), run.world, accum)  # mean over the episodes
             grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.rl_max_grad_norm)  # the last counts
         sums["loss"] += loss.item() / (run.world * accum)
         sums["entropy"] += entropy.item() * len(row["actions"]) * weight.item()
@@ -1061,6 +1060,14 @@ def recalled(trajectory: dict, k: int, last_turn: bool = False) -> bool:
     METHODS.md 4.6), or with ``last_turn`` in the last turn's list alone (the list the conversation ended on)."""
     turns = trajectory["turns"][-1:] if last_turn else trajectory["turns"]
     return any(trajectory["target"] in turn["retrieved"][:k] for turn in turns)
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Dist-n: distinct n-grams over all n-grams, pooled across ``texts`` (whitespace tokens)."""
+    grams = [
+        tuple(tokens[i : i + n]) for text in texts for tokens in [text.split()] for i in range(len(tokens) - n + 1)
+    ]
+    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def distinct_2_per_response(texts: list[str]) -> float:

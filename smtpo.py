@@ -61,6 +61,7 @@ from common.distributed import (
     check_division,
     configure_batches,
     generation_weights,
+    global_batch_mean,
     launched_processes,
     micro_batches,
     optimizer_step,
@@ -1564,9 +1565,7 @@ def grpo_update(run: Run, args: Args, model, optimizer, scheduler, examples: lis
                     held[m] = (policy_logps.detach(), ref_logps)
                 old_logps, ref_logps = held[m]
                 losses = grpo_loss(policy_logps, old_logps, ref_logps, advantages, mask, args.epsilon, args.kl_beta)
-                # Eq. 14's mean over the global batch's outputs; * world * accum undoes accelerate's 1 / accum per
-                # micro-batch and DDP's mean over ranks
-                loss = (losses * weights).sum() / len(examples) * run.world * accum
+                loss = global_batch_mean(losses, weights, len(examples), run.world, accum)  # Eq. 14's 1/G, over all
                 grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
             with torch.no_grad():
                 ratio = torch.exp(policy_logps - old_logps)

@@ -64,13 +64,13 @@ def main(args: Args) -> None:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     try:
-        dataset = grsu.load_dataset(args.conversation, args.data_dir, "valid")
+        dataset = grsu.load_data(args.conversation, args.data_dir, "valid")
     except grsu.DataError as err:  # no real data here: say so, and measure the bundled demo conversation
         print(
             f"{err}\nthe INSPIRED conversation needs the real data (--data-dir); measuring --conversation demo instead"
         )
         args.conversation = "demo"
-        dataset = grsu.load_dataset("demo", args.data_dir, "valid")
+        dataset = grsu.load_data("demo", args.data_dir, "valid")
     turns, catalog = dataset.evaluated, Catalog(dataset.items)
     by_length = sorted(turns, key=lambda t: len(render_history(t.history)))
     history = by_length[min(len(turns) - 1, int(args.history_quantile * len(turns)))].history

@@ -124,6 +124,9 @@ def configure_batches(accelerator, examples: int, batch_size: int, micro: int) -
     batch_size = min(batch_size, -(-examples // (world * micro)) * world * micro)
     accum = batch_size // (world * micro)
     accelerator.gradient_accumulation_steps = accum
+    # accelerate counts micro-batches on the Accelerator, across stages and updates of different sizes: an earlier
+    # count would shift which micro-batch of each global batch steps the optimizer.
+    accelerator.step = 0
     if accelerator.state.deepspeed_plugin is not None:
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"] = micro, accum
@@ -151,11 +154,16 @@ def start_training(accelerator, model, optimizer, scheduler, stage_dir: Path):
         resume_optimizer_partition(accelerator, model, stage_dir, start)
     while scheduler.last_epoch < start:  # a checkpoint whose optimizer state is sharded keeps no scheduler state
         scheduler.step()
-    # accelerate counts micro-batches on the Accelerator, across stages: an earlier stage's count would shift
-    # which micro-batch of each global batch steps the optimizer.
-    accelerator.step = 0
     model.train()
     return model, optimizer, start
+
+
+def global_batch_mean(losses: torch.Tensor, weights: torch.Tensor, normalizer, world: int, accum: int) -> torch.Tensor:
+    """This micro-batch's term of the global batch's mean, sum(losses * weights) / normalizer over every rank and
+    micro-batch, scaled for backward: accelerate divides each micro-batch's loss by ``accum`` and DDP averages the
+    gradients over ranks, so * world * accum leaves the gradient of the global mean itself, however the batch was
+    split. ``weights`` are 0 on padding rows; the value to report is the result / (world * accum)."""
+    return (losses * weights).sum() / normalizer * world * accum
 
 
 def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm: float):

@@ -105,24 +105,3 @@ def redact_title(text: str, title: str, replacement: str = "that one") -> str:
 
 def success_rate(outcomes: Sequence[bool]) -> float:
     return sum(outcomes) / len(outcomes) if outcomes else 0.0
-
-
-def distinct_n(texts: Sequence[str], n: int = 2) -> float:
-    """Dist-n: distinct n-grams over all n-grams, pooled across ``texts`` (whitespace tokens)."""
-    grams = [
-        tuple(tokens[i : i + n]) for text in texts for tokens in [text.split()] for i in range(len(tokens) - n + 1)
-    ]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def win_rate(scores_ab: Sequence[float], scores_ba: Sequence[float]) -> float:
-    """(wins + 0.5 ties) / total over both position orders.
-
-    ``scores_ab[i]`` is the judge's verdict with the candidate shown as A (1 = A better, -1 = B better,
-    0 = tie); ``scores_ba[i]`` is the verdict on the same pair with the positions swapped, so it is
-    negated to speak for the candidate again.
-    """
-    verdicts = list(scores_ab) + [-s for s in scores_ba]
-    if not verdicts:
-        return 0.0
-    return (sum(v > 0 for v in verdicts) + 0.5 * sum(v == 0 for v in verdicts)) / len(verdicts)

@@ -64,17 +64,6 @@ def parse_json(text: str) -> dict | None:
     return None
 
 
-def parse_action(text: str, actions=("Ask", "Recommend", "Response", "Search")) -> tuple[str, str] | None:
-    """``(type, argument)`` of the first ``Type[argument]`` in ``text``.
-
-    The closing ``]`` may be missing because generation stops at it; nested brackets are not allowed.
-    """
-    match = re.search(r"\b(" + "|".join(map(re.escape, actions)) + r")\s*\[([^\[\]]+)(?:\]|\s*$)", text)
-    if match is None or not match.group(2).strip():
-        return None
-    return match.group(1), match.group(2).strip()
-
-
 _NUMBER = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*\d+|points?|stars?)?\s*\.?\s*", re.IGNORECASE)
 
 

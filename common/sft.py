@@ -15,15 +15,21 @@ import time
 import torch
 from tqdm import tqdm
 
-from common.distributed import micro_batches, optimizer_step, save_resumable, start_training, training_steps
+from common.distributed import (
+    global_batch_mean,
+    micro_batches,
+    optimizer_step,
+    save_resumable,
+    start_training,
+    training_steps,
+)
 from common.tokens import collate, sequence_logprobs
 
 
-def completion_nll(token_logps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """-sum_k log p(o_k | o_<k, prompt) over completion tokens, summed over the rows. ``token_logps`` [B, L] is
-    zero off the completion; each row is weighted (0 for padding rows). The caller divides by the completion tokens
-    of the global batch, so a step's loss is the mean NLL per completion token."""
-    return -(token_logps.sum(-1) * weights).sum()
+def completion_nll(token_logps: torch.Tensor) -> torch.Tensor:
+    """-sum_k log p(o_k | o_<k, prompt) over each row's completion tokens ([B]; ``token_logps`` [B, L] is zero off
+    the completion). Divided by the global batch's completion tokens, a step's loss is the mean NLL per token."""
+    return -token_logps.sum(-1)
 
 
 def supervised_finetuning(
@@ -66,9 +72,7 @@ def supervised_finetuning(
             with accelerator.accumulate(model):
                 inputs = {k: v.to(run.device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
                 _, _, token_logps = sequence_logprobs(model, **inputs)
-                # The global batch's mean NLL per completion token. Accelerate divides each micro-batch's loss by
-                # accum and DDP averages gradients over ranks; * world * accum undoes both.
-                loss = completion_nll(token_logps, weights) / completion_tokens * run.world * accum
+                loss = global_batch_mean(completion_nll(token_logps), weights, completion_tokens, run.world, accum)
                 grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
             loss_sum += loss.item() / (run.world * accum)
         scheduler.step()

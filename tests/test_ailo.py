@@ -3,8 +3,18 @@ import re
 
 import pytest
 
-from ailo_sim import AILO, leaks_title, max_rouge_l, parse_ec, parse_persona, parse_policy, rouge_l
-from common.conversations import CRAReply, episode_metrics, run_episodes
+from ailo_sim import (
+    AILO,
+    CRAReply,
+    episode_metrics,
+    leaks_title,
+    max_rouge_l,
+    parse_ec,
+    parse_persona,
+    parse_policy,
+    rouge_l,
+    run_episodes,
+)
 from common.data import Item, Persona, Task, load_demo_tasks
 from common.metrics import redact_title
 from common.tracking import RecordFile

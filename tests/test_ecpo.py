@@ -216,10 +216,21 @@ def test_win_rates_per_dimension():
 
 
 def test_parse_actcrs():
-    assert ecpo.parse_actcrs("Action 2: Search[space opera") == "Search[space opera]"
+    assert ecpo.parse_actcrs("Action 2: Search[space opera") == "Search[space opera]"  # generation stopped at ]
     assert ecpo.parse_actcrs("Recommend[Inception (2010)]") == "Recommend[Inception (2010)]"
+    assert ecpo.parse_actcrs("Action 2: Search[ dream heist thriller ]") == "Search[dream heist thriller]"
     assert ecpo.parse_actcrs("Search[x]", allowed=ecpo.VISIBLE_ACTIONS) is None
     assert ecpo.parse_actcrs("I think you would like Inception.") is None
+    assert ecpo.parse_actcrs("Ask[]") is None
+    assert ecpo.parse_actcrs("I think you should Watch[Inception]") is None
+    assert ecpo.parse_actcrs("Response[nested [brackets]]") is None
+
+
+def test_win_rate_counts_both_orders():
+    # candidate as A: win, tie; swapped (candidate is B): judge says A better (-> loss), B better (-> win)
+    assert ecpo.win_rate([1, 0], [1, -1]) == pytest.approx((2 + 0.5) / 4)
+    # a system against itself with a position-biased judge (always A) scores exactly 0.5
+    assert ecpo.win_rate([1, 1, 1], [1, 1, 1]) == 0.5
 
 
 def test_constrained_decoding_always_gives_a_well_formed_action(tokenizer, tiny_model):
@@ -284,7 +295,7 @@ def test_cost_per_pair_counts_resumed_trajectories_once(tmp_path):
     from common.data import load_demo_tasks
 
     demo = load_demo_tasks()
-    tasks = ecpo.Tasks(sft=demo[:2], pre=demo[2:4], test=[], catalog=None, domain="movie")
+    tasks = ecpo.Data(sft=demo[:2], pre=demo[2:4], test=[], catalog=None, domain="movie")
     rows = [
         {"stage": "teacher", "llm_calls": 35, "tokens": 900},
         {"stage": "forward", "llm_calls": 34, "tokens": 800},

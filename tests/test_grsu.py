@@ -151,12 +151,12 @@ def test_ievalm_repeated_items_come_from_the_entity_annotations_or_whole_titles(
 def test_real_redial_repeated_items_and_training_overlap():
     from common.data import load_redial_official
 
-    dataset = grsu.load_dataset("redial", str(DATA), "valid", "labels")
+    dataset = grsu.load_data("redial", str(DATA), "valid", "labels")
     turns = dataset.evaluated
     it_2017 = [t for t in turns if "It (2017)" in t.labels]
     assert len(it_2017) >= 36  # a label 39 times, repeated 3 times (the substring rule kept 15)
     assert len(turns) > 2524  # the substring rule emptied 192 turns, the annotations 148: 2568 kept
-    assert len(grsu.load_dataset("redial", str(DATA), "valid", "turn").evaluated) < len(turns)  # the code's skip
+    assert len(grsu.load_data("redial", str(DATA), "valid", "turn").evaluated) < len(turns)  # the code's skip
     # 50 of the 600 mirrored training conversations are in the validation file: they never train the user, and the
     # titles only they name are not candidates
     evaluated = {t.conversation for t in turns}
@@ -177,7 +177,7 @@ def test_real_redial_repeated_items_and_training_overlap():
 def test_real_inspired_catalog_comes_from_the_item_file_and_training_split():
     from common.data import load_cfcrs_dialogues, load_movie_info, load_unicrs_jsonl
 
-    dataset = grsu.load_dataset("inspired", str(DATA), "valid")
+    dataset = grsu.load_data("inspired", str(DATA), "valid")
     turns, catalog = dataset.evaluated, {item.title for item in dataset.items}
     attributes = load_movie_info(DATA / "inspired" / "movie2attrs.json")
     train = load_unicrs_jsonl(DATA / "inspired" / "unicrs" / "train_data_dbpedia.jsonl")
@@ -225,12 +225,12 @@ def test_parse_titles_on_real_crs_outputs():
 @needs_data
 def test_real_inspired_and_redial_turns_load():
     for name in ("inspired", "redial"):
-        dataset = grsu.load_dataset(name, str(DATA), "valid")
+        dataset = grsu.load_data(name, str(DATA), "valid")
         assert len(dataset.evaluated) > 100 and len(dataset.train) > 1000
         assert all(t.labels and t.history for t in dataset.evaluated + dataset.train)
-        off = grsu.load_dataset(name, str(DATA), "valid", "off").evaluated  # repeated items kept: more labels
+        off = grsu.load_data(name, str(DATA), "valid", "off").evaluated  # repeated items kept: more labels
         assert sum(len(t.labels) for t in off) > sum(len(t.labels) for t in dataset.evaluated)
-    train = grsu.load_dataset("inspired", str(DATA), "valid").train
+    train = grsu.load_data("inspired", str(DATA), "valid").train
     years = sum(bool(re.search(r"\(\d{4}\)$", label)) for t in train for label in t.labels)
     assert len(train) > 1000 and years / sum(len(t.labels) for t in train) > 0.5  # UniCRS titles got their years back
 
@@ -238,7 +238,7 @@ def test_real_inspired_and_redial_turns_load():
 def test_beam_search_bookkeeping_at_depth_one_on_the_embedded_model():
     from common.llm import make_llm
 
-    dataset = grsu.load_dataset("demo", "", "valid")
+    dataset = grsu.load_data("demo", "", "valid")
     turns, catalog = dataset.evaluated, Catalog(dataset.items)
     b, n, d = 2, 2, 2  # the initial lists, then one critique round
     args = grsu.Args(beam_width=b, expansion=n, depth=d, crs_max_tokens=48, critique_max_tokens=16, max_resamples=1)

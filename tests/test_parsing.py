@@ -1,4 +1,4 @@
-from common.parsing import ParseStats, chat_parsed, coerce_int, is_placeholder, parse_action, parse_json
+from common.parsing import ParseStats, chat_parsed, coerce_int, is_placeholder, parse_json
 
 # Outputs seen from real models (SmolLM2-135M on the AILO prompts, and typical GPT-style replies).
 FENCED = '```json\n{\n  "reason": "The system asked about genres.",\n  "policy": "respond_to_clarification"\n}\n```'
@@ -21,14 +21,6 @@ def test_parse_json_on_malformed_outputs():
     assert parse_json(SMART_QUOTES)["rating"] == "4"
     assert parse_json(NO_JSON) is None
     assert parse_json("[1, 2, 3]") is None  # not an object
-
-
-def test_parse_action():
-    assert parse_action("Action 2: Search[dream heist thriller]") == ("Search", "dream heist thriller")
-    assert parse_action("Recommend[Inception (2010)") == ("Recommend", "Inception (2010)")  # stopped at ']'
-    assert parse_action("Ask[]") is None
-    assert parse_action("I think you should Watch[Inception]") is None
-    assert parse_action("Response[nested [brackets]]") is None
 
 
 def test_coerce_int_rejects_placeholders():

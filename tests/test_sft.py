@@ -26,7 +26,7 @@ class Settings:  # the fields of a script's Args that Run and supervised_finetun
 def test_completion_nll_hand_value_and_gradient():
     token_logps = torch.tensor([[0.0, -1.0, -2.0], [-0.5, 0.0, 0.0]], requires_grad=True)
     weights = torch.tensor([1.0, 0.0])  # the second row is padding
-    loss = completion_nll(token_logps, weights) / 2  # two completion tokens in the real row
+    loss = (completion_nll(token_logps) * weights).sum() / 2  # two completion tokens in the real row
     assert loss.item() == pytest.approx(1.5)
     loss.backward()
     assert token_logps.grad.tolist() == [[-0.5, -0.5, -0.5], [0.0, 0.0, 0.0]]  # raising a log-prob lowers the loss
@@ -38,7 +38,7 @@ def test_completion_nll_is_the_token_mean_over_the_batch(tokenizer, tiny_model):
         encode_prompt_completion(tokenizer, [{"role": "user", "content": "Hello"}], "Search[space opera]"),
     ]
     _, n_tokens, token_logps = sequence_logprobs(tiny_model, **collate(rows, tokenizer.pad_token_id))
-    loss = completion_nll(token_logps, torch.ones(2)) / n_tokens.sum()
+    loss = completion_nll(token_logps).sum() / n_tokens.sum()
     by_hand = []  # log softmax at each completion position, one sequence at a time
     for ids, mask in rows:
         logits = tiny_model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
