@@ -40,7 +40,7 @@ import tyro
 from tqdm import tqdm
 
 from ailo_sim import AILO, CRAReply, episode_metrics, print_trajectory, run_episodes
-from common.catalog import Catalog, item_card
+from common.catalog import Catalog
 from common.conversations import render_history
 from common.data import TASK_DOMAINS, DataError, Task, load_task_items, load_tasks
 from common.distributed import (
@@ -282,8 +282,11 @@ def decode_actions(
     return actions
 
 
+CARD_FIELDS = ("year", "genre", "categories", "price")  # an item as a Search observation shows it
+
+
 def search_observation(catalog: Catalog, titles: list[str]) -> str:
-    cards = [item_card(catalog.by_title[t], ("year", "genre", "categories", "price"))[:200] for t in titles]
+    cards = [catalog.card(t, CARD_FIELDS)[:200] for t in titles]
     return "Search results: " + " ".join(f"{k}. {card}" for k, card in enumerate(cards, 1))
 
 
@@ -931,7 +934,7 @@ def rollout(run: Run, args: Args, data: Data, llm, which: list[Task], few_shot: 
 
 def policy_rollout(run: Run, args: Args, data: Data, which: list[Task], adapters: list[Path], name: str):
     model, tokenizer = load_policy(args, adapters, run.device)
-    return rollout(run, args, data, run.track(HFChat(model, tokenizer, args.batch_size)), which, False, name)
+    return rollout(run, args, data, run.count_costs(HFChat(model, tokenizer, args.batch_size)), which, False, name)
 
 
 def teacher_rollouts(run: Run, args: Args, data: Data) -> dict:

@@ -41,7 +41,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from common.catalog import Catalog, item_card
+from common.catalog import Catalog
 from common.conversations import render_history
 from common.data import (
     DataError,
@@ -305,11 +305,7 @@ def load_data(name: str, data_dir: str, eval_split: Literal["valid", "test"], on
     return Data(train_turns, rec_turns(evaluated, only_new), items, left_out)
 
 
-def render_item(catalog: Catalog, title: str, attributes: bool = True) -> str:
-    """An item as the simulated user sees it: the title with genre, actors, director and writer."""
-    if not attributes or title not in catalog.by_title:
-        return title
-    return item_card(catalog.by_title[title], fields=("genre", "star", "director", "writer"))
+CARD_FIELDS = ("genre", "star", "director", "writer")  # an item as the simulated user sees it
 
 
 # =============================================================================================== prompts
@@ -442,11 +438,11 @@ def synthesis_jobs(turn: RecTurn, catalog: Catalog, args: Args) -> tuple[list[di
     ][: args.max_subsets]
     lists = [s + sample_negatives(catalog.titles, exclude, args.list_length - len(s), rng) for s in subsets]
     lists += [sample_negatives(catalog.titles, exclude, args.list_length, rng) for _ in range(args.no_gt_lists)]
-    preference = [render_item(catalog, t) for t in turn.labels]
+    preference = [catalog.card(t, CARD_FIELDS) for t in turn.labels]
     critiques = []
     for j, items in enumerate(lists):
         rng.shuffle(items)
-        shown = [render_item(catalog, t) for t in items]
+        shown = [catalog.card(t, CARD_FIELDS) for t in items]
         critiques.append(
             {
                 "key": f"{turn.key}|critique|{j}",
@@ -466,7 +462,7 @@ def synthesis_jobs(turn: RecTurn, catalog: Catalog, args: Args) -> tuple[list[di
                     "key": f"{turn.key}|score|{title}",
                     "kind": "score",
                     "item": title,
-                    "prompt": score_prompt(turn.history, render_item(catalog, title)),
+                    "prompt": score_prompt(turn.history, catalog.card(title, CARD_FIELDS)),
                     "completion": f"{ANSWER_PREFIX} {answer}",
                 }
             )
@@ -620,7 +616,7 @@ class Search:
                 {
                     "role": "user",
                     "content": critique_prompt(
-                        h, [render_item(self.catalog, t, self.args.critique_attributes) for t in items]
+                        h, [self.catalog.card(t, CARD_FIELDS if self.args.critique_attributes else ()) for t in items]
                     ),
                 }
             ]
@@ -656,7 +652,7 @@ class Search:
                 new = list(dict.fromkeys(t for s in states for t in s["items"] if t not in cache))
                 if new:
                     with adapter_off(self.user_llm.model, not self.args.tuned_scorer):
-                        cards = [render_item(self.catalog, t) for t in new]
+                        cards = [self.catalog.card(t, CARD_FIELDS) for t in new]
                         cache.update(zip(new, score_items(self.user_llm, turn.history, cards)))
                     self.counts["items_scored"] += len(new)
             scores = self.item_scores(self.seen[i], cache)
@@ -678,7 +674,7 @@ class Search:
 
     # ------------------------------------------------------------------ beam search and ranking
 
-    def run(self, turns: list[RecTurn]) -> list[dict]:
+    def rollout(self, turns: list[RecTurn]) -> list[dict]:
         args, n = self.args, self.args.expansion
         width, expansion, rounds = search_shape(args)
         # The zero-shot CRS's own answer (greedy), for the baseline only; then the N^2 initial lists, all sampled.
@@ -705,7 +701,7 @@ class Search:
             revised = self.generate_lists(
                 [
                     crs_prompt(
-                        turns[i].history, args.list_length, [render_item(self.catalog, t) for t in s["items"]], c
+                        turns[i].history, args.list_length, [self.catalog.card(t, CARD_FIELDS) for t in s["items"]], c
                     )
                     for i, s, c in jobs
                 ],
@@ -869,7 +865,7 @@ def search_and_rank(run: Run, args: Args) -> dict:
     turns, items = dataset.evaluated, dataset.items
     turns = turns[: args.num_test or None]
     user_model, user_tokenizer = load_user(args, run.dir / "user_model" if tuned else None, run.device)
-    user_llm = run.track(HFChat(user_model, user_tokenizer, batch_size=args.batch_size))
+    user_llm = run.count_costs(HFChat(user_model, user_tokenizer, batch_size=args.batch_size))
     search = Search(run.llm(args.crs_llm, args.batch_size), user_llm, Catalog(items), args)
     records = run.records(f"search_{args.search}.jsonl")
     done = records.done_keys()
@@ -877,7 +873,7 @@ def search_and_rank(run: Run, args: Args) -> dict:
     for start in tqdm(range(0, len(mine), args.examples_per_batch), desc=f"{args.search} search", disable=not mine):
         batch = mine[start : start + args.examples_per_batch]
         before = search.cost()
-        results = search.run(batch)
+        results = search.rollout(batch)
         calls, tokens = (now - then for now, then in zip(search.cost(), before))
         for record in results:  # the batch's cost, split evenly over its turns
             records.append({**record, "llm_calls": calls / len(batch), "tokens": tokens / len(batch)})

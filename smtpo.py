@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from common.catalog import Catalog, item_card
+from common.catalog import Catalog
 from common.conversations import render_history
 from common.data import (
     DataError,
@@ -362,9 +362,7 @@ def attributes_of(catalog: Catalog, title: str) -> set[str]:
     return {f"{k}: {v}" for k in ("genre", "director", "star", "writer") for v in item.attributes.get(k) or []}
 
 
-def card(catalog: Catalog, title: str) -> str:
-    item = catalog.by_title.get(title)
-    return item_card(item, ("genre", "director", "star")) if item else title
+CARD_FIELDS = ("genre", "director", "star")  # an item as the paper's prompts show it
 
 
 # =============================================================================================== prompts
@@ -436,7 +434,9 @@ def mentioned_text(sample: Sample) -> str:
 
 def feedback_prompt(sample: Sample, recommendations: list[str], catalog: Catalog, target_note: bool = False) -> str:
     """Task 1, feedback generation (D, I_D, R) -> F; the teacher's version also shows the target (Eq. 3)."""
-    listing = "\n".join(f"{k}. {card(catalog, t)}" for k, t in enumerate(recommendations, 1)) or "(none yet)"
+    listing = (
+        "\n".join(f"{k}. {catalog.card(t, CARD_FIELDS)}" for k, t in enumerate(recommendations, 1)) or "(none yet)"
+    )
     prompt = FEEDBACK_PROMPT.format(
         history=render_history(sample.history), mentioned=mentioned_text(sample), recommendations=listing
     )
@@ -893,7 +893,7 @@ def simulator_jobs(sample: Sample, catalog: Catalog, args: Args) -> tuple[list[d
     ]
     negatives = list(dict.fromkeys(t for items in lists.values() for t in items if t != sample.target))
     for title in ([sample.target] + negatives)[: args.simulator_predictions]:
-        prompt = PREDICTION_PROMPT.format(history=history, mentioned=mentioned, item=card(catalog, title))
+        prompt = PREDICTION_PROMPT.format(history=history, mentioned=mentioned, item=catalog.card(title, CARD_FIELDS))
         answer = "Yes" if title == sample.target else "No"
         examples.append(
             {"key": f"{sample.key}|prediction|{title}", "task": "prediction", "prompt": prompt, "completion": answer}
@@ -975,7 +975,7 @@ class Roles:
     references: dict[str, np.ndarray]  # sample key -> E_T(P_gold); empty at evaluation (no rewards)
 
 
-def roll_out(
+def rollout(
     samples: list[Sample],
     roles: Roles,
     data: Data,
@@ -1118,7 +1118,7 @@ def load_simulator(run: Run, args: Args):
     if not adapters and run.main:
         print("--untrained-simulator: the base model gives the feedback")
     model, tokenizer = load_merged(args.simulator_model, adapters, run.device)
-    return run.track(HFChat(model, tokenizer, args.batch_size))
+    return run.count_costs(HFChat(model, tokenizer, args.batch_size))
 
 
 def train_simulator(run: Run, args: Args, data: Data) -> dict:
@@ -1425,7 +1425,7 @@ def group_examples(groups: list[dict]) -> list[dict]:
 
 def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
     """Sec. 3.4.1 (Eq. 14): per step, training dialogues are rolled out through T turns with the current policy
-    (``roll_out``: G outputs per turn, five rewards each) until the step has --groups-per-step groups (turns); the
+    (``rollout``: G outputs per turn, five rewards each) until the step has --groups-per-step groups (turns); the
     step trains on that many of them, drawn at random when the last dialogue brought more, so that every optimizer
     step weighs the same number of groups however many turns the dialogues ran. Then --grpo-iterations clipped-ratio
     updates against the SFT reference (the adapter switched off), pi_old being the policy that sampled. Rollouts are
@@ -1463,12 +1463,12 @@ def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
             rng = random.Random(f"{args.seed}:{step}:{position}")
             if engine is not None:
                 roles = Roles(engine, simulator, retriever, references)
-                turns = roll_out([s for _, s in mine], roles, data, args, args.group_size, args.temperature, True, rng)
+                turns = rollout([s for _, s in mine], roles, data, args, args.group_size, args.temperature, True, rng)
             else:
                 with generation_weights(accelerator, model) as current:  # the policy samples with its current weights
-                    policy = run.track(HFChat(current, tokenizer, args.batch_size))
+                    policy = run.count_costs(HFChat(current, tokenizer, args.batch_size))
                     roles = Roles(policy, simulator, retriever, references)
-                    turns = roll_out(
+                    turns = rollout(
                         [s for _, s in mine], roles, data, args, args.group_size, args.temperature, True, rng
                     )
             for (p, sample), sample_turns in zip(mine, turns):
@@ -1528,7 +1528,7 @@ def rollout_engine(run: Run, args: Args):
         gpu_memory_utilization=args.vllm_memory,
         max_model_len=args.max_length,
     )
-    return run.track(engine)
+    return run.count_costs(engine)
 
 
 def padded_batch(outputs: int, run: Run, args: Args) -> int:
@@ -1627,15 +1627,13 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
             print(f"eval: no {name} recommender in this run, skipped") if run.main else None
             continue
         model, tokenizer = load_policy(run, args, adapters[name])
-        roles = Roles(run.track(HFChat(model, tokenizer, args.batch_size)), simulator, retriever, {})
+        roles = Roles(run.count_costs(HFChat(model, tokenizer, args.batch_size)), simulator, retriever, {})
         records = run.records(f"eval_{name.replace('-', '')}{control}.jsonl")
         done = records.done_keys()
         todo = [s for s in run.shard(data.test) if s.key not in done]
         for start in tqdm(range(0, len(todo), args.batch_size), desc=f"eval {name}", disable=not todo):
             batch = todo[start : start + args.batch_size]
-            for sample, turns in zip(
-                batch, roll_out(batch, roles, data, args, 1, 0.0, False, random.Random(args.seed))
-            ):
+            for sample, turns in zip(batch, rollout(batch, roles, data, args, 1, 0.0, False, random.Random(args.seed))):
                 records.append(
                     {
                         "key": sample.key,

@@ -75,7 +75,7 @@ def main(args: Args) -> None:
     by_length = sorted(turns, key=lambda t: len(render_history(t.history)))
     history = by_length[min(len(turns) - 1, int(args.history_quantile * len(turns)))].history
     titles = [catalog.titles[i % len(catalog)] for i in range(args.items)]
-    prompts = [grsu.score_prompt(history, grsu.render_item(catalog, t)) for t in titles]
+    prompts = [grsu.score_prompt(history, catalog.card(t, grsu.CARD_FIELDS)) for t in titles]
     convs = [[{"role": "user", "content": p}] for p in prompts]
     llm = HFChat(model, tokenizer, batch_size=args.batch_size)
 
@@ -90,7 +90,7 @@ def main(args: Args) -> None:
         probs = llm.choice_probs(c, choices=("Yes", "No"), prefix=grsu.ANSWER_PREFIX)
         return [p["Yes"] / (p["Yes"] + p["No"]) for p in probs]
 
-    cards = [grsu.render_item(catalog, t) for t in titles]
+    cards = [catalog.card(t, grsu.CARD_FIELDS) for t in titles]
 
     def shared(c):
         return grsu.score_items(llm, history, cards[: len(c)])

@@ -40,6 +40,12 @@ def item_card(
 class Catalog:
     """Items by title, with fuzzy matching of generated titles and dense retrieval over item cards."""
 
+    def card(self, title: str, fields: tuple[str, ...]) -> str:
+        """The ``item_card`` of the item named ``title`` with the attributes in ``fields`` (a method's prompts show
+        the ones its paper shows); the bare title where the catalog lacks the item or ``fields`` is empty."""
+        item = self.by_title.get(title)
+        return item_card(item, fields) if item else title
+
     def __init__(self, items: list[Item], encoder: str = "minilm"):
         self.items = list({item.title: item for item in items}.values())
         self.by_title = {item.title: item for item in self.items}

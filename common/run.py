@@ -103,9 +103,9 @@ class Run:
 
     # ----------------------------------------------------------------------------------- LLMs and costs
     def llm(self, spec: str, batch_size: int = 16):
-        return self.track(make_llm(spec, batch_size=batch_size, device=self.device, seed=self.seed))
+        return self.count_costs(make_llm(spec, batch_size=batch_size, device=self.device, seed=self.seed))
 
-    def track(self, llm):
+    def count_costs(self, llm):
         """Count ``llm``'s calls and tokens in the cost rows of the stages it is used in."""
         self.usages.append(llm.usage)
         return llm

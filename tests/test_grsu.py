@@ -202,12 +202,12 @@ def test_synthesis_puts_the_preference_in_the_teacher_prompt_only():
         assert len(job["items"]) == 10 and len(set(job["items"])) == 10 and "Jaws (1975)" not in job["items"]
         preference = job["teacher_prompt"][len(job["prompt"]) :]
         assert job["teacher_prompt"].startswith(job["prompt"]) and "What you really want" not in job["prompt"]
-        assert all(grsu.render_item(catalog, t) in preference for t in turn.labels)
+        assert all(catalog.card(t, grsu.CARD_FIELDS) in preference for t in turn.labels)
     assert [job["gt_in_list"] for job in critiques] == [1, 1, 2, 0]
     answers = [(r["item"], r["completion"].rsplit(" ", 1)[-1]) for r in scoring]
     assert [a for _, a in answers] == ["Yes", "No", "Yes", "No"]
     assert all((item in turn.labels) == (answer == "Yes") for item, answer in answers)
-    assert all(r["prompt"].endswith(grsu.render_item(catalog, r["item"])) for r in scoring)
+    assert all(r["prompt"].endswith(catalog.card(r["item"], grsu.CARD_FIELDS)) for r in scoring)
     # seeded by the turn: a rerun (or another rank) draws the same negatives
     assert grsu.synthesis_jobs(turn, catalog, args) == (critiques, scoring)
 
@@ -243,7 +243,7 @@ def test_beam_search_bookkeeping_at_depth_one_on_the_embedded_model():
     b, n, d = 2, 2, 2  # the initial lists, then one critique round
     args = grsu.Args(beam_width=b, expansion=n, depth=d, crs_max_tokens=48, critique_max_tokens=16, max_resamples=1)
     search = grsu.Search(make_llm("hf:smollm2-135m"), make_llm("hf:smollm2-135m"), catalog, args)
-    (record,) = search.run(turns[:1])
+    (record,) = search.rollout(turns[:1])
     c = search.counts
     assert c["crs_lists"] == n * n + b * n * (d - 1) == len(record["states"]) and c["zero_shot_lists"] == 1
     assert c["critiques"] == b * n * (d - 1) and c["lists_scored"] == n * n + b * n * (d - 1)

@@ -420,7 +420,7 @@ def trainable_policy(run, tiny_model, lr: float):
 
 
 def sampled_group(tokenizer, prompt: str, outputs: list[str], rewards: list[float]) -> dict:
-    """A recorded turn as roll_out writes it, its outputs as ids (closed with eos, as a finished sample is)."""
+    """A recorded turn as rollout writes it, its outputs as ids (closed with eos, as a finished sample is)."""
     from common.tokens import render_prompt
 
     prompt_ids = tokenizer(render_prompt(tokenizer, [{"role": "user", "content": prompt}]), add_special_tokens=False)
