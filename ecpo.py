@@ -634,22 +634,14 @@ def global_kto_reference_point(run: Run, model, tokenizer, examples: list[dict],
     return kto_reference_point(policy, reference, weights, beta)
 
 
-def preference_loss(
-    args: Args,
-    beta,
-    z_ref,
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    n_tokens,
-    b,
-):
-    """--loss on one micro-batch of b pairs -> (per-pair losses, chosen rewards, rejected rewards). The losses are
+def preference_loss(args: Args, beta, logps, n_tokens, ref_chosen_logps, ref_rejected_logps, z_ref=None):
+    """--loss on one micro-batch of pairs -> (per-pair losses, chosen rewards, rejected rewards). ``logps`` and
+    ``n_tokens`` hold the policy's log-probs and lengths of the chosen rows, then of the rejected rows. The losses are
     Eq. 3's DPO, SimPO, KTO against ``z_ref``, or ECPO+SFT's NLL of the rewrite alone (its token mean comes from the
     caller's normalizer); the implicit rewards are the ones TRL logs: beta times the log-ratio to pi_sft, SimPO's
-    beta times the length-normalized log-prob, and for SFT the log-prob itself. ``n_tokens`` holds the chosen
-    rows' lengths, then the rejected rows'."""
+    beta times the length-normalized log-prob, and for SFT the log-prob itself."""
+    b = len(ref_chosen_logps)
+    policy_chosen_logps, policy_rejected_logps = logps[:b], logps[b : 2 * b]
     chosen_tokens, rejected_tokens = n_tokens[:b], n_tokens[b : 2 * b]
     if args.loss == "dpo":
         losses = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
@@ -724,7 +716,7 @@ def train_preferences(run: Run, args: Args, model, tokenizer, examples: list[dic
                 logps, n_tokens = sequence_logps(model, rows, tokenizer.pad_token_id, device)  # one forward pass
                 b = len(pairs)
                 losses, chosen_rewards, rejected_rewards = preference_loss(
-                    args, beta, z_ref, logps[:b], logps[b : 2 * b], ref_chosen_logps, ref_rejected_logps, n_tokens, b
+                    args, beta, logps, n_tokens, ref_chosen_logps, ref_rejected_logps, z_ref
                 )
                 loss = global_batch_mean(losses, weights, normalizer, run.world, accum)
                 grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
