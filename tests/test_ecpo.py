@@ -321,14 +321,14 @@ def test_each_training_stage_starts_its_gradient_accumulation_afresh(tmp_path):
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
-    from common.distributed import start_training
+    from common.distributed import configure_batches, start_training
 
     accelerator = Accelerator(cpu=True)
     pattern = {}
     for stage, accum, micro_batches in (("sft", 6, 17), ("po", 4, 8)):
         model = torch.nn.Linear(2, 1)
         optimizer = torch.optim.AdamW(model.parameters())
-        accelerator.gradient_accumulation_steps = accum
+        configure_batches(accelerator, accum, accum, 1)  # a global batch of accum micro-batches of 1
         model, optimizer, _ = start_training(
             accelerator, model, optimizer, get_cosine_schedule_with_warmup(optimizer, 0, 10), tmp_path / stage
         )
