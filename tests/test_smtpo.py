@@ -377,7 +377,9 @@ def test_a_missing_simulator_adapter_is_an_error_unless_the_ablation_asks_for_it
     loaded = []
     monkeypatch.setattr(smtpo, "load_merged", lambda *a, **k: loaded.append(a[1]) or (None, None))
     monkeypatch.setattr(smtpo, "HFChat", lambda *a: type("Chat", (), {"usage": None})())
-    run = type("FakeRun", (), {"dir": tmp_path / "run", "main": True, "device": "cpu", "track": lambda self, x: x})()
+    run = type(
+        "FakeRun", (), {"dir": tmp_path / "run", "main": True, "device": "cpu", "count_costs": lambda self, x: x}
+    )()
     run.finished = lambda folder: False
     with pytest.raises(DataError, match="--untrained-simulator"):
         smtpo.load_simulator(run, smtpo.Args())
