@@ -17,7 +17,15 @@ AILO has two parts:
 The harness below (``run_episodes``: a CRA talks with AILO, batched across conversations, one trajectory record per
 finished conversation; ``episode_metrics``: SR, R and EC ratings per turn) makes this script the environment ECPO
 plays in: ``ecpo.py`` imports it from here, as ``rso.py`` imports ``AILO`` (the repository's only imports between
-scripts). This script's CLI runs it against a zero-shot prompted CRA.
+scripts). This script's CLI runs it against a zero-shot prompted CRA, one stage function each, writing under
+runs/<run_name>/:
+
+  personas  (with --num-personas) user persona modeling from real reviews
+            (Sec. 2.3) and their diversity, ROUGE-L to the nearest other (Fig. 4) -> personas.jsonl
+  simulate  policy-based user simulation (Sec. 2.3) against the zero-shot CRA:
+            SR, R and the EC rating r_t of every CRA response (Sec. 2.2)       -> trajectories.jsonl
+
+A rerun with the same --run-name skips every finished conversation and persona.
 """
 
 from __future__ import annotations
@@ -683,7 +691,7 @@ def build_personas(users: list[str], reviews: dict[str, list[dict]], llm, args: 
 
 
 def model_personas(run: Run, args: Args) -> dict[str, float]:
-    """Persona modeling (Sec. 2.3.1) for --num-personas real users, and their diversity (Fig. 4)."""
+    """User persona modeling (Sec. 2.3) for --num-personas real users, and their diversity (Fig. 4)."""
     if args.dataset not in ("book", "game"):
         raise DataError(f"--num-personas needs review data: use --dataset book or game, not {args.dataset}")
     name = args.dataset.capitalize()
@@ -691,9 +699,8 @@ def model_personas(run: Run, args: Args) -> dict[str, float]:
     records = run.records("personas.jsonl")
     users = run.shard(list(reviews)[: args.num_personas])
     build_personas(users, reviews, run.llm(args.persona_llm or args.user_llm, args.batch_size), args, records)
-    run.barrier()
     return diversity_metrics(
-        [Persona(**{k: v for k, v in r.items() if k != "key"}) for r in records.records()], "personas/built"
+        [Persona(**{k: v for k, v in r.items() if k != "key"}) for r in run.exchange(records)], "personas/built"
     )
 
 
@@ -711,9 +718,8 @@ def simulate(run: Run, args: Args, tasks: list[Task], catalog: Catalog) -> dict[
     for usage, role in ((user_llm.usage, "user_"), (cra_llm.usage, "cra_")):
         run.count(usage.metrics(f"cost/{role}") | usage.metrics("cost/"))  # per role, and their sum
     run.count(simulator.metrics())
-    run.barrier()
-    wanted = {t.task_id for t in tasks}  # read back: conversations an interrupted run finished count too
-    return episode_metrics([r for r in records.records() if r["key"] in wanted], args.max_turns)
+    wanted = {t.task_id for t in tasks}  # conversations an interrupted launch finished count too
+    return episode_metrics([r for r in run.exchange(records) if r["key"] in wanted], args.max_turns)
 
 
 # =============================================================================================== main

@@ -611,8 +611,7 @@ def reference_logps(run: Run, model, tokenizer, examples: list[dict], args: Args
                         done.add(example["key"])
                         values = (chosen_rejected[j], chosen_rejected[len(pairs) + j], mismatched[j])
                         records.append({"key": example["key"], **dict(zip(REFERENCE_KEYS, map(float, values)))})
-    run.barrier()
-    stored = {r["key"]: r for r in records.records()}
+    stored = {r["key"]: r for r in run.exchange(records)}
     for example in examples:
         example.update({key: stored[example["key"]][key] for key in REFERENCE_KEYS})
     model.train()
@@ -917,11 +916,11 @@ def rollout(run: Run, args: Args, data: Data, llm, which: list[Task], few_shot: 
     stats = ParseStats()
     cra = make_actcrs(llm, data.catalog, data.domain, args, few_shot, stats)
     on_episode = print_trajectory if args.print_conversations else None
-    run_episodes(run.shard(which), cra, simulator, args.max_turns, args.batch_size, run.records(name), on_episode)
+    records = run.records(name)
+    run_episodes(run.shard(which), cra, simulator, args.max_turns, args.batch_size, records, on_episode)
     run.count(simulator.metrics() | stats.metrics("rollout/cra_"))
-    run.barrier()
     wanted = {t.task_id for t in which}
-    return [r for r in run.records(name).records() if r["key"] in wanted]  # every rank's, and a resumed run's
+    return [r for r in run.exchange(records) if r["key"] in wanted]  # every rank's, and an earlier launch's
 
 
 def policy_rollout(run: Run, args: Args, data: Data, which: list[Task], adapters: list[Path], name: str):
@@ -997,9 +996,8 @@ def backward_expectation_derivation(run: Run, args: Args, data: Data) -> dict:
     records, stats = run.records("rewrites.jsonl"), ParseStats()
     derive_pairs(run.shard(turns), run.llm(args.rewriter_llm, args.batch_size), data.domain, args, records, stats)
     run.count(stats.metrics("rollout/rewriter_"))
-    run.barrier()
     wanted = {t["key"] for t in turns}
-    rewrites = [r for r in records.records() if r["key"] in wanted]  # every lambda's rewrites stay in the file
+    rewrites = [r for r in run.exchange(records) if r["key"] in wanted]  # every lambda's rewrites stay in the file
     pairs = select_pairs(rewrites, args.lam)
     if run.main:  # D_pre for this lambda, replaced whole so that it always matches the flag
         (run.dir / "pairs.jsonl.tmp").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
@@ -1038,13 +1036,12 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
     for label, trajectories in candidates.items():
         judge_pairs(judge, run.shard(trajectories), expert, label, data.domain, args, judgements, stats)
     run.count(stats.metrics("rollout/judge_"))
-    run.barrier()
-    metrics = {}
+    judged, metrics = run.exchange(judgements), {}
     for label, trajectories in {"eval_expert": expert, **candidates}.items():
         episode = episode_metrics(trajectories, args.max_turns)
         metrics |= {f"{label}/sr": episode["eval/sr"], f"{label}/recall": episode["eval/recall"]}
         if label != "eval_expert":
-            metrics |= win_rates(judgements.records(), label, label)
+            metrics |= win_rates(judged, label, label)
     return metrics
 
 

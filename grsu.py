@@ -43,18 +43,7 @@ from tqdm import tqdm
 
 from common.catalog import Catalog
 from common.conversations import render_history
-from common.data import (
-    DataError,
-    Dialogue,
-    Item,
-    load_cfcrs_dialogues,
-    load_demo_catalog,
-    load_ievalm_turns,
-    load_movie_info,
-    load_redial_official,
-    load_unicrs_jsonl,
-    restore_years,
-)
+from common.data import DataError, Dialogue, Item, load_crs_dataset
 from common.distributed import (
     check_division,
     launched_processes,
@@ -257,52 +246,18 @@ def rec_turns(dialogues: list[Dialogue], only_new: str = "labels") -> list[RecTu
 class Data:
     train: list[RecTurn]  # training turns, every conversation of the evaluated split left out
     evaluated: list[RecTurn]  # the evaluated split's turns
-    items: list[Item]  # the catalog: the item file plus the items the (kept) training conversations name
+    items: list[Item]  # the catalog: the KG's items plus those the (kept) training conversations name
     left_out: int  # training turns left out because their conversation is evaluated
 
 
-def fingerprint(dialogue: Dialogue) -> str | None:
-    """A conversation's first four utterances, normalized: how two releases of one conversation are told to be the
-    same where their ids differ (INSPIRED's UniCRS and CFCRS splits)."""
-    texts = [" ".join(t.text.lower().split()) for t in dialogue.turns if t.text.strip()][:4]
-    return "\n".join(texts) if len(texts) == 4 else None
-
-
 def load_data(name: str, data_dir: str, eval_split: Literal["valid", "test"], only_new: str = "labels") -> Data:
-    """The training and evaluated recommendation turns of dataset ``name``, and its catalog. Training never sees a
-    conversation of the evaluated split (by id, or by its opening where the releases' ids differ): 50 of ReDial's
-    600 mirrored training conversations are in iEvaLM's validation file. The catalog, the candidates every ranking
-    is drawn from, is the item file plus the items the kept training conversations name, never the evaluated
-    split's own."""
-    root = Path(data_dir)
-    if name == "demo":
-        items = load_demo_catalog()
-        train = load_unicrs_jsonl(Path(__file__).parent / "data" / "demo" / "dialogues_train.jsonl")
-        evaluated = load_unicrs_jsonl(Path(__file__).parent / "data" / "demo" / "dialogues_test.jsonl")
-    elif name == "inspired":
-        items = load_movie_info(root / "inspired" / "movie2attrs.json")
-        # CFCRS ships no train split; UniCRS's is the same conversations, its titles without years
-        train = load_unicrs_jsonl(root / "inspired" / "unicrs" / "train_data_dbpedia.jsonl")
-        restore_years(train, items)
-        evaluated = load_cfcrs_dialogues(root / "inspired" / "cfcrs" / f"{eval_split}_data.jsonl")
-    else:
-        items = load_movie_info(root / "redial" / "movie2info.json")
-        train = [  # the official train split (the subsets mirrored here)
-            d
-            for f in ("train_subset_500.jsonl", "valid_subset_100.jsonl")
-            for d in load_redial_official(root / "redial" / "official" / f)
-        ]
-        evaluated = load_ievalm_turns(root / "redial" / "ievalm" / f"{eval_split}_data_processed.jsonl")
-    held = ({d.conversation_id or d.dialog_id for d in evaluated} | {fingerprint(d) for d in evaluated}) - {None}
-    kept = [d for d in train if d.dialog_id not in held and fingerprint(d) not in held]
-    known = {item.title for item in items}
-    # Items the training conversations name but the attribute file lacks join the catalog, without attributes.
-    items += [
-        Item(t, t) for t in dict.fromkeys(t for d in kept for turn in d.turns for t in turn.items) if t not in known
-    ]
-    train_turns = rec_turns(kept, only_new)
-    left_out = len(rec_turns(train, only_new)) - len(train_turns)
-    return Data(train_turns, rec_turns(evaluated, only_new), items, left_out)
+    """The training and evaluated recommendation turns of dataset ``name`` (common/data.py's ``load_crs_dataset``:
+    no evaluated conversation trains), and the catalog every ranking is drawn from: the KG's items, and the items the
+    kept training conversations name that the KG lacks (without attributes), never the evaluated split's own."""
+    dataset = load_crs_dataset(name, data_dir, eval_split)
+    items = dataset.items + [Item(title, title) for title in dataset.unlisted]
+    left_out = len(rec_turns(dataset.dropped, only_new))
+    return Data(rec_turns(dataset.train, only_new), rec_turns(dataset.evaluated, only_new), items, left_out)
 
 
 CARD_FIELDS = ("genre", "star", "director", "writer")  # an item as the simulated user sees it
@@ -880,9 +835,8 @@ def search_and_rank(run: Run, args: Args) -> dict:
             if args.print_examples:
                 print_example(record)
     run.count({f"search/{k}": v for k, v in search.counts.items()})
-    run.barrier()
     wanted = {t.key for t in turns}
-    results = [r for r in records.records() if r["key"] in wanted]  # a resumed run's earlier turns count too
+    results = [r for r in run.exchange(records) if r["key"] in wanted]  # an earlier launch's turns count too
     if not results:
         return {}
     total_calls, total_tokens = sum(r["llm_calls"] for r in results), sum(r["tokens"] for r in results)

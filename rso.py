@@ -53,14 +53,9 @@ from common.data import (
     Item,
     Persona,
     Task,
-    load_cfcrs_dialogues,
-    load_cfcrs_kg,
-    load_demo_catalog,
+    load_crs_dataset,
     load_demo_tasks,
     load_inspired_tsv,
-    load_redial_official,
-    load_unicrs_jsonl,
-    restore_years,
 )
 from common.distributed import (
     check_division,
@@ -344,31 +339,11 @@ def load_data(args: Args) -> Data:
     dialogues = sorted({e["dialog"] for e in examples})
     random.Random(args.seed).shuffle(dialogues)
     held = set(dialogues[: max(1, round(args.sft_held_out * len(dialogues)))])
-    if args.dataset == "demo":
-        items = load_demo_catalog()
-        train = load_unicrs_jsonl(demo / "dialogues_train.jsonl")
-        evaluated = load_unicrs_jsonl(demo / "dialogues_test.jsonl")
-    elif args.dataset == "inspired":
-        items = load_cfcrs_kg(root / "inspired" / "cfcrs")
-        train = load_unicrs_jsonl(root / "inspired" / "unicrs" / "train_data_dbpedia.jsonl")
-        restore_years(train, items)
-        evaluated = load_cfcrs_dialogues(root / "inspired" / "cfcrs" / f"{args.eval_split}_data.jsonl")
-        if args.eval_split == "valid" and source == "inspired":  # dev.tsv's dialogues: play those SFT never saw
-            evaluated = [d for d in evaluated if d.dialog_id in held]
-    else:
-        items = load_cfcrs_kg(root / "redial" / "ievalm")
-        official = root / "redial" / "official"
-        train = load_redial_official(official / "train_subset_500.jsonl")
-        train += load_redial_official(official / "valid_subset_100.jsonl")
-        split = (
-            root / "redial" / "ievalm" / "valid_data.jsonl"
-            if args.eval_split == "valid"
-            else official / "test_data.jsonl"
-        )
-        evaluated = load_redial_official(split)
-        kept = {d.dialog_id for d in evaluated}
-        train = [d for d in train if d.dialog_id not in kept]  # 50 of them are in iEvaLM's validation file
-    catalog = Catalog(items, encoder=args.text_encoder)
+    dataset = load_crs_dataset(args.dataset, args.data_dir, args.eval_split, whole_dialogues=True)
+    train, evaluated = dataset.train, dataset.evaluated
+    if args.dataset == "inspired" and args.eval_split == "valid" and source == "inspired":
+        evaluated = [d for d in evaluated if d.dialog_id in held]  # dev.tsv's dialogues: play those SFT never saw
+    catalog = Catalog(dataset.items, encoder=args.text_encoder)
     tasks = load_demo_tasks()
     personas = {t.target.title: t.persona for t in tasks} if args.dataset == "demo" else {}
     cycle = [Persona(t.persona.user_id, t.persona.activities, "", t.persona.language) for t in tasks]
@@ -940,12 +915,12 @@ def reinforce(run: Run, args: Args, data: Data) -> dict:
         if any(key not in stored for key, _ in window):  # every rank enters: ZeRO-3 gathers the Planner for all
             todo = [(key, seed) for key, seed in run.shard(window) if key not in stored]
             generator = torch.Generator().manual_seed(args.seed + 1000 * update + run.rank)
+            first_new = len(records.appended)
             with generation_weights(accelerator, model) as planner:
                 rollout(
                     args, todo, planner, tokenizer, experts, ailo, rewarder, data.catalog, generator, stats, records
                 )
-            run.barrier()
-            stored = {r["key"]: r for r in records.records()}
+            stored |= {r["key"]: r for r in run.gather(records.appended[first_new:])}  # every rank's episodes
         episodes = [stored[key] for key, _ in window]
         update_stats = planner_update(run, args, model, tokenizer, optimizer, episodes, running)
         scheduler.step()
@@ -1051,8 +1026,7 @@ def judge_conversations(run: Run, args: Args, evaluator, data: Data, trajectorie
             row = {f: (scores[k * len(fields) + j] or [None])[0] for j, f in enumerate(fields)}
             records.append({"key": trajectory["key"], "item": question["item"], **row})
     run.count(stats.metrics(f"rollout/evaluator_{name}_"))
-    run.barrier()
-    return {r["key"]: r for r in records.records()}
+    return {r["key"]: r for r in run.exchange(records)}
 
 
 def recalled(trajectory: dict, k: int, last_turn: bool = False) -> bool:
@@ -1175,9 +1149,8 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
                     data.catalog, generator, stats, records, greedy=args.greedy_planner)  # fmt: skip
         run.count({f"rollout/{key}_{name}": value for role, s in stats.items()
                    for key, value in s.metrics(f"{'evaluator' if role == 'rewarder' else role}_").items()})  # fmt: skip
-        run.barrier()
         wanted = {seed.key for seed in data.test}
-        trajectories = [r for r in records.records() if r["key"] in wanted]
+        trajectories = [r for r in run.exchange(records) if r["key"] in wanted]
         judged = judge_conversations(run, args, evaluator, data, trajectories, name)
         found = conversation_metrics(trajectories, judged)
         prefix = "eval" if name == "rl" else f"eval_{name}"

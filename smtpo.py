@@ -46,17 +46,7 @@ from tqdm import tqdm
 
 from common.catalog import Catalog
 from common.conversations import render_history
-from common.data import (
-    DataError,
-    Dialogue,
-    load_cfcrs_dialogues,
-    load_cfcrs_kg,
-    load_demo_catalog,
-    load_ievalm_turns,
-    load_redial_official,
-    load_unicrs_jsonl,
-    restore_years,
-)
+from common.data import DataError, Dialogue, load_crs_dataset
 from common.distributed import (
     check_division,
     configure_batches,
@@ -296,26 +286,11 @@ def make_samples(dialogues: list[Dialogue], titles: set[str]) -> list[Sample]:
 
 def load_data(args: Args) -> Data:
     """Training turns (in order; a tenth held out for the retriever), the evaluated split's turns, and the catalog
-    with the attributes of the dataset's KG. The evaluated split's conversations never train anything."""
-    root = Path(args.data_dir)
-    if args.dataset == "demo":
-        items = load_demo_catalog()
-        train = load_unicrs_jsonl(Path(__file__).parent / "data" / "demo" / "dialogues_train.jsonl")
-        evaluated = load_unicrs_jsonl(Path(__file__).parent / "data" / "demo" / "dialogues_test.jsonl")
-    elif args.dataset == "inspired":
-        items = load_cfcrs_kg(root / "inspired" / "cfcrs")
-        train = load_unicrs_jsonl(root / "inspired" / "unicrs" / "train_data_dbpedia.jsonl")
-        restore_years(train, items)
-        evaluated = load_cfcrs_dialogues(root / "inspired" / "cfcrs" / f"{args.eval_split}_data.jsonl")
-    else:
-        items = load_cfcrs_kg(root / "redial" / "ievalm")  # the same KG format: star, director, genre, writer
-        official = root / "redial" / "official"
-        train = load_redial_official(official / "train_subset_500.jsonl")
-        train += load_redial_official(official / "valid_subset_100.jsonl")
-        evaluated = load_ievalm_turns(root / "redial" / "ievalm" / f"{args.eval_split}_data_processed.jsonl")
-        held = {d.conversation_id for d in evaluated}
-        train = [d for d in train if d.dialog_id not in held]  # 50 of them are in iEvaLM's validation file
-    catalog = Catalog(items, encoder=args.text_encoder)
+    with the attributes of the dataset's KG (common/data.py's ``load_crs_dataset``: no evaluated conversation
+    trains)."""
+    dataset = load_crs_dataset(args.dataset, args.data_dir, args.eval_split)
+    train, evaluated = dataset.train, dataset.evaluated
+    catalog = Catalog(dataset.items, encoder=args.text_encoder)
     titles = set(catalog.titles)
     samples = make_samples(train, titles)
     random.Random(args.seed).shuffle(samples)
@@ -1085,16 +1060,15 @@ def output_prefix(args: Args) -> str:
     return THINK_PREFIX if args.think_prefill else ""
 
 
-def teacher_texts(run: Run, args: Args, name: str, jobs: list[dict], max_tokens: int, fallback=None) -> None:
+def teacher_texts(run: Run, args: Args, records, jobs: list[dict], max_tokens: int, fallback=None) -> None:
     """The teacher's answer to each job's ``teacher_prompt`` (not empty; retried once, else ``fallback(job)`` or
-    dropped), appended to ``name`` as the job's completion. Jobs already there are skipped."""
-    records = run.records(name)
+    dropped), appended to ``records`` as the job's completion. Jobs already there are skipped."""
     done = records.done_keys()
     jobs = [j for j in jobs if j["key"] not in done]
     if not any(run.gather([bool(jobs)])):  # the ranks build a vllm: teacher together, those without jobs too
         return
     teacher, stats = run.llm(args.teacher_llm, args.batch_size), ParseStats()
-    for start in tqdm(range(0, len(jobs), args.batch_size), desc=name, disable=not jobs):
+    for start in tqdm(range(0, len(jobs), args.batch_size), desc=records.path.stem, disable=not jobs):
         batch = jobs[start : start + args.batch_size]
         conversations = [[{"role": "user", "content": j["teacher_prompt"]}] for j in batch]
         texts, _ = chat_parsed(
@@ -1133,9 +1107,8 @@ def train_simulator(run: Run, args: Args, data: Data) -> dict:
         for example in (e for e in examples if e["key"] not in done):
             records.append(example)
         jobs += feedback_jobs
-    teacher_texts(run, args, "simulator_data.jsonl", jobs, args.feedback_max_tokens)
-    run.barrier()
-    rows = sorted(records.records(), key=lambda r: r["key"])
+    teacher_texts(run, args, records, jobs, args.feedback_max_tokens)
+    rows = sorted(run.exchange(records), key=lambda r: r["key"])
     model, tokenizer = load_merged(
         args.simulator_model, [], run.device, (args.lora_rank, args.lora_alpha), args.seed, args.gradient_checkpointing
     )
@@ -1169,16 +1142,16 @@ def reference_preferences(run: Run, args: Args, data: Data, samples: list[Sample
         )
         return {"key": sample.key, "teacher_prompt": prompt, "fallback": f"The user likes {attributes}."}
 
+    records = run.records("preferences.jsonl")
     teacher_texts(
         run,
         args,
-        "preferences.jsonl",
+        records,
         [job(s) for s in run.shard(samples)],
         args.feedback_max_tokens,
         fallback=lambda j: j["fallback"],
     )
-    run.barrier()
-    return {r["key"]: r["completion"] for r in run.records("preferences.jsonl").records()}
+    return {r["key"]: r["completion"] for r in run.exchange(records)}
 
 
 def human_list_feedback(run: Run, args: Args, data: Data, samples: list[Sample]) -> dict[str, dict]:
@@ -1199,8 +1172,7 @@ def human_list_feedback(run: Run, args: Args, data: Data, samples: list[Sample])
             texts = simulate_feedback(simulator, chunk, items, data.catalog, args, random.Random(args.seed), False)
             for sample, (kind, items), text in zip(chunk, chunk_lists, texts):
                 records.append({"key": sample.key, "list": kind, "items": items, "feedback": text})
-    run.barrier()
-    return {r["key"]: r for r in records.records()}
+    return {r["key"]: r for r in run.exchange(records)}
 
 
 def train_retriever(run: Run, args: Args, data: Data) -> dict:
@@ -1358,8 +1330,7 @@ def recommender_sft(run: Run, args: Args, data: Data) -> dict:
                 completion = thought + gold_answer(sample.target, cands, args.list_length)
                 records.append({"key": sample.key, "prompt": prompt, "completion": completion})
     run.count(stats.metrics("rollout/teacher_"))
-    run.barrier()
-    rows = sorted(records.records(), key=lambda r: r["key"])
+    rows = sorted(run.exchange(records), key=lambda r: r["key"])
     if not rows:
         raise DataError(f"{records.path}: the teacher wrote no reasoning in the five-step format")
     model, tokenizer = load_merged(
@@ -1404,9 +1375,9 @@ def rollout_key(step: int, position: int, sample: Sample) -> str:
     return f"{step}|{position}|{sample.key}"
 
 
-def step_groups(records, step: int) -> list[dict]:
+def step_groups(rollouts: list[dict], step: int) -> list[dict]:
     """The groups (turns) that step ``step`` rolled out, in stream order."""
-    rollouts = [r for r in records.records() if r["key"].startswith(f"{step}|")]
+    rollouts = [r for r in rollouts if r["key"].startswith(f"{step}|")]
     return [turn for r in sorted(rollouts, key=lambda r: int(r["key"].split("|")[1])) for turn in r["turns"]]
 
 
@@ -1445,12 +1416,13 @@ def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
     configure_batches(accelerator, outputs, padded_batch(outputs, run, args), args.micro_batch_size)
     model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / "grpo")
     records = run.records("grpo_rollouts.jsonl")
+    rollouts = {r["key"]: r for r in records.records()}  # an earlier launch's; this launch's come by run.gather
     engine = rollout_engine(run, args) if args.rollout_backend == "vllm" else None
     for step in tqdm(
         range(start, args.grpo_steps), desc="grpo", initial=start, total=args.grpo_steps, disable=not run.main
     ):
         started = time.time()
-        earlier = [int(r["key"].split("|")[1]) for r in records.records() if int(r["key"].split("|")[0]) < step]
+        earlier = [int(key.split("|")[1]) for key in rollouts if int(key.split("|")[0]) < step]
         position, groups = max(earlier, default=-1) + 1, 0
         if engine is not None:  # vLLM samples with the adapter as it is now
             save_final(accelerator, model, run.dir / "grpo" / "sampler_adapter", {"step": step})
@@ -1458,8 +1430,8 @@ def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
         while groups < args.groups_per_step:  # rounds of dialogues, replayed the same way on a resume
             count = math.ceil((args.groups_per_step - groups) / args.max_turns)
             todo = [(p, training_dialogue(data, args, p)) for p in range(position, position + count)]
-            round_keys, done = {rollout_key(step, p, s) for p, s in todo}, records.done_keys()
-            mine = [(p, s) for p, s in run.shard(todo) if rollout_key(step, p, s) not in done]
+            round_keys = {rollout_key(step, p, s) for p, s in todo}
+            mine = [(p, s) for p, s in run.shard(todo) if rollout_key(step, p, s) not in rollouts]
             rng = random.Random(f"{args.seed}:{step}:{position}")
             if engine is not None:
                 roles = Roles(engine, simulator, retriever, references)
@@ -1471,12 +1443,16 @@ def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
                     turns = rollout(
                         [s for _, s in mine], roles, data, args, args.group_size, args.temperature, True, rng
                     )
-            for (p, sample), sample_turns in zip(mine, turns):
-                records.append({"key": rollout_key(step, p, sample), "turns": sample_turns})
-            run.barrier()
-            groups += sum(len(r["turns"]) for r in records.records() if r["key"] in round_keys)
+            new = [
+                {"key": rollout_key(step, p, sample), "turns": sample_turns}
+                for (p, sample), sample_turns in zip(mine, turns)
+            ]
+            for record in new:
+                records.append(record)
+            rollouts |= {r["key"]: r for r in run.gather(new)}  # every rank's dialogues of the round
+            groups += sum(len(rollouts[key]["turns"]) for key in round_keys if key in rollouts)
             position += count
-        sampled = step_groups(records, step)
+        sampled = step_groups(list(rollouts.values()), step)
         trained = sorted(random.Random(f"{args.seed}:{step}").sample(range(len(sampled)), args.groups_per_step))
         iterations = grpo_update(run, args, model, optimizer, scheduler, group_examples([sampled[k] for k in trained]))
         rewards = [r for turn in sampled for r in turn["rewards"]]
@@ -1495,7 +1471,7 @@ def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
         if (step + 1) % args.grpo_save_every == 0 or step + 1 == args.grpo_steps:
             save_resumable(accelerator, model, run.dir / "grpo", step + 1, optimizer, scheduler)
     save_final(accelerator, model, run.dir / "grpo_adapter", {"steps": args.grpo_steps})
-    return reward_curve(records.records(), args.grpo_steps) if run.main else {}
+    return reward_curve(list(rollouts.values()), args.grpo_steps) if run.main else {}
 
 
 def reward_curve(rollouts: list[dict], steps: int) -> dict[str, float]:
@@ -1643,9 +1619,8 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
                         ],
                     }
                 )
-        run.barrier()
         wanted = {s.key for s in data.test}
-        results = [r for r in records.records() if r["key"] in wanted]
+        results = [r for r in run.exchange(records) if r["key"] in wanted]
         prefix = "eval" if name == "smtpo" else f"eval_{name.replace('-', '')}"
         for t in range(1, args.max_turns + 1):
             lists = [(ranking_slots(r["turns"][:t][-1]["ranked"]) if r["turns"] else [], r["target"]) for r in results]

@@ -458,6 +458,77 @@ def load_demo_tasks(folder: str | Path = DEMO_DIR) -> list[Task]:
 
 # ---------------------------------------------------------------- simulated-user tasks (AILO, ECPO, RSO)
 
+# =============================================================================================== CRS datasets
+
+
+@dataclass
+class CRSDataset:
+    """A conversational-recommendation dataset as GRSU, SMTPO and RSO read it: one assembly, so the three train and
+    evaluate on the same conversations and draw from the same items."""
+
+    train: list[Dialogue]  # the training dialogues, none of them a conversation of the evaluated split
+    evaluated: list[Dialogue]  # the split --eval-split names
+    dropped: list[Dialogue]  # training dialogues left out because the evaluated split holds them
+    items: list[Item]  # the dataset's movie KG: every item with its attributes
+    unlisted: list[str]  # titles the kept training dialogues name that the KG lacks (GRSU ranks them too)
+
+
+def fingerprint(dialogue: Dialogue) -> str | None:
+    """A conversation's first four utterances, normalized: how two releases of one conversation are told to be the
+    same where their ids differ (INSPIRED's UniCRS and CFCRS splits)."""
+    texts = [" ".join(t.text.lower().split()) for t in dialogue.turns if t.text.strip()][:4]
+    return "\n".join(texts) if len(texts) == 4 else None
+
+
+def load_crs_dataset(dataset: str, data_dir: str | Path, eval_split: str, whole_dialogues: bool = False) -> CRSDataset:
+    """The demo, INSPIRED or ReDial: training dialogues, the evaluated split and the KG's items.
+
+    * demo: data/demo's dialogues_train / dialogues_test and its catalog.
+    * inspired: UniCRS's train split (CFCRS ships none; the same conversations, their titles given back their
+      years from the KG), CFCRS's ``{valid,test}_data.jsonl``, CFCRS's KG.
+    * redial: the mirrored subsets of the official train split, iEvaLM's evaluated split and KG. The evaluated split
+      is iEvaLM's processed recommendation turns (one Dialogue per turn) or, with ``whole_dialogues``, the same
+      conversations in the official format (iEvaLM's ``valid_data.jsonl``, the official ``test_data.jsonl``).
+
+    Training never sees an evaluated conversation, matched by id or, where two releases' ids differ, by its opening
+    (``fingerprint``): 50 of ReDial's 600 mirrored training conversations are in iEvaLM's validation file; no
+    INSPIRED training dialogue is in CFCRS's splits."""
+    root = Path(data_dir)
+    if dataset == "demo":
+        items = load_demo_catalog()
+        train = load_unicrs_jsonl(DEMO_DIR / "dialogues_train.jsonl")
+        evaluated = load_unicrs_jsonl(DEMO_DIR / "dialogues_test.jsonl")
+    elif dataset == "inspired":
+        items = load_cfcrs_kg(root / "inspired" / "cfcrs")
+        train = load_unicrs_jsonl(root / "inspired" / "unicrs" / "train_data_dbpedia.jsonl")
+        restore_years(train, items)
+        evaluated = load_cfcrs_dialogues(root / "inspired" / "cfcrs" / f"{eval_split}_data.jsonl")
+    elif dataset == "redial":
+        items = load_cfcrs_kg(root / "redial" / "ievalm")  # CFCRS's KG format: star, director, genre, writer
+        official = root / "redial" / "official"
+        train = load_redial_official(official / "train_subset_500.jsonl")
+        train += load_redial_official(official / "valid_subset_100.jsonl")
+        evaluated = load_ievalm_turns(root / "redial" / "ievalm" / f"{eval_split}_data_processed.jsonl")
+        if whole_dialogues:  # iEvaLM's processed files leave out the conversations with no recommendation turn
+            whole = (
+                root / "redial" / "ievalm" / "valid_data.jsonl"
+                if eval_split == "valid"
+                else official / "test_data.jsonl"
+            )
+            conversations = {d.conversation_id for d in evaluated}
+            evaluated = [d for d in load_redial_official(whole) if d.dialog_id in conversations]
+    else:
+        raise DataError(f"unknown dataset {dataset!r}: demo, inspired or redial")
+    held = ({d.conversation_id or d.dialog_id for d in evaluated} | {fingerprint(d) for d in evaluated}) - {None}
+    kept = [d for d in train if d.dialog_id not in held and fingerprint(d) not in held]
+    dropped = [d for d in train if d.dialog_id in held or fingerprint(d) in held]
+    known = {item.title for item in items}
+    unlisted = [t for t in dict.fromkeys(t for d in kept for turn in d.turns for t in turn.items) if t not in known]
+    return CRSDataset(kept, evaluated, dropped, items, unlisted)
+
+
+# =============================================================================================== ECPO tasks
+
 TASK_DOMAINS = {"demo": "movie", "book": "book", "game": "video game", "yelp": "restaurant or local business"}
 DEMO_TRAIN_TASKS = 24  # the first 24 demo users train, the last 8 are the demo's test split
 

@@ -7,7 +7,8 @@ so that a method's stages can be plain functions that read like the paper.
                                                       # ranks, appended to costs.jsonl
     ...inside a stage...
     records = run.records("forward.jsonl")            # append-only, keyed: a rerun skips what is already there
-    mine = run.shard(tasks)                           # this rank's share; run.barrier() waits for the others
+    mine = run.shard(tasks)                           # this rank's share
+    everything = run.exchange(records)                # every rank's records, on every rank (gather_object)
     llm = run.llm(args.user_llm)                      # a backend whose usage the stage's cost row counts; roles
                                                       # on one hf: model share it until the stage ends
     if run.finished("sft_adapter"): return            # a stage whose result is a folder is done once it is saved
@@ -100,6 +101,15 @@ class Run:
         from accelerate.utils import gather_object
 
         return gather_object(list(items)) if self.world > 1 else list(items)
+
+    def exchange(self, records: RecordFile) -> list[dict]:
+        """Every rank's records of a stage, the same list on every rank: those an earlier launch stored (the file is
+        read for them alone: it is there for resuming) in file order, then what each rank appended in this launch,
+        in rank order, exchanged by gather_object. One rank gets exactly the file's order back; several ranks get an
+        order that does not depend on which rank wrote first. A collective: every rank calls it."""
+        new = self.gather(records.appended)
+        fresh = {r[records.key] for r in new}
+        return [r for r in records.records() if r.get(records.key) not in fresh] + new
 
     # ----------------------------------------------------------------------------------- LLMs and costs
     def llm(self, spec: str, batch_size: int = 16):

@@ -81,12 +81,14 @@ class RecordFile:
 
     Each record is written with one ``write`` on an O_APPEND descriptor and flushed, so several ranks can
     append to one file, and a run killed mid-way keeps every record it finished. A torn last line (from a
-    kill during the write) is ignored on reload and the record is redone.
+    kill during the write) is ignored on reload and the record is redone. ``appended`` keeps what this process
+    wrote, in order: ranks exchange those (``Run.exchange``), never reading each other's from the file.
     """
 
     def __init__(self, path: str | Path, key: str = "key"):
         self.path, self.key = Path(path), key
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.appended: list[dict] = []
 
     def records(self) -> list[dict]:
         if not self.path.exists():
@@ -110,6 +112,7 @@ class RecordFile:
             os.fsync(fd)
         finally:
             os.close(fd)
+        self.appended.append(record)
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:

@@ -149,7 +149,7 @@ def test_ievalm_repeated_items_come_from_the_entity_annotations_or_whole_titles(
 
 @needs_data
 def test_real_redial_repeated_items_and_training_overlap():
-    from common.data import load_redial_official
+    from common.data import load_cfcrs_kg, load_redial_official
 
     dataset = grsu.load_data("redial", str(DATA), "valid", "labels")
     turns = dataset.evaluated
@@ -169,19 +169,19 @@ def test_real_redial_repeated_items_and_training_overlap():
     assert len(shared) == 50
     named = {m for d in shared for t in d.turns for m in t.items}
     elsewhere = {m for d in official if d.dialog_id not in evaluated for t in d.turns for m in t.items}
-    attributes = {item.title for item in grsu.load_movie_info(DATA / "redial" / "movie2info.json")}
+    attributes = {item.title for item in load_cfcrs_kg(DATA / "redial" / "ievalm")}
     assert not (named - elsewhere - attributes) & {item.title for item in dataset.items}
 
 
 @needs_data
-def test_real_inspired_catalog_comes_from_the_item_file_and_training_split():
-    from common.data import load_cfcrs_dialogues, load_movie_info, load_unicrs_jsonl
+def test_real_inspired_catalog_comes_from_the_kg_and_training_split():
+    from common.data import load_cfcrs_dialogues, load_cfcrs_kg, load_unicrs_jsonl, restore_years
 
     dataset = grsu.load_data("inspired", str(DATA), "valid")
     turns, catalog = dataset.evaluated, {item.title for item in dataset.items}
-    attributes = load_movie_info(DATA / "inspired" / "movie2attrs.json")
+    attributes = load_cfcrs_kg(DATA / "inspired" / "cfcrs")
     train = load_unicrs_jsonl(DATA / "inspired" / "unicrs" / "train_data_dbpedia.jsonl")
-    grsu.restore_years(train, attributes)
+    restore_years(train, attributes)
     assert catalog == {item.title for item in attributes} | {m for d in train for t in d.turns for m in t.items}
     outside = [label for t in turns for label in t.labels if label not in catalog]
     assert outside and len(outside) < sum(len(t.labels) for t in turns)  # outside labels stay, as misses

@@ -36,3 +36,17 @@ def test_a_stage_frees_the_models_it_loaded(tmp_path, monkeypatch, tiny_policy):
 
     run.stage("load", stage)  # and nothing more: the stage collects what it freed
     assert [model() is None for model in models] == [True, True, True]
+
+
+def test_exchange_returns_an_earlier_launchs_records_then_this_launchs_in_the_order_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = Run(Settings())
+    earlier = run.records("episodes.jsonl")
+    for key in ("a", "b"):
+        earlier.append({"key": key, "launch": 1})
+    (run.dir / "episodes.jsonl").open("a").write('{"key": "c", "laun')  # a launch killed mid-write
+    records = run.records("episodes.jsonl")  # the next launch: "c" is redone, "b" redone as well
+    for key in ("d", "c", "b"):
+        records.append({"key": key, "launch": 2})
+    exchanged = run.exchange(records)
+    assert [(r["key"], r["launch"]) for r in exchanged] == [("a", 1), ("d", 2), ("c", 2), ("b", 2)]
