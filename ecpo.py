@@ -711,14 +711,16 @@ def train_preferences(run: Run, args: Args, model, tokenizer, examples: list[dic
             ref_chosen_logps, ref_rejected_logps = (
                 torch.tensor([e[f"ref_{part}"] for e in pairs], device=device) for part in ("chosen", "rejected")
             )
+            # ALGO LOGIC: chosen and rejected in one forward pass, the preference loss, an (accumulated) step
             with accelerator.accumulate(model):
-                logps, n_tokens = sequence_logps(model, rows, tokenizer.pad_token_id, device)  # one forward pass
+                logps, n_tokens = sequence_logps(model, rows, tokenizer.pad_token_id, device)
                 b = len(pairs)
                 losses, chosen_rewards, rejected_rewards = preference_loss(
                     args, beta, logps, n_tokens, ref_chosen_logps, ref_rejected_logps, z_ref
                 )
                 loss = global_batch_mean(losses, weights, normalizer, run.world, accum)
                 grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
+            # bookkeeping: TRL's preference statistics, summed over the global batch, logged once per step
             statistics = preference_statistics(chosen_rewards, rejected_rewards, logps[:b], logps[b : 2 * b], weights)
             for name, value in statistics.items():
                 sums[name] += value

@@ -836,6 +836,7 @@ def planner_update(
     sums, grad_norm = {"loss": 0.0, "entropy": 0.0, "turns": 0.0}, float("nan")
     for chunk, weights in micro_batches(rows, steps[0], accelerator, 1, accum):
         (row,), weight = chunk, weights[0]
+        # ALGO LOGIC: Eq. 7 on one episode, its share of the update's mean, an (accumulated) step
         with accelerator.accumulate(model):
             logits = planner_logits(model, tokenizer, row["states"], args.planner_max_length)
             actions = torch.tensor(row["actions"], device=logits.device)
@@ -843,6 +844,7 @@ def planner_update(
             episode_loss, entropy = rso_loss(logits, actions, advantage, args.beta_ent)
             loss = global_batch_mean(episode_loss, weight, len(rows), run.world, accum)  # mean over the episodes
             grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.rl_max_grad_norm)  # the last counts
+        # bookkeeping: the loss and the per-turn entropy, summed over ranks after the update
         sums["loss"] += loss.item() / (run.world * accum)
         sums["entropy"] += entropy.item() * len(row["actions"]) * weight.item()
         sums["turns"] += len(row["actions"]) * weight.item()

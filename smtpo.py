@@ -1535,6 +1535,7 @@ def grpo_update(run: Run, args: Args, model, optimizer, scheduler, examples: lis
             if m not in held:
                 with torch.no_grad(), accelerator.unwrap_model(model).disable_adapter():  # the reference: pi_sft
                     _, _, ref_logps = sequence_logprobs(accelerator.unwrap_model(model), **inputs)
+            # ALGO LOGIC: pi_theta's log-probs, Eq. 14's clipped loss with its KL term, an (accumulated) step
             with accelerator.accumulate(model):
                 _, _, policy_logps = sequence_logprobs(model, **inputs)
                 if m not in held:
@@ -1543,7 +1544,7 @@ def grpo_update(run: Run, args: Args, model, optimizer, scheduler, examples: lis
                 losses = grpo_loss(policy_logps, old_logps, ref_logps, advantages, mask, args.epsilon, args.kl_beta)
                 loss = global_batch_mean(losses, weights, len(examples), run.world, accum)  # Eq. 14's 1/G, over all
                 grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
-            with torch.no_grad():
+            with torch.no_grad():  # bookkeeping: the loss, the KL and the clipped tokens, for the step's log
                 ratio = torch.exp(policy_logps - old_logps)
                 kl = torch.exp(ref_logps - policy_logps) - (ref_logps - policy_logps) - 1
                 token_weights = mask * weights[:, None]

@@ -1,4 +1,4 @@
-"""Ranking metrics, success rate, Dist-n and win rate. Every @k is computed on its own top-k slice."""
+"""Ranking metrics, success rate, and where a text names a title. Every @k is computed on its own top-k slice."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""JSON and action extraction from LLM text, and a bounded-retry wrapper that counts failures."""
+"""JSON extraction from LLM text, and a bounded-retry wrapper that counts failures."""
 
 from __future__ import annotations
 

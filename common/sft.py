@@ -69,6 +69,7 @@ def supervised_finetuning(
         completion_tokens = sum(sum(examples[i]["completion_mask"]) for i in batch)
         for chunk, weights in micro_batches(examples, batch, accelerator, args.micro_batch_size, accum):
             rows = [(e["input_ids"], e["completion_mask"]) for e in chunk]
+            # ALGO LOGIC: the masked NLL of the completions (Eq. 1), its share of the global token mean, a step
             with accelerator.accumulate(model):
                 inputs = {k: v.to(run.device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
                 _, _, token_logps = sequence_logprobs(model, **inputs)
@@ -76,6 +77,7 @@ def supervised_finetuning(
                 grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
             loss_sum += loss.item() / (run.world * accum)
         scheduler.step()
+        # bookkeeping: the step's loss over all ranks, logged; each epoch's mean printed
         loss = run.sum_over_ranks({"loss": loss_sum})["loss"]
         epoch = (step + 1) * epochs / len(steps)
         metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "epoch": epoch}
