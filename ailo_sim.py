@@ -43,6 +43,7 @@ from common.catalog import Catalog, item_card
 from common.conversations import render_history
 from common.data import TASK_DOMAINS, DataError, Persona, Task, load_ecpo_reviews, load_task_items, load_tasks
 from common.distributed import print_dry_run
+from common.judging import Expectation, JudgeScoring, expected_scores, mass_metrics
 from common.llm import LLMBackendError
 from common.metrics import mentions_title, redact_title, success_rate
 from common.models import ModelSpecError
@@ -100,6 +101,10 @@ class Args:
     target_note: bool = False
     """tell the simulated user whether the system's last message named its target (our addition, not the paper's:
     it helps weak simulators notice a success, but it tells the user the very fact SR measures)"""
+    judge_scoring: JudgeScoring = "expected"
+    """how the EC rating r_t is read: "expected", E[r_t] over the digits 0-5 after the pre-filled reason, one
+    forward pass, every response rated (common/judging.py; hf: and vllm: simulators); "sampled", the paper's: the
+    rating parsed from the generated JSON, retried, then read after the reason and floored"""
 
     num_personas: int = 0
     """if > 0, build this many personas from real reviews (book/game) with --persona-llm and report diversity"""
@@ -318,8 +323,9 @@ class UserTurn:
     policy: str
     response: str
     ec_reason: str | None
-    ec_rating: int | None
+    ec_rating: float | None  # an integer 0-5 as parsed; with --judge-scoring expected, E[r_t] in [0, 5]
     end: bool
+    ec_mass_outside: float | None = None  # expected: the probability the rating's answer put outside 0-5
 
 
 class AILO:
@@ -328,9 +334,14 @@ class AILO:
 
     def __init__(
         self, llm, domain: str = "movie", max_tokens: int = 160, max_parse_tries: int = 3, max_leak_tries: int = 2,
-        target_note: bool = False,
+        target_note: bool = False, ec_scoring: JudgeScoring = "sampled",
     ):  # fmt: skip
-        self.llm, self.domain, self.max_tokens = llm, domain, max_tokens
+        if ec_scoring == "expected" and not getattr(llm, "can_prefill", False):
+            raise LLMBackendError(
+                "--judge-scoring expected reads AILO's EC rating after its pre-filled reason, which needs an hf: or "
+                "vllm: simulator; an openai: simulator takes --judge-scoring sampled"
+            )
+        self.llm, self.domain, self.max_tokens, self.ec_scoring = llm, domain, max_tokens, ec_scoring
         self.max_parse_tries, self.max_leak_tries, self.target_note = max_parse_tries, max_leak_tries, target_note
         self.stats = ParseStats()
         self.title_leaks = 0  # generated utterances that named the target, before the guard
@@ -414,7 +425,7 @@ class AILO:
         if final:
             for user in users:
                 user.ended = True
-            return [UserTurn("", "", *(e or (None, None)), True) for e in ec]
+            return [UserTurn("", "", *(e or (None, None)), True, mass) for e, mass in ec]
 
         # Step 1: the response policy.
         policy_prompts = [
@@ -443,52 +454,49 @@ class AILO:
         # Step 2: the response content, conditioned on the policy.
         texts = self._content(users, policies)
         turns = []
-        for user, policy, text, e in zip(users, policies, texts, ec):
+        for user, policy, text, (e, mass) in zip(users, policies, texts, ec):
             user.history.append({"role": "user", "content": text})
             user.ended = policy == "end_conversation"
-            turns.append(UserTurn(policy, text, *(e or (None, None)), user.ended))
+            turns.append(UserTurn(policy, text, *(e or (None, None)), user.ended, mass))
         return turns
 
-    def expectation_confirmation(self, users: list[SimUser]) -> list[tuple[str, int] | None]:
-        """Step 3, expectation confirmation: (CONF_t, r_t) for each user's last CRA response p_t, rated against
-        the dialogue before it (EC_PROMPT: start from 5, deduct flexibility 0-2, coherence 0-2, user guidance
-        0-1). Malformed output is retried; a local backend then decodes under the JSON grammar; else None."""
+    def expectation_confirmation(self, users: list[SimUser]) -> list[tuple[tuple[str, float] | None, float | None]]:
+        """Step 3, expectation confirmation: ((CONF_t, r_t), mass outside) for each user's last CRA response p_t,
+        rated against the dialogue before it (EC_PROMPT: start from 5, deduct flexibility 0-2, coherence 0-2, user
+        guidance 0-1). Sampled (the paper): the rating parsed from the answer; malformed output is retried, then a
+        local backend reads it after the pre-filled reason, floored; else None. Expected: E[r_t] after the
+        pre-filled reason for every response, not floored, and the probability left outside 0-5."""
         prompts = [
             EC_PROMPT.format(
                 last=u.history[-1]["content"], history=render_history(u.history[:-1]), target=u.task.target.title
             )
             for u in users
         ]
+        if self.ec_scoring == "expected":
+            read = self._read_ec(prompts)
+            return [((reason, e.value) if e.value is not None else None, e.mass_outside) for reason, e in read]
         ec, _ = self._ask(prompts, parse_ec)
         failed = [i for i, e in enumerate(ec) if e is None]
         if failed and getattr(self.llm, "can_prefill", False):
-            for i, e in zip(failed, self._constrained_ec([prompts[i] for i in failed])):
-                ec[i] = e
-        return ec
+            for i, (reason, e) in zip(failed, self._read_ec([prompts[i] for i in failed])):
+                if e.value is not None:  # floored, as the paper parses ratings with int(float(...))
+                    ec[i] = (reason, int(e.value))
+            self.constrained_ratings += len(failed)
+        return [(e, None) for e in ec]
 
-    def _constrained_ec(self, prompts: list[str]) -> list[tuple[str, int]]:
-        """EC for a simulator that never wrote valid JSON: the answer is pre-filled as '{"reason": "', the
-        reason is generated up to its closing quote, then the rating is read from the next-token distribution
-        over the digits 0..5 after '", "rating": "' (one forward pass): its probability-weighted mean (G-Eval's
-        scoring), floored as the paper parses ratings with int(float(...)). The mean uses the whole distribution,
-        where a weak model's argmax is always the same digit. Only local backends can pre-fill, so an API
-        simulator keeps the plain retries."""
+    def _read_ec(self, prompts: list[str]) -> list[tuple[str, Expectation]]:
+        """The answer is pre-filled as '{"reason": "', the reason generated up to its closing quote, then the
+        rating read from the next-token distribution over the digits 0..5 after '", "rating": "' (one forward pass):
+        its probability-weighted mean (G-Eval's scoring). The mean uses the whole distribution, where a weak model's
+        argmax is always the same digit. Only local backends can pre-fill."""
         convs = [[{"role": "user", "content": p}] for p in prompts]
         reasons = [
             " ".join(out[0].split())
             for out in self.llm.chat(convs, max_tokens=self.max_tokens, stop=['"'], prefix='{"reason": "')
         ]
-        all_probs = self.llm.choice_probs(
-            convs,
-            choices=tuple(str(d) for d in range(6)),
-            prefix=['{"reason": "' + reason + '", "rating": "' for reason in reasons],
-        )
-        results = []
-        for reason, probs in zip(reasons, all_probs):
-            expected = sum(int(d) * p for d, p in probs.items()) / max(sum(probs.values()), 1e-9)
-            results.append((reason, int(expected)))
-        self.constrained_ratings += len(prompts)
-        return results
+        prefixes = ['{"reason": "' + reason + '", "rating": "' for reason in reasons]
+        read = expected_scores(self.llm, convs, {str(d): float(d) for d in range(6)}, prefixes)
+        return list(zip(reasons, read))
 
     def metrics(self) -> dict[str, int]:
         return {
@@ -574,6 +582,7 @@ def run_episodes(
                         "user": answer.response,
                         "ec_reason": answer.ec_reason,
                         "ec_rating": answer.ec_rating,
+                        "ec_mass_outside": answer.ec_mass_outside,
                         "end": answer.end,
                     }
                 )
@@ -605,6 +614,8 @@ def episode_metrics(trajectories: list[dict], max_turns: int) -> dict[str, float
     }
     if ratings:
         metrics["rollout/ec_rating_mean"] = sum(r for _, r in ratings) / len(ratings)
+    outside = [t.get("ec_mass_outside") for tr in trajectories for t in tr["turns"]]
+    metrics |= mass_metrics([o for o in outside if o is not None], "rollout/ec")
     for turn in range(1, max_turns + 1):
         at_turn = [r for t, r in ratings if t == turn]
         if at_turn:
@@ -709,7 +720,13 @@ def simulate(run: Run, args: Args, tasks: list[Task], catalog: Catalog) -> dict[
     user_llm, cra_llm = run.llm(args.user_llm, args.batch_size), run.llm(args.cra_llm, args.batch_size)
     domain = TASK_DOMAINS[args.dataset]
     simulator = AILO(
-        user_llm, domain, args.user_max_tokens, args.max_parse_tries, args.max_leak_tries, args.target_note
+        user_llm,
+        domain,
+        args.user_max_tokens,
+        args.max_parse_tries,
+        args.max_leak_tries,
+        args.target_note,
+        args.judge_scoring,
     )
     cra = make_zero_shot_cra(cra_llm, catalog, domain, args.retriever_top_k, args.cra_max_tokens)
     records = run.records("trajectories.jsonl")
@@ -731,6 +748,12 @@ def main(args: Args) -> None:
     if not tasks:
         raise DataError(f"no tasks selected: offset {args.task_offset}, count {args.num_tasks}, split has {len(split)}")
     catalog = Catalog(load_task_items(args.dataset, args.data_dir, split))
+    if args.judge_scoring == "expected" and args.user_llm.startswith("openai:"):
+        raise DataError(
+            "--judge-scoring expected reads the EC rating after a pre-filled reason, which an openai: simulator "
+            "cannot: "
+            "use an hf: or vllm: one, or --judge-scoring sampled"
+        )
     if args.dry_run:
         print_dry_run("ailo_sim.py", args.dry_run, [], {"tasks": len(tasks), "items": len(catalog)})
         return

@@ -55,6 +55,7 @@ from common.distributed import (
     start_training,
     training_steps,
 )
+from common.judging import JudgeScoring, expected_scores, mass_metrics
 from common.llm import HFChat, LLMBackendError
 from common.models import ModelSpecError, load_merged
 from common.parsing import ParseStats, chat_parsed, coerce_int, parse_json
@@ -140,7 +141,8 @@ class Args:
 
     # ------------------------------------------------------------------------------------------- backward
     lam: float = 4.0
-    """lambda: responses rated r_t <= lambda are rewritten (paper: 4; sweep 1..4)"""
+    """lambda: responses rated r_t <= lambda are rewritten (paper: 4; sweep 1..4). With --judge-scoring expected r_t
+    is AILO's expected rating E[r_t], compared with lambda as it is: E[r_t] <= lambda"""
     rewriter_max_tokens: int = 192
     """max new tokens of one rewrite"""
 
@@ -186,8 +188,13 @@ class Args:
     """optimizer steps between resumable checkpoints (each stage also saves when it ends)"""
 
     # ------------------------------------------------------------------------------------------- eval
+    judge_scoring: JudgeScoring = "expected"
+    """how AILO's EC rating r_t and the win-rate judge's verdicts are read: "expected", from the answer distribution
+    (E[r_t] over 0-5; each verdict P(1) - P(-1) over {1, 0, -1}), one forward pass per score after the pre-filled
+    reason, so every judged pair counts (common/judging.py; hf: and vllm: judges); "sampled", the paper's: parsed
+    from the generated JSON, a judgement that never parses is left out"""
     judge_max_tokens: int = 256
-    """max new tokens of one judgement"""
+    """max new tokens of one judgement (with --judge-scoring expected: of each dimension's reason)"""
     print_conversations: bool = False
     """print every finished evaluation conversation"""
     dry_run: int = 0
@@ -390,7 +397,7 @@ def rewritable_turns(trajectories: list[dict], lam: float) -> list[dict]:
 
 
 def rating_table(turns: list[dict], lam: float) -> str:
-    counts = [sum(t["rating"] == r for t in turns) for r in range(6)]
+    counts = [sum(math.floor(t["rating"]) == r for t in turns) for r in range(6)]  # an expected r_t by its floor
     low = sum(t["rating"] <= lam for t in turns)
     return f"r_t 0..5: {counts}; {low} of {len(turns)} rated responses have r_t <= lambda = {lam:g}"
 
@@ -822,26 +829,59 @@ def judge_pairs(
                 jobs.append((key, JUDGE_PROMPT.format(domain=domain, a=render_trajectory(a), b=render_trajectory(b))))
     for start in tqdm(range(0, len(jobs), args.batch_size), desc=f"judge {label}", disable=not jobs):
         chunk = jobs[start : start + args.batch_size]
-        parsed, _ = chat_parsed(
-            judge,
-            [[{"role": "user", "content": p}] for _, p in chunk],
-            parse_judgement,
-            stats,
-            max_tries=args.max_parse_tries,
-            max_tokens=args.judge_max_tokens,
+        conversations = [[{"role": "user", "content": p}] for _, p in chunk]
+        if args.judge_scoring == "expected":
+            read = expected_judgements(judge, conversations, args.judge_max_tokens)
+        else:
+            parsed, _ = chat_parsed(
+                judge, conversations, parse_judgement, stats, max_tries=args.max_parse_tries,
+                max_tokens=args.judge_max_tokens,
+            )  # fmt: skip
+            read = [(scores, None) for scores in parsed]
+        for (key, _), (scores, outside) in zip(chunk, read):
+            order = key.rsplit("|", 1)[1]
+            records.append({"key": key, "label": label, "order": order, "scores": scores, "mass_outside": outside})
+
+
+VERDICTS = {"1": 1.0, "0": 0.0, "-1": -1.0}  # A better, a tie, B better
+
+
+def expected_judgements(judge, conversations: list[list[dict]], max_tokens: int) -> list[tuple[dict, dict]]:
+    """Fig. 11's judgement read from the judge's answer distribution: the JSON is pre-filled dimension by dimension;
+    each reason is generated up to its closing quote, then the verdict read in one forward pass as its expectation
+    over {1, 0, -1}, P(1) - P(-1) (P(A better) - P(B better)). The JSON goes on with the most probable verdict, so
+    each later dimension, and the overall score last, reads after a definite answer. Returns, per conversation,
+    ({dimension: expected verdict}, {dimension: the probability outside 1, 0, -1})."""
+    if not getattr(judge, "can_prefill", False):
+        raise LLMBackendError(
+            "--judge-scoring expected pre-fills the judge's JSON, which needs an hf: or vllm: judge; an openai: judge "
+            "takes --judge-scoring sampled"
         )
-        for (key, _), scores in zip(chunk, parsed):
-            records.append({"key": key, "label": label, "order": key.rsplit("|", 1)[1], "scores": scores})
+    prefixes, scores, outside = ["{"] * len(conversations), [{} for _ in conversations], [{} for _ in conversations]
+    for name, short in JUDGE_DIMENSIONS.items():
+        if short == "final":
+            prefixes = [p + f'"{name}": ' for p in prefixes]
+        else:
+            prefixes = [p + f'"{name}": {{"Reason": "' for p in prefixes]
+            reasons = judge.chat(conversations, max_tokens=max_tokens, stop=['"'], prefix=prefixes)
+            prefixes = [p + " ".join(r[0].split()) + '", "Score": ' for p, r in zip(prefixes, reasons)]
+        read = expected_scores(judge, conversations, VERDICTS, prefixes)
+        for k, e in enumerate(read):
+            scores[k][short], outside[k][short] = e.value, e.mass_outside
+        prefixes = [p + max(e.probs, key=e.probs.get) + "}, " for p, e in zip(prefixes, read)]
+    return [({k: v for k, v in s.items() if v is not None}, o) for s, o in zip(scores, outside)]
 
 
 def win_rate(scores_ab: list[float], scores_ba: list[float]) -> float:
     """(wins + 0.5 ties) / total over both position orders. ``scores_ab[i]`` is the judge's verdict with the
     candidate shown as A (1 = A better, -1 = B better, 0 = tie); ``scores_ba[i]`` is the verdict on the same pair
-    with the positions swapped, so it is negated to speak for the candidate again."""
+    with the positions swapped, so it is negated to speak for the candidate again. An expected verdict v in
+    [-1, 1] (P(win) - P(loss)) counts (1 + v) / 2, its expected share of (wins + 0.5 ties): on the integers
+    -1, 0, 1 that is exactly 0, 0.5, 1."""
     verdicts = list(scores_ab) + [-s for s in scores_ba]
     if not verdicts:
         return 0.0
-    return (sum(v > 0 for v in verdicts) + 0.5 * sum(v == 0 for v in verdicts)) / len(verdicts)
+    return sum((1 + v) / 2 for v in verdicts) / len(verdicts)
 
 
 def win_rates(judgements: list[dict], label: str, prefix: str) -> dict[str, float]:
@@ -851,6 +891,8 @@ def win_rates(judgements: list[dict], label: str, prefix: str) -> dict[str, floa
         f"{prefix}/judgements": len(mine),
         f"{prefix}/judge_failures": sum(1 for j in judgements if j["label"] == label and not j["scores"]),
     }
+    outside = [o for j in mine for o in (j.get("mass_outside") or {}).values()]
+    metrics |= mass_metrics(outside, f"{prefix}/judge")
     for short in JUDGE_DIMENSIONS.values():
         ab = [j["scores"][short] for j in mine if j["order"] == "ab" and short in j["scores"]]
         ba = [j["scores"][short] for j in mine if j["order"] == "ba" and short in j["scores"]]
@@ -888,6 +930,12 @@ def load_data(args: Args) -> Data:
 def check_args(args: Args, world: int) -> list[str]:
     """Flags that cannot work on ``world`` ranks, refused before anything loads: the global batch of each training
     stage asked for must split evenly into ranks x micro-batches. Returns those splits, for the dry run's plan."""
+    apis = [f"--{role}-llm" for role in ("user", "judge") if getattr(args, f"{role}_llm").startswith("openai:")]
+    if args.judge_scoring == "expected" and apis:
+        raise DataError(
+            f"--judge-scoring expected pre-fills the answer, which an openai: model cannot ({', '.join(apis)}): "
+            "use hf: or vllm: there, or --judge-scoring sampled"
+        )
     micro, batches = args.micro_batch_size, []
     if "sft" in args.stages:
         batches.append(check_division(world, args.sft_batch_size, micro, "--sft-batch-size"))
@@ -914,7 +962,14 @@ def sft_adapter(run: Run) -> Path:
 def rollout(run: Run, args: Args, data: Data, llm, which: list[Task], few_shot: bool, name: str) -> list[dict]:
     """ActCRS on ``llm`` against AILO; each rank plays its share of ``which``, every rank returns all of them."""
     user = run.llm(args.user_llm, args.batch_size)
-    simulator = AILO(user, data.domain, args.user_max_tokens, args.max_parse_tries, target_note=args.target_note)
+    simulator = AILO(
+        user,
+        data.domain,
+        args.user_max_tokens,
+        args.max_parse_tries,
+        target_note=args.target_note,
+        ec_scoring=args.judge_scoring,
+    )
     stats = ParseStats()
     cra = make_actcrs(llm, data.catalog, data.domain, args, few_shot, stats)
     on_episode = print_trajectory if args.print_conversations else None

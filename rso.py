@@ -72,6 +72,7 @@ from common.distributed import (
     start_training,
     training_steps,
 )
+from common.judging import JudgeScoring, expected_scores, mass_metrics
 from common.llm import LLMBackendError
 from common.metrics import mentions_title, success_rate
 from common.models import ModelSpecError, whole_weights
@@ -155,8 +156,12 @@ class Args:
     """tries per judge call before a score counts as missing (each retry samples hotter)"""
 
     # ------------------------------------------------------------------------------------------- rewarder
+    judge_scoring: JudgeScoring = "expected"
+    """how the rewarder's and the evaluator's 1-5 scores are read: "expected", E[s] under the judge's answer
+    distribution over the tokens 1-5, one forward pass per score, deterministic (common/judging.py); "sampled", the
+    paper's: the mean of --reward-samples sampled scores for the rewarder, one greedy score for the evaluator"""
     reward_samples: int = 10
-    """rewarder scores per turn, drawn in one call with n = K and averaged (paper: 10)"""
+    """with --judge-scoring sampled: rewarder scores per turn, drawn in one call with n = K and averaged (paper: 10)"""
     reward_temperature: float = 1.0
     """sampling temperature of the rewarder (METHODS.md: 1.0)"""
     judge_max_tokens: int = 3
@@ -554,9 +559,26 @@ def sample_scores(llm, prompts: list[str], n: int, temperature: float, args: Arg
     return scores
 
 
-def reward_of(scores: list[int]) -> float | None:
-    """r_t: the mean of the K scores rescaled to [0, 1] as (score - 1) / 4; None if the judge gave none."""
-    return sum((s - 1) / 4 for s in scores) / len(scores) if scores else None
+def reward_of(score: float | None) -> float | None:
+    """r_t of Eq. 9 on [0, 1]: (s - 1) / 4, s being the mean of the K sampled scores or E[s]; None if unscored."""
+    return None if score is None else (score - 1) / 4
+
+
+SCORE_VALUES = {str(s): float(s) for s in range(1, 6)}
+
+
+def judge_scores(llm, prompts: list[str], n: int, temperature: float, args: Args, stats: ParseStats) -> list[dict]:
+    """Each prompt's 1-5 score as {"score": the number or None, "scores": the sampled ones, "mass_outside"}. With
+    --judge-scoring expected: E[s] over the tokens 1-5 after "Score: " (pre-filled where the backend can; an API
+    judge's first answer token), in one forward pass, and the probability left outside them. With sampled: the
+    mean of ``n`` scores sampled at ``temperature`` (the paper's Eq. 9 for the rewarder, n = K)."""
+    if args.judge_scoring == "expected":
+        conversations = [[{"role": "user", "content": p}] for p in prompts]
+        prefix = "Score: " if getattr(llm, "can_prefill", False) else ""
+        read = expected_scores(llm, conversations, SCORE_VALUES, prefix)
+        return [{"score": e.value, "scores": [], "mass_outside": e.mass_outside} for e in read]
+    sampled = sample_scores(llm, prompts, n, temperature, args, stats)
+    return [{"score": sum(s) / len(s) if s else None, "scores": s, "mass_outside": None} for s in sampled]
 
 
 # ========================================================================================= the rollout (Algorithm 1)
@@ -614,9 +636,9 @@ def rollout(
         # the user's words.
         answers = ailo.step([users[i] for i in live], replies)
         judged = [REWARD_PROMPT.format(history=render_history(users[i].history)) for i in live]
-        scores = sample_scores(rewarder, judged, args.reward_samples, args.reward_temperature, args, stats["rewarder"])
+        scores = judge_scores(rewarder, judged, args.reward_samples, args.reward_temperature, args, stats["rewarder"])
         for k, i in enumerate(live):
-            episode, user, reward = episodes[i], users[i], reward_of(scores[k])
+            episode, user, reward = episodes[i], users[i], reward_of(scores[k]["score"])
             episode["turns"].append(
                 {
                     "turn": t,
@@ -631,7 +653,9 @@ def rollout(
                     "retrieved": [entity["entity"] for entity in facts[k]],
                     "user_policy": answers[k].policy,
                     "user": answers[k].response,
-                    "scores": scores[k],
+                    "scores": scores[k]["scores"],
+                    "score": scores[k]["score"],
+                    "reward_mass_outside": scores[k]["mass_outside"],
                     "reward": 0.0 if reward is None else reward,  # an unscored turn earns nothing (counted)
                 }
             )
@@ -955,7 +979,10 @@ def reinforce(run: Run, args: Args, data: Data) -> dict:
     run.count({f"rollout/{k}": v for name, s in stats.items() for k, v in s.metrics(f"{name}_").items()})
     run.count(ailo.metrics())
     if run.main:  # the recorded turns of every rank and launch, counted once
-        run.count({"rollout/rewarder_unscored": sum(not t["scores"] for e in stored.values() for t in e["turns"])})
+        turns = [t for e in stored.values() for t in e["turns"]]
+        run.count({"rollout/rewarder_unscored": sum(t.get("score") is None and not t["scores"] for t in turns)})
+        outside = [t["reward_mass_outside"] for t in turns if t.get("reward_mass_outside") is not None]
+        run.count(mass_metrics(outside, "rollout/rewarder"))
     states = [t["state"] for key, _ in seeds for t in stored[key]["turns"]][:256]
     moved = planner_movement(run, model, tokenizer, args, states)
     if run.main:
@@ -1023,10 +1050,11 @@ def judge_conversations(run: Run, args: Args, evaluator, data: Data, trajectorie
         batch = todo[start : start + args.batch_size]
         questions = [judge_prompts(t, seeds[t["key"]], data.catalog) for t in batch]
         fields = ("wi", "i_pre", "i_true", "i_post", "cred")
-        scores = sample_scores(evaluator, [q[f] for q in questions for f in fields], 1, 0.0, args, stats)
+        scores = judge_scores(evaluator, [q[f] for q in questions for f in fields], 1, 0.0, args, stats)
         for k, (trajectory, question) in enumerate(zip(batch, questions)):
-            row = {f: (scores[k * len(fields) + j] or [None])[0] for j, f in enumerate(fields)}
-            records.append({"key": trajectory["key"], "item": question["item"], **row})
+            row = {f: scores[k * len(fields) + j]["score"] for j, f in enumerate(fields)}
+            outside = [scores[k * len(fields) + j]["mass_outside"] for j in range(len(fields))]
+            records.append({"key": trajectory["key"], "item": question["item"], **row, "mass_outside": outside})
     run.count(stats.metrics(f"rollout/evaluator_{name}_"))
     return {r["key"]: r for r in run.exchange(records)}
 
@@ -1157,6 +1185,8 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
         found = conversation_metrics(trajectories, judged)
         prefix = "eval" if name == "rl" else f"eval_{name}"
         metrics |= {f"{prefix}/{k}": v for k, v in found.items()}
+        outside = [o for r in judged.values() for o in r.get("mass_outside") or [] if o is not None]
+        metrics |= mass_metrics(outside, f"{prefix}/judge")
         shares[name] = strategy_by_progress(trajectories, args.progress_bins)
         rows.append([name, *[round(found[k], 4) for k in TABLE_COLUMNS]])
         del planner

@@ -108,8 +108,11 @@ def _choice_variants(choice: str) -> set[str]:
 
 
 def choice_token_ids(tokenizer, choice: str) -> list[int]:
-    """The first token of each spelling of ``choice`` (with and without a leading space)."""
-    return sorted({tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in _choice_variants(choice)})
+    """The first token of each spelling of ``choice`` (with and without a leading space) that begins the choice.
+    A tokenizer that writes " 4" as " " + "4" gives a bare space first: it begins every digit, so it is left out
+    (counted, it would add P(" ") to each of the scores 0-5)."""
+    firsts = {tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in _choice_variants(choice)}
+    return sorted(i for i in firsts if (text := tokenizer.decode([i]).strip()) and choice.strip().startswith(text))
 
 
 class HFChat:

@@ -246,8 +246,8 @@ def test_rewarder_samples_k_scores_in_one_call_and_retries_malformed(scripted_ll
     assert scores == [[5, 4, 1, 3], [2, 3, 3, 3]]
     assert llm.usage.calls == 8 + 1  # n = 4 for both in one call, then only the missing sample re-asked
     assert stats.attempts == 9 and stats.retries == 1 and stats.failures == 0
-    assert rso.reward_of([5, 4, 1, 3]) == pytest.approx((4 + 3 + 0 + 2) / 16)
-    assert rso.reward_of([]) is None
+    assert rso.reward_of(sum([5, 4, 1, 3]) / 4) == pytest.approx((4 + 3 + 0 + 2) / 16)
+    assert rso.reward_of(None) is None
 
 
 def test_unparsable_judge_is_counted_not_fatal(scripted_llm):
@@ -287,7 +287,7 @@ def play_scripted(scripted_llm, catalog, judge, tmp_path, max_turns=3, episodes=
     from common.tracking import RecordFile
 
     llm = scripted_llm(scripted_roles(judge))
-    args = rso.Args(max_turns=max_turns, reward_samples=2)
+    args = rso.Args(max_turns=max_turns, reward_samples=2, judge_scoring="sampled")  # the script writes its scores
     tasks = load_demo_tasks()[:episodes]
     seeds = [(f"e{k}", rso.Seed(f"d{k}", [{"role": "user", "content": "Hi, a movie for tonight?"}], t.target,
                                 t.persona)) for k, t in enumerate(tasks)]  # fmt: skip
