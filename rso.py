@@ -603,7 +603,7 @@ def rollout(
     opening (METHODS.md 4.8.3) with the AILO user holding its target and persona, and ends when the user accepts
     (r_t > tau), when AILO's user leaves, or after --max-turns turns. ``planner`` None samples uniformly (the random
     floor); ``greedy`` takes the most likely strategy. Each finished episode is appended to ``records`` (the file
-    only serves resuming and the other ranks) and returned."""
+    serves resuming) and returned."""
     users = [SimUser(Task(key, seed.persona, seed.target), [dict(m) for m in seed.opening]) for key, seed in seeds]
     episodes = [{"key": key, "target": seed.target.title, "turns": [], "accepted": False, "success": False}
                 for key, seed in seeds]  # fmt: skip
