@@ -30,7 +30,7 @@ for dataset in book game yelp; do
     --num-sft-tasks 1000 --num-pre-tasks 500 --num-test-tasks 100 --max-turns 5 --retriever-top-k 5 \
     --action-decoding free --max-parse-tries 3 --max-searches 3 --action-max-tokens 256 --user-max-tokens 256 \
     --lam 4 --loss dpo --po-lr 1e-6 --po-batch-size 32 --po-epochs 3 --sft-epochs 3 --micro-batch-size 1 \
-    --batch-size 64 --track
+    --batch-size 64 --judge-scoring sampled --track
 done
 # Table 4a (the other objectives) reuses each run's D_pre in a copy of the run without the ECPO policy's outputs
 # (its adapter, checkpoints, reference log-probs, evaluation rollouts and judgements; pi_sft's stay):
@@ -46,6 +46,7 @@ for dataset in book game yelp; do
       --data-dir "${DATA_DIR:-../shared/data}" --policy meta-llama/Llama-3.1-8B-Instruct \
       --user-llm openai:gpt-4o-mini --expert-llm openai:gpt-4o-mini --judge-llm openai:gpt-4o \
       --num-test-tasks 100 --max-turns 5 --action-decoding free --max-parse-tries 3 --max-searches 3 \
-      --action-max-tokens 256 --user-max-tokens 256 --po-lr 1e-6 --po-batch-size 32 --batch-size 64 --track
+      --action-max-tokens 256 --user-max-tokens 256 --po-lr 1e-6 --po-batch-size 32 --batch-size 64 \
+      --judge-scoring sampled --track
   done
 done

@@ -48,6 +48,6 @@ for dataset in inspired redial; do
     --reasoner-max-tokens 128 --actor-max-tokens 128 --user-max-tokens 256 --user-parse-tries 3 \
     --sft-lr 6e-6 --sft-epochs 10 --sft-batch-size 16 --micro-batch-size 2 \
     --rl-episodes 1000 --max-turns 10 --num-envs "$NUM_ENVS" --baseline ema --rl-max-grad-norm inf \
-    --reward-samples 10 --judge-max-tokens 4 --eval-num-envs 33 --track
+    --judge-scoring sampled --reward-samples 10 --judge-max-tokens 4 --eval-num-envs 33 --track
 done
 stop_server
