@@ -142,7 +142,7 @@ class Args:
     # ------------------------------------------------------------------------------------------- backward
     lam: float = 4.0
     """lambda: responses rated r_t <= lambda are rewritten (paper: 4; sweep 1..4). With --judge-scoring expected r_t
-    is AILO's expected rating E[r_t], compared with lambda as it is: E[r_t] <= lambda"""
+    is AILO's expected rating E[r_t], counted by its integer part as the paper parses ratings: E[r_t] < lambda + 1"""
     rewriter_max_tokens: int = 192
     """max new tokens of one rewrite"""
 
@@ -392,13 +392,15 @@ def rated_turns(trajectories: list[dict]) -> list[dict]:
 
 
 def rewritable_turns(trajectories: list[dict], lam: float) -> list[dict]:
-    """Eq. 2: the turns whose response fell short of the user's expectation, r_t <= lambda."""
-    return [t for t in rated_turns(trajectories) if t["rating"] <= lam]
+    """Eq. 2: the turns whose response fell short of the user's expectation, r_t <= lambda. An expected rating
+    E[r_t] counts by its integer part, as the paper parses a written rating (int(float(...))): lambda = 4 rewrites
+    every response that is not a confident 5, E[r_t] < 5, as it rewrites every integer rating but 5."""
+    return [t for t in rated_turns(trajectories) if math.floor(t["rating"]) <= lam]
 
 
 def rating_table(turns: list[dict], lam: float) -> str:
     counts = [sum(math.floor(t["rating"]) == r for t in turns) for r in range(6)]  # an expected r_t by its floor
-    low = sum(t["rating"] <= lam for t in turns)
+    low = sum(math.floor(t["rating"]) <= lam for t in turns)
     return f"r_t 0..5: {counts}; {low} of {len(turns)} rated responses have r_t <= lambda = {lam:g}"
 
 

@@ -93,3 +93,14 @@ def test_every_judged_pair_counts_in_the_expected_win_rate(tokenizer):
     assert metrics["eval/wr"] == pytest.approx(((1 + 0.5) / 2 + (1 + 0.25) / 2) / 2)
     assert metrics["eval/judgements"] == 2 and metrics["eval/judge_mostly_elsewhere"] == 1
     assert ecpo.win_rate([1, 0], [-1]) == pytest.approx((1 + 0.5 + 1) / 3)  # integer verdicts: as before
+
+
+def test_an_expected_rating_counts_by_its_integer_part_against_lambda():
+    ratings = [4.3, 5.0, 3.9, 4]  # three expectations and a parsed integer
+    turns = [
+        {"turn": k, "ec_rating": r, "ec_reason": "ok", "cra": {"state": "s", "action": "Ask[more?]"}}
+        for k, r in enumerate(ratings)
+    ]
+    trajectories = [{"key": "task", "turns": turns}]
+    assert [t["rating"] for t in ecpo.rewritable_turns(trajectories, 4)] == [4.3, 3.9, 4]  # not a confident 5
+    assert [t["rating"] for t in ecpo.rewritable_turns(trajectories, 3)] == [3.9]
