@@ -762,7 +762,8 @@ def main(args: Args) -> None:
     if args.num_personas > 0:
         run.stage("personas", model_personas, args)
     run.stage("simulate", simulate, args, tasks, catalog)
-    run.finish()
+    run.finish(bars={"EC rating r_t per turn": [f"rollout/ec_rating_turn{t}" for t in range(1, args.max_turns + 1)],
+                     "success": ["eval/sr", "eval/recall"]})  # fmt: skip
 
 
 if __name__ == "__main__":

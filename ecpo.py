@@ -1145,6 +1145,15 @@ def print_summary(metrics: dict) -> None:
 # =============================================================================================== main
 
 
+# What runs/<run>/curves.png draws: the signal each update moves, and the evaluation beside its baselines.
+CURVES = {
+    "SGPT loss (Eq. 1)": ["train_sft/loss"],
+    "ECPO loss (--loss)": ["train/loss"],
+    "implicit rewards": ["train/rewards/accuracies", "train/rewards/margins"],
+}
+BARS = {"SR": ["eval_expert/sr", "eval_sft/sr", "eval/sr"], "win rate vs the expert": ["eval_sft/wr", "eval/wr"]}
+
+
 def main(args: Args) -> None:
     batches = check_args(args, args.dry_run or launched_processes())
     data = load_data(args)
@@ -1161,7 +1170,7 @@ def main(args: Args) -> None:
     run.stage("po", preference_optimization, args)  # Eq. 3: DPO on D_pre against pi_sft
     run.stage("eval", evaluate, args, data)  # SR, R and win rate against the expert
     run.log(cost_metrics(run.dir, data))
-    run.finish(print_summary)
+    run.finish(print_summary, CURVES, BARS)
 
 
 if __name__ == "__main__":

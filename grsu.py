@@ -892,6 +892,14 @@ def print_table(metrics: dict, search: str) -> None:
 # =============================================================================================== main
 
 
+# What runs/<run>/curves.png draws: the simulated user's loss, and the ranking beside the zero-shot CRS's.
+CURVES = {"simulated user loss (Eq. 4)": ["train/loss"]}
+BARS = {
+    "Recall@10": ["eval_zeroshot/recall@10", "eval/recall@10"],
+    "NDCG@10": ["eval_zeroshot/ndcg@10", "eval/ndcg@10"],
+}
+
+
 def main(args: Args) -> None:
     batches = check_args(args, args.dry_run or launched_processes())
     if args.dry_run:
@@ -901,7 +909,7 @@ def main(args: Args) -> None:
     run.stage("synth", synthesize_instructions, args)  # critique and scoring data written by a teacher
     run.stage("train", tune_user, args)  # Eq. 4: instruction tuning of the simulated user
     run.stage("search", search_and_rank, args)  # beam search on its rewards (Eq. 2) and critiques; pooled ranking
-    run.finish(partial(print_table, search=args.search))
+    run.finish(partial(print_table, search=args.search), CURVES, BARS)
 
 
 if __name__ == "__main__":

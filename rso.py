@@ -1245,6 +1245,16 @@ def print_table(metrics: dict) -> None:
 # =============================================================================================== main
 
 
+# What runs/<run>/curves.png draws: the return, entropy and gradient norm of each update, and the evaluation
+# beside the random and SFT planners.
+CURVES = {
+    "return R_1": ["rollout/return", "train/baseline"],
+    "planner entropy": ["train/entropy"],
+    "gradient norm (before clipping)": ["train/grad_norm"],
+}
+BARS = {"SR": ["eval_random/sr", "eval_sft/sr", "eval/sr"], "WI": ["eval_random/wi", "eval_sft/wi", "eval/wi"]}
+
+
 def main(args: Args) -> None:
     batches = check_args(args, args.dry_run or launched_processes())
     data = load_data(args)
@@ -1258,7 +1268,7 @@ def main(args: Args) -> None:
     run.stage("rl", reinforce, args, data)  # Algorithm 1, Eq. 7-9: entropy-regularized policy gradient
     run.stage("eval", evaluate, args, data)  # Tables IV-V and Fig. 3: random, SFT and RL planners side by side
     run.log(run.costs())
-    run.finish(print_table)
+    run.finish(print_table, CURVES, BARS)
 
 
 if __name__ == "__main__":

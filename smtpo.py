@@ -1677,6 +1677,15 @@ def print_tables(metrics: dict) -> None:
 # =============================================================================================== main
 
 
+# What runs/<run>/curves.png draws: GRPO's five rewards per step, and the ranking beside zero-shot and SFT.
+CURVES = {
+    "GRPO rewards (Eq. 15-19)": [f"rollout/reward_{k}" for k in ("total", "think", "answer", "pref", "rank", "hit")],
+    "GRPO loss (Eq. 14)": ["train/loss"],
+    "SFT losses": ["train_simulator/loss", "train_sft/loss"],
+}
+BARS = {"Recall@10": ["eval_zeroshot/recall@10", "eval_sft/recall@10", "eval/recall@10"]}
+
+
 def main(args: Args) -> None:
     batches = check_args(args, args.dry_run or launched_processes())
     data = load_data(args)
@@ -1691,7 +1700,7 @@ def main(args: Args) -> None:
     run.stage("grpo", multi_turn_grpo, args, data)  # Eq. 14 with the rewards of Eq. 15-19, over T turns
     run.stage("eval", evaluate, args, data)  # Recall / NDCG / MRR per turn, three recommenders side by side
     run.log(run.costs())
-    run.finish(print_tables)
+    run.finish(print_tables, CURVES, BARS)
 
 
 if __name__ == "__main__":

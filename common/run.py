@@ -33,6 +33,7 @@ import torch
 
 from common.distributed import make_accelerator
 from common.llm import make_llm, release_models
+from common.plots import draw_run
 from common.tracking import RecordFile, Tracker, default_run_name, seed_everything
 
 
@@ -195,8 +196,10 @@ class Run:
         for key, value in counters.items():
             self.counters[key] = self.counters.get(key, 0) + value
 
-    def finish(self, print_table=None) -> dict:
-        """Sum the counters over ranks, log one summary row with every metric of the run, print it."""
+    def finish(self, print_table=None, curves: dict | None = None, bars: dict | None = None) -> dict:
+        """Sum the counters over ranks, log one summary row with every metric of the run, print it, and draw
+        ``runs/<run>/curves.png``: the ``curves`` (panel title -> metrics per step: what the update moves) beside
+        the ``bars`` (panel title -> summary metrics: the evaluation beside its baselines)."""
         gathered = self.gather([self.counters])
         if self.main:
             self.summary |= {key: sum(c.get(key, 0) for c in gathered) for c in gathered for key in c}
@@ -204,6 +207,10 @@ class Run:
             print("\n" + json.dumps(self.summary, indent=2))
             if print_table is not None:
                 print_table(self.summary)
+            picture = draw_run(self.dir, curves or {}, bars or {})
+            if picture is not None:
+                self.tracker.image("curves", picture, step=self.step)
+                print(f"learning curves: {picture}")
             print(f"outputs in {self.dir}/")
         self.tracker.close()
         return self.summary

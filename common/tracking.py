@@ -71,6 +71,12 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
+    def image(self, name: str, path: Path, step: int) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Image(str(path))}, step=step)
+
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
