@@ -59,13 +59,18 @@ class Args:
     seed: int = 1
     """seed of python, numpy and torch (sampled retries and CRA sampling depend on it)"""
     run_name: str | None = None
-    """outputs go to runs/<run_name>/; rerun with the same name to resume (default: <exp_name>__<seed>__<time>)"""
+    """outputs go to runs/<run_name>/; rerun with the same name to resume (default, CleanRL's:
+    <exp_name>__<dataset>__<seed>__<unix time>)"""
     track: bool = False
     """log to Weights & Biases (WANDB_MODE=offline works) as well as runs/<run_name>/metrics.jsonl"""
     wandb_project: str = "cleancrs"
     """the W&B project"""
     wandb_entity: str | None = None
     """the W&B entity (team); None uses your default"""
+    wandb_group: str | None = None
+    """the W&B group of the run (e.g. one per sweep or per paper table)"""
+    wandb_tags: tuple[str, ...] = ()
+    """W&B tags of the run"""
 
     dataset: Literal["demo", "book", "game", "yelp"] = "demo"
     """demo: the bundled movie tasks; book/game/yelp: the ECPO task files under --data-dir"""

@@ -74,7 +74,8 @@ class Args:
     seed: int = 1
     """seed of python, numpy and torch: LoRA init, data order, sampled retries"""
     run_name: str | None = None
-    """outputs go to runs/<run_name>/; rerun with the same name to resume (default: <exp_name>__<seed>__<time>)"""
+    """outputs go to runs/<run_name>/; rerun with the same name to resume (default, CleanRL's:
+    <exp_name>__<dataset>__<seed>__<unix time>)"""
     stages: tuple[Literal["teacher", "sft", "forward", "backward", "po", "eval"], ...] = STAGES
     """which stages to run, in pipeline order; each reads what the earlier ones left in the run folder"""
     track: bool = False
@@ -83,6 +84,10 @@ class Args:
     """the W&B project"""
     wandb_entity: str | None = None
     """the W&B entity (team); None uses your default"""
+    wandb_group: str | None = None
+    """the W&B group of the run (e.g. one per sweep or per paper table)"""
+    wandb_tags: tuple[str, ...] = ()
+    """W&B tags of the run"""
 
     # ------------------------------------------------------------------------------------------- data
     dataset: Literal["demo", "book", "game", "yelp"] = "demo"

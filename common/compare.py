@@ -40,7 +40,7 @@ def shared_curves(run_dirs: list[str], most: int) -> list[str]:
     counts = Counter()
     for run_dir in run_dirs:
         rows, _ = read_metrics(run_dir)
-        logged = {k for r in rows for k in r if k.startswith(CURVE_PREFIXES)}
+        logged = {k for r in rows for k in r if k.startswith(CURVE_PREFIXES) and not k.endswith("/step")}
         counts.update(m for m in logged if len(series(rows, m)[0]) > 1)
     needed = min(2, len(run_dirs))
     return [m for m, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= needed][:most]

@@ -21,9 +21,11 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], dict]:
 
 
 def series(rows: list[dict], metric: str) -> tuple[list[int], list[float]]:
-    """``metric`` per step, over the rows that hold it as a finite number."""
+    """``metric`` per step of its family (``train/step`` for ``train/loss``, as ``Run.log_step`` logs it; the
+    run's step where a row has none), over the rows that hold it as a finite number."""
+    axis = metric.split("/")[0] + "/step"
     points = [
-        (r["step"], r[metric])
+        (r.get(axis, r["step"]), r[metric])
         for r in rows
         if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric]) and "step" in r
     ]

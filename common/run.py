@@ -64,7 +64,7 @@ class Run:
         self.accelerator = make_accelerator()
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.main, self.device = self.accelerator.is_main_process, self.accelerator.device
-        names = [args.run_name or default_run_name(args.exp_name, args.seed)]
+        names = [args.run_name or default_run_name(args.exp_name, getattr(args, "dataset", "demo"), args.seed)]
         if self.world > 1:  # the default name holds a time stamp: every rank takes rank 0's
             broadcast_object_list(names)
         args.run_name = names[0]
@@ -73,7 +73,14 @@ class Run:
         self.seed = args.seed
         seed_everything(args.seed + self.rank)
         self.tracker = Tracker(
-            self.dir, args, track=args.track, project=args.wandb_project, entity=args.wandb_entity, is_main=self.main
+            self.dir,
+            args,
+            track=args.track,
+            project=args.wandb_project,
+            entity=args.wandb_entity,
+            is_main=self.main,
+            group=getattr(args, "wandb_group", None),
+            tags=getattr(args, "wandb_tags", ()),
         )
         self.summary: dict[str, float] = {}
         self.counters: dict[str, float] = {}
@@ -81,6 +88,9 @@ class Run:
         # W&B needs steps that only grow, and a resumed W&B run starts after its last step: a rerun logs from there.
         rows = RecordFile(self.dir / "metrics.jsonl").records() if self.main else []
         self.step = max((r.get("step", 0) + 1 for r in rows), default=0)
+        self.family_steps = {
+            name.removesuffix("/step"): value for r in rows for name, value in r.items() if name.endswith("/step")
+        }
 
     # ----------------------------------------------------------------------------------- files and ranks
     def records(self, name: str, key: str = "key") -> RecordFile:
@@ -174,8 +184,12 @@ class Run:
         """One optimizer step's metrics at the next run.step, with its steps per second (it took ``seconds``) and
         this rank's peak memory so far in the stage."""
         self.step += 1
+        families = sorted({name.split("/")[0] for name in metrics if "/" in name})
+        for family in families:  # <family>/step: the curve's own axis, on which methods overlay (W&B, compare)
+            self.family_steps[family] = self.family_steps.get(family, 0) + 1
+        axes = {f"{family}/step": self.family_steps[family] for family in families}
         perf = {"perf/steps_per_s": 1 / max(seconds, 1e-9), "perf/peak_memory_gb": peak_memory_gb()}
-        self.tracker.log(metrics | perf, step=self.step)  # a curve, not part of the run's summary
+        self.tracker.log(metrics | axes | perf, step=self.step)  # a curve, not part of the run's summary
 
     def sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         """``values`` summed over ranks (every rank must call it, with the same keys)."""

@@ -22,8 +22,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_run_name(script: str, seed: int) -> str:
-    return f"{script}__{seed}__{int(time.time())}"
+def default_run_name(method: str, dataset: str, seed: int) -> str:
+    """CleanRL's run name, with the dataset: <method>__<dataset>__<seed>__<unix time>."""
+    return f"{method}__{dataset}__{seed}__{int(time.time())}"
 
 
 class Tracker:
@@ -41,6 +42,8 @@ class Tracker:
         project: str = "cleancrs",
         entity: str | None = None,
         is_main: bool = True,
+        group: str | None = None,
+        tags: tuple[str, ...] = (),
     ):
         self.run_dir = Path(run_dir)
         self.is_main = is_main
@@ -56,12 +59,20 @@ class Tracker:
             self.wandb = wandb.init(
                 project=project,
                 entity=entity,
+                group=group,
+                tags=list(tags),
                 name=self.run_dir.name,
-                config=config,
+                config=config,  # the whole Args
                 dir=str(self.run_dir),
                 resume="allow",
                 id=self.run_dir.name.replace("/", "_"),
+                save_code=True,
             )
+            # Each metric family runs on its own step axis (<family>/step, logged beside it), so that the curves
+            # of two methods overlay in W&B whatever else each run logged before
+            for family in ("train", "train_sft", "train_simulator", "train_retriever", "rollout", "eval"):
+                self.wandb.define_metric(f"{family}/step")
+                self.wandb.define_metric(f"{family}/*", step_metric=f"{family}/step")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.is_main:

@@ -1,6 +1,7 @@
 """common/run.py: what a stage leaves behind."""
 
 import copy
+import json
 import weakref
 from dataclasses import dataclass
 
@@ -50,3 +51,29 @@ def test_exchange_returns_an_earlier_launchs_records_then_this_launchs_in_the_or
         records.append({"key": key, "launch": 2})
     exchanged = run.exchange(records)
     assert [(r["key"], r["launch"]) for r in exchanged] == [("a", 1), ("d", 2), ("c", 2), ("b", 2)]
+
+
+def test_each_metric_family_gets_its_own_step_axis_which_a_rerun_continues(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = Run(Settings())
+    run.log_step({"train_sft/loss": 1.0}, 1.0)
+    run.log_step({"train_sft/loss": 0.5}, 1.0)
+    run.log_step({"train/loss": 0.7, "rollout/return": 2.0}, 1.0)
+    rerun = Run(Settings())  # the same run name: it resumes
+    rerun.log_step({"train/loss": 0.6}, 1.0)
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "stages" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("train_sft/step"), r.get("train/step"), r.get("rollout/step")) for r in rows] == [
+        (1, 1, None, None),
+        (2, 2, None, None),
+        (3, None, 1, 1),
+        (5, None, 2, None),  # a rerun logs after the last step (W&B), its families count on
+    ]
+
+
+def test_the_default_run_name_is_cleanrls_with_the_dataset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(run_name=None)
+    settings.dataset = "inspired"
+    run = Run(settings)
+    method, dataset, seed, stamp = run.dir.name.split("__")
+    assert (method, dataset, seed) == ("run", "inspired", "1") and stamp.isdigit()
