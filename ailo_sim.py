@@ -46,7 +46,7 @@ from common.distributed import print_dry_run
 from common.judging import Expectation, JudgeScoring, expected_scores, mass_metrics
 from common.llm import LLMBackendError
 from common.metrics import mentions_title, redact_title, success_rate
-from common.models import ModelSpecError
+from common.models import ModelSpecError, check_specs
 from common.parsing import ParseStats, chat_parsed, coerce_int, is_placeholder, parse_json
 from common.run import Run
 from common.tracking import RecordFile
@@ -75,7 +75,7 @@ class Args:
     dataset: Literal["demo", "book", "game", "yelp"] = "demo"
     """demo: the bundled movie tasks; book/game/yelp: the ECPO task files under --data-dir"""
     data_dir: str = "../shared/data"
-    """root of the real data (see README 'Data'); unused for the demo"""
+    """root of the real data (docs/data.md); unused for the demo"""
     split: Literal["train", "test"] = "train"
     """which ECPO task file: <Dataset>_train.jsonl or <Dataset>_test.jsonl (test is held-out: evaluation only)"""
     num_tasks: int = 4
@@ -748,6 +748,7 @@ def simulate(run: Run, args: Args, tasks: list[Task], catalog: Catalog) -> dict[
 
 
 def main(args: Args) -> None:
+    check_specs(args)  # a wrong model or LLM spec stops here, not after minutes of an earlier stage
     split = load_tasks(args.dataset, args.data_dir, args.split)
     tasks = split[args.task_offset : args.task_offset + args.num_tasks]
     if not tasks:

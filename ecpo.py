@@ -57,7 +57,7 @@ from common.distributed import (
 )
 from common.judging import JudgeScoring, expected_scores, mass_metrics
 from common.llm import HFChat, LLMBackendError
-from common.models import ModelSpecError, load_merged
+from common.models import ModelSpecError, check_specs, load_merged
 from common.parsing import ParseStats, chat_parsed, coerce_int, parse_json
 from common.run import Run
 from common.sft import supervised_finetuning
@@ -943,6 +943,8 @@ def check_args(args: Args, world: int) -> list[str]:
             f"--judge-scoring expected pre-fills the answer, which an openai: model cannot ({', '.join(apis)}): "
             "use hf: or vllm: there, or --judge-scoring sampled"
         )
+    if not 0 <= args.lam <= 5:
+        raise DataError(f"--lam {args.lam:g} lies outside AILO's rating scale 0-5 (paper: 4; the sweep is 1..4)")
     micro, batches = args.micro_batch_size, []
     if "sft" in args.stages:
         batches.append(check_division(world, args.sft_batch_size, micro, "--sft-batch-size"))
@@ -1160,6 +1162,7 @@ BARS = {"SR": ["eval_expert/sr", "eval_sft/sr", "eval/sr"], "win rate vs the exp
 
 
 def main(args: Args) -> None:
+    check_specs(args)  # a wrong model or LLM spec stops here, not after minutes of an earlier stage
     batches = check_args(args, args.dry_run or launched_processes())
     data = load_data(args)
     if args.dry_run:

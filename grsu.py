@@ -52,7 +52,7 @@ from common.distributed import (
 )
 from common.llm import HFChat, LLMBackendError
 from common.metrics import mrr_at_k, ndcg_at_k, recall_at_k
-from common.models import ModelSpecError, add_lora, enable_gradient_checkpointing, load_model
+from common.models import ModelSpecError, add_lora, check_specs, enable_gradient_checkpointing, load_model
 from common.parsing import ParseStats, chat_parsed
 from common.run import Run
 from common.sft import supervised_finetuning
@@ -906,6 +906,7 @@ BARS = {
 
 
 def main(args: Args) -> None:
+    check_specs(args)  # a wrong model or LLM spec stops here, not after minutes of an earlier stage
     batches = check_args(args, args.dry_run or launched_processes())
     if args.dry_run:
         print_dry_run("grsu.py", args.dry_run, batches, data_sizes(args))

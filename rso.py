@@ -75,7 +75,7 @@ from common.distributed import (
 from common.judging import JudgeScoring, expected_scores, mass_metrics
 from common.llm import LLMBackendError
 from common.metrics import mentions_title, success_rate
-from common.models import ModelSpecError, whole_weights
+from common.models import ModelSpecError, check_specs, whole_weights
 from common.parsing import ParseStats
 from common.run import Run
 from common.tracking import RecordFile, seed_everything
@@ -1261,6 +1261,7 @@ BARS = {"SR": ["eval_random/sr", "eval_sft/sr", "eval/sr"], "WI": ["eval_random/
 
 
 def main(args: Args) -> None:
+    check_specs(args)  # a wrong model or LLM spec stops here, not after minutes of an earlier stage
     batches = check_args(args, args.dry_run or launched_processes())
     data = load_data(args)
     if args.dry_run:

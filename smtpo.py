@@ -63,7 +63,7 @@ from common.distributed import (
 )
 from common.llm import HFChat, LLMBackendError
 from common.metrics import mrr_at_k, ndcg_at_k, recall_at_k
-from common.models import ModelSpecError, load_merged
+from common.models import ModelSpecError, check_specs, load_merged
 from common.parsing import ParseStats, chat_parsed
 from common.run import Run
 from common.sft import supervised_finetuning
@@ -1692,6 +1692,7 @@ BARS = {"Recall@10": ["eval_zeroshot/recall@10", "eval_sft/recall@10", "eval/rec
 
 
 def main(args: Args) -> None:
+    check_specs(args)  # a wrong model or LLM spec stops here, not after minutes of an earlier stage
     batches = check_args(args, args.dry_run or launched_processes())
     data = load_data(args)
     if args.dry_run:

@@ -79,7 +79,7 @@ class Task:
 def _require(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: file not found (see README 'Data' for where each dataset goes)")
+        raise DataError(f"{path}: file not found (docs/data.md says where each dataset goes)")
     return path
 
 

@@ -111,6 +111,43 @@ def resolve_model_path(spec: str) -> str:
     )
 
 
+def check_model_spec(spec: str) -> None:
+    """Refuse, without loading anything, a spec that ``resolve_model_path`` would refuse (a hub id is taken on
+    trust: it needs the hub or a local HF cache, which only loading can tell)."""
+    if spec in EMBEDDED_MODELS:
+        return
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelSpecError(f"model folder {path} has no config.json")
+        return
+    if spec.count("/") == 1 and all(spec.split("/")) and not spec.startswith((".", "~")) and ":" not in spec:
+        return
+    raise ModelSpecError(
+        f"unknown model spec {spec!r}: use one of {sorted(EMBEDDED_MODELS)}, a local folder, "
+        "or a Hugging Face id like 'meta-llama/Llama-3.1-8B-Instruct'"
+    )
+
+
+def check_specs(args) -> None:
+    """Every model and LLM spec among ``args``' fields, checked before the first stage loads anything: ``*_llm``
+    fields are ``hf:``/``vllm:``/``openai:`` specs; ``policy``, ``user_model`` and ``simulator_model`` are model
+    specs."""
+    for name, value in vars(args).items():
+        if not isinstance(value, str):
+            continue
+        if name.endswith("_llm"):
+            backend, sep, model = value.partition(":")
+            if not sep or not model or backend not in ("hf", "vllm", "openai"):
+                raise ModelSpecError(
+                    f"--{name.replace('_', '-')} {value!r}: use hf:<model>, vllm:<model> or openai:<model>"
+                )
+            if backend != "openai":
+                check_model_spec(model)
+        elif name in ("policy", "user_model", "simulator_model"):
+            check_model_spec(value)
+
+
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 

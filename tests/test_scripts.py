@@ -4,6 +4,9 @@ import json
 import re
 import subprocess
 import sys
+import time
+
+import pytest
 
 from ailo_sim import leaks_title
 from common.metrics import mentions_title
@@ -276,3 +279,19 @@ def test_smtpo_bad_input_is_a_clear_error(tmp_path):
     assert "file not found" in stderr
     stderr = fails_cleanly("smtpo.py", "--stages", "grpo", "--run-name", "empty", cwd=tmp_path)
     assert "run the retriever stage first" in stderr
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (("smtpo.py", "--policy", "hf:/nope"), "unknown model spec 'hf:/nope'"),
+        (("rso.py", "--judge-llm", "gpt-4o"), "--judge-llm 'gpt-4o': use hf:<model>"),
+        (("grsu.py", "--user-model", "./no/such/folder"), "unknown model spec"),
+        (("ecpo.py", "--lam", "9"), "--lam 9 lies outside AILO's rating scale 0-5"),
+    ],
+)
+def test_a_wrong_spec_or_flag_stops_before_the_first_stage(tmp_path, command, message):
+    started = time.time()
+    assert message in fails_cleanly(*command, cwd=tmp_path)
+    assert time.time() - started < 60  # imports only: nothing trained or loaded first
+    assert not (tmp_path / "runs").exists()
