@@ -59,7 +59,7 @@ from common.judging import JudgeScoring, expected_scores, mass_metrics
 from common.llm import HFChat, LLMBackendError
 from common.models import ModelSpecError, check_specs, load_merged
 from common.parsing import ParseStats, chat_parsed, coerce_int, parse_json
-from common.run import Run
+from common.run import Run, preference_row, sft_row
 from common.sft import supervised_finetuning
 from common.tokens import collate, encode_prompt_completion, sequence_logprobs
 from common.tracking import RecordFile
@@ -1021,6 +1021,7 @@ def sgpt(run: Run, args: Args, data: Data) -> dict:
         done = records.done_keys()
         for example in (e for e in d_sft if e["key"] not in done):
             records.append(example)
+    run.save_dataset("d_sft", [sft_row(e["prompt"], e["completion"]) for e in d_sft])
     model, tokenizer = load_policy(args, [], run.device, trainable=True)
     if d_sft:
         encoded = [encode(tokenizer, e["prompt"], e["completion"], args.max_length) for e in d_sft]
@@ -1068,6 +1069,7 @@ def backward_expectation_derivation(run: Run, args: Args, data: Data) -> dict:
     if run.main:  # D_pre for this lambda, replaced whole so that it always matches the flag
         (run.dir / "pairs.jsonl.tmp").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
         (run.dir / "pairs.jsonl.tmp").rename(run.dir / "pairs.jsonl")
+    run.save_dataset("d_pre", [preference_row(p["prompt"], p["chosen"], p["rejected"]) for p in pairs])
     statuses = [r["status"] for r in rewrites]
     counts = {f"rollout/rewrite_{s}": statuses.count(s) for s in ("ok", "unparsable", "bad_format", "unchanged")}
     return {"rollout/rewrite_turns": len(turns), "rollout/pairs": len(pairs), **counts}

@@ -54,7 +54,7 @@ from common.llm import HFChat, LLMBackendError
 from common.metrics import mrr_at_k, ndcg_at_k, recall_at_k
 from common.models import ModelSpecError, add_lora, check_specs, enable_gradient_checkpointing, load_model
 from common.parsing import ParseStats, chat_parsed
-from common.run import Run
+from common.run import Run, sft_row
 from common.sft import supervised_finetuning
 from common.tokens import encode_prompt_completion
 from common.tracking import RecordFile
@@ -800,6 +800,7 @@ def tune_user(run: Run, args: Args) -> dict:
         prompt = [{"role": "user", "content": r["prompt"]}]
         ids, mask = encode_prompt_completion(tokenizer, prompt, r["completion"], max_length=args.max_length)
         examples.append({"input_ids": ids, "completion_mask": mask})
+    run.save_dataset("instructions", [sft_row(r["prompt"], r["completion"]) for r in data])
     if run.main:
         kinds = [r["kind"] for r in data]
         print(f"train: {kinds.count('critique')} critique and {kinds.count('score')} scoring examples")

@@ -805,6 +805,8 @@ def sft_warmup(run: Run, args: Args, data: Data) -> dict:
     if run.finished("sft_planner"):
         return json.loads((run.dir / "sft_planner" / "steps.json").read_text())["metrics"]
     accelerator, examples = run.accelerator, data.sft_train
+    labelled = [{"text": e["text"], "label": e["label"], "strategy": NAMES[e["label"]]} for e in examples]
+    run.save_dataset("planner_sft", labelled)  # s_t and h'_t, as a text-classification dataset
     model, tokenizer = load_planner(args.planner, run.device, args.seed, trainable=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr)
     steps, accum = training_steps(

@@ -65,7 +65,7 @@ from common.llm import HFChat, LLMBackendError
 from common.metrics import mrr_at_k, ndcg_at_k, recall_at_k
 from common.models import ModelSpecError, check_specs, load_merged
 from common.parsing import ParseStats, chat_parsed
-from common.run import Run
+from common.run import Run, sft_row
 from common.sft import supervised_finetuning
 from common.tokens import collate, encode_prompt_completion, sequence_logprobs
 
@@ -1114,6 +1114,7 @@ def train_simulator(run: Run, args: Args, data: Data) -> dict:
         jobs += feedback_jobs
     teacher_texts(run, args, records, jobs, args.feedback_max_tokens)
     rows = sorted(run.exchange(records), key=lambda r: r["key"])
+    run.save_dataset("simulator", [sft_row(r["prompt"], r["completion"]) | {"task": r["task"]} for r in rows])
     model, tokenizer = load_merged(
         args.simulator_model, [], run.device, (args.lora_rank, args.lora_alpha), args.seed, args.gradient_checkpointing
     )
@@ -1336,6 +1337,7 @@ def recommender_sft(run: Run, args: Args, data: Data) -> dict:
                 records.append({"key": sample.key, "prompt": prompt, "completion": completion})
     run.count(stats.metrics("rollout/teacher_"))
     rows = sorted(run.exchange(records), key=lambda r: r["key"])
+    run.save_dataset("reasoning_sft", [sft_row(r["prompt"], r["completion"]) for r in rows])
     if not rows:
         raise DataError(f"{records.path}: the teacher wrote no reasoning in the five-step format")
     model, tokenizer = load_merged(

@@ -57,6 +57,20 @@ def peak_memory_gb() -> float:
         return float("nan")
 
 
+def sft_row(prompt: str, completion: str) -> dict:
+    """An SFT example in TRL's conversational ``messages`` column."""
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
+
+
+def preference_row(prompt: str, chosen: str, rejected: str) -> dict:
+    """A preference pair in TRL's conversational ``prompt`` / ``chosen`` / ``rejected`` columns."""
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+
+
 class Run:
     def __init__(self, args):
         from accelerate.utils import broadcast_object_list
@@ -205,6 +219,15 @@ class Run:
             import wandb
 
             self.tracker.wandb.log({name: wandb.Table(columns=columns, data=rows)}, step=self.step)
+
+    def save_dataset(self, name: str, rows: list[dict]) -> None:
+        """``rows`` as a Hugging Face dataset in ``runs/<run>/datasets/<name>/`` (``save_to_disk``), for TRL or a hub
+        as it is: build them with ``sft_row`` / ``preference_row`` (TRL's conversational columns). Rank 0 writes."""
+        if not self.main or not rows:
+            return
+        from datasets import Dataset
+
+        Dataset.from_list(rows).save_to_disk(str(self.dir / "datasets" / name))
 
     def count(self, counters: dict[str, float]) -> None:
         for key, value in counters.items():
