@@ -30,6 +30,7 @@ A rerun with the same --run-name skips every finished conversation and persona.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -106,6 +107,11 @@ class Args:
     target_note: bool = False
     """tell the simulated user whether the system's last message named its target (our addition, not the paper's:
     it helps weak simulators notice a success, but it tells the user the very fact SR measures)"""
+    audit: str | None = None
+    """a run folder (of any script that plays AILO) whose recorded simulated user turns are audited for ones that
+    name their target (``audit_leaks``); prints them and exits without simulating"""
+    strict: bool = False
+    """with --audit: exit non-zero when a recorded user turn names its target"""
     judge_scoring: JudgeScoring = "expected"
     """how the EC rating r_t is read: "expected", E[r_t] over the digits 0-5 after the pre-filled reason, one
     forward pass, every response rated (common/judging.py; hf: and vllm: simulators); "sampled", the paper's: the
@@ -331,6 +337,7 @@ class UserTurn:
     ec_rating: float | None  # an integer 0-5 as parsed; with --judge-scoring expected, E[r_t] in [0, 5]
     end: bool
     ec_mass_outside: float | None = None  # expected: the probability the rating's answer put outside 0-5
+    guard: str = "clean"  # the leak guard on the utterance: "clean", "regenerated" or "redacted"
 
 
 class AILO:
@@ -373,8 +380,9 @@ class AILO:
         named = mentions_title(last, user.task.target.title)
         return f"(Note: the system's last message {'DID' if named else 'did NOT'} recommend your target.)\n"
 
-    def _content(self, users: list[SimUser], policies: list[str]) -> list[str]:
-        """Step 2: one utterance per user, generated in one batch; leaks are regenerated, then redacted."""
+    def _content(self, users: list[SimUser], policies: list[str]) -> tuple[list[str], list[str]]:
+        """Step 2: one utterance per user, generated in one batch; leaks are regenerated, then redacted. Returns the
+        utterances and what the guard did to each ("clean", "regenerated", "redacted")."""
         prompts = []
         for user, policy in zip(users, policies):
             persona, language = user.task.persona, user.task.persona.language
@@ -393,6 +401,7 @@ class AILO:
             )
         parsed, raw = self._ask(prompts, parse_content)
         texts = [p if p is not None else fallback_utterance(r, policy) for p, r, policy in zip(parsed, raw, policies)]
+        guard = ["clean"] * len(texts)
         for attempt in range(self.max_leak_tries + 1):
             leaking = [i for i, (u, t) in enumerate(zip(users, texts)) if leaks_title(t, u.task.target.title)]
             if attempt == 0:
@@ -402,22 +411,24 @@ class AILO:
             if attempt == self.max_leak_tries:  # hard guard: the title never reaches the CRA
                 self.title_redactions += len(leaking)
                 for i in leaking:
-                    texts[i] = redact_title(texts[i], users[i].task.target.title)
+                    texts[i], guard[i] = redact_title(texts[i], users[i].task.target.title), "redacted"
                 break
+            for i in leaking:
+                guard[i] = "regenerated"
             regenerated, raw = self._ask(
                 [prompts[i] for i in leaking], parse_content, max_tries=1, temperature=0.7 + 0.3 * attempt
             )
             for i, text, r in zip(leaking, regenerated, raw):
                 texts[i] = text if text is not None else fallback_utterance(r, policies[i])
-        return texts
+        return texts, guard
 
     def start(self, tasks: list[Task]) -> tuple[list[SimUser], list[UserTurn]]:
         """Turn 0: every user opens with the fixed ask_recommendation policy (no EC: nothing to rate yet)."""
         users = [SimUser(task) for task in tasks]
-        texts = self._content(users, [OPENING_POLICY] * len(users))
+        texts, guard = self._content(users, [OPENING_POLICY] * len(users))
         for user, text in zip(users, texts):
             user.history.append({"role": "user", "content": text})
-        return users, [UserTurn(OPENING_POLICY, t, None, None, False) for t in texts]
+        return users, [UserTurn(OPENING_POLICY, t, None, None, False, guard=g) for t, g in zip(texts, guard)]
 
     def step(self, users: list[SimUser], cra_responses: list[str], final: bool = False) -> list[UserTurn]:
         """Answer one CRA response per user. With ``final`` (the turn limit) only EC runs: nobody replies."""
@@ -457,12 +468,12 @@ class AILO:
         ]
 
         # Step 2: the response content, conditioned on the policy.
-        texts = self._content(users, policies)
+        texts, guard = self._content(users, policies)
         turns = []
-        for user, policy, text, (e, mass) in zip(users, policies, texts, ec):
+        for user, policy, text, (e, mass), g in zip(users, policies, texts, ec, guard):
             user.history.append({"role": "user", "content": text})
             user.ended = policy == "end_conversation"
-            turns.append(UserTurn(policy, text, *(e or (None, None)), user.ended, mass))
+            turns.append(UserTurn(policy, text, *(e or (None, None)), user.ended, mass, g))
         return turns
 
     def expectation_confirmation(self, users: list[SimUser]) -> list[tuple[tuple[str, float] | None, float | None]]:
@@ -506,7 +517,7 @@ class AILO:
     def metrics(self) -> dict[str, int]:
         return {
             **self.stats.metrics("rollout/user_"),
-            "rollout/title_leaks": self.title_leaks,
+            "rollout/title_caught": self.title_leaks,  # rollout/title_leaks is what got through: audit_leaks
             "rollout/title_redactions": self.title_redactions,
             "rollout/ec_constrained": self.constrained_ratings,
         }
@@ -560,7 +571,7 @@ def run_episodes(
                 "user_id": t.persona.user_id,
                 "target": t.target.title,
                 "persona": asdict(t.persona),
-                "opening": {"policy": o.policy, "user": o.response},
+                "opening": {"policy": o.policy, "user": o.response, "user_guard": o.guard},
                 "turns": [],
                 "success": False,
                 "recall": False,
@@ -585,6 +596,7 @@ def run_episodes(
                         "mentions_target": mentions_title(reply.text, target),
                         "user_policy": answer.policy,
                         "user": answer.response,
+                        "user_guard": answer.guard,
                         "ec_reason": answer.ec_reason,
                         "ec_rating": answer.ec_rating,
                         "ec_mass_outside": answer.ec_mass_outside,
@@ -604,6 +616,45 @@ def run_episodes(
                     progress.update(1)
     progress.close()
     return [done.get(t.task_id) or finished[t.task_id] for t in tasks]
+
+
+def audit_leaks(run_dir: str | Path) -> tuple[dict[str, int], list[dict]]:
+    """Every simulated user turn recorded in a run's JSON Lines files (the openings and the turns of each record
+    with a ``target`` title and ``turns``: AILO's trajectories in ailo_sim.py and ecpo.py, RSO's episodes), checked
+    with the guard's own test (``leaks_title``) against its target. Returns the counts, ``rollout/title_leaks``
+    being the turns that name their target as recorded (what reached the CRA), and the offending turns."""
+    scanned, redacted, leaks = 0, 0, []
+    for path in sorted(Path(run_dir).glob("*.jsonl")):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line: the run redoes that record
+            if not isinstance(record, dict) or not isinstance(record.get("target"), str):
+                continue
+            opening = record.get("opening") if isinstance(record.get("opening"), dict) else None
+            turns = [opening] if opening else []
+            turns += [t for t in record.get("turns") or [] if isinstance(t, dict)]
+            for turn in turns:
+                text = turn.get("user")
+                if not isinstance(text, str) or not text:
+                    continue
+                scanned += 1
+                redacted += turn.get("user_guard") == "redacted"
+                if leaks_title(text, record["target"]):
+                    leaks.append({"file": path.name, "line": number, "target": record["target"], "user": text})
+    metrics = {"rollout/user_turns_audited": scanned, "rollout/title_leaks": len(leaks),
+               "rollout/title_redacted_turns": redacted}  # fmt: skip
+    return metrics, leaks
+
+
+def print_audit(metrics: dict[str, int], leaks: list[dict]) -> None:
+    print(
+        f"leak audit: {metrics['rollout/user_turns_audited']} simulated user turns, {len(leaks)} name their target, "
+        f"{metrics['rollout/title_redacted_turns']} redacted by the guard"
+    )
+    for leak in leaks:
+        print(f"  {leak['file']}:{leak['line']} (target {leak['target']}): {leak['user'][:200]}")
 
 
 def episode_metrics(trajectories: list[dict], max_turns: int) -> dict[str, float]:
@@ -748,6 +799,12 @@ def simulate(run: Run, args: Args, tasks: list[Task], catalog: Catalog) -> dict[
 
 
 def main(args: Args) -> None:
+    if args.audit:
+        if not (Path(args.audit) / "metrics.jsonl").exists() and not list(Path(args.audit).glob("*.jsonl")):
+            raise DataError(f"--audit {args.audit}: no run folder (no JSON Lines files there)")
+        metrics, leaks = audit_leaks(args.audit)
+        print_audit(metrics, leaks)
+        raise SystemExit(1 if leaks and args.strict else 0)
     check_specs(args)  # a wrong model or LLM spec stops here, not after minutes of an earlier stage
     split = load_tasks(args.dataset, args.data_dir, args.split)
     tasks = split[args.task_offset : args.task_offset + args.num_tasks]
@@ -768,6 +825,10 @@ def main(args: Args) -> None:
     if args.num_personas > 0:
         run.stage("personas", model_personas, args)
     run.stage("simulate", simulate, args, tasks, catalog)
+    if run.main:
+        audit = audit_leaks(run.dir)
+        print_audit(*audit)
+        run.log(audit[0])
     run.finish(bars={"EC rating r_t per turn": [f"rollout/ec_rating_turn{t}" for t in range(1, args.max_turns + 1)],
                      "success": ["eval/sr", "eval/recall"]})  # fmt: skip
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from ailo_sim import AILO, CRAReply, episode_metrics, print_trajectory, run_episodes
+from ailo_sim import AILO, CRAReply, audit_leaks, episode_metrics, print_audit, print_trajectory, run_episodes
 from common.catalog import Catalog
 from common.conversations import render_history
 from common.data import TASK_DOMAINS, DataError, Task, load_task_items, load_tasks
@@ -1180,6 +1180,10 @@ def main(args: Args) -> None:
     run.stage("po", preference_optimization, args)  # Eq. 3: DPO on D_pre against pi_sft
     run.stage("eval", evaluate, args, data)  # SR, R and win rate against the expert
     run.log(cost_metrics(run.dir, data))
+    if run.main:  # every simulated user turn the run recorded, checked for its target's title
+        audit = audit_leaks(run.dir)
+        print_audit(*audit)
+        run.log(audit[0])
     run.finish(print_summary, CURVES, BARS)
 
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from ailo_sim import AILO, SimUser
+from ailo_sim import AILO, SimUser, audit_leaks, print_audit
 from common.catalog import Catalog, encoder_path, item_card
 from common.conversations import render_history
 from common.data import (
@@ -658,6 +658,7 @@ def rollout(
                     "retrieved": [entity["entity"] for entity in facts[k]],
                     "user_policy": answers[k].policy,
                     "user": answers[k].response,
+                    "user_guard": answers[k].guard,
                     "scores": scores[k]["scores"],
                     "score": scores[k]["score"],
                     "reward_mass_outside": scores[k]["mass_outside"],
@@ -1276,6 +1277,10 @@ def main(args: Args) -> None:
     run.stage("rl", reinforce, args, data)  # Algorithm 1, Eq. 7-9: entropy-regularized policy gradient
     run.stage("eval", evaluate, args, data)  # Tables IV-V and Fig. 3: random, SFT and RL planners side by side
     run.log(run.costs())
+    if run.main:  # every simulated user turn the run recorded, checked for its target's title
+        audit = audit_leaks(run.dir)
+        print_audit(*audit)
+        run.log(audit[0])
     run.finish(print_table, CURVES, BARS)
 
 

@@ -56,9 +56,14 @@ def is_ordinary_word(form: str) -> bool:
 
 def _written_as_title(text: str, start: int, end: int, form: str, sentence_start: bool) -> bool:
     """Quoted ("It", *It*), or, for a form with letters, capitalised away from the start of a sentence ("Have you
-    seen It?", "I loved JAWS", not "like it"); at the start of a sentence ("It was fun") only if ``sentence_start``."""
+    seen It?", "I loved JAWS", not "like it"); at the start of a sentence ("It was fun") only if ``sentence_start``.
+    A form with a leading article is judged by its first word after the article, wherever it stands: "the
+    Godfather trilogy" and "The Thing scared me" name the film, "the thing is" and "The thing is" do not."""
     closed = end < len(text) and text[end] in _QUOTES and not text[end + 1 : end + 2].isalnum()  # not "It's"
     quoted = 0 < start and text[start - 1] in _QUOTES and closed
+    article = _ARTICLE.match(text[start:end]) if _ARTICLE.match(form) else None
+    if article:  # the article's capital is the sentence's; the name's is the title's ("the Godfather", "The Thing")
+        return quoted or text[start + article.end()].isupper()
     before = text[:start].rstrip()
     list_item = re.search(r"(^|\s)\d+[.)]$", before) is not None  # "1. Dune"
     opens_sentence = before == "" or (before[-1] in _SENTENCE_END and not list_item)

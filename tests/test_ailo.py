@@ -186,3 +186,30 @@ def test_the_target_note_is_off_unless_asked_for(scripted_llm, target_note):
     notes = [p for p in llm.prompts if "recommend your target" in p]
     assert bool(notes) == target_note  # by default the user is never told what SR measures
     assert all("DID recommend your target" in p for p in notes)  # the CRA named Jaws (1975) each turn
+
+
+def test_the_leak_audit_finds_a_planted_leak_and_strict_exits_non_zero(tmp_path):
+    from ailo_sim import audit_leaks
+    from tests.conftest import run_script
+
+    run_dir = tmp_path / "runs" / "planted"
+    run_dir.mkdir(parents=True)
+    trajectories = [
+        {"key": "a", "target": "The Godfather (1972)", "opening": {"user": "A crime saga, please."},
+         "turns": [{"user": "I'm particularly interested in the Godfather trilogy, ...", "user_guard": "clean"},
+                   {"user": "Something with that one's family drama.", "user_guard": "redacted"}]},
+        {"key": "b", "target": "It (2017)", "opening": {"user": "I would like it to be scary"}, "turns": []},
+    ]  # fmt: skip
+    lines = [json.dumps(t) for t in trajectories] + ['{"key": "c", "tar']  # and a torn last line
+    (run_dir / "forward_trajectories.jsonl").write_text("\n".join(lines) + "\n")
+    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')  # no target: not a trajectory file's record
+    metrics, leaks = audit_leaks(run_dir)
+    assert metrics == {"rollout/user_turns_audited": 4, "rollout/title_leaks": 1, "rollout/title_redacted_turns": 1}
+    assert [(leak["file"], leak["line"], leak["target"]) for leak in leaks] == [
+        ("forward_trajectories.jsonl", 1, "The Godfather (1972)")
+    ]
+    lenient = run_script("ailo_sim.py", "--audit", str(run_dir), cwd=tmp_path, check=False)
+    strict = run_script("ailo_sim.py", "--audit", str(run_dir), "--strict", cwd=tmp_path, check=False)
+    assert lenient.returncode == 0 and strict.returncode == 1
+    assert "4 simulated user turns, 1 name their target, 1 redacted" in strict.stdout
+    assert "forward_trajectories.jsonl:1 (target The Godfather (1972))" in strict.stdout

@@ -73,6 +73,14 @@ def test_a_ranking_that_repeats_an_item_counts_it_once():
         ("Have you read Beer?", "Beer", True),
         ("Luke is my cousin", "Luke", False),
         ("the thing is, I like horror", "The Thing (1982)", False),
+        ("The thing is, I like horror", "The Thing (1982)", False),  # the article's capital is the sentence's
+        # a title led by an article: judged by its first word after the article (issue 26, from a real AILO turn)
+        ("I'm particularly interested in the Godfather trilogy, ...", "The Godfather (1972)", True),
+        ("the Godfather trilogy is what I want.", "The Godfather (1972)", True),  # a sentence's start, lower-case
+        ("Great. the Matrix was fun.", "The Matrix (1999)", True),
+        ("Something like the Thing would be great", "The Thing (1982)", True),
+        ("The Thing scared me", "The Thing (1982)", True),
+        ("My godfather gave me the godfather of all hints", "The Godfather (1972)", False),
         ("a chainsaw massacre, or I saw it", "Saw (2003)", False),
         ("Watch Saw tonight", "Saw (2003)", True),
         # longer titles: whole words, any case, with or without the year
