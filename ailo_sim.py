@@ -44,7 +44,7 @@ from common.catalog import Catalog, item_card
 from common.conversations import render_history
 from common.data import TASK_DOMAINS, DataError, Persona, Task, load_ecpo_reviews, load_task_items, load_tasks
 from common.distributed import print_dry_run
-from common.judging import Expectation, JudgeScoring, expected_scores, mass_metrics
+from common.judging import Expectation, JudgeScoring, expected_scores, mass_metrics, scores_in_answers
 from common.llm import LLMBackendError
 from common.metrics import mentions_title, redact_title, success_rate
 from common.models import ModelSpecError, check_specs
@@ -114,8 +114,9 @@ class Args:
     """with --audit: exit non-zero when a recorded user turn names its target"""
     judge_scoring: JudgeScoring = "expected"
     """how the EC rating r_t is read: "expected", E[r_t] over the digits 0-5 after the pre-filled reason, one
-    forward pass, every response rated (common/judging.py; hf: and vllm: simulators); "sampled", the paper's: the
-    rating parsed from the generated JSON, retried, then read after the reason and floored"""
+    forward pass, every response rated (common/judging.py; an openai: simulator's from its answer's logprobs);
+    "sampled", the paper's: the rating parsed from the generated JSON, retried, then read after the reason and
+    floored"""
 
     num_personas: int = 0
     """if > 0, build this many personas from real reviews (book/game) with --persona-llm and report diversity"""
@@ -348,11 +349,6 @@ class AILO:
         self, llm, domain: str = "movie", max_tokens: int = 160, max_parse_tries: int = 3, max_leak_tries: int = 2,
         target_note: bool = False, ec_scoring: JudgeScoring = "sampled",
     ):  # fmt: skip
-        if ec_scoring == "expected" and not getattr(llm, "can_prefill", False):
-            raise LLMBackendError(
-                "--judge-scoring expected reads AILO's EC rating after its pre-filled reason, which needs an hf: or "
-                "vllm: simulator; an openai: simulator takes --judge-scoring sampled"
-            )
         self.llm, self.domain, self.max_tokens, self.ec_scoring = llm, domain, max_tokens, ec_scoring
         self.max_parse_tries, self.max_leak_tries, self.target_note = max_parse_tries, max_leak_tries, target_note
         self.stats = ParseStats()
@@ -504,14 +500,20 @@ class AILO:
         """The answer is pre-filled as '{"reason": "', the reason generated up to its closing quote, then the
         rating read from the next-token distribution over the digits 0..5 after '", "rating": "' (one forward pass):
         its probability-weighted mean (G-Eval's scoring). The mean uses the whole distribution, where a weak model's
-        argmax is always the same digit. Only local backends can pre-fill."""
+        argmax is always the same digit. An API simulator, which cannot be pre-filled, answers greedily and the
+        distribution is read where its own answer writes the rating (``scores_in_answers``)."""
         convs = [[{"role": "user", "content": p}] for p in prompts]
+        digits = {str(d): float(d) for d in range(6)}
+        if not getattr(self.llm, "can_prefill", False):
+            answers = scores_in_answers(self.llm, convs, [r'"rating":\s*"?'], digits, self.max_tokens)
+            no_score = Expectation(None, 1.0, {})
+            return [((parse_json(text) or {}).get("reason") or "", read[0] or no_score) for text, read in answers]
         reasons = [
             " ".join(out[0].split())
             for out in self.llm.chat(convs, max_tokens=self.max_tokens, stop=['"'], prefix='{"reason": "')
         ]
         prefixes = ['{"reason": "' + reason + '", "rating": "' for reason in reasons]
-        read = expected_scores(self.llm, convs, {str(d): float(d) for d in range(6)}, prefixes)
+        read = expected_scores(self.llm, convs, digits, prefixes)
         return list(zip(reasons, read))
 
     def metrics(self) -> dict[str, int]:
@@ -811,12 +813,6 @@ def main(args: Args) -> None:
     if not tasks:
         raise DataError(f"no tasks selected: offset {args.task_offset}, count {args.num_tasks}, split has {len(split)}")
     catalog = Catalog(load_task_items(args.dataset, args.data_dir, split))
-    if args.judge_scoring == "expected" and args.user_llm.startswith("openai:"):
-        raise DataError(
-            "--judge-scoring expected reads the EC rating after a pre-filled reason, which an openai: simulator "
-            "cannot: "
-            "use an hf: or vllm: one, or --judge-scoring sampled"
-        )
     if args.dry_run:
         print_dry_run("ailo_sim.py", args.dry_run, [], {"tasks": len(tasks), "items": len(catalog)})
         return

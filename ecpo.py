@@ -55,7 +55,7 @@ from common.distributed import (
     start_training,
     training_steps,
 )
-from common.judging import JudgeScoring, expected_scores, mass_metrics
+from common.judging import JudgeScoring, expected_scores, mass_metrics, scores_in_answers
 from common.llm import HFChat, LLMBackendError
 from common.models import ModelSpecError, check_specs, load_merged
 from common.parsing import ParseStats, chat_parsed, coerce_int, parse_json
@@ -196,8 +196,8 @@ class Args:
     judge_scoring: JudgeScoring = "expected"
     """how AILO's EC rating r_t and the win-rate judge's verdicts are read: "expected", from the answer distribution
     (E[r_t] over 0-5; each verdict P(1) - P(-1) over {1, 0, -1}), one forward pass per score after the pre-filled
-    reason, so every judged pair counts (common/judging.py; hf: and vllm: judges); "sampled", the paper's: parsed
-    from the generated JSON, a judgement that never parses is left out"""
+    reason, so every judged pair counts (common/judging.py; an openai: judge's from its answer's logprobs);
+    "sampled", the paper's: parsed from the generated JSON, a judgement that never parses is left out"""
     judge_max_tokens: int = 256
     """max new tokens of one judgement (with --judge-scoring expected: of each dimension's reason)"""
     print_conversations: bool = False
@@ -857,13 +857,20 @@ def expected_judgements(judge, conversations: list[list[dict]], max_tokens: int)
     """Fig. 11's judgement read from the judge's answer distribution: the JSON is pre-filled dimension by dimension;
     each reason is generated up to its closing quote, then the verdict read in one forward pass as its expectation
     over {1, 0, -1}, P(1) - P(-1) (P(A better) - P(B better)). The JSON goes on with the most probable verdict, so
-    each later dimension, and the overall score last, reads after a definite answer. Returns, per conversation,
+    each later dimension, and the overall score last, reads after a definite answer. An API judge answers greedily
+    and each verdict is read where its own JSON writes it (``scores_in_answers``). Returns, per conversation,
     ({dimension: expected verdict}, {dimension: the probability outside 1, 0, -1})."""
-    if not getattr(judge, "can_prefill", False):
-        raise LLMBackendError(
-            "--judge-scoring expected pre-fills the judge's JSON, which needs an hf: or vllm: judge; an openai: judge "
-            "takes --judge-scoring sampled"
-        )
+    if not getattr(judge, "can_prefill", False):  # an API judge: read where its own greedy answer writes each score
+        leads = [rf'"{name}"\s*:\s*{{[^{{}}]*"Score"\s*:\s*"?' for name in JUDGE_DIMENSIONS if name != "Final Score"]
+        leads.append(r'"Final Score"\s*:\s*"?')
+        answers = scores_in_answers(judge, conversations, leads, VERDICTS, max_tokens)
+        return [
+            (
+                {short: e.value for short, e in zip(JUDGE_DIMENSIONS.values(), read) if e and e.value is not None},
+                {short: e.mass_outside for short, e in zip(JUDGE_DIMENSIONS.values(), read) if e},
+            )
+            for _, read in answers
+        ]
     prefixes, scores, outside = ["{"] * len(conversations), [{} for _ in conversations], [{} for _ in conversations]
     for name, short in JUDGE_DIMENSIONS.items():
         if short == "final":
@@ -937,12 +944,6 @@ def load_data(args: Args) -> Data:
 def check_args(args: Args, world: int) -> list[str]:
     """Flags that cannot work on ``world`` ranks, refused before anything loads: the global batch of each training
     stage asked for must split evenly into ranks x micro-batches. Returns those splits, for the dry run's plan."""
-    apis = [f"--{role}-llm" for role in ("user", "judge") if getattr(args, f"{role}_llm").startswith("openai:")]
-    if args.judge_scoring == "expected" and apis:
-        raise DataError(
-            f"--judge-scoring expected pre-fills the answer, which an openai: model cannot ({', '.join(apis)}): "
-            "use hf: or vllm: there, or --judge-scoring sampled"
-        )
     if not 0 <= args.lam <= 5:
         raise DataError(f"--lam {args.lam:g} lies outside AILO's rating scale 0-5 (paper: 4; the sweep is 1..4)")
     micro, batches = args.micro_batch_size, []

@@ -13,6 +13,7 @@ wants to say something else is reported rather than silently trusted.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,6 +40,27 @@ def expected_scores(llm, conversations: list[list[dict]], values: dict[str, floa
     pre-filled where the backend can), over the tokens of ``values`` (score token -> its number). One forward pass
     per conversation (``llm.choice_probs``)."""
     return [expectation(p, values) for p in llm.choice_probs(conversations, tuple(values), prefix=prefix)]
+
+
+def scores_in_answers(llm, conversations: list[list[dict]], leads: list[str], values: dict[str, float],
+                      max_tokens: int) -> list[tuple[str, list[Expectation | None]]]:  # fmt: skip
+    """For a judge that cannot be pre-filled (an API): its greedy answer, and E[score] at each place the answer
+    reaches a lead (regular expressions, in order, e.g. '"rating":\\s*"?'): the distribution the server reports at
+    the first token after it that is more than spaces and quotes, over the tokens of ``values``. One call per
+    conversation (``answer_distributions``). A lead the answer never reaches gives None."""
+    answers = []
+    for tokens in llm.answer_distributions(conversations, max_tokens):
+        text, read = "", []
+        for token, top in tokens:
+            # the score is the first token after the lead that is more than spaces and quotes
+            reached = len(read) < len(leads) and re.search(f"(?:{leads[len(read)]})$", text)
+            if reached and token.strip().strip('"'):
+                # a token counts for the score it begins (" 4" for 4, "-" for -1), as choice_token_ids counts them
+                probs = {c: sum(p for t, p in top.items() if t.strip() and c.startswith(t.strip())) for c in values}
+                read.append(expectation(probs, values))
+            text += token
+        answers.append((text, read + [None] * (len(leads) - len(read))))
+    return answers
 
 
 def mass_metrics(outside: list[float], name: str) -> dict[str, float]:

@@ -379,6 +379,26 @@ class OpenAIChat:
 
         return self._map(one, conversations)
 
+    def answer_distributions(self, conversations, max_tokens: int) -> list[list[tuple[str, dict[str, float]]]]:
+        """One greedy answer per conversation, token by token, each with the probabilities of the server's top 20
+        tokens at its place: how a judge that cannot be pre-filled gives its score distribution (read where the
+        score stands in its own answer)."""
+        import math
+
+        def one(conv):
+            response = self._request(
+                messages=conv, temperature=0.0, max_tokens=max_tokens, logprobs=True, top_logprobs=20
+            )
+            logprobs = response.choices[0].logprobs
+            if logprobs is None or not logprobs.content:
+                raise LLMBackendError(
+                    f"endpoint {self.base_url} (model {self.model}) returned no logprobs; --judge-scoring expected "
+                    "needs a server that supports them (OpenAI, vLLM), or --judge-scoring sampled"
+                )
+            return [(t.token, {top.token: math.exp(top.logprob) for top in t.top_logprobs}) for t in logprobs.content]
+
+        return self._map(one, conversations)
+
 
 def vllm_memory_fraction() -> float:
     """The share of its GPU's memory each in-process vLLM engine takes (vLLM's gpu_memory_utilization):

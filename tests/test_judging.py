@@ -75,8 +75,6 @@ def test_ailo_reads_every_ec_rating_as_an_expectation_after_its_reason(tokenizer
     ((ec, outside),) = ailo_sim.AILO(llm, max_tokens=4, ec_scoring="expected").expectation_confirmation(users)
     reason, rating = ec
     assert 0 <= rating <= 5 and rating != int(rating) and 0 <= outside <= 1  # not floored; the mass reported
-    with pytest.raises(ailo_sim.LLMBackendError, match="pre-filled"):
-        ailo_sim.AILO(object(), ec_scoring="expected")  # an API backend cannot pre-fill the reason
 
 
 def test_every_judged_pair_counts_in_the_expected_win_rate(tokenizer):
@@ -104,3 +102,66 @@ def test_an_expected_rating_counts_by_its_integer_part_against_lambda():
     trajectories = [{"key": "task", "turns": turns}]
     assert [t["rating"] for t in ecpo.rewritable_turns(trajectories, 4)] == [4.3, 3.9, 4]  # not a confident 5
     assert [t["rating"] for t in ecpo.rewritable_turns(trajectories, 3)] == [3.9]
+
+
+def fake_endpoint(answers: list[list[tuple[str, dict[str, float]]]], monkeypatch):
+    """An OpenAIChat whose server answers each request with the next of ``answers``: (token, {top token: p})."""
+    import math
+    from types import SimpleNamespace
+
+    from common.llm import OpenAIChat
+
+    replies = iter(answers)
+
+    def request(self, **kwargs):
+        assert kwargs["logprobs"] and kwargs["top_logprobs"] == 20 and kwargs["temperature"] == 0.0
+        content = [
+            SimpleNamespace(
+                token=token, top_logprobs=[SimpleNamespace(token=t, logprob=math.log(p)) for t, p in top.items()]
+            )
+            for token, top in next(replies)
+        ]
+        return SimpleNamespace(choices=[SimpleNamespace(logprobs=SimpleNamespace(content=content))])
+
+    monkeypatch.setattr(OpenAIChat, "_request", request)
+    return OpenAIChat("judge", base_url="http://localhost:1/v1", max_workers=1)
+
+
+def spelled(text: str, at: dict[int, dict[str, float]] | None = None) -> list[tuple[str, dict[str, float]]]:
+    """``text`` as one token per character, each with itself as the top token, but at the indices in ``at``."""
+    return [(c, (at or {}).get(k, {c: 1.0})) for k, c in enumerate(text)]
+
+
+def test_an_api_judge_gives_its_distribution_where_its_own_answer_writes_the_score(monkeypatch):
+    answer = '{"reason": "vague", "rating": "3"}'
+    digit = answer.index("3")
+    ec = fake_endpoint([spelled(answer, {digit: {"3": 0.5, "4": 0.3, " 2": 0.1, "x": 0.1}})], monkeypatch)
+    ((reason, read),) = ailo_sim.AILO(ec, ec_scoring="expected")._read_ec(["rate this"])
+    assert reason == "vague" and read.value == pytest.approx((1.5 + 1.2 + 0.2) / 0.9)
+    assert read.mass_outside == pytest.approx(0.1)
+
+    judgement = '{"Flexibility": {"Reason": "a", "Score": 1}, "Coherence": {"Reason": "b", "Score": -1}, ' + (
+        '"User Guidance": {"Reason": "c", "Score": 0}, "Final Score": 1}'
+    )
+    at = {
+        judgement.index("1}"): {"1": 0.6, "0": 0.4},
+        judgement.index("-1}"): {"-": 0.7, "1": 0.1, "0": 0.2},
+        judgement.index("0}"): {"0": 1.0},
+        judgement.rindex("1}"): {"1": 0.5, " -": 0.25, "x": 0.25},
+    }
+    judge = fake_endpoint([spelled(judgement, at)], monkeypatch)
+    ((scores, outside),) = ecpo.expected_judgements(judge, [[{"role": "user", "content": "judge"}]], max_tokens=99)
+    assert scores == pytest.approx({"flexibility": 0.6, "coherence": -0.6, "user_guidance": 0.0, "final": 0.25 / 0.75})
+    assert outside["final"] == pytest.approx(0.25) and outside["flexibility"] == pytest.approx(0.0)
+
+
+def test_an_endpoint_without_logprobs_is_a_clear_error(monkeypatch):
+    from types import SimpleNamespace
+
+    from common.llm import LLMBackendError, OpenAIChat
+
+    monkeypatch.setattr(
+        OpenAIChat, "_request", lambda self, **kw: SimpleNamespace(choices=[SimpleNamespace(logprobs=None)])
+    )
+    with pytest.raises(LLMBackendError, match="returned no logprobs"):
+        OpenAIChat("m", base_url="http://localhost:1/v1").answer_distributions([[{"role": "user", "content": "x"}]], 4)
