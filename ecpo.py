@@ -396,16 +396,21 @@ def rated_turns(trajectories: list[dict]) -> list[dict]:
     ]
 
 
+def short_of_expectation(rating: float, lam: float) -> bool:
+    """Eq. 2's test, r_t <= lambda. An expected rating E[r_t] counts by its integer part, as the paper parses a
+    written rating (int(float(...))): lambda = 4 takes every response that is not a confident 5, E[r_t] < 5, as it
+    takes every integer rating but 5."""
+    return math.floor(rating) <= lam
+
+
 def rewritable_turns(trajectories: list[dict], lam: float) -> list[dict]:
-    """Eq. 2: the turns whose response fell short of the user's expectation, r_t <= lambda. An expected rating
-    E[r_t] counts by its integer part, as the paper parses a written rating (int(float(...))): lambda = 4 rewrites
-    every response that is not a confident 5, E[r_t] < 5, as it rewrites every integer rating but 5."""
-    return [t for t in rated_turns(trajectories) if math.floor(t["rating"]) <= lam]
+    """Eq. 2: the turns whose response fell short of the user's expectation."""
+    return [t for t in rated_turns(trajectories) if short_of_expectation(t["rating"], lam)]
 
 
 def rating_table(turns: list[dict], lam: float) -> str:
     counts = [sum(math.floor(t["rating"]) == r for t in turns) for r in range(6)]  # an expected r_t by its floor
-    low = sum(math.floor(t["rating"]) <= lam for t in turns)
+    low = sum(short_of_expectation(t["rating"], lam) for t in turns)
     return f"r_t 0..5: {counts}; {low} of {len(turns)} rated responses have r_t <= lambda = {lam:g}"
 
 
@@ -510,7 +515,7 @@ def select_pairs(rewrites: list[dict], lam: float) -> list[dict]:
             "conf": r["conf"],
         }
         for r in rewrites
-        if r["status"] == "ok" and r["rating"] <= lam
+        if r["status"] == "ok" and short_of_expectation(r["rating"], lam)
     ]
 
 

@@ -102,6 +102,9 @@ def test_an_expected_rating_counts_by_its_integer_part_against_lambda():
     trajectories = [{"key": "task", "turns": turns}]
     assert [t["rating"] for t in ecpo.rewritable_turns(trajectories, 4)] == [4.3, 3.9, 4]  # not a confident 5
     assert [t["rating"] for t in ecpo.rewritable_turns(trajectories, 3)] == [3.9]
+    rewrites = [{"key": f"t{k}", "state": "s", "refinement": "Ask[x]", "action": "Ask[y]", "rating": r, "conf": "c",
+                 "status": "ok"} for k, r in enumerate(ratings)]  # fmt: skip
+    assert [p["rating"] for p in ecpo.select_pairs(rewrites, 4)] == [4.3, 3.9, 4]  # D_pre reads the same test
 
 
 def fake_endpoint(answers: list[list[tuple[str, dict[str, float]]]], monkeypatch):
