@@ -21,15 +21,11 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], dict]:
 
 
 def series(rows: list[dict], metric: str) -> tuple[list[int], list[float]]:
-    """``metric`` per step of its family (``train/step`` for ``train/loss``, as ``Run.log_step`` logs it; the
-    run's step where a row has none), over the rows that hold it as a finite number."""
+    """``metric`` per step of its family (``train/step`` for ``train/loss``, as ``Run.log_step`` logs it; in a run
+    logged before those axes, the metric's own count), over the rows that hold it as a finite number."""
     axis = metric.split("/")[0] + "/step"
-    points = [
-        (r.get(axis, r["step"]), r[metric])
-        for r in rows
-        if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric]) and "step" in r
-    ]
-    return [s for s, _ in points], [v for _, v in points]
+    rows = [r for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+    return [r.get(axis, k) for k, r in enumerate(rows, 1)], [r[metric] for r in rows]
 
 
 def _pyplot():
@@ -59,7 +55,7 @@ def draw_run(run_dir: str | Path, curves: dict[str, list[str]], bars: dict[str, 
             for name in names:
                 steps, values = series(rows, name)
                 axis.plot(steps, values, marker="." if len(steps) < 30 else None, label=name)
-            axis.set_xlabel("step")
+            axis.set_xlabel(names[0].split("/")[0] + "/step")
         else:
             values = [summary[name] for name in names]
             axis.bar(range(len(names)), values, color=[f"C{k}" for k in range(len(names))])
@@ -85,17 +81,24 @@ def draw_comparison(run_dirs: list[str | Path], metrics: list[str], path: str | 
     lacking = {name: [] for name in runs}
     figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for axis, metric in zip(axes[0], metrics):
-        for k, (name, (rows, summary)) in enumerate(runs.items()):
-            steps, values = series(rows, metric)
-            if steps:
-                axis.plot(steps, values, color=f"C{k}", label=name)
-            elif isinstance(summary.get(metric), (int, float)):
-                axis.scatter([summary.get("step", 0)], [summary[metric]], color=f"C{k}", marker="D", label=name)
-            else:
-                lacking[name].append(metric)
+        curves = {name: series(rows, metric) for name, (rows, _) in runs.items()}
+        if any(len(steps) > 1 for steps, _ in curves.values()):  # a curve, not one value per run
+            for k, (name, (steps, values)) in enumerate(curves.items()):
+                if steps:
+                    axis.plot(steps, values, color=f"C{k}", label=name)
+                else:
+                    lacking[name].append(metric)
+            axis.set_xlabel(metric.split("/")[0] + "/step")
+            axis.legend(fontsize=6)
+        else:  # logged once per run (an evaluation): one bar per run
+            for k, (name, (_, summary)) in enumerate(runs.items()):
+                if isinstance(summary.get(metric), (int, float)):
+                    axis.bar(k, summary[metric], color=f"C{k}")
+                    axis.annotate(f"{summary[metric]:.3g}", (k, summary[metric]), ha="center", va="bottom", fontsize=7)
+                else:
+                    lacking[name].append(metric)
+            axis.set_xticks(range(len(runs)), list(runs), fontsize=6, rotation=20, ha="right")
         axis.set_title(metric, fontsize=9)
-        axis.set_xlabel("step")
-        axis.legend(fontsize=6)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
