@@ -12,10 +12,12 @@ so that a method's stages can be plain functions that read like the paper.
     llm = run.llm(args.user_llm)                      # a backend whose usage the stage's cost row counts; roles
                                                       # on one hf: model share it until the stage ends
     if run.finished("sft_adapter"): return            # a stage whose result is a folder is done once it is saved
-    run.log({...})                                    # at run.step; training loops advance run.step
+    run.save_dataset("d_pre", rows)                   # training data as a Hugging Face dataset, TRL's columns
+    run.log({...})                                    # at run.step
+    run.log_step({...}, seconds)                      # a training step's curve point, each family on its own axis
     run.count({...})                                  # counters, summed over ranks by run.finish
     run.log(run.costs())                              # cost/llm_calls, cost/tokens over every stage so far
-    run.finish(print_table)                           # one summary row with everything, printed
+    run.finish(print_table, CURVES, BARS)             # one summary row with everything, printed; curves.png
 
 Every stage logs ``perf/<stage>_seconds``, ``perf/<stage>_tokens_per_s`` (generated tokens, all ranks) and
 ``perf/<stage>_peak_memory_gb`` (the largest rank). The summary row (the last line of metrics.jsonl) holds every
