@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+import ecpo
 from ailo_sim import leaks_title
 from common.metrics import mentions_title
 from tests.conftest import ROOT, fails_cleanly, run_script
@@ -146,7 +147,8 @@ def test_ecpo_all_stages_resume_and_lambda(tmp_path):
     # a lower lambda selects a subset of the pairs from the stored rewrites, with no new rewriter calls
     run_script(*tiny, "--lam", "3", "--stages", "backward", cwd=tmp_path)
     lower = _jsonl(run_dir / "pairs.jsonl")
-    expected = {r["key"] for r in _jsonl(run_dir / "rewrites.jsonl") if r["status"] == "ok" and r["rating"] <= 3}
+    stored = _jsonl(run_dir / "rewrites.jsonl")  # ratings read as expectations count by their integer part (Eq. 2)
+    expected = {r["key"] for r in stored if r["status"] == "ok" and ecpo.short_of_expectation(r["rating"], 3)}
     assert {p["key"] for p in lower} == expected <= {p["key"] for p in pairs}  # exactly the stored ok rewrites
     assert _jsonl(run_dir / "costs.jsonl")[-1] == {"stage": "backward", "llm_calls": 0, "tokens": 0}
     assert _jsonl(run_dir / "metrics.jsonl")[-1]["cost/pairs"] == len(lower)
