@@ -226,7 +226,7 @@ def test_grsu_end_to_end_and_resume(tmp_path):
 
 def test_grsu_bad_input_is_a_clear_error(tmp_path):
     stderr = fails_cleanly("grsu.py", "--dataset", "inspired", "--data-dir", str(tmp_path / "missing"), cwd=tmp_path)
-    assert "movie2attrs.json: file not found" in stderr
+    assert "inspired/cfcrs/kg.json: file not found" in stderr  # the KG, read first (common/data.load_crs_dataset)
 
 
 SMTPO_TINY = (
