@@ -12,7 +12,6 @@ def test_a_saved_d_pre_loads_back_and_trains_one_trl_dpo_step(tmp_path, monkeypa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
     run = Run(Settings())
     pairs = [
         (f"Observation 1: User: a film like Alien, please ({k}).", "Recommend[Aliens (1986)]", "Ask[Why?]")

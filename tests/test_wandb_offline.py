@@ -46,9 +46,10 @@ class Settings:
 
 
 def test_an_offline_run_holds_the_config_tables_curves_and_step_axes(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb.teardown()  # wandb keeps the settings of its first use in the process (another test may have disabled it)
     run = Run(Settings())
     for loss in (0.69, 0.5, 0.4):
         run.log_step({"train/loss": loss}, 1.0)
