@@ -802,7 +802,7 @@ def simulate(run: Run, args: Args, tasks: list[Task], catalog: Catalog) -> dict[
 
 def main(args: Args) -> None:
     if args.audit:
-        if not (Path(args.audit) / "metrics.jsonl").exists() and not list(Path(args.audit).glob("*.jsonl")):
+        if not list(Path(args.audit).glob("*.jsonl")):
             raise DataError(f"--audit {args.audit}: no run folder (no JSON Lines files there)")
         metrics, leaks = audit_leaks(args.audit)
         print_audit(metrics, leaks)
