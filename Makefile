@@ -6,7 +6,7 @@ VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PYTHON := $(VENV)/bin/python
 RUN := PATH="$(abspath $(VENV))/bin:$$PATH" $(PYTHON)
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench data
 
 $(PYTHON):
 	python3 -m venv --system-site-packages $(VENV)
@@ -18,6 +18,12 @@ install: $(PYTHON)
 
 demo: install
 	$(RUN) ecpo.py
+
+# the real datasets from their public sources, checked (common/fetch_data.py): make data DATASET=inspired
+DATASET ?= all
+DATA_DIR ?= ../shared/data
+data: install
+	$(RUN) -m common.fetch_data $(DATASET) --data-dir $(DATA_DIR)
 
 test: install
 	$(PYTHON) -m pip install -q -r requirements-dev.txt

@@ -486,7 +486,8 @@ def load_crs_dataset(dataset: str, data_dir: str | Path, eval_split: str, whole_
     * demo: data/demo's dialogues_train / dialogues_test and its catalog.
     * inspired: UniCRS's train split (CFCRS ships none; the same conversations, their titles given back their
       years from the KG), CFCRS's ``{valid,test}_data.jsonl``, CFCRS's KG.
-    * redial: the mirrored subsets of the official train split, iEvaLM's evaluated split and KG. The evaluated split
+    * redial: the official train split (``train_data.jsonl``, or where only the mirrored subsets are there, those),
+      iEvaLM's evaluated split and KG. The evaluated split
       is iEvaLM's processed recommendation turns (one Dialogue per turn) or, with ``whole_dialogues``, the same
       conversations in the official format (iEvaLM's ``valid_data.jsonl``, the official ``test_data.jsonl``).
 
@@ -506,8 +507,11 @@ def load_crs_dataset(dataset: str, data_dir: str | Path, eval_split: str, whole_
     elif dataset == "redial":
         items = load_cfcrs_kg(root / "redial" / "ievalm")  # CFCRS's KG format: star, director, genre, writer
         official = root / "redial" / "official"
-        train = load_redial_official(official / "train_subset_500.jsonl")
-        train += load_redial_official(official / "valid_subset_100.jsonl")
+        if (official / "train_data.jsonl").exists():  # the whole official train split, where it was fetched
+            train = load_redial_official(official / "train_data.jsonl")
+        else:
+            train = load_redial_official(official / "train_subset_500.jsonl")
+            train += load_redial_official(official / "valid_subset_100.jsonl")
         evaluated = load_ievalm_turns(root / "redial" / "ievalm" / f"{eval_split}_data_processed.jsonl")
         if whole_dialogues:  # iEvaLM's processed files leave out the conversations with no recommendation turn
             whole = (
