@@ -98,7 +98,8 @@ class RecordFile:
 
     Each record is written with one ``write`` on an O_APPEND descriptor and flushed, so several ranks can
     append to one file, and a run killed mid-way keeps every record it finished. A torn last line (from a
-    kill during the write) is ignored on reload and the record is redone. ``appended`` keeps what this process
+    kill during the write) is ignored on reload and the record is redone; this process's first record starts on a
+    new line after it, so it is not glued onto the torn one and lost with it. ``appended`` keeps what this process
     wrote, in order: ranks exchange those (``Run.exchange``), never reading each other's from the file.
     """
 
@@ -106,6 +107,7 @@ class RecordFile:
         self.path, self.key = Path(path), key
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.appended: list[dict] = []
+        self._after_torn_line = None
 
     def records(self) -> list[dict]:
         if not self.path.exists():
@@ -123,8 +125,13 @@ class RecordFile:
 
     def append(self, record: dict) -> None:
         data = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            if self._after_torn_line is None:  # only a kill in an earlier launch tears a line: look once
+                size = os.fstat(fd).st_size
+                self._after_torn_line = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+                # another rank may add the same newline: an empty line, which reloading skips
+                data = b"\n" + data if self._after_torn_line else data
             os.write(fd, data)
             os.fsync(fd)
         finally:

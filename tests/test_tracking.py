@@ -21,6 +21,11 @@ def test_record_file_appends_resumes_and_ignores_a_torn_line(tmp_path):
         f.write('{"key": "c", "x"')  # a run killed mid-write
     again = RecordFile(tmp_path / "r.jsonl")
     assert again.done_keys() == {"a", "b"}
+    # the resumed run redoes "c"; its record, and the next, must survive the next reload
+    again.append({"key": "c", "x": 3})
+    again.append({"key": "d", "x": 4})
+    assert RecordFile(tmp_path / "r.jsonl").done_keys() == {"a", "b", "c", "d"}
+    assert RecordFile(tmp_path / "r.jsonl").records()[2] == {"key": "c", "x": 3}
 
 
 def test_tracker_writes_config_and_metrics_on_main_only(tmp_path):
