@@ -27,7 +27,7 @@ data: install
 
 test: install
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
-	$(RUN) -m pytest -q tests
+	$(RUN) -m pytest -q --durations=15 tests
 
 lint:
 	$(MAKE) --no-print-directory $(PYTHON)
