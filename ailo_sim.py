@@ -622,8 +622,9 @@ def run_episodes(
 
 def audit_leaks(run_dir: str | Path) -> tuple[dict[str, int], list[dict]]:
     """Every simulated user turn recorded in a run's JSON Lines files (the openings and the turns of each record
-    with a ``target`` title and ``turns``: AILO's trajectories in ailo_sim.py and ecpo.py, RSO's episodes), checked
-    with the guard's own test (``leaks_title``) against its target. Returns the counts, ``rollout/title_leaks``
+    with a ``target`` title and ``turns``: AILO's trajectories in ailo_sim.py and ecpo.py, RSO's episodes, and the
+    feedback of SMTPO's simulator in its evaluation records), checked with the guard's own test (``leaks_title``)
+    against its target. Returns the counts, ``rollout/title_leaks``
     being the turns that name their target as recorded (what reached the CRA), and the offending turns."""
     scanned, redacted, leaks = 0, 0, []
     for path in sorted(Path(run_dir).glob("*.jsonl")):
@@ -638,7 +639,7 @@ def audit_leaks(run_dir: str | Path) -> tuple[dict[str, int], list[dict]]:
             turns = [opening] if opening else []
             turns += [t for t in record.get("turns") or [] if isinstance(t, dict)]
             for turn in turns:
-                text = turn.get("user")
+                text = turn.get("user", turn.get("feedback"))  # AILO's and RSO's user, SMTPO's simulator
                 if not isinstance(text, str) or not text:
                     continue
                 scanned += 1

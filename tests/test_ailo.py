@@ -203,11 +203,16 @@ def test_the_leak_audit_finds_a_planted_leak_and_strict_exits_non_zero(tmp_path)
     lines = [json.dumps(t) for t in trajectories] + ['{"key": "c", "tar']  # and a torn last line
     (run_dir / "forward_trajectories.jsonl").write_text("\n".join(lines) + "\n")
     (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')  # no target: not a trajectory file's record
+    smtpo_eval = {"key": "d", "target": "Jaws (1975)", "turns": [{"turn": 1, "feedback": ""},
+                  {"turn": 2, "feedback": "Closer. Something like Jaws, with a shark."}]}  # fmt: skip
+    (run_dir / "eval_smtpo.jsonl").write_text(json.dumps(smtpo_eval) + "\n")  # SMTPO's simulator feedback
     metrics, leaks = audit_leaks(run_dir)
-    assert metrics == {"rollout/user_turns_audited": 4, "rollout/title_leaks": 1, "rollout/title_redacted_turns": 1}
+    assert metrics == {"rollout/user_turns_audited": 5, "rollout/title_leaks": 2, "rollout/title_redacted_turns": 1}
     assert [(leak["file"], leak["line"], leak["target"]) for leak in leaks] == [
-        ("forward_trajectories.jsonl", 1, "The Godfather (1972)")
+        ("eval_smtpo.jsonl", 1, "Jaws (1975)"),
+        ("forward_trajectories.jsonl", 1, "The Godfather (1972)"),
     ]
+    (run_dir / "eval_smtpo.jsonl").unlink()
     lenient = run_script("ailo_sim.py", "--audit", str(run_dir), cwd=tmp_path, check=False)
     strict = run_script("ailo_sim.py", "--audit", str(run_dir), "--strict", cwd=tmp_path, check=False)
     assert lenient.returncode == 0 and strict.returncode == 1
