@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import tyro
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -87,7 +88,7 @@ def judge_prompts(folder: Path, items: int) -> list[str]:
 def measure(score, llm, prompts: list[str], repeats: int) -> dict[str, float]:
     """Run ``score(prompts, seed) -> [(value or None, unscored share)]`` ``repeats`` times."""
     runs, seconds, calls = [], 0.0, 0
-    for seed in range(repeats):
+    for seed in tqdm(range(repeats), desc="runs", leave=False):
         torch.manual_seed(seed)
         before, started = llm.usage.calls, time.time()
         runs.append(score(prompts, seed))
