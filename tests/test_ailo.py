@@ -56,6 +56,11 @@ def test_title_guard_forms():
     assert leaks_title("Jaws! That is the one I mean.", "Jaws (1975)")  # a sentence's first word, for the guard
     assert not leaks_title("I would like it to be scary", "It (2017)")  # was redacted to "like that one to be"
     assert redact_title("I would like it to be scary", "It (2017)") == "I would like it to be scary"
+    # a real opening the guard let through on ECPO Book: the name, then its own subtitle cut short (issue 26)
+    opening = "I'm excited to introduce you to the world of Witch at Heart: the Jinx Hamilton Series, a magical"
+    target = "Witch at Heart: The Jinx Hamilton Series - Book 1"
+    assert leaks_title(opening, target)
+    assert not leaks_title(redact_title(opening, target), target)
 
 
 def test_target_title_never_reaches_the_cra(scripted_llm):

@@ -94,6 +94,19 @@ def test_a_ranking_that_repeats_an_item_counts_it_once():
         ("I recommend: Minecraft", "Minecraft", True),
         ("Try Alien (1979) instead", "Alien: Covenant (2017)", False),
         ("Star Wars: Episode V is better", "Star Wars: Episode IV (1977)", False),
+        ("Star Wars: The Empire Strikes Back", "Star Wars: The Last Jedi (2017)", False),
+        # the name followed by its own subtitle, not written out in full (a real AILO opening on ECPO Book)
+        (
+            "I'm excited to introduce you to the world of Witch at Heart: the Jinx Hamilton Series, a magical ...",
+            "Witch at Heart: The Jinx Hamilton Series - Book 1",
+            True,
+        ),
+        ("Read Jaws (1975 edition)", "Jaws (1975)", True),
+        (
+            "the Chupacabra Catastrophe (a Charlie Rhodes mystery)",
+            "The Chupacabra Catastrophe (A Charlie Rhodes 2)",
+            True,
+        ),
         ("'It's fine'", "It (2017)", False),
     ],
 )
