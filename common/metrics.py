@@ -79,10 +79,10 @@ def title_spans(text: str, title: str, sentence_start: bool = False) -> list[tup
     spans = []
     full, *name = title_forms(title)
     for form in (full, *name):
-        for match in re.finditer(r"(?<!\w)" + re.escape(form) + r"(?!\w)", text, re.IGNORECASE):
-            following = text[match.end() :]
-            if form != full and re.match(r"\s*[(:]", following) and not _goes_on_as(following, full[len(form) :]):
-                continue  # another year or subtitle follows: "Alien (1979)" does not name "Alien: Covenant (2017)"
+        # the name without its year or subtitle does not count where another year or subtitle follows it
+        # ("Alien (1979)" does not name "Alien: Covenant (2017)"), only where none follows or the title's own does
+        end = r"(?!\w)" if form == full else r"(?!\w)(?=" + _own_rest(full[len(form) :]) + r"|(?!\s*[(:]))"
+        for match in re.finditer(r"(?<!\w)" + re.escape(form) + end, text, re.IGNORECASE):
             if not is_ordinary_word(form) or _written_as_title(text, *match.span(), form, sentence_start):
                 spans.append(match.span())
     merged: list[tuple[int, int]] = []
@@ -94,13 +94,12 @@ def title_spans(text: str, title: str, sentence_start: bool = False) -> list[tup
     return merged
 
 
-def _goes_on_as(following: str, rest: str) -> bool:
-    """Whether the text after a title's name goes on with the title's own year or subtitle, judged on the rest's
-    first two words in any case: "Witch at Heart: the Jinx Hamilton Series" names "Witch at Heart: The Jinx
-    Hamilton Series - Book 1" although the full title is not written out; "Star Wars: Episode V" does not name
-    "Star Wars: Episode IV (1977)"."""
-    words = re.findall(r"\w+", rest.lower())[:2]
-    return bool(words) and re.findall(r"\w+", following.lower())[: len(words)] == words
+def _own_rest(rest: str) -> str:
+    """A pattern for a title's own year or subtitle going on after its name, judged on its first two words:
+    "Witch at Heart: the Jinx Hamilton Series" names "Witch at Heart: The Jinx Hamilton Series - Book 1" although
+    the full title is not written out; "Star Wars: Episode V" does not name "Star Wars: Episode IV (1977)"."""
+    words = re.findall(r"\w+", rest)[:2]
+    return r"\W*" + r"\W+".join(map(re.escape, words)) + r"(?!\w)" if words else r"(?!)"
 
 
 def mentions_title(text: str, title: str, sentence_start: bool = False) -> bool:
