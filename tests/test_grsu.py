@@ -9,7 +9,7 @@ import grsu
 from common.catalog import Catalog
 from common.data import Dialogue, Turn, load_demo_catalog
 from common.llm import HFChat
-from tests.conftest import DATA, needs_data
+from tests.conftest import DATA, ROOT, needs_data
 
 
 def test_accept_probability_and_list_reward_by_hand():
@@ -365,9 +365,10 @@ def test_checkpoints_at_epoch_ends_and_only_the_last_kept(tmp_path, monkeypatch,
 
 
 def test_the_paper_preset_names_every_field_and_the_recipe_selects_it():
-    from common.presets import check_preset, parse_args
+    from common.presets import check_preset, markdown_table, parse_args
 
     check_preset(grsu.Args, grsu.PAPER)
+    assert markdown_table(grsu.PAPER) in (ROOT / "docs" / "grsu.md").read_text()  # the docs show the preset itself
     args = parse_args(grsu.Args, grsu.PRESETS, ["paper", "--dataset", "inspired", "--epochs", "2"])
     assert (args.epochs, args.lr, args.finetune, args.depth, args.dataset) == (2, 1e-6, "full", 5, "inspired")
     assert parse_args(grsu.Args, grsu.PRESETS, ["--epochs", "2"]) == grsu.Args(epochs=2)  # no preset: the demo's
