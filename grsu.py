@@ -225,7 +225,7 @@ PAPER = Preset(
         "no_gt_lists": (1, 'Sec. 4.1: "we sample one list per conversation history"'),
         "scoring_negatives": (1, 'Sec. 4.1: "one additional item as a negative sample for each ground-truth item"'),
         "critique_max_tokens": (1024, "released script/infer/*.yaml: feedback max_tokens 1024"),
-        "max_resamples": (4, "released rec_model.py: a list is tried at most 5 times"),
+        "max_resamples": (4, "released rec_model.py: a list is tried at most 5 times (a critique, 3)"),
         "finetune": ("full", "Sec. 4.1 (DeepSpeed ZeRO-3, no adapters); released sft.sh"),
         "lr": (1e-6, "released sft.sh learning_rate (Sec. 4.1's value is unreadable in the text)"),
         "epochs": (1, 'Sec. 4.1: "we train for one epoch"; released sft.sh num_train_epochs 1'),
@@ -919,6 +919,10 @@ def search_and_rank(run: Run, args: Args) -> dict:
         print("search: no tuned simulated user in this run; scoring and critiques come from the base model")
     dataset = load_data(args.dataset, args.data_dir, args.eval_split, args.only_new, args.outside_catalog)
     turns, items = dataset.evaluated, dataset.items
+    if run.main and args.outside_catalog == "drop":
+        dropped = dataset.outside
+        print(f"search: {dropped['labels']} labels of the {args.eval_split} split are outside the catalog: dropped, "
+              f"with the {dropped['turns']} turns left without one (--outside-catalog miss keeps them)")  # fmt: skip
     turns = turns[: args.num_test or None]
     user_model, user_tokenizer = load_user(args, run.dir / "user_model" if tuned else None, run.device)
     user_llm = run.count_costs(HFChat(user_model, user_tokenizer, batch_size=args.batch_size))
@@ -975,8 +979,10 @@ def data_sizes(args: Args) -> dict[str, int]:
         turns = load_data(name, args.data_dir, args.eval_split, args.only_new, args.outside_catalog).train
         sizes[f"{name} training turns"] = len(turns[: args.num_train_turns or None])
     if "search" in args.stages:
-        turns = load_data(args.dataset, args.data_dir, args.eval_split, args.only_new, args.outside_catalog).evaluated
-        sizes[f"{args.dataset} {args.eval_split} turns"] = len(turns[: args.num_test or None])
+        dataset = load_data(args.dataset, args.data_dir, args.eval_split, args.only_new, args.outside_catalog)
+        sizes[f"{args.dataset} {args.eval_split} turns"] = len(dataset.evaluated[: args.num_test or None])
+        if args.outside_catalog == "drop":
+            sizes[f"{args.eval_split} labels outside the catalog (dropped)"] = dataset.outside["labels"]
     return sizes
 
 
