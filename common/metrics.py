@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -132,16 +133,9 @@ def title_spans(text: str, title: str, sentence_start: bool = False) -> list[tup
     ("Alien 3", "Halo 3"). A form that could be an ordinary word counts only where it is written as a title
     (``_written_as_title``), so that "I would like it to be scary" does not name "It (2017)", nor "Try Itchy Feet"
     name "It"."""
-    full = title.strip()
-    name, rest = split_title(full)
-    forms = [(full, r"(?!\w)(?!" + _SEQUEL + ")")]
-    if name and name != full:
-        own = _own_rest(rest)
-        alone = r"|(?!\s*[(:]|" + _SEQUEL + ")" if names_item(rest) else ""
-        forms.append((name, r"(?!\w)(?:" + own + alone + ")"))  # the own subtitle's words are part of the span
     spans = []
-    for form, end in forms:
-        for match in re.finditer(r"(?<!\w)" + re.escape(form) + end, text, re.IGNORECASE):
+    for pattern in _title_patterns(title):
+        for match in pattern.finditer(text):
             named = match.group()
             if not is_ordinary_word(named) or _written_as_title(text, *match.span(), named, sentence_start):
                 spans.append(match.span())
@@ -152,6 +146,19 @@ def title_spans(text: str, title: str, sentence_start: bool = False) -> list[tup
         else:
             merged.append((start, end))
     return merged
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _title_patterns(title: str) -> tuple[re.Pattern, ...]:
+    """The compiled patterns of ``title_spans`` (a catalog's titles are matched again and again)."""
+    full = title.strip()
+    name, rest = split_title(full)
+    forms = [(full, r"(?!\w)(?!" + _SEQUEL + ")")]
+    if name and name != full:
+        own = _own_rest(rest)
+        alone = r"|(?!\s*[(:]|" + _SEQUEL + ")" if names_item(rest) else ""
+        forms.append((name, r"(?!\w)(?:" + own + alone + ")"))  # the own subtitle's words are part of the span
+    return tuple(re.compile(r"(?<!\w)" + re.escape(form) + end, re.IGNORECASE) for form, end in forms)
 
 
 def _own_rest(rest: str) -> str:
