@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 from tqdm import tqdm
 
 from common.catalog import Catalog
@@ -51,9 +50,10 @@ from common.distributed import (
     save_final,
 )
 from common.llm import HFChat, LLMBackendError
-from common.metrics import mrr_at_k, ndcg_at_k, recall_at_k
+from common.metrics import mentions_title, mrr_at_k, ndcg_at_k, recall_at_k
 from common.models import ModelSpecError, add_lora, check_specs, enable_gradient_checkpointing, load_model
 from common.parsing import ParseStats, chat_parsed
+from common.presets import Preset, parse_args
 from common.run import Run, sft_row
 from common.sft import supervised_finetuning
 from common.tokens import encode_prompt_completion
@@ -74,7 +74,8 @@ class Args:
     stages: tuple[Literal["synth", "train", "search"], ...] = STAGES
     """which stages to run, in pipeline order; each reads what the earlier ones left in the run folder"""
     track: bool = False
-    """log to Weights & Biases (WANDB_MODE=offline works) as well as runs/<run_name>/metrics.jsonl"""
+    """log to Weights & Biases as well as runs/<run_name>/metrics.jsonl (offline, said once, where no W&B login is at
+    hand and WANDB_MODE is unset)"""
     wandb_project: str = "cleancrs"
     """the W&B project"""
     wandb_entity: str | None = None
@@ -88,7 +89,7 @@ class Args:
     dataset: Literal["demo", "inspired", "redial"] = "demo"
     """whose test conversations are searched: demo (bundled), inspired (CFCRS split) or redial (iEvaLM split)"""
     train_datasets: tuple[Literal["demo", "inspired", "redial"], ...] = ()
-    """whose training conversations build the instruction data; empty: --dataset's own (paper: redial inspired)"""
+    """whose training conversations build the instruction data; empty: --dataset's own"""
     data_dir: str = "../shared/data"
     """root of the real data (docs/data.md); unused for the demo"""
     eval_split: Literal["valid", "test"] = "valid"
@@ -97,10 +98,13 @@ class Args:
     """recommendation turns per training dataset that instruction data is built from; 0 = all"""
     num_test: int = 2
     """test recommendation turns to search (each is scored once per ground-truth item); 0 = all"""
-    only_new: Literal["labels", "turn", "off"] = "labels"
-    """repeated items, those the conversation mentioned before the turn (by its own item annotations): labels drops
-    them and skips a turn left with none (the paper: "removes repeated items within each conversation"); turn skips
-    every turn with one (the released code); off keeps them"""
+    only_new: Literal["turn", "labels", "off"] = "turn"
+    """repeated items, those the conversation mentioned before the turn (by its own item annotations): turn skips every
+    turn with one (the released code's only_new); labels drops them and skips a turn left with none (a reading of
+    the paper's "removes repeated items within each conversation"); off keeps them"""
+    outside_catalog: Literal["drop", "miss"] = "drop"
+    """labels that are not in the catalog: drop removes them, and a turn left without a label (the released code);
+    miss keeps them, so they count as misses"""
 
     # ------------------------------------------------------------------------------------------- roles
     user_model: str = "smollm2-135m"
@@ -114,67 +118,73 @@ class Args:
 
     # ------------------------------------------------------------------------------------------- synthesis
     list_length: int = 10
-    """l: items per recommendation list (paper: 10)"""
+    """l: items per recommendation list"""
     max_subsets: int = 4
-    """ground-truth subsets per turn that get a critique list (paper: every subset of size < l)"""
+    """ground-truth subsets per turn that get a critique list, smallest first; 0 = every subset of size < l"""
     no_gt_lists: int = 1
-    """lists of negatives only, per turn (paper: 1)"""
+    """lists of negatives only, per turn"""
     scoring_negatives: int = 1
-    """sampled No instances per ground-truth item (paper: 1)"""
+    """sampled No instances per ground-truth item"""
     critique_max_tokens: int = 128
-    """length cap of a critique, teacher's and simulated user's (paper's code: 1024)"""
+    """length cap of a critique, teacher's and simulated user's"""
     max_resamples: int = 1
-    """a CRS list with the wrong number of titles, or an empty critique, is resampled at most this often (paper's
-    code: 5; each resample is a full CRS generation, so the CPU default keeps one)"""
+    """a CRS list with the wrong number of titles, or an empty critique, is resampled at most this often (each
+    resample is a full CRS generation, so the CPU demo keeps one)"""
 
     # ------------------------------------------------------------------------------------------- training
     finetune: Literal["lora", "full"] = "lora"
-    """LoRA adapters, or every weight (the paper)"""
+    """LoRA adapters, or every weight"""
     lr: float | None = None
     """peak learning rate; None: 1e-4 for LoRA, 1e-6 for full fine-tuning (the paper's code)"""
     epochs: int = 3
-    """passes over the instruction data (paper: 1; the demo's few examples take three for the loss to fall visibly)"""
+    """passes over the instruction data (the demo's few examples take three for the loss to fall visibly)"""
     train_batch_size: int = 4
-    """examples per optimizer step, over all ranks (paper: 4 per device)"""
+    """examples per optimizer step, over all ranks"""
     micro_batch_size: int = 2
     """examples per forward pass on one rank; gradients accumulate up to the global batch"""
     warmup_steps: int = 1000
-    """linear warmup (paper: 1000), capped at a tenth of the run so short runs reach the peak"""
+    """linear warmup steps, at most --max-warmup-ratio of the run"""
+    max_warmup_ratio: float = 0.1
+    """the warmup takes at most this share of the run, so that short runs reach the peak; 1 = no cap"""
     min_lr_ratio: float = 0.1
-    """the cosine decay ends at this fraction of the peak (paper: 0.1)"""
+    """the cosine decay ends at this fraction of the peak"""
     weight_decay: float = 0.01
-    """AdamW weight decay (paper: 0.01)"""
+    """AdamW weight decay"""
     max_grad_norm: float = 1.0
-    """gradient-norm clip (paper: 1.0)"""
+    """gradient-norm clip"""
     max_length: int = 1024
-    """training sequences keep their last tokens up to this length (paper's code: 3072)"""
+    """training sequences keep their last tokens up to this length"""
     gradient_checkpointing: bool = True
-    """recompute each layer's activations in the backward pass instead of storing them (the paper's setting)"""
+    """recompute each layer's activations in the backward pass instead of storing them"""
     lora_rank: int = 8
-    """LoRA rank r"""
+    """LoRA rank r (--finetune lora only)"""
     lora_alpha: int = 16
-    """LoRA alpha"""
-    save_every: int = 50
-    """optimizer steps between resumable checkpoints"""
+    """LoRA alpha (--finetune lora only)"""
+    save_every: int = 0
+    """optimizer steps between resumable checkpoints; 0: at the end of each epoch. A full fine-tune's checkpoint
+    holds the weights and AdamW's state, about 14 bytes per parameter (112 GB for 8B)"""
+    keep_checkpoints: int = 1
+    """resumable checkpoints kept, the newest; an older one is deleted once a newer is complete"""
 
     # ------------------------------------------------------------------------------------------- search
     search: Literal["beam", "greedy", "greedy-small", "mc", "none"] = "beam"
     """beam; greedy (width 1, B*N lists per round: as many lists as beam); greedy-small (width 1, N per round);
     mc, Monte Carlo (depth 1, as many lists as beam); none (the zero-shot lists only). Table 6"""
     beam_width: int = 2
-    """B: lists kept per round (paper: 4; 2 keeps the CPU demo to minutes)"""
+    """B: lists kept per round (2 keeps the CPU demo to minutes)"""
     expansion: int = 2
-    """N: critiques sampled per kept list; the search starts from N^2 sampled lists (paper: 4)"""
+    """N: critiques sampled per kept list; the search starts from N^2 sampled lists"""
     depth: int = 3
     """D: search iterations, the N^2 initial lists being the first, so N^2 + (D - 1) B N lists in all (the released
-    code's count: 80 lists at B = N = 4, D = 5) (paper: 5)"""
+    code's count: 80 lists at B = N = 4, D = 5; --depth 6 gives METHODS.md 5.7.1's reading, 96)"""
     critiques: bool = True
     """--no-critiques: the CRS revises without the user's critique (Fig. 2 ablation)"""
     critique_attributes: bool = True
     """--no-critique-attributes: lists shown to the simulated user by title only (Table 4 ablation)"""
     scoring: Literal["generative", "majority", "weighted-majority"] = "generative"
-    """item scores: P(accept); majority, the share of lists holding the item (no scoring); weighted-majority,
-    that share times P(accept) (Table 4)"""
+    """how the final ranking scores an item: P(accept); majority, the share of lists holding it; weighted-majority,
+    that share times P(accept) (Table 4). The beam keeps the lists of highest reward (Eq. 2, P(accept)) under every
+    scoring, as the released code does"""
     ranking: Literal["pooled", "best-list"] = "pooled"
     """pooled: every item seen, by its own score; best-list: the highest-reward list alone (Fig. 2 ablation)"""
     tuned_critic: bool = True
@@ -182,9 +192,9 @@ class Args:
     tuned_scorer: bool = True
     """--no-tuned-scorer: scores come from the untuned model (Table 4 ablation)"""
     crs_max_tokens: int = 160
-    """length cap of one CRS list: ten "N. **Title (year)**" lines take about 100 tokens (paper's code: 256)"""
+    """length cap of one CRS list: ten "N. **Title (year)**" lines take about 100 tokens"""
     temperature: float = 1.0
-    """sampling temperature of CRS lists and critiques (paper's code: 1)"""
+    """sampling temperature of CRS lists and critiques"""
     examples_per_batch: int = 4
     """test turns searched together, so their calls share batches; each is saved when its batch ends"""
     ks: tuple[int, ...] = (10, 50)
@@ -197,6 +207,71 @@ class Args:
     dry_run: int = 0
     """validate the flags, every batch division for this many processes, and the data files, then exit without
     loading a model (0: run)"""
+
+
+# The paper's settings, each with its source: `python grsu.py paper --user-model ... --dataset ...` (common/presets.py;
+# docs/grsu.md shows this table). Released files are RUCAIBox/GRSU's.
+PAPER = Preset(
+    "the paper's Table 3 setting (Sec. 4.1, the released code where the paper is silent); state the models, the data "
+    "and the scale",
+    values={
+        "train_datasets": (("redial", "inspired"), "Sec. 4.1 (both training sets); released script/train/sft.sh"),
+        "num_train_turns": (0, "Sec. 3.2.2: every training turn"),
+        "num_test": (0, 'Sec. 4.1: "the average scores on all the test examples"'),
+        "only_new": ("turn", "released src/task/{redial,inspired}.py with only_new: true (script/infer/*.yaml)"),
+        "outside_catalog": ("drop", "released src/task/*.py keeps only labels in movie2info.json"),
+        "list_length": (10, 'Sec. 4.1: "the length of all the item lists to 10"'),
+        "max_subsets": (0, 'Sec. 4.1: "all possible subsets of ground-truth items with lengths less than 10"'),
+        "no_gt_lists": (1, 'Sec. 4.1: "we sample one list per conversation history"'),
+        "scoring_negatives": (1, 'Sec. 4.1: "one additional item as a negative sample for each ground-truth item"'),
+        "critique_max_tokens": (1024, "released script/infer/*.yaml: feedback max_tokens 1024"),
+        "max_resamples": (4, "released rec_model.py: a list is tried at most 5 times (a critique, 3)"),
+        "finetune": ("full", "Sec. 4.1 (DeepSpeed ZeRO-3, no adapters); released sft.sh"),
+        "lr": (1e-6, "released sft.sh learning_rate (Sec. 4.1's value is unreadable in the text)"),
+        "epochs": (1, 'Sec. 4.1: "we train for one epoch"; released sft.sh num_train_epochs 1'),
+        "train_batch_size": (16, 'Sec. 4.1: "a batch size of 4", per device in sft.sh: 16 on 4 GPUs'),
+        "warmup_steps": (1000, 'Sec. 4.1: "a linear warmup over 1,000 steps"; sft.sh'),
+        "max_warmup_ratio": (1.0, "released sft.sh: warmup_steps 1000, uncapped"),
+        "min_lr_ratio": (0.1, 'Sec. 4.1: "decays to 10% of the peak learning rate"; sft.sh min_lr_rate'),
+        "weight_decay": (0.01, "Sec. 4.1; sft.sh"),
+        "max_grad_norm": (1.0, "Sec. 4.1; sft.sh"),
+        "max_length": (3072, "released sft.sh max_seq_length"),
+        "gradient_checkpointing": (True, "Sec. 4.1; sft.sh"),
+        "lora_rank": (8, "not in the paper: read only under --finetune lora"),
+        "lora_alpha": (16, "not in the paper: read only under --finetune lora"),
+        "search": ("beam", "Sec. 3.3"),
+        "beam_width": (4, 'Sec. 4.1: "beam width and expand width to 4"; script/infer/*.yaml num_beams 4'),
+        "expansion": (4, "Sec. 4.1; script/infer/*.yaml actor n 4"),
+        "depth": (5, "Sec. 4.1, counted as released beam_search_algo.py does: 80 lists (--depth 6: 96)"),
+        "critiques": (True, "Sec. 3.2.1"),
+        "critique_attributes": (True, 'Sec. 4.1: "genre, actor, writer, and director"'),
+        "scoring": ("generative", "Sec. 3.2.1"),
+        "ranking": ("pooled", 'Sec. 3.3: "efficient candidate ranking"'),
+        "tuned_critic": (True, "Sec. 3.2.2"),
+        "tuned_scorer": (True, "Sec. 3.2.2"),
+        "crs_max_tokens": (256, "released script/infer/*.yaml: rec_model max_tokens 256"),
+        "temperature": (1.0, "released script/infer/*.yaml: temperature 1"),
+        "ks": ((10, 50), "Sec. 4.1: Recall, NDCG, MRR @ 10, 50"),
+        "remove_mentioned": (False, "neither the paper nor the released code removes earlier mentions"),
+    },
+    ablations={
+        "train_datasets": "Table 5",
+        "search": "Table 6",
+        "depth": "Fig. 3",
+        "critiques": "Fig. 2",
+        "critique_attributes": "Table 4",
+        "scoring": "Fig. 2, Table 4",
+        "ranking": "Fig. 2",
+        "tuned_critic": "Table 4",
+        "tuned_scorer": "Table 4",
+    },
+    recipe=(
+        "exp_name", "seed", "run_name", "stages", "track", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags",
+        "dataset", "data_dir", "eval_split", "user_model", "teacher_llm", "crs_llm", "batch_size", "micro_batch_size",
+        "save_every", "keep_checkpoints", "examples_per_batch", "print_examples", "dry_run",
+    ),
+)  # fmt: skip
+PRESETS = {"paper": PAPER}
 
 
 # =============================================================================================== data
@@ -215,12 +290,15 @@ class RecTurn:
     mentioned: list[str]  # the items (and, for iEvaLM, entities) the conversation annotated before this turn
 
 
-def rec_turns(dialogues: list[Dialogue], only_new: str = "labels") -> list[RecTurn]:
+def rec_turns(
+    dialogues: list[Dialogue], only_new: str = "turn", catalog: set[str] | None = None, dropped: dict | None = None
+) -> list[RecTurn]:
     """The evaluation protocol's examples: a recommender turn that names at least one item (in the dialogue's own
-    annotations) and has a non-empty history. What the conversation mentioned before the turn also comes from its
-    annotations: the earlier turns' items, or, where a format annotates the context as a whole, ``context_items``
-    (iEvaLM). Repeated items are handled by ``only_new`` (see Args). Labels outside the catalog stay: they count
-    as misses."""
+    annotations) and has a non-empty history. With a ``catalog`` (--outside-catalog drop, the released code), labels
+    outside it are dropped first, and a turn left without one is no example; ``dropped`` counts both ("labels",
+    "turns"). What the conversation mentioned before the turn also comes from its annotations: the earlier turns'
+    items, or, where a format annotates the context as a whole, ``context_items`` (iEvaLM). Repeated items are
+    handled by ``only_new`` (see Args)."""
     turns = []
     for dialogue in dialogues:
         for i, turn in enumerate(dialogue.turns):
@@ -232,6 +310,12 @@ def rec_turns(dialogues: list[Dialogue], only_new: str = "labels") -> list[RecTu
             labels = list(dict.fromkeys(t for t in turn.items if t.strip()))
             if turn.role != "recommender" or not labels or not history:
                 continue
+            if catalog is not None:
+                kept = [t for t in labels if t in catalog]
+                if dropped is not None:
+                    dropped["labels"] = dropped.get("labels", 0) + len(labels) - len(kept)
+                    dropped["turns"] = dropped.get("turns", 0) + (not kept)
+                labels = kept
             earlier = dialogue.context_items
             if earlier is None:
                 earlier = [t for previous in dialogue.turns[:i] for t in previous.items]
@@ -253,16 +337,23 @@ class Data:
     evaluated: list[RecTurn]  # the evaluated split's turns
     items: list[Item]  # the catalog: the KG's items plus those the (kept) training conversations name
     left_out: int  # training turns left out because their conversation is evaluated
+    outside: dict[str, int]  # evaluated labels outside the catalog dropped, and the turns they left without one
 
 
-def load_data(name: str, data_dir: str, eval_split: Literal["valid", "test"], only_new: str = "labels") -> Data:
+def load_data(
+    name: str, data_dir: str, eval_split: Literal["valid", "test"], only_new: str = "turn", outside_catalog="drop"
+) -> Data:
     """The training and evaluated recommendation turns of dataset ``name`` (common/data.py's ``load_crs_dataset``:
     no evaluated conversation trains), and the catalog every ranking is drawn from: the KG's items, and the items the
-    kept training conversations name that the KG lacks (without attributes), never the evaluated split's own."""
+    kept training conversations name that the KG lacks (without attributes), never the evaluated split's own. Under
+    ``outside_catalog="drop"`` the labels outside that catalog are dropped (a training label is always in it)."""
     dataset = load_crs_dataset(name, data_dir, eval_split)
     items = dataset.items + [Item(title, title) for title in dataset.unlisted]
+    catalog = {item.title for item in items} if outside_catalog == "drop" else None
+    outside = {"labels": 0, "turns": 0}
+    evaluated = rec_turns(dataset.evaluated, only_new, catalog, outside)
     left_out = len(rec_turns(dataset.dropped, only_new))
-    return Data(rec_turns(dataset.train, only_new), rec_turns(dataset.evaluated, only_new), items, left_out)
+    return Data(rec_turns(dataset.train, only_new, catalog), evaluated, items, left_out, outside)
 
 
 CARD_FIELDS = ("genre", "star", "director", "writer")  # an item as the simulated user sees it
@@ -290,15 +381,12 @@ def score_prompt(history: list[dict], item: str) -> str:
 
 
 def critique_prompt(history: list[dict], items: list[str], preference: list[str] | None = None) -> str:
-    """[C_{k-1}; list; d_c], and for the teacher also p_k, the items the user really wants, with attributes."""
+    """[C_{k-1}; list; d_c], and for the teacher [C_{k-1}; list; p_k; d_c] (Sec. 3.2.2), p_k being the items the user
+    really wants, with attributes. As in the paper, nothing tells the teacher to keep those titles to itself; the
+    synth stage counts the critiques that name one (synth/critiques_naming_a_label)."""
     listing = "\n".join(f"{n}. {item}" for n, item in enumerate(items, 1))
-    prompt = f"Conversation:\n{render_history(history)}\n\nRecommendations:\n{listing}\n\n{CRITIQUE_INSTRUCTION}"
-    if preference:
-        prompt += (
-            "\n\nWhat you really want (never name these titles; say which attributes of the recommendations "
-            "are right or wrong for you):\n" + "\n".join(f"- {p}" for p in preference)
-        )
-    return prompt
+    wanted = "\n\nWhat you really want:\n" + "\n".join(f"- {p}" for p in preference) if preference else ""
+    return f"Conversation:\n{render_history(history)}\n\nRecommendations:\n{listing}{wanted}\n\n{CRITIQUE_INSTRUCTION}"
 
 
 CRS_PROMPT = """You are a recommender chatting with a user to recommend {domain}s.
@@ -354,9 +442,10 @@ def parse_titles(text: str) -> list[str]:
 
 
 def accept_probability(answer: dict[str, float]) -> float:
-    """Phi_s: P(accept) = p(Yes) / (p(Yes) + p(No)) at the answer token, each answer summing its spellings. The
-    paper's code reads p(Yes), or 1 - p(No) where "No" is the greedy token; normalizing over the two answers gives
-    the same order without a branch (METHODS.md 5.7.2)."""
+    """Phi_s: P(accept) = p(Yes) / (p(Yes) + p(No)) at the answer token, each answer summing its spellings
+    (METHODS.md 5.7.2). The released code reads p(Yes) where "Yes" is the greedy token and 1 - p(No) where "No" is,
+    which is p(Yes) + m, m being the probability of every other token: the two order items alike only where m is 0
+    (a tuned user puts almost all its mass on the two answers; an untuned one may not)."""
     return answer["Yes"] / max(answer["Yes"] + answer["No"], 1e-12)
 
 
@@ -395,7 +484,7 @@ def synthesis_jobs(turn: RecTurn, catalog: Catalog, args: Args) -> tuple[list[di
         list(s)
         for size in range(1, min(len(turn.labels), args.list_length - 1) + 1)
         for s in combinations(turn.labels, size)
-    ][: args.max_subsets]
+    ][: args.max_subsets or None]
     lists = [s + sample_negatives(catalog.titles, exclude, args.list_length - len(s), rng) for s in subsets]
     lists += [sample_negatives(catalog.titles, exclude, args.list_length, rng) for _ in range(args.no_gt_lists)]
     preference = [catalog.card(t, CARD_FIELDS) for t in turn.labels]
@@ -407,6 +496,7 @@ def synthesis_jobs(turn: RecTurn, catalog: Catalog, args: Args) -> tuple[list[di
             {
                 "key": f"{turn.key}|critique|{j}",
                 "kind": "critique",
+                "labels": turn.labels,
                 "items": items,
                 "gt_in_list": sum(t in turn.labels for t in items),
                 "teacher_prompt": critique_prompt(turn.history, shown, preference),
@@ -456,7 +546,8 @@ def synthesize(turns: list[RecTurn], catalog: Catalog, teacher, args: Args, reco
         )
         for job, text in zip(batch, critiques):
             if text is not None:
-                records.append({**job, "completion": text})
+                named = any(mentions_title(text, label) for label in job["labels"])
+                records.append({**job, "completion": text, "names_label": named})
     return stats
 
 
@@ -604,24 +695,25 @@ class Search:
     # ------------------------------------------------------------------ the reward (generative item scoring)
 
     def score(self, turns: list[RecTurn], frontiers: list[list[dict]], caches: list[dict[str, float]]) -> None:
-        """Give every state its reward f_s (Eq. 2): score its items not yet in the turn's cache, then average. Majority
-        scores need no model. Usage counts one call per item with its full prompt, as an API would bill."""
-        for i, (turn, states, cache) in enumerate(zip(turns, frontiers, caches)):
+        """Give every state its reward f_s (Eq. 2): score its items not yet in the turn's cache, then average. The
+        reward is P(accept) under every --scoring, as in the released code, where the votes only rank the output
+        (``item_scores``). Usage counts one call per item with its full prompt, as an API would bill."""
+        for turn, states, cache in zip(turns, frontiers, caches):
             self.counts["lists_scored"] += len(states)
-            if self.args.scoring != "majority":
-                new = list(dict.fromkeys(t for s in states for t in s["items"] if t not in cache))
-                if new:
-                    with adapter_off(self.user_llm.model, not self.args.tuned_scorer):
-                        cards = [self.catalog.card(t, CARD_FIELDS) for t in new]
-                        cache.update(zip(new, score_items(self.user_llm, turn.history, cards)))
-                    self.counts["items_scored"] += len(new)
-            scores = self.item_scores(self.seen[i], cache)
+            new = list(dict.fromkeys(t for s in states for t in s["items"] if t not in cache))
+            if new:
+                with adapter_off(self.user_llm.model, not self.args.tuned_scorer):
+                    cards = [self.catalog.card(t, CARD_FIELDS) for t in new]
+                    cache.update(zip(new, score_items(self.user_llm, turn.history, cards)))
+                self.counts["items_scored"] += len(new)
             for s in states:
-                s["reward"] = list_reward(s["items"], scores)
+                s["reward"] = list_reward(s["items"], cache)
 
     def item_scores(self, states: list[dict], cache: dict[str, float]) -> dict[str, float]:
-        """Each item's score under --scoring. Generative scores are greedy and cached, so "the mean of repeated
-        scorings" is the one cached value; majority counts the share of lists holding the item."""
+        """Each item's score in the final ranking, under --scoring. Generative scores are greedy and cached, so "the
+        mean of repeated scorings" is the one cached value; majority counts the share of lists holding the item (the
+        released code's item_all_vote, summed); weighted-majority multiplies that share by P(accept) (the order of the
+        released item_all_reward summed over the lists that hold the item)."""
         if self.args.scoring == "generative":
             return {t: cache[t] for s in states for t in s["items"]}
         share: dict[str, float] = {}
@@ -767,7 +859,7 @@ def synthesize_instructions(run: Run, args: Args) -> dict:
     teacher = run.llm(args.teacher_llm, args.batch_size)
     records, metrics = run.records("instructions.jsonl"), {}
     for name in args.train_datasets or (args.dataset,):
-        dataset = load_data(name, args.data_dir, args.eval_split, args.only_new)
+        dataset = load_data(name, args.data_dir, args.eval_split, args.only_new, args.outside_catalog)
         turns, items, left_out = dataset.train[: args.num_train_turns or None], dataset.items, dataset.left_out
         if run.main:
             print(
@@ -776,6 +868,8 @@ def synthesize_instructions(run: Run, args: Args) -> dict:
         stats = synthesize(run.shard(turns), Catalog(items), teacher, args, records)
         run.count({"synth/critique_resamples": stats.retries, "synth/critique_empty": stats.failures})
         metrics |= {f"synth/{name}_turns": len(turns), f"synth/{name}_turns_left_out": left_out}
+    # the teacher sees the wanted titles (p_k) and may name them: its student then learns to name titles
+    run.count({"synth/critiques_naming_a_label": sum(r.get("names_label", False) for r in records.appended)})
     run.count(teacher.usage.metrics("cost/synth_"))
     return metrics
 
@@ -808,7 +902,8 @@ def tune_user(run: Run, args: Args) -> dict:
     lr = args.lr if args.lr is not None else (1e-4 if args.finetune == "lora" else 1e-6)
     model = supervised_finetuning(
         run, args, model.to(run.device), tokenizer, examples, "user", lr=lr, batch_size=args.train_batch_size,
-        epochs=args.epochs, warmup_ratio=0.1, max_warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
+        epochs=args.epochs, warmup_ratio=args.max_warmup_ratio, max_warmup_steps=args.warmup_steps,
+        min_lr_ratio=args.min_lr_ratio, keep_checkpoints=args.keep_checkpoints,
         weight_decay=args.weight_decay,
     )  # fmt: skip
     tokenizer = tokenizer if args.finetune == "full" else None
@@ -822,8 +917,12 @@ def search_and_rank(run: Run, args: Args) -> dict:
     tuned = run.finished("user_model")
     if run.main and not tuned:
         print("search: no tuned simulated user in this run; scoring and critiques come from the base model")
-    dataset = load_data(args.dataset, args.data_dir, args.eval_split, args.only_new)
+    dataset = load_data(args.dataset, args.data_dir, args.eval_split, args.only_new, args.outside_catalog)
     turns, items = dataset.evaluated, dataset.items
+    if run.main and args.outside_catalog == "drop":
+        dropped = dataset.outside
+        print(f"search: {dropped['labels']} labels of the {args.eval_split} split are outside the catalog: dropped, "
+              f"with the {dropped['turns']} turns left without one (--outside-catalog miss keeps them)")  # fmt: skip
     turns = turns[: args.num_test or None]
     user_model, user_tokenizer = load_user(args, run.dir / "user_model" if tuned else None, run.device)
     user_llm = run.count_costs(HFChat(user_model, user_tokenizer, batch_size=args.batch_size))
@@ -847,12 +946,14 @@ def search_and_rank(run: Run, args: Args) -> dict:
         return {}
     total_calls, total_tokens = sum(r["llm_calls"] for r in results), sum(r["tokens"] for r in results)
     catalog = set(search.catalog.titles)
+    searched = len(turns) == len(dataset.evaluated)  # the drop counts are the whole split's
     return {
         **ranking_metrics(results, "ranked", args.ks, "eval", args.remove_mentioned),
         **ranking_metrics(results, "zero_shot", args.ks, "eval_zeroshot", args.remove_mentioned),
         "eval/examples": len(results),
         "eval/pairs": sum(len(r["labels"]) for r in results),
         "eval/labels_outside_catalog": sum(label not in catalog for r in results for label in r["labels"]),
+        **({f"eval/{k}_dropped_outside_catalog": v for k, v in dataset.outside.items()} if searched else {}),
         "cost/llm_calls": round(total_calls),
         "cost/tokens": round(total_tokens),
         "cost/llm_calls_per_example": total_calls / len(results),
@@ -875,11 +976,13 @@ def data_sizes(args: Args) -> dict[str, int]:
     sizes = {}
     synthesized = (args.train_datasets or (args.dataset,)) if "synth" in args.stages else ()
     for name in synthesized:
-        turns = load_data(name, args.data_dir, args.eval_split, args.only_new).train
+        turns = load_data(name, args.data_dir, args.eval_split, args.only_new, args.outside_catalog).train
         sizes[f"{name} training turns"] = len(turns[: args.num_train_turns or None])
     if "search" in args.stages:
-        turns = load_data(args.dataset, args.data_dir, args.eval_split, args.only_new).evaluated
-        sizes[f"{args.dataset} {args.eval_split} turns"] = len(turns[: args.num_test or None])
+        dataset = load_data(args.dataset, args.data_dir, args.eval_split, args.only_new, args.outside_catalog)
+        sizes[f"{args.dataset} {args.eval_split} turns"] = len(dataset.evaluated[: args.num_test or None])
+        if args.outside_catalog == "drop":
+            sizes[f"{args.eval_split} labels outside the catalog (dropped)"] = dataset.outside["labels"]
     return sizes
 
 
@@ -891,7 +994,7 @@ def print_table(metrics: dict, search: str) -> None:
     print(f"\n{'':14}" + "".join(f"{c:>11}" for c in columns))
     for name, prefix in (("zero-shot", "eval_zeroshot"), (f"GRSU ({search})", "eval")):
         print(f"{name:14}" + "".join(f"{metrics.get(f'{prefix}/{c}', float('nan')):11.3f}" for c in columns))
-    print(f"(averaged over {metrics['eval/examples']} turns; {metrics['eval/pairs']} (turn, label) pairs, "
+    print(f"(averaged over {metrics['eval/examples']} turns; {metrics['eval/pairs']} (turn, label) pairs; "
           f"{metrics['eval/labels_outside_catalog']} labels outside the catalog, counted as misses)")  # fmt: skip
 
 
@@ -921,6 +1024,6 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(parse_args(Args, PRESETS))
     except (DataError, ModelSpecError, LLMBackendError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The first GPU session's 15-minute plan: what no CPU can measure, each step under `timeout`, most useful first, so
-# that a session cut short still leaves the top of the table. It needs no hub download (random weights from a
+# The second GPU session's 15-minute plan (the first is benchmark/gpu_first_look.sh: one GPU, a stock image, ten
+# minutes): what no CPU can measure, each step under `timeout`, most useful first, so that a session cut short still
+# leaves the top of the table. It needs no hub download (random weights from a
 # config, the embedded SmolLM2). Its output is runs/gpu_smoke.md, a table to paste into docs/benchmarks.md. It has
 # not been run by the developers (no GPU was lent to them); every failure it reports is a finding.
 #
@@ -8,7 +9,9 @@
 #   2. an 8B-shaped random Llama: decoding tokens/s and peak memory, fp32 vs bf16 (bench/gpu_probe.py throughput)
 #   3. one vLLM engine with LoRA: samples, logprobs, a saved adapter loaded       (bench/gpu_probe.py vllm-lora)
 #   4. SMTPO under ZeRO-3 on 2 GPUs: the stages up to one GRPO step, its rollouts generated for real
-#   5. ECPO's preference optimization under ZeRO-3 on 2 GPUs, killed after 60 s and resumed
+#   5. ECPO's preference optimization under ZeRO-3 on 2 GPUs, a checkpoint every step, killed after 60 s and resumed:
+#      the row "ecpo_po_resumed | resumed" fails where the relaunch did not resume (the kill came before the first
+#      checkpoint, or after the stage ended: then change the 60 s)
 #   6. with EXTRA=1, the smallest run of every other GPU path: vLLM roles in one process, DDP training
 #
 # Steps 1-5 take about 15 minutes when each takes the time expected of it (2 x 80 GB; startup included); the
@@ -50,12 +53,18 @@ step smtpo_zero3 300 launch gpu_zero3 "$TRAIN_GPUS" smtpo.py --run-name smoke_sm
   --num-test 1 --max-turns 2 --grpo-steps 1 --sft-batch-size 8 --stages simulator retriever sft grpo
 # ECPO: the stages before preference optimization, then po stopped mid-way and resumed ("resuming po at step k")
 ECPO=(ecpo.py --run-name smoke_ecpo_zero3 --num-sft-tasks 2 --num-pre-tasks 4 --num-test-tasks 1 --max-turns 2
-  --po-epochs 8)
+  --po-epochs 8 --save-every 1)
 step ecpo_stages 240 launch gpu_zero3 "$TRAIN_GPUS" "${ECPO[@]}" --stages teacher sft forward backward
 step ecpo_po_killed 60 launch gpu_zero3 "$TRAIN_GPUS" "${ECPO[@]}" --stages po
 step ecpo_po_resumed 180 launch gpu_zero3 "$TRAIN_GPUS" "${ECPO[@]}" --stages po
-dry_run || grep -h "resuming po" runs/gpu_smoke_ecpo_po_resumed.log | sed 's/^/| ecpo_po_resumed: | /; s/$/ | |/' \
-  >>"$TABLE" || true
+if ! dry_run; then
+  resumed=$(grep -h -m 1 "resuming po at step" runs/gpu_smoke_ecpo_po_resumed.log || true)
+  if [[ -n "$resumed" ]]; then
+    echo "| ecpo_po_resumed | resumed | ok | $resumed |" | tee -a "$TABLE"
+  else
+    echo "| ecpo_po_resumed | resumed | FAILED | no 'resuming po at step' in the relaunch's log |" | tee -a "$TABLE"
+  fi
+fi
 # the other paths, smallest runs: vLLM roles in one process (GPU 0), DDP training
 if [[ -n "${EXTRA:-}" ]] || dry_run; then
   step ailo_vllm 300 run_single 0 ailo_sim.py --run-name smoke_ailo --user-llm vllm:smollm2-135m \

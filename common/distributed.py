@@ -227,7 +227,9 @@ def resume(model, optimizer, scheduler, stage_dir: Path) -> int:
         set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
     else:
         model.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False)
-    state = torch.load(checkpoint / "training_state.pt", weights_only=False)
+    # on the CPU: a tensor saved from GPU k would otherwise come back on GPU k on every rank (load_state_dict moves
+    # the state to each parameter's own device)
+    state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=False)
     if state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -250,12 +252,13 @@ def resume_optimizer_partition(accelerator, model, stage_dir: Path, step: int) -
     if zero3 and saved_ranks == world == len(partitions):
         optimizer = model.optimizer  # DeepSpeed's ZeRO-3 optimizer, which accelerate's wrapper steps
         states = [None] * world  # it reads the entry of its own rank
-        states[rank] = torch.load(checkpoint / f"training_state_rank{rank}.pt", weights_only=False)
+        states[rank] = torch.load(checkpoint / f"training_state_rank{rank}.pt", map_location="cpu", weights_only=False)
         optimizer.checkpoint_event_prologue()
         optimizer.load_state_dict(states)
         optimizer.checkpoint_event_epilogue()
         return
-    whole = torch.load(checkpoint / "training_state.pt", weights_only=False)["optimizer"] is not None
+    whole_state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=False, mmap=True)
+    whole = whole_state["optimizer"] is not None  # mapped, not read: only whether the state is there
     if whole and plugin is None:
         return  # resume() loaded it before prepare
     if partitions:

@@ -19,6 +19,7 @@ A "call" is one completion asked for: n samples of one conversation are n calls 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -430,6 +431,24 @@ def vllm_max_model_len(model_path: str) -> int:
 _LOADED_VLLM: dict[tuple, object] = {}
 
 
+@contextlib.contextmanager
+def global_rngs_kept():
+    """Python's, numpy's and torch's (CPU and every GPU's) global generators as they were before the block: vLLM
+    seeds them all with its engine's seed when it builds an engine in this process, which would make the run's own
+    draws (data order, negatives, dropout, HF sampling) depend on whether and when an engine was built."""
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 def vllm_engine(model_path: str, seed: int = 0, **engine_kwargs):
     """The process's vLLM engine on ``model_path``, built on first use and shared by every role that asks for the
     same model and ``engine_kwargs``: each engine reserves its share of the GPU, so a second engine on one model
@@ -457,7 +476,8 @@ def vllm_engine(model_path: str, seed: int = 0, **engine_kwargs):
     if launched_processes() > 1:
         settings["distributed_executor_backend"] = "external_launcher"
     try:
-        engine = vllm.LLM(model=model_path, enable_prefix_caching=True, **(settings | engine_kwargs))
+        with global_rngs_kept():
+            engine = vllm.LLM(model=model_path, enable_prefix_caching=True, **(settings | engine_kwargs))
     except Exception as err:
         err.add_note(
             "cleancrs: each in-process vLLM engine takes CLEANCRS_VLLM_MEMORY of its GPU (now "

@@ -48,12 +48,14 @@ def supervised_finetuning(
     min_lr_ratio: float = 0.0,
     weight_decay: float = 0.0,
     metric_prefix: str = "train",
+    keep_checkpoints: int = 2,
 ):
     """AdamW, linear warmup over ``warmup_ratio`` of the run (at most ``max_warmup_steps``), then cosine decay to
     ``min_lr_ratio`` of the peak, gradient clipping at ``args.max_grad_norm``; the same global batches of
     ``args.micro_batch_size`` micro-batches on any number of ranks, ordered by ``args.seed``. Resumes from the
-    newest checkpoint in runs/<run>/<stage>/ (saved every ``args.save_every`` steps); logs <metric_prefix>/loss
-    per step. Returns the prepared model."""
+    newest checkpoint in runs/<run>/<stage>/, saved every ``args.save_every`` steps (0: at the end of each epoch) and
+    at the end, of which the newest ``keep_checkpoints`` stay; logs <metric_prefix>/loss per step. Returns the
+    prepared model."""
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     accelerator = run.accelerator
@@ -90,6 +92,7 @@ def supervised_finetuning(
                 f"{stage} epoch {(step + 1) // per_epoch}: mean loss {sum(epoch_losses) / len(epoch_losses):.4f}"
             )
             epoch_losses = []
-        if (step + 1) % args.save_every == 0 or step + 1 == len(steps):
-            save_resumable(accelerator, model, run.dir / stage, step + 1, optimizer, scheduler)
+        every = args.save_every or max(per_epoch, 1)
+        if (step + 1) % every == 0 or step + 1 == len(steps):
+            save_resumable(accelerator, model, run.dir / stage, step + 1, optimizer, scheduler, keep_checkpoints)
     return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import netrc
 import os
 import random
 import shutil
@@ -27,11 +28,36 @@ def default_run_name(method: str, dataset: str, seed: int) -> str:
     return f"{method}__{dataset}__{seed}__{int(time.time())}"
 
 
+def wandb_login_at_hand() -> bool:
+    """Whether W&B can log in without asking anyone: WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, or an entry for the W&B
+    host (WANDB_BASE_URL's, default api.wandb.ai) in the netrc file ($NETRC or ~/.netrc) that `wandb login` writes."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0].split(":")[0]
+    try:
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode() -> str | None:
+    """The mode ``--track`` opens W&B in: WANDB_MODE's, or W&B's own (online) where a login is at hand, else offline,
+    said once: wandb.init would otherwise ask for an API key (no one answers a launched job) or fail."""
+    if os.environ.get("WANDB_MODE") or wandb_login_at_hand():
+        return None
+    print(
+        "W&B: no login here (WANDB_API_KEY, or a `wandb login` entry in ~/.netrc) and WANDB_MODE is unset: logging "
+        "offline under runs/<run>/wandb/ (`wandb sync` it where you can log in; WANDB_MODE=online insists)"
+    )
+    return "offline"
+
+
 class Tracker:
     """Logs metrics to ``runs/<run_name>/metrics.jsonl`` and, with ``track=True``, to W&B.
 
     Only the main process (rank 0 under accelerate) writes; other ranks get a silent tracker.
-    W&B honours WANDB_MODE=offline.
+    W&B honours WANDB_MODE; without it and without a login, the run logs offline (``wandb_mode``). Without wandb
+    installed, ``track=True`` stops the run at once with a one-line error.
     """
 
     def __init__(
@@ -54,9 +80,15 @@ class Tracker:
         config = asdict(config) if is_dataclass(config) else dict(config)
         (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
         if track:
-            import wandb
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit(
+                    "error: --track logs to Weights & Biases: `pip install wandb`, or drop --track"
+                ) from None
 
             self.wandb = wandb.init(
+                mode=wandb_mode(),
                 project=project,
                 entity=entity,
                 group=group,

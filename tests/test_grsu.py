@@ -9,7 +9,7 @@ import grsu
 from common.catalog import Catalog
 from common.data import Dialogue, Turn, load_demo_catalog
 from common.llm import HFChat
-from tests.conftest import DATA, needs_data
+from tests.conftest import DATA, ROOT, needs_data
 
 
 def test_accept_probability_and_list_reward_by_hand():
@@ -124,6 +124,11 @@ def test_rec_turns_decide_repeated_items_from_the_annotations():
     # the released code skips a turn with any repeated item; off keeps every label
     assert [t.labels for t in grsu.rec_turns([dialogue], "turn")] == [["Not In Catalog (2000)"]]
     assert grsu.rec_turns([dialogue], "off")[0].labels == ["Jaws (1975)", "Alien (1979)", "Fargo (1996)"]
+    # the released code first drops the labels outside the catalog, and a turn left without one (counted)
+    catalog, dropped = {"Jaws (1975)", "Alien (1979)"}, {}
+    assert [t.labels for t in grsu.rec_turns([dialogue], "off", catalog, dropped)] == [["Jaws (1975)", "Alien (1979)"]]
+    assert dropped == {"labels": 2, "turns": 1}  # Fargo, and the turn whose one label is outside
+    assert grsu.rec_turns([dialogue], "turn", catalog) == []  # Jaws was mentioned before
 
 
 def test_ievalm_repeated_items_come_from_the_entity_annotations_or_whole_titles(tmp_path):
@@ -183,8 +188,14 @@ def test_real_inspired_catalog_comes_from_the_kg_and_training_split():
     train = load_unicrs_jsonl(DATA / "inspired" / "unicrs" / "train_data_dbpedia.jsonl")
     restore_years(train, attributes)
     assert catalog == {item.title for item in attributes} | {m for d in train for t in d.turns for m in t.items}
-    outside = [label for t in turns for label in t.labels if label not in catalog]
-    assert outside and len(outside) < sum(len(t.labels) for t in turns)  # outside labels stay, as misses
+    # the released code's protocol drops the labels outside the catalog and the turns left without one; --outside-
+    # catalog miss keeps them, as misses
+    assert all(label in catalog for t in turns for label in t.labels) and dataset.outside["labels"] > 0
+    dropped = grsu.load_data("inspired", str(DATA), "valid", "off", "drop")
+    kept = grsu.load_data("inspired", str(DATA), "valid", "off", "miss").evaluated
+    outside = [label for t in kept for label in t.labels if label not in catalog]
+    assert len(outside) == dropped.outside["labels"] < sum(len(t.labels) for t in kept)
+    assert len(kept) - len(dropped.evaluated) == dropped.outside["turns"] > 0
     valid_only = {
         m for d in load_cfcrs_dialogues(DATA / "inspired/cfcrs/valid_data.jsonl") for t in d.turns for m in t.items
     }
@@ -200,9 +211,13 @@ def test_synthesis_puts_the_preference_in_the_teacher_prompt_only():
     assert len(critiques) == 3 + 1  # the subsets {a}, {b}, {a, b} and one list without ground truth
     for job in critiques:
         assert len(job["items"]) == 10 and len(set(job["items"])) == 10 and "Jaws (1975)" not in job["items"]
-        preference = job["teacher_prompt"][len(job["prompt"]) :]
-        assert job["teacher_prompt"].startswith(job["prompt"]) and "What you really want" not in job["prompt"]
+        # the paper's [C; list; p_k; d_c] for the teacher, [C; list; d_c] for the student; nothing else is added
+        listing, instruction = job["prompt"].split("\n\n" + grsu.CRITIQUE_INSTRUCTION)
+        assert job["teacher_prompt"].startswith(listing) and job["teacher_prompt"].endswith(grsu.CRITIQUE_INSTRUCTION)
+        preference = job["teacher_prompt"][len(listing) : -len(grsu.CRITIQUE_INSTRUCTION)]
+        assert preference.startswith("\n\nWhat you really want:\n") and "never" not in job["teacher_prompt"]
         assert all(catalog.card(t, grsu.CARD_FIELDS) in preference for t in turn.labels)
+        assert "What you really want" not in job["prompt"] and instruction == ""
     assert [job["gt_in_list"] for job in critiques] == [1, 1, 2, 0]
     answers = [(r["item"], r["completion"].rsplit(" ", 1)[-1]) for r in scoring]
     assert [a for _, a in answers] == ["Yes", "No", "Yes", "No"]
@@ -261,3 +276,99 @@ def test_beam_search_bookkeeping_at_depth_one_on_the_embedded_model():
         assert s["reward"] == pytest.approx(grsu.list_reward(s["items"], record["item_scores"]), abs=1e-4)
     assert sorted(record["ranked"]) == sorted(seen)
     assert record["zero_shot"][: len(record["greedy"])] == record["greedy"]  # the zero-shot CRS's own answer first
+
+
+def test_defaults_follow_the_released_protocol_where_the_paper_is_silent():
+    """Issue 37: the released code skips a turn with a repeated item and drops labels outside the catalog; the other
+    readings are one flag away (--only-new labels, --outside-catalog miss)."""
+    args = grsu.Args()
+    assert (args.only_new, args.outside_catalog) == ("turn", "drop")
+    assert grsu.load_data("demo", "", "valid").outside == {"labels": 0, "turns": 0}
+
+
+class _ScriptedCRS:
+    """A CRS stand-in that answers each call with the next list of ``lists`` ("1. **Title**" lines)."""
+
+    def __init__(self, lists):
+        from common.llm import Usage
+
+        self.lists, self.usage = list(lists), Usage()
+
+    def chat(self, conversations, temperature=0.0, max_tokens=256, prefix="", **_):
+        self.usage.add(len(conversations), 1, 1)
+        return [["\n".join(f"{i}. **{t}**" for i, t in enumerate(self.lists.pop(0), 1))] for _ in conversations]
+
+
+class _ScriptedUser:
+    """A simulated user stand-in: P(accept) of each item from ``accept``, a fixed critique."""
+
+    def __init__(self, accept):
+        from common.llm import Usage
+
+        self.accept, self.usage, self.model = accept, Usage(), object()
+
+    def choice_probs(self, conversations, choices, prefix="", shared_prefix=False):
+        self.usage.add(len(conversations), 1, 0)
+        probs = []
+        for conv in conversations:
+            (title,) = [t for t in self.accept if t in conv[-1]["content"]]
+            probs.append({"Yes": self.accept[title], "No": 1 - self.accept[title]})
+        return probs
+
+    def chat(self, conversations, temperature=0.0, max_tokens=256, stop=None):
+        self.usage.add(len(conversations), 1, 1)
+        return [["Too old for me."] for _ in conversations]
+
+
+@pytest.mark.parametrize("scoring", ["generative", "majority", "weighted-majority"])
+def test_the_beam_keeps_the_highest_reward_lists_whatever_ranks_the_output(scoring):
+    """As in the released code, the votes rank only the output: the beam keeps the lists of highest mean P(accept)
+    (Eq. 2) under every --scoring. Before issue 37, majority skipped the scoring and kept the lists of most votes."""
+    a, b, c, d, e, f = "Jaws (1975)", "Alien (1979)", "Oldboy (2003)", "Fargo (1996)", "Coco (2017)", "Dune (2021)"
+    accept = {a: 0.9, b: 0.8, c: 0.1, d: 0.1, e: 0.1, f: 0.1}
+    initial = [[a, b], [c, d], [c, e], [c, f]]  # by reward [a, b] leads (.85); by votes c (3 of 4 lists)
+    crs = _ScriptedCRS([[a, b]] + initial + [[a, e], [b, f]])  # the greedy baseline, the N^2 lists, one round
+    catalog = Catalog([item for item in load_demo_catalog() if item.title in accept])
+    args = grsu.Args(beam_width=1, expansion=2, depth=2, list_length=2, scoring=scoring, max_resamples=0)
+    turn = grsu.RecTurn("t", "d", [{"role": "user", "content": "A thriller?"}], [c], [])
+    (record,) = grsu.Search(crs, _ScriptedUser(accept), catalog, args).rollout([turn])
+    states = record["states"]
+    assert [s["items"] for s in states] == initial + [[a, e], [b, f]]
+    for s in states:  # every list's reward is its mean P(accept)
+        assert s["reward"] == pytest.approx(sum(accept[t] for t in s["items"]) / 2)
+    assert [s["parent"] for s in states[4:]] == [0, 0]  # the beam kept [a, b]
+    votes = {"generative": a, "majority": c, "weighted-majority": a}  # c: 3 of 6 lists x .1 < a: 2 of 6 x .9
+    assert record["ranked"][0] == votes[scoring]
+
+
+def test_checkpoints_at_epoch_ends_and_only_the_last_kept(tmp_path, monkeypatch, tokenizer, tiny_model):
+    """GRSU's full fine-tune of an 8B model writes about 112 GB per checkpoint: --save-every 0 saves at each epoch's
+    end (and not every 50 steps), --keep-checkpoints 1 keeps the newest alone."""
+    import copy
+
+    from common.run import Run
+    from common.sft import supervised_finetuning
+    from common.tokens import encode_prompt_completion
+
+    monkeypatch.chdir(tmp_path)
+    args = grsu.Args(run_name="ckpt", micro_batch_size=1, save_every=0, keep_checkpoints=1)
+    run = Run(args)
+    encoded = [encode_prompt_completion(tokenizer, [{"role": "user", "content": f"q{i}"}], "a") for i in range(4)]
+    examples = [{"input_ids": ids, "completion_mask": mask} for ids, mask in encoded]
+    saved = []
+    monkeypatch.setattr("common.sft.save_resumable", lambda *a, **k: saved.append((a[3], a[6:] or k)))
+    model = copy.deepcopy(tiny_model)
+    supervised_finetuning(run, args, model, tokenizer, examples, "user", lr=1e-3, batch_size=2, epochs=3,
+                          warmup_ratio=0, keep_checkpoints=args.keep_checkpoints)  # fmt: skip
+    assert [step for step, _ in saved] == [2, 4, 6]  # 2 steps an epoch
+    assert all(keep in ((1,), {"keep": 1}) for _, keep in saved)
+
+
+def test_the_paper_preset_names_every_field_and_the_recipe_selects_it():
+    from common.presets import check_preset, markdown_table, parse_args
+
+    check_preset(grsu.Args, grsu.PAPER)
+    assert markdown_table(grsu.PAPER) in (ROOT / "docs" / "grsu.md").read_text()  # the docs show the preset itself
+    args = parse_args(grsu.Args, grsu.PRESETS, ["paper", "--dataset", "inspired", "--epochs", "2"])
+    assert (args.epochs, args.lr, args.finetune, args.depth, args.dataset) == (2, 1e-6, "full", 5, "inspired")
+    assert parse_args(grsu.Args, grsu.PRESETS, ["--epochs", "2"]) == grsu.Args(epochs=2)  # no preset: the demo's

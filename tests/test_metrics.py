@@ -108,10 +108,46 @@ def test_a_ranking_that_repeats_an_item_counts_it_once():
             True,
         ),
         ("'It's fine'", "It (2017)", False),
+        # issue 37: the item, not its series. A colon's short subtitle is the item's own name in its series, so the
+        # name before it names the series; a sequel's number names a sibling
+        ("I recommend Halo 3", "Halo: Reach", False),
+        ("I recommend Halo, the whole series", "Halo: Reach", False),
+        ("Halo Reach is the one", "Halo: Reach", True),  # its own subtitle goes on after the name
+        ("I loved Alien as a kid", "Alien: Covenant (2017)", False),
+        ("Alien 3 was a mess", "Alien (1979)", False),
+        ("I recommend Toy Story 2", "Toy Story (1995)", False),
+        ("I love star wars games", "Star Wars: KOTOR", False),
+        ("Chicken Soup for the Soul is a series", "Chicken Soup for the Soul: My Very Good, Very Bad Cat", True),
+        ("Try Paper Mario, it is fun", "Paper Mario: The Origami King - Nintendo Switch", False),
+        ("Try Paper Mario: The Origami King", "Paper Mario: The Origami King - Nintendo Switch", True),
+        ("Call of Duty is loud", "Call of Duty: Modern Warfare Battle Pass Edition - [Xbox One Digital Code]", False),
+        # a subtitle that describes the item (an article, a number, five words or more, a kind, an edition) leaves
+        # the name naming it (real ECPO Book targets)
+        ("I think you'd love Anxious People.", "Anxious People: A Novel", True),
+        ("Try A Walk in the Woods", "A Walk in the Woods: Rediscovering America on the Appalachian Trail", True),
+        ("Read What Kind of Woman", "What Kind of Woman: Poems", True),
+        ("Bridge For Dummies helps", "Bridge For Dummies: Third Edition", True),
+        # a one-word title opening a sentence that says what kind of work it is
+        ("Educated is a memoir by Tara Westover.", "Educated: A Memoir", True),
+        ("Great. Educated is a powerful book.", "Educated: A Memoir", True),
+        ("Educated people read more", "Educated: A Memoir", False),
+        ("Emma is a novel by Jane Austen", "Emma", True),
+        ("Emma by Jane Austen", "Emma", True),
+        ("It is a great movie", "It (2017)", False),
+        ("Up is a Pixar film", "Up (2009)", True),
     ],
 )
 def test_mentions_title_whole_words_and_short_titles_as_titles(text, title, named):
     assert mentions_title(text, title) is named
+
+
+def test_the_leak_guard_leaves_a_series_name_alone():
+    """AILO's guard (``sentence_start``) redacts the item, never the series the user is talking about."""
+    assert redact_title("I love star wars games.", "Star Wars: KOTOR") == "I love star wars games."
+    assert redact_title("Star Wars: KOTOR, please.", "Star Wars: KOTOR") == "that one, please."
+    assert redact_title("Halo 3 was fun; Halo: Reach?", "Halo: Reach") == "Halo 3 was fun; that one?"
+    assert not mentions_title("Alien. Alien 3. Alien is old.", "Alien: Covenant (2017)", sentence_start=True)
+    assert mentions_title("Educated! That one.", "Educated: A Memoir", sentence_start=True)
 
 
 def test_redact_title_replaces_each_form_once():

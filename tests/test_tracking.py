@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from common.models import add_lora
@@ -10,6 +11,8 @@ from common.tracking import (
     prune_checkpoints,
     save_checkpoint,
     seed_everything,
+    wandb_login_at_hand,
+    wandb_mode,
 )
 
 
@@ -81,3 +84,31 @@ def test_wandb_offline(tmp_path, monkeypatch):
     tracker.close()
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["eval/sr"] == 0.5
+
+
+def test_track_without_a_login_logs_offline_instead_of_asking(tmp_path, monkeypatch, capsys):
+    """Issue 37: the recipes pass --track; where nobody logged in (no key, no netrc) and WANDB_MODE is unset,
+    wandb.init asked for a key (or failed on a launched job). The run logs offline, and says so once."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    tracker = Tracker(tmp_path / "run", {"lr": 0.1}, track=True, project="cleancrs-test")
+    tracker.log({"eval/sr": 0.5}, step=1)
+    tracker.close()
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert "W&B: no login here" in capsys.readouterr().out
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    (tmp_path / "netrc").chmod(0o600)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert wandb_login_at_hand() and wandb_mode() is None  # a login: W&B's own mode
+
+
+def test_track_without_wandb_is_a_one_line_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed (the stock PyTorch images have none)
+    with pytest.raises(SystemExit, match="--track logs to Weights & Biases: `pip install wandb`, or drop --track"):
+        Tracker(tmp_path / "run", {"lr": 0.1}, track=True)
