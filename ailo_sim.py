@@ -23,7 +23,7 @@ runs/<run_name>/:
   personas  (with --num-personas) user persona modeling from real reviews
             (Sec. 2.3) and their diversity, ROUGE-L to the nearest other (Fig. 4) -> personas.jsonl
   simulate  policy-based user simulation (Sec. 2.3) against the zero-shot CRA:
-            SR, R and the EC rating r_t of every CRA response (Sec. 2.2)       -> trajectories.jsonl
+            SR, R and the EC rating r_t of every CRA response but the last     -> trajectories.jsonl
 
 A rerun with the same --run-name skips every finished conversation and persona.
 """

@@ -13,7 +13,7 @@ user. The pipeline (the paper's Fig. 2), one stage function each, writing under 
   teacher   a teacher CRA talks with the AILO simulator on D_sft tasks      -> teacher_trajectories.jsonl
   sft       SGPT: LoRA SFT (Eq. 1) on every CRA call of the successful ones -> sft_data.jsonl, sft_adapter/
   forward   pi_sft talks with AILO on D_pre tasks; AILO rates every visible
-            response (forward expectation confirmation: CONF_t, r_t)        -> forward_trajectories.jsonl
+            response but the last (forward expectation confirmation)         -> forward_trajectories.jsonl
   backward  a rewriter revises each response with r_t <= lambda, given CONF_t
             (backward expectation derivation); valid rewrites form D_pre    -> rewrites.jsonl, pairs.jsonl
   po        ECPO: DPO (Eq. 3) / SimPO / KTO / SFT on D_pre, reference pi_sft -> ref_logps.jsonl, po_adapter/
@@ -1101,9 +1101,13 @@ def preference_optimization(run: Run, args: Args) -> dict:
     if run.finished("po_adapter"):
         return {}
     path = run.dir / "pairs.jsonl"
-    pairs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    if not pairs:
-        raise DataError(f"no preference pairs in {path}: run the backward stage first (or raise --lam)")
+    if not path.exists():
+        raise DataError(f"no preference pairs in {path}: run the backward stage first")
+    pairs = [json.loads(line) for line in path.read_text().splitlines()]
+    if not pairs:  # a result, not an error: every rated response met the user's expectation at this lambda
+        if run.main:
+            print(f"D_pre is empty at lambda = {args.lam:g}: no ECPO policy to train (a higher --lam rewrites more)")
+        return {}
     model, tokenizer = load_policy(args, [sft_adapter(run)], run.device, trainable=True)
     examples = pair_examples(tokenizer, pairs, args.max_length)
     model = train_preferences(run, args, model, tokenizer, examples)
