@@ -23,7 +23,7 @@ runs/<run_name>/:
   personas  (with --num-personas) user persona modeling from real reviews
             (Sec. 2.3) and their diversity, ROUGE-L to the nearest other (Fig. 4) -> personas.jsonl
   simulate  policy-based user simulation (Sec. 2.3) against the zero-shot CRA:
-            SR, R and the EC rating r_t of every CRA response (Sec. 2.2)       -> trajectories.jsonl
+            SR, R and the EC rating r_t of every CRA response but the last     -> trajectories.jsonl
 
 A rerun with the same --run-name skips every finished conversation and persona.
 """
@@ -44,7 +44,7 @@ from common.catalog import Catalog, item_card
 from common.conversations import render_history
 from common.data import TASK_DOMAINS, DataError, Persona, Task, load_ecpo_reviews, load_task_items, load_tasks
 from common.distributed import print_dry_run
-from common.judging import Expectation, JudgeScoring, expected_scores, mass_metrics, scores_in_answers
+from common.judging import Expectation, JudgeScoring, expected_scores, json_string, mass_metrics, scores_in_answers
 from common.llm import LLMBackendError
 from common.metrics import mentions_title, redact_title, success_rate
 from common.models import ModelSpecError, check_specs
@@ -113,10 +113,10 @@ class Args:
     strict: bool = False
     """with --audit: exit non-zero when a recorded user turn names its target"""
     judge_scoring: JudgeScoring = "expected"
-    """how the EC rating r_t is read: "expected", E[r_t] over the digits 0-5 after the pre-filled reason, one
-    forward pass, every response rated (common/judging.py; an openai: simulator's from its answer's logprobs);
-    "sampled", the paper's: the rating parsed from the generated JSON, retried, then read after the reason and
-    floored"""
+    """how the EC rating r_t is read: "expected", from the answer distribution after the pre-filled reason, one
+    batched pass, every response rated: r_t is the rating the user would write (the most probable of 0-5) and E[r_t]
+    is logged beside it (common/judging.py; an openai: simulator's from its answer's logprobs); "sampled", the
+    paper's: the rating parsed from the generated JSON, retried, then the most probable rating after the reason"""
 
     num_personas: int = 0
     """if > 0, build this many personas from real reviews (book/game) with --persona-llm and report diversity"""
@@ -331,14 +331,25 @@ class SimUser:
 
 
 @dataclass
+class Confirmation:
+    """Step 3's judgement of one CRA response: CONF_t and r_t, and E[r_t] where it was read from the distribution."""
+
+    reason: str | None = None  # CONF_t
+    rating: int | None = None  # r_t, the rating 0-5 the user writes: parsed, or the most probable one
+    expected: float | None = None  # E[r_t] in [0, 5] under the rating's answer distribution
+    mass_outside: float | None = None  # the probability that answer put outside the ratings 0-5
+
+
+@dataclass
 class UserTurn:
     policy: str
     response: str
     ec_reason: str | None
-    ec_rating: float | None  # an integer 0-5 as parsed; with --judge-scoring expected, E[r_t] in [0, 5]
+    ec_rating: int | None  # r_t, the rating 0-5 the user writes (None: unrated)
     end: bool
-    ec_mass_outside: float | None = None  # expected: the probability the rating's answer put outside 0-5
+    ec_mass_outside: float | None = None  # read from the distribution: the probability put outside 0-5
     guard: str = "clean"  # the leak guard on the utterance: "clean", "regenerated" or "redacted"
+    ec_expected: float | None = None  # read from the distribution: E[r_t], logged beside r_t
 
 
 class AILO:
@@ -427,17 +438,18 @@ class AILO:
         return users, [UserTurn(OPENING_POLICY, t, None, None, False, guard=g) for t, g in zip(texts, guard)]
 
     def step(self, users: list[SimUser], cra_responses: list[str], final: bool = False) -> list[UserTurn]:
-        """Answer one CRA response per user. With ``final`` (the turn limit) only EC runs: nobody replies."""
+        """Answer one CRA response per user. With ``final`` (the turn limit) nothing runs: nobody replies, and, as in
+        the paper's released simulator loop, the last response is not rated (so it is never rewritten)."""
         for user, response in zip(users, cra_responses):
             user.history.append({"role": "assistant", "content": response})
+        if final:
+            for user in users:
+                user.ended = True
+            return [UserTurn("", "", None, None, True) for _ in users]
 
         # Step 3 (EC) rates p_t against the history up to and including it, so it is independent of the
         # user's reply and runs first; the order of the three calls does not change any input.
         ec = self.expectation_confirmation(users)
-        if final:
-            for user in users:
-                user.ended = True
-            return [UserTurn("", "", *(e or (None, None)), True, mass) for e, mass in ec]
 
         # Step 1: the response policy.
         policy_prompts = [
@@ -466,18 +478,19 @@ class AILO:
         # Step 2: the response content, conditioned on the policy.
         texts, guard = self._content(users, policies)
         turns = []
-        for user, policy, text, (e, mass), g in zip(users, policies, texts, ec, guard):
+        for user, policy, text, c, g in zip(users, policies, texts, ec, guard):
             user.history.append({"role": "user", "content": text})
             user.ended = policy == "end_conversation"
-            turns.append(UserTurn(policy, text, *(e or (None, None)), user.ended, mass, g))
+            turns.append(UserTurn(policy, text, c.reason, c.rating, user.ended, c.mass_outside, g, c.expected))
         return turns
 
-    def expectation_confirmation(self, users: list[SimUser]) -> list[tuple[tuple[str, float] | None, float | None]]:
-        """Step 3, expectation confirmation: ((CONF_t, r_t), mass outside) for each user's last CRA response p_t,
-        rated against the dialogue before it (EC_PROMPT: start from 5, deduct flexibility 0-2, coherence 0-2, user
-        guidance 0-1). Sampled (the paper): the rating parsed from the answer; malformed output is retried, then a
-        local backend reads it after the pre-filled reason, floored; else None. Expected: E[r_t] after the
-        pre-filled reason for every response, not floored, and the probability left outside 0-5."""
+    def expectation_confirmation(self, users: list[SimUser]) -> list[Confirmation]:
+        """Step 3, expectation confirmation of each user's last CRA response p_t, rated against the dialogue before
+        it (EC_PROMPT: start from 5, deduct flexibility 0-2, coherence 0-2, user guidance 0-1). Sampled (the paper):
+        the rating parsed from the answer; malformed output is retried, then a local backend reads it after the
+        pre-filled reason (``_read_ec``); else unrated. Expected: ``_read_ec`` for every response. Where the rating
+        is read from the distribution, r_t is the rating the user would write (the most probable of 0-5, as a model
+        writes one integer at temperature 0) and E[r_t] is kept beside it."""
         prompts = [
             EC_PROMPT.format(
                 last=u.history[-1]["content"], history=render_history(u.history[:-1]), target=u.task.target.title
@@ -485,36 +498,40 @@ class AILO:
             for u in users
         ]
         if self.ec_scoring == "expected":
-            read = self._read_ec(prompts)
-            return [((reason, e.value) if e.value is not None else None, e.mass_outside) for reason, e in read]
+            return [self._confirmation(reason, e) for reason, e in self._read_ec(prompts)]
         ec, _ = self._ask(prompts, parse_ec)
+        confirmations = [Confirmation(*e) if e else Confirmation() for e in ec]
         failed = [i for i, e in enumerate(ec) if e is None]
         if failed and getattr(self.llm, "can_prefill", False):
             for i, (reason, e) in zip(failed, self._read_ec([prompts[i] for i in failed])):
-                if e.value is not None:  # floored, as the paper parses ratings with int(float(...))
-                    ec[i] = (reason, int(e.value))
+                confirmations[i] = self._confirmation(reason, e)
             self.constrained_ratings += len(failed)
-        return [(e, None) for e in ec]
+        return confirmations
+
+    @staticmethod
+    def _confirmation(reason: str, e: Expectation) -> Confirmation:
+        if e.value is None:
+            return Confirmation(mass_outside=e.mass_outside)
+        return Confirmation(reason, int(e.greedy), e.value, e.mass_outside)
 
     def _read_ec(self, prompts: list[str]) -> list[tuple[str, Expectation]]:
-        """The answer is pre-filled as '{"reason": "', the reason generated up to its closing quote, then the
-        rating read from the next-token distribution over the digits 0..5 after '", "rating": "' (one forward pass):
-        its probability-weighted mean (G-Eval's scoring). The mean uses the whole distribution, where a weak model's
-        argmax is always the same digit. An API simulator, which cannot be pre-filled, answers greedily and the
-        distribution is read where its own answer writes the rating (``scores_in_answers``)."""
+        """The answer is pre-filled as '{"reason": "', the reason generated up to the quote that closes its JSON
+        string (``json_string``: escaped quotes and quoted titles stay in it; generation stops at the next key or at
+        '"}'), then the rating read after '", "rating": "' from the probability of each rating 0-5 written in full (one
+        batched pass, ``expected_scores``): its most probable value and its probability-weighted mean (G-Eval's
+        scoring). An API simulator, which cannot be pre-filled, answers greedily and the distribution is read where
+        its own answer writes the rating (``scores_in_answers``)."""
         convs = [[{"role": "user", "content": p}] for p in prompts]
         digits = {str(d): float(d) for d in range(6)}
         if not getattr(self.llm, "can_prefill", False):
             answers = scores_in_answers(self.llm, convs, [r'"rating":\s*"?'], digits, self.max_tokens)
             no_score = Expectation(None, 1.0, {})
             return [((parse_json(text) or {}).get("reason") or "", read[0] or no_score) for text, read in answers]
-        reasons = [
-            " ".join(out[0].split())
-            for out in self.llm.chat(convs, max_tokens=self.max_tokens, stop=['"'], prefix='{"reason": "')
-        ]
-        prefixes = ['{"reason": "' + reason + '", "rating": "' for reason in reasons]
+        generated = self.llm.chat(convs, max_tokens=self.max_tokens, stop=['"rating"', '"}'], prefix='{"reason": "')
+        reasons = [json_string(out[0]) for out in generated]
+        prefixes = ['{"reason": "' + written + '", "rating": "' for written, _ in reasons]
         read = expected_scores(self.llm, convs, digits, prefixes)
-        return list(zip(reasons, read))
+        return [(reason, e) for (_, reason), e in zip(reasons, read)]
 
     def metrics(self) -> dict[str, int]:
         return {
@@ -601,6 +618,7 @@ def run_episodes(
                         "user_guard": answer.guard,
                         "ec_reason": answer.ec_reason,
                         "ec_rating": answer.ec_rating,
+                        "ec_expected": answer.ec_expected,
                         "ec_mass_outside": answer.ec_mass_outside,
                         "end": answer.end,
                     }
@@ -673,6 +691,9 @@ def episode_metrics(trajectories: list[dict], max_turns: int) -> dict[str, float
     }
     if ratings:
         metrics["rollout/ec_rating_mean"] = sum(r for _, r in ratings) / len(ratings)
+    expected = [t["ec_expected"] for tr in trajectories for t in tr["turns"] if t.get("ec_expected") is not None]
+    if expected:
+        metrics["rollout/ec_expected_mean"] = sum(expected) / len(expected)
     outside = [t.get("ec_mass_outside") for tr in trajectories for t in tr["turns"]]
     metrics |= mass_metrics([o for o in outside if o is not None], "rollout/ec")
     for turn in range(1, max_turns + 1):
@@ -690,7 +711,8 @@ def print_trajectory(trajectory: dict) -> None:
     print(f"  USER   [{trajectory['opening']['policy']}] {trajectory['opening']['user']}")
     for t in trajectory["turns"]:
         print(f"  SYSTEM {t['cra'].get('action') or t['system']}")  # an agent's action where it keeps one
-        print(f"         EC rating {t['ec_rating']}: {(t['ec_reason'] or '')[:160]}")
+        expected = f" (E {t['ec_expected']:.2f})" if t.get("ec_expected") is not None else ""
+        print(f"         EC rating {t['ec_rating']}{expected}: {(t['ec_reason'] or '')[:160]}")
         if t["user"]:
             print(f"  USER   [{t['user_policy']}] {t['user']}")
 

@@ -13,7 +13,7 @@ user. The pipeline (the paper's Fig. 2), one stage function each, writing under 
   teacher   a teacher CRA talks with the AILO simulator on D_sft tasks      -> teacher_trajectories.jsonl
   sft       SGPT: LoRA SFT (Eq. 1) on every CRA call of the successful ones -> sft_data.jsonl, sft_adapter/
   forward   pi_sft talks with AILO on D_pre tasks; AILO rates every visible
-            response (forward expectation confirmation: CONF_t, r_t)        -> forward_trajectories.jsonl
+            response but the last (forward expectation confirmation)         -> forward_trajectories.jsonl
   backward  a rewriter revises each response with r_t <= lambda, given CONF_t
             (backward expectation derivation); valid rewrites form D_pre    -> rewrites.jsonl, pairs.jsonl
   po        ECPO: DPO (Eq. 3) / SimPO / KTO / SFT on D_pre, reference pi_sft -> ref_logps.jsonl, po_adapter/
@@ -55,7 +55,7 @@ from common.distributed import (
     start_training,
     training_steps,
 )
-from common.judging import JudgeScoring, expected_scores, mass_metrics, scores_in_answers
+from common.judging import JudgeScoring, expected_scores, json_string, mass_metrics, scores_in_answers
 from common.llm import HFChat, LLMBackendError
 from common.models import ModelSpecError, check_specs, load_merged
 from common.parsing import ParseStats, chat_parsed, coerce_int, parse_json
@@ -146,8 +146,8 @@ class Args:
 
     # ------------------------------------------------------------------------------------------- backward
     lam: float = 4.0
-    """lambda: responses rated r_t <= lambda are rewritten (paper: 4; sweep 1..4). With --judge-scoring expected r_t
-    is AILO's expected rating E[r_t], counted by its integer part as the paper parses ratings: E[r_t] < lambda + 1"""
+    """lambda: responses rated r_t <= lambda are rewritten (paper: 4; sweep 1..4). r_t is the rating AILO writes: with
+    --judge-scoring expected its most probable rating 0-5 (E[r_t] is logged beside it, not tested)"""
     rewriter_max_tokens: int = 192
     """max new tokens of one rewrite"""
 
@@ -195,9 +195,11 @@ class Args:
     # ------------------------------------------------------------------------------------------- eval
     judge_scoring: JudgeScoring = "expected"
     """how AILO's EC rating r_t and the win-rate judge's verdicts are read: "expected", from the answer distribution
-    (E[r_t] over 0-5; each verdict P(1) - P(-1) over {1, 0, -1}), one forward pass per score after the pre-filled
-    reason, so every judged pair counts (common/judging.py; an openai: judge's from its answer's logprobs);
-    "sampled", the paper's: parsed from the generated JSON, a judgement that never parses is left out"""
+    after the pre-filled reason, each score's probability of being written in full (r_t: the most probable rating
+    0-5, E[r_t] beside it; each verdict: P(1) - P(-1) over {1, 0, -1}), one batched pass per score, so every judged
+    pair counts (common/judging.py; an openai: judge's from its answer's logprobs, refused where they cannot give a
+    verdict written in two tokens, such as -1); "sampled", the paper's: parsed from the generated JSON, a judgement
+    that never parses is left out"""
     judge_max_tokens: int = 256
     """max new tokens of one judgement (with --judge-scoring expected: of each dimension's reason)"""
     print_conversations: bool = False
@@ -381,7 +383,8 @@ def make_actcrs(llm, catalog: Catalog, domain: str, args: Args, few_shot: bool, 
 
 def rated_turns(trajectories: list[dict]) -> list[dict]:
     """(s_t, p_t, CONF_t, r_t) of every visible response: the state the policy acted from, its action, AILO's
-    reason and rating. "System Error" fallbacks (no action) and unparsed ratings are left out (METHODS.md 1.9)."""
+    reason and rating, and E[r_t] where the rating was read from the distribution. "System Error" fallbacks (no
+    action), unparsed ratings and the unrated last turn are left out (METHODS.md 1.9)."""
     return [
         {
             "key": f"{tr['key']}#{t['turn']}",
@@ -389,6 +392,7 @@ def rated_turns(trajectories: list[dict]) -> list[dict]:
             "action": t["cra"]["action"],
             "conf": t["ec_reason"],
             "rating": t["ec_rating"],
+            "expected": t.get("ec_expected"),
         }
         for tr in trajectories
         for t in tr["turns"]
@@ -396,11 +400,12 @@ def rated_turns(trajectories: list[dict]) -> list[dict]:
     ]
 
 
-def short_of_expectation(rating: float, lam: float) -> bool:
-    """Eq. 2's test, r_t <= lambda. An expected rating E[r_t] counts by its integer part, as the paper parses a
-    written rating (int(float(...))): lambda = 4 takes every response that is not a confident 5, E[r_t] < 5, as it
-    takes every integer rating but 5."""
-    return math.floor(rating) <= lam
+def short_of_expectation(rating: int, lam: float) -> bool:
+    """Eq. 2's test, r_t <= lambda, on the rating the user writes: parsed, or under expected scoring the most
+    probable rating (the paper's user writes one integer at temperature 0, so a response it would rate 5 is never
+    rewritten at lambda = 4). E[r_t] is not tested: floor(E[r_t]) <= 4 rewrote every response with E[r_t] < 5,
+    4.999 included, so D_pre grew with the judge's uncertainty rather than with shortfalls."""
+    return rating <= lam
 
 
 def rewritable_turns(trajectories: list[dict], lam: float) -> list[dict]:
@@ -409,9 +414,13 @@ def rewritable_turns(trajectories: list[dict], lam: float) -> list[dict]:
 
 
 def rating_table(turns: list[dict], lam: float) -> str:
-    counts = [sum(math.floor(t["rating"]) == r for t in turns) for r in range(6)]  # an expected r_t by its floor
+    counts = [sum(t["rating"] == r for t in turns) for r in range(6)]
     low = sum(short_of_expectation(t["rating"], lam) for t in turns)
-    return f"r_t 0..5: {counts}; {low} of {len(turns)} rated responses have r_t <= lambda = {lam:g}"
+    table = f"r_t 0..5: {counts}; {low} of {len(turns)} rated responses have r_t <= lambda = {lam:g}"
+    expected = [t["expected"] for t in turns if t.get("expected") is not None]
+    if expected:
+        table += f" (E[r_t] {min(expected):.2f} to {max(expected):.2f})"
+    return table
 
 
 # =============================================================================================== rewriter
@@ -512,6 +521,7 @@ def select_pairs(rewrites: list[dict], lam: float) -> list[dict]:
             "chosen": r["refinement"],
             "rejected": r["action"],
             "rating": r["rating"],
+            "expected": r.get("expected"),
             "conf": r["conf"],
         }
         for r in rewrites
@@ -780,7 +790,7 @@ Trajectory B:
 {b}
 
 Score each with 1, -1 or 0, then answer with JSON only:
-{{"Flexibility": {{"Reason": "...", "Score": 0}}, "Coherence": {{"Reason": "...", "Score": 0}}, "User Guidance": {{"Reason": "...", "Score": 0}}, "Final Score": 0}}"""  # noqa: E501  (prompt text, kept verbatim)
+{{"Flexibility": {{"Reason": "{{reason}}", "Score": -1 or 1 or 0}}, "Coherence": {{"Reason": "{{reason}}", "Score": -1 or 1 or 0}}, "User Guidance": {{"Reason": "{{reason}}", "Score": -1 or 1 or 0}}, "Final Score": -1 or 1 or 0}}"""  # noqa: E501  (prompt text, kept verbatim)
 
 JUDGE_DIMENSIONS = {
     "Flexibility": "flexibility",
@@ -860,11 +870,13 @@ VERDICTS = {"1": 1.0, "0": 0.0, "-1": -1.0}  # A better, a tie, B better
 
 def expected_judgements(judge, conversations: list[list[dict]], max_tokens: int) -> list[tuple[dict, dict]]:
     """Fig. 11's judgement read from the judge's answer distribution: the JSON is pre-filled dimension by dimension;
-    each reason is generated up to its closing quote, then the verdict read in one forward pass as its expectation
-    over {1, 0, -1}, P(1) - P(-1) (P(A better) - P(B better)). The JSON goes on with the most probable verdict, so
-    each later dimension, and the overall score last, reads after a definite answer. An API judge answers greedily
-    and each verdict is read where its own JSON writes it (``scores_in_answers``). Returns, per conversation,
-    ({dimension: expected verdict}, {dimension: the probability outside 1, 0, -1})."""
+    each reason is generated up to the quote that closes its JSON string (``json_string``; generation stops at the
+    next key or at '"}'), then the verdict read in one batched pass as its expectation over {1, 0, -1}, each written
+    in full after '"Score":' (" -1" is two tokens, " -" and "1"): P(1) - P(-1) (P(A better) - P(B better)). The
+    JSON goes on with the most probable verdict, so each later dimension, and the overall score last, reads after a
+    definite answer. An API judge answers greedily and each verdict is read where its own JSON writes it
+    (``scores_in_answers``). Returns, per conversation, ({dimension: expected verdict}, {dimension: the probability
+    outside 1, 0, -1})."""
     if not getattr(judge, "can_prefill", False):  # an API judge: read where its own greedy answer writes each score
         leads = [rf'"{name}"\s*:\s*{{[^{{}}]*"Score"\s*:\s*"?' for name in JUDGE_DIMENSIONS if name != "Final Score"]
         leads.append(r'"Final Score"\s*:\s*"?')
@@ -882,8 +894,8 @@ def expected_judgements(judge, conversations: list[list[dict]], max_tokens: int)
             prefixes = [p + f'"{name}": ' for p in prefixes]
         else:
             prefixes = [p + f'"{name}": {{"Reason": "' for p in prefixes]
-            reasons = judge.chat(conversations, max_tokens=max_tokens, stop=['"'], prefix=prefixes)
-            prefixes = [p + " ".join(r[0].split()) + '", "Score": ' for p, r in zip(prefixes, reasons)]
+            reasons = judge.chat(conversations, max_tokens=max_tokens, stop=['"Score"', '"}'], prefix=prefixes)
+            prefixes = [p + json_string(r[0])[0] + '", "Score": ' for p, r in zip(prefixes, reasons)]
         read = expected_scores(judge, conversations, VERDICTS, prefixes)
         for k, e in enumerate(read):
             scores[k][short], outside[k][short] = e.value, e.mass_outside
@@ -1053,11 +1065,13 @@ def forward_expectation_confirmation(run: Run, args: Args, data: Data) -> dict:
     if run.main:
         print(rating_table(rated_turns(forward), args.lam))
     ratings = [t["ec_rating"] for tr in forward for t in tr["turns"] if t["ec_rating"] is not None]
+    expected = [t["ec_expected"] for tr in forward for t in tr["turns"] if t.get("ec_expected") is not None]
     return {
         "rollout/forward_sr": episode_metrics(forward, args.max_turns)["eval/sr"],
         "rollout/forward_turns": sum(len(tr["turns"]) for tr in forward),
         "rollout/ec_ratings": len(ratings),
         "rollout/ec_rating_mean": sum(ratings) / max(len(ratings), 1),
+        **({"rollout/ec_expected_mean": sum(expected) / len(expected)} if expected else {}),
         "rollout/system_errors": sum(t["system"] == SYSTEM_ERROR for tr in forward for t in tr["turns"]),
     }
 
@@ -1087,9 +1101,13 @@ def preference_optimization(run: Run, args: Args) -> dict:
     if run.finished("po_adapter"):
         return {}
     path = run.dir / "pairs.jsonl"
-    pairs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    if not pairs:
-        raise DataError(f"no preference pairs in {path}: run the backward stage first (or raise --lam)")
+    if not path.exists():
+        raise DataError(f"no preference pairs in {path}: run the backward stage first")
+    pairs = [json.loads(line) for line in path.read_text().splitlines()]
+    if not pairs:  # a result, not an error: every rated response met the user's expectation at this lambda
+        if run.main:
+            print(f"D_pre is empty at lambda = {args.lam:g}: no ECPO policy to train (a higher --lam rewrites more)")
+        return {}
     model, tokenizer = load_policy(args, [sft_adapter(run)], run.device, trainable=True)
     examples = pair_examples(tokenizer, pairs, args.max_length)
     model = train_preferences(run, args, model, tokenizer, examples)

@@ -2,14 +2,16 @@
 
     python bench/bench_judges.py --rso-run runs/<an rso.py run> --ecpo-run runs/<an ecpo.py run>
     python bench/bench_judges.py --rso-run runs/<run> --items 8 --repeats 3 --threads 2
+    python bench/bench_judges.py --rso-run runs/<run> --ecpo-run runs/<run> --modes expected   # the reading alone
 
 Two judges, on real states of a default run:
   * RSO's rewarder (Eq. 9): the conversation after each turn of ``rl_episodes.jsonl``, scored 1-5. Sampled: the mean
-    of K = 10 scores drawn at temperature 1 (``rso.judge_scores``, --judge-scoring sampled); expected: E[s] after
-    "Score: ".
+    of K = 10 scores drawn at temperature 1 (``rso.judge_scores``, --judge-scoring sampled); expected: E[s] over
+    the scores 1-5 written in full after "Score:" (with or without the space).
   * ECPO's win-rate judge (Fig. 11): an evaluated pair (``eval_sft.jsonl`` against ``eval_expert.jsonl``) judged
     with the candidate as A. Sampled: the mean final verdict of K = 10 judgements drawn at temperature 1 (those that
-    parse); expected: ``ecpo.expected_judgements``, P(1) - P(-1) after each pre-filled reason.
+    parse); expected: ``ecpo.expected_judgements``, P(1) - P(-1) after each pre-filled reason, each verdict written
+    in full (" -1" is " -" and "1").
 
 Per judge and mode: LLM calls and seconds per judged item, the standard deviation of an item's score across
 --repeats runs (each with another seed; averaged over the items), and the share of samples that gave no score (the
@@ -57,6 +59,8 @@ class Args:
     """ECPO judge: max new tokens of a judgement (sampled) or of each dimension's reason (expected)"""
     threads: int = 2
     """torch threads"""
+    modes: tuple[str, ...] = ("sampled", "expected")
+    """which scorings to measure (the same script runs on an older checkout, for a before/after of one reading)"""
 
 
 def rewarder_prompts(path: Path, items: int) -> list[str]:
@@ -114,7 +118,7 @@ def main(args: Args) -> None:
     rows = []
     if args.rso_run:
         prompts = rewarder_prompts(Path(args.rso_run) / "rl_episodes.jsonl", args.items)
-        for mode in ("sampled", "expected"):
+        for mode in [m for m in ("sampled", "expected") if m in args.modes]:
             settings = rso.Args(judge_scoring=mode)
 
             def score(batch, seed, settings=settings, mode=mode):
@@ -141,8 +145,9 @@ def main(args: Args) -> None:
             read = ecpo.expected_judgements(llm, conversations, args.judge_max_tokens)
             return [(scores.get("final"), outside["final"]) for scores, outside in read]
 
-        rows.append(("ECPO judge (-1/0/1)", "sampled", measure(sampled, llm, prompts, args.repeats)))
-        rows.append(("ECPO judge (-1/0/1)", "expected", measure(expected, llm, prompts, args.repeats)))
+        for mode, score in (("sampled", sampled), ("expected", expected)):
+            if mode in args.modes:
+                rows.append(("ECPO judge (-1/0/1)", mode, measure(score, llm, prompts, args.repeats)))
     if not rows:
         sys.exit("error: give --rso-run and/or --ecpo-run (run folders of the default runs)")
     columns = ["calls per item", "seconds per item", "std across runs", "unscored", "mean score"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -104,16 +105,74 @@ class Completion:
     completion_ids: list[int]  # the sampled tokens; the end-of-sequence token only where it was sampled
 
 
-def _choice_variants(choice: str) -> set[str]:
-    return {choice.strip(), " " + choice.strip()}
+def _choice_variants(choice: str) -> list[str]:
+    return sorted({choice.strip(), " " + choice.strip()})
 
 
-def choice_token_ids(tokenizer, choice: str) -> list[int]:
-    """The first token of each spelling of ``choice`` (with and without a leading space) that begins the choice.
-    A tokenizer that writes " 4" as " " + "4" gives a bare space first: it begins every digit, so it is left out
-    (counted, it would add P(" ") to each of the scores 0-5)."""
-    firsts = {tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in _choice_variants(choice)}
-    return sorted(i for i in firsts if (text := tokenizer.decode([i]).strip()) and choice.strip().startswith(text))
+@dataclass
+class WrittenChoices:
+    """The choices of ``choice_probs`` as token ids written after one prompt (its pre-fill's trailing spaces
+    removed), the way lm-evaluation-harness scores a continuation: each spelling (with and without a leading space)
+    is the whole text tokenized at once, and what it adds lies after the tokens that every spelling and the prompt
+    share. That boundary is usually the prompt's end; where a spelling merges with the prompt's last token, it lies
+    before it, and the prompt's own tokens after it (``tail``) are scored too, so that each spelling's probability is
+    P(prompt + spelling) / P(prompt), the same wherever the boundary falls."""
+
+    context: list[int]  # the prompt's tokens up to the boundary
+    spellings: dict[str, list[list[int]]]  # per choice, the tokens each of its spellings adds after the boundary
+    tail: list[int]  # the prompt's tokens after the boundary (none unless a spelling merges with the prompt's end)
+
+    def sequences(self) -> list[list[int]]:
+        return [ids for spelled in self.spellings.values() for ids in spelled] + [self.tail]
+
+    def probs(self, logprob) -> dict[str, float]:
+        """P(each choice written in full after the prompt), summed over its spellings, from ``logprob(path, token)``:
+        log P(token | context + path)."""
+
+        def total(ids: list[int]) -> float:
+            return sum(logprob(tuple(ids[:j]), token) for j, token in enumerate(ids))
+
+        tail = total(self.tail)
+        return {c: sum(math.exp(total(ids) - tail) for ids in spelled) for c, spelled in self.spellings.items()}
+
+
+def written_choices(tokenizer, text: str, choices) -> WrittenChoices:
+    """``choices`` written after the prompt ``text`` (``WrittenChoices``)."""
+    spellings = {c: _choice_variants(c) for c in choices}
+    flat = [s for c in choices for s in spellings[c]]
+    encoded = tokenizer([text] + [text + s for s in flat], add_special_tokens=False)["input_ids"]
+    prompt, written = encoded[0], dict(zip(flat, encoded[1:]))
+    boundary = min(_shared_length(prompt, ids) for ids in written.values())
+    return WrittenChoices(
+        prompt[:boundary], {c: [written[s][boundary:] for s in spellings[c]] for c in choices}, prompt[boundary:]
+    )
+
+
+def _shared_length(a: list[int], b: list[int]) -> int:
+    size = 0
+    while size < min(len(a), len(b)) and a[size] == b[size]:
+        size += 1
+    return size
+
+
+def following_tokens(sequences: list[list[int]]) -> dict[tuple[int, ...], set[int]]:
+    """The token paths a model must be read after to score ``sequences`` (the empty path, the context's end,
+    included), each with the tokens that follow it in some sequence: a tree, so spellings that begin alike share a
+    row (" 1" and " 0" are " " and then a digit)."""
+    following: dict[tuple[int, ...], set[int]] = {}
+    for ids in sequences:
+        for j, token in enumerate(ids):
+            following.setdefault(tuple(ids[:j]), set()).add(token)
+    return following
+
+
+def cache_rows(cache, rows: torch.Tensor):
+    """A key/value cache holding ``rows`` of ``cache`` (repeats allowed), which stays as it was: each layer's
+    tensors are selected anew, not in place."""
+    selected = copy.copy(cache)
+    selected.layers = [copy.copy(layer) for layer in cache.layers]
+    selected.reorder_cache(rows)
+    return selected
 
 
 class HFChat:
@@ -233,67 +292,86 @@ class HFChat:
     def choice_probs(
         self, conversations, choices=("Yes", "No"), prefix: str | list[str] = "", shared_prefix: bool = False
     ) -> list[dict[str, float]]:
-        """P(next token starts each choice) after the generation header (+ ``prefix``), in one forward pass.
-
-        A choice's probability sums its spellings with and without a leading space. No sampling. With
-        ``shared_prefix`` (conversations that differ only at their end, such as one dialogue and many items), the
-        common beginning is run once and its key/value cache reused, so each conversation costs its own tokens.
-        """
-        texts = prefilled_prompts(self.tokenizer, conversations, prefix)
-        choice_ids = {c: choice_token_ids(self.tokenizer, c) for c in choices}
-        results: list[dict[str, float]] = [{} for _ in texts]
+        """P(the answer goes on with each choice written in full) after the generation header and ``prefix``: every
+        token of each spelling, with and without a leading space, the way lm-evaluation-harness scores a
+        continuation's log-likelihood (``WrittenChoices``). The pre-fill's trailing spaces belong to the spellings,
+        so '"Score": ' and '"Score":' give the same numbers, and " -1" is read as the model writes it (" -", "1").
+        No sampling. The prompt runs once: its next-token distribution gives the first token of every spelling, and
+        its key/value cache serves one short row per token path that a longer spelling needs (" ", " -", "-" for
+        1, 0, -1). Choices written in one token either way (Yes/No) need no second pass. With ``shared_prefix``
+        (conversations that differ only at their end, such as one dialogue and many items), the tokens they share
+        are run once and their cache reused, so each conversation costs its own tokens."""
+        prefixes = [p.rstrip(" ") for p in per_conversation(prefix, len(conversations))]
+        texts = prefilled_prompts(self.tokenizer, conversations, prefixes)
+        written = [written_choices(self.tokenizer, t, choices) for t in texts]
+        following = [following_tokens(w.sequences()) for w in written]
+        longer = any(len(paths) > 1 for paths in following)  # a spelling of two or more tokens somewhere
         was_training = self.model.training
         self.model.eval()
-        batches = self._shared_prefix_logits(texts) if shared_prefix and len(texts) > 1 else self._last_logits(texts)
-        for chunk, logits, prompt_tokens in batches:
-            probs = logits.float().softmax(-1)
+        contexts = [w.context for w in written]
+        read: dict[tuple[int, tuple[int, ...], int], float] = {}  # (conversation, path, token) -> log-prob
+        for chunk, logits, cache, mask in self._context_passes(contexts, shared_prefix, keep_cache=longer):
+            first = logits.float().log_softmax(-1)
             for row, i in enumerate(chunk):
-                results[i] = {c: float(probs[row, ids].sum()) for c, ids in choice_ids.items()}
-                self.usage.add(1, prompt_tokens[row], 0)  # billed as an API would: the whole prompt
+                read.update({(i, (), t): float(first[row, t]) for t in following[i][()]})
+                self.usage.add(1, len(contexts[i]) + len(written[i].tail), 0)  # billed as an API bills: the prompt
+            paths = [(row, i, path) for row, i in enumerate(chunk) for path in following[i] if path]
+            for start in range(0, len(paths), self.batch_size):
+                part = paths[start : start + self.batch_size]
+                after = self._after_paths(cache, mask, [row for row, _, _ in part], [list(p) for _, _, p in part])
+                for (_, i, path), logprobs in zip(part, after):
+                    read.update({(i, path, t): float(logprobs[t]) for t in following[i][path]})
         self.model.train(was_training)
-        return results
+        return [w.probs(lambda path, token, i=i: read[i, path, token]) for i, w in enumerate(written)]
 
-    def _last_logits(self, texts: list[str]):
-        """(indices, next-token logits [B, V], prompt tokens per row) per batch of full prompts. logits_to_keep=1:
-        the LM head only at the last position (on a 49k vocabulary it is a large share of the pass)."""
-        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        for chunk, input_ids, attention_mask in self._batches(ids):
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1]
-            yield chunk, logits, attention_mask.sum(1).tolist()
-
-    def _shared_prefix_logits(self, texts: list[str]):
-        """As ``_last_logits``, with the texts' common beginning computed once. It is cut at its last newline, a
-        token boundary, so the two halves tokenize as the whole would (tests check equality with full prompts)."""
-        cut = texts[0].rfind("\n", 0, len(os.path.commonprefix(texts))) + 1
-        prefix_ids = self.tokenizer(texts[0][:cut], add_special_tokens=False)["input_ids"] if cut else []
-        suffixes = [self.tokenizer(t[cut:], add_special_tokens=False)["input_ids"] for t in texts]
+    def _context_passes(self, contexts: list[list[int]], shared_prefix: bool, keep_cache: bool):
+        """Run the prompts ``contexts`` (token ids) in batches of the batch size, prompts of similar length together:
+        yields (indices, next-token logits [B, V], the key/value cache or None, its attention mask [B, L]). Left
+        padded, with positions that count real tokens only, so a padded row reads as its unpadded prompt. The LM
+        head runs at the last position only (on a 49k vocabulary it is a large share of the pass). With
+        ``shared_prefix`` the token ids every prompt begins with are run once and their cache copied to each row."""
         device = self.model.device
+        shared = 0
+        if shared_prefix and len(contexts) > 1:  # at least one token of each prompt stays its own
+            shared = min(len(os.path.commonprefix(contexts)), min(map(len, contexts)) - 1)
         prefix_cache = None
-        if prefix_ids:
-            prefix_cache = self.model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True)
+        if shared:
+            prefix_cache = self.model(input_ids=torch.tensor([contexts[0][:shared]], device=device), use_cache=True)
             prefix_cache = prefix_cache.past_key_values
-        order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))  # similar lengths share a batch
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            rows = [suffixes[i] for i in chunk]
-            # Left padding puts every answer position last, so the LM head runs there only. The pads sit between
-            # the prefix and the suffix, so positions are explicit: each token keeps its place in the full prompt.
-            input_ids = pad(rows, self.tokenizer.pad_token_id, side="left").to(device)
-            mask = pad([[1] * len(r) for r in rows], 0, side="left").to(device)
-            positions = (len(prefix_ids) + mask.cumsum(1) - 1).clamp_min(0)
+        for chunk, input_ids, mask in self._batches([c[shared:] for c in contexts]):
+            positions = (shared + mask.cumsum(1) - 1).clamp_min(0)
             cache = None
             if prefix_cache is not None:
                 cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(rows))
-                mask = torch.cat([mask.new_ones(len(rows), len(prefix_ids)), mask], dim=1)
-            logits = self.model(
+                cache.batch_repeat_interleave(len(chunk))
+                mask = torch.cat([mask.new_ones(len(chunk), shared), mask], dim=1)
+            out = self.model(
                 input_ids=input_ids,
                 attention_mask=mask,
                 position_ids=positions,
                 past_key_values=cache,
+                use_cache=keep_cache or cache is not None,
                 logits_to_keep=1,
-            ).logits[:, -1]
-            yield chunk, logits, [len(prefix_ids) + len(r) for r in rows]
+            )
+            yield chunk, out.logits[:, -1], out.past_key_values if keep_cache else None, mask
+
+    def _after_paths(self, cache, mask, rows: list[int], paths: list[list[int]]) -> torch.Tensor:
+        """Log-probs of the next token [len(paths), V] after each token path, appended to row ``rows[k]`` of a
+        context pass (``cache``, ``mask``): the prompt is not run again."""
+        device = self.model.device
+        index = torch.tensor(rows, device=device)
+        input_ids = pad(paths, self.tokenizer.pad_token_id, side="right").to(device)
+        path_mask = pad([[1] * len(p) for p in paths], 0, side="right").to(device)
+        positions = mask[index].sum(1, keepdim=True) + torch.arange(input_ids.shape[1], device=device)
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=torch.cat([mask[index], path_mask], dim=1),
+            position_ids=positions,
+            past_key_values=cache_rows(cache, index),
+            use_cache=True,
+        ).logits
+        ends = torch.tensor([len(p) - 1 for p in paths], device=device)
+        return logits[torch.arange(len(paths), device=device), ends].float().log_softmax(-1)
 
 
 class OpenAIChat:
@@ -362,29 +440,17 @@ class OpenAIChat:
     def choice_probs(
         self, conversations, choices=("Yes", "No"), prefix: str | list[str] = "", shared_prefix: bool = False
     ) -> list[dict[str, float]]:
-        import math
-
+        """P(the answer begins with each choice written in full), read along the greedy answer
+        (``read_along_answer``); a choice whose probability the server's top log-probs cannot give is refused."""
         if any(per_conversation(prefix, len(conversations))):
             raise ValueError("the openai backend cannot prefill an assistant prefix; put it in the instruction")
-
-        def one(conv):
-            response = self._request(messages=conv, temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=20)
-            logprobs = response.choices[0].logprobs
-            if logprobs is None or not logprobs.content:
-                raise LLMBackendError(
-                    f"endpoint {self.base_url} (model {self.model}) returned no logprobs; choice_probs needs a "
-                    "server that supports them (OpenAI, vLLM). `transformers serve` does not."
-                )
-            top = logprobs.content[0].top_logprobs
-            return {c: sum(math.exp(t.logprob) for t in top if t.token in _choice_variants(c)) for c in choices}
-
-        return self._map(one, conversations)
+        longest = max(len(s) for c in choices for s in _choice_variants(c))  # a token holds at least one character
+        return [self.read_choices(tokens, 0, choices) for tokens in self.answer_distributions(conversations, longest)]
 
     def answer_distributions(self, conversations, max_tokens: int) -> list[list[tuple[str, dict[str, float]]]]:
         """One greedy answer per conversation, token by token, each with the probabilities of the server's top 20
-        tokens at its place: how a judge that cannot be pre-filled gives its score distribution (read where the
-        score stands in its own answer)."""
-        import math
+        tokens at its place (the written token among them): how a judge that cannot be pre-filled gives its score
+        distribution (read where the score stands in its own answer)."""
 
         def one(conv):
             response = self._request(
@@ -393,12 +459,76 @@ class OpenAIChat:
             logprobs = response.choices[0].logprobs
             if logprobs is None or not logprobs.content:
                 raise LLMBackendError(
-                    f"endpoint {self.base_url} (model {self.model}) returned no logprobs; --judge-scoring expected "
-                    "needs a server that supports them (OpenAI, vLLM), or --judge-scoring sampled"
+                    f"endpoint {self.base_url} (model {self.model}) returned no logprobs; reading a score from the "
+                    "answer distribution needs a server that supports them (OpenAI, vLLM), or --judge-scoring sampled"
                 )
-            return [(t.token, {top.token: math.exp(top.logprob) for top in t.top_logprobs}) for t in logprobs.content]
+            tokens = []
+            for t in logprobs.content:
+                top = {alt.token: math.exp(alt.logprob) for alt in t.top_logprobs}
+                if getattr(t, "logprob", None) is not None:
+                    top.setdefault(t.token, math.exp(t.logprob))
+                tokens.append((t.token, top))
+            return tokens
 
         return self._map(one, conversations)
+
+    def read_choices(self, tokens: list[tuple[str, dict[str, float]]], start: int, choices) -> dict[str, float]:
+        """P(each choice written in full from character ``start`` of a greedy answer on), ``read_along_answer``'s
+        reading. A choice that the answer did not write in more than one token may be unreadable: the server gives
+        only the top log-probs of each place of its own answer, so after a first token it did not write (" -" of
+        " -1" where it wrote " 1") the rest is unknown. Where such unread mass exceeds ``UNREAD_SHARE`` of the mass
+        read, this is an error that names the choices; below it, it is left out (it counts as outside mass)."""
+        probs, unread, unread_mass = read_along_answer(tokens, start, choices)
+        if unread_mass > UNREAD_SHARE * sum(probs.values()):
+            missing = ", ".join(f"{c!r} (begun with p = {p:.3g})" for c, p in unread.items() if p > 0)
+            raise LLMBackendError(
+                f"endpoint {self.base_url} (model {self.model}) gives log-probs only along its own answer, and cannot "
+                f"give the probability of {missing}: written in more than one token, beginning with a token its "
+                "answer did not write. Use --judge-scoring sampled (the paper's parse), or a local judge (hf:, vllm:)"
+            )
+        return probs
+
+
+UNREAD_SHARE = 0.01  # an API judge's unreadable mass left out (as outside mass) up to 1% of the mass it read
+
+
+def read_along_answer(tokens: list[tuple[str, dict[str, float]]], start: int, choices):
+    """(P(each choice written in full from character ``start`` of the greedy answer ``tokens`` on), per choice the
+    probability of the tokens that begin a spelling of it whose rest cannot be read, and the probability of those
+    tokens counted once: " " begins " 1" and " 0"). ``tokens``: each written token with the server's top
+    tokens at its place and their probabilities. Each spelling (with and without a leading space) is followed token
+    by token: at each place its next piece is the longest top token that it begins with (the tokenizer's own
+    split, as far as the top list shows it). The spelling is read where that piece completes it, or where the
+    answer wrote that piece and the rest is read at the next place; a piece the answer did not write leaves the rest
+    unknown (unread); no piece in the top list leaves it below the top list's reach (not counted, as before). If no
+    token edge falls at ``start``, the edge after it is taken and the text between belongs to every spelling."""
+    edges = [0]
+    for token, _ in tokens:
+        edges.append(edges[-1] + len(token))
+    first = next((k for k, edge in enumerate(edges) if edge >= start), len(tokens))
+    answer = "".join(token for token, _ in tokens)
+    written = answer[start : edges[first]] if first < len(edges) else ""
+    probs, unread, unread_pieces = {c: 0.0 for c in choices}, {c: 0.0 for c in choices}, {}
+    for choice in choices:
+        for spelling in _choice_variants(choice):
+            if not spelling.startswith(written) or spelling == written:
+                continue
+            rest, p, place = spelling[len(written) :], 1.0, first
+            while place < len(tokens):
+                token, top = tokens[place]
+                pieces = [t for t in top if t and rest.startswith(t)]
+                if not pieces:
+                    break
+                piece = max(pieces, key=len)
+                if piece == rest:
+                    probs[choice] += p * top[piece]
+                    break
+                if piece != token:
+                    unread[choice] += p * top[piece]
+                    unread_pieces[place, spelling[: len(spelling) - len(rest)] + piece] = p * top[piece]
+                    break
+                rest, p, place = rest[len(piece) :], p * top[piece], place + 1
+    return probs, unread, sum(unread_pieces.values())
 
 
 def vllm_memory_fraction() -> float:
@@ -542,16 +672,24 @@ class VLLMChat:
     def choice_probs(
         self, conversations, choices=("Yes", "No"), prefix: str | list[str] = "", shared_prefix: bool = False
     ) -> list[dict[str, float]]:
-        import math
-
-        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
-        results = []
-        for out in self._generate(prompt_ids(self.tokenizer, conversations, prefix), params):
-            top = out.outputs[0].logprobs[0].values()
-            results.append(
-                {c: sum(math.exp(t.logprob) for t in top if t.decoded_token in _choice_variants(c)) for c in choices}
-            )
-        return results
+        """As ``HFChat.choice_probs``: P(each choice written in full), from vLLM's prompt log-probs of the prompt
+        followed by each spelling (one request per spelling; the engine's prefix cache shares the prompt where it
+        can). Billed as one call per conversation, as the hf backend bills it."""
+        prefixes = [p.rstrip(" ") for p in per_conversation(prefix, len(conversations))]
+        texts = prefilled_prompts(self.tokenizer, conversations, prefixes)
+        written = [written_choices(self.tokenizer, t, choices) for t in texts]
+        requests = [(i, ids) for i, w in enumerate(written) for ids in w.sequences() if ids]
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+        prompts = [{"prompt_token_ids": written[i].context + ids} for i, ids in requests]
+        outputs = self.engine.generate(prompts, params, lora_request=self.lora_request, use_tqdm=False)
+        read: dict[tuple[int, tuple[int, ...], int], float] = {}
+        for (i, ids), out in zip(requests, outputs):
+            start = len(written[i].context)
+            for j, token in enumerate(ids):
+                read[i, tuple(ids[:j]), token] = out.prompt_logprobs[start + j][token].logprob
+        for w in written:
+            self.usage.add(1, len(w.context) + len(w.tail), 0)
+        return [w.probs(lambda path, token, i=i: read[i, path, token]) for i, w in enumerate(written)]
 
 
 _LOADED_HF: dict[tuple[str, torch.dtype, str], tuple] = {}

@@ -78,7 +78,7 @@ def test_target_title_never_reaches_the_cra(scripted_llm):
     )
     assert utterances and not any(re.search("jaws|godfather", u, re.IGNORECASE) for u in utterances)
     assert simulator.title_leaks > 0 and simulator.title_redactions == simulator.title_leaks
-    # 2 users x 2 content steps (opening, turn 1; the final turn is EC only), each asked once and then
+    # 2 users x 2 content steps (opening, turn 1; nobody replies to the final turn), each asked once and then
     # regenerated max_leak_tries times before the redaction
     assert sum("Never say its name" in p for p in llm.prompts) == 2 * 2 * (1 + 2)
 
@@ -95,8 +95,9 @@ def test_one_batched_call_per_substep(scripted_llm):
     llm = Counting(scripted_llm(script()))
     tasks = [_task(f"Film {i} (2000)") for i in range(5)]
     run_episodes(tasks, echo_cra("Tell me more."), AILO(llm), max_turns=2, batch_size=5)
-    # opening content, then turn 1: EC + policy + content, then turn 2 (final): EC only
-    assert llm.batches == [5, 5, 5, 5, 5]
+    # opening content, then turn 1: EC + policy + content; turn 2 (final) is neither answered nor rated, as in the
+    # paper's released simulator loop
+    assert llm.batches == [5, 5, 5, 5]
 
 
 def test_harness_scores_sr_r_and_ratings(scripted_llm):
@@ -129,7 +130,7 @@ def test_resume_skips_finished_episodes(tmp_path, scripted_llm):
     second = run_episodes(tasks, echo_cra(), AILO(llm), max_turns=1, records=records)
     assert second[:2] == first
     assert len(records.records()) == 3
-    assert len(llm.prompts) == 2  # only the third task ran: its opening, then EC on the final turn
+    assert len(llm.prompts) == 1  # only the third task ran: its opening (the final turn is not rated)
 
 
 def test_parsers_on_simulator_outputs():
@@ -171,7 +172,7 @@ def test_ec_falls_back_to_the_expected_rating_on_a_local_backend(scripted_llm):
         def choice_probs(self, conversations, choices=("Yes", "No"), prefix=""):
             assert len(prefix) == len(conversations)
             assert all(p.endswith('"rating": "') and "no guidance" in p for p in prefix)
-            return [{"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.3, "4": 0.0, "5": 0.2}] * len(conversations)
+            return [{"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.2, "4": 0.0, "5": 0.3}] * len(conversations)
 
     llm = PrefillLLM(lambda prompt: "I think the system did fine.")  # never JSON
     simulator = AILO(llm, max_parse_tries=1)
@@ -179,8 +180,10 @@ def test_ec_falls_back_to_the_expected_rating_on_a_local_backend(scripted_llm):
         Task("t", Persona("u", "Efficiency-seeking user.", "films", {}, ""), Item("1", "Heat (1995)", {})),
         history=[{"role": "user", "content": "hi"}],
     )
-    (turn,) = simulator.step([user], ["What genre?"], final=True)
-    assert turn.ec_rating == 3 and turn.ec_reason == "coherent, but it gives no guidance"  # (3*.3 + 5*.2)/.5 = 3.8
+    user.history.append({"role": "assistant", "content": "What genre?"})
+    (ec,) = simulator.expectation_confirmation([user])
+    assert ec.reason == "coherent, but it gives no guidance"
+    assert ec.rating == 5 and ec.expected == pytest.approx(4.2)  # the rating it writes, not floor((3*.2 + 5*.3)/.5)
     assert simulator.metrics()["rollout/ec_constrained"] == 1 and simulator.stats.failures == 1
 
 

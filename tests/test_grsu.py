@@ -22,8 +22,6 @@ def test_accept_probability_and_list_reward_by_hand():
 
 
 def test_choice_probs_sum_the_spellings_of_each_answer(tiny_model, tokenizer):
-    from common.llm import choice_token_ids
-
     llm = HFChat(tiny_model, tokenizer)
     conversation = [[{"role": "user", "content": "Accept it?"}]]
     (probs,) = llm.choice_probs(conversation, ("Yes", "No"), prefix=grsu.ANSWER_PREFIX)
@@ -31,7 +29,9 @@ def test_choice_probs_sum_the_spellings_of_each_answer(tiny_model, tokenizer):
     ids = tokenizer(text + grsu.ANSWER_PREFIX, add_special_tokens=False, return_tensors="pt")["input_ids"]
     manual = tiny_model(input_ids=ids).logits[0, -1].float().softmax(-1)
     for answer in ("Yes", "No"):  # "Yes" and " Yes" both count
-        assert probs[answer] == pytest.approx(manual[choice_token_ids(tokenizer, answer)].sum().item(), rel=1e-5)
+        spellings = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in (answer, " " + answer)]
+        assert all(len(ids) == 1 for ids in spellings)  # one token each: the next-token probabilities, summed
+        assert probs[answer] == pytest.approx(manual[[ids[0] for ids in spellings]].sum().item(), rel=1e-5)
 
 
 def test_prefix_shared_scoring_equals_scoring_each_full_prompt(tiny_model, tokenizer):

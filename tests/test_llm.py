@@ -8,6 +8,7 @@ from common.llm import (
     make_llm,
     release_models,
     truncate_at_stop,
+    written_choices,
 )
 from common.models import ModelSpecError, add_lora, default_dtype, load_merged, resolve_model_path
 from common.tokens import render_prompt
@@ -76,6 +77,19 @@ def test_choice_probs_equal_one_forward_softmax(tiny_model, tokenizer):
     }
     assert probs[1]["Yes"] == pytest.approx(float(p[sorted(yes)].sum()), rel=1e-4)
     assert 0 < probs[0]["No"] < 1 and llm.usage.completion_tokens == 0
+
+
+def test_choices_of_several_tokens_read_the_same_batched_shared_or_alone(tiny_model, tokenizer):
+    # one dialogue judged for several verdicts: the key/value cache of each prompt (or of their shared beginning)
+    # serves the rows that read a spelling's second token, and none of them changes another's numbers
+    dialogue = "User: I want a thriller.\nSystem: Try Se7en (1995).\n"
+    convs = [[{"role": "user", "content": dialogue + f"Rate the reply on {d}."}] for d in ("tone", "fit", "length")]
+    choices, prefix = ("1", "0", "-1"), '{"Score": '
+    alone = [HFChat(tiny_model, tokenizer, batch_size=1).choice_probs([c], choices, prefix=prefix)[0] for c in convs]
+    for llm, shared in ((HFChat(tiny_model, tokenizer, batch_size=2), False), (HFChat(tiny_model, tokenizer), True)):
+        read = llm.choice_probs(convs, choices, prefix=prefix, shared_prefix=shared)
+        assert all(r == pytest.approx(a, rel=1e-4) for r, a in zip(read, alone))
+    assert len({a["1"] for a in alone}) == 3  # each conversation its own numbers
 
 
 def test_per_conversation_prefixes_match_one_call_per_prefix(tiny_model, tokenizer):
@@ -166,15 +180,17 @@ def test_lora_wraps_all_linear_layers(tiny_model):
 
 # ------------------------------------------------------------------------------------------- in-process vLLM
 # vLLM has no CPU build: a stand-in module takes its place, records what each engine is built with and the prompts it
-# is sent, and answers "Yes" to everything.
+# is sent, answers "Yes" to everything, and gives the prompt log-probs of a real model where one is asked for.
 
 
 class FakeEngine:
     """``vllm.LLM``'s stand-in. A text prompt is tokenized as vLLM tokenizes it: with the BOS that Llama's and
-    DeepSeek's tokenizers add to a text, where the template may have written one already."""
+    DeepSeek's tokenizers add to a text, where the template may have written one already. ``prompt_logprobs`` are
+    ``model``'s, as vLLM gives them: None for the first token, then {token: Logprob} of each prompt token."""
 
     built: list[dict] = []
     tokenizer = None
+    model = None
 
     def __init__(self, **kwargs):
         self.built.append(kwargs)
@@ -195,13 +211,21 @@ class FakeEngine:
             self.sent.append(ids)
             top = {42: SimpleNamespace(logprob=0.0, decoded_token="Yes")}
             sample = SimpleNamespace(text="Yes", token_ids=[42], logprobs=[top])
-            outputs.append(SimpleNamespace(prompt_token_ids=ids, outputs=[sample] * params.n))
+            prompt_logprobs = None
+            if params.prompt_logprobs is not None:
+                with torch.no_grad():
+                    logprobs = self.model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+                read = [{t: SimpleNamespace(logprob=float(logprobs[j - 1, t]))} for j, t in enumerate(ids) if j]
+                prompt_logprobs = [None] + read
+            outputs.append(
+                SimpleNamespace(prompt_token_ids=ids, outputs=[sample] * params.n, prompt_logprobs=prompt_logprobs)
+            )
         return outputs
 
 
 class FakeSamplingParams:
-    def __init__(self, n=1, **kwargs):
-        self.n = n
+    def __init__(self, n=1, prompt_logprobs=None, **kwargs):
+        self.n, self.prompt_logprobs = n, prompt_logprobs
 
 
 @pytest.fixture
@@ -256,16 +280,33 @@ def test_a_vllm_engine_under_several_ranks_runs_in_its_rank_with_the_external_la
     assert kwargs["seed"] == 8 and kwargs["max_model_len"] == 4096 and kwargs["gpu_memory_utilization"] == 0.9
 
 
-def test_vllm_prompts_go_in_as_token_ids_with_the_templates_bos_only(fake_vllm, llama3_tokenizer):
-    fake_vllm.tokenizer = llama3_tokenizer
+def test_vllm_prompts_go_in_as_token_ids_with_the_templates_bos_only(fake_vllm, llama3_tokenizer, tiny_model):
+    fake_vllm.tokenizer, fake_vllm.model = llama3_tokenizer, tiny_model
     llm = make_llm("vllm:smollm2-135m")
     llm.chat(CONVS[:1])
-    assert llm.choice_probs(CONVS[:1]) == [{"Yes": 1.0, "No": 0.0}]
+    llm.choice_probs(CONVS[:1])
     llm.complete(CONVS[:1])
     rendered = llama3_tokenizer(render_prompt(llama3_tokenizer, CONVS[0]), add_special_tokens=False)["input_ids"]
     bos = llama3_tokenizer.bos_token_id
     assert rendered[0] == bos and rendered[1] != bos
-    assert llm.engine.sent == [rendered] * 3  # chat, choice_probs, complete: one BOS, the template's
+    chat, *scored, complete = llm.engine.sent  # choice_probs: the prompt and then each spelling of Yes and No
+    assert chat == complete == rendered and all(ids[0] == bos and ids.count(bos) == 1 for ids in scored)
+    # "\n\nYes" is "\n", "\n", "Yes" where the prompt ends in "\n\n": its own ending is scored apart (the tail)
+    written = written_choices(llama3_tokenizer, render_prompt(llama3_tokenizer, CONVS[0]), ("Yes", "No"))
+    assert written.tail and scored == [written.context + ids for ids in written.sequences()]
+
+
+def test_vllm_reads_each_choice_written_in_full_as_the_hf_backend_does(fake_vllm, tokenizer, tiny_model):
+    # prompt log-probs of the prompt followed by each spelling: " -1" is " -" and "1", read after '"Score":' whether
+    # the pre-fill ends before or after the space; billed as one call per conversation, as hf bills it
+    fake_vllm.model = tiny_model
+    llm, hf = make_llm("vllm:smollm2-135m"), HFChat(tiny_model, tokenizer)
+    choices = ("1", "0", "-1")
+    for prefix in ('{"Final Score":', '{"Final Score": '):
+        read = llm.choice_probs(CONVS, choices, prefix=prefix)
+        for got, want in zip(read, hf.choice_probs(CONVS, choices, prefix=prefix)):
+            assert got == pytest.approx(want, rel=1e-4) and got["-1"] > 0
+    assert llm.usage.calls == 4 and llm.usage.completion_tokens == 0
 
 
 def test_think_is_prefilled_once_where_the_template_opens_it(fake_vllm, r1_distill_tokenizer, tokenizer):
