@@ -308,7 +308,7 @@ def evaluated_count(data: Data, args: Args) -> str:
     """How many dialogues evaluation plays, of how many, and why (the paper's Tables are over 99 per dataset): a
     dialogue that names no film of the KG after its opening has no target for the simulated user to want."""
     with_target, dialogues = data.evaluable
-    split = f"{args.dataset} {args.eval_split} dialogues"
+    split = f"{args.dataset} {'test' if args.dataset == 'demo' else args.eval_split} dialogues"  # the demo has one
     if args.dataset == "inspired" and args.eval_split == "valid" and args.sft_labels != "demo":
         split += " held out from SFT"
     return (
