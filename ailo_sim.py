@@ -242,7 +242,10 @@ CONTENT_INSTRUCTIONS = {
     "taken from the target's features.",
     "provide_feedback_on_recommendation": "React to the system's recommendation. If it recommended your target, "
     "say you are satisfied. Otherwise say briefly what does not fit, and reveal one more feature you want.",
-    "end_conversation": "End the conversation politely in one short sentence.",
+    # A user who leaves after its target was recommended has found it: its goodbye says that it takes it, so that
+    # a judge reading the conversation sees the acceptance (before, the goodbye said nothing of it).
+    "end_conversation": "End the conversation politely in one short sentence. If the system recommended what you are "
+    "secretly looking for, say that you will take it; otherwise say that you will look elsewhere.",
 }
 
 CONTENT_PROMPT = """You are role-playing a user who is chatting with a conversational recommender system to find a {domain}.

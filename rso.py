@@ -10,15 +10,18 @@ At every turn the Planner (a small encoder with a 13-way head) picks a macro str
 Preference Reasoner infers the user's preferences C1_t, a Fact Retriever fetches the top-K entities and their
 facts from the dataset's KG (C2_t), and an Actor writes the reply a_t from (h_t, C1_t, C2_t, the history). The
 user is the AILO simulator with the dialogue's target item and a persona; a Rewarder (LLM judge) scores every
-new state from 1 to 5, and the episode ends when the user accepts (r_t > tau). Only the Planner trains. The
-pipeline, one stage function each, writing under runs/<run_name>/:
+new state from 1 to 5 (Eq. 9), and the episode ends when the user accepts (r_t > tau, or the user leaves after its
+target was recommended). Only the Planner trains. The pipeline, one stage function each, writing under
+runs/<run_name>/:
 
   sft   the Planner warmed up on strategy-labelled dialogues (Eq. 6), accuracy and macro-F1 on held-out
         dialogues against the majority class                              -> sft/, sft_planner/
-  rl    Algorithm 1 in `rollout`: --num-envs episodes of at most --max-turns turns played together by the current
-        Planner (h_t ~ pi, C1_t, C2_t, a_t, the user's reply, r_t from K judge samples, stop at r_t > tau), then
-        their discounted returns (Eq. 8-9), a baseline, and one step on the entropy-regularized policy gradient
-        (Eq. 7); every update is on-policy                                -> rl_episodes.jsonl, rl/, rl_planner/
+  rl    Algorithm 1: `rollout` plays --num-envs episodes of at most --max-turns turns together with the current
+        Planner (h_t ~ pi, C1_t, C2_t, a_t, the user's reply, r_t from the judge (Eq. 9), stop on acceptance);
+        `planner_update` takes their discounted returns (Eq. 8, `episode_returns`: an accepted episode's turns
+        left count at r = 1, see --accept-credit), subtracts a baseline and takes one step on the
+        entropy-regularized policy gradient (Eq. 7); every update is on-policy
+                                                                          -> rl_episodes.jsonl, rl/, rl_planner/
   eval  the uniform-random, SFT and RL planners side by side on the evaluated dialogues: Conv-SR, WI, PRS,
         Cred, Dist-2, Rec-SR, Recall@{1,5}, through the same rollout; the strategy distribution by conversation
         progress (Fig. 3)
@@ -72,7 +75,7 @@ from common.distributed import (
     start_training,
     training_steps,
 )
-from common.judging import JudgeScoring, expected_scores, mass_metrics
+from common.judging import Expectation, JudgeScoring, expected_scores, mass_metrics
 from common.llm import LLMBackendError
 from common.metrics import mentions_title, success_rate
 from common.models import ModelSpecError, check_specs, whole_weights
@@ -119,9 +122,11 @@ class Args:
     (INSPIRED's dev.tsv); auto: demo for --dataset demo, inspired otherwise (ReDial has no labels)"""
     sft_held_out: float = 0.2
     """share of the labelled dialogues held out from SFT to measure its accuracy; with --dataset inspired and the
-    valid split, evaluation plays exactly these dialogues (they are INSPIRED's dev dialogues, which SFT trains on)"""
+    valid split, evaluation plays only these dialogues (they are INSPIRED's dev dialogues, which SFT trains on), and
+    of them those that name a KG film after their opening (17 of the 20 at 0.2)"""
     num_test: int = 3
-    """evaluated dialogues per planner; 0 = all (paper: 99)"""
+    """evaluated dialogues per planner; 0 = all that have a target (paper: 99; INSPIRED's test split has 84 with a
+    target, of 99: the run prints the count)"""
 
     # ------------------------------------------------------------------------------------------- roles
     planner: str = "minilm"
@@ -158,7 +163,8 @@ class Args:
     user_parse_tries: int = 1
     """tries per AILO call before its fallback (ailo_sim's default: 3; one keeps the demo inside its CPU budget)"""
     max_parse_tries: int = 2
-    """tries per judge call before a score counts as missing (each retry samples hotter)"""
+    """tries per judge call before a score counts as missing (each retry samples hotter); only with --judge-scoring
+    sampled (an expected score is read, never parsed)"""
 
     # ------------------------------------------------------------------------------------------- rewarder
     judge_scoring: JudgeScoring = "expected"
@@ -168,9 +174,11 @@ class Args:
     reward_samples: int = 10
     """with --judge-scoring sampled: rewarder scores per turn, drawn in one call with n = K and averaged (paper: 10)"""
     reward_temperature: float = 1.0
-    """sampling temperature of the rewarder (METHODS.md: 1.0)"""
+    """sampling temperature of the rewarder (METHODS.md: 1.0); only with --judge-scoring sampled (expected scoring
+    samples nothing)"""
     judge_max_tokens: int = 3
-    """length cap of one score; the answer is pre-filled with "Score: " on local backends"""
+    """length cap of one sampled score; the answer is pre-filled with "Score: " on local backends; only with
+    --judge-scoring sampled (expected scoring generates nothing)"""
     tau: float = 0.75
     """the user accepts, and the episode ends, when r_t > tau on the [0, 1] scale (METHODS.md: 0.75)"""
 
@@ -187,7 +195,7 @@ class Args:
     sft_max_grad_norm: float = 1.0
     """gradient clipping of SFT (paper: unstated)"""
     save_every: int = 10
-    """SFT optimizer steps between resumable checkpoints (RL saves after every update)"""
+    """SFT optimizer steps between resumable checkpoints (RL's: --rl-save-every)"""
 
     # ------------------------------------------------------------------------------------------- RL (Eq. 7-9)
     rl_episodes: int = 6
@@ -212,10 +220,14 @@ class Args:
     measurements behind the default)"""
     baseline_decay: float = 0.9
     """weight of the old value in the ema baseline, per update: b_t <- decay b_t + (1 - decay) mean R_t (ours)"""
-    accept_credit: Literal["none", "remaining"] = "none"
-    """none: Eq. 8 as printed (paper), which pays stalling: ten turns at r = 0.75 return 7.2, accepting at the first
-    turn 1.0; remaining: an accepted episode's turns left up to --max-turns count at r = 1, so accepting never
-    returns less than stalling"""
+    accept_credit: Literal["remaining", "none"] = "remaining"
+    """remaining (ours, the default): an accepted episode's turns left up to --max-turns count at r = 1 (the accepted
+    state persists to the horizon), so accepting sooner always returns more than stalling; none: Eq. 8 as printed
+    (paper), which pays stalling: ten turns at r = 0.75 return 7.17, accepting at the first turn 1.0 (docs/rso.md)"""
+    rl_save_every: int = 100
+    """RL updates between resumable checkpoints (and after the last); a rerun replays the updates since the newest
+    one from their recorded episodes, without an LLM call. Each checkpoint holds the Planner and its AdamW state:
+    4.3 GB for roberta-large"""
     rl_max_grad_norm: float = math.inf
     """gradient clipping of the RL update (paper: none; inf, the default, is off). A bound that binds rescales every
     update to the same norm, which erases the size of the return, the only signal rewards in [0, 1] carry without a
@@ -225,7 +237,8 @@ class Args:
     planners: tuple[Literal["random", "sft", "rl"], ...] = PLANNERS
     """which planners to evaluate side by side (random: uniform over the 13 strategies, the floor)"""
     greedy_planner: bool = False
-    """evaluate the planners' most likely strategy instead of a sample from them"""
+    """evaluate the planners' most likely strategy instead of a sample from them (ties, as every strategy of the
+    uniform random planner, broken at random)"""
     eval_num_envs: int = 16
     """evaluated conversations played together (evaluation does not update the planner, so any number is fine)"""
     progress_bins: int = 3
@@ -288,6 +301,21 @@ class Data:
     test: list[Seed]
     catalog: Catalog
     held_out_dialogues: set[str] = field(default_factory=set)
+    evaluable: tuple[int, int] = (0, 0)  # (evaluated split's dialogues with a target, dialogues in it)
+
+
+def evaluated_count(data: Data, args: Args) -> str:
+    """How many dialogues evaluation plays, of how many, and why (the paper's Tables are over 99 per dataset): a
+    dialogue that names no film of the KG after its opening has no target for the simulated user to want."""
+    with_target, dialogues = data.evaluable
+    split = f"{args.dataset} {'test' if args.dataset == 'demo' else args.eval_split} dialogues"  # the demo has one
+    if args.dataset == "inspired" and args.eval_split == "valid" and args.sft_labels != "demo":
+        split += " held out from SFT"
+    return (
+        f"evaluation plays {len(data.test)} dialogues: {with_target} of the {dialogues} {split} name a film of the KG "
+        f"after their opening (their target), {dialogues - with_target} name none and cannot be played; --num-test "
+        f"{args.num_test} takes {len(data.test)}"
+    )
 
 
 def chat_roles(turns) -> list[dict]:
@@ -359,12 +387,13 @@ def load_data(args: Args) -> Data:
     cycle = [Persona(t.persona.user_id, t.persona.activities, "", t.persona.language) for t in tasks]
     rl = episode_seeds(train, catalog, personas, cycle)
     random.Random(args.seed).shuffle(rl)
-    test = episode_seeds(evaluated, catalog, personas, cycle)[: args.num_test or None]
+    playable = episode_seeds(evaluated, catalog, personas, cycle)
+    test = playable[: args.num_test or None]
     if not rl or not test:
         raise DataError(f"{args.dataset}: {len(rl)} training and {len(test)} evaluated dialogues with a target")
     sft_train = [e for e in examples if e["dialog"] not in held]
     sft_held_out = [e for e in examples if e["dialog"] in held]
-    return Data(sft_train, sft_held_out, rl, test, catalog, held)
+    return Data(sft_train, sft_held_out, rl, test, catalog, held, (len(playable), len(evaluated)))
 
 
 def check_args(args: Args, world: int) -> list[str]:
@@ -389,6 +418,7 @@ def check_args(args: Args, world: int) -> list[str]:
             f"under DeepSpeed --rl-episodes ({args.rl_episodes}) must be a multiple of --num-envs ({args.num_envs})",
         ),
         (args.max_turns < 1, "--max-turns must be at least 1"),
+        (min(args.save_every, args.rl_save_every) < 1, "--save-every and --rl-save-every must be at least 1"),
         (args.reward_samples < 1, "--reward-samples must be at least 1"),
         (not 0 <= args.tau < 1, f"--tau {args.tau} must lie in [0, 1): rewards are rescaled to [0, 1]"),
         (not 0 < args.sft_held_out < 1, "--sft-held-out must lie strictly between 0 and 1"),
@@ -573,17 +603,28 @@ SCORE_VALUES = {str(s): float(s) for s in range(1, 6)}
 
 
 def judge_scores(llm, prompts: list[str], n: int, temperature: float, args: Args, stats: ParseStats) -> list[dict]:
-    """Each prompt's 1-5 score as {"score": the number or None, "scores": the sampled ones, "mass_outside"}. With
-    --judge-scoring expected: E[s] over the tokens 1-5 after "Score: " (pre-filled where the backend can; an API
-    judge's first answer token), in one forward pass, and the probability left outside them. With sampled: the
-    mean of ``n`` scores sampled at ``temperature`` (the paper's Eq. 9 for the rewarder, n = K)."""
+    """Each prompt's 1-5 score as {"score": the number or None, "scores": the sampled ones, "written",
+    "mass_outside"}. With --judge-scoring expected: E[s] over the tokens 1-5 after "Score: " (pre-filled where the
+    backend can; an API judge's first answer token), in one forward pass, and the probability left outside them.
+    With sampled: the mean of ``n`` scores sampled at ``temperature`` (the paper's Eq. 9 for the rewarder, n = K).
+    ``written`` is the integer a judge answering once writes: under expected the most probable of the tokens 1-5
+    (what greedy decoding writes when it writes a score), under sampled the first sample."""
     if args.judge_scoring == "expected":
         conversations = [[{"role": "user", "content": p}] for p in prompts]
         prefix = "Score: " if getattr(llm, "can_prefill", False) else ""
         read = expected_scores(llm, conversations, SCORE_VALUES, prefix)
-        return [{"score": e.value, "scores": [], "mass_outside": e.mass_outside} for e in read]
+        return [{"score": e.value, "scores": [], "written": most_probable_score(e), "mass_outside": e.mass_outside}
+                for e in read]  # fmt: skip
     sampled = sample_scores(llm, prompts, n, temperature, args, stats)
-    return [{"score": sum(s) / len(s) if s else None, "scores": s, "mass_outside": None} for s in sampled]
+    return [{"score": sum(s) / len(s) if s else None, "scores": s, "written": s[0] if s else None,
+             "mass_outside": None} for s in sampled]  # fmt: skip
+
+
+def most_probable_score(read: Expectation) -> int | None:
+    """The score token with the most probability (the first of a tie, in 1-5 order); None when 1-5 hold no mass."""
+    if read.value is None:
+        return None
+    return int(max(SCORE_VALUES, key=lambda token: read.probs.get(token, 0.0)))
 
 
 # ========================================================================================= the rollout (Algorithm 1)
@@ -606,9 +647,9 @@ def rollout(
     """Algorithm 1 for every (episode key, seed) in ``seeds``, played together like a vectorized environment: each
     step below is one batched call over the episodes still running. An episode starts from its real dialogue's
     opening (METHODS.md 4.8.3) with the AILO user holding its target and persona, and ends when the user accepts
-    (r_t > tau), when AILO's user leaves, or after --max-turns turns. ``planner`` None samples uniformly (the random
-    floor); ``greedy`` takes the most likely strategy. Each finished episode is appended to ``records`` (the file
-    serves resuming) and returned."""
+    (r_t > tau, or AILO's user leaves after its target was recommended: r_t = 1), when AILO's user leaves otherwise,
+    or after --max-turns turns. ``planner`` None samples uniformly (the random floor); ``greedy`` takes the most
+    likely strategy. Each finished episode is appended to ``records`` (the file serves resuming) and returned."""
     users = [SimUser(Task(key, seed.persona, seed.target), [dict(m) for m in seed.opening]) for key, seed in seeds]
     episodes = [{"key": key, "target": seed.target.title, "turns": [], "accepted": False, "success": False}
                 for key, seed in seeds]  # fmt: skip
@@ -620,8 +661,8 @@ def rollout(
         states = [render_history(history) for history in histories]  # s_t as the Planner reads it
         # (1) macro-level strategy planning: h_t ~ pi(h | s_t; H)
         probs = strategy_distribution(planner, tokenizer, states, args.planner_max_length)
-        sampled = probs.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        strategies = sampled.tolist()
+        strategies = (most_likely(probs, generator) if greedy else torch.multinomial(probs, 1, generator=generator)
+                      .squeeze(1)).tolist()  # fmt: skip
         # (2) micro-level strategy adaptation: C1_t = PrefReasoner(s_t) (Eq. 3), C2_t = Retriever(s_t, C1_t; G)
         # (Eq. 4), a_t = Actor(h_t; C1_t, C2_t) with the history (Eq. 5)
         reasoner_prompts = [REASONER_PROMPT.format(history=state) for state in states]
@@ -666,14 +707,28 @@ def rollout(
                 }
             )
             episode["success"] |= mentions_title(replies[k], episode["target"])
-            accepted = reward is not None and reward > args.tau  # d_t = 1[r_t > tau]: Stop(r_t), the user accepts
-            if accepted or user.ended or t == args.max_turns:
-                end = "accepted" if accepted else "user left" if user.ended else "turn limit"
+            passed = reward is not None and reward > args.tau  # d_t = 1[r_t > tau]: Stop(r_t), the user accepts
+            # AILO's user leaves once its target has been recommended (an Efficiency-seeking user at once): its
+            # goodbye then is its acceptance, scored as the judge scores acceptance (5, r = 1), whatever the judge
+            # made of a one-line goodbye, so that the return, Conv-SR and Rec-SR count the same success.
+            took_target = user.ended and episode["success"] and not passed
+            if took_target:
+                episode["turns"][-1]["reward"] = 1.0
+            if passed or user.ended or t == args.max_turns:
+                end = "turn limit" if not user.ended else "user left"
+                end = "accepted" if passed else "left with its target" if took_target else end
                 user.ended = True
-                episode |= {"accepted": accepted, "end": end, "num_turns": t}
+                episode |= {"accepted": passed or took_target, "end": end, "num_turns": t}
                 if records is not None:
                     records.append(episode)
     return episodes
+
+
+def most_likely(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The most likely strategy of each row, ties broken at random: the uniform random planner's greedy choice is
+    any strategy, not always the first (Credibility)."""
+    ties = probs >= probs.max(-1, keepdim=True).values
+    return torch.multinomial(ties.float(), 1, generator=generator).squeeze(1)
 
 
 # ==================================================================================== returns and the loss (Eq. 7-8)
@@ -689,10 +744,12 @@ def discounted_returns(rewards: list[float], gamma: float) -> list[float]:
 
 
 def episode_returns(episode: dict, args: Args) -> list[float]:
-    """R_t (Eq. 8) of every played turn. Eq. 8 as printed pays a planner for stalling: an episode ends at the first
-    r_t > tau, so ten turns just short of acceptance (r = 0.75) return 7.2 where accepting at once returns 1.0.
-    --accept-credit remaining counts the turns left after an acceptance, up to --max-turns, at r = 1 (the accepted
-    state persists), so that accepting is never worth less than stalling."""
+    """R_t (Eq. 8) of every played turn. Eq. 8 as printed (--accept-credit none) pays a planner for stalling: an
+    episode ends at the first r_t > tau, so ten turns just short of acceptance (r = 0.75) return 7.17 where
+    accepting at once returns 1.0, and a planner trained on it learns to keep the user from accepting. The default,
+    --accept-credit remaining, counts the turns left after an acceptance, up to --max-turns, at r = 1: acceptance
+    is a state that persists to the horizon, and since no reward exceeds 1, accepting at a turn always returns more
+    than not accepting there."""
     rewards = [turn["reward"] for turn in episode["turns"]]
     if args.accept_credit == "remaining" and episode["accepted"]:
         rewards += [1.0] * (args.max_turns - len(rewards))
@@ -815,6 +872,7 @@ def sft_warmup(run: Run, args: Args, data: Data) -> dict:
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, len(steps))
     model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / "sft")
+    logged = run.family_steps.get("train_sft", 0)  # steps a killed launch logged after the checkpoint: not again
     for step in tqdm(range(start, len(steps)), desc="sft", initial=start, total=len(steps), disable=not run.main):
         started, loss_sum = time.time(), 0.0
         for chunk, weights in micro_batches(examples, steps[step], accelerator, args.micro_batch_size, accum):
@@ -827,7 +885,8 @@ def sft_warmup(run: Run, args: Args, data: Data) -> dict:
             loss_sum += loss.item() / (run.world * accum)
         scheduler.step()
         loss = run.sum_over_ranks({"loss": loss_sum})["loss"]
-        run.log_step({"train_sft/loss": loss, "train_sft/lr": scheduler.get_last_lr()[0]}, time.time() - started)
+        if step >= logged:
+            run.log_step({"train_sft/loss": loss, "train_sft/lr": scheduler.get_last_lr()[0]}, time.time() - started)
         if run.main:
             tqdm.write(f"sft step {step + 1}/{len(steps)}: loss {loss:.4f}")
         if (step + 1) % args.save_every == 0 or step + 1 == len(steps):
@@ -921,8 +980,10 @@ def reinforce(run: Run, args: Args, data: Data) -> dict:
     """Algorithm 1 and Sec. III-D2, top to bottom: --rl-episodes episodes seeded from the training dialogues (in a
     seeded order, cycled), --num-envs per update. Each update plays its --num-envs episodes together with the
     current Planner (rollout), then takes one step on their Eq. 7 loss (planner_update), so no update learns from an
-    older Planner's episodes. Episodes are recorded as they finish and the Planner is checkpointed after every
-    update: a rerun replays the recorded returns into the running baseline and resumes at the next update."""
+    older Planner's episodes. Episodes are recorded as they finish and the Planner is checkpointed every
+    --rl-save-every updates and after the last: a rerun replays the recorded returns of the checkpointed updates into
+    the running baseline, then redoes the updates since the checkpoint on their recorded episodes (the same Planner
+    played them: it was restored, then stepped on the same episodes), playing only the episodes never recorded."""
     from transformers import get_linear_schedule_with_warmup
 
     if run.finished("rl_planner"):
@@ -941,6 +1002,7 @@ def reinforce(run: Run, args: Args, data: Data) -> dict:
     stats, running = {"expert": ParseStats(), "rewarder": ParseStats()}, {}  # running: the ema baseline, {t: b_t}
     run.barrier()  # every rank reads the file before any rank appends to it, so all agree on what is left to play
     stored = {r["key"]: r for r in records.records()}
+    logged = run.family_steps.get("train", 0)  # updates a killed launch logged: redone from their episodes, not logged
     for update in tqdm(range(updates), desc="rl", total=updates, disable=not run.main):
         started, window = time.time(), seeds[update * args.num_envs : (update + 1) * args.num_envs]
         if update < start:  # resumed: the earlier updates' recorded returns advance the running baseline
@@ -960,21 +1022,20 @@ def reinforce(run: Run, args: Args, data: Data) -> dict:
         scheduler.step()
         chosen = [t["strategy"] for e in episodes for t in e["turns"]]
         shares = {c: chosen.count(c) / len(chosen) for c in sorted(set(chosen), key=chosen.count, reverse=True)}
-        run.log_step(
-            {
-                "train/loss": update_stats["loss"],
-                "train/entropy": update_stats["entropy"],
-                "train/grad_norm": update_stats["grad_norm"],
-                "train/baseline": update_stats["baseline"],
-                "train/lr": scheduler.get_last_lr()[0],
-                "rollout/return": update_stats["return"],
-                "rollout/reward_mean": float(np.mean([t["reward"] for e in episodes for t in e["turns"]])),
-                "rollout/turns": float(np.mean([len(e["turns"]) for e in episodes])),
-                "rollout/accepted": success_rate([e["accepted"] for e in episodes]),
-                **{f"rollout/strategy/{KEYS[c]}": shares.get(c, 0.0) for c in range(len(NAMES))},
-            },
-            time.time() - started,
-        )
+        row = {
+            "train/loss": update_stats["loss"],
+            "train/entropy": update_stats["entropy"],
+            "train/grad_norm": update_stats["grad_norm"],
+            "train/baseline": update_stats["baseline"],
+            "train/lr": scheduler.get_last_lr()[0],
+            "rollout/return": update_stats["return"],
+            "rollout/reward_mean": float(np.mean([t["reward"] for e in episodes for t in e["turns"]])),
+            "rollout/turns": float(np.mean([len(e["turns"]) for e in episodes])),
+            "rollout/accepted": success_rate([e["accepted"] for e in episodes]),
+            **{f"rollout/strategy/{KEYS[c]}": shares.get(c, 0.0) for c in range(len(NAMES))},
+        }
+        if update >= logged:  # an update that a killed launch logged is redone, not logged again
+            run.log_step(row, time.time() - started)
         if run.main:
             tqdm.write(
                 f"rl update {update + 1}/{updates}: return {update_stats['return']:.3f}  baseline "
@@ -982,8 +1043,10 @@ def reinforce(run: Run, args: Args, data: Data) -> dict:
                 f"{update_stats['grad_norm']:.3g}  loss {update_stats['loss']:+.4f}  turns "
                 f"{np.mean([len(e['turns']) for e in episodes]):.1f}  strategies "
                 + ", ".join(f"{NAMES[c]} {share:.2f}" for c, share in shares.items())
+                + ("  (redone from its recorded episodes)" if update < logged else "")
             )
-        save_resumable(accelerator, model, run.dir / "rl", update + 1, optimizer, scheduler)
+        if (update + 1) % args.rl_save_every == 0 or update + 1 == updates:
+            save_resumable(accelerator, model, run.dir / "rl", update + 1, optimizer, scheduler)
     run.count({f"rollout/{k}": v for name, s in stats.items() for k, v in s.metrics(f"{name}_").items()})
     run.count(ailo.metrics())
     if run.main:  # the recorded turns of every rank and launch, counted once
@@ -1028,15 +1091,25 @@ def recommended_item(trajectory: dict, catalog: Catalog) -> str:
     return trajectory["target"]
 
 
+def user_taste(seed: Seed, catalog: Catalog) -> str:
+    """What the simulated user wants, as the intention judges are told it: the persona's interests where it has
+    them (the demo's), and on every dataset the KG features of its hidden target, its title left out. The target is
+    the taste the AILO user plays: INSPIRED's and ReDial's personas carry no interests of their own."""
+    likes = f"What you like: {seed.persona.interests} " if seed.persona.interests else ""
+    features = "; ".join(kg_facts(catalog, seed.target.title)) or "(none known)"
+    return f"{likes}The movie you are looking for has these features: {features}."
+
+
 def judge_prompts(trajectory: dict, seed: Seed, catalog: Catalog) -> dict[str, str]:
     """The evaluator's five questions about one finished conversation (METHODS.md 4.8.7): WI after it; the user's
-    intention to watch the recommended movie from its title only (i_pre), from its full card (i_true) and after
-    the conversation (i_post); and the consistency of the system's messages with the facts (Cred)."""
+    intention to watch the recommended movie, the user knowing what it wants (``user_taste``), from the movie's title
+    only (i_pre), from its full card (i_true, the paper's "real intention") and after the conversation (i_post); and
+    the consistency of the system's messages with the facts (Cred)."""
     history = [*seed.opening]
     for turn in trajectory["turns"]:
         history += [{"role": "assistant", "content": turn["system"]}, {"role": "user", "content": turn["user"]}]
     item = recommended_item(trajectory, catalog)
-    persona = seed.persona.interests or "You know what you like."
+    persona = user_taste(seed, catalog)
     request = " ".join(m["content"] for m in seed.opening if m["role"] == "user")
     named = [t for t in catalog.titles if any(mentions_title(turn["system"], t) for turn in trajectory["turns"])]
     cards = "\n".join(f"- {item_card(catalog.by_title[t])}" for t in (named or [trajectory["target"]])[:5])
@@ -1048,8 +1121,14 @@ def judge_prompts(trajectory: dict, seed: Seed, catalog: Catalog) -> dict[str, s
     return prompts | {"cred": CRED_PROMPT.format(facts=cards, messages=messages), "item": item}
 
 
+INTENTIONS = ("i_pre", "i_true", "i_post")
+
+
 def judge_conversations(run: Run, args: Args, evaluator, data: Data, trajectories: list[dict], name: str) -> dict:
-    """The evaluator's scores of every conversation (greedy, one batched call for all), recorded per planner."""
+    """The evaluator's scores of every conversation (greedy, one batched call for all), recorded per planner. WI and
+    Cred are the scores as read (E[s] under expected scoring); the intentions behind PRS are the integers the judge
+    writes (``judge_scores``'s ``written``), so that PRS compares scores as the paper's judge gives them, ties
+    included (the scores as read, E[s] under expected scoring, are kept under ``intentions_read``)."""
     records, stats = run.records(f"judged_{name}.jsonl"), ParseStats()
     seeds = {seed.key: seed for seed in data.test}
     done = records.done_keys()
@@ -1060,9 +1139,11 @@ def judge_conversations(run: Run, args: Args, evaluator, data: Data, trajectorie
         fields = ("wi", "i_pre", "i_true", "i_post", "cred")
         scores = judge_scores(evaluator, [q[f] for q in questions for f in fields], 1, 0.0, args, stats)
         for k, (trajectory, question) in enumerate(zip(batch, questions)):
-            row = {f: scores[k * len(fields) + j]["score"] for j, f in enumerate(fields)}
-            outside = [scores[k * len(fields) + j]["mass_outside"] for j in range(len(fields))]
-            records.append({"key": trajectory["key"], "item": question["item"], **row, "mass_outside": outside})
+            read = dict(zip(fields, scores[k * len(fields) : (k + 1) * len(fields)]))
+            row = {f: read[f]["written"] if f in INTENTIONS else read[f]["score"] for f in fields}
+            outside = [read[f]["mass_outside"] for f in fields]
+            records.append({"key": trajectory["key"], "item": question["item"], **row, "mass_outside": outside,
+                            "intentions_read": {f: read[f]["score"] for f in INTENTIONS}})  # fmt: skip
     run.count(stats.metrics(f"rollout/evaluator_{name}_"))
     return {r["key"]: r for r in run.exchange(records)}
 
@@ -1167,6 +1248,8 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
     experts = run.llm(args.expert_llm, args.batch_size)
     ailo = AILO(run.llm(args.user_llm, args.batch_size), "movie", args.user_max_tokens, args.user_parse_tries)
     metrics, shares, rows = {}, {}, []
+    if run.main:
+        print(evaluated_count(data, args))
     for name in args.planners:
         if name != "random" and not run.finished(f"{name}_planner"):
             if run.main:
@@ -1209,7 +1292,9 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
             run.tracker.wandb.log({"eval/strategy_by_progress": wandb.Image(str(path))}, step=run.step)
         for name, share in shares.items():
             metrics |= {f"eval_strategies/{name}/{key}": float(share[:, c].mean()) for c, key in enumerate(KEYS)}
-    return metrics | {"eval/dialogues": len(data.test)}
+    with_target, dialogues = data.evaluable
+    return metrics | {"eval/dialogues": len(data.test), "eval/dialogues_with_target": with_target,
+                      "eval/dialogues_in_split": dialogues}  # fmt: skip
 
 
 TABLE_COLUMNS = ("sr", "wi", "prs", "cred", "dist2", "dist2_corpus", "rec_sr", "recall@1", "recall@5",
@@ -1230,6 +1315,11 @@ def print_table(metrics: dict) -> None:
             f"RL moved the planner {metrics['train/weight_distance']:.4g} (L2 over its weights; largest change "
             f"{metrics['train/weight_change_max']:.3g}); its strategy distribution by a mean total variation of "
             f"{metrics['train/policy_tv_from_sft']:.4f} on the states it played"
+        )
+    if "eval/dialogues" in metrics:
+        print(
+            f"\nevaluated on {metrics['eval/dialogues']:.0f} dialogues ({metrics['eval/dialogues_with_target']:.0f} of "
+            f"the split's {metrics['eval/dialogues_in_split']:.0f} have a target)"
         )
     print(f"\n{'planner':<10}" + "".join(f"{h:>9}" for h in TABLE_HEADERS))
     for label, prefix in (("random", "eval_random"), ("SFT", "eval_sft"), ("RL", "eval")):
@@ -1271,6 +1361,7 @@ def main(args: Args) -> None:
         sizes = {"SFT turns": len(data.sft_train), "held-out SFT turns": len(data.sft_held_out)}
         sizes |= {"RL seed dialogues": len(data.rl), "evaluated dialogues": len(data.test), "items": len(data.catalog)}
         print_dry_run("rso.py", args.dry_run, batches, sizes)
+        print(f"  {evaluated_count(data, args)}")
         return
     run = Run(args)  # runs/<run_name>/, ranks, seeding, metrics; each run.stage is timed and its LLM costs booked
     run.stage("sft", sft_warmup, args, data)  # Eq. 6: the Planner warmed up on strategy labels

@@ -6,9 +6,11 @@
 # evaluator; RoBERTa as the Planner (METHODS.md: roberta-large) trained by SFT on INSPIRED's strategy labels (10
 # epochs, AdamW, lr 6e-6, batch 16, linear decay), then entropy-regularized policy gradient (10 epochs x 100
 # dialogues, at most 10 turns, lr 1e-4, gamma 0.99, 10 rewarder samples per turn, tau 0.75, beta_ent 0.01, one
-# update at the end of each dialogue, no gradient clipping; rso.py adds its ema baseline, docs/rso.md);
-# bge-base-en-v1.5 as the entity embedder, K = 5; 99 test dialogues per dataset. The user simulator is AILO on the
-# same model (METHODS.md 4.8.3; the paper does not say).
+# update at the end of each dialogue, no gradient clipping; rso.py adds its ema baseline and, by default, credits an
+# accepted episode's turns left at r = 1, since Eq. 8 as printed pays stalling: docs/rso.md); bge-base-en-v1.5 as the
+# entity embedder, K = 5; 99 test dialogues per dataset (INSPIRED's test split has 84 that name a KG film after
+# their opening, and the run says so; ReDial's first 99 of 1,318). The user simulator is AILO on the same model
+# (METHODS.md 4.8.3; the paper does not say).
 # Targets: INSPIRED 3.8788 / 1.0000 / 3.8333 / .9798 / .9979 and .535 / .758 / .889;
 #          ReDial   3.8393 / .9783 / 3.6271 / .9798 / .9974 and .566 / .742 / .884.
 #

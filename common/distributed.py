@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from datetime import timedelta
@@ -166,10 +167,25 @@ def global_batch_mean(losses: torch.Tensor, weights: torch.Tensor, normalizer, w
     return (losses * weights).sum() / normalizer * world * accum
 
 
+def deepspeed_clipping(engine, max_grad_norm: float) -> None:
+    """Make a DeepSpeed engine clip the gradient norm at ``max_grad_norm`` (inf: not at all, DeepSpeed's 0). DeepSpeed
+    clips inside its own step, at the config's ``gradient_clipping``, which accelerate fills with 1.0 at prepare
+    when no DeepSpeed config names it, whatever a script's flag says. The engine reads the value from its config
+    when it clips itself, and each ZeRO (and fp16 / bf16) optimizer keeps its own copy as ``clip_grad``."""
+    clip = 0.0 if math.isinf(max_grad_norm) else float(max_grad_norm)
+    engine._config.gradient_clipping = clip
+    if hasattr(engine.optimizer, "clip_grad"):
+        engine.optimizer.clip_grad = clip
+
+
 def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm: float):
     """Backward one micro-batch's loss inside ``accelerator.accumulate``; on the last micro-batch of the global
-    batch, clip and step (accelerate makes the step a no-op before it). Returns the gradient norm where it was
-    clipped, else nan (before the last micro-batch; DeepSpeed clips inside its own step)."""
+    batch, clip at ``max_grad_norm`` (inf: no clipping) and step (accelerate makes the step a no-op before it).
+    Returns the gradient norm before clipping where it was clipped, else nan (before the last micro-batch). Under
+    DeepSpeed the step happens inside the backward, clipped by the engine: ``deepspeed_clipping`` sets its clip to
+    ``max_grad_norm`` first."""
+    if accelerator.state.deepspeed_plugin is not None:
+        deepspeed_clipping(model, max_grad_norm)
     accelerator.backward(loss)
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if accelerator.sync_gradients else None
     optimizer.step()

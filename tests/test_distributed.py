@@ -151,3 +151,27 @@ def test_a_resume_without_deepspeed_says_it_cannot_load_zero3_partitions(tmp_pat
         f"resuming {tmp_path.name} at step 4 without the optimizer state: the checkpoint holds its ZeRO-3 partitions "
         "for 2 ranks, and this launch runs 1 rank without ZeRO-3; AdamW's moments start again from zero"
     ) in capsys.readouterr().out
+
+
+def test_every_clipping_flag_reaches_deepspeed_on_two_zero3_ranks(tmp_path):
+    # accelerate fills DeepSpeed's gradient_clipping with 1.0 at prepare whatever the flag: every step here was
+    # clipped at 1.0 before optimizer_step set the engine's clip. SGD at learning rate 1 moves the weights by exactly
+    # the gradient DeepSpeed applied, of norm 5 before clipping.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)  # it would turn DeepSpeed off
+    script = [str(ROOT / "tests" / "zero3_clipping.py"), "--stage-dir", str(tmp_path / "stage")]
+    command = [*accelerate_launch("cpu_zero3"), *script, "--flags", "0.5", "inf", "2.0"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    steps = re.findall(r"rank (\d) clip (\S+): grad norm ([\d.]+), step norm ([\d.]+)", result.stdout)
+    assert len(steps) == 6, result.stdout
+    for _, flag, grad_norm, moved in steps:
+        assert float(grad_norm) == pytest.approx(5.0, abs=1e-4)  # the norm before clipping, as logged
+        assert float(moved) == pytest.approx(min(5.0, float(flag)), abs=1e-4)  # the applied clip is the flag's
+
+
+@pytest.mark.parametrize("path", ["ecpo.py", "smtpo.py", "rso.py", "common/sft.py"])
+def test_every_training_step_passes_its_scripts_clipping_flag(path):
+    # optimizer_step is the one place a script's clipping flag reaches DDP and DeepSpeed alike (test above)
+    calls = re.findall(r"optimizer_step\(accelerator, model, optimizer, loss, ([\w.]+)\)", (ROOT / path).read_text())
+    assert calls and all(re.fullmatch(r"args\.\w*max_grad_norm", flag) for flag in calls), calls

@@ -81,16 +81,35 @@ def toy_episode(rewards, accepted):
 def test_stalling_pays_under_eq_8_and_not_with_the_acceptance_credit():
     """Ten turns just short of acceptance against accepting at the first turn, T_max = 10, gamma = 0.99."""
     stall, accept = toy_episode([0.75] * 10, False), toy_episode([1.0], True)
-    paper = rso.Args(max_turns=10, gamma=0.99)
+    paper = rso.Args(max_turns=10, gamma=0.99, accept_credit="none")
     assert rso.episode_returns(stall, paper)[0] == pytest.approx(0.75 * (1 - 0.99**10) / 0.01)  # 7.17
     assert rso.episode_returns(accept, paper) == [1.0]  # Eq. 8 pays the planner to avoid acceptance
-    credited = rso.Args(max_turns=10, gamma=0.99, accept_credit="remaining")
+    credited = rso.Args(max_turns=10, gamma=0.99)
+    assert credited.accept_credit == "remaining"  # the default
     assert rso.episode_returns(stall, credited) == rso.episode_returns(stall, paper)  # nothing accepted: unchanged
     assert rso.episode_returns(accept, credited) == [pytest.approx((1 - 0.99**10) / 0.01)]  # 9.56: the turns left at 1
     late = toy_episode([0.75] * 9 + [1.0], True)  # stalling nine turns, then accepting, earns less than accepting now
     assert rso.episode_returns(late, credited)[0] < rso.episode_returns(accept, credited)[0]
     two = rso.episode_returns(toy_episode([0.5, 0.9], True), credited)
     assert len(two) == 2 and two[1] == pytest.approx(0.9 + sum(0.99**i for i in range(1, 9)))
+
+
+@pytest.mark.parametrize(
+    "before, credit, returns",
+    [  # R_1 of accepting (r = 1) at turn k = 1, 2, ..., 10 after k - 1 turns at ``before``; docs/rso.md's table
+        (0.5, "none", [1.00, 1.49, 1.98, 2.46, 2.93, 3.40, 3.87, 4.33, 4.79, 5.24]),  # the issue's figures
+        (0.75, "none", [1.00, 1.74, 2.47, 3.20, 3.92, 4.63, 5.33, 6.03, 6.72, 7.40]),
+        (0.75, "remaining", [9.56, 9.31, 9.06, 8.82, 8.58, 8.34, 8.10, 7.86, 7.63, 7.40]),
+    ],
+)
+def test_the_returns_of_accepting_at_each_turn(before, credit, returns):
+    args = rso.Args(max_turns=10, accept_credit=credit)
+    found = [rso.episode_returns(toy_episode([before] * (k - 1) + [1.0], True), args)[0] for k in range(1, 11)]
+    assert found == pytest.approx(returns, abs=0.005)
+    stall = rso.episode_returns(toy_episode([0.75] * 10, False), args)[0]
+    assert stall == pytest.approx(7.17, abs=0.005)  # never accepting, ten turns at a 4 (r = 0.75), either credit
+    if before == 0.75:  # up to its acceptance the episode is the stalling one: accepting must pay more than stalling
+        assert all(r > stall for r in found) == (credit == "remaining")
 
 
 # ------------------------------------------------------------------------------------ evaluation metrics
@@ -194,6 +213,21 @@ def test_label_mapping_on_the_real_dev_tsv():
     assert len({t["dialog"] for t in turns}) == 99 and turns[0]["text"] == "(no messages yet)"
 
 
+@needs_data
+@pytest.mark.parametrize("split, playable, dialogues", [("test", 84, 99), ("valid", 17, 20)])
+def test_the_evaluated_count_is_printed_with_the_reason(split, playable, dialogues):
+    """The paper's Tables are over 99 INSPIRED test dialogues; 15 of them name no film of the CFCRS KG after their
+    opening (7 recommend only films the KG lacks, 1 only the KG film its opening named, 7 none), so there is no
+    target to play: the run says how many it plays. On the valid split evaluation plays the SFT-held-out dev
+    dialogues (20 at --sft-held-out 0.2)."""
+    args = rso.Args(dataset="inspired", data_dir=str(DATA), eval_split=split, num_test=99)
+    data = rso.load_data(args)
+    assert len(data.test) == playable and data.evaluable == (playable, dialogues)
+    assert rso.evaluated_count(data, args).startswith(
+        f"evaluation plays {playable} dialogues: {playable} of the {dialogues} inspired {split} dialogues"
+    )
+
+
 def test_a_short_last_update_is_refused_under_deepspeed_before_anything_loads(monkeypatch):
     args = rso.Args(rl_episodes=7, num_envs=2, stages=("rl",))
     rso.check_args(args, 2)  # data parallelism takes a short last update
@@ -282,11 +316,11 @@ def demo_catalog():
     return Catalog(load_demo_catalog())
 
 
-def play_scripted(scripted_llm, catalog, judge, tmp_path, max_turns=3, episodes=2, greedy=False):
+def play_scripted(scripted_llm, catalog, judge, tmp_path, max_turns=3, episodes=2, greedy=False, roles=None):
     from common.data import load_demo_tasks
     from common.tracking import RecordFile
 
-    llm = scripted_llm(scripted_roles(judge))
+    llm = scripted_llm(roles or scripted_roles(judge))
     args = rso.Args(max_turns=max_turns, reward_samples=2, judge_scoring="sampled")  # the script writes its scores
     tasks = load_demo_tasks()[:episodes]
     seeds = [(f"e{k}", rso.Seed(f"d{k}", [{"role": "user", "content": "Hi, a movie for tonight?"}], t.target,
@@ -340,6 +374,130 @@ def test_the_turn_limit_ends_an_unaccepted_episode(scripted_llm, demo_catalog, t
     assert len(judged) == 2 * 3  # one rewarder prompt per episode and turn, K = 2 samples each (n = 2)
 
 
+def test_a_user_who_leaves_once_its_target_is_recommended_has_accepted(scripted_llm, demo_catalog, tmp_path):
+    """AILO's user ends the conversation once its target has been recommended (an Efficiency-seeking one at once),
+    saying goodbye; the judge, reading the goodbye, gives a 3. The episode is still the user's acceptance, scored as
+    the judge scores acceptance (r = 1): its return, Conv-SR and Rec-SR all count the success."""
+    from common.data import load_demo_tasks
+
+    target = load_demo_tasks()[0].target.title
+    actor_calls, goodbyes = [], []
+
+    def roles(prompt):
+        if "Rate the latest exchange" in prompt:
+            return "3"
+        if "Choose how to respond next" in prompt:  # AILO's policy: leave once the system named the target
+            last = prompt.split('The system just said: "')[1].split('"\n')[0]
+            return '{"reason": "r", "policy": "%s"}' % (
+                "end_conversation" if target in last else "respond_to_clarification"
+            )
+        if "Write one or two sentences in your own voice" in prompt:
+            if "End the conversation politely" in prompt:
+                goodbyes.append(prompt)
+                return '{"reason": "r", "response": "Thanks, that one it is. Bye!"}'
+            return '{"reason": "r", "response": "I like films about space."}'
+        if "expectation" in prompt.lower() or "Final rating" in prompt:
+            return '{"reason": "fine", "rating": "4"}'
+        if "Write your next message" in prompt:  # the Actor: a question, then the target
+            actor_calls.append(prompt)
+            return "What do you like?" if len(actor_calls) == 1 else f"You should watch {target}."
+        return "The user wants a movie."
+
+    (episode,), _, _ = play_scripted(scripted_llm, demo_catalog, None, tmp_path, max_turns=3, episodes=1, roles=roles)
+    assert [t["user_policy"] for t in episode["turns"]] == ["respond_to_clarification", "end_conversation"]
+    assert episode["end"] == "left with its target" and episode["accepted"] and episode["success"]
+    assert [t["score"] for t in episode["turns"]] == [3, 3]  # the judge's, as it gave them
+    assert [t["reward"] for t in episode["turns"]] == [0.5, 1.0]  # the goodbye scored as the judge's 5
+    args = rso.Args(max_turns=3)
+    assert rso.episode_returns(episode, args) == pytest.approx([0.5 + 0.99 * (1 + 0.99), 1 + 0.99])  # accepted
+    metrics = rso.conversation_metrics([episode], {})
+    assert metrics["sr"] == metrics["rec_sr"] == 1.0
+    assert "say that you will take it" in goodbyes[0]  # the goodbye says whether the user takes what it was offered
+
+
+def test_the_greedy_random_planner_plays_every_strategy_not_the_first(scripted_llm, demo_catalog, tmp_path):
+    """The argmax of the uniform distribution was always index 0 (Credibility): ties are broken at random."""
+    episodes, _, _ = play_scripted(scripted_llm, demo_catalog, lambda history: "4", tmp_path, episodes=4, greedy=True)
+    strategies = [t["strategy"] for e in episodes for t in e["turns"]]
+    assert len(strategies) == 12 and len(set(strategies)) >= 6  # 12 draws, uniform over 13
+    generator = torch.Generator().manual_seed(0)
+    peaked = torch.tensor([[0.1, 0.7, 0.2] + [0.0] * 10] * 50)
+    assert rso.most_likely(peaked, generator).tolist() == [1] * 50  # a planner's most likely strategy, always
+
+
+# ------------------------------------------------------------------------------------ PRS
+
+
+def test_the_intention_judges_know_the_users_taste_on_every_dataset(demo_catalog):
+    """INSPIRED's and ReDial's personas have no interests: the judges of i_pre, i_true and i_post are told the
+    hidden target's features (not its title), the taste the simulated user played."""
+    from common.data import Persona
+
+    target, other = demo_catalog.by_title["Inception (2010)"], demo_catalog.by_title["Groundhog Day (1993)"]
+    persona = Persona("u1", "Efficiency-seeking user who answers in a word or two.")  # no interests
+    seed = rso.Seed("d1", [{"role": "user", "content": "Hi, a movie for tonight?"}], target, persona)
+    trajectory = {"key": "d1", "target": target.title, "turns": [
+        {"system": f"Try {other.title}, a fine comedy.", "user": "Maybe.", "retrieved": [other.title]}]}  # fmt: skip
+    prompts = rso.judge_prompts(trajectory, seed, demo_catalog)
+    assert prompts["item"] == other.title  # the recommended movie is what the intentions are about
+    for name in ("i_pre", "i_true", "i_post"):
+        assert "director: Christopher Nolan" in prompts[name] and "genre: sci-fi" in prompts[name], prompts[name]
+        assert "Inception" not in prompts[name]  # the target's features, never its name
+    assert "director: Harold Ramis" in prompts["i_true"]  # the recommended movie's full card
+
+
+class IntentionJudge:
+    """An evaluator read by expected scoring: P(1-5) per prompt from ``probs(prompt)``."""
+
+    can_prefill = True
+
+    def __init__(self, probs):
+        from common.llm import Usage
+
+        self.probs, self.usage = probs, Usage()
+
+    def choice_probs(self, conversations, choices, prefix=""):
+        return [self.probs(conversation[-1]["content"]) for conversation in conversations]
+
+
+def test_prs_compares_the_scores_the_judge_writes(tmp_path, monkeypatch, demo_catalog):
+    """Expected scores are continuous: i_pre 3.40, i_post 3.44 and i_true 3.45 gave PRS 0.8 on differences of 0.01.
+    PRS reads the integer each judge writes (its most probable score), so this dialogue ties (3, 3, 3) and is left
+    out, as in the paper; the other (2, 3, 4) scores 0.5 where its expectations (2.4, 2.6, 3.6) gave 0.17."""
+    from common.data import Persona
+    from common.run import Run
+
+    monkeypatch.chdir(tmp_path)
+    args = rso.Args(run_name="prs")
+    run = Run(args)
+    persona = Persona("u1", "Efficiency-seeking user.")
+    seeds = [rso.Seed(key, [{"role": "user", "content": f"{key}: a movie for tonight?"}],
+                      demo_catalog.by_title["Inception (2010)"], persona) for key in ("tied", "apart")]  # fmt: skip
+    trajectories = [{"key": seed.key, "target": seed.target.title, "accepted": False, "success": False, "turns": [
+        {"system": "Try Inception (2010).", "user": "Sounds good.", "retrieved": [], "strategy": 0, "entropy": 2.0}]}
+        for seed in seeds]  # fmt: skip
+    evidence = {"i_pre": "All you know about the movie is its title", "i_true": "Here is everything about the movie",
+                "i_post": "Then you had this conversation"}  # fmt: skip
+    spread = {("tied", "i_pre"): {"3": 0.6, "4": 0.4}, ("tied", "i_post"): {"3": 0.56, "4": 0.44},
+              ("tied", "i_true"): {"3": 0.55, "4": 0.45}, ("apart", "i_pre"): {"2": 0.6, "3": 0.4},
+              ("apart", "i_post"): {"3": 0.6, "2": 0.4}, ("apart", "i_true"): {"4": 0.6, "3": 0.4}}  # fmt: skip
+
+    def probs(prompt):
+        for (key, name), distribution in spread.items():
+            if f"{key}: a movie" in prompt and evidence[name] in prompt:
+                return distribution
+        return {"5": 1.0}  # WI and Cred
+
+    data = rso.Data([], [], [], seeds, demo_catalog)
+    judged = rso.judge_conversations(run, args, IntentionJudge(probs), data, trajectories, "rl")
+    assert [judged["tied"][f] for f in ("i_pre", "i_true", "i_post")] == [3, 3, 3]
+    assert [judged["apart"][f] for f in ("i_pre", "i_true", "i_post")] == [2, 4, 3]
+    assert judged["tied"]["intentions_read"]["i_pre"] == pytest.approx(3.4)  # the expectations, kept
+    assert judged["tied"]["wi"] == 5.0
+    metrics = rso.conversation_metrics(trajectories, judged)
+    assert metrics["prs"] == pytest.approx(0.5) and metrics["prs_scored"] == 1 and metrics["prs_left_out"] == 1
+
+
 # ------------------------------------------------------------------------------------ it must learn
 
 
@@ -364,17 +522,17 @@ def planner_tokenizer():
 STATE = "User: Hi! I'm looking for a movie to watch tonight, something fun."
 
 
-def play_bandit(tmp_path, monkeypatch, tokenizer, args, updates, reward, seed=0):
-    """Episodes of one turn from one state, sampled from a small random planner and rewarded by ``reward(strategy)``,
-    each update taking --num-envs of them through rso.planner_update under rso.reinforce's optimizer and linear
-    decay. Returns pi(. | s) before each update and after the last, and the updates' statistics."""
+def train_planner(tmp_path, monkeypatch, tokenizer, args, updates, play, seed=0):
+    """A small random planner (a 1-layer BERT) trained by rso.planner_update under rso.reinforce's optimizer and
+    linear decay: each update steps on the episodes ``play(planner, generator)`` plays with the current planner.
+    Returns pi(. | STATE) before each update and after the last, and the updates' statistics."""
     from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
 
     from common.distributed import start_training
     from common.run import Run
 
     monkeypatch.chdir(tmp_path)
-    args.run_name, args.planner_max_length = f"bandit_{seed}_{args.beta_ent}_{args.baseline}", 32
+    args.run_name, args.planner_max_length = f"planner_{seed}_{args.beta_ent}_{args.baseline}_{args.max_turns}", 64
     run = Run(args)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -386,15 +544,23 @@ def play_bandit(tmp_path, monkeypatch, tokenizer, args, updates, reward, seed=0)
     model, optimizer, _ = start_training(run.accelerator, model, optimizer, scheduler, run.dir / "rl")
     generator, running, history, stats = torch.Generator().manual_seed(seed), {}, [], []
     for _ in range(updates):
-        probs = rso.strategy_distribution(model, tokenizer, [STATE], 32)[0]
-        history.append(probs)
-        actions = torch.multinomial(probs, args.num_envs, replacement=True, generator=generator).tolist()
-        episodes = [{"turns": [{"state": STATE, "strategy": a, "reward": reward(a)}], "accepted": False}
-                    for a in actions]  # fmt: skip
+        history.append(rso.strategy_distribution(model, tokenizer, [STATE], 64)[0])
+        episodes = play(model, generator)
         stats.append(rso.planner_update(run, args, model, tokenizer, optimizer, episodes, running))
         scheduler.step()
-    history.append(rso.strategy_distribution(model, tokenizer, [STATE], 32)[0])
+    history.append(rso.strategy_distribution(model, tokenizer, [STATE], 64)[0])
     return history, stats
+
+
+def play_bandit(tmp_path, monkeypatch, tokenizer, args, updates, reward, seed=0):
+    """Episodes of one turn from one state, rewarded by ``reward(strategy)``, --num-envs of them per update."""
+
+    def play(model, generator):
+        probs = rso.strategy_distribution(model, tokenizer, [STATE], 64)[0]
+        actions = torch.multinomial(probs, args.num_envs, replacement=True, generator=generator).tolist()
+        return [{"turns": [{"state": STATE, "strategy": a, "reward": reward(a)}], "accepted": False} for a in actions]
+
+    return train_planner(tmp_path, monkeypatch, tokenizer, args, updates, play, seed)
 
 
 TARGET = 5  # Offer Help
@@ -417,6 +583,45 @@ def test_the_update_learns_a_judge_like_reward_at_the_papers_settings(
     assert all(int(probs.argmax()) == TARGET for probs in history[reached:]), f"lost after update {reached}"
     assert history[-1][TARGET] > history[0][TARGET]
     assert all(math.isfinite(s["grad_norm"]) and s["grad_norm"] > 0 for s in stats[1:])  # logged before clipping
+
+
+ACCEPTING = 5  # Offer Help
+
+
+def conversation_state(turn: int) -> str:
+    """s_t as the planner reads it after t - 1 turns of a conversation that has not ended."""
+    return STATE + "\nSystem: Here is one more idea for you.\nUser: Hmm, tell me more." * (turn - 1)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_whole_episodes_teach_the_planner_to_make_the_user_accept(
+    tmp_path, monkeypatch, planner_tokenizer, one_thread, seed
+):
+    """Whole episodes at the paper's settings (rso.Args' defaults with T_max = 10: lr 1e-4, gamma 0.99, tau 0.75,
+    one episode per update): one strategy makes the user accept at once (a 5, r = 1, the episode ends), every other
+    keeps the user interested (a 4, r = 0.75) until the turn limit. The accepting strategy must become the planner's
+    most likely one within 100 episodes and stay so. Under Eq. 8 as printed (--accept-credit none, the old default)
+    stalling returns 7.17 and accepting at once 1.0: it never did, within 400 episodes for any of seeds 1 to 8."""
+    args = rso.Args(max_turns=10)
+    assert (args.rl_lr, args.gamma, args.tau, args.num_envs, args.max_turns) == (1e-4, 0.99, 0.75, 1, 10)
+
+    def play(model, generator):
+        turns = []
+        for t in range(1, args.max_turns + 1):
+            state = conversation_state(t)
+            probs = rso.strategy_distribution(model, planner_tokenizer, [state], 64)[0]
+            strategy = int(torch.multinomial(probs, 1, generator=generator))
+            turns.append({"state": state, "strategy": strategy, "reward": 1.0 if strategy == ACCEPTING else 0.75})
+            if turns[-1]["reward"] > args.tau:  # the user accepts: the episode ends
+                break
+        return [{"turns": turns, "accepted": turns[-1]["reward"] > args.tau}]
+
+    history, stats = train_planner(tmp_path, monkeypatch, planner_tokenizer, args, 100, play, seed)
+    assert int(history[0].argmax()) != ACCEPTING and history[0][ACCEPTING] < 0.08  # near uniform (1/13)
+    reached = next((k for k, probs in enumerate(history) if int(probs.argmax()) == ACCEPTING), None)
+    assert reached is not None, f"never the argmax: p {history[0][ACCEPTING]:.4f} -> {history[-1][ACCEPTING]:.4f}"
+    assert all(int(probs.argmax()) == ACCEPTING for probs in history[reached:]), f"lost after episode {reached}"
+    assert history[-1][ACCEPTING] > history[0][ACCEPTING]
 
 
 def test_a_higher_entropy_weight_keeps_the_entropy_higher(tmp_path, monkeypatch, planner_tokenizer, one_thread):
