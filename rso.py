@@ -75,7 +75,7 @@ from common.distributed import (
     start_training,
     training_steps,
 )
-from common.judging import Expectation, JudgeScoring, expected_scores, mass_metrics
+from common.judging import JudgeScoring, expected_scores, mass_metrics
 from common.llm import LLMBackendError
 from common.metrics import mentions_title, success_rate
 from common.models import ModelSpecError, check_specs, whole_weights
@@ -613,18 +613,11 @@ def judge_scores(llm, prompts: list[str], n: int, temperature: float, args: Args
         conversations = [[{"role": "user", "content": p}] for p in prompts]
         prefix = "Score: " if getattr(llm, "can_prefill", False) else ""
         read = expected_scores(llm, conversations, SCORE_VALUES, prefix)
-        return [{"score": e.value, "scores": [], "written": most_probable_score(e), "mass_outside": e.mass_outside}
-                for e in read]  # fmt: skip
+        return [{"score": e.value, "scores": [], "written": None if e.greedy is None else int(e.greedy),
+                 "mass_outside": e.mass_outside} for e in read]  # fmt: skip
     sampled = sample_scores(llm, prompts, n, temperature, args, stats)
     return [{"score": sum(s) / len(s) if s else None, "scores": s, "written": s[0] if s else None,
              "mass_outside": None} for s in sampled]  # fmt: skip
-
-
-def most_probable_score(read: Expectation) -> int | None:
-    """The score token with the most probability (the first of a tie, in 1-5 order); None when 1-5 hold no mass."""
-    if read.value is None:
-        return None
-    return int(max(SCORE_VALUES, key=lambda token: read.probs.get(token, 0.0)))
 
 
 # ========================================================================================= the rollout (Algorithm 1)
