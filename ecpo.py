@@ -158,8 +158,8 @@ class Args:
     rollout_batch_tokens: int = 32768
     """the most tokens one generation batch of the trained policy holds in the forward and evaluation rollouts,
     counted as padded: rows x (longest prompt + new tokens); a call over it is split, prompts of similar length
-    together (0: no cap). Bounds the key/value cache: 32k tokens of an 8B Llama are 4.3 GB in bf16, where the
-    paper recipe's ~63 conversations a rank at turn 5 (~4k tokens each) held ~33 GB in one batch"""
+    together (0: no cap). Bounds the key/value cache: 32k tokens of an 8B Llama are 4 GiB in bf16, where the paper
+    recipe's ~63 conversations a rank at turn 5 (~4k tokens each) would hold ~31 GiB in one batch (estimates)"""
 
     # ------------------------------------------------------------------------------------------- backward
     lam: float = 5.0
