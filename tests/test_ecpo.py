@@ -508,3 +508,26 @@ def test_the_token_budget_changes_no_record_at_the_demo_defaults(tiny_model, tok
     assert play(args.rollout_batch_tokens) == (before, 0)
     split, calls_split = play(400)
     assert calls_split > 0 and [len(t["turns"]) for t in split] == [len(t["turns"]) for t in before]
+
+
+def test_a_dropped_conversation_is_in_no_stage_of_ecpo(tmp_path, scripted_llm):
+    # --leak-guard drop (the paper preset's): the conversation whose user named its target is recorded, played once,
+    # and left out of what the rollout and the later stages read.
+    from common.catalog import Catalog
+    from common.data import load_demo_catalog
+
+    demo = load_demo_tasks()
+    data = ecpo.Data(demo[:2], demo[2:4], [], Catalog(load_demo_catalog()), "movie")
+    leaky = demo[0].target.title
+
+    def respond(prompt):
+        if leaky in prompt and "Open the conversation" in prompt:
+            return '{"reason": "r", "response": "I want ' + leaky + '."}'
+        return _agent_and_user(prompt)
+
+    args = ecpo.Args(action_decoding="free", judge_scoring="sampled", max_turns=2, leak_guard="drop")
+    run = _Run(tmp_path, scripted_llm(respond))
+    assert ecpo.teacher_rollouts(run, args, data)["rollout/teacher_sr"] == 0.0
+    records = RecordFile(tmp_path / "teacher_trajectories.jsonl").records()
+    assert [r["key"] for r in records if r.get("dropped")] == [demo[0].task_id] and len(records) == 2
+    assert [r["key"] for r in ecpo.stored(run, "teacher_trajectories.jsonl", data.sft, "teacher")] == [demo[1].task_id]
