@@ -103,7 +103,13 @@ class Args:
     max_parse_tries: int = 3
     """tries per simulator call before falling back (each retry is +0.3 temperature, as in the ECPO code)"""
     max_leak_tries: int = 2
-    """regenerations of an utterance that named the target before the title is redacted"""
+    """with --leak-guard regenerate: regenerations of an utterance that named the target before the title is
+    redacted"""
+    leak_guard: Literal["regenerate", "drop"] = "regenerate"
+    """what becomes of a user utterance that names the target before the system has: regenerate it (temperature
+    0.7, then 1.0), then redact the title, so every conversation is kept; or drop the conversation, counted in the
+    leak audit (the paper's released main.py raises and skips the user: its SR counts the conversations left).
+    After the system named the target, the user may name it too, as in the released loop"""
     target_note: bool = False
     """tell the simulated user whether the system's last message named its target (our addition, not the paper's:
     it helps weak simulators notice a success, but it tells the user the very fact SR measures)"""
@@ -286,6 +292,12 @@ def leaks_title(text: str, title: str) -> bool:
     return mentions_title(text, title, sentence_start=True)
 
 
+def target_named(user: SimUser) -> bool:
+    """The system has named the user's target (SR's test): from then on the user naming it is the dialogue's
+    success, not a leak (the released loop checks the user's input only while ``not is_correct``)."""
+    return any(mentions_title(m["content"], user.task.target.title) for m in user.history if m["role"] == "assistant")
+
+
 def parse_policy(text: str) -> str | None:
     data = parse_json(text)
     if data and str(data.get("policy", "")).strip() in POLICIES:
@@ -361,10 +373,11 @@ class AILO:
 
     def __init__(
         self, llm, domain: str = "movie", max_tokens: int = 160, max_parse_tries: int = 3, max_leak_tries: int = 2,
-        target_note: bool = False, ec_scoring: JudgeScoring = "sampled",
+        target_note: bool = False, ec_scoring: JudgeScoring = "sampled", leak_guard: str = "regenerate",
     ):  # fmt: skip
         self.llm, self.domain, self.max_tokens, self.ec_scoring = llm, domain, max_tokens, ec_scoring
         self.max_parse_tries, self.max_leak_tries, self.target_note = max_parse_tries, max_leak_tries, target_note
+        self.leak_guard = leak_guard  # "drop" needs a caller that drops the conversation (run_episodes does)
         self.stats = ParseStats()
         self.title_leaks = 0  # generated utterances that named the target, before the guard
         self.title_redactions = 0  # utterances still leaking after regeneration, redacted
@@ -391,8 +404,10 @@ class AILO:
         return f"(Note: the system's last message {'DID' if named else 'did NOT'} recommend your target.)\n"
 
     def _content(self, users: list[SimUser], policies: list[str]) -> tuple[list[str], list[str]]:
-        """Step 2: one utterance per user, generated in one batch; leaks are regenerated, then redacted. Returns the
-        utterances and what the guard did to each ("clean", "regenerated", "redacted")."""
+        """Step 2: one utterance per user, generated in one batch. An utterance that names the target before the
+        system has (``target_named``) is regenerated, then redacted, or with ``leak_guard`` "drop" marked for its
+        conversation to be dropped. Returns the utterances and what the guard did to each ("clean", "regenerated",
+        "redacted", "dropped")."""
         prompts = []
         for user, policy in zip(users, policies):
             persona, language = user.task.persona, user.task.persona.language
@@ -412,11 +427,16 @@ class AILO:
         parsed, raw = self._ask(prompts, parse_content)
         texts = [p if p is not None else fallback_utterance(r, policy) for p, r, policy in zip(parsed, raw, policies)]
         guard = ["clean"] * len(texts)
+        guarded = [i for i, user in enumerate(users) if not target_named(user)]
         for attempt in range(self.max_leak_tries + 1):
-            leaking = [i for i, (u, t) in enumerate(zip(users, texts)) if leaks_title(t, u.task.target.title)]
+            leaking = [i for i in guarded if leaks_title(texts[i], users[i].task.target.title)]
             if attempt == 0:
                 self.title_leaks += len(leaking)
             if not leaking:
+                break
+            if self.leak_guard == "drop":  # the released loop's: the conversation ends here and is not counted
+                for i in leaking:
+                    guard[i] = "dropped"
                 break
             if attempt == self.max_leak_tries:  # hard guard: the title never reaches the CRA
                 self.title_redactions += len(leaking)
@@ -436,9 +456,11 @@ class AILO:
         """Turn 0: every user opens with the fixed ask_recommendation policy (no EC: nothing to rate yet)."""
         users = [SimUser(task) for task in tasks]
         texts, guard = self._content(users, [OPENING_POLICY] * len(users))
-        for user, text in zip(users, texts):
-            user.history.append({"role": "user", "content": text})
-        return users, [UserTurn(OPENING_POLICY, t, None, None, False, guard=g) for t, g in zip(texts, guard)]
+        for user, text, g in zip(users, texts, guard):
+            user.ended = g == "dropped"  # a dropped utterance never reaches the CRA
+            if not user.ended:
+                user.history.append({"role": "user", "content": text})
+        return users, [UserTurn(OPENING_POLICY, t, None, None, g == "dropped", guard=g) for t, g in zip(texts, guard)]
 
     def step(self, users: list[SimUser], cra_responses: list[str], final: bool = False) -> list[UserTurn]:
         """Answer one CRA response per user. With ``final`` (the turn limit) nothing runs: nobody replies, and, as in
@@ -482,8 +504,9 @@ class AILO:
         texts, guard = self._content(users, policies)
         turns = []
         for user, policy, text, c, g in zip(users, policies, texts, ec, guard):
-            user.history.append({"role": "user", "content": text})
-            user.ended = policy == "end_conversation"
+            if g != "dropped":  # a dropped utterance never reaches the CRA
+                user.history.append({"role": "user", "content": text})
+            user.ended = policy == "end_conversation" or g == "dropped"
             turns.append(UserTurn(policy, text, c.reason, c.rating, user.ended, c.mass_outside, g, c.expected))
         return turns
 
@@ -578,11 +601,26 @@ def run_episodes(
     EC reason and rating, plus ``success`` (SR: a CRA response contains the target title) and ``recall``
     (R: the target appeared in a retrieval result). With ``records``, finished trajectories are appended as
     they complete and tasks already in the file are skipped (their stored trajectories are returned).
+    A conversation the simulator's leak guard drops (``leak_guard`` "drop") is recorded with ``dropped``: the turn
+    and the utterance that named the target, which is not among its turns. It is not returned (``kept``), and a
+    rerun does not play it again.
     """
     done = {r["key"]: r for r in records.records()} if records else {}
     todo = [t for t in tasks if t.task_id not in done]
     finished: dict[str, dict] = {}
     progress = tqdm(total=len(todo), desc="conversations", disable=not todo)
+
+    def finish(trajectory: dict, turns: int, ended_by_user: bool) -> None:
+        trajectory["num_turns"], trajectory["ended_by_user"] = turns, ended_by_user
+        finished[trajectory["key"]] = trajectory
+        if trajectory.get("dropped"):
+            tqdm.write(f"dropped {trajectory['key']}: the user named its target ({trajectory['dropped']['user']!r})")
+        if records:
+            records.append(trajectory)
+        if on_episode:
+            on_episode(trajectory)
+        progress.update(1)
+
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         users, openings = simulator.start(chunk)
@@ -593,13 +631,17 @@ def run_episodes(
                 "user_id": t.persona.user_id,
                 "target": t.target.title,
                 "persona": asdict(t.persona),
-                "opening": {"policy": o.policy, "user": o.response, "user_guard": o.guard},
+                "opening": {"policy": o.policy, "user": "" if o.end else o.response, "user_guard": o.guard},
                 "turns": [],
                 "success": False,
                 "recall": False,
             }
             for t, o in zip(chunk, openings)
         ]
+        for trajectory, opening in zip(trajectories, openings):
+            if opening.guard == "dropped":
+                trajectory["dropped"] = {"turn": 0, "user": opening.response}
+                finish(trajectory, 0, False)
         for turn in range(1, max_turns + 1):
             live = [i for i, u in enumerate(users) if not u.ended]
             if not live:
@@ -609,6 +651,8 @@ def run_episodes(
             answers = simulator.step([users[i] for i in live], [r.text for r in replies], final=final)
             for i, reply, answer in zip(live, replies, answers):
                 target, trajectory = chunk[i].target.title, trajectories[i]
+                if answer.guard == "dropped":
+                    trajectory["dropped"] = {"turn": turn, "user": answer.response}
                 trajectory["turns"].append(
                     {
                         "turn": turn,
@@ -617,7 +661,7 @@ def run_episodes(
                         "cra": reply.record,
                         "mentions_target": mentions_title(reply.text, target),
                         "user_policy": answer.policy,
-                        "user": answer.response,
+                        "user": "" if answer.guard == "dropped" else answer.response,
                         "user_guard": answer.guard,
                         "ec_reason": answer.ec_reason,
                         "ec_rating": answer.ec_rating,
@@ -629,25 +673,25 @@ def run_episodes(
                 trajectory["success"] |= mentions_title(reply.text, target)
                 trajectory["recall"] |= target in reply.retrieved
                 if users[i].ended:
-                    trajectory["num_turns"] = turn
-                    trajectory["ended_by_user"] = not final
-                    finished[trajectory["key"]] = trajectory
-                    if records:
-                        records.append(trajectory)
-                    if on_episode:
-                        on_episode(trajectory)
-                    progress.update(1)
+                    finish(trajectory, turn, not final)
     progress.close()
-    return [done.get(t.task_id) or finished[t.task_id] for t in tasks]
+    return kept([done.get(t.task_id) or finished[t.task_id] for t in tasks])
+
+
+def kept(trajectories: list[dict]) -> list[dict]:
+    """The conversations the leak guard did not drop: those SR, R, training and judging count."""
+    return [t for t in trajectories if not t.get("dropped")]
 
 
 def audit_leaks(run_dir: str | Path) -> tuple[dict[str, int], list[dict]]:
     """Every simulated user turn recorded in a run's JSON Lines files (the openings and the turns of each record
     with a ``target`` title and ``turns``: AILO's trajectories in ailo_sim.py and ecpo.py, RSO's episodes, and the
     feedback of SMTPO's simulator in its evaluation records), checked with the guard's own test (``leaks_title``)
-    against its target. Returns the counts, ``rollout/title_leaks``
-    being the turns that name their target as recorded (what reached the CRA), and the offending turns."""
-    scanned, redacted, leaks = 0, 0, []
+    against its target, up to the turn whose system message named it (after that the user may name it, as the guard
+    allows). Returns the counts, ``rollout/title_leaks`` being the turns that name their target as recorded (what
+    reached the CRA), and ``rollout/episodes_dropped`` the conversations the guard dropped, and the offending turns.
+    A dropped conversation's utterance that named the target is kept apart (``dropped``) and never reached the CRA."""
+    scanned, redacted, dropped, leaks = 0, 0, 0, []
     for path in sorted(Path(run_dir).glob("*.jsonl")):
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             try:
@@ -656,26 +700,31 @@ def audit_leaks(run_dir: str | Path) -> tuple[dict[str, int], list[dict]]:
                 continue  # a torn last line: the run redoes that record
             if not isinstance(record, dict) or not isinstance(record.get("target"), str):
                 continue
+            dropped += bool(record.get("dropped"))
             opening = record.get("opening") if isinstance(record.get("opening"), dict) else None
             turns = [opening] if opening else []
             turns += [t for t in record.get("turns") or [] if isinstance(t, dict)]
+            named = False  # the system has named the target (AILO's and RSO's turns record what it said)
             for turn in turns:
+                system = turn.get("system")
+                named = named or (isinstance(system, str) and mentions_title(system, record["target"]))
                 text = turn.get("user", turn.get("feedback"))  # AILO's and RSO's user, SMTPO's simulator
                 if not isinstance(text, str) or not text:
                     continue
                 scanned += 1
                 redacted += turn.get("user_guard") == "redacted"
-                if leaks_title(text, record["target"]):
+                if not named and leaks_title(text, record["target"]):
                     leaks.append({"file": path.name, "line": number, "target": record["target"], "user": text})
     metrics = {"rollout/user_turns_audited": scanned, "rollout/title_leaks": len(leaks),
-               "rollout/title_redacted_turns": redacted}  # fmt: skip
+               "rollout/title_redacted_turns": redacted, "rollout/episodes_dropped": dropped}  # fmt: skip
     return metrics, leaks
 
 
 def print_audit(metrics: dict[str, int], leaks: list[dict]) -> None:
     print(
         f"leak audit: {metrics['rollout/user_turns_audited']} simulated user turns, {len(leaks)} name their target, "
-        f"{metrics['rollout/title_redacted_turns']} redacted by the guard"
+        f"{metrics['rollout/title_redacted_turns']} redacted by the guard; "
+        f"{metrics['rollout/episodes_dropped']} conversations dropped by it"
     )
     for leak in leaks:
         print(f"  {leak['file']}:{leak['line']} (target {leak['target']}): {leak['user'][:200]}")
@@ -718,6 +767,8 @@ def print_trajectory(trajectory: dict) -> None:
         print(f"         EC rating {t['ec_rating']}{expected}: {(t['ec_reason'] or '')[:160]}")
         if t["user"]:
             print(f"  USER   [{t['user_policy']}] {t['user']}")
+    if trajectory.get("dropped"):
+        print(f"  DROPPED: the user named its target: {trajectory['dropped']['user']}")
 
 
 # =============================================================================================== the demo CRA
@@ -811,6 +862,7 @@ def simulate(run: Run, args: Args, tasks: list[Task], catalog: Catalog) -> dict[
         args.max_leak_tries,
         args.target_note,
         args.judge_scoring,
+        args.leak_guard,
     )
     cra = make_zero_shot_cra(cra_llm, catalog, domain, args.retriever_top_k, args.cra_max_tokens)
     records = run.records("trajectories.jsonl")
@@ -820,7 +872,7 @@ def simulate(run: Run, args: Args, tasks: list[Task], catalog: Catalog) -> dict[
         run.count(usage.metrics(f"cost/{role}") | usage.metrics("cost/"))  # per role, and their sum
     run.count(simulator.metrics())
     wanted = {t.task_id for t in tasks}  # conversations an interrupted launch finished count too
-    return episode_metrics([r for r in run.exchange(records) if r["key"] in wanted], args.max_turns)
+    return episode_metrics(kept([r for r in run.exchange(records) if r["key"] in wanted]), args.max_turns)
 
 
 # =============================================================================================== main

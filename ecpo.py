@@ -2,8 +2,9 @@
 (Feng et al., 2025, Sec. 2.2 and 3, App. B-D). Docs: docs/ecpo.md.
 
     python ecpo.py                                        # every stage on the embedded SmolLM2 + bundled demo
-    accelerate launch ecpo.py --lam 4                     # the same, on every rank accelerate gives it
+    accelerate launch ecpo.py                             # the same, on every rank accelerate gives it
     python ecpo.py --run-name <run> --stages backward --lam 2   # D_pre for another lambda, from the stored rewrites
+    python ecpo.py paper --policy <8B> --dataset book ... # the paper's settings (PAPER below); state models and data
     bash benchmark/ecpo_table1.sh                         # the paper's Table 1 on GPUs
 
 The CRA is ActCRS: one action per LLM call, Search[keywords] | Ask[question] | Recommend[answer] |
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import time
 from collections import defaultdict
@@ -36,10 +38,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import tyro
 from tqdm import tqdm
 
-from ailo_sim import AILO, CRAReply, audit_leaks, episode_metrics, print_audit, print_trajectory, run_episodes
+from ailo_sim import AILO, CRAReply, audit_leaks, episode_metrics, kept, print_audit, print_trajectory, run_episodes
 from common.catalog import Catalog
 from common.conversations import render_history
 from common.data import TASK_DOMAINS, DataError, Task, load_task_items, load_tasks
@@ -56,9 +57,10 @@ from common.distributed import (
     training_steps,
 )
 from common.judging import JudgeScoring, expected_scores, json_string, mass_metrics, scores_in_answers
-from common.llm import HFChat, LLMBackendError
+from common.llm import HFChat, LLMBackendError, per_conversation, prompt_ids
 from common.models import ModelSpecError, check_specs, load_merged
 from common.parsing import ParseStats, chat_parsed, coerce_int, parse_json
+from common.presets import Preset, parse_args
 from common.run import Run, preference_row, sft_row
 from common.sft import supervised_finetuning
 from common.tokens import collate, encode_prompt_completion, sequence_logprobs
@@ -98,6 +100,11 @@ class Args:
     """training tasks the teacher plays to build D_sft (paper: 1000)"""
     num_pre_tasks: int = 2
     """further training tasks pi_sft plays to build D_pre, one trajectory each (paper: 500)"""
+    train_tasks: Literal["random", "first"] = "random"
+    """how D_sft's and D_pre's tasks are drawn from the train file: random, a --seed shuffle whose first
+    --num-sft-tasks go to D_sft and the next --num-pre-tasks to D_pre (the paper: "we randomly sample 1000 ... an
+    additional 500"); first, the file's first ones in order (the released main.py's loop; Book's file is grouped by
+    user, so 1000 + 500 cover 27 and 15 of its 95 users)"""
     num_test_tasks: int = 1
     """held-out tasks for evaluation: the first ones of the test file (paper: 100)"""
 
@@ -128,8 +135,8 @@ class Args:
     type is the most probable of the four names, then the argument is generated after a forced "Type[" (hf/vllm
     only; small models rarely follow the format freely). openai: backends always decode freely"""
     few_shot: bool = True
-    """show the teacher and the expert one example dialogue (the paper's optional few-shot block); it is never
-    in the prompts of D_sft or of the trained policy"""
+    """show the teacher and the expert one example dialogue of the task's domain (the paper's optional few-shot
+    block, one per domain as in the released code); it is never in the prompts of D_sft or of the trained policy"""
     action_max_tokens: int = 64
     """max new tokens of one action"""
     user_max_tokens: int = 64
@@ -137,17 +144,29 @@ class Args:
     target_note: bool = False
     """tell AILO whether the system's last message named its target (our addition to AILO's prompts, not the
     paper's; it tells the simulated user the very fact SR measures)"""
+    leak_guard: Literal["regenerate", "drop"] = "regenerate"
+    """what becomes of an AILO utterance that names the target before the CRA has: regenerate it, then redact the
+    title (every conversation is kept; the demo's few conversations would otherwise lose some), or drop the
+    conversation, counted in the leak audit (paper: drop, as the released main.py skips such a user; SR and the win
+    rate then count the conversations left)"""
     max_parse_tries: int = 1
     """tries of any call whose output must parse; each retry is +0.3 temperature, as in the ECPO code. Use 3
     with API models; the embedded model rarely writes JSON, so on it retries only cost time (local backends
     fall back to constrained decoding instead)"""
     batch_size: int = 16
     """conversations advanced together; also the generation batch size of hf backends"""
+    rollout_batch_tokens: int = 32768
+    """the most tokens one generation batch of the trained policy holds in the forward and evaluation rollouts,
+    counted as padded: rows x (longest prompt + new tokens); a call over it is split, prompts of similar length
+    together (0: no cap). Bounds the key/value cache: 32k tokens of an 8B Llama are 4 GiB in bf16, where the paper
+    recipe's ~63 conversations a rank at turn 5 (~4k tokens each) would hold ~31 GiB in one batch (estimates)"""
 
     # ------------------------------------------------------------------------------------------- backward
-    lam: float = 4.0
+    lam: float = 5.0
     """lambda: responses rated r_t <= lambda are rewritten (paper: 4; sweep 1..4). r_t is the rating AILO writes: with
-    --judge-scoring expected its most probable rating 0-5 (E[r_t] is logged beside it, not tested)"""
+    --judge-scoring expected its most probable rating 0-5 (E[r_t] is logged beside it, not tested). The demo's 5
+    rewrites every rated response: the embedded 135M AILO rates every forward response of the no-flag run 5, so at
+    the paper's 4 it would rewrite nothing and train nothing"""
     rewriter_max_tokens: int = 192
     """max new tokens of one rewrite"""
 
@@ -203,10 +222,67 @@ class Args:
     judge_max_tokens: int = 256
     """max new tokens of one judgement (with --judge-scoring expected: of each dimension's reason)"""
     print_conversations: bool = False
-    """print every finished evaluation conversation"""
+    """print every finished evaluation conversation (the expert's, pi_sft's and the ECPO policy's), not the
+    teacher's or the forward stage's"""
     dry_run: int = 0
     """validate the flags, every batch division for this many processes, and the data files, then exit without
     loading a model (0: run)"""
+
+
+# The paper's settings, each with its source: `python ecpo.py paper --policy ... --dataset ...` (common/presets.py;
+# docs/ecpo.md shows this table). Released files are XueyangFeng/ECPO's (sft.sh and dpo.sh: LLaMA-Factory/ecpo/
+# <domain>/{sft,ecpo}/).
+PAPER = Preset(
+    "the paper's Table 1 setting (App. B.3, the released code where the paper is silent); state the models, the "
+    "data and the scale",
+    values={
+        "num_sft_tasks": (1000, 'App. B.3: "we randomly sample 1000 simulation tasks" for D_sft'),
+        "num_pre_tasks": (500, 'App. B.3: "an additional 500 tasks" for D_pre'),
+        "train_tasks": ("random", 'App. B.3: "randomly sample" (the released main.py plays the first)'),
+        "num_test_tasks": (100, "App. B.3: 100 test tasks; released main.sh NUM_USERS=100"),
+        "max_turns": (5, 'App. B.3: "a maximum of 5 interaction turns"'),
+        "retriever_top_k": (5, 'App. B.3: "the top 5 most relevant items"'),
+        "max_searches": (3, "released crs/act_crs.py: after three Searches in a turn the next action must answer"),
+        "action_decoding": ("free", "released crs/act_crs.py: generation stopped at ']', else 'Sorry, System Error'"),
+        "few_shot": (True, "released main.py: teacher and expert with shot_type few_shot (main_lora.py: the tuned "
+                     "policy zero_shot)"),
+        "action_max_tokens": (256, "not in the paper; the released client sets no cap: one action fits 256"),
+        "user_max_tokens": (512, "not in the paper; the released client sets no cap: an EC reason fits 512"),
+        "target_note": (False, "not in the paper (our addition)"),
+        "leak_guard": ("drop", "released main.py: a user input that names the target before a success raises, and "
+                       "the user is skipped"),
+        "max_parse_tries": (3, "released crs/act_crs.py: 3 tries, each 0.3 hotter"),
+        "lam": (4.0, "App. B.3: lambda = 4.0"),
+        "rewriter_max_tokens": (512, "not in the paper; the released rewrite.py sets no cap"),
+        "loss": ("dpo", "Sec. 2.2, Eq. 3"),
+        "beta": (None, "DPO 0.1: LlamaFactory's pref_beta, which released dpo.sh leaves; SimPO 2.0, KTO 0.1: "
+                 "not released (METHODS.md 1.6)"),
+        "simpo_gamma": (1.0, "not released (METHODS.md 1.6; LlamaFactory's own default is 0.5)"),
+        "kto_lambda_w": (1.0, "not released; LlamaFactory's kto_chosen_weight default"),
+        "kto_lambda_l": (1.0, "not released; LlamaFactory's kto_rejected_weight default"),
+        "lora_rank": (8, "released sft.sh, dpo.sh: lora_target all, LlamaFactory's default rank 8"),
+        "lora_alpha": (16, "released sft.sh, dpo.sh: LlamaFactory's default alpha, 2 x rank"),
+        "sft_lr": (5e-5, "App. B.3; released sft.sh"),
+        "sft_batch_size": (8, "App. B.3; released sft.sh: 1 per device x 8 accumulation steps"),
+        "sft_epochs": (3, "released sft.sh num_train_epochs 3.0"),
+        "po_lr": (1e-6, "App. B.3: searched {1e-6, 5e-7}; released dpo.sh 1.0e-6"),
+        "po_batch_size": (32, "App. B.3; released dpo.sh: 1 per device x 32 accumulation steps"),
+        "po_epochs": (3, "released dpo.sh num_train_epochs 3.0"),
+        "warmup_ratio": (0.1, "released sft.sh, dpo.sh: cosine schedule, warmup_ratio 0.1"),
+        "max_grad_norm": (1.0, "released sft.sh, dpo.sh leave it: transformers' default 1.0"),
+        "max_length": (2048, "released sft.sh, dpo.sh: cutoff_len 2048"),
+        "gradient_checkpointing": (True, "LlamaFactory's default, which the released scripts keep"),
+        "judge_scoring": ("sampled", "App. B.5, Fig. 11: the judge's JSON, parsed (released pair_eval/eval.py)"),
+        "judge_max_tokens": (1024, "not in the paper; released pair_eval/eval.py sets no cap: Fig. 11's JSON fits"),
+    },
+    ablations={"loss": "Table 4a", "lam": "Fig. 7a", "max_turns": "Table 6b", "retriever_top_k": "Table 6a"},
+    recipe=(
+        "exp_name", "seed", "run_name", "stages", "track", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags",
+        "dataset", "data_dir", "policy", "teacher_llm", "user_llm", "rewriter_llm", "expert_llm", "judge_llm",
+        "batch_size", "rollout_batch_tokens", "micro_batch_size", "save_every", "print_conversations", "dry_run",
+    ),
+)  # fmt: skip
+PRESETS = {"paper": PAPER}
 
 
 # =============================================================================================== ActCRS
@@ -227,7 +303,10 @@ Dialogue:
 {scratchpad}
 Action {n}:"""  # noqa: E501  (prompt text, kept verbatim)
 
-FEW_SHOT = """
+# One example dialogue per domain (TASK_DOMAINS' values), as the released code has one each for Book, Game and
+# Yelp; the items are made up, and each Search observation is written as search_observation writes the domain's.
+FEW_SHOT = {
+    "movie": """
 Here is an example:
 Observation 1: User: Hi, can you suggest something for tonight?
 Action 1: Ask[Sure! Are you in the mood for something light, or something tense and gripping?]
@@ -236,14 +315,52 @@ Action 2: Search[tense mystery thriller twist]
 Observation 3: Search results: 1. The Silent Harbor (2015); genre: mystery, thriller 2. Night Ledger (2019); genre: crime, drama
 Action 3: Recommend[You might enjoy The Silent Harbor (2015), a tense mystery whose twist recasts everything before it. Would you like something darker, like Night Ledger (2019)?]
 (end of example)
-"""  # noqa: E501  (prompt text, kept verbatim)
+""",  # noqa: E501  (prompt text, kept verbatim)
+    "book": """
+Here is an example:
+Observation 1: User: I'd like a book to get lost in this weekend.
+Action 1: Ask[Happy to help! Do you lean toward mysteries, fantasy, or something true?]
+Observation 2: User: A mystery, ideally a cozy one with some humor.
+Action 2: Search[cozy mystery humor small town amateur sleuth]
+Observation 3: Search results: 1. The Teapot Affair (A Marigold Lane Mystery Book 1); categories: Books, Mystery, Thriller & Suspense, Mystery; price: 4.99 2. Murder at Quill Cottage; categories: Books, Mystery, Thriller & Suspense; price: 9.99
+Action 3: Recommend[Try The Teapot Affair (A Marigold Lane Mystery Book 1), a cozy small-town mystery with a light touch. If you would rather not start a series, Murder at Quill Cottage stands alone. Which appeals more?]
+Observation 4: User: Is the first one part of a series?
+Action 4: Response[Yes: The Teapot Affair (A Marigold Lane Mystery Book 1) is the first book of the Marigold Lane Mysteries, so more follow if you enjoy it.]
+(end of example)
+""",  # noqa: E501  (prompt text, kept verbatim)
+    "video game": """
+Here is an example:
+Observation 1: User: Hey, I'm looking for a new game to play.
+Action 1: Ask[Sure! Which platform do you play on, and do you prefer story-driven games or fast action?]
+Observation 2: User: PlayStation 5, and I love a good story with choices that matter.
+Action 2: Search[PlayStation 5 story-driven role-playing game choices]
+Observation 3: Search results: 1. Ember Crown: Rise of the Exiles - PlayStation 5; categories: Video Games, PlayStation 5, Games; price: 39.99 2. Harbor Lights - PlayStation 5 Standard Edition; categories: Video Games, PlayStation 5, Games; price: 29.99
+Action 3: Recommend[Ember Crown: Rise of the Exiles - PlayStation 5 is a story-driven role-playing game for your console. For something shorter, Harbor Lights - PlayStation 5 Standard Edition is a narrative adventure. Which sounds closer to what you want?]
+Observation 4: User: How much is the first one?
+Action 4: Response[Ember Crown: Rise of the Exiles - PlayStation 5 is listed at 39.99.]
+(end of example)
+""",  # noqa: E501  (prompt text, kept verbatim)
+    "restaurant or local business": """
+Here is an example:
+Observation 1: User: Where should I eat tonight?
+Action 1: Ask[Glad to help! What kind of food are you in the mood for, and would you like a quick bite or a sit-down dinner?]
+Observation 2: User: A sit-down dinner, and I'm craving Thai food.
+Action 2: Search[Thai restaurant sit-down dinner]
+Observation 3: Search results: 1. Lotus Lantern Thai Kitchen; categories: Thai, Restaurants, Noodles 2. Bangkok Corner Bistro; categories: Restaurants, Thai, Vegetarian
+Action 3: Recommend[Lotus Lantern Thai Kitchen is a sit-down Thai restaurant known for its noodles. If you want plenty of vegetarian dishes, Bangkok Corner Bistro is another Thai place. Does either appeal?]
+Observation 4: User: Does the second one have vegetarian food?
+Action 4: Response[Yes, Bangkok Corner Bistro lists vegetarian among its categories.]
+(end of example)
+""",  # noqa: E501  (prompt text, kept verbatim)
+}
 
 
 def actcrs_prompt(domain: str, scratchpad: list[str], few_shot: bool) -> str:
-    """The state s_t: instruction, optional example, the scratchpad, and the slot for the next action."""
+    """The state s_t: instruction, optional example of the domain, the scratchpad, and the slot for the next
+    action."""
     return ACTCRS_PROMPT.format(
         domain=domain,
-        examples=FEW_SHOT if few_shot else "",
+        examples=FEW_SHOT[domain] if few_shot else "",
         scratchpad="\n".join(scratchpad),
         n=sum(line.startswith("Action ") for line in scratchpad) + 1,
     )
@@ -945,8 +1062,9 @@ class Data:
 
 
 def load_data(args: Args) -> Data:
-    """Train tasks in file order (D_sft first, then D_pre); test tasks, the first of the held-out file, are read
-    only when the eval stage runs."""
+    """D_sft's and D_pre's tasks, disjoint, drawn from the train file as --train-tasks says (by default the paper's
+    random sample: the file's order under a --seed shuffle, so that more --num-pre-tasks extend D_pre); test tasks,
+    the first of the held-out file, read only when the eval stage runs."""
     train = load_tasks(args.dataset, args.data_dir, "train")
     test = load_tasks(args.dataset, args.data_dir, "test") if "eval" in args.stages else []
     if len(train) < args.num_sft_tasks + args.num_pre_tasks:
@@ -954,7 +1072,11 @@ def load_data(args: Args) -> Data:
             f"{args.num_sft_tasks} + {args.num_pre_tasks} training tasks asked for, the train split has {len(train)}"
         )
     catalog = Catalog(load_task_items(args.dataset, args.data_dir, train + test))
-    sft, pre = train[: args.num_sft_tasks], train[args.num_sft_tasks : args.num_sft_tasks + args.num_pre_tasks]
+    order = list(range(len(train)))
+    if args.train_tasks == "random":  # Book's file is grouped by user: its first 1500 lines hold 27 + 15 of 95 users
+        random.Random(args.seed).shuffle(order)
+    sft = [train[i] for i in order[: args.num_sft_tasks]]
+    pre = [train[i] for i in order[args.num_sft_tasks : args.num_sft_tasks + args.num_pre_tasks]]
     return Data(sft, pre, test[: args.num_test_tasks], catalog, TASK_DOMAINS[args.dataset])
 
 
@@ -977,7 +1099,7 @@ def stored(run: Run, name: str, tasks: list[Task], stage: str) -> list[dict]:
     records = [r for r in run.records(name).records() if r["key"] in wanted]
     if not records:
         raise DataError(f"no trajectories in {run.dir / name}: run the {stage} stage first")
-    return records
+    return kept(records)
 
 
 def sft_adapter(run: Run) -> Path:
@@ -986,8 +1108,10 @@ def sft_adapter(run: Run) -> Path:
     return run.dir / "sft_adapter"
 
 
-def rollout(run: Run, args: Args, data: Data, llm, which: list[Task], few_shot: bool, name: str) -> list[dict]:
-    """ActCRS on ``llm`` against AILO; each rank plays its share of ``which``, every rank returns all of them."""
+def rollout(run: Run, args: Args, data: Data, llm, which: list[Task], few_shot: bool, name: str,
+            show: bool = False) -> list[dict]:  # fmt: skip
+    """ActCRS on ``llm`` against AILO; each rank plays its share of ``which``, every rank returns all of them but
+    the conversations AILO's leak guard dropped. ``show`` prints each as it finishes."""
     user = run.llm(args.user_llm, args.batch_size)
     simulator = AILO(
         user,
@@ -996,20 +1120,81 @@ def rollout(run: Run, args: Args, data: Data, llm, which: list[Task], few_shot: 
         args.max_parse_tries,
         target_note=args.target_note,
         ec_scoring=args.judge_scoring,
+        leak_guard=args.leak_guard,
     )
     stats = ParseStats()
     cra = make_actcrs(llm, data.catalog, data.domain, args, few_shot, stats)
-    on_episode = print_trajectory if args.print_conversations else None
     records = run.records(name)
-    run_episodes(run.shard(which), cra, simulator, args.max_turns, args.batch_size, records, on_episode)
+    run_episodes(
+        run.shard(which), cra, simulator, args.max_turns, args.batch_size, records, print_trajectory if show else None
+    )
     run.count(simulator.metrics() | stats.metrics("rollout/cra_"))
     wanted = {t.task_id for t in which}
-    return [r for r in run.exchange(records) if r["key"] in wanted]  # every rank's, and an earlier launch's
+    return kept([r for r in run.exchange(records) if r["key"] in wanted])  # every rank's, and an earlier launch's
 
 
-def policy_rollout(run: Run, args: Args, data: Data, which: list[Task], adapters: list[Path], name: str):
+class TokenBudget:
+    """The trained policy's hf backend with each call split into batches of at most ``budget`` tokens counted as
+    padded (``token_batches``), prompts of similar length together; a call within the budget goes through whole, as
+    before. A rollout advances --batch-size conversations together: on the paper's recipe about 63 a rank, whose
+    prompts reach ~4k tokens at turn 5, so one batch padded to the longest held their whole key/value cache."""
+
+    can_prefill = True
+
+    def __init__(self, llm: HFChat, budget: int):
+        self.llm, self.budget, self.usage = llm, budget, llm.usage
+        self.split_calls = 0  # calls the budget split
+
+    def _batches(self, conversations, prefix, rows_per_prompt: int, new_tokens: int) -> list[list[int]]:
+        lengths = [len(ids) for ids in prompt_ids(self.llm.tokenizer, conversations, prefix)]
+        batches = token_batches(lengths, new_tokens, self.budget, rows_per_prompt)
+        self.split_calls += len(batches) > 1
+        return batches
+
+    def _split(self, method, conversations, prefix, batches: list[list[int]], **kwargs) -> list:
+        if len(batches) == 1:
+            return method(conversations, prefix=prefix, **kwargs)
+        prefixes, outputs = per_conversation(prefix, len(conversations)), [None] * len(conversations)
+        for batch in batches:
+            ordered = sorted(batch)
+            done = method([conversations[i] for i in ordered], prefix=[prefixes[i] for i in ordered], **kwargs)
+            for i, output in zip(ordered, done):
+                outputs[i] = output
+        return outputs
+
+    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix: str | list[str] = ""):
+        batches = self._batches(conversations, prefix, n, max_tokens)
+        return self._split(self.llm.chat, conversations, prefix, batches, n=n, temperature=temperature,
+                           max_tokens=max_tokens, stop=stop)  # fmt: skip
+
+    def choice_probs(self, conversations, choices, prefix: str | list[str] = ""):
+        batches = self._batches(conversations, prefix, 1, 0)  # one pass over each prompt, then a few tokens
+        return self._split(self.llm.choice_probs, conversations, prefix, batches, choices=choices)
+
+
+def token_batches(lengths: list[int], new_tokens: int, budget: int, rows_per_prompt: int = 1) -> list[list[int]]:
+    """Prompt indices in batches, shortest first, each within ``budget`` tokens as the batch is padded: rows x (its
+    longest prompt + ``new_tokens``), ``rows_per_prompt`` rows per prompt. A prompt over the budget on its own is a
+    batch of its own; budget 0 puts every prompt in one batch."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        rows = (len(batches[-1]) + 1) * rows_per_prompt if batches else 0
+        if batches and (not budget or rows * (lengths[i] + new_tokens) <= budget):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def policy_rollout(run: Run, args: Args, data: Data, which: list[Task], adapters: list[Path], name: str,
+                   show: bool = False):  # fmt: skip
+    """The trained policy (pi_sft, or ECPO's on top) against AILO, greedy, its generation batches within
+    --rollout-batch-tokens."""
     model, tokenizer = load_policy(args, adapters, run.device)
-    return rollout(run, args, data, run.count_costs(HFChat(model, tokenizer, args.batch_size)), which, False, name)
+    policy = TokenBudget(run.count_costs(HFChat(model, tokenizer, args.batch_size)), args.rollout_batch_tokens)
+    trajectories = rollout(run, args, data, policy, which, False, name, show)
+    run.count({"rollout/policy_calls_split": policy.split_calls})
+    return trajectories
 
 
 def teacher_rollouts(run: Run, args: Args, data: Data) -> dict:
@@ -1118,12 +1303,13 @@ def preference_optimization(run: Run, args: Args) -> dict:
 def evaluate(run: Run, args: Args, data: Data) -> dict:
     """Sec. 4: the expert CRA, pi_sft and the ECPO policy on the held-out tasks, greedy: SR, R, and the win rate
     against the expert, judged in both position orders (Fig. 11)."""
-    expert_llm = run.llm(args.expert_llm, args.batch_size)
-    expert = rollout(run, args, data, expert_llm, data.test, args.few_shot, "eval_expert.jsonl")
-    candidates = {"eval_sft": policy_rollout(run, args, data, data.test, [sft_adapter(run)], "eval_sft.jsonl")}
+    expert_llm, show = run.llm(args.expert_llm, args.batch_size), args.print_conversations
+    expert = rollout(run, args, data, expert_llm, data.test, args.few_shot, "eval_expert.jsonl", show)
+    sft = policy_rollout(run, args, data, data.test, [sft_adapter(run)], "eval_sft.jsonl", show)
+    candidates = {"eval_sft": sft}
     if run.finished("po_adapter"):
         adapters = [sft_adapter(run), run.dir / "po_adapter"]
-        candidates["eval"] = policy_rollout(run, args, data, data.test, adapters, "eval_ecpo.jsonl")
+        candidates["eval"] = policy_rollout(run, args, data, data.test, adapters, "eval_ecpo.jsonl", show)
     judge, judgements, stats = run.llm(args.judge_llm, args.batch_size), run.records("judgements.jsonl"), ParseStats()
     for label, trajectories in candidates.items():
         judge_pairs(judge, run.shard(trajectories), expert, label, data.domain, args, judgements, stats)
@@ -1213,6 +1399,6 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(parse_args(Args, PRESETS))
     except (DataError, ModelSpecError, LLMBackendError) as err:
         raise SystemExit(f"error: {err}") from None

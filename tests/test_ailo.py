@@ -215,7 +215,8 @@ def test_the_leak_audit_finds_a_planted_leak_and_strict_exits_non_zero(tmp_path)
                   {"turn": 2, "feedback": "Closer. Something like Jaws, with a shark."}]}  # fmt: skip
     (run_dir / "eval_smtpo.jsonl").write_text(json.dumps(smtpo_eval) + "\n")  # SMTPO's simulator feedback
     metrics, leaks = audit_leaks(run_dir)
-    assert metrics == {"rollout/user_turns_audited": 5, "rollout/title_leaks": 2, "rollout/title_redacted_turns": 1}
+    assert metrics == {"rollout/user_turns_audited": 5, "rollout/title_leaks": 2, "rollout/title_redacted_turns": 1,
+                       "rollout/episodes_dropped": 0}  # fmt: skip
     assert [(leak["file"], leak["line"], leak["target"]) for leak in leaks] == [
         ("eval_smtpo.jsonl", 1, "Jaws (1975)"),
         ("forward_trajectories.jsonl", 1, "The Godfather (1972)"),
@@ -226,3 +227,58 @@ def test_the_leak_audit_finds_a_planted_leak_and_strict_exits_non_zero(tmp_path)
     assert lenient.returncode == 0 and strict.returncode == 1
     assert "4 simulated user turns, 1 name their target, 1 redacted" in strict.stdout
     assert "forward_trajectories.jsonl:1 (target The Godfather (1972))" in strict.stdout
+
+
+def test_the_guard_lets_the_user_name_its_target_once_the_system_has(scripted_llm):
+    # The released loop checks the user's input only while the CRA has not named the target (`not is_correct`):
+    # "Yes, Jaws is the one" answers a success. Before, it was regenerated twice and then redacted.
+    llm = scripted_llm(script(response="Yes, {target} is exactly the one I wanted!"))
+    simulator = AILO(llm, max_leak_tries=2)
+    trajectories = run_episodes([_task()], echo_cra("Have you seen Jaws (1975)?"), simulator, max_turns=2)
+    opening, (first, _) = trajectories[0]["opening"], trajectories[0]["turns"]
+    assert opening["user_guard"] == "redacted" and not leaks_title(opening["user"], "Jaws (1975)")  # still guarded
+    assert first["user"] == "Yes, Jaws (1975) is exactly the one I wanted!" and first["user_guard"] == "clean"
+    assert simulator.title_leaks == 1  # the opening only
+
+
+def test_drop_leaves_out_a_conversation_whose_user_named_its_target(tmp_path, scripted_llm):
+    # --leak-guard drop, the released main.py's: the conversation whose user names its target before the system has
+    # ends there and is not counted, the utterance never reaches the CRA, and a rerun does not play it again.
+    from ailo_sim import audit_leaks, kept
+
+    def respond(prompt):  # the user hunting Jaws gives its target away when asked to clarify; the other never does
+        leaky = "Jaws" in prompt and "Answer the system's question" in prompt
+        return script(response="I want {target}." if leaky else "Something tense.")(prompt)
+
+    seen = []
+
+    def cra(keys, histories):
+        seen.extend(m["content"] for h in histories for m in h if m["role"] == "user")
+        return [CRAReply("Do you want it set at sea?") for _ in keys]
+
+    records = RecordFile(tmp_path / "trajectories.jsonl")
+    tasks = [_task("Jaws (1975)"), _task("Alien (1979)")]
+    simulator = AILO(scripted_llm(respond), leak_guard="drop")
+    returned = run_episodes(tasks, cra, simulator, max_turns=3, records=records)
+    assert [t["target"] for t in returned] == ["Alien (1979)"] and not any("Jaws" in u for u in seen)
+    (jaws,) = [r for r in records.records() if r["target"] == "Jaws (1975)"]
+    assert jaws["dropped"] == {"turn": 1, "user": "I want Jaws (1975)."} and jaws["turns"][0]["user"] == ""
+    assert jaws["turns"][0]["user_guard"] == "dropped" and len(jaws["turns"]) == 1
+    assert kept(records.records()) == returned and episode_metrics(returned, 3)["rollout/episodes"] == 1
+    metrics, leaks = audit_leaks(tmp_path)
+    assert metrics["rollout/episodes_dropped"] == 1 and metrics["rollout/title_leaks"] == 0 and not leaks
+    again = scripted_llm(respond)
+    assert run_episodes(tasks, cra, AILO(again, leak_guard="drop"), max_turns=3, records=records) == returned
+    assert again.prompts == []  # both finished: the dropped one is not played again
+
+
+def test_the_audit_counts_no_leak_after_the_system_named_the_target(tmp_path):
+    from ailo_sim import audit_leaks
+
+    record = {"key": "a", "target": "Jaws (1975)", "opening": {"user": "A film set at sea?"},
+              "turns": [{"system": "Ask[Sharks?]", "user": "Jaws! I mean, yes, sharks."},
+                        {"system": "Recommend[Jaws (1975)]", "user": "Jaws it is, thanks!"}]}  # fmt: skip
+    (tmp_path / "forward_trajectories.jsonl").write_text(json.dumps(record) + "\n")
+    metrics, leaks = audit_leaks(tmp_path)
+    assert metrics["rollout/user_turns_audited"] == 3  # the last turn's "Jaws it is" answers the recommendation
+    assert [leak["user"] for leak in leaks] == ["Jaws! I mean, yes, sharks."]

@@ -1,15 +1,19 @@
 """ecpo.py: the four losses against hand-computed values, the lambda filter, the rewrite and judge parsers,
 constrained action decoding, and the data split over ranks."""
 
+import dataclasses
 import math
+import re
 
 import pytest
 import torch
 
 import ecpo
+from common.data import load_demo_tasks
 from common.distributed import global_batches, rank_micro_batches
 from common.parsing import ParseStats
 from common.tracking import RecordFile
+from tests.conftest import DATA, needs_data
 
 
 def _sigmoid(x):
@@ -337,3 +341,193 @@ def test_each_training_stage_starts_its_gradient_accumulation_afresh(tmp_path):
             with accelerator.accumulate(model):
                 pattern[stage].append(accelerator.sync_gradients)
     assert pattern["po"] == [False, False, False, True] * 2  # every 4th micro-batch steps, from the first batch on
+
+
+# ------------------------------------------------------------------------------------ the paper's settings
+
+
+def test_the_paper_preset_names_every_field_and_the_recipe_selects_it():
+    from common.presets import check_preset, markdown_table, parse_args
+    from tests.conftest import ROOT
+
+    check_preset(ecpo.Args, ecpo.PAPER)
+    assert markdown_table(ecpo.PAPER) in (ROOT / "docs" / "ecpo.md").read_text()  # the docs show the preset itself
+    args = parse_args(ecpo.Args, ecpo.PRESETS, ["paper", "--dataset", "book", "--loss", "kto"])
+    assert (args.lam, args.po_epochs, args.num_pre_tasks, args.leak_guard, args.loss) == (4.0, 3, 500, "drop", "kto")
+    demo = parse_args(ecpo.Args, ecpo.PRESETS, [])
+    assert demo == ecpo.Args() and demo.lam == 5.0  # no preset: the demo's, whose AILO rates every response 5
+
+
+def _users(tasks):
+    return len({t.persona.user_id for t in tasks})
+
+
+@needs_data
+def test_d_sft_and_d_pre_are_sampled_from_the_whole_train_file():
+    # Book's train file is grouped by user: in file order its first 1000 + 500 tasks are 27 and 15 of its 95 users.
+    args = ecpo.Args(dataset="book", data_dir=str(DATA), num_sft_tasks=1000, num_pre_tasks=500, stages=("teacher",))
+    data = ecpo.load_data(args)
+    assert (
+        len(data.sft) == 1000
+        and len(data.pre) == 500
+        and not {t.task_id for t in data.sft} & {t.task_id for t in data.pre}
+    )
+    assert _users(data.sft) >= 90 and _users(data.pre) >= 85  # 94 and 92 at seed 1
+    assert [t.task_id for t in ecpo.load_data(args).pre] == [t.task_id for t in data.pre]  # the seed decides
+    first = ecpo.load_data(dataclasses.replace(args, train_tasks="first"))  # the released main.py's order
+    assert (_users(first.sft), _users(first.pre)) == (27, 15)
+
+
+def test_the_sample_follows_the_seed_and_more_pre_tasks_extend_d_pre():
+    data = {seed: ecpo.load_data(ecpo.Args(seed=seed, num_sft_tasks=5, num_pre_tasks=5)) for seed in (1, 2)}
+    ids = {seed: [t.task_id for t in d.sft + d.pre] for seed, d in data.items()}
+    assert len(set(ids[1])) == 10 and ids[1] != ids[2] and ids[1] != [t.task_id for t in load_demo_tasks()[:10]]
+    more = ecpo.load_data(ecpo.Args(seed=1, num_sft_tasks=5, num_pre_tasks=8))
+    assert [t.task_id for t in more.pre[:5]] == ids[1][5:]
+
+
+def test_each_domain_shows_its_own_example_dialogue():
+    from common.data import TASK_DOMAINS
+
+    assert set(ecpo.FEW_SHOT) == set(TASK_DOMAINS.values())
+    for domain, example in ecpo.FEW_SHOT.items():
+        prompt = ecpo.actcrs_prompt(domain, ["Observation 1: User: hi"], few_shot=True)
+        assert example in prompt and all(other not in prompt for other in ecpo.FEW_SHOT.values() if other != example)
+        actions = re.findall(r"^Action \d+: (.+)$", example, flags=re.MULTILINE)
+        assert actions and all(ecpo.ACTION_FORMAT.match(a) for a in actions)  # the format the agent must write
+    assert "The Silent Harbor" not in ecpo.actcrs_prompt("book", [], few_shot=True)  # before: the movie example
+    assert "Here is an example" not in ecpo.actcrs_prompt("book", [], few_shot=False)
+
+
+# ------------------------------------------------------------------------------------ rollouts
+
+
+class _Run:
+    """What a rollout stage asks of common.run.Run, on one rank, without a model or a run folder of its own."""
+
+    def __init__(self, folder, llm):
+        self.folder, self.llm_of_every_role = folder, llm
+
+    def llm(self, spec, batch_size):
+        return self.llm_of_every_role
+
+    def records(self, name):
+        return RecordFile(self.folder / name)
+
+    def shard(self, items):
+        return items
+
+    def exchange(self, records):
+        return records.records()
+
+    def count(self, counters):
+        pass
+
+
+def _agent_and_user(prompt):
+    if prompt.startswith("You are a conversational recommender"):
+        return "Ask[Which genre do you like?]"
+    if "Choose how to respond next" in prompt:
+        return '{"reason": "r", "policy": "respond_to_clarification"}'
+    if prompt.startswith("You are a user simulator"):
+        return '{"reason": "clear", "rating": "4"}'
+    return '{"reason": "r", "response": "Something tense, please."}'
+
+
+def test_print_conversations_prints_the_evaluation_only(tmp_path, scripted_llm, capsys):
+    from common.catalog import Catalog
+    from common.data import load_demo_catalog
+
+    demo = load_demo_tasks()
+    data = ecpo.Data(demo[:2], demo[2:4], demo[24:25], Catalog(load_demo_catalog()), "movie")
+    args = ecpo.Args(action_decoding="free", judge_scoring="sampled", print_conversations=True, max_turns=2)
+    run = _Run(tmp_path, scripted_llm(_agent_and_user))
+    ecpo.teacher_rollouts(run, args, data)  # before, every rollout of every stage was printed
+    assert "=== " not in capsys.readouterr().out
+    ecpo.rollout(run, args, data, run.llm_of_every_role, data.test, True, "eval_expert.jsonl", args.print_conversations)
+    assert capsys.readouterr().out.count("=== ") == 1
+
+
+class _Recording:
+    """A local backend stand-in that records the conversations and pre-fills of each call."""
+
+    can_prefill = True
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.usage, self.calls = tokenizer, None, []
+
+    def chat(self, conversations, n=1, temperature=0.0, max_tokens=256, stop=None, prefix=""):
+        self.calls.append((conversations, prefix, n, max_tokens))
+        prefixes = [prefix] * len(conversations) if isinstance(prefix, str) else prefix
+        return [[f"{c[-1]['content'][:12]}|{p}"] * n for c, p in zip(conversations, prefixes)]
+
+    def choice_probs(self, conversations, choices, prefix=""):
+        self.calls.append((conversations, prefix, 1, 0))
+        return [{c: float(len(conv[-1]["content"]) % 2) for c in choices} for conv in conversations]
+
+
+def test_the_policy_generates_in_batches_within_the_token_budget(tokenizer):
+    from common.llm import prompt_ids
+
+    conversations = [[{"role": "user", "content": "hello " * words}] for words in (5, 300, 40, 900, 12, 120)]
+    prefixes = [f"Ask{k}[" for k in range(6)]
+    inner = _Recording(tokenizer)
+    whole = inner.chat(conversations, max_tokens=64, prefix=prefixes)
+    policy = ecpo.TokenBudget(inner, budget=2000)
+    assert policy.chat(conversations, max_tokens=64, prefix=prefixes) == whole  # each answer in its place
+    assert policy.choice_probs(conversations, ("Ask", "Search")) == inner.choice_probs(conversations, ("Ask", "Search"))
+    for batch, prefix, n, new_tokens in inner.calls[1:-1]:
+        longest = max(map(len, prompt_ids(tokenizer, batch, prefix)))
+        assert len(batch) * n * (longest + new_tokens) <= 2000 or len(batch) == 1  # a prompt over it goes alone
+    assert len(inner.calls) > 4 and policy.split_calls == 2
+    # shortest first: [10, 20] pads to 2 x (20 + 10) = 60 tokens; adding 40 would make 3 x 50 = 150
+    assert ecpo.token_batches([10, 50, 20, 40], new_tokens=10, budget=100) == [[0, 2], [3], [1]]
+    assert ecpo.token_batches([10, 50, 20, 40], new_tokens=10, budget=100, rows_per_prompt=2) == [[0], [2], [3], [1]]
+    assert ecpo.token_batches([10, 50, 20, 40], new_tokens=10, budget=0) == [[0, 2, 3, 1]]
+
+
+def test_the_token_budget_changes_no_record_at_the_demo_defaults(tiny_model, tokenizer, scripted_llm):
+    # The demo's batches fit the default budget, so each call goes through whole and every record is the same; a
+    # budget that splits them still plays every conversation to the end.
+    from ailo_sim import AILO, run_episodes
+    from common.catalog import Catalog
+    from common.data import load_demo_catalog
+    from common.llm import HFChat
+
+    catalog, tasks, args = Catalog(load_demo_catalog()), load_demo_tasks()[:4], ecpo.Args(action_max_tokens=8)
+
+    def play(budget):
+        llm = HFChat(tiny_model, tokenizer, args.batch_size)
+        policy = llm if budget is None else ecpo.TokenBudget(llm, budget)
+        cra = ecpo.make_actcrs(policy, catalog, "movie", args, False, ParseStats())
+        user = AILO(scripted_llm(_agent_and_user), max_tokens=16)
+        trajectories = run_episodes(tasks, cra, user, args.max_turns, args.batch_size)
+        return trajectories, getattr(policy, "split_calls", 0)
+
+    before, _ = play(None)
+    assert play(args.rollout_batch_tokens) == (before, 0)
+    split, calls_split = play(400)
+    assert calls_split > 0 and [len(t["turns"]) for t in split] == [len(t["turns"]) for t in before]
+
+
+def test_a_dropped_conversation_is_in_no_stage_of_ecpo(tmp_path, scripted_llm):
+    # --leak-guard drop (the paper preset's): the conversation whose user named its target is recorded, played once,
+    # and left out of what the rollout and the later stages read.
+    from common.catalog import Catalog
+    from common.data import load_demo_catalog
+
+    demo = load_demo_tasks()
+    data = ecpo.Data(demo[:2], demo[2:4], [], Catalog(load_demo_catalog()), "movie")
+    leaky = demo[0].target.title
+
+    def respond(prompt):
+        if leaky in prompt and "Open the conversation" in prompt:
+            return '{"reason": "r", "response": "I want ' + leaky + '."}'
+        return _agent_and_user(prompt)
+
+    args = ecpo.Args(action_decoding="free", judge_scoring="sampled", max_turns=2, leak_guard="drop")
+    run = _Run(tmp_path, scripted_llm(respond))
+    assert ecpo.teacher_rollouts(run, args, data)["rollout/teacher_sr"] == 0.0
+    records = RecordFile(tmp_path / "teacher_trajectories.jsonl").records()
+    assert [r["key"] for r in records if r.get("dropped")] == [demo[0].task_id] and len(records) == 2
+    assert [r["key"] for r in ecpo.stored(run, "teacher_trajectories.jsonl", data.sft, "teacher")] == [demo[1].task_id]

@@ -176,21 +176,6 @@ def test_launch_on_a_gpu_the_server_holds_is_refused():
 # issue 37; until then their papers' values are checked from here (METHODS.md's [P] and [C] values), and the commands
 # known to differ are marked below: they fail, as expected, until their recipe or their script's preset is fixed.
 PENDING = {
-    "ecpo.py": {
-        "sft_lr": (5e-5, "App. training details: SGPT lr 5e-05"),
-        "sft_batch_size": (8, "App. training details: SGPT batch 8"),
-        "sft_epochs": (3, "released LlamaFactory config: 3 epochs (METHODS.md 1.6)"),
-        "po_lr": (1e-6, "App. training details: searched {1e-6, 5e-7}; Table 1's recipe uses 1e-6"),
-        "po_batch_size": (32, "App. training details: ECPO batch 32"),
-        "po_epochs": (3, "released LlamaFactory config: 3 epochs (METHODS.md 1.6)"),
-        "warmup_ratio": (0.1, "released config (METHODS.md 1.6)"),
-        "max_length": (2048, "released config: cutoff 2048 (METHODS.md 1.6)"),
-        "lam": (4.0, "App. training details: lambda = 4.0"),
-        "max_turns": (5, "Sec. 5 (METHODS.md 1.6)"),
-        "retriever_top_k": (5, "Sec. 5 (METHODS.md 1.6)"),
-        "num_sft_tasks": (1000, "App. training details: 1000 tasks for D_sft"),
-        "num_pre_tasks": (500, "App. training details: 500 tasks for D_pre"),
-    },
     "rso.py": {
         "sft_lr": (6e-6, "Sec. IV (METHODS.md 4.5)"),
         "sft_epochs": (10, "Sec. IV (METHODS.md 4.5)"),
@@ -218,17 +203,7 @@ PENDING = {
     },
 }
 # (recipe, run name) -> what today's command gets wrong, each {field: (recipe's value, paper's value)}
-KNOWN_MISMATCHES = {
-    **{
-        ("ecpo_table1.sh", f"table4a_{dataset}_{loss}"): {
-            "po_epochs": (8, 3),  # the CPU demo's default; DPO's Table 1 command passes the paper's 3
-            "num_sft_tasks": (2, 1000),  # --stages po eval: D_sft and D_pre come from the copied run, so these two
-            "num_pre_tasks": (2, 500),  # are never read; phase 2's preset fills them all the same
-        }
-        for dataset in ("book", "game", "yelp")
-        for loss in ("simpo", "kto", "sft")
-    },
-}
+KNOWN_MISMATCHES: dict = {}
 TABLE_COMMANDS = [c for c in COMMANDS if "_table" in c[0] and c[1] == PROCESSES[0]]
 
 
