@@ -176,16 +176,6 @@ def test_launch_on_a_gpu_the_server_holds_is_refused():
 # issue 37; until then their papers' values are checked from here (METHODS.md's [P] and [C] values), and the commands
 # known to differ are marked below: they fail, as expected, until their recipe or their script's preset is fixed.
 PENDING = {
-    "rso.py": {
-        "sft_lr": (6e-6, "Sec. IV (METHODS.md 4.5)"),
-        "sft_epochs": (10, "Sec. IV (METHODS.md 4.5)"),
-        "sft_batch_size": (16, "Sec. IV (METHODS.md 4.5)"),
-        "rl_lr": (1e-4, "Sec. IV (METHODS.md 4.5)"),
-        "rl_episodes": (1000, "Sec. IV: 10 epochs x 100 dialogues (METHODS.md 4.5)"),
-        "max_turns": (10, "Sec. IV (METHODS.md 4.5)"),
-        "gamma": (0.99, "Sec. IV (METHODS.md 4.5)"),
-        "reward_samples": (10, "Sec. IV (METHODS.md 4.5)"),
-    },
     "smtpo.py": {
         "simulator_epochs": (5, "Sec. 5 (METHODS.md 3.6)"),
         "simulator_lr": (1e-5, "Sec. 5 (METHODS.md 3.6)"),
