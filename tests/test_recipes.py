@@ -31,8 +31,10 @@ PROCESSES = (1, 4, 8)
 NOT_MIRRORED = ("ecpo/Game/Game_train.jsonl", "ecpo/Yelp/Yelp_train.jsonl")
 
 # Every stand-in appends one line: its name, its CUDA_VISIBLE_DEVICES, its pid, then its arguments, tab-separated.
-RECORD = 'printf "%s\\t%s\\t%s" "$(basename "$0")" "${CUDA_VISIBLE_DEVICES-unset}" "$$" >> "$RECIPE_LOG"\n'
-RECORD += 'printf "\\t%s" "$@" >> "$RECIPE_LOG"; printf "\\n" >> "$RECIPE_LOG"\n'
+# The line goes out in one write: a vLLM stand-in started in the background records while the recipe's next command
+# does, and lines appended piece by piece interleaved (34 of 600 lines of two stand-ins run together 300 times).
+RECORD = 'line=$(printf "%s\\t%s\\t%s" "$(basename "$0")" "${CUDA_VISIBLE_DEVICES-unset}" "$$"; printf "\\t%s" "$@")\n'
+RECORD += 'printf "%s\\n" "$line" >> "$RECIPE_LOG"\n'
 STAND_INS = {
     "dry": {
         "python": RECORD,
