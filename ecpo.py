@@ -202,7 +202,7 @@ class Args:
     warmup_ratio: float = 0.1
     """linear warmup share of the cosine schedule"""
     max_grad_norm: float = 1.0
-    """gradient clipping"""
+    """gradient clipping: the largest gradient norm a step keeps (inf: no clipping)"""
     max_length: int = 2048
     """cutoff in tokens of prompt + completion; longer prompts lose their oldest tokens"""
     gradient_checkpointing: bool = True

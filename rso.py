@@ -4,6 +4,7 @@ network of frozen LLM experts (METHODS.md Sec. 4). Docs: docs/rso.md.
     python rso.py                                        # every stage on the embedded models + the bundled demo
     python rso.py --dataset inspired --rl-episodes 12 --sft-held-out 0.25 --num-test 20   # INSPIRED, --data-dir
     accelerate launch rso.py --dataset redial --num-envs 16           # 16 episodes per update, shared by the ranks
+    python rso.py paper --dataset inspired --planner <RoBERTa> ...    # the paper's settings (PAPER below)
     bash benchmark/rso_table.sh                          # the paper's Tables IV and V on GPUs
 
 At every turn the Planner (a small encoder with a 13-way head) picks a macro strategy h_t from Table I; a
@@ -44,7 +45,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tyro
 from tqdm import tqdm
 
 from ailo_sim import AILO, SimUser, audit_leaks, print_audit
@@ -80,6 +80,7 @@ from common.llm import LLMBackendError
 from common.metrics import mentions_title, success_rate
 from common.models import ModelSpecError, check_specs, whole_weights
 from common.parsing import ParseStats
+from common.presets import Preset, parse_args
 from common.run import Run
 from common.tracking import RecordFile, seed_everything
 
@@ -193,7 +194,7 @@ class Args:
     micro_batch_size: int = 16
     """SFT examples per rank per forward pass"""
     sft_max_grad_norm: float = 1.0
-    """gradient clipping of SFT (paper: unstated)"""
+    """gradient clipping of SFT (inf: none; paper: unstated)"""
     save_every: int = 10
     """SFT optimizer steps between resumable checkpoints (RL's: --rl-save-every)"""
 
@@ -246,6 +247,66 @@ class Args:
     dry_run: int = 0
     """validate the flags, every batch division for this many processes, and the data files, then exit without
     loading a model (0: run)"""
+
+
+# The paper's Tables IV and V (Sec. IV-D, the rest of Sec. III-IV), selected by `python rso.py paper ...`
+# (common/presets.py); where the paper is silent the source says so and gives our reading. Two of our readings
+# depart from the paper as printed, both measured in docs/rso.md: the ema baseline (Eq. 7 has none) and the
+# acceptance credit (Eq. 8 as printed pays stalling).
+PAPER = Preset(
+    "the paper's Tables IV and V setting (Sec. IV-D; METHODS.md 4.5's defaults and our readings where the paper is "
+    "silent); state the models, the data and the scale",
+    values={
+        "sft_labels": ("inspired", 'Sec. IV-D: "we first perform SFT on Inspired" (its dev.tsv: the data mirror has '
+                       "no train.tsv)"),
+        "sft_held_out": (0.2, "not in the paper (it reports no SFT accuracy): ours, 20% of the labelled dialogues "
+                         "held out to measure it"),
+        "num_test": (99, "Tables IV-V: every score a multiple of 1/99, 99 test dialogues per dataset (METHODS.md "
+                     "4.6); INSPIRED's test split has 84 with a target (docs/rso.md, Data)"),
+        "planner_max_length": (512, "not in the paper: RoBERTa's 512 positions, the history cut from the left "
+                               "(METHODS.md 4.4)"),
+        "num_entities": (5, "Sec. III-C2: top-K, K not given; METHODS.md 4.5's 5 (Table V's Recall@5 reads 5)"),
+        "expert_temperature": (0.7, "not in the paper: METHODS.md 4.5's default"),
+        "reasoner_max_tokens": (128, "not in the paper: ours, room for the Reasoner's preference summary"),
+        "actor_max_tokens": (128, "not in the paper: ours, room for the Actor's one or two sentences"),
+        "user_max_tokens": (256, "not in the paper (its user simulator is unspecified, METHODS.md 4.8.3): ours, room "
+                            "for each AILO call"),
+        "user_parse_tries": (3, "not in the paper: ailo_sim's default"),
+        "max_parse_tries": (2, "not in the paper: ours, one retry (hotter) per judge call"),
+        "judge_scoring": ("sampled", 'Sec. IV-D: "sampling each reward computation 10 times and averaging"; the '
+                          "evaluator's scores one greedy answer each (not in the paper)"),
+        "reward_samples": (10, 'Sec. IV-D: "sampling each reward computation 10 times"'),
+        "reward_temperature": (1.0, "not in the paper: METHODS.md 4.5's default"),
+        "judge_max_tokens": (4, "not in the paper: ours, a cap on the single digit the rubric asks for"),
+        "tau": (0.75, 'Sec. III-D2: "a predefined threshold", not given; METHODS.md 4.5: 0.75, a mean score above 4'),
+        "sft_epochs": (10, 'Sec. IV-D: "The SFT stage is trained for 10 epochs"'),
+        "sft_lr": (6e-6, "Sec. IV-D: 6e-6 for SFT, AdamW with linear decay"),
+        "sft_batch_size": (16, 'Sec. IV-D: "AdamW optimizer with a batch size of 16"'),
+        "sft_max_grad_norm": (1.0, "not in the paper (it states no clipping): ours, docs/rso.md, Deviations"),
+        "rl_episodes": (1000, "Sec. IV-D: 10 epochs of 100 dialogue generations"),
+        "max_turns": (10, 'Sec. IV-D: "a maximum of 10 turns"'),
+        "num_envs": (1, 'Sec. III-D2: "updating the Planner at the end of each conversation"'),
+        "rl_lr": (1e-4, "Sec. IV-D: 1e-4 for RL, AdamW with linear decay"),
+        "gamma": (0.99, "Sec. IV-D; Eq. 8"),
+        "beta_ent": (0.01, "Eq. 7's beta, not given: METHODS.md 4.5's default"),
+        "baseline": ("ema", "ours, a deviation: Eq. 7 has no baseline (--baseline none); docs/rso.md, The RL update "
+                     "at the paper's regime"),
+        "baseline_decay": (0.9, "not in the paper: ours, the ema baseline's"),
+        "accept_credit": ("remaining", "ours, a deviation from Eq. 8 as printed (--accept-credit none), which pays "
+                          "stalling; docs/rso.md, Rewards that favour stalling"),
+        "rl_max_grad_norm": (math.inf, "Eq. 7, Sec. IV-D: no clipping stated; inf clips nothing (docs/rso.md, The RL "
+                             "update at the paper's regime)"),
+        "planners": (PLANNERS, "Tables IV-V (RSO), Fig. 3 (the SFT planner before RL); random: ours, the floor"),
+        "greedy_planner": (False, "Eq. 2: h_t ~ pi; evaluation samples as training does (not in the paper)"),
+        "progress_bins": (3, "Fig. 3's conversation progress; its bins are not in the text: ours"),
+    },
+    recipe=(
+        "exp_name", "seed", "run_name", "stages", "track", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags",
+        "dataset", "data_dir", "eval_split", "planner", "expert_llm", "user_llm", "judge_llm", "evaluator_llm",
+        "text_encoder", "batch_size", "micro_batch_size", "save_every", "rl_save_every", "eval_num_envs", "dry_run",
+    ),
+)  # fmt: skip
+PRESETS = {"paper": PAPER}
 
 
 # =============================================================================================== strategies (Table I)
@@ -1370,6 +1431,6 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(parse_args(Args, PRESETS))
     except (DataError, ModelSpecError, LLMBackendError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -637,3 +637,25 @@ def test_a_higher_entropy_weight_keeps_the_entropy_higher(tmp_path, monkeypatch,
                           40, reward)  # fmt: skip
     assert entropy(high[-1]) > entropy(low[-1]) + 0.3
     assert high[-1][TARGET] < low[-1][TARGET]  # and spread the mass: less on the rewarded strategy
+
+
+# ------------------------------------------------------------------------------------ the paper's settings
+
+RL_UPDATE = ("rl_lr", "gamma", "tau", "num_envs", "beta_ent", "baseline", "baseline_decay", "accept_credit",
+             "rl_max_grad_norm")  # fmt: skip
+
+
+def test_the_paper_preset_names_every_field_and_the_recipe_selects_it():
+    from common.presets import check_preset, markdown_table, parse_args
+    from tests.conftest import ROOT
+
+    check_preset(rso.Args, rso.PAPER)
+    assert markdown_table(rso.PAPER) in (ROOT / "docs" / "rso.md").read_text()  # the docs show the preset itself
+    args = parse_args(rso.Args, rso.PRESETS, ["paper", "--dataset", "redial", "--num-envs", "16"])
+    paper_values = (args.sft_lr, args.sft_epochs, args.rl_episodes, args.max_turns, args.judge_scoring, args.num_test)
+    assert paper_values == (6e-6, 10, 1000, 10, "sampled", 99)
+    assert (args.dataset, args.num_envs, args.accept_credit, args.sft_labels) == ("redial", 16, "remaining", "inspired")
+    assert parse_args(rso.Args, rso.PRESETS, ["--max-turns", "4"]) == rso.Args(max_turns=4)  # no preset: the demo's
+    # the learning tests above run rso.Args' RL update at --max-turns 10: the preset's, value for value
+    paper = parse_args(rso.Args, rso.PRESETS, ["paper"])
+    assert {name: getattr(paper, name) for name in RL_UPDATE} == {name: getattr(rso.Args(), name) for name in RL_UPDATE}
