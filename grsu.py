@@ -151,7 +151,7 @@ class Args:
     weight_decay: float = 0.01
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
-    """gradient-norm clip"""
+    """gradient-norm clip (inf: none)"""
     max_length: int = 1024
     """training sequences keep their last tokens up to this length"""
     gradient_checkpointing: bool = True
