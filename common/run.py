@@ -6,7 +6,10 @@ so that a method's stages can be plain functions that read like the paper.
                                                       # args.stages; timed; its LLM calls and tokens, summed over
                                                       # ranks, appended to costs.jsonl
     ...inside a stage...
-    records = run.records("forward.jsonl")            # append-only, keyed: a rerun skips what is already there
+    done = run.map("forward.jsonl", tasks, play)      # resumable, sharded work: play(todo) yields a record per
+                                                      # task as it finishes, appended at once; a rerun skips what
+                                                      # is recorded; every rank's records, on every rank
+    records = run.records("forward.jsonl")            # the record file itself: append-only, keyed
     mine = run.shard(tasks)                           # this rank's share
     everything = run.exchange(records)                # every rank's records, on every rank (gather_object)
     llm = run.llm(args.user_llm)                      # a backend whose usage the stage's cost row counts; roles
@@ -14,7 +17,8 @@ so that a method's stages can be plain functions that read like the paper.
     if run.finished("sft_adapter"): return            # a stage whose result is a folder is done once it is saved
     run.save_dataset("d_pre", rows)                   # training data as a Hugging Face dataset, TRL's columns
     run.log({...})                                    # at run.step
-    run.log_step({...}, seconds)                      # a training step's curve point, each family on its own axis
+    run.log_step({...}, seconds, sums={...}, show="sft step 3/8")  # a training step's curve point, each family
+                                                      # on its own axis; sums pooled over ranks; rank 0 prints it
     run.count({...})                                  # counters, summed over ranks by run.finish
     run.log(run.costs())                              # cost/llm_calls, cost/tokens over every stage so far
     run.finish(print_table, CURVES, BARS)             # one summary row with everything, printed; curves.png
@@ -32,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from common.distributed import make_accelerator
 from common.llm import make_llm, release_models
@@ -71,6 +76,11 @@ def preference_row(prompt: str, chosen: str, rejected: str) -> dict:
         "chosen": [{"role": "assistant", "content": chosen}],
         "rejected": [{"role": "assistant", "content": rejected}],
     }
+
+
+def item_key(item) -> str:
+    """An item's key for ``Run.map``: its ``key`` attribute, or its "key" entry."""
+    return item["key"] if isinstance(item, dict) else item.key
 
 
 class Run:
@@ -128,6 +138,31 @@ class Run:
         from accelerate.utils import gather_object
 
         return gather_object(list(items)) if self.world > 1 else list(items)
+
+    def map(self, name: str, items: list, work, *, key=None, desc: str | None = None, every_rank: bool = False):
+        """Resumable, sharded work over keyed ``items``: the records of ``items`` in ``runs/<run>/<name>``, the same
+        list on every rank.
+
+            episodes = run.map("trajectories.jsonl", tasks, lambda todo: play(todo, ...), desc="conversations")
+
+        The items an earlier launch recorded are not redone. This rank's share of the others goes to ``work(todo)``,
+        an iterable that yields one record per item (its "key" the item's ``key``) as each finishes; each record is
+        appended to the file at once, so a kill loses nothing finished. With ``every_rank``, every rank calls ``work``
+        (with its share, perhaps empty) whenever any rank has work left: for work that holds collectives (ZeRO-3's
+        gathered weights, vLLM engines the ranks build together). Returns the records of ``items``: those an earlier
+        launch stored, in file order, then this launch's, in rank order (``exchange``). A collective: every rank
+        calls it, with the same items. ``key`` gives an item's key (default: its ``key`` attribute or item)."""
+        key = key or item_key
+        records = self.records(name)
+        stored = records.done_keys()
+        todo = [item for item in self.shard(items) if key(item) not in stored]
+        if todo or (every_rank and any(self.gather([bool(todo)]))):
+            with tqdm(total=len(todo), desc=desc or name.removesuffix(".jsonl"), disable=not todo) as progress:
+                for record in work(todo):
+                    records.append(record)
+                    progress.update(1)
+        wanted = {key(item) for item in items}
+        return [r for r in self.exchange(records) if r.get("key") in wanted]
 
     def exchange(self, records: RecordFile) -> list[dict]:
         """Every rank's records of a stage, the same list on every rank: those an earlier launch stored (the file is
@@ -196,9 +231,22 @@ class Run:
         self.summary |= metrics
         self.tracker.log(metrics, step=self.step)
 
-    def log_step(self, metrics: dict[str, float], seconds: float) -> None:
+    def log_step(self, metrics: dict[str, float], seconds: float, *, sums: dict | None = None, show: str = ""):
         """One optimizer step's metrics at the next run.step, with its steps per second (it took ``seconds``) and
-        this rank's peak memory so far in the stage."""
+        this rank's peak memory so far in the stage. ``sums`` holds this rank's share of metrics of the whole global
+        batch: a number (summed over ranks) or a (numerator, denominator) pair (their sums' ratio: a per-token mean);
+        with them, every rank must call it. ``show`` labels the step's line that rank 0 prints. Returns the metrics
+        logged (the sums over ranks included)."""
+        if sums:
+            parts = {name: value if isinstance(value, tuple) else (value, 1.0) for name, value in sums.items()}
+            flat = {f"{name}|{k}": part for name, pair in parts.items() for k, part in enumerate(pair)}
+            totals = self.sum_over_ranks(flat)
+            pooled = {name: totals[f"{name}|0"] / max(totals[f"{name}|1"], 1e-12) for name in parts}
+            metrics = {**metrics, **pooled}
+        if show and self.main:
+            tqdm.write(
+                f"{show}: " + "  ".join(f"{name.split('/', 1)[-1]} {value:.4g}" for name, value in metrics.items())
+            )
         self.step += 1
         families = sorted({name.split("/")[0] for name in metrics if "/" in name})
         for family in families:  # <family>/step: the curve's own axis, on which methods overlay (W&B, compare)
@@ -206,6 +254,7 @@ class Run:
         axes = {f"{family}/step": self.family_steps[family] for family in families}
         perf = {"perf/steps_per_s": 1 / max(seconds, 1e-9), "perf/peak_memory_gb": peak_memory_gb()}
         self.tracker.log(metrics | axes | perf, step=self.step)  # a curve, not part of the run's summary
+        return metrics
 
     def sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         """``values`` summed over ranks (every rank must call it, with the same keys)."""

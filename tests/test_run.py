@@ -77,3 +77,39 @@ def test_the_default_run_name_is_cleanrls_with_the_dataset(tmp_path, monkeypatch
     run = Run(settings)
     method, dataset, seed, stamp = run.dir.name.split("__")
     assert (method, dataset, seed) == ("run", "inspired", "1") and stamp.isdigit()
+
+
+def test_map_redoes_nothing_finished_and_loses_nothing_to_a_kill(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = Run(Settings())
+    items = [{"key": k, "x": x} for k, x in zip("abcd", range(4))]
+    seen = []
+
+    def square(todo, fail_after=None):
+        for n, item in enumerate(todo):
+            if n == fail_after:
+                raise KeyboardInterrupt  # a launch killed while it worked on its third item
+            seen.append(item["key"])
+            yield {"key": item["key"], "y": item["x"] ** 2}
+
+    try:
+        run.map("squares.jsonl", items, lambda todo: square(todo, fail_after=2))
+    except KeyboardInterrupt:
+        pass
+    assert seen == ["a", "b"] and run.records("squares.jsonl").done_keys() == {"a", "b"}
+    rerun = Run(Settings())
+    records = rerun.map("squares.jsonl", items[::-1], square)  # asked in another order: the file's order, then new
+    assert seen == ["a", "b", "d", "c"]
+    assert [(r["key"], r["y"]) for r in records] == [("a", 0), ("b", 1), ("d", 9), ("c", 4)]
+    assert [r["key"] for r in rerun.map("squares.jsonl", items[1:2], square)] == ["b"]  # only the items asked for
+    assert seen == ["a", "b", "d", "c"]  # nothing left to do: work is not called
+
+
+def test_log_step_pools_sums_and_ratios_and_prints_its_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run = Run(Settings())
+    logged = run.log_step({"train/lr": 0.1}, 1.0, sums={"train/loss": 0.5, "train/entropy": (3.0, 4.0)}, show="step 1")
+    assert logged == {"train/lr": 0.1, "train/loss": 0.5, "train/entropy": 0.75}
+    assert "step 1: lr 0.1  loss 0.5  entropy 0.75" in capsys.readouterr().out
+    row = json.loads((tmp_path / "runs" / "stages" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["train/entropy"] == 0.75 and row["train/step"] == 1
