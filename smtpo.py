@@ -504,14 +504,27 @@ def rank_list_text(answer: str) -> str | None:
     return None
 
 
+# Where one entry of a list ends: a comma, a semicolon or a line break, or a number or bullet that opens the next
+# entry ("1. ", "2) ", "- ", "* ", "• "), always outside brackets.
+ENTRY_MARK = re.compile(r"(?:^|(?<=\s))(?:\d{1,3}[.)]|[-*\u2022])\s+")
+
+
 def top_level_pieces(text: str) -> list[str]:
-    """``text`` split at the commas outside any brackets: "Alien (1979) (sci-fi, horror)" stays one piece."""
-    pieces, depth, start = [], 0, 0
-    for k, char in enumerate(text):
-        depth += 1 if char in "([{" else -1 if char in ")]}" else 0
-        if char == "," and depth <= 0:
-            pieces.append(text[start:k])
-            start = k + 1
+    """``text`` split into the entries of a list, whatever its layout: at the commas, semicolons and line breaks
+    outside any brackets ("Alien (1979) (sci-fi, horror)" stays one piece), and before an entry's number or bullet
+    ("1. Alien 2. Up" is two pieces, as is one title a line)."""
+    depth, depths = 0, []
+    for char in text:
+        depth += 1 if char in "([{" else 0
+        depths.append(depth)
+        depth = max(depth - (char in ")]}"), 0)  # the ")" of a "1)" closes nothing
+    cuts = [(k, k + 1) for k, char in enumerate(text) if char in ",;\n" and depths[k] == 0]
+    cuts += [m.span() for m in ENTRY_MARK.finditer(text) if depths[m.start()] == 0]
+    pieces, start = [], 0
+    for cut_start, cut_end in sorted(cuts):
+        if cut_start >= start:
+            pieces.append(text[start:cut_start])
+            start = cut_end
     return pieces + [text[start:]]
 
 
@@ -530,9 +543,9 @@ def fuzzy_candidate(piece: str, candidates: list[str]) -> str | None:
 def parse_rank_list(text: str, candidates: list[str]) -> list[str | None] | None:
     """R_t: the entries of the answer's RANK LIST in order, each the candidate it names, or None for an entry that
     names no candidate or repeats an earlier one; None without a list. Titles can hold commas and brackets, so the
-    candidates' titles are found first (whole words, longest first); the entries are what the commas outside
-    brackets separate, and an entry with no exact title is fuzzy-matched to the unnamed candidates. An entry that
-    is None keeps its place: Eq. 18's position counts every entry written above the target (docs/smtpo.md)."""
+    candidates' titles are found first (whole words, longest first); the entries are what ``top_level_pieces``
+    separates, in every layout a model writes (commas, semicolons, one title a line, numbered or bulleted), and an
+    entry with no exact title is fuzzy-matched to the unnamed candidates. An entry that is None keeps its place: Eq. 18's position counts every entry written above the target (docs/smtpo.md)."""
     _, answer = split_output(text)
     inside = rank_list_text(answer)
     if inside is None:

@@ -123,6 +123,34 @@ def test_made_up_and_repeated_titles_above_the_target_are_not_free():
     assert smtpo.listed_titles(ranked) == ["Alien (1979)", "Inception (2010)"]
 
 
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "[Not A Film (1990), Fake Two, Inception (2010)]",  # commas
+        "[Not A Film (1990); Fake Two; Inception (2010)]",  # semicolons
+        "[\nNot A Film (1990)\nFake Two\nInception (2010)\n]",  # one title a line
+        "[1. Not A Film (1990) 2. Fake Two 3. Inception (2010)]",  # numbered, on one line
+        "[\n1. Not A Film (1990)\n2. Fake Two\n3. Inception (2010)\n]",  # numbered, a title a line
+        "[1) Not A Film (1990), 2) Fake Two, 3) Inception (2010) {Attribute: sci-fi, heist}]",  # numbered with ")"
+        "[\n- Not A Film (1990)\n- Fake Two\n- Inception (2010)\n]",  # bulleted
+        "[* Not A Film (1990) * Fake Two * Inception (2010)]",  # bulleted, on one line
+        "[\u2022 Not A Film (1990)\n\u2022 Fake Two\n\u2022 Inception (2010)]",  # bullet characters
+    ],
+)
+def test_every_list_layout_keeps_the_made_up_titles_above_the_target(layout):
+    text = output(5, f"RANK LIST: {layout}")
+    ranked = smtpo.parse_rank_list(text, CANDIDATES)
+    assert ranked == [None, None, "Inception (2010)"], layout
+    assert smtpo.output_rewards(text, CANDIDATES, "Inception (2010)", None, None, n=10)["rank"] == pytest.approx(1 / 3)
+    assert smtpo.ranking_slots(ranked).index("Inception (2010)") == 2  # the evaluation ranks it third too
+
+
+def test_numbers_and_dashes_inside_titles_do_not_split_them():
+    candidates = CANDIDATES + ["Spider-Man 2 (2004)", "2001: A Space Odyssey (1968)", "Ocean's 11. (2001)"]
+    text = output(5, "RANK LIST: [1. Spider-Man 2 (2004)\n2. 2001: A Space Odyssey (1968)\n3. Ocean's 11. (2001)]")
+    assert smtpo.parse_rank_list(text, candidates) == candidates[-3:]
+
+
 def test_hit_rank_and_preference_rewards():
     ranked = ["Inception (2010)", "Alien (1979)", "The Matrix (1999)", "Aliens (1986)"]
     assert smtpo.hit_reward(ranked, "Alien (1979)") == 1.0 and smtpo.hit_reward(ranked, "Up [3D] (2009)") == 0.0
