@@ -67,7 +67,16 @@ from common.models import ModelSpecError, check_specs, load_merged
 from common.parsing import ParseStats, chat_parsed
 from common.run import Run, sft_row
 from common.sft import supervised_finetuning
-from common.tokens import collate, encode_prompt_completion, sequence_logprobs
+from common.tokens import (
+    Fitted,
+    collate,
+    drop_utterances,
+    droppable_utterances,
+    encode_prompt_completion,
+    fit_prompt,
+    prompt_length,
+    sequence_logprobs,
+)
 
 STAGES = ("simulator", "retriever", "sft", "grpo", "eval")
 
@@ -400,6 +409,8 @@ PREFERENCE_PROMPT = """Summarize in one sentence what this user is looking for, 
 Conversation:
 {history}"""  # noqa: E501  (prompt text, kept verbatim)
 
+STOCK_FEEDBACK = "Hmm, not quite what I want."  # where the simulator wrote nothing
+
 IRRELEVANT_CHAT = (
     "By the way, the weather has been lovely this week.",
     "I had pasta for dinner yesterday.",
@@ -434,25 +445,55 @@ def candidate_line(catalog: Catalog, title: str) -> str:
 
 
 def recommender_prompt(
-    sample: Sample, candidates: list[str], feedback: str, context: str, n: int, catalog: Catalog
+    sample: Sample, candidates: list[str], feedback: str, turns: list[dict], n: int, catalog: Catalog, drop: int = 0
 ) -> str:
-    """Q = {Inst, D, I_D, I_cand, F}, with the earlier turns compressed to their feedback and lists (METHODS 3.9.8)."""
+    """Q = {Inst, D, I_D, I_cand, F}, with the earlier turns compressed to their feedback and lists (METHODS 3.9.8).
+    ``drop`` leaves out that many of the prompt's droppable parts (``droppable_parts``), the oldest first: the
+    dialogue's utterances before its latest user utterance, then the earlier turns' lines, the latest one last. The
+    instruction, I_D, the candidates, the latest user utterance and what follows it in the dialogue, the latest
+    preference, the feedback and the generation header always stay."""
+    history = render_history(sample.history)
+    in_dialogue = droppable_utterances(history)
     return RECOMMENDER_PROMPT.format(
-        history=render_history(sample.history),
+        history=drop_utterances(history, min(drop, in_dialogue)),
         mentioned=mentioned_text(sample),
-        context=context,
+        context=turn_context(turns, max(drop - in_dialogue, 0)),
         feedback=feedback or "(none yet)",
         candidates="\n".join(f"- {candidate_line(catalog, t)}" for t in candidates),
         n=n,
     )
 
 
-def turn_context(turns: list[dict]) -> str:
+def droppable_parts(sample: Sample, turns: list[dict]) -> int:
+    """How many parts of a recommender prompt may be left out to fit it: the dialogue's utterances before its latest
+    user utterance, and the earlier turns' lines."""
+    return droppable_utterances(render_history(sample.history)) + len(turns)
+
+
+def fitted_recommender_prompt(
+    tokenizer, sample: Sample, candidates: list[str], feedback: str, turns: list[dict], args: Args, catalog: Catalog
+) -> Fitted:
+    """The recommender prompt that fits the policy's window beside its output (--max-length minus --rec-max-tokens,
+    counted in the policy's chat template with its generation header and pre-filled tag), the oldest dialogue lines
+    and then the oldest earlier turns left out first (``recommender_prompt``). The sampler cuts nothing more off."""
+    prefix = output_prefix(args)
+    return fit_prompt(
+        lambda text: prompt_length(tokenizer, [{"role": "user", "content": text}], prefix),
+        lambda k: recommender_prompt(sample, candidates, feedback, turns, args.list_length, catalog, k),
+        droppable_parts(sample, turns),
+        args.max_length - args.rec_max_tokens,
+    )
+
+
+def turn_context(turns: list[dict], drop: int = 0) -> str:
     """The compressed C_{t-1} (METHODS.md 3.9.8): each earlier turn's feedback and list (titles only) and the latest
-    preference inference P_{t-1}; the earlier reasoning is dropped, so that T turns fit the context."""
-    lines = [
+    preference inference P_{t-1}; the earlier reasoning is dropped, so that T turns fit the context. ``drop`` leaves
+    out the oldest turns' lines, a note in their place (the latest preference stays)."""
+    drop = min(drop, len(turns))
+    lines = [f"({drop} earlier turn{'s' if drop > 1 else ''} left out)\n"] if drop else []
+    lines += [
         f"Turn {t['turn']}: feedback: {t['feedback'] or '-'}; list: {', '.join(listed_titles(t['ranked'])) or '-'}\n"
-        for t in turns
+        for t in turns[drop:]
     ]
     if turns and turns[-1]["preference"]:
         lines.append(f"Latest preference: {turns[-1]['preference']}\n")
@@ -545,7 +586,8 @@ def parse_rank_list(text: str, candidates: list[str]) -> list[str | None] | None
     names no candidate or repeats an earlier one; None without a list. Titles can hold commas and brackets, so the
     candidates' titles are found first (whole words, longest first); the entries are what ``top_level_pieces``
     separates, in every layout a model writes (commas, semicolons, one title a line, numbered or bulleted), and an
-    entry with no exact title is fuzzy-matched to the unnamed candidates. An entry that is None keeps its place: Eq. 18's position counts every entry written above the target (docs/smtpo.md)."""
+    entry with no exact title is fuzzy-matched to the unnamed candidates. An entry that is None keeps its place:
+    Eq. 18's position counts every entry written above the target (docs/smtpo.md)."""
     _, answer = split_output(text)
     inside = rank_list_text(answer)
     if inside is None:
@@ -902,15 +944,18 @@ def simulate_feedback(
     args: Args,
     rng: random.Random,
     controls: bool = True,
-) -> list[str]:
-    """The simulator's task 1 at inference: F_t from (D, I_D, R_{t-1}), greedy. With ``controls``, Table 3's: a
-    blind simulator never sees the list (--blind-simulator); noisy feedback is irrelevant chat (--noisy-feedback)."""
+) -> tuple[list[str], list[bool]]:
+    """The simulator's task 1 at inference: F_t from (D, I_D, R_{t-1}), greedy, and for each whether it was empty and
+    the stock line STOCK_FEEDBACK stands in for it (counted: a run whose simulator says nothing learns from no
+    feedback). With ``controls``, Table 3's: a blind simulator never sees the list (--blind-simulator); noisy
+    feedback is irrelevant chat (--noisy-feedback)."""
     if controls and args.noisy_feedback:
-        return [rng.choice(IRRELEVANT_CHAT) for _ in samples]
+        return [rng.choice(IRRELEVANT_CHAT) for _ in samples], [False] * len(samples)
     blind = controls and args.blind_simulator
     prompts = [feedback_prompt(s, [] if blind else items, catalog) for s, items in zip(samples, lists)]
     outputs = simulator.chat([[{"role": "user", "content": p}] for p in prompts], max_tokens=args.feedback_max_tokens)
-    return [" ".join(text.split()) or "Hmm, not quite what I want." for (text,) in outputs]
+    texts = [" ".join(text.split()) for (text,) in outputs]
+    return [text or STOCK_FEEDBACK for text in texts], [not text for text in texts]
 
 
 # =============================================================================================== the teacher
@@ -984,6 +1029,7 @@ def rollout(
     and ask the simulator for F_{t+1}. Training rollouts stop once the target is ranked first (METHODS.md 3.9.3);
     evaluation runs all T turns, under Table 3's controls if asked. Returns each sample's turns."""
     feedback, preference, lists = [""] * len(samples), [""] * len(samples), [[] for _ in samples]
+    substituted = [False] * len(samples)  # F_t is the stock line: the simulator wrote nothing
     turns: list[list[dict]] = [[] for _ in samples]
     live = list(range(len(samples)))
     for t in range(1, args.max_turns + 1):
@@ -997,10 +1043,11 @@ def rollout(
             [lists[i] for i in live],
             args.num_candidates,
         )
-        prompts = [
-            recommender_prompt(s, c, feedback[i], turn_context(turns[i]), args.list_length, data.catalog)
+        fitted = [
+            fitted_recommender_prompt(roles.policy.tokenizer, s, c, feedback[i], turns[i], args, data.catalog)
             for i, s, c in zip(live, batch, candidates)
         ]
+        prompts = [f.text for f in fitted]
         prefix = output_prefix(args)
         completions = roles.policy.complete(
             [[{"role": "user", "content": p}] for p in prompts],
@@ -1010,7 +1057,7 @@ def rollout(
             prefix=prefix,
             max_prompt_tokens=args.max_length - args.rec_max_tokens,
         )
-        for i, sample, prompt, cands, samples_i in zip(live, batch, prompts, candidates, completions):
+        for i, sample, fit, cands, samples_i in zip(live, batch, fitted, candidates, completions):
             texts = [prefix + c.text for c in samples_i]  # the pre-filled tag belongs to the output's format
             rewards = []
             if sample.key in roles.references:
@@ -1037,11 +1084,17 @@ def rollout(
             turn = {
                 "turn": t,
                 "feedback": feedback[i],
+                "feedback_substituted": substituted[i],
                 "candidates": cands,
-                "prompt": prompt,
+                "target_in_candidates": sample.target in cands,
+                "prompt": fit.text,
+                "prompt_parts_dropped": fit.dropped_parts,  # dialogue lines and earlier turns left out to fit
+                "prompt_tokens_dropped": fit.dropped_tokens,
+                "prompt_over_budget": fit.tokens > args.max_length - args.rec_max_tokens,  # the sampler cuts it
                 "outputs": texts,
                 "rewards": rewards,
                 "chosen": chosen,
+                "fallback": not valid,  # no output named a candidate: the dialogue went on with output 0
                 "ranked": ranked,
                 "preference": preference[i],
             }
@@ -1052,11 +1105,11 @@ def rollout(
             live = [i for i in live if not (turns[i][-1]["ranked"][:1] == [samples[i].target])]
         if t < args.max_turns and live:
             batch_lists = [lists[i] for i in live]
-            new = simulate_feedback(
+            new, stock = simulate_feedback(
                 roles.simulator, [samples[i] for i in live], batch_lists, data.catalog, args, rng, controls=not training
             )
-            for i, text in zip(live, new):
-                feedback[i] = text
+            for i, text, flag in zip(live, new, stock):
+                feedback[i], substituted[i] = text, flag
     return turns
 
 
@@ -1064,14 +1117,36 @@ def rollout(
 
 
 def encode_example(tokenizer, prompt: str, completion: str, max_length: int, prefix: str = "") -> dict:
-    """Token ids and completion mask of one example; a pre-filled ``prefix`` of the completion goes to the prompt."""
+    """Token ids and completion mask of one example; a pre-filled ``prefix`` of the completion goes to the prompt.
+    The prompt is fitted beside the completion within ``max_length`` as a rollout's prompt is: the oldest dialogue
+    lines go first (common/tokens.py's ``fit_prompt``), never the instruction, the latest user utterance or the
+    generation header. ``prompt_tokens_dropped`` counts what the fit left out; ``cut`` marks an example that still
+    did not fit (its oldest tokens cut: a completion longer than the room left)."""
     if prefix and completion.startswith(prefix):
         completion = completion[len(prefix) :]
     else:
         prefix = ""
-    messages = [{"role": "user", "content": prompt}]
+    completion_tokens = len(tokenizer(completion, add_special_tokens=False)["input_ids"]) + 1  # and the eos
+    fit = fit_prompt(
+        lambda text: prompt_length(tokenizer, [{"role": "user", "content": text}], prefix),
+        lambda k: drop_utterances(prompt, k),
+        droppable_utterances(prompt),
+        max_length - completion_tokens,
+    )
+    messages = [{"role": "user", "content": fit.text}]
     ids, mask = encode_prompt_completion(tokenizer, messages, completion, max_length, prefix)
-    return {"input_ids": ids, "completion_mask": mask}
+    cut = fit.tokens + completion_tokens > max_length
+    return {"input_ids": ids, "completion_mask": mask, "prompt_tokens_dropped": fit.dropped_tokens, "cut": cut}
+
+
+def fitting_metrics(examples: list[dict], prefix: str) -> dict[str, int]:
+    """How many training examples lost dialogue lines to fit --max-length, the tokens they lost, and how many still
+    had to be cut (0 unless a completion alone fills the window)."""
+    return {
+        f"{prefix}/truncated_examples": sum(e["prompt_tokens_dropped"] > 0 for e in examples),
+        f"{prefix}/prompt_tokens_dropped": sum(e["prompt_tokens_dropped"] for e in examples),
+        f"{prefix}/examples_cut": sum(e["cut"] for e in examples),
+    }
 
 
 def output_prefix(args: Args) -> str:
@@ -1147,7 +1222,8 @@ def train_simulator(run: Run, args: Args, data: Data) -> dict:
     )
     save_final(run.accelerator, model, run.dir / "simulator_adapter", {"examples": len(examples)})
     tasks = [r["task"] for r in rows]
-    return {f"simulator/{task}_examples": tasks.count(task) for task in ("feedback", "alignment", "prediction")}
+    counts = {f"simulator/{task}_examples": tasks.count(task) for task in ("feedback", "alignment", "prediction")}
+    return counts | fitting_metrics(examples, "simulator")
 
 
 def reference_preferences(run: Run, args: Args, data: Data, samples: list[Sample]) -> dict[str, str]:
@@ -1188,9 +1264,13 @@ def human_list_feedback(run: Run, args: Args, data: Data, samples: list[Sample])
         for start in range(0, len(todo), args.batch_size):
             chunk, chunk_lists = todo[start : start + args.batch_size], lists[start : start + args.batch_size]
             items = [items for _, items in chunk_lists]
-            texts = simulate_feedback(simulator, chunk, items, data.catalog, args, random.Random(args.seed), False)
-            for sample, (kind, items), text in zip(chunk, chunk_lists, texts):
-                records.append({"key": sample.key, "list": kind, "items": items, "feedback": text})
+            texts, stock = simulate_feedback(
+                simulator, chunk, items, data.catalog, args, random.Random(args.seed), False
+            )
+            for sample, (kind, items), text, substituted in zip(chunk, chunk_lists, texts, stock):
+                records.append(
+                    {"key": sample.key, "list": kind, "items": items, "feedback": text, "substituted": substituted}
+                )
     return {r["key"]: r for r in run.exchange(records)}
 
 
@@ -1338,7 +1418,7 @@ def recommender_sft(run: Run, args: Args, data: Data) -> dict:
             sft_candidates(c, s.target, random.Random(f"{args.seed}:{s.key}")) for s, c in zip(batch, retrieved)
         ]
         prompts = [
-            recommender_prompt(s, c, text, "", args.list_length, data.catalog)
+            recommender_prompt(s, c, text, [], args.list_length, data.catalog)
             for s, c, text in zip(batch, candidates, f)
         ]
         attributes = ["; ".join(sorted(attributes_of(data.catalog, s.target))) or "no attributes" for s in batch]
@@ -1372,7 +1452,7 @@ def recommender_sft(run: Run, args: Args, data: Data) -> dict:
         metric_prefix="train_sft",
     )
     save_final(run.accelerator, model, run.dir / "sft_adapter", {"examples": len(examples)})
-    return {"rollout/sft_examples": len(examples)}
+    return {"rollout/sft_examples": len(examples)} | fitting_metrics(examples, "sft")
 
 
 def load_policy(run: Run, args: Args, adapters: list[Path], trainable: bool = False):
@@ -1479,14 +1559,16 @@ def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
         means = {f"rollout/reward_{k}": float(np.mean([r[k] for r in rewards])) for k in rewards[0]}
         update = {f"train/{k}": float(np.mean([it[k] for it in iterations])) for k in iterations[0]}
         groups_logged = {"train/groups": len(trained), "rollout/groups_sampled": len(sampled)}
-        run.log_step(update | groups_logged | means, time.time() - started)
+        signal = learning_signal(sampled)
+        run.log_step(update | groups_logged | means | signal, time.time() - started)
         if run.main:
             tqdm.write(
                 f"grpo step {step + 1}/{args.grpo_steps}: "
                 + "  ".join(f"{k.split('_')[-1]} {v:.3f}" for k, v in means.items())
                 + f"  loss {update['train/loss']:.4f}  clipped {update['train/clip_ratio/region_mean']:.3f}"
                 + f"  log-prob per token: A>0 {update['train/logp_change/positive_advantage']:+.4f}"
-                + f", A<0 {update['train/logp_change/negative_advantage']:+.4f}"
+                + f", A<0 {update['train/logp_change/negative_advantage']:+.4f}\n    "
+                + "  ".join(f"{k.removeprefix('rollout/')} {v:.3g}" for k, v in signal.items())
             )
         if (step + 1) % args.grpo_save_every == 0 or step + 1 == args.grpo_steps:
             save_resumable(accelerator, model, run.dir / "grpo", step + 1, optimizer, scheduler)
@@ -1494,14 +1576,37 @@ def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
     return reward_curve(list(rollouts.values()), args.grpo_steps) if run.main else {}
 
 
+def learning_signal(groups: list[dict]) -> dict[str, float]:
+    """What a GRPO step's groups give the update to learn from, beside their rewards: the share of groups whose G
+    rewards are all equal (TRL's frac_reward_zero_std: their advantages are 0, they teach nothing), the share whose
+    target was among the candidates (elsewhere r_hit and r_rank are 0 for every output, and the group learns from
+    the format and preference rewards alone), the continuations that fell back to output 0 (no output named a
+    candidate), the feedback lines the stock line stood in for (the simulator wrote nothing), and the prompts fitted
+    to --max-length by leaving out dialogue lines or earlier turns, with the tokens left out and those still over."""
+    totals = [[r["total"] for r in g["rewards"]] for g in groups]
+    return {
+        "rollout/frac_reward_zero_std": float(np.mean([np.isclose(np.std(t), 0.0) for t in totals])),
+        "rollout/target_in_candidates": float(np.mean([g.get("target_in_candidates", False) for g in groups])),
+        "rollout/fallback_continuations": sum(g.get("fallback", False) for g in groups),
+        "rollout/substituted_feedback": sum(g.get("feedback_substituted", False) for g in groups),
+        "rollout/truncated_prompts": sum(g.get("prompt_parts_dropped", 0) > 0 for g in groups),
+        "rollout/prompt_tokens_dropped": sum(g.get("prompt_tokens_dropped", 0) for g in groups),
+        "rollout/prompts_over_budget": sum(g.get("prompt_over_budget", False) for g in groups),
+    }
+
+
 def reward_curve(rollouts: list[dict], steps: int) -> dict[str, float]:
     """The mean rewards of the first and the second half of the GRPO steps: what the update should raise."""
     halves = {}
     for name, part in (("first_half", range(steps // 2)), ("second_half", range(steps // 2, steps))):
         keys = {str(step) for step in part}
-        rewards = [r for o in rollouts if o["key"].split("|")[0] in keys for t in o["turns"] for r in t["rewards"]]
+        groups = [t for o in rollouts if o["key"].split("|")[0] in keys for t in o["turns"]]
+        rewards = [r for t in groups for r in t["rewards"]]
         for k in ("total", "think", "answer", "pref") if rewards else ():
             halves[f"rollout/reward_{k}_{name}"] = float(np.mean([r[k] for r in rewards]))
+        signal = learning_signal(groups) if rewards else {}
+        for k in ("rollout/frac_reward_zero_std", "rollout/target_in_candidates") if signal else ():
+            halves[f"{k}_{name}"] = signal[k]
     return halves
 
 
@@ -1682,11 +1787,16 @@ def print_tables(metrics: dict) -> None:
             print(f"  {turn:28}" + "".join(f"{v:11.3f}" for v in values))
     halves = [k[: -len("_first_half")] for k in metrics if k.endswith("_first_half")]
     if halves:
-        print("\nGRPO rewards, the mean over the first half of the steps -> the second half (metrics.jsonl: per step)")
+        print(
+            "\nGRPO rewards and learning signal, the mean over the first half of the steps -> the second half "
+            "(metrics.jsonl: per step)"
+        )
         print(
             "  "
             + "  ".join(
-                f"{k[15:]} {metrics[k + '_first_half']:.3f} -> {metrics[k + '_second_half']:.3f}" for k in halves
+                f"{k.removeprefix('rollout/').removeprefix('reward_')} {metrics[k + '_first_half']:.3f} -> "
+                f"{metrics[k + '_second_half']:.3f}"
+                for k in halves
             )
         )
     retrieved = {k: v for k, v in metrics.items() if k.startswith("retriever/")}
@@ -1697,9 +1807,16 @@ def print_tables(metrics: dict) -> None:
 # =============================================================================================== main
 
 
-# What runs/<run>/curves.png draws: GRPO's five rewards per step, and the ranking beside zero-shot and SFT.
+# What runs/<run>/curves.png draws: GRPO's five rewards and its learning signal per step, and the ranking beside
+# zero-shot and SFT.
 CURVES = {
     "GRPO rewards (Eq. 15-19)": [f"rollout/reward_{k}" for k in ("total", "think", "answer", "pref", "rank", "hit")],
+    "GRPO learning signal (shares of groups)": ["rollout/frac_reward_zero_std", "rollout/target_in_candidates"],
+    "GRPO rollouts (per step)": [
+        "rollout/fallback_continuations",
+        "rollout/substituted_feedback",
+        "rollout/truncated_prompts",
+    ],
     "GRPO loss (Eq. 14)": ["train/loss"],
     "SFT losses": ["train_simulator/loss", "train_sft/loss"],
 }

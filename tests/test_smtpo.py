@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import smtpo
 from common.catalog import Catalog
-from common.data import DataError, load_demo_catalog
+from common.data import DataError, load_crs_dataset, load_demo_catalog
+from tests.conftest import DATA, needs_data
 
 CANDIDATES = [
     "Inception (2010)",
@@ -354,8 +355,130 @@ def test_the_prompt_shows_candidates_with_attributes_and_keeps_the_latest_prefer
         "Turn 1: feedback: -; list: Alien (1979)\nTurn 2: feedback: scarier; list: Jaws (1975)\n"
         "Latest preference: likes sharks\n"
     )
-    prompt = smtpo.recommender_prompt(sample, [title], "more", context, 10, catalog)
+    prompt = smtpo.recommender_prompt(sample, [title], "more", turns, 10, catalog)
+    assert context in prompt
     assert f"- {title} {{Attribute: {genres}}}" in prompt and "old taste" not in prompt
+
+
+# ------------------------------------------------------------------------------------ prompts at the paper's lengths
+
+RECIPE = {"max_length": 2048, "rec_max_tokens": 1024, "max_turns": 5}  # benchmark/smtpo_table1.sh
+THIRTY_WORDS = " ".join(["a darker thriller with a strong lead and less romance from the nineties please"] * 2)
+THIRTY_WORDS += " maybe twists"
+
+
+def longest_contexts(dataset: str, split: str, count: int):
+    """The ``count`` real contexts of ``split`` with the longest dialogues (the hardest to fit), and the catalog."""
+    data = load_crs_dataset(dataset, DATA, "valid")
+    catalog = Catalog(data.items)
+    samples = smtpo.make_samples(data.train if split == "train" else data.evaluated, set(catalog.titles))
+    return sorted(samples, key=lambda s: -len(smtpo.render_history(s.history)))[:count], catalog
+
+
+def latest_user_utterance(sample) -> str:
+    return "User: " + [m["content"] for m in sample.history if m["role"] == "user"][-1]
+
+
+class ReadingPolicy:
+    """A recommender that reads its prompt exactly as the samplers do (``common.llm.prompt_ids``, cut to
+    max_prompt_tokens) and writes a five-step answer whose list names ten candidates and a 30-word preference."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.read = tokenizer, []
+
+    def complete(self, conversations, n, temperature, max_tokens, prefix, max_prompt_tokens):
+        from common.llm import Completion, prompt_ids
+
+        results = []
+        for conversation in conversations:
+            ids = prompt_ids(self.tokenizer, [conversation], prefix, max_prompt_tokens)[0]
+            self.read.append((conversation[0]["content"], self.tokenizer.decode(ids)))
+            candidates = [
+                line[2:].split(" {")[0] for line in conversation[0]["content"].split("\n") if line[:2] == "- "
+            ]
+            text = f"Step 1: Preference Inference: {THIRTY_WORDS}\n</think>\nRANK LIST: [{', '.join(candidates[:10])}]"
+            results.append([Completion(text, ids, [])] * n)
+        return results
+
+
+class TalkingSimulator:
+    def chat(self, conversations, max_tokens):
+        return [(THIRTY_WORDS,) for _ in conversations]
+
+
+@needs_data
+@pytest.mark.parametrize("dataset", ["inspired", "redial"])
+def test_prompts_at_the_recipes_lengths_keep_their_instruction_and_the_latest_user_utterance(dataset, tokenizer):
+    import random
+
+    samples, catalog = longest_contexts(dataset, "test", 24)
+    args = smtpo.Args(**RECIPE)
+    rng = random.Random(0)
+
+    class Retriever:
+        def retrieve(self, batch, feedback, preference, lists, k):
+            return [rng.sample(catalog.titles, k) for _ in batch]
+
+    policy = ReadingPolicy(tokenizer)
+    roles = smtpo.Roles(policy, TalkingSimulator(), Retriever(), {})
+    data = smtpo.Data([], [], samples, catalog)
+    turns = smtpo.rollout(samples, roles, data, args, 1, 0.0, False, random.Random(0))
+    assert [len(t) for t in turns] == [5] * len(samples) and len(policy.read) == 5 * len(samples)
+    budget = args.max_length - args.rec_max_tokens
+    latest = [latest_user_utterance(s) for s in samples] * 5  # the rollout batches the samples turn by turn
+    for (prompt, read), utterance in zip(policy.read, latest):
+        assert read.startswith("<|im_start|>system") and "You are a movie recommender." in read  # the instruction
+        assert "answer with exactly 10 candidate titles" in read and read.endswith("<|im_start|>assistant\n<think>\n")
+        assert utterance in read and prompt.count("\n- ") == 20  # the latest user utterance, the 20 candidates
+        assert len(tokenizer(read, add_special_tokens=False)["input_ids"]) <= budget
+    turn_five = [t[4] for t in turns]
+    assert all(t["prompt_tokens_dropped"] > 0 and not t["prompt_over_budget"] for t in turn_five)  # and it says so
+    assert all(f"Latest preference: {THIRTY_WORDS}" in t["prompt"] for t in turn_five)
+    assert sum("Turn 4: feedback:" in t["prompt"] for t in turn_five) >= len(turn_five) / 2  # left out the latest
+
+
+@needs_data
+def test_training_examples_at_the_recipes_lengths_keep_their_instruction(tokenizer):
+    samples, catalog = longest_contexts("inspired", "train", 12)
+    completion = "<think>\n" + "Step 1: Preference Inference: a darker thriller.\n" * 66 + "</think>\nRANK LIST: [x]"
+    assert 1000 < len(tokenizer(completion)["input_ids"]) <= 1024  # an output at the recipe's --rec-max-tokens
+    for sample in samples:
+        prompts = [
+            smtpo.recommender_prompt(sample, catalog.titles[:20], THIRTY_WORDS, [], 10, catalog),
+            smtpo.feedback_prompt(sample, catalog.titles[:10], catalog),
+        ]
+        for prompt in prompts:
+            example = smtpo.encode_example(tokenizer, prompt, completion, RECIPE["max_length"], "<think>\n")
+            start = example["completion_mask"].index(1)
+            text = tokenizer.decode(example["input_ids"][:start])
+            assert len(example["input_ids"]) <= RECIPE["max_length"] and not example["cut"]
+            assert text.startswith("<|im_start|>system") and prompt.split("\n")[0] in text  # the instruction
+            assert latest_user_utterance(sample) in text and text.endswith("<|im_start|>assistant\n<think>\n")
+    assert example["prompt_tokens_dropped"] > 0  # the longest contexts do need the fit
+
+
+def test_a_prompt_loses_its_oldest_dialogue_lines_then_its_oldest_turns(tokenizer):
+    catalog = Catalog(load_demo_catalog())
+    history = [{"role": "user" if k % 2 == 0 else "assistant", "content": f"message {k} " * 20} for k in range(8)]
+    history.append({"role": "assistant", "content": "a last word from the system"})
+    sample = smtpo.Sample("k", history, [], catalog.titles[0])
+    turns = [
+        {"turn": t, "feedback": f"feedback {t} " * 10, "ranked": catalog.titles[:3], "preference": "p"}
+        for t in (1, 2, 3)
+    ]
+    droppable = smtpo.droppable_parts(sample, turns)
+    assert droppable == 6 + 3  # the utterances before the latest user utterance, the turns' lines
+    prompts = [smtpo.recommender_prompt(sample, catalog.titles[:3], "more", turns, 10, catalog, k) for k in range(10)]
+    assert "message 0" not in prompts[1] and "message 1" in prompts[1] and "(1 earlier message left out)" in prompts[1]
+    assert "message 5" not in prompts[6] and "message 6" in prompts[6] and "Turn 1:" in prompts[6]
+    assert "Turn 1:" not in prompts[7] and "(1 earlier turn left out)" in prompts[7] and "Turn 2:" in prompts[7]
+    assert "Turn 2:" not in prompts[8] and "Turn 3:" in prompts[8] and "a last word from the system" in prompts[8]
+    assert "Turn 3:" not in prompts[9] and "(3 earlier turns left out)\nLatest preference: p" in prompts[9]
+    lengths = [smtpo.prompt_length(tokenizer, [{"role": "user", "content": p}], "<think>\n") for p in prompts]
+    args = smtpo.Args(max_length=lengths[5] + 100, rec_max_tokens=100)
+    fitted = smtpo.fitted_recommender_prompt(tokenizer, sample, catalog.titles[:3], "more", turns, args, catalog)
+    assert (fitted.text, fitted.dropped_parts, fitted.tokens) == (prompts[5], 5, lengths[5])  # the fewest that fit
+    assert fitted.dropped_tokens == lengths[0] - lengths[5]
 
 
 # ------------------------------------------------------------------------------------ the simulator's data
@@ -567,6 +690,54 @@ def test_the_think_tag_is_not_prefilled_twice_where_the_template_opens_it(r1_dis
     prompt = r1_distill_tokenizer.decode(example["input_ids"][:start])
     assert prompt.endswith("Rank the films.<｜Assistant｜><think>\n") and prompt.count("<think>") == 1
     assert r1_distill_tokenizer.decode(example["input_ids"][start:]).startswith("Step 1: Preference Inference")
+
+
+def test_the_learning_signal_of_a_step_counts_what_the_groups_can_teach():
+    def group(totals, in_candidates, fallback=False, substituted=False, dropped=0):
+        return {
+            "rewards": [{"total": t} for t in totals],
+            "target_in_candidates": in_candidates,
+            "fallback": fallback,
+            "feedback_substituted": substituted,
+            "prompt_parts_dropped": int(dropped > 0),
+            "prompt_tokens_dropped": dropped,
+            "prompt_over_budget": False,
+        }
+
+    groups = [
+        group([1.2, 1.2, 1.2, 1.2], False, fallback=True),  # every output alike: advantages 0, nothing to learn
+        group([0.7, 1.9, 0.7, 0.7], True, substituted=True, dropped=310),
+        group([0.5, 0.5, 0.5, 0.5], False, fallback=True, dropped=12),
+        group([0.2, 0.3, 0.2, 0.2], False),
+    ]
+    signal = smtpo.learning_signal(groups)
+    assert signal == {
+        "rollout/frac_reward_zero_std": 0.5,
+        "rollout/target_in_candidates": 0.25,
+        "rollout/fallback_continuations": 2,
+        "rollout/substituted_feedback": 1,
+        "rollout/truncated_prompts": 2,
+        "rollout/prompt_tokens_dropped": 322,
+        "rollout/prompts_over_budget": 0,
+    }
+    zero = [smtpo.group_advantages(torch.tensor([r["total"] for r in g["rewards"]])) for g in groups]
+    assert [bool((a == 0).all()) for a in zero] == [True, False, True, False]  # what the zero-std share counts
+    panels = [m for metrics in smtpo.CURVES.values() for m in metrics]
+    assert {"rollout/frac_reward_zero_std", "rollout/target_in_candidates", "rollout/fallback_continuations",
+            "rollout/substituted_feedback", "rollout/truncated_prompts"} <= set(panels)  # fmt: skip
+
+
+def test_an_empty_feedback_is_replaced_and_counted():
+    import random
+
+    class Quiet:
+        def chat(self, conversations, max_tokens):
+            return [("  ",), ("Too sweet, I want horror.",)]
+
+    catalog = Catalog(load_demo_catalog())
+    samples = [smtpo.Sample(k, [{"role": "user", "content": "x"}], [], catalog.titles[0]) for k in "ab"]
+    texts, stock = smtpo.simulate_feedback(Quiet(), samples, [[], []], catalog, smtpo.Args(), random.Random(0))
+    assert texts == [smtpo.STOCK_FEEDBACK, "Too sweet, I want horror."] and stock == [True, False]
 
 
 def test_reward_curve_compares_the_first_and_second_half_of_the_steps():
