@@ -798,7 +798,7 @@ def test_grpo_epochs_count_passes_over_the_training_dialogues():
     assert smtpo.grpo_steps_planned(steps, 1113, 8) == 3 and smtpo.grpo_finished(steps, 3, 0, 1113)
 
 
-def test_without_the_simulator_no_feedback_is_asked_for_and_the_retriever_reads_no_list_without_rec():
+def test_without_the_simulator_no_feedback_is_asked_for_and_the_retriever_reads_no_list_without_rec(monkeypatch):
     import random
 
     catalog = Catalog(load_demo_catalog())
@@ -830,8 +830,8 @@ def test_without_the_simulator_no_feedback_is_asked_for_and_the_retriever_reads_
         args = smtpo.Args(max_turns=3, ablations=ablations)
         simulator = Mute() if "no-feedback" in ablations else TalkingSimulator()
         roles = smtpo.Roles(Policy(), simulator, Retriever(), {})
-        smtpo.fitted_recommender_prompt = lambda tok, s, c, f, t, a, cat: smtpo.Fitted(  # noqa: B023
-            smtpo.recommender_prompt(s, c, f, t, 10, cat), 0, 0, 0
+        monkeypatch.setattr(  # the prompt as it is: no tokenizer here
+            smtpo, "fitted_recommender_prompt", lambda tok, s, c, f, t, a, cat: smtpo.Fitted("prompt", 0, 0, 0)
         )
         (turns,) = smtpo.rollout(samples, roles, data, args, 1, 0.0, False, random.Random(0))
         assert len(turns) == 3 and len(read) == 3
