@@ -524,9 +524,9 @@ def test_training_examples_at_the_recipes_lengths_keep_their_instruction(tokeniz
             example = smtpo.encode_example(tokenizer, prompt, completion, RECIPE["max_length"], "<think>\n")
             start = example["completion_mask"].index(1)
             text = tokenizer.decode(example["input_ids"][:start])
-            assert len(example["input_ids"]) <= RECIPE["max_length"] and not example["cut"]
             assert text.startswith("<|im_start|>system") and prompt.split("\n")[0] in text  # the instruction
             assert latest_user_utterance(sample) in text and text.endswith("<|im_start|>assistant\n<think>\n")
+            assert len(example["input_ids"]) <= RECIPE["max_length"] and not example["cut"]
     assert example["prompt_tokens_dropped"] > 0  # the longest contexts do need the fit
 
 
@@ -860,17 +860,19 @@ def test_the_retriever_is_scored_at_every_turn_as_in_fig_4b():
 @needs_data
 def test_redial_runs_link_the_entities_of_their_training_turns():
     loaded = smtpo.load_data(smtpo.Args(dataset="redial", data_dir=str(DATA), num_train=200, num_test=1))
-    linker = smtpo.entity_linker(loaded.catalog)
-    assert sum(m in linker.vocabulary for s in loaded.train for m in s.mentioned) > 0.8 * len(loaded.train)
+    attributes = {v for item in loaded.catalog.items for k in ("genre", "director", "star", "writer")
+                  for v in item.attributes.get(k) or []}  # fmt: skip
+    assert sum(m in attributes for s in loaded.train for m in s.mentioned) > 0.8 * len(loaded.train)  # was 0
 
 
 @needs_data
 def test_num_test_counts_dialogues_and_the_retriever_reads_a_dialogues_latest_utterances():
     args = smtpo.Args(dataset="inspired", data_dir=str(DATA), num_test=10, num_train=2)
     data = smtpo.load_data(args)
-    assert len({s.conversation for s in data.test}) == 10 and len(data.test) > 10  # every context of 10 dialogues
+    dialogues = {s.key.rsplit(":", 1)[0] for s in data.test}  # CFCRS: <dialog_id>:<turn>
+    assert len(dialogues) == 10 and len(data.test) > 10  # every context of 10 dialogues (the first 10: 5 dialogues)
     every = smtpo.make_samples(load_crs_dataset("inspired", DATA, "valid").evaluated, set(data.catalog.titles))
-    assert data.test == [s for s in every if s.conversation in {t.conversation for t in data.test}]
+    assert data.test == [s for s in every if s.key.rsplit(":", 1)[0] in dialogues]
     old = [{"role": "user" if k % 2 else "assistant", "content": "I loved the old westerns. " * 8} for k in range(7)]
     history = old + [{"role": "user", "content": "Now a shark movie in the ocean, with divers and a boat."}] * 3
     sample = smtpo.Sample("k", history, [], data.catalog.titles[0])
