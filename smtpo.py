@@ -28,7 +28,6 @@ A rerun with the same --run-name skips every finished record, checkpoint and mod
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -46,7 +45,7 @@ from tqdm import tqdm
 
 from common.catalog import Catalog
 from common.conversations import render_history
-from common.data import DataError, Dialogue, load_crs_dataset
+from common.data import DataError, Dialogue, EntityLinker, load_crs_dataset
 from common.distributed import (
     check_division,
     configure_batches,
@@ -67,9 +66,19 @@ from common.models import ModelSpecError, check_specs, load_merged
 from common.parsing import ParseStats, chat_parsed
 from common.run import Run, sft_row
 from common.sft import supervised_finetuning
-from common.tokens import collate, encode_prompt_completion, sequence_logprobs
+from common.tokens import (
+    Fitted,
+    collate,
+    drop_utterances,
+    droppable_utterances,
+    encode_prompt_completion,
+    fit_prompt,
+    prompt_length,
+    sequence_logprobs,
+)
 
 STAGES = ("simulator", "retriever", "sft", "grpo", "eval")
+HEADS = ("both", "text", "graph")  # the fused retriever and its two single views, trained side by side
 
 
 @dataclass
@@ -105,7 +114,8 @@ class Args:
     num_train: int = 2
     """training turns (a context ending at a recommendation turn) for the simulator and the recommender; 0 = all"""
     num_test: int = 2
-    """test dialogues, each run through all --max-turns turns; 0 = all"""
+    """test dialogues (conversations, the first in file order), each of their contexts that ends at a recommendation
+    turn run through all --max-turns turns; 0 = all"""
 
     # ------------------------------------------------------------------------------------------- roles
     policy: str = "smollm2-135m"
@@ -154,14 +164,22 @@ class Args:
     """fusion-head learning rate, Adam (paper: 5e-5)"""
     retriever_batch_size: int = 32
     """training turns per fusion-head step, shuffled every epoch (paper: unstated)"""
-    retriever_inputs: Literal["all", "dialogue"] = "all"
+    retriever_inputs: Literal["all", "dialogue", "lists"] = "all"
     """all: the paper's inputs; dialogue: the dialogue text and I_D alone, without the simulator's feedback, the
-    reference preference and the list R, so no LLM call (an ablation for measuring the retriever on real data on a
-    CPU; only with --stages retriever)"""
+    reference preference and the list R; lists: the dialogue, I_D and the list R_human, without F and P. The last two
+    make no LLM call: they measure the retriever on real data on a CPU (only with --stages retriever)"""
     negatives: int = 64
     """InfoNCE negatives per example, excluding the target and the mentioned items (METHODS.md default: 64)"""
     num_candidates: int = 20
     """candidates the retriever recalls for the recommender (paper: 20)"""
+
+    # ------------------------------------------------------------------------------------------- ablations
+    ablations: tuple[Literal["no-rec", "no-pref", "no-feedback", "single-task-simulator"], ...] = ()
+    """Table 2's ablations, each run under its own --run-name: no-rec (w/o Rec: the retriever never reads the list R,
+    in training or at any turn), no-pref (w/o Pref: the retriever never reads the preference P), no-feedback (w/o
+    Feedback, no simulator: no feedback F in the retriever's training, the SFT prompts or any turn, and no simulator
+    stage), single-task-simulator (the simulator trained on feedback generation alone). w/o RL is the SFT
+    recommender every evaluation reports beside SMTPO (eval_sft/)"""
 
     # ------------------------------------------------------------------------------------------- recommender
     list_length: int = 10
@@ -205,6 +223,10 @@ class Args:
     """GRPO steps; each rolls out training dialogues through their turns until it has --groups-per-step groups, then
     takes --grpo-iterations optimizer steps on them (the demo's 3 keep the no-flag run under 15 minutes on 2 CPU
     cores; benchmark/smtpo_table1.sh sets the paper-scale count)"""
+    grpo_epochs: float = 0.0
+    """above 0: GRPO steps until every training dialogue was rolled out this many times, in place of --grpo-steps
+    (paper: 3 epochs; benchmark/smtpo_table1.sh sets 3: a fixed number of steps is a different number of epochs on
+    each dataset, e.g. 2,000 steps are several epochs of INSPIRED and a fraction of one of the full ReDial)"""
     grpo_save_every: int = 1
     """GRPO steps between resumable checkpoints: a step's rollouts take far longer than saving a LoRA adapter and
     its optimizer state. Above 1, a resume trains the recorded rollouts of the steps after the last checkpoint,
@@ -256,6 +278,7 @@ class Sample:
     history: list[dict]  # chat roles: "user" the seeker, "assistant" the recommender
     mentioned: list[str]  # I_D: the items and entities the context mentions
     target: str
+    conversation: str = ""  # the conversation the context is cut from (several contexts share one)
 
 
 @dataclass
@@ -267,10 +290,12 @@ class Data:
     domain: str = "movie"
 
 
-def make_samples(dialogues: list[Dialogue], titles: set[str]) -> list[Sample]:
+def make_samples(dialogues: list[Dialogue], titles: set[str], linker: EntityLinker | None = None) -> list[Sample]:
     """One sample per recommender turn with history whose first recommended item is in the catalog and was not
     mentioned before (the retriever never recalls a mentioned item); I_D is what the dialogue annotates before the
-    turn (items and entities, or iEvaLM's context annotations)."""
+    turn (items and entities, or iEvaLM's context annotations). With a ``linker``, I_D's attribute entities (genres,
+    people) are what it finds in the earlier utterances, whatever the release annotates, and its items are the
+    annotated ones (ReDial: the official format annotates no entity, iEvaLM's does; docs/smtpo.md)."""
     samples = []
     for dialogue in dialogues:
         for i, turn in enumerate(dialogue.turns):
@@ -282,11 +307,22 @@ def make_samples(dialogues: list[Dialogue], titles: set[str]) -> list[Sample]:
             mentioned = dialogue.context_items
             if mentioned is None:
                 mentioned = [m for t in dialogue.turns[:i] for m in t.items + t.entities]
+            if linker is not None:
+                items = [m for m in mentioned if m not in linker.vocabulary]
+                mentioned = items + [e for t in dialogue.turns[:i] for e in linker(t.text)]
             targets = [t for t in turn.items if t in titles and t not in mentioned]  # a new item: never a repeat
             if turn.role != "recommender" or not targets or not history:
                 continue
-            samples.append(Sample(f"{dialogue.dialog_id}:{i}", history, list(dict.fromkeys(mentioned)), targets[0]))
+            conversation = dialogue.conversation_id or dialogue.dialog_id
+            key = f"{dialogue.dialog_id}:{i}"
+            samples.append(Sample(key, history, list(dict.fromkeys(mentioned)), targets[0], conversation))
     return samples
+
+
+def entity_linker(catalog: Catalog) -> EntityLinker:
+    """One linker for the KG's genres and people (directors, stars, writers)."""
+    values = {k: {v for item in catalog.items for v in item.attributes.get(k) or []} for k in CARD_FIELDS + ("writer",)}
+    return EntityLinker(values["genre"], values["director"] | values["star"] | values["writer"])
 
 
 def load_data(args: Args) -> Data:
@@ -297,16 +333,24 @@ def load_data(args: Args) -> Data:
     train, evaluated = dataset.train, dataset.evaluated
     catalog = Catalog(dataset.items, encoder=args.text_encoder)
     titles = set(catalog.titles)
-    samples = make_samples(train, titles)
+    linker = entity_linker(catalog) if args.dataset == "redial" else None  # one I_D for training and test
+    samples = make_samples(train, titles, linker)
     random.Random(args.seed).shuffle(samples)
     if args.num_train:  # a tenth more than --num-train, held out: every held-out turn costs teacher calls
         samples = samples[: args.num_train + max(1, args.num_train // 10)]
     held_out = samples[: max(1, len(samples) // 10)]
     train_samples = samples[len(held_out) :]
-    test = make_samples(evaluated, titles)[: args.num_test or None]
+    test = first_conversations(make_samples(evaluated, titles, linker), args.num_test)
     if not train_samples or not test:
         raise DataError(f"{args.dataset}: {len(train_samples)} training and {len(test)} test turns with a target")
     return Data(train_samples, held_out, test, catalog)
+
+
+def first_conversations(samples: list[Sample], count: int) -> list[Sample]:
+    """Every context of the first ``count`` conversations, in file order (0: all): --num-test counts dialogues, and
+    a dialogue with several recommendation turns brings each of them."""
+    kept = set(list(dict.fromkeys(s.conversation for s in samples))[: count or None])
+    return [s for s in samples if s.conversation in kept]
 
 
 def check_args(args: Args, world: int) -> list[str]:
@@ -318,8 +362,23 @@ def check_args(args: Args, world: int) -> list[str]:
         if stage in args.stages:
             split = check_division(world, args.sft_batch_size, args.micro_batch_size, "--sft-batch-size")
             batches.append(f"{stage} stage: {split}")
-    if args.retriever_inputs == "dialogue" and set(args.stages) != {"retriever"}:
-        raise DataError("--retriever-inputs dialogue measures the retriever alone: use it with --stages retriever")
+    if args.retriever_inputs != "all" and set(args.stages) != {"retriever"}:
+        raise DataError(
+            f"--retriever-inputs {args.retriever_inputs} measures the retriever alone: use it with --stages retriever"
+        )
+    if "retriever" in args.stages:
+        heads = {views: k % world for k, views in enumerate(HEADS)}
+        batches.append(
+            f"retriever stage: the training turns' text encoding shared over {world} ranks, each on its device; the "
+            + ", ".join(f"{views} head on rank {rank}" for views, rank in heads.items())
+        )
+    if "grpo" in args.stages:
+        dialogues = round_size(args, 0, world)
+        batches.append(
+            f"grpo stage: each step's first round rolls out {dialogues} dialogues, {dialogues // world} per rank "
+            f"(up to {args.max_turns} turns, a group of G = {args.group_size} outputs each), for --groups-per-step "
+            f"{args.groups_per_step}"
+        )
     problems = [
         (args.grpo_iterations < 1, "--grpo-iterations must be at least 1"),
         (args.groups_per_step < 1, "--groups-per-step must be at least 1"),
@@ -400,6 +459,8 @@ PREFERENCE_PROMPT = """Summarize in one sentence what this user is looking for, 
 Conversation:
 {history}"""  # noqa: E501  (prompt text, kept verbatim)
 
+STOCK_FEEDBACK = "Hmm, not quite what I want."  # where the simulator wrote nothing
+
 IRRELEVANT_CHAT = (
     "By the way, the weather has been lovely this week.",
     "I had pasta for dinner yesterday.",
@@ -434,25 +495,55 @@ def candidate_line(catalog: Catalog, title: str) -> str:
 
 
 def recommender_prompt(
-    sample: Sample, candidates: list[str], feedback: str, context: str, n: int, catalog: Catalog
+    sample: Sample, candidates: list[str], feedback: str, turns: list[dict], n: int, catalog: Catalog, drop: int = 0
 ) -> str:
-    """Q = {Inst, D, I_D, I_cand, F}, with the earlier turns compressed to their feedback and lists (METHODS 3.9.8)."""
+    """Q = {Inst, D, I_D, I_cand, F}, with the earlier turns compressed to their feedback and lists (METHODS 3.9.8).
+    ``drop`` leaves out that many of the prompt's droppable parts (``droppable_parts``), the oldest first: the
+    dialogue's utterances before its latest user utterance, then the earlier turns' lines, the latest one last. The
+    instruction, I_D, the candidates, the latest user utterance and what follows it in the dialogue, the latest
+    preference, the feedback and the generation header always stay."""
+    history = render_history(sample.history)
+    in_dialogue = droppable_utterances(history)
     return RECOMMENDER_PROMPT.format(
-        history=render_history(sample.history),
+        history=drop_utterances(history, min(drop, in_dialogue)),
         mentioned=mentioned_text(sample),
-        context=context,
+        context=turn_context(turns, max(drop - in_dialogue, 0)),
         feedback=feedback or "(none yet)",
         candidates="\n".join(f"- {candidate_line(catalog, t)}" for t in candidates),
         n=n,
     )
 
 
-def turn_context(turns: list[dict]) -> str:
+def droppable_parts(sample: Sample, turns: list[dict]) -> int:
+    """How many parts of a recommender prompt may be left out to fit it: the dialogue's utterances before its latest
+    user utterance, and the earlier turns' lines."""
+    return droppable_utterances(render_history(sample.history)) + len(turns)
+
+
+def fitted_recommender_prompt(
+    tokenizer, sample: Sample, candidates: list[str], feedback: str, turns: list[dict], args: Args, catalog: Catalog
+) -> Fitted:
+    """The recommender prompt that fits the policy's window beside its output (--max-length minus --rec-max-tokens,
+    counted in the policy's chat template with its generation header and pre-filled tag), the oldest dialogue lines
+    and then the oldest earlier turns left out first (``recommender_prompt``). The sampler cuts nothing more off."""
+    prefix = output_prefix(args)
+    return fit_prompt(
+        lambda text: prompt_length(tokenizer, [{"role": "user", "content": text}], prefix),
+        lambda k: recommender_prompt(sample, candidates, feedback, turns, args.list_length, catalog, k),
+        droppable_parts(sample, turns),
+        args.max_length - args.rec_max_tokens,
+    )
+
+
+def turn_context(turns: list[dict], drop: int = 0) -> str:
     """The compressed C_{t-1} (METHODS.md 3.9.8): each earlier turn's feedback and list (titles only) and the latest
-    preference inference P_{t-1}; the earlier reasoning is dropped, so that T turns fit the context."""
-    lines = [
+    preference inference P_{t-1}; the earlier reasoning is dropped, so that T turns fit the context. ``drop`` leaves
+    out the oldest turns' lines, a note in their place (the latest preference stays)."""
+    drop = min(drop, len(turns))
+    lines = [f"({drop} earlier turn{'s' if drop > 1 else ''} left out)\n"] if drop else []
+    lines += [
         f"Turn {t['turn']}: feedback: {t['feedback'] or '-'}; list: {', '.join(listed_titles(t['ranked'])) or '-'}\n"
-        for t in turns
+        for t in turns[drop:]
     ]
     if turns and turns[-1]["preference"]:
         lines.append(f"Latest preference: {turns[-1]['preference']}\n")
@@ -504,14 +595,27 @@ def rank_list_text(answer: str) -> str | None:
     return None
 
 
+# Where one entry of a list ends: a comma, a semicolon or a line break, or a number or bullet that opens the next
+# entry ("1. ", "2) ", "- ", "* ", "• "), always outside brackets.
+ENTRY_MARK = re.compile(r"(?:^|(?<=\s))(?:\d{1,3}[.)]|[-*\u2022])\s+")
+
+
 def top_level_pieces(text: str) -> list[str]:
-    """``text`` split at the commas outside any brackets: "Alien (1979) (sci-fi, horror)" stays one piece."""
-    pieces, depth, start = [], 0, 0
-    for k, char in enumerate(text):
-        depth += 1 if char in "([{" else -1 if char in ")]}" else 0
-        if char == "," and depth <= 0:
-            pieces.append(text[start:k])
-            start = k + 1
+    """``text`` split into the entries of a list, whatever its layout: at the commas, semicolons and line breaks
+    outside any brackets ("Alien (1979) (sci-fi, horror)" stays one piece), and before an entry's number or bullet
+    ("1. Alien 2. Up" is two pieces, as is one title a line)."""
+    depth, depths = 0, []
+    for char in text:
+        depth += 1 if char in "([{" else 0
+        depths.append(depth)
+        depth = max(depth - (char in ")]}"), 0)  # the ")" of a "1)" closes nothing
+    cuts = [(k, k + 1) for k, char in enumerate(text) if char in ",;\n" and depths[k] == 0]
+    cuts += [m.span() for m in ENTRY_MARK.finditer(text) if depths[m.start()] == 0]
+    pieces, start = [], 0
+    for cut_start, cut_end in sorted(cuts):
+        if cut_start >= start:
+            pieces.append(text[start:cut_start])
+            start = cut_end
     return pieces + [text[start:]]
 
 
@@ -530,9 +634,10 @@ def fuzzy_candidate(piece: str, candidates: list[str]) -> str | None:
 def parse_rank_list(text: str, candidates: list[str]) -> list[str | None] | None:
     """R_t: the entries of the answer's RANK LIST in order, each the candidate it names, or None for an entry that
     names no candidate or repeats an earlier one; None without a list. Titles can hold commas and brackets, so the
-    candidates' titles are found first (whole words, longest first); the entries are what the commas outside
-    brackets separate, and an entry with no exact title is fuzzy-matched to the unnamed candidates. An entry that
-    is None keeps its place: Eq. 18's position counts every entry written above the target (docs/smtpo.md)."""
+    candidates' titles are found first (whole words, longest first); the entries are what ``top_level_pieces``
+    separates, in every layout a model writes (commas, semicolons, one title a line, numbered or bulleted), and an
+    entry with no exact title is fuzzy-matched to the unnamed candidates. An entry that is None keeps its place:
+    Eq. 18's position counts every entry written above the target (docs/smtpo.md)."""
     _, answer = split_output(text)
     inside = rank_list_text(answer)
     if inside is None:
@@ -687,9 +792,20 @@ def info_nce_loss(scores: torch.Tensor) -> torch.Tensor:
 
 class FusionHead(torch.nn.Module):
     """The dual-view fusion (Eq. 9-11). The adapter maps text embeddings to the graph's size, e_s' = W2 (W1 e_s + b1)
-    + b2; the collaborative view attends from e_s' over the entity embeddings of I_D and the list R, the semantic
-    view from their mean over the adapted embeddings of the dialogue, the feedback and the preference; the
-    conversation is e = [e_c^ ; e_s^] and an item [i_c ; i_s]. ``views`` keeps one side only (the ablations)."""
+    + b2. With ``views="both"`` (SMTPO's retriever) the collaborative view attends from e_s' over the entity
+    embeddings of I_D and the list R, the semantic view from their mean over the adapted embeddings of the dialogue,
+    the feedback and the preference; the conversation is e = [e_c^ ; e_s^] and an item [i_c ; i_s], the score their
+    dot product (Eq. 11). ``views="graph"`` is the collaborative view alone (its attention queried from the pooled
+    entities: no text reaches it) and ``views="text"`` the semantic view alone (queried from the pooled adapted
+    texts): the single-view retrievers the fused one is compared with (docs/benchmarks.md), not Table 2's w/o Rec or
+    w/o Pref, which take an input away from the fused retriever (--ablations).
+
+    Two choices the paper leaves open make the fused head at least as good as its better view (docs/smtpo.md): the
+    graph embeddings enter at unit length, as the text encoder's do, so neither view's score outweighs the other by
+    its encoder's scale; and the value projections W_V start at the identity, so each view's score starts as its
+    encoder's own similarity (mean entity . item, adapted text . adapted item) and training refines it. From a
+    random W_V each view starts as noise, and a view without information then drowns the other (on INSPIRED the
+    fused head fell to the text view's recall)."""
 
     def __init__(self, text_dim: int, graph_dim: int, views: str = "both"):
         super().__init__()
@@ -698,7 +814,13 @@ class FusionHead(torch.nn.Module):
         )
         self.graph_q, self.graph_k, self.graph_v = (torch.nn.Linear(graph_dim, graph_dim, bias=False) for _ in range(3))
         self.text_q, self.text_k, self.text_v = (torch.nn.Linear(graph_dim, graph_dim, bias=False) for _ in range(3))
+        for value in (self.graph_v, self.text_v):
+            torch.nn.init.eye_(value.weight)
         self.views = views
+        # (w_c, w_s): each view's weight in the score; the fused head's are picked on held-out turns (VIEW_WEIGHTS)
+        self.register_buffer(
+            "view_weights", torch.tensor({"both": [1.0, 1.0], "graph": [1.0, 0.0]}.get(views, [0, 1.0]))
+        )
 
     @staticmethod
     def attend(query, keys, values, mask):
@@ -708,41 +830,47 @@ class FusionHead(torch.nn.Module):
 
     def forward(self, texts, text_mask, entities, entity_mask):
         """texts [B, 3, Ds] (dialogue, feedback, preference), entities [B, M, Dc] -> e [B, 2 Dc]."""
+        entities = F.normalize(entities, dim=-1)
         adapted = self.adapter(texts)
         pooled_text = (adapted * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp(min=1)
         pooled_graph = (entities * entity_mask[..., None]).sum(1) / entity_mask.sum(1, keepdim=True).clamp(min=1)
-        graph = self.attend(self.graph_q(pooled_text), self.graph_k(entities), self.graph_v(entities), entity_mask)
-        text = self.attend(self.text_q(pooled_graph), self.text_k(adapted), self.text_v(adapted), text_mask)
-        if self.views == "text":
-            graph = torch.zeros_like(graph)
-        if self.views == "graph":
-            text = torch.zeros_like(text)
-        return torch.cat([graph, text], dim=-1)
+        graph_query = pooled_graph if self.views == "graph" else pooled_text  # Eq. 10: each view queried by the other
+        text_query = pooled_text if self.views == "text" else pooled_graph
+        graph = self.attend(self.graph_q(graph_query), self.graph_k(entities), self.graph_v(entities), entity_mask)
+        text = self.attend(self.text_q(text_query), self.text_k(adapted), self.text_v(adapted), text_mask)
+        return torch.cat([graph * self.view_weights[0], text * self.view_weights[1]], dim=-1)
 
     def items(self, item_graph_embeddings, item_text_embeddings):
-        """[i_c ; i_s] for every item [I, 2 Dc]; i_s goes through the same adapter (METHODS.md 3.3)."""
-        return torch.cat([item_graph_embeddings, self.adapter(item_text_embeddings)], dim=-1)
+        """[i_c ; i_s] for every item [I, 2 Dc]; i_c at unit length, i_s through the same adapter (METHODS.md 3.3)."""
+        return torch.cat([F.normalize(item_graph_embeddings, dim=-1), self.adapter(item_text_embeddings)], dim=-1)
 
 
 class Retriever:
     """The trained retriever at inference: the frozen encoders, the fusion head, and top-k recall over the catalog
-    with the target never forced in and the mentioned items excluded."""
+    with the target never forced in and the mentioned items excluded. The text encoder runs on ``device``."""
 
-    def __init__(self, head: FusionHead, nodes: list[str], node_embeddings: torch.Tensor, catalog: Catalog):
-        self.head, self.catalog = head.eval(), catalog
+    def __init__(
+        self, head: FusionHead, nodes: list[str], node_embeddings: torch.Tensor, catalog: Catalog, device=None
+    ):
+        self.head, self.catalog, self.device = head.eval(), catalog, device
         self.node_index = {name: k for k, name in enumerate(nodes)}
         self.node_embeddings = node_embeddings
         item_graph_embeddings = node_embeddings[: len(catalog)]
         with torch.no_grad():
             self.item_matrix = head.items(item_graph_embeddings, torch.from_numpy(catalog.embeddings()))
 
-    def conversation_inputs(self, samples: list[Sample], feedback: list[str], preference: list[str], lists):
-        """(texts, text_mask, entities, entity_mask) for a batch: the three texts embedded (an empty one masked),
-        and the graph embeddings of I_D and the list R."""
-        texts = [[render_history(s.history), f, p] for s, f, p in zip(samples, feedback, preference)]
-        flat = self.catalog.encode([t or " " for row in texts for t in row])
-        text_embeddings = torch.from_numpy(flat).view(len(samples), 3, -1)
-        text_mask = torch.tensor([[bool(t) for t in row] for row in texts])
+    def embed_texts(self, texts: list[list[str]], encode=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings [B, 3, Ds], mask [B, 3]) of each turn's three texts: the dialogue, the feedback, the
+        preference (an empty one masked). The dialogue keeps its end where it is longer than the encoder's window
+        (its latest utterances); ``encode(texts, keep_end)`` embeds (default: the catalog's encoder, here)."""
+        encode = encode or (lambda batch, keep_end: self.catalog.encode(batch, keep_end, self.device))
+        dialogues = encode([row[0] or " " for row in texts], True)
+        others = encode([t or " " for row in texts for t in row[1:]], False).reshape(len(texts), 2, -1)
+        embeddings = torch.from_numpy(np.concatenate([dialogues[:, None], others], axis=1))
+        return embeddings, torch.tensor([[bool(t) for t in row] for row in texts])
+
+    def embed_entities(self, samples: list[Sample], lists) -> tuple[torch.Tensor, torch.Tensor]:
+        """(entities [B, M, Dc], mask [B, M]): the graph embeddings of I_D and the list R."""
         names = [[n for n in s.mentioned + list(r) if n in self.node_index] for s, r in zip(samples, lists)]
         width = max(1, max(len(n) for n in names))
         entities = torch.zeros(len(samples), width, self.node_embeddings.shape[1])
@@ -752,14 +880,23 @@ class Retriever:
                 entities[row, column] = self.node_embeddings[self.node_index[name]]
                 entity_mask[row, column] = True
         entity_mask[:, 0] |= ~entity_mask.any(1)  # nothing known: attend to a zero vector
-        return text_embeddings, text_mask, entities, entity_mask
+        return entities, entity_mask
 
-    def training_turns(self, samples: list[Sample], feedback, preference, lists) -> RetrieverTurns:
-        """``samples`` as the fusion head trains and early-stops on them: the frozen encoders' views, computed once."""
+    def conversation_inputs(
+        self, samples: list[Sample], feedback: list[str], preference: list[str], lists, encode=None
+    ):
+        """(texts, text_mask, entities, entity_mask) for a batch of turns."""
+        texts = [[render_history(s.history), f, p] for s, f, p in zip(samples, feedback, preference)]
+        return *self.embed_texts(texts, encode), *self.embed_entities(samples, lists)
+
+    def training_turns(self, samples: list[Sample], feedback, preference, lists, first_turn, encode=None):
+        """``samples`` as the fusion head trains and early-stops on them: the frozen encoders' views, computed once
+        (``encode``: over the ranks, in training)."""
         titles = {title: k for k, title in enumerate(self.catalog.titles)}
         mentioned = [[titles[t] for t in s.mentioned if t in titles] for s in samples]
         targets = torch.tensor([titles[s.target] for s in samples])
-        return RetrieverTurns(*self.conversation_inputs(samples, feedback, preference, lists), targets, mentioned)
+        views = self.conversation_inputs(samples, feedback, preference, lists, encode)
+        return RetrieverTurns(*views, targets, mentioned, torch.tensor(first_turn, dtype=torch.bool))
 
     @torch.no_grad()
     def retrieve(self, samples, feedback, preference, lists, k: int) -> list[list[str]]:
@@ -775,7 +912,7 @@ class Retriever:
 @dataclass
 class RetrieverTurns:
     """Turns as the fusion head reads them: the frozen encoders' views (Eq. 7-8), the target item and the mentioned
-    items (never retrieved, never negatives), by catalog index."""
+    items (never retrieved, never negatives), by catalog index, and which are in the turn-1 pattern (no F, P, R)."""
 
     texts: torch.Tensor  # [N, 3, Ds]: the dialogue, the feedback, the preference
     text_mask: torch.Tensor  # [N, 3]
@@ -783,6 +920,7 @@ class RetrieverTurns:
     entity_mask: torch.Tensor  # [N, M]
     targets: torch.Tensor  # [N]
     mentioned: list[list[int]]
+    first_turn: torch.Tensor | None = None  # [N]: the turn-1 pattern
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -790,12 +928,25 @@ class RetrieverTurns:
     def views(self, rows=slice(None)) -> tuple[torch.Tensor, ...]:
         return self.texts[rows], self.text_mask[rows], self.entities[rows], self.entity_mask[rows]
 
+    def to(self, device) -> RetrieverTurns:
+        tensors = (self.texts, self.text_mask, self.entities, self.entity_mask, self.targets)
+        return RetrieverTurns(*(t.to(device) for t in tensors), self.mentioned, self.first_turn)
+
+    def subset(self, rows: torch.Tensor) -> RetrieverTurns:
+        """The turns at ``rows`` (a boolean mask or indices)."""
+        rows = rows.nonzero().squeeze(1) if rows.dtype == torch.bool else rows
+        first = self.first_turn[rows] if self.first_turn is not None else None
+        picked = [self.mentioned[k] for k in rows.tolist()]
+        return RetrieverTurns(
+            *self.views(rows.to(self.texts.device)), self.targets[rows.to(self.texts.device)], picked, first
+        )
+
     def excluded(self, rows: torch.Tensor, num_items: int) -> torch.Tensor:
-        """[len(rows), I]: True on each row's target and mentioned items."""
+        """[len(rows), I] on the CPU: True on each row's target and mentioned items."""
         mask = torch.zeros(len(rows), num_items, dtype=torch.bool)
         for row, k in enumerate(rows.tolist()):
             mask[row, self.mentioned[k]] = True
-        mask[torch.arange(len(rows)), self.targets[rows]] = True
+        mask[torch.arange(len(rows)), self.targets.cpu()[rows]] = True
         return mask
 
 
@@ -808,18 +959,36 @@ def sample_negatives(excluded: torch.Tensor, count: int, generator: torch.Genera
 
 
 @torch.no_grad()
+def view_scores(head: FusionHead, turns: RetrieverTurns, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(collaborative, semantic) halves of ``head``'s score of every item for every turn [N, I] each, as weighted
+    now, the mentioned items at -inf (never retrieved)."""
+    was_training = head.training
+    head.eval()
+    conversations, width = head(*turns.views()), items.shape[-1] // 2
+    head.train(was_training)
+    halves = conversations[:, :width] @ items[:, :width].T, conversations[:, width:] @ items[:, width:].T
+    for half in halves:
+        for row, mentioned in enumerate(turns.mentioned):
+            half[row, mentioned] = float("-inf")
+    return halves
+
+
+def ranked_recall(scores: torch.Tensor, targets: torch.Tensor, ks=(1, 10, 20)) -> dict[str, float]:
+    """Recall@k of the ranking ``scores`` [N, I] for the ``targets`` [N]."""
+    ranks = (scores > scores.gather(1, targets[:, None])).sum(1)  # 0-based rank of the target
+    return {f"recall@{k}": float((ranks < k).float().mean()) for k in ks}
+
+
 def held_out_recall(head: FusionHead, turns: RetrieverTurns, items: torch.Tensor, ks=(1, 10, 20)) -> dict[str, float]:
     """Recall@k of ``head`` over the whole catalog on ``turns``, the mentioned items never retrieved (as at
     inference)."""
-    was_training = head.training
-    head.eval()
-    scores = head(*turns.views()) @ items.T
-    for row, mentioned in enumerate(turns.mentioned):
-        scores[row, mentioned] = float("-inf")
-    head.train(was_training)
-    target_scores = scores.gather(1, turns.targets[:, None])
-    ranks = (scores > target_scores).sum(1)  # 0-based rank of the target
-    return {f"recall@{k}": float((ranks < k).float().mean()) for k in ks}
+    graph, text = view_scores(head, turns, items)
+    return ranked_recall(graph + text, turns.targets, ks)
+
+
+# The weights (w_c, w_s) of the collaborative and the semantic score that the fused head's early stopping tries on
+# the held-out turns after every epoch: Eq. 11's plain sum first (kept on a tie), each view alone last.
+VIEW_WEIGHTS = ((1.0, 1.0), (1.0, 0.5), (0.5, 1.0), (1.0, 0.25), (0.25, 1.0), (1.0, 0.0), (0.0, 1.0))
 
 
 def random_recall(turns: RetrieverTurns, num_items: int, ks=(1, 10, 20)) -> dict[str, float]:
@@ -861,6 +1030,8 @@ def simulator_jobs(sample: Sample, catalog: Catalog, args: Args) -> tuple[list[d
         }
         for kind, items in rng.sample(sorted(lists.items()), args.simulator_lists)
     ]
+    if "single-task-simulator" in args.ablations:  # feedback generation alone
+        return jobs, []
     history, mentioned = render_history(sample.history), mentioned_text(sample)
     attributes = "; ".join(sorted(attributes_of(catalog, sample.target))) or "no attributes"
     examples = [
@@ -889,15 +1060,18 @@ def simulate_feedback(
     args: Args,
     rng: random.Random,
     controls: bool = True,
-) -> list[str]:
-    """The simulator's task 1 at inference: F_t from (D, I_D, R_{t-1}), greedy. With ``controls``, Table 3's: a
-    blind simulator never sees the list (--blind-simulator); noisy feedback is irrelevant chat (--noisy-feedback)."""
+) -> tuple[list[str], list[bool]]:
+    """The simulator's task 1 at inference: F_t from (D, I_D, R_{t-1}), greedy, and for each whether it was empty and
+    the stock line STOCK_FEEDBACK stands in for it (counted: a run whose simulator says nothing learns from no
+    feedback). With ``controls``, Table 3's: a blind simulator never sees the list (--blind-simulator); noisy
+    feedback is irrelevant chat (--noisy-feedback)."""
     if controls and args.noisy_feedback:
-        return [rng.choice(IRRELEVANT_CHAT) for _ in samples]
+        return [rng.choice(IRRELEVANT_CHAT) for _ in samples], [False] * len(samples)
     blind = controls and args.blind_simulator
     prompts = [feedback_prompt(s, [] if blind else items, catalog) for s, items in zip(samples, lists)]
     outputs = simulator.chat([[{"role": "user", "content": p}] for p in prompts], max_tokens=args.feedback_max_tokens)
-    return [" ".join(text.split()) or "Hmm, not quite what I want." for (text,) in outputs]
+    texts = [" ".join(text.split()) for (text,) in outputs]
+    return [text or STOCK_FEEDBACK for text in texts], [not text for text in texts]
 
 
 # =============================================================================================== the teacher
@@ -971,23 +1145,20 @@ def rollout(
     and ask the simulator for F_{t+1}. Training rollouts stop once the target is ranked first (METHODS.md 3.9.3);
     evaluation runs all T turns, under Table 3's controls if asked. Returns each sample's turns."""
     feedback, preference, lists = [""] * len(samples), [""] * len(samples), [[] for _ in samples]
+    substituted = [False] * len(samples)  # F_t is the stock line: the simulator wrote nothing
     turns: list[list[dict]] = [[] for _ in samples]
     live = list(range(len(samples)))
     for t in range(1, args.max_turns + 1):
         if not live:
             break
         batch = [samples[i] for i in live]
-        candidates = roles.retriever.retrieve(
-            batch,
-            [feedback[i] for i in live],
-            [preference[i] for i in live],
-            [lists[i] for i in live],
-            args.num_candidates,
-        )
-        prompts = [
-            recommender_prompt(s, c, feedback[i], turn_context(turns[i]), args.list_length, data.catalog)
+        reads = [retriever_reads(args, feedback[i], preference[i], lists[i]) for i in live]
+        candidates = roles.retriever.retrieve(batch, *[list(column) for column in zip(*reads)], args.num_candidates)
+        fitted = [
+            fitted_recommender_prompt(roles.policy.tokenizer, s, c, feedback[i], turns[i], args, data.catalog)
             for i, s, c in zip(live, batch, candidates)
         ]
+        prompts = [f.text for f in fitted]
         prefix = output_prefix(args)
         completions = roles.policy.complete(
             [[{"role": "user", "content": p}] for p in prompts],
@@ -997,7 +1168,7 @@ def rollout(
             prefix=prefix,
             max_prompt_tokens=args.max_length - args.rec_max_tokens,
         )
-        for i, sample, prompt, cands, samples_i in zip(live, batch, prompts, candidates, completions):
+        for i, sample, fit, cands, samples_i in zip(live, batch, fitted, candidates, completions):
             texts = [prefix + c.text for c in samples_i]  # the pre-filled tag belongs to the output's format
             rewards = []
             if sample.key in roles.references:
@@ -1024,11 +1195,17 @@ def rollout(
             turn = {
                 "turn": t,
                 "feedback": feedback[i],
+                "feedback_substituted": substituted[i],
                 "candidates": cands,
-                "prompt": prompt,
+                "target_in_candidates": sample.target in cands,
+                "prompt": fit.text,
+                "prompt_parts_dropped": fit.dropped_parts,  # dialogue lines and earlier turns left out to fit
+                "prompt_tokens_dropped": fit.dropped_tokens,
+                "prompt_over_budget": fit.tokens > args.max_length - args.rec_max_tokens,  # the sampler cuts it
                 "outputs": texts,
                 "rewards": rewards,
                 "chosen": chosen,
+                "fallback": not valid,  # no output named a candidate: the dialogue went on with output 0
                 "ranked": ranked,
                 "preference": preference[i],
             }
@@ -1037,13 +1214,13 @@ def rollout(
             turns[i].append(turn)
         if training:
             live = [i for i in live if not (turns[i][-1]["ranked"][:1] == [samples[i].target])]
-        if t < args.max_turns and live:
+        if t < args.max_turns and live and "no-feedback" not in args.ablations:  # w/o Feedback: no simulator
             batch_lists = [lists[i] for i in live]
-            new = simulate_feedback(
+            new, stock = simulate_feedback(
                 roles.simulator, [samples[i] for i in live], batch_lists, data.catalog, args, rng, controls=not training
             )
-            for i, text in zip(live, new):
-                feedback[i] = text
+            for i, text, flag in zip(live, new, stock):
+                feedback[i], substituted[i] = text, flag
     return turns
 
 
@@ -1051,14 +1228,36 @@ def rollout(
 
 
 def encode_example(tokenizer, prompt: str, completion: str, max_length: int, prefix: str = "") -> dict:
-    """Token ids and completion mask of one example; a pre-filled ``prefix`` of the completion goes to the prompt."""
+    """Token ids and completion mask of one example; a pre-filled ``prefix`` of the completion goes to the prompt.
+    The prompt is fitted beside the completion within ``max_length`` as a rollout's prompt is: the oldest dialogue
+    lines go first (common/tokens.py's ``fit_prompt``), never the instruction, the latest user utterance or the
+    generation header. ``prompt_tokens_dropped`` counts what the fit left out; ``cut`` marks an example that still
+    did not fit (its oldest tokens cut: a completion longer than the room left)."""
     if prefix and completion.startswith(prefix):
         completion = completion[len(prefix) :]
     else:
         prefix = ""
-    messages = [{"role": "user", "content": prompt}]
+    completion_tokens = len(tokenizer(completion, add_special_tokens=False)["input_ids"]) + 1  # and the eos
+    fit = fit_prompt(
+        lambda text: prompt_length(tokenizer, [{"role": "user", "content": text}], prefix),
+        lambda k: drop_utterances(prompt, k),
+        droppable_utterances(prompt),
+        max_length - completion_tokens,
+    )
+    messages = [{"role": "user", "content": fit.text}]
     ids, mask = encode_prompt_completion(tokenizer, messages, completion, max_length, prefix)
-    return {"input_ids": ids, "completion_mask": mask}
+    cut = fit.tokens + completion_tokens > max_length
+    return {"input_ids": ids, "completion_mask": mask, "prompt_tokens_dropped": fit.dropped_tokens, "cut": cut}
+
+
+def fitting_metrics(examples: list[dict], prefix: str) -> dict[str, int]:
+    """How many training examples lost dialogue lines to fit --max-length, the tokens they lost, and how many still
+    had to be cut (0 unless a completion alone fills the window)."""
+    return {
+        f"{prefix}/truncated_examples": sum(e["prompt_tokens_dropped"] > 0 for e in examples),
+        f"{prefix}/prompt_tokens_dropped": sum(e["prompt_tokens_dropped"] for e in examples),
+        f"{prefix}/examples_cut": sum(e["cut"] for e in examples),
+    }
 
 
 def output_prefix(args: Args) -> str:
@@ -1088,6 +1287,8 @@ def teacher_texts(run: Run, args: Args, records, jobs: list[dict], max_tokens: i
 
 def load_simulator(run: Run, args: Args):
     """The tuned simulator (its adapter merged), as an LLM for feedback; the base model only if asked for."""
+    if "no-feedback" in args.ablations:  # w/o Feedback: no simulator anywhere
+        return None
     adapters = [run.dir / "simulator_adapter"] if run.finished("simulator_adapter") else []
     if not adapters and not args.untrained_simulator:
         raise DataError(
@@ -1104,6 +1305,9 @@ def train_simulator(run: Run, args: Args, data: Data) -> dict:
     """Sec. 3.2: the simulator's three tasks mixed into one instruction set, then LoRA SFT with the masked NLL of the
     outputs (Eq. 6, common/sft.py). Inference uses the feedback task alone."""
     if run.finished("simulator_adapter"):
+        return {}
+    if "no-feedback" in args.ablations:
+        print("--ablations no-feedback: no simulator is trained") if run.main else None
         return {}
     records = run.records("simulator_data.jsonl")
     done, jobs = records.done_keys(), []
@@ -1134,7 +1338,8 @@ def train_simulator(run: Run, args: Args, data: Data) -> dict:
     )
     save_final(run.accelerator, model, run.dir / "simulator_adapter", {"examples": len(examples)})
     tasks = [r["task"] for r in rows]
-    return {f"simulator/{task}_examples": tasks.count(task) for task in ("feedback", "alignment", "prediction")}
+    counts = {f"simulator/{task}_examples": tasks.count(task) for task in ("feedback", "alignment", "prediction")}
+    return counts | fitting_metrics(examples, "simulator")
 
 
 def reference_preferences(run: Run, args: Args, data: Data, samples: list[Sample]) -> dict[str, str]:
@@ -1160,6 +1365,13 @@ def reference_preferences(run: Run, args: Args, data: Data, samples: list[Sample
     return {r["key"]: r["completion"] for r in run.exchange(records)}
 
 
+def human_list(sample: Sample, catalog: Catalog, args: Args) -> tuple[str, list[str]]:
+    """(kind, items): the one of a training turn's four lists R_human that the retriever and the SFT prompt read,
+    with the simulator's feedback on it, drawn seeded by the turn."""
+    rng = random.Random(f"{args.seed}:{sample.key}")
+    return rng.choice(sorted(simulator_lists(sample, catalog, args.list_length, rng).items()))
+
+
 def human_list_feedback(run: Run, args: Args, data: Data, samples: list[Sample]) -> dict[str, dict]:
     """The tuned simulator's feedback F on one of each turn's four lists R_human (seeded by the turn), the retriever's
     and the SFT prompts' feedback input (METHODS.md 3.3)."""
@@ -1167,64 +1379,134 @@ def human_list_feedback(run: Run, args: Args, data: Data, samples: list[Sample])
     done = records.done_keys()
     todo = [s for s in run.shard(samples) if s.key not in done]
     if todo:
-        simulator, lists = load_simulator(run, args), []
-        for sample in todo:
-            rng = random.Random(f"{args.seed}:{sample.key}")
-            kind, items = rng.choice(sorted(simulator_lists(sample, data.catalog, args.list_length, rng).items()))
-            lists.append((kind, items))
+        simulator, lists = load_simulator(run, args), [human_list(sample, data.catalog, args) for sample in todo]
         for start in range(0, len(todo), args.batch_size):
             chunk, chunk_lists = todo[start : start + args.batch_size], lists[start : start + args.batch_size]
             items = [items for _, items in chunk_lists]
-            texts = simulate_feedback(simulator, chunk, items, data.catalog, args, random.Random(args.seed), False)
-            for sample, (kind, items), text in zip(chunk, chunk_lists, texts):
-                records.append({"key": sample.key, "list": kind, "items": items, "feedback": text})
+            texts, stock = simulate_feedback(
+                simulator, chunk, items, data.catalog, args, random.Random(args.seed), False
+            )
+            for sample, (kind, items), text, substituted in zip(chunk, chunk_lists, texts, stock):
+                records.append(
+                    {"key": sample.key, "list": kind, "items": items, "feedback": text, "substituted": substituted}
+                )
     return {r["key"]: r for r in run.exchange(records)}
+
+
+def retriever_reads(args: Args, feedback: str, preference: str, items: list[str], target: str | None = None):
+    """(F, P, R) as the retriever reads them under --ablations: w/o Rec (no-rec) never reads the list R, w/o Pref
+    (no-pref) never the preference P, w/o Feedback (no-feedback) has no F. With a ``target``, R loses it: a
+    training turn's list R_human holds the target in half the turns (H+, S+), and the head would learn to find the
+    answer among its inputs, which no turn gives it."""
+    items = [t for t in items if t != target] if "no-rec" not in args.ablations else []
+    preference = "" if "no-pref" in args.ablations else preference
+    return ("" if "no-feedback" in args.ablations else feedback), preference, items
+
+
+def retriever_texts(run: Run, args: Args, data: Data, samples: list[Sample]) -> dict[str, tuple[str, str, list]]:
+    """Each training turn's (F, P, R_human) for the retriever: the simulator's feedback on the turn's list and the
+    teacher's reference preference (--retriever-inputs all), nothing but the list (lists) or nothing (dialogue):
+    the last two make no LLM call."""
+    if args.retriever_inputs == "dialogue":
+        return {s.key: ("", "", []) for s in samples}
+    if args.retriever_inputs == "lists":
+        return {s.key: ("", "", human_list(s, data.catalog, args)[1]) for s in samples}
+    preferences = reference_preferences(run, args, data, samples)
+    if "no-feedback" in args.ablations:  # no simulator: the list alone
+        return {s.key: ("", preferences[s.key], human_list(s, data.catalog, args)[1]) for s in samples}
+    feedback = human_list_feedback(run, args, data, samples)
+    return {s.key: (feedback[s.key]["feedback"], preferences[s.key], feedback[s.key]["items"]) for s in samples}
+
+
+def retriever_examples(samples: list[Sample], texts: dict, args: Args) -> tuple[list, list, list, list, list]:
+    """(samples, F, P, R, first turn?) of the fusion head's examples, in the two patterns it meets at inference:
+    every training turn as at turn 1 (no F, P or R: the cold start) and, where it has any of them, as at a later
+    turn (F, P and R with the target taken out, ``retriever_reads``)."""
+    rows = []
+    for sample in samples:
+        feedback, preference, items = retriever_reads(args, *texts[sample.key], target=sample.target)
+        rows.append((sample, "", "", [], True))
+        if feedback or preference or items:
+            rows.append((sample, feedback, preference, items, False))
+    return tuple(list(column) for column in zip(*rows))
+
+
+def encode_over_ranks(run: Run, catalog: Catalog, texts: list[str], keep_end: bool) -> np.ndarray:
+    """``catalog.encode`` of ``texts``, shared over the ranks: each encodes its share of the distinct texts on its
+    own device and every rank gets them all. On one CPU thread, rank 0 alone would take hours on the full ReDial
+    split while the others wait at a barrier (docs/smtpo.md). A collective: every rank calls it with the same
+    texts."""
+    distinct = list(dict.fromkeys(texts))
+    share = run.shard(list(range(len(distinct))))
+    vectors = catalog.encode([distinct[k] for k in share], keep_end, run.device) if share else []
+    table = {}
+    for indices, block in run.gather([(share, vectors)]):
+        table |= {distinct[k]: vector for k, vector in zip(indices, block)}
+    return np.stack([table[text] for text in texts])
 
 
 def train_retriever(run: Run, args: Args, data: Data) -> dict:
     """Sec. 3.3: LightGCN on the item-entity graph pretrained with BPR (Eq. 8) and frozen; then the fusion head
-    (Eq. 9-11) trained with InfoNCE (Eq. 12) on the training turns, with the simulator's feedback and the reference
-    preference as texts and I_D plus R_human as entities, early-stopped on the held-out turns' recall. The text-only
-    and graph-only heads are trained the same way, for the "w/o Rec" and "w/o Pref" comparison, and a random
-    ranking gives the chance level. The head is small: rank 0 trains it and the others read it."""
+    (Eq. 9-11) trained with InfoNCE (Eq. 12) on the training turns, early-stopped on the held-out turns' recall. Each
+    turn is an example as at turn 1 (the dialogue and I_D alone) and as at a later turn (with the simulator's
+    feedback on a list R_human, the teacher's reference preference and that list without the target as entities),
+    ``retriever_examples``. The text-only and graph-only heads (the single views, FusionHead) are trained beside it,
+    and a random ranking gives the chance level; held-out recall is logged over all turns and for each pattern
+    (turn1/, later/). The ranks share the text encoding, on their own devices, and the three heads (each is small);
+    rank 0 saves them."""
     if run.finished("retriever"):
         return json.loads((run.dir / "retriever" / "metrics.json").read_text())
-    samples = data.train + data.held_out
-    if args.retriever_inputs == "dialogue":  # an empty text is masked out of the fusion
-        preferences, feedback = {s.key: "" for s in samples}, {s.key: {"feedback": "", "items": []} for s in samples}
-    else:
-        preferences = reference_preferences(run, args, data, samples)
-        feedback = human_list_feedback(run, args, data, samples)
-    metrics = {}
+    texts = retriever_texts(run, args, data, data.train + data.held_out)
+    torch.manual_seed(args.seed)
+    nodes, edges = item_graph(data.catalog)
+    node_embeddings = run.gather([pretrain_lightgcn(nodes, edges, len(data.catalog), args) if run.main else None])[0]
+    encoders = Retriever(
+        FusionHead(data.catalog.encode(["x"]).shape[1], args.gcn_dim), nodes, node_embeddings, data.catalog
+    )
+    started = time.time()
+
+    def encode(batch: list[str], keep_end: bool) -> np.ndarray:
+        return encode_over_ranks(run, data.catalog, batch, keep_end)
+
+    train = encoders.training_turns(*retriever_examples(data.train, texts, args), encode=encode)
+    held_out = encoders.training_turns(*retriever_examples(data.held_out, texts, args), encode=encode)
+    encoding = {"perf/retriever_encode_seconds": time.time() - started}
+    items = (node_embeddings[: len(data.catalog)], torch.from_numpy(data.catalog.embeddings()))
+    on_device = [t.to(run.device) for t in items]
+    fitted = {}
+    for views in [v for k, v in enumerate(HEADS) if k % run.world == run.rank]:  # the heads over the ranks
+        state, found, history = fit_fusion_head(train.to(run.device), held_out.to(run.device), *on_device, views, args)
+        fitted[views] = (state, found | pattern_recall(state, views, held_out, *items), history)
+    fitted = {views: result for part in run.gather([fitted]) for views, result in part.items()}
+    metrics = encoding | {"retriever/training_examples": len(train), "retriever/held_out_examples": len(held_out)}
+    metrics |= {"retriever/training_turns": len(data.train), "retriever/held_out_turns": len(data.held_out)}
     if run.main:
-        torch.manual_seed(args.seed)
-        nodes, edges = item_graph(data.catalog)
-        node_embeddings = pretrain_lightgcn(nodes, edges, len(data.catalog), args)
-        encoders = Retriever(
-            FusionHead(data.catalog.encode(["x"]).shape[1], args.gcn_dim), nodes, node_embeddings, data.catalog
-        )
-
-        def turns(part: list[Sample]) -> RetrieverTurns:
-            texts = [(feedback[s.key]["feedback"], preferences[s.key], feedback[s.key]["items"]) for s in part]
-            return encoders.training_turns(part, *([list(column) for column in zip(*texts)]))
-
-        train, held_out = turns(data.train), turns(data.held_out)
-        items = (node_embeddings[: len(data.catalog)], torch.from_numpy(data.catalog.embeddings()))
-        heads = {}
-        for views in ("both", "text", "graph"):
-            heads[views], found, history = fit_fusion_head(train, held_out, *items, views, args)
-            for epoch in history:
+        for views in HEADS:
+            for epoch in fitted[views][2]:
                 run.log_step({f"train_retriever/{views}/{k}": v for k, v in epoch.items()}, epoch["seconds"])
-            metrics |= {f"retriever/{views}/{k}": v for k, v in found.items()}
+            metrics |= {f"retriever/{views}/{k}": v for k, v in fitted[views][1].items()}
         metrics |= {f"retriever/random/{k}": v for k, v in random_recall(held_out, len(data.catalog)).items()}
-        metrics |= {"retriever/held_out_turns": len(held_out), "retriever/training_turns": len(train)}
         folder = run.dir / "retriever"
         folder.mkdir(parents=True, exist_ok=True)
+        heads = {views: fitted[views][0] for views in HEADS}
         torch.save({"nodes": nodes, "node_embeddings": node_embeddings, "heads": heads}, folder / "retriever.pt")
         (folder / "metrics.json").write_text(json.dumps(metrics))
         (folder / "steps.json").write_text(json.dumps({"held_out": len(data.held_out)}))
     run.barrier()
     return metrics
+
+
+def pattern_recall(state: dict, views: str, turns: RetrieverTurns, item_graph, item_text) -> dict[str, float]:
+    """Held-out Recall@{1,10,20} of the head in ``state`` on the turns in the turn-1 pattern and on the others."""
+    head = FusionHead(turns.texts.shape[-1], item_graph.shape[-1], views)
+    head.load_state_dict(state)
+    found = {}
+    for pattern, rows in (("turn1", turns.first_turn), ("later", ~turns.first_turn)):
+        if rows.any():
+            part = turns.subset(rows)
+            recall = held_out_recall(head, part, head.items(item_graph, item_text))
+            found |= {f"{pattern}/{k}": v for k, v in recall.items()}
+    return found
 
 
 def pretrain_lightgcn(nodes: list[str], edges: torch.Tensor, num_items: int, args: Args) -> torch.Tensor:
@@ -1259,33 +1541,52 @@ def bpr_negatives(edges: torch.Tensor, num_items: int, num_nodes: int, max_draws
 def fit_fusion_head(
     train: RetrieverTurns, held_out: RetrieverTurns, item_graph: torch.Tensor, item_text: torch.Tensor, views, args
 ) -> tuple[dict, dict[str, float], list[dict]]:
-    """(the best state, its held-out Recall@{1,10,20}, per-epoch history) of one fusion head trained with InfoNCE
-    (Eq. 12, Adam): shuffled mini-batches of --retriever-batch-size turns, each target against --negatives random
-    items that are neither the target nor mentioned; after every epoch the held-out recall, stopping after
-    --retriever-patience epochs without a better one (Recall@20, then @10 and @1 on ties)."""
-    head = FusionHead(train.texts.shape[-1], item_graph.shape[-1], views)
+    """(the best state, its held-out Recall@{1,10,20} and view weights, per-epoch history) of one fusion head
+    trained with InfoNCE (Eq. 12, Adam): shuffled mini-batches of --retriever-batch-size turns, each target against
+    --negatives random items that are neither the target nor mentioned. The fused head minimises Eq. 12 on its score
+    and on each view's score alone, so that each half is a retriever by itself; after every epoch its held-out recall
+    is read for each weighting of the two views in VIEW_WEIGHTS, and the best (epoch, weights) is kept. Stops after
+    --retriever-patience epochs without a better held-out recall (Recall@20, then @10 and @1 on ties)."""
+    device = train.texts.device  # the caller's: a rank's own GPU under accelerate
+    torch.manual_seed(args.seed)  # each head starts the same on any rank, in any order
+    head = FusionHead(train.texts.shape[-1], item_graph.shape[-1], views).to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=args.retriever_lr)
     generator = torch.Generator().manual_seed(args.seed)
+    width = item_graph.shape[-1]
     best, best_found, best_key, waited, history = None, {}, None, 0, []
     for epoch in (bar := tqdm(range(args.retriever_epochs), desc=f"retriever ({views})")):
         started, losses = time.time(), []
         for rows in torch.randperm(len(train), generator=generator).split(args.retriever_batch_size):
+            negatives = sample_negatives(train.excluded(rows, len(item_graph)), args.negatives, generator)
+            rows = rows.to(device)
             conversations = head(*train.views(rows))
             items = head.items(item_graph, item_text)
-            negatives = sample_negatives(train.excluded(rows, len(item_graph)), args.negatives, generator)
-            candidates = torch.cat([train.targets[rows, None], negatives], dim=1)  # the target in column 0
-            loss = info_nce_loss((conversations[:, None, :] * items[candidates]).sum(-1))
+            candidates = torch.cat([train.targets[rows, None], negatives.to(device)], dim=1)  # the target in column 0
+            products = conversations[:, None, :] * items[candidates]
+            graph, text = products[..., :width].sum(-1), products[..., width:].sum(-1)
+            loss = info_nce_loss(graph + text)  # Eq. 11's score
+            if views == "both":  # each view's score a retriever by itself
+                loss = loss + info_nce_loss(graph) + info_nce_loss(text)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        with torch.no_grad():
-            found = held_out_recall(head, held_out, head.items(item_graph, item_text))
+        graph, text = view_scores(head, held_out, head.items(item_graph, item_text))
+        tried = {
+            weights: ranked_recall(weights[0] * graph + weights[1] * text, held_out.targets)
+            for weights in (VIEW_WEIGHTS if views == "both" else [(1.0, 1.0)])
+        }
+        weights, found = max(tried.items(), key=lambda pair: recall_key(pair[1]))  # the first of equals
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **found, "seconds": time.time() - started})
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", recall_20=f"{found['recall@20']:.3f}")
-        key = (found["recall@20"], found["recall@10"], found["recall@1"])
-        if best_key is None or key > best_key:
-            best, best_found, best_key, waited = copy.deepcopy(head.state_dict()), found, key, 0
+        if best_key is None or recall_key(found) > best_key:
+            best, best_key, waited = (
+                {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
+                recall_key(found),
+                0,
+            )
+            best["view_weights"] = best["view_weights"] * torch.tensor(weights)
+            best_found = found | dict(zip(("graph_weight", "text_weight"), best["view_weights"].tolist()))
         else:
             waited += 1
             if waited >= args.retriever_patience:
@@ -1293,13 +1594,19 @@ def fit_fusion_head(
     return best, best_found, history
 
 
-def load_retriever(run: Run, data: Data, views: str = "both") -> Retriever:
+def recall_key(found: dict[str, float]) -> tuple[float, float, float]:
+    """What early stopping compares: Recall@20, then @10 and @1 on ties."""
+    return found["recall@20"], found["recall@10"], found["recall@1"]
+
+
+def load_retriever(run: Run, data: Data, views: str = "both", device=None) -> Retriever:
+    """The retriever the retriever stage saved (its fused head, or a single view's), encoding on ``device``."""
     if not run.finished("retriever"):
         raise DataError(f"no {run.dir / 'retriever'}: run the retriever stage first")
     saved = torch.load(run.dir / "retriever" / "retriever.pt", weights_only=False)
     head = FusionHead(data.catalog.encode(["x"]).shape[1], saved["node_embeddings"].shape[1], views)
     head.load_state_dict(saved["heads"][views])
-    return Retriever(head, saved["nodes"], saved["node_embeddings"], data.catalog)
+    return Retriever(head, saved["nodes"], saved["node_embeddings"], data.catalog, device)
 
 
 def recommender_sft(run: Run, args: Args, data: Data) -> dict:
@@ -1308,8 +1615,11 @@ def recommender_sft(run: Run, args: Args, data: Data) -> dict:
     retriever missed it); the gold RANK LIST ranks the target first. LoRA SFT of the recommender (common/sft.py)."""
     if run.finished("sft_adapter"):
         return {}
-    retriever = load_retriever(run, data)
-    feedback = human_list_feedback(run, args, data, data.train)
+    retriever = load_retriever(run, data, device=run.device)
+    if "no-feedback" in args.ablations:  # no simulator: the list R_human alone
+        feedback = {s.key: {"feedback": "", "items": human_list(s, data.catalog, args)[1]} for s in data.train}
+    else:
+        feedback = human_list_feedback(run, args, data, data.train)
     records = run.records("recommender_data.jsonl")
     done = records.done_keys()
     todo = [s for s in run.shard(data.train) if s.key not in done]
@@ -1318,14 +1628,15 @@ def recommender_sft(run: Run, args: Args, data: Data) -> dict:
     for start in tqdm(range(0, len(todo), args.batch_size), desc="reasoning", disable=not todo):
         batch = todo[start : start + args.batch_size]
         f = [feedback[s.key]["feedback"] for s in batch]
-        retrieved = retriever.retrieve(
-            batch, f, [""] * len(batch), [feedback[s.key]["items"] for s in batch], args.num_candidates
-        )
+        reads = [
+            retriever_reads(args, feedback[s.key]["feedback"], "", feedback[s.key]["items"], s.target) for s in batch
+        ]
+        retrieved = retriever.retrieve(batch, *[list(column) for column in zip(*reads)], args.num_candidates)
         candidates = [
             sft_candidates(c, s.target, random.Random(f"{args.seed}:{s.key}")) for s, c in zip(batch, retrieved)
         ]
         prompts = [
-            recommender_prompt(s, c, text, "", args.list_length, data.catalog)
+            recommender_prompt(s, c, text, [], args.list_length, data.catalog)
             for s, c, text in zip(batch, candidates, f)
         ]
         attributes = ["; ".join(sorted(attributes_of(data.catalog, s.target))) or "no attributes" for s in batch]
@@ -1359,7 +1670,7 @@ def recommender_sft(run: Run, args: Args, data: Data) -> dict:
         metric_prefix="train_sft",
     )
     save_final(run.accelerator, model, run.dir / "sft_adapter", {"examples": len(examples)})
-    return {"rollout/sft_examples": len(examples)}
+    return {"rollout/sft_examples": len(examples)} | fitting_metrics(examples, "sft")
 
 
 def load_policy(run: Run, args: Args, adapters: list[Path], trainable: bool = False):
@@ -1411,9 +1722,9 @@ def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
     from transformers import get_constant_schedule
 
     if run.finished("grpo_adapter"):
-        return reward_curve(run.records("grpo_rollouts.jsonl").records(), args.grpo_steps) if run.main else {}
+        return reward_curve(run.records("grpo_rollouts.jsonl").records()) if run.main else {}
     accelerator = run.accelerator
-    retriever, simulator = load_retriever(run, data), load_simulator(run, args)
+    retriever, simulator = load_retriever(run, data, device=run.device), load_simulator(run, args)
     preferences = reference_preferences(run, args, data, data.train)
     references = dict(zip(preferences, data.catalog.encode(list(preferences.values()))))
     model, tokenizer = load_policy(run, args, [run.dir / "sft_adapter"], trainable=True)
@@ -1425,17 +1736,19 @@ def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
     records = run.records("grpo_rollouts.jsonl")
     rollouts = {r["key"]: r for r in records.records()}  # an earlier launch's; this launch's come by run.gather
     engine = rollout_engine(run, args) if args.rollout_backend == "vllm" else None
-    for step in tqdm(
-        range(start, args.grpo_steps), desc="grpo", initial=start, total=args.grpo_steps, disable=not run.main
-    ):
+    total = grpo_steps_planned(args, len(data.train), run.world)
+    bar, step, saved = tqdm(desc="grpo", initial=start, total=total, disable=not run.main), start, start
+    while True:
         started = time.time()
         earlier = [int(key.split("|")[1]) for key in rollouts if int(key.split("|")[0]) < step]
         position, groups = max(earlier, default=-1) + 1, 0
+        if grpo_finished(args, step, position, len(data.train)):
+            break
         if engine is not None:  # vLLM samples with the adapter as it is now
             save_final(accelerator, model, run.dir / "grpo" / "sampler_adapter", {"step": step})
             engine.use_adapter(run.dir / "grpo" / "sampler_adapter", version=step + 1)
         while groups < args.groups_per_step:  # rounds of dialogues, replayed the same way on a resume
-            count = math.ceil((args.groups_per_step - groups) / args.max_turns)
+            count = round_size(args, groups, run.world)
             todo = [(p, training_dialogue(data, args, p)) for p in range(position, position + count)]
             round_keys = {rollout_key(step, p, s) for p, s in todo}
             mine = [(p, s) for p, s in run.shard(todo) if rollout_key(step, p, s) not in rollouts]
@@ -1466,29 +1779,84 @@ def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
         means = {f"rollout/reward_{k}": float(np.mean([r[k] for r in rewards])) for k in rewards[0]}
         update = {f"train/{k}": float(np.mean([it[k] for it in iterations])) for k in iterations[0]}
         groups_logged = {"train/groups": len(trained), "rollout/groups_sampled": len(sampled)}
-        run.log_step(update | groups_logged | means, time.time() - started)
+        signal = learning_signal(sampled)
+        run.log_step(update | groups_logged | means | signal, time.time() - started)
         if run.main:
             tqdm.write(
-                f"grpo step {step + 1}/{args.grpo_steps}: "
+                f"grpo step {step + 1}/{total}: "
                 + "  ".join(f"{k.split('_')[-1]} {v:.3f}" for k, v in means.items())
                 + f"  loss {update['train/loss']:.4f}  clipped {update['train/clip_ratio/region_mean']:.3f}"
                 + f"  log-prob per token: A>0 {update['train/logp_change/positive_advantage']:+.4f}"
-                + f", A<0 {update['train/logp_change/negative_advantage']:+.4f}"
+                + f", A<0 {update['train/logp_change/negative_advantage']:+.4f}\n    "
+                + "  ".join(f"{k.removeprefix('rollout/')} {v:.3g}" for k, v in signal.items())
             )
-        if (step + 1) % args.grpo_save_every == 0 or step + 1 == args.grpo_steps:
-            save_resumable(accelerator, model, run.dir / "grpo", step + 1, optimizer, scheduler)
-    save_final(accelerator, model, run.dir / "grpo_adapter", {"steps": args.grpo_steps})
-    return reward_curve(list(rollouts.values()), args.grpo_steps) if run.main else {}
+        step += 1
+        bar.update()
+        if step % args.grpo_save_every == 0:
+            save_resumable(accelerator, model, run.dir / "grpo", step, optimizer, scheduler)
+            saved = step
+    bar.close()
+    if saved < step:
+        save_resumable(accelerator, model, run.dir / "grpo", step, optimizer, scheduler)
+    save_final(accelerator, model, run.dir / "grpo_adapter", {"steps": step})
+    return reward_curve(list(rollouts.values())) if run.main else {}
 
 
-def reward_curve(rollouts: list[dict], steps: int) -> dict[str, float]:
+def round_size(args: Args, groups: int, world: int) -> int:
+    """How many dialogues the next round of a GRPO step rolls out, ``groups`` of the step's --groups-per-step being
+    there already: enough for the groups still missing were every dialogue to run all T turns, and at least one per
+    rank (a multiple of the ranks), so that no rank idles while the others roll out."""
+    count = math.ceil((args.groups_per_step - groups) / args.max_turns)
+    return -(-count // world) * world
+
+
+def grpo_finished(args: Args, step: int, position: int, dialogues: int) -> bool:
+    """Whether GRPO has taken its steps: --grpo-epochs passes over the ``dialogues`` training dialogues (the stream
+    ``position`` has reached them), or else --grpo-steps steps."""
+    return position >= args.grpo_epochs * dialogues if args.grpo_epochs > 0 else step >= args.grpo_steps
+
+
+def grpo_steps_planned(args: Args, dialogues: int, world: int) -> int:
+    """The GRPO steps a run will take: --grpo-steps, or for --grpo-epochs the steps that many passes take when each
+    step's first round brings its groups (it does when the ranks outnumber --groups-per-step; a step whose
+    dialogues stop early takes another round, and the run then takes fewer steps)."""
+    if args.grpo_epochs <= 0:
+        return args.grpo_steps
+    return math.ceil(args.grpo_epochs * dialogues / round_size(args, 0, world))
+
+
+def learning_signal(groups: list[dict]) -> dict[str, float]:
+    """What a GRPO step's groups give the update to learn from, beside their rewards: the share of groups whose G
+    rewards are all equal (TRL's frac_reward_zero_std: their advantages are 0, they teach nothing), the share whose
+    target was among the candidates (elsewhere r_hit and r_rank are 0 for every output, and the group learns from
+    the format and preference rewards alone), the continuations that fell back to output 0 (no output named a
+    candidate), the feedback lines the stock line stood in for (the simulator wrote nothing), and the prompts fitted
+    to --max-length by leaving out dialogue lines or earlier turns, with the tokens left out and those still over."""
+    totals = [[r["total"] for r in g["rewards"]] for g in groups]
+    return {
+        "rollout/frac_reward_zero_std": float(np.mean([np.isclose(np.std(t), 0.0) for t in totals])),
+        "rollout/target_in_candidates": float(np.mean([g.get("target_in_candidates", False) for g in groups])),
+        "rollout/fallback_continuations": sum(g.get("fallback", False) for g in groups),
+        "rollout/substituted_feedback": sum(g.get("feedback_substituted", False) for g in groups),
+        "rollout/truncated_prompts": sum(g.get("prompt_parts_dropped", 0) > 0 for g in groups),
+        "rollout/prompt_tokens_dropped": sum(g.get("prompt_tokens_dropped", 0) for g in groups),
+        "rollout/prompts_over_budget": sum(g.get("prompt_over_budget", False) for g in groups),
+    }
+
+
+def reward_curve(rollouts: list[dict]) -> dict[str, float]:
     """The mean rewards of the first and the second half of the GRPO steps: what the update should raise."""
+    steps = 1 + max((int(o["key"].split("|")[0]) for o in rollouts), default=-1)
     halves = {}
     for name, part in (("first_half", range(steps // 2)), ("second_half", range(steps // 2, steps))):
         keys = {str(step) for step in part}
-        rewards = [r for o in rollouts if o["key"].split("|")[0] in keys for t in o["turns"] for r in t["rewards"]]
+        groups = [t for o in rollouts if o["key"].split("|")[0] in keys for t in o["turns"]]
+        rewards = [r for t in groups for r in t["rewards"]]
         for k in ("total", "think", "answer", "pref") if rewards else ():
             halves[f"rollout/reward_{k}_{name}"] = float(np.mean([r[k] for r in rewards]))
+        signal = learning_signal(groups) if rewards else {}
+        for k in ("rollout/frac_reward_zero_std", "rollout/target_in_candidates") if signal else ():
+            halves[f"{k}_{name}"] = signal[k]
     return halves
 
 
@@ -1598,7 +1966,7 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
     recommender and SMTPO side by side; Recall@{1,10}, NDCG@10 and MRR@10 at every turn over the whole test set."""
     from accelerate.utils.memory import clear_device_cache
 
-    retriever, simulator = load_retriever(run, data), load_simulator(run, args)
+    retriever, simulator = load_retriever(run, data, device=run.device), load_simulator(run, args)
     adapters = {
         "zero-shot": [],
         "sft": [run.dir / "sft_adapter"],
@@ -1622,30 +1990,50 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
                     {
                         "key": sample.key,
                         "target": sample.target,
-                        "turns": [
-                            {k: t[k] for k in ("turn", "feedback", "candidates", "ranked", "outputs")} for t in turns
-                        ],
+                        "turns": [{k: t[k] for k in EVAL_FIELDS} for t in turns],
                     }
                 )
         wanted = {s.key for s in data.test}
         results = [r for r in run.exchange(records) if r["key"] in wanted]
         prefix = "eval" if name == "smtpo" else f"eval_{name.replace('-', '')}"
         for t in range(1, args.max_turns + 1):
-            lists = [(ranking_slots(r["turns"][:t][-1]["ranked"]) if r["turns"] else [], r["target"]) for r in results]
-            turn = {
-                "recall@1": np.mean([recall_at_k(ranked, [target], 1) for ranked, target in lists]),
-                "recall@10": np.mean([recall_at_k(ranked, [target], 10) for ranked, target in lists]),
-                "ndcg@10": np.mean([ndcg_at_k(ranked, [target], 10) for ranked, target in lists]),
-                "mrr@10": np.mean([mrr_at_k(ranked, [target], 10) for ranked, target in lists]),
-            }
+            turn = turn_scores(results, t)
             metrics |= {f"{prefix}{control}/turn{t}/{k}": float(v) for k, v in turn.items()}
             rows.append([name, t, *[round(float(v), 4) for v in turn.values()]])
             if t == args.max_turns:
                 metrics |= {f"{prefix}{control}/{k}": float(v) for k, v in turn.items()}
+        prompts = [turn for r in results for turn in r["turns"]]
+        metrics[f"{prefix}{control}/truncated_prompts"] = sum(t.get("prompt_parts_dropped", 0) > 0 for t in prompts)
+        metrics[f"{prefix}{control}/prompts_over_budget"] = sum(t.get("prompt_over_budget", False) for t in prompts)
         del model, roles  # gone before the next policy loads: one policy at a time beside the simulator
         clear_device_cache(garbage_collection=True)
-    run.table(f"eval{control}_by_turn", ["policy", "turn", "recall@1", "recall@10", "ndcg@10", "mrr@10"], rows)
-    return metrics | {"eval/examples": len(data.test)}
+    run.table(f"eval{control}_by_turn", ["policy", "turn", *TURN_METRICS], rows)
+    return metrics | {"eval/examples": len(data.test), "eval/dialogues": len({s.conversation for s in data.test})}
+
+
+# What an evaluation record keeps of each turn.
+EVAL_FIELDS = (
+    "turn", "feedback", "candidates", "ranked", "outputs", "prompt_parts_dropped", "prompt_over_budget", "fallback"
+)  # fmt: skip
+# The per-turn metrics: the recommender's list (Table 1, 3) and the retriever's 20 candidates (Fig. 4b).
+TURN_METRICS = ("recall@1", "recall@10", "ndcg@10", "mrr@10", "retriever_recall@20", "retriever_ndcg@20")
+
+
+def turn_scores(results: list[dict], t: int) -> dict[str, float]:
+    """TURN_METRICS at turn ``t`` over every evaluated context (METHODS.md 3.7: a dialogue that stopped keeps its
+    last list): Recall@{1,10}, NDCG@10 and MRR@10 of the recommender's list, and Recall@20 and NDCG@20 of the
+    candidates the retriever recalled at that turn (the paper's Fig. 4b)."""
+    latest = [(r["turns"][:t][-1] if r["turns"] else {"ranked": [], "candidates": []}, r["target"]) for r in results]
+    lists = [(ranking_slots(turn["ranked"]), target) for turn, target in latest]
+    recalled = [(turn["candidates"], target) for turn, target in latest]
+    return {
+        "recall@1": float(np.mean([recall_at_k(ranked, [target], 1) for ranked, target in lists])),
+        "recall@10": float(np.mean([recall_at_k(ranked, [target], 10) for ranked, target in lists])),
+        "ndcg@10": float(np.mean([ndcg_at_k(ranked, [target], 10) for ranked, target in lists])),
+        "mrr@10": float(np.mean([mrr_at_k(ranked, [target], 10) for ranked, target in lists])),
+        "retriever_recall@20": float(np.mean([recall_at_k(c, [target], 20) for c, target in recalled])),
+        "retriever_ndcg@20": float(np.mean([ndcg_at_k(c, [target], 20) for c, target in recalled])),
+    }
 
 
 def ranking_slots(ranked: list[str | None]) -> list[str]:
@@ -1655,25 +2043,29 @@ def ranking_slots(ranked: list[str | None]) -> list[str]:
 
 
 def print_tables(metrics: dict) -> None:
-    steps = sorted({k.split("/")[1] for k in metrics if "/turn" in k}, key=lambda t: int(t[4:]))
+    per_turn = [k for k in metrics if re.match(r"eval[^/]*/turn\d+/", k)]
+    steps = sorted({k.split("/")[1] for k in per_turn}, key=lambda t: int(t[4:]))
     names = {"eval_zeroshot": "zero-shot", "eval_sft": "SFT", "eval": "SMTPO"}  # the paper's order
-    prefixes = {k.split("/")[0] for k in metrics if "/turn" in k}
+    prefixes = {k.split("/")[0] for k in per_turn}
     for prefix in sorted(prefixes, key=lambda p: [*names, p].index(p.removesuffix("_blind").removesuffix("_noisy"))):
         label = f"{names.get(prefix.split('_blind')[0].split('_noisy')[0], prefix)} ({prefix}/)"
-        print(f"\n{label:30}" + "".join(f"{c:>11}" for c in ("recall@1", "recall@10", "ndcg@10", "mrr@10")))
+        columns = [c.replace("retriever_", "retriever ") for c in TURN_METRICS]
+        print(f"\n{label:30}" + "".join(f"{c:>{len(c) + 3}}" for c in columns))
         for turn in steps:
-            values = [
-                metrics.get(f"{prefix}/{turn}/{c}", float("nan"))
-                for c in ("recall@1", "recall@10", "ndcg@10", "mrr@10")
-            ]
-            print(f"  {turn:28}" + "".join(f"{v:11.3f}" for v in values))
+            values = [metrics.get(f"{prefix}/{turn}/{c}", float("nan")) for c in TURN_METRICS]
+            print(f"  {turn:28}" + "".join(f"{v:{len(c) + 3}.3f}" for c, v in zip(columns, values)))
     halves = [k[: -len("_first_half")] for k in metrics if k.endswith("_first_half")]
     if halves:
-        print("\nGRPO rewards, the mean over the first half of the steps -> the second half (metrics.jsonl: per step)")
+        print(
+            "\nGRPO rewards and learning signal, the mean over the first half of the steps -> the second half "
+            "(metrics.jsonl: per step)"
+        )
         print(
             "  "
             + "  ".join(
-                f"{k[15:]} {metrics[k + '_first_half']:.3f} -> {metrics[k + '_second_half']:.3f}" for k in halves
+                f"{k.removeprefix('rollout/').removeprefix('reward_')} {metrics[k + '_first_half']:.3f} -> "
+                f"{metrics[k + '_second_half']:.3f}"
+                for k in halves
             )
         )
     retrieved = {k: v for k, v in metrics.items() if k.startswith("retriever/")}
@@ -1684,9 +2076,16 @@ def print_tables(metrics: dict) -> None:
 # =============================================================================================== main
 
 
-# What runs/<run>/curves.png draws: GRPO's five rewards per step, and the ranking beside zero-shot and SFT.
+# What runs/<run>/curves.png draws: GRPO's five rewards and its learning signal per step, and the ranking beside
+# zero-shot and SFT.
 CURVES = {
     "GRPO rewards (Eq. 15-19)": [f"rollout/reward_{k}" for k in ("total", "think", "answer", "pref", "rank", "hit")],
+    "GRPO learning signal (shares of groups)": ["rollout/frac_reward_zero_std", "rollout/target_in_candidates"],
+    "GRPO rollouts (per step)": [
+        "rollout/fallback_continuations",
+        "rollout/substituted_feedback",
+        "rollout/truncated_prompts",
+    ],
     "GRPO loss (Eq. 14)": ["train/loss"],
     "SFT losses": ["train_simulator/loss", "train_sft/loss"],
 }
@@ -1699,7 +2098,12 @@ def main(args: Args) -> None:
     data = load_data(args)
     if args.dry_run:
         sizes = {"training turns": len(data.train), "held-out turns": len(data.held_out), "test turns": len(data.test)}
+        sizes |= {"test dialogues": len({s.conversation for s in data.test})}
         print_dry_run("smtpo.py", args.dry_run, batches, sizes | {"items": len(data.catalog)})
+        if "grpo" in args.stages:
+            steps = grpo_steps_planned(args, len(data.train), args.dry_run)
+            epochs = steps * round_size(args, 0, args.dry_run) / len(data.train)
+            print(f"  grpo: {steps} steps, about {epochs:.2f} passes over the {len(data.train)} training dialogues")
         return
     run = Run(args)  # runs/<run_name>/, ranks, seeding, metrics; each run.stage is timed and its LLM costs booked
     run.stage("simulator", train_simulator, args, data)  # Eq. 6: the multi-task simulator

@@ -111,9 +111,18 @@ class Catalog:
                 tmp.rename(path)
         return self._embeddings
 
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """Normalized embeddings of any texts, by the catalog's encoder."""
-        return self._load_encoder().encode(texts, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+    def encode(self, texts: list[str], keep_end: bool = False, device=None) -> np.ndarray:
+        """Normalized embeddings of any texts, by the catalog's encoder (on ``device``, where given: the encoder
+        moves there). A text longer than the encoder's window loses its end, or with ``keep_end`` its beginning (a
+        dialogue's latest utterances are what it is about)."""
+        encoder = self._load_encoder()
+        tokenizer = encoder.tokenizer
+        side, tokenizer.truncation_side = tokenizer.truncation_side, "left" if keep_end else "right"
+        try:
+            vectors = encoder.encode(texts, normalize_embeddings=True, convert_to_numpy=True, device=device)
+        finally:
+            tokenizer.truncation_side = side
+        return vectors.astype(np.float32)
 
     def search(self, queries: list[str], k: int = 5) -> list[list[str]]:
         """Top-k titles per query by cosine similarity of MiniLM embeddings."""

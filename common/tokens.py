@@ -1,8 +1,16 @@
-"""Chat messages -> token ids with a completion mask, and masked sequence log-probs."""
+"""Chat messages -> token ids with a completion mask, prompts fitted to a token budget, and masked sequence
+log-probs."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
+
+# A dialogue as common.conversations.render_history writes it: each utterance opens a line with "User: " or "System: ".
+UTTERANCE = re.compile(r"^(?:User|System): ", re.MULTILINE)
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
@@ -21,6 +29,64 @@ def prefill(prompt: str, prefix: str) -> str:
     return prompt + prefix
 
 
+def prompt_length(tokenizer, messages: list[dict], prefix: str = "") -> int:
+    """Tokens of ``messages`` in the chat template, with the generation header and the pre-filled ``prefix``: what a
+    model reads before it writes."""
+    return len(tokenizer(prefill(render_prompt(tokenizer, messages), prefix), add_special_tokens=False)["input_ids"])
+
+
+def droppable_utterances(text: str) -> int:
+    """How many utterances of the dialogue in ``text`` come before its latest user utterance: the ones a prompt that
+    is too long may lose (the latest user utterance and what follows it stay)."""
+    speakers = [m.group() for m in UTTERANCE.finditer(text)]
+    users = [k for k, speaker in enumerate(speakers) if speaker.startswith("User")]
+    return users[-1] if users else max(len(speakers) - 1, 0)
+
+
+def drop_utterances(text: str, count: int) -> str:
+    """``text`` with the ``count`` oldest utterances of its dialogue left out, a note saying so in their place."""
+    starts = [m.start() for m in UTTERANCE.finditer(text)]
+    if count <= 0 or not starts:
+        return text
+    note = f"({count} earlier message{'s' if count > 1 else ''} left out)\n"
+    return text[: starts[0]] + note + text[starts[count] if count < len(starts) else len(text) :]
+
+
+class Fitted(NamedTuple):
+    """A prompt fitted to a budget: its text, how many droppable parts it left out, its tokens, the tokens saved."""
+
+    text: str
+    dropped_parts: int
+    tokens: int
+    dropped_tokens: int
+
+
+def fit_prompt(length: Callable[[str], int], build: Callable[[int], str], droppable: int, budget: int) -> Fitted:
+    """``build(k)`` for the fewest ``k`` in 0..``droppable`` whose ``length`` is at most ``budget`` tokens, or
+    ``build(droppable)`` where none is (its ``tokens`` then say it is still over). ``build(k)`` is the prompt with its
+    ``k`` oldest droppable parts (dialogue lines, earlier turns) left out, so the parts it never drops (the
+    instruction, the latest turns, the generation header) always stay. Found by bisection: a prompt gets shorter
+    with every part it leaves out."""
+    full = build(0)
+    whole = length(full)
+    if whole <= budget or droppable <= 0:
+        return Fitted(full, 0, whole, 0)
+    shortest = build(droppable)
+    fits = (droppable, shortest, length(shortest))
+    if fits[2] > budget:
+        return Fitted(shortest, droppable, fits[2], whole - fits[2])
+    low, high = 1, droppable - 1  # the fewest that fits lies in low..fits[0]
+    while low <= high:
+        k = (low + high) // 2
+        text = build(k)
+        tokens = length(text)
+        if tokens <= budget:
+            fits, high = (k, text, tokens), k - 1
+        else:
+            low = k + 1
+    return Fitted(fits[1], fits[0], fits[2], whole - fits[2])
+
+
 def encode_prompt_completion(
     tokenizer, messages: list[dict], completion: str, max_length: int | None = None, prefix: str = ""
 ) -> tuple[list[int], list[int]]:
@@ -28,12 +94,23 @@ def encode_prompt_completion(
 
     The prompt and the completion are tokenized separately and concatenated, so the mask
     boundary is exact even where a joint tokenization would merge tokens across it. The
-    completion is closed with the end-of-turn token, which the model must learn to emit. With ``max_length``,
-    only the last ``max_length`` tokens are kept: the cutoff drops the oldest prompt tokens first. A ``prefix``
-    pre-filled after the assistant header belongs to the prompt, as it did when the completion was generated.
+    completion is closed with the end-of-turn token, which the model must learn to emit. With ``max_length``, a
+    longer example loses the oldest utterances of the dialogue in its last message first (``fit_prompt``: the
+    instruction, the rest of the prompt, the latest user utterance and the generation header stay); only where that
+    is not enough are the oldest tokens cut. A ``prefix`` pre-filled after the assistant header belongs to the
+    prompt, as it did when the completion was generated.
     """
-    prompt_ids = tokenizer(prefill(render_prompt(tokenizer, messages), prefix), add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if max_length and prompt_length(tokenizer, messages, prefix) + len(completion_ids) > max_length:
+        content = messages[-1]["content"]
+        text = fit_prompt(
+            lambda t: prompt_length(tokenizer, [*messages[:-1], {**messages[-1], "content": t}], prefix),
+            lambda k: drop_utterances(content, k),
+            droppable_utterances(content),
+            max_length - len(completion_ids),
+        ).text
+        messages = [*messages[:-1], {**messages[-1], "content": text}]
+    prompt_ids = tokenizer(prefill(render_prompt(tokenizer, messages), prefix), add_special_tokens=False)["input_ids"]
     ids, mask = prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
     return (ids[-max_length:], mask[-max_length:]) if max_length else (ids, mask)
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import smtpo
 from common.catalog import Catalog
-from common.data import DataError, load_demo_catalog
+from common.data import DataError, load_crs_dataset, load_demo_catalog
+from tests.conftest import DATA, needs_data
 
 CANDIDATES = [
     "Inception (2010)",
@@ -123,6 +124,34 @@ def test_made_up_and_repeated_titles_above_the_target_are_not_free():
     assert smtpo.listed_titles(ranked) == ["Alien (1979)", "Inception (2010)"]
 
 
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "[Not A Film (1990), Fake Two, Inception (2010)]",  # commas
+        "[Not A Film (1990); Fake Two; Inception (2010)]",  # semicolons
+        "[\nNot A Film (1990)\nFake Two\nInception (2010)\n]",  # one title a line
+        "[1. Not A Film (1990) 2. Fake Two 3. Inception (2010)]",  # numbered, on one line
+        "[\n1. Not A Film (1990)\n2. Fake Two\n3. Inception (2010)\n]",  # numbered, a title a line
+        "[1) Not A Film (1990), 2) Fake Two, 3) Inception (2010) {Attribute: sci-fi, heist}]",  # numbered with ")"
+        "[\n- Not A Film (1990)\n- Fake Two\n- Inception (2010)\n]",  # bulleted
+        "[* Not A Film (1990) * Fake Two * Inception (2010)]",  # bulleted, on one line
+        "[\u2022 Not A Film (1990)\n\u2022 Fake Two\n\u2022 Inception (2010)]",  # bullet characters
+    ],
+)
+def test_every_list_layout_keeps_the_made_up_titles_above_the_target(layout):
+    text = output(5, f"RANK LIST: {layout}")
+    ranked = smtpo.parse_rank_list(text, CANDIDATES)
+    assert ranked == [None, None, "Inception (2010)"], layout
+    assert smtpo.output_rewards(text, CANDIDATES, "Inception (2010)", None, None, n=10)["rank"] == pytest.approx(1 / 3)
+    assert smtpo.ranking_slots(ranked).index("Inception (2010)") == 2  # the evaluation ranks it third too
+
+
+def test_numbers_and_dashes_inside_titles_do_not_split_them():
+    candidates = CANDIDATES + ["Spider-Man 2 (2004)", "2001: A Space Odyssey (1968)", "Ocean's 11. (2001)"]
+    text = output(5, "RANK LIST: [1. Spider-Man 2 (2004)\n2. 2001: A Space Odyssey (1968)\n3. Ocean's 11. (2001)]")
+    assert smtpo.parse_rank_list(text, candidates) == candidates[-3:]
+
+
 def test_hit_rank_and_preference_rewards():
     ranked = ["Inception (2010)", "Alien (1979)", "The Matrix (1999)", "Aliens (1986)"]
     assert smtpo.hit_reward(ranked, "Alien (1979)") == 1.0 and smtpo.hit_reward(ranked, "Up [3D] (2009)") == 0.0
@@ -216,14 +245,18 @@ def test_fusion_head_views():
     both = smtpo.FusionHead(8, 6)
     e = both(texts, text_mask, entities, entity_mask)
     assert e.shape == (2, 12) and both.items(torch.randn(5, 6), torch.randn(5, 8)).shape == (5, 12)
-    graph_only = smtpo.FusionHead(8, 6, "graph")
-    graph_only.load_state_dict(both.state_dict())
-    g = graph_only(texts, text_mask, entities, entity_mask)
-    assert torch.equal(g[:, :6], e[:, :6]) and not g[:, 6:].any()
-    # a masked entity changes nothing
+    graph_only, text_only = smtpo.FusionHead(8, 6, "graph"), smtpo.FusionHead(8, 6, "text")
+    g, t = graph_only(texts, text_mask, entities, entity_mask), text_only(texts, text_mask, entities, entity_mask)
+    assert not g[:, 6:].any() and not t[:, :6].any()
+    # no text reaches the graph-only head (its attention is queried from the entities), no entity the text-only one
+    assert torch.equal(graph_only(texts * 3 + 1, text_mask, entities, entity_mask), g)
+    assert torch.equal(text_only(texts, text_mask, entities * 3 + 1, entity_mask), t)
+    assert not torch.equal(both(texts * 3 + 1, text_mask, entities, entity_mask)[:, :6], e[:, :6])  # fused: crossed
+    # a masked entity changes nothing, and an entity's length does not count (the graph view reads unit vectors)
     entities2 = entities.clone()
     entities2[0, 3] = 100.0
-    assert torch.allclose(both(texts, text_mask, entities2, entity_mask), e)
+    entities2[1] *= 7
+    assert torch.allclose(both(texts, text_mask, entities2, entity_mask), e, atol=1e-6)
 
 
 def test_bpr_negatives_are_never_the_movies_own_attributes():
@@ -278,6 +311,75 @@ def test_the_fused_retriever_learns_what_needs_both_views_at_the_papers_settings
     )
 
 
+def one_view_corpus(informative: str, seed: int, turns=300, items=200, graph_noise=10.0, text_noise=3.0):
+    """Items with random graph and text embeddings; a turn's entities (or texts) are its target's graph (text)
+    embedding under heavy noise, its texts (entities) pure noise: one view knows, the other is silent."""
+    g = torch.Generator().manual_seed(seed)
+    item_graph, item_text = (
+        torch.randn(items, 64, generator=g),
+        F.normalize(torch.randn(items, 384, generator=g), dim=-1),
+    )
+
+    def split(n):
+        targets = torch.randint(items, (n,), generator=g)
+        entities, texts = torch.randn(n, 4, 64, generator=g), torch.randn(n, 3, 384, generator=g) / math.sqrt(384)
+        if informative == "graph":
+            entities = item_graph[targets][:, None] + graph_noise * entities
+        else:
+            texts = item_text[targets][:, None] + text_noise * texts
+        masks = torch.ones(n, 3, dtype=torch.bool), torch.ones(n, 4, dtype=torch.bool)
+        texts = F.normalize(texts, dim=-1)
+        return smtpo.RetrieverTurns(texts, masks[0], entities, masks[1], targets, [[] for _ in range(n)])
+
+    return split(turns), split(100), item_graph, item_text
+
+
+@pytest.mark.parametrize("informative", ["graph", "text"])
+def test_the_fused_retriever_keeps_what_its_informative_view_knows_when_the_other_is_silent(informative):
+    args = smtpo.Args()  # the paper's lr 5e-5, up to 50 epochs, 64 negatives; batches of 32
+    train, held_out, item_graph, item_text = one_view_corpus(informative, seed=0)
+    torch.manual_seed(0)
+    alone = smtpo.fit_fusion_head(train, held_out, item_graph, item_text, informative, args)[1]["recall@20"]
+    torch.manual_seed(0)
+    state, fused, _ = smtpo.fit_fusion_head(train, held_out, item_graph, item_text, "both", args)
+    assert alone > 3 * smtpo.random_recall(held_out, len(item_graph))["recall@20"]  # the view does know
+    assert fused["recall@20"] >= 0.9 * alone, (fused, alone)
+    silent = "text" if informative == "graph" else "graph"
+    assert fused[f"{silent}_weight"] < fused[f"{informative}_weight"]  # the held-out turns turned the silent one down
+    head = smtpo.FusionHead(384, 64)
+    head.load_state_dict(state)  # the saved head retrieves with the chosen weights
+    assert smtpo.held_out_recall(head, held_out, head.items(item_graph, item_text)) == {
+        k: fused[k] for k in ("recall@1", "recall@10", "recall@20")
+    }
+
+
+def test_the_retriever_trains_on_the_turn_one_pattern_and_never_reads_the_target_in_its_list():
+    catalog = Catalog(load_demo_catalog())
+    target, others = catalog.titles[0], catalog.titles[1:4]
+    samples = [smtpo.Sample(f"k{k}", [{"role": "user", "content": "x"}], [], target) for k in range(3)]
+    texts = {"k0": ("too sweet", "likes horror", [others[0], target, others[1]]), "k1": ("", "", []),
+             "k2": ("", "", [others[2]])}  # fmt: skip
+    rows, feedback, preference, lists, first = smtpo.retriever_examples(samples, texts, smtpo.Args())
+    assert [s.key for s in rows] == ["k0", "k0", "k1", "k2", "k2"] and first == [True, False, True, True, False]
+    assert all(not (f or p or r) for f, p, r, one in zip(feedback, preference, lists, first) if one)  # as at turn 1
+    assert (feedback[1], preference[1], lists[1]) == ("too sweet", "likes horror", [others[0], others[1]])
+    assert all(target not in items for items in lists)  # the answer is never among the keys
+    for ablation, kept in (("no-rec", ("too sweet", "likes horror", [])), ("no-pref", ("too sweet", "", others[:2])),
+                           ("no-feedback", ("", "likes horror", others[:2]))):  # fmt: skip
+        _, f, p, r, _ = smtpo.retriever_examples(samples[:1], texts, smtpo.Args(ablations=(ablation,)))
+        assert (f[1], p[1], r[1]) == kept, ablation
+
+
+def test_the_held_out_recall_is_read_per_pattern():
+    train, held_out, item_graph, item_text = one_view_corpus("graph", seed=1, turns=20)
+    held_out.first_turn = torch.arange(len(held_out)) % 2 == 0
+    head = smtpo.FusionHead(384, 64, "graph")
+    found = smtpo.pattern_recall(head.state_dict(), "graph", held_out, item_graph, item_text)
+    for pattern, rows in (("turn1", held_out.first_turn), ("later", ~held_out.first_turn)):
+        alone = smtpo.held_out_recall(head, held_out.subset(rows), head.items(item_graph, item_text))
+        assert {k: found[f"{pattern}/{k}"] for k in alone} == alone
+
+
 def test_held_out_recall_ranks_over_the_catalog_without_the_mentioned_items():
     head = smtpo.FusionHead(2, 2)
     items = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 3.0], [0.0, 0.0, 0.0, 2.0]])
@@ -326,8 +428,146 @@ def test_the_prompt_shows_candidates_with_attributes_and_keeps_the_latest_prefer
         "Turn 1: feedback: -; list: Alien (1979)\nTurn 2: feedback: scarier; list: Jaws (1975)\n"
         "Latest preference: likes sharks\n"
     )
-    prompt = smtpo.recommender_prompt(sample, [title], "more", context, 10, catalog)
+    prompt = smtpo.recommender_prompt(sample, [title], "more", turns, 10, catalog)
+    assert context in prompt
     assert f"- {title} {{Attribute: {genres}}}" in prompt and "old taste" not in prompt
+
+
+# ------------------------------------------------------------------------------------ prompts at the paper's lengths
+
+RECIPE = {"max_length": 2048, "rec_max_tokens": 1024, "max_turns": 5}  # benchmark/smtpo_table1.sh
+THIRTY_WORDS = " ".join(["a darker thriller with a strong lead and less romance from the nineties please"] * 2)
+THIRTY_WORDS += " maybe twists"
+
+
+def longest_contexts(dataset: str, split: str, count: int):
+    """The ``count`` real contexts of ``split`` with the longest dialogues (the hardest to fit), and the catalog."""
+    data = load_crs_dataset(dataset, DATA, "valid")
+    catalog = Catalog(data.items)
+    samples = smtpo.make_samples(data.train if split == "train" else data.evaluated, set(catalog.titles))
+    return sorted(samples, key=lambda s: -len(smtpo.render_history(s.history)))[:count], catalog
+
+
+def latest_user_utterance(sample) -> str:
+    return "User: " + [m["content"] for m in sample.history if m["role"] == "user"][-1]
+
+
+class ReadingPolicy:
+    """A recommender that reads its prompt exactly as the samplers do (``common.llm.prompt_ids``, cut to
+    max_prompt_tokens) and writes a five-step answer whose list names ten candidates and a 30-word preference."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.read = tokenizer, []
+
+    def complete(self, conversations, n, temperature, max_tokens, prefix, max_prompt_tokens):
+        from common.llm import Completion, prompt_ids
+
+        results = []
+        for conversation in conversations:
+            ids = prompt_ids(self.tokenizer, [conversation], prefix, max_prompt_tokens)[0]
+            self.read.append((conversation[0]["content"], self.tokenizer.decode(ids)))
+            candidates = [
+                line[2:].split(" {")[0] for line in conversation[0]["content"].split("\n") if line[:2] == "- "
+            ]
+            text = f"Step 1: Preference Inference: {THIRTY_WORDS}\n</think>\nRANK LIST: [{', '.join(candidates[:10])}]"
+            results.append([Completion(text, ids, [])] * n)
+        return results
+
+
+class TalkingSimulator:
+    def chat(self, conversations, max_tokens):
+        return [(THIRTY_WORDS,) for _ in conversations]
+
+
+@needs_data
+@pytest.mark.parametrize("dataset", ["inspired", "redial"])
+def test_prompts_at_the_recipes_lengths_keep_their_instruction_and_the_latest_user_utterance(dataset, tokenizer):
+    import random
+
+    samples, catalog = longest_contexts(dataset, "test", 24)
+    args = smtpo.Args(**RECIPE)
+    rng = random.Random(0)
+
+    class Retriever:
+        def retrieve(self, batch, feedback, preference, lists, k):
+            return [rng.sample(catalog.titles, k) for _ in batch]
+
+    policy = ReadingPolicy(tokenizer)
+    roles = smtpo.Roles(policy, TalkingSimulator(), Retriever(), {})
+    data = smtpo.Data([], [], samples, catalog)
+    turns = smtpo.rollout(samples, roles, data, args, 1, 0.0, False, random.Random(0))
+    assert [len(t) for t in turns] == [5] * len(samples) and len(policy.read) == 5 * len(samples)
+    budget = args.max_length - args.rec_max_tokens
+    latest = [latest_user_utterance(s) for s in samples] * 5  # the rollout batches the samples turn by turn
+    for (prompt, read), utterance in zip(policy.read, latest):
+        assert read.startswith("<|im_start|>system") and "You are a movie recommender." in read  # the instruction
+        assert "answer with exactly 10 candidate titles" in read and read.endswith("<|im_start|>assistant\n<think>\n")
+        assert utterance in read and prompt.count("\n- ") == 20  # the latest user utterance, the 20 candidates
+        assert len(tokenizer(read, add_special_tokens=False)["input_ids"]) <= budget
+    turn_five = [t[4] for t in turns]
+    assert all(t["prompt_tokens_dropped"] > 0 and not t["prompt_over_budget"] for t in turn_five)  # and it says so
+    assert all(f"Latest preference: {THIRTY_WORDS}" in t["prompt"] for t in turn_five)
+    assert sum("Turn 4: feedback:" in t["prompt"] for t in turn_five) >= len(turn_five) / 2  # left out the latest
+
+
+@needs_data
+def test_training_examples_at_the_recipes_lengths_keep_their_instruction(tokenizer):
+    samples, catalog = longest_contexts("inspired", "train", 12)
+    completion = "<think>\n" + "Step 1: Preference Inference: a darker thriller.\n" * 66 + "</think>\nRANK LIST: [x]"
+    assert 1000 < len(tokenizer(completion)["input_ids"]) <= 1024  # an output at the recipe's --rec-max-tokens
+    for sample in samples:
+        prompts = [
+            smtpo.recommender_prompt(sample, catalog.titles[:20], THIRTY_WORDS, [], 10, catalog),
+            smtpo.feedback_prompt(sample, catalog.titles[:10], catalog),
+        ]
+        for prompt in prompts:
+            example = smtpo.encode_example(tokenizer, prompt, completion, RECIPE["max_length"], "<think>\n")
+            start = example["completion_mask"].index(1)
+            text = tokenizer.decode(example["input_ids"][:start])
+            assert text.startswith("<|im_start|>system") and prompt.split("\n")[0] in text  # the instruction
+            assert latest_user_utterance(sample) in text and text.endswith("<|im_start|>assistant\n<think>\n")
+            assert len(example["input_ids"]) <= RECIPE["max_length"] and not example["cut"]
+    assert example["prompt_tokens_dropped"] > 0  # the longest contexts do need the fit
+
+
+@needs_data
+def test_redial_training_and_test_contexts_carry_the_same_kind_of_entities():
+    data = load_crs_dataset("redial", DATA, "valid")
+    catalog = Catalog(data.items)
+    linker = smtpo.entity_linker(catalog)
+
+    def attributes_per_turn(dialogues):
+        samples = smtpo.make_samples(dialogues, set(catalog.titles), linker)
+        return sum(m in linker.vocabulary for s in samples for m in s.mentioned) / len(samples)
+
+    # the official training format annotates no entity and iEvaLM's test format does (1.26 a turn on valid): one
+    # linker over the utterances gives both the same kind of I_D
+    train, test = attributes_per_turn(data.train), attributes_per_turn(data.evaluated)
+    assert train > 0.8 and abs(train - test) < 0.2 * test, (train, test)
+
+
+def test_a_prompt_loses_its_oldest_dialogue_lines_then_its_oldest_turns(tokenizer):
+    catalog = Catalog(load_demo_catalog())
+    history = [{"role": "user" if k % 2 == 0 else "assistant", "content": f"message {k} " * 20} for k in range(8)]
+    history.append({"role": "assistant", "content": "a last word from the system"})
+    sample = smtpo.Sample("k", history, [], catalog.titles[0])
+    turns = [
+        {"turn": t, "feedback": f"feedback {t} " * 10, "ranked": catalog.titles[:3], "preference": "p"}
+        for t in (1, 2, 3)
+    ]
+    droppable = smtpo.droppable_parts(sample, turns)
+    assert droppable == 6 + 3  # the utterances before the latest user utterance, the turns' lines
+    prompts = [smtpo.recommender_prompt(sample, catalog.titles[:3], "more", turns, 10, catalog, k) for k in range(10)]
+    assert "message 0" not in prompts[1] and "message 1" in prompts[1] and "(1 earlier message left out)" in prompts[1]
+    assert "message 5" not in prompts[6] and "message 6" in prompts[6] and "Turn 1:" in prompts[6]
+    assert "Turn 1:" not in prompts[7] and "(1 earlier turn left out)" in prompts[7] and "Turn 2:" in prompts[7]
+    assert "Turn 2:" not in prompts[8] and "Turn 3:" in prompts[8] and "a last word from the system" in prompts[8]
+    assert "Turn 3:" not in prompts[9] and "(3 earlier turns left out)\nLatest preference: p" in prompts[9]
+    lengths = [smtpo.prompt_length(tokenizer, [{"role": "user", "content": p}], "<think>\n") for p in prompts]
+    args = smtpo.Args(max_length=lengths[5] + 100, rec_max_tokens=100)
+    fitted = smtpo.fitted_recommender_prompt(tokenizer, sample, catalog.titles[:3], "more", turns, args, catalog)
+    assert (fitted.text, fitted.dropped_parts, fitted.tokens) == (prompts[5], 5, lengths[5])  # the fewest that fit
+    assert fitted.dropped_tokens == lengths[0] - lengths[5]
 
 
 # ------------------------------------------------------------------------------------ the simulator's data
@@ -541,6 +781,157 @@ def test_the_think_tag_is_not_prefilled_twice_where_the_template_opens_it(r1_dis
     assert r1_distill_tokenizer.decode(example["input_ids"][start:]).startswith("Step 1: Preference Inference")
 
 
+def test_every_rank_rolls_out_a_dialogue_in_every_round():
+    recipe = smtpo.Args(groups_per_step=8, max_turns=5, stages=("grpo",))  # benchmark/smtpo_table1.sh's
+    assert smtpo.round_size(recipe, 0, 8) == 8  # ceil(8 / 5) = 2 dialogues would leave 6 of 8 GPUs idle
+    assert smtpo.round_size(recipe, 0, 1) == 2 and smtpo.round_size(recipe, 7, 3) == 3
+    assert smtpo.round_size(smtpo.Args(), 0, 1) == 1  # the demo: 2 groups from dialogues of up to 2 turns
+    (line,) = [b for b in smtpo.check_args(recipe, 8) if b.startswith("grpo")]
+    assert "rolls out 8 dialogues, 1 per rank" in line  # what the dry run prints
+
+
+def test_grpo_epochs_count_passes_over_the_training_dialogues():
+    args = smtpo.Args(grpo_epochs=3, groups_per_step=8, max_turns=5, grpo_steps=2000)
+    assert smtpo.grpo_steps_planned(args, 1113, 8) == math.ceil(3 * 1113 / 8)  # INSPIRED on 8 ranks: 418, not 2,000
+    assert not smtpo.grpo_finished(args, 2000, 3 * 1113 - 1, 1113) and smtpo.grpo_finished(args, 5, 3 * 1113, 1113)
+    steps = smtpo.Args(grpo_steps=3)
+    assert smtpo.grpo_steps_planned(steps, 1113, 8) == 3 and smtpo.grpo_finished(steps, 3, 0, 1113)
+
+
+def test_without_the_simulator_no_feedback_is_asked_for_and_the_retriever_reads_no_list_without_rec(monkeypatch):
+    import random
+
+    catalog = Catalog(load_demo_catalog())
+    samples = [smtpo.Sample("a", [{"role": "user", "content": "A scary film?"}], [], catalog.titles[0])]
+    read = []
+
+    class Retriever:
+        def retrieve(self, batch, feedback, preference, lists, k):
+            read.append((feedback, preference, lists))
+            return [catalog.titles[:k] for _ in batch]
+
+    class Policy:
+        tokenizer = None
+
+        def complete(self, conversations, **kwargs):
+            from common.llm import Completion
+
+            answer = f"Step 1: Preference Inference: scary.\n</think>\nRANK LIST: [{catalog.titles[3]}]"
+            return [[Completion(answer, [], [])] for _ in conversations]
+
+    class Mute:
+        def chat(self, *a, **k):
+            raise AssertionError("w/o Feedback asks no simulator")
+
+    data = smtpo.Data([], [], samples, catalog)
+    for ablations, feedback_seen, lists_seen in ((("no-feedback",), [""], [[catalog.titles[3]]]),
+                                                  (("no-rec", "no-pref"), None, [[]])):  # fmt: skip
+        read.clear()
+        args = smtpo.Args(max_turns=3, ablations=ablations)
+        simulator = Mute() if "no-feedback" in ablations else TalkingSimulator()
+        roles = smtpo.Roles(Policy(), simulator, Retriever(), {})
+        monkeypatch.setattr(  # the prompt as it is: no tokenizer here
+            smtpo, "fitted_recommender_prompt", lambda tok, s, c, f, t, a, cat: smtpo.Fitted("prompt", 0, 0, 0)
+        )
+        (turns,) = smtpo.rollout(samples, roles, data, args, 1, 0.0, False, random.Random(0))
+        assert len(turns) == 3 and len(read) == 3
+        later = read[1:]
+        if feedback_seen is not None:
+            assert all(f == feedback_seen for f, _, _ in later) and all(t["feedback"] == "" for t in turns)
+        assert all(r == lists_seen for _, _, r in later)
+        if "no-pref" in ablations:
+            assert all(p == [""] for _, p, _ in later) and turns[0]["preference"] == "scary."
+
+
+def test_the_retriever_is_scored_at_every_turn_as_in_fig_4b():
+    target = "Alien (1979)"
+    results = [
+        {"target": target, "turns": [{"ranked": [target], "candidates": ["x", target] + ["y"] * 18},
+                                     {"ranked": [None, target], "candidates": [target] + ["y"] * 19}]},
+        {"target": target, "turns": [{"ranked": [], "candidates": ["y"] * 20}]},  # stopped: keeps its last turn
+    ]  # fmt: skip
+    one, two = smtpo.turn_scores(results, 1), smtpo.turn_scores(results, 2)
+    assert one["retriever_recall@20"] == two["retriever_recall@20"] == 0.5
+    assert one["retriever_ndcg@20"] == pytest.approx((1 / math.log2(3)) / 2)
+    assert two["retriever_ndcg@20"] == pytest.approx(0.5) and two["recall@1"] == 0 and one["recall@1"] == 0.5
+    assert two["mrr@10"] == pytest.approx(0.25)
+
+
+@needs_data
+def test_redial_runs_link_the_entities_of_their_training_turns():
+    loaded = smtpo.load_data(smtpo.Args(dataset="redial", data_dir=str(DATA), num_train=200, num_test=1))
+    attributes = {v for item in loaded.catalog.items for k in ("genre", "director", "star", "writer")
+                  for v in item.attributes.get(k) or []}  # fmt: skip
+    assert sum(m in attributes for s in loaded.train for m in s.mentioned) > 0.8 * len(loaded.train)  # was 0
+
+
+@needs_data
+def test_num_test_counts_dialogues_and_the_retriever_reads_a_dialogues_latest_utterances():
+    args = smtpo.Args(dataset="inspired", data_dir=str(DATA), num_test=10, num_train=2)
+    data = smtpo.load_data(args)
+    dialogues = {s.key.rsplit(":", 1)[0] for s in data.test}  # CFCRS: <dialog_id>:<turn>
+    assert len(dialogues) == 10 and len(data.test) > 10  # every context of 10 dialogues (the first 10: 5 dialogues)
+    every = smtpo.make_samples(load_crs_dataset("inspired", DATA, "valid").evaluated, set(data.catalog.titles))
+    assert data.test == [s for s in every if s.key.rsplit(":", 1)[0] in dialogues]
+    old = [{"role": "user" if k % 2 else "assistant", "content": "I loved the old westerns. " * 8} for k in range(7)]
+    history = old + [{"role": "user", "content": "Now a shark movie in the ocean, with divers and a boat."}] * 3
+    sample = smtpo.Sample("k", history, [], data.catalog.titles[0])
+    assert len(data.catalog._load_encoder().tokenizer(smtpo.render_history(history))["input_ids"]) > 256
+    retriever = smtpo.Retriever(smtpo.FusionHead(384, 4), data.catalog.titles, torch.zeros(1096, 4), data.catalog)
+    texts, _, _, _ = retriever.conversation_inputs([sample], [""], [""], [[]])
+    (sharks,) = data.catalog.encode(["A shark movie in the ocean, with divers and a boat."])
+    (beginning,) = data.catalog.encode([smtpo.render_history(history)])  # the window's default: the first tokens
+    assert texts[0, 0].numpy() @ sharks > beginning @ sharks + 0.2  # the window kept the latest utterances
+
+
+def test_the_learning_signal_of_a_step_counts_what_the_groups_can_teach():
+    def group(totals, in_candidates, fallback=False, substituted=False, dropped=0):
+        return {
+            "rewards": [{"total": t} for t in totals],
+            "target_in_candidates": in_candidates,
+            "fallback": fallback,
+            "feedback_substituted": substituted,
+            "prompt_parts_dropped": int(dropped > 0),
+            "prompt_tokens_dropped": dropped,
+            "prompt_over_budget": False,
+        }
+
+    groups = [
+        group([1.2, 1.2, 1.2, 1.2], False, fallback=True),  # every output alike: advantages 0, nothing to learn
+        group([0.7, 1.9, 0.7, 0.7], True, substituted=True, dropped=310),
+        group([0.5, 0.5, 0.5, 0.5], False, fallback=True, dropped=12),
+        group([0.2, 0.3, 0.2, 0.2], False),
+    ]
+    signal = smtpo.learning_signal(groups)
+    assert signal == {
+        "rollout/frac_reward_zero_std": 0.5,
+        "rollout/target_in_candidates": 0.25,
+        "rollout/fallback_continuations": 2,
+        "rollout/substituted_feedback": 1,
+        "rollout/truncated_prompts": 2,
+        "rollout/prompt_tokens_dropped": 322,
+        "rollout/prompts_over_budget": 0,
+    }
+    zero = [smtpo.group_advantages(torch.tensor([r["total"] for r in g["rewards"]])) for g in groups]
+    assert [bool((a == 0).all()) for a in zero] == [True, False, True, False]  # what the zero-std share counts
+    panels = [m for metrics in smtpo.CURVES.values() for m in metrics]
+    assert {"rollout/frac_reward_zero_std", "rollout/target_in_candidates", "rollout/fallback_continuations",
+            "rollout/substituted_feedback", "rollout/truncated_prompts"} <= set(panels)  # fmt: skip
+
+
+def test_an_empty_feedback_is_replaced_and_counted():
+    import random
+
+    class Quiet:
+        def chat(self, conversations, max_tokens):
+            return [("  ",), ("Too sweet, I want horror.",)]
+
+    catalog = Catalog(load_demo_catalog())
+    samples = [smtpo.Sample(k, [{"role": "user", "content": "x"}], [], catalog.titles[0]) for k in "ab"]
+    texts, stock = smtpo.simulate_feedback(Quiet(), samples, [[], []], catalog, smtpo.Args(), random.Random(0))
+    assert texts == [smtpo.STOCK_FEEDBACK, "Too sweet, I want horror."] and stock == [True, False]
+
+
 def test_reward_curve_compares_the_first_and_second_half_of_the_steps():
     rollouts = [
         {
@@ -550,8 +941,8 @@ def test_reward_curve_compares_the_first_and_second_half_of_the_steps():
         for step in range(5)
         for k in range(2)
     ]
-    curve = smtpo.reward_curve(rollouts, 5)
+    curve = smtpo.reward_curve(rollouts)
     assert curve["rollout/reward_total_first_half"] == 0.5  # steps 0 and 1
     assert curve["rollout/reward_total_second_half"] == 3.0  # steps 2, 3 and 4
     assert curve["rollout/reward_think_second_half"] == pytest.approx(0.6)
-    assert smtpo.reward_curve([], 5) == {}
+    assert smtpo.reward_curve([]) == {}

@@ -1,6 +1,6 @@
-"""smtpo.py's GRPO update on 1 rank and on 2 CPU ranks (accelerate, gloo; DDP and ZeRO-3), on the same recorded
-rollouts: the loss and the adapter agree, so the groups' split over ranks, the padding weights and the averaging are
-right."""
+"""smtpo.py on 1 rank and on 2 CPU ranks (accelerate, gloo): the retriever stage, its text encoding and its heads
+shared over the ranks, trains what 1 rank trains; GRPO's update (DDP and ZeRO-3), on the same recorded rollouts,
+gives the same loss and adapter, so the groups' split over ranks, the padding weights and the averaging are right."""
 
 import json
 import os
@@ -28,6 +28,21 @@ def test_two_ranks_match_one_rank_on_the_same_rollouts(tmp_path, tiny_policy):
         assert result.returncode == 0, result.stderr[-3000:]
 
     smtpo("--stages", "simulator", "retriever", "sft", "--run-name", "base")
+    # The retriever stage on 2 ranks: the ranks share the text encoding and the three heads (the fused one and the
+    # text view on rank 0 and 1, the graph view on rank 0 again) and must train what 1 rank trains.
+    shutil.copytree(tmp_path / "runs" / "base", tmp_path / "runs" / "retriever_two")
+    shutil.rmtree(tmp_path / "runs" / "retriever_two" / "retriever")
+    smtpo("--stages", "retriever", "--run-name", "retriever_two", launcher=accelerate_launch("cpu_2proc"))
+    alone, shared = (
+        json.loads((tmp_path / "runs" / n / "retriever/metrics.json").read_text()) for n in ("base", "retriever_two")
+    )
+    recalls = [k for k in alone if "recall@" in k or k.endswith("_weight")]
+    assert len(recalls) > 20 and all(shared[k] == pytest.approx(alone[k], abs=1e-6) for k in recalls), (alone, shared)
+    import torch
+
+    heads = [torch.load(tmp_path / "runs" / n / "retriever/retriever.pt")["heads"] for n in ("base", "retriever_two")]
+    for views in ("both", "text", "graph"):
+        assert all(torch.allclose(heads[0][views][k], heads[1][views][k], atol=1e-5) for k in heads[0][views])
     shutil.copytree(tmp_path / "runs" / "base", tmp_path / "runs" / "sampler")
     smtpo("--stages", "grpo", "--run-name", "sampler")  # records the rollouts of step 1
     # A random model earns the same reward with every output, so every advantage would be 0 and no step would

@@ -51,3 +51,34 @@ def test_max_length_keeps_the_last_tokens(tokenizer):
     ids, mask = encode_prompt_completion(tokenizer, MESSAGES, "Ask[which era?]")
     cut_ids, cut_mask = encode_prompt_completion(tokenizer, MESSAGES, "Ask[which era?]", max_length=10)
     assert cut_ids == ids[-10:] and cut_mask == mask[-10:] and sum(cut_mask) == sum(mask)
+
+
+def test_a_long_example_loses_its_oldest_utterances_not_its_instruction(tokenizer):
+    from common.conversations import render_history
+
+    history = [{"role": "user" if k % 2 == 0 else "assistant", "content": f"utterance {k} " * 12} for k in range(9)]
+    prompt = f"Rank the films for this user.\n\nConversation:\n{render_history(history)}\n\nAnswer with a list."
+    messages = [{"role": "user", "content": prompt}]
+    full, _ = encode_prompt_completion(tokenizer, messages, "Search[dream heist]")
+    ids, mask = encode_prompt_completion(tokenizer, messages, "Search[dream heist]", max_length=len(full) - 60)
+    text = tokenizer.decode(ids)
+    assert len(ids) <= len(full) - 60 and text.startswith("<|im_start|>system")
+    assert "Rank the films for this user." in text and "Answer with a list." in text  # the instruction stays
+    assert "User: " + "utterance 8 " * 11 in text  # the latest user utterance stays
+    assert "utterance 0" not in text and "earlier messages left out)\nUser: utterance" in text  # the oldest went
+    assert tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=True) == "Search[dream heist]"
+
+
+def test_fit_prompt_leaves_out_the_fewest_parts_that_fit():
+    from common.tokens import fit_prompt
+
+    parts = ["old " * 5, "older " * 3, "recent " * 4, "latest " * 2]  # 5, 3, 4 and 2 words
+
+    def build(k):
+        return "instruction " + "".join(parts[k:])
+
+    for budget, dropped in ((15, 0), (14, 1), (10, 1), (9, 2), (7, 2), (6, 3), (3, 3)):
+        fitted = fit_prompt(lambda t: len(t.split()), build, 3, budget)
+        assert fitted.dropped_parts == dropped and fitted.text == build(dropped), budget
+        assert fitted.tokens == len(build(dropped).split()) and fitted.dropped_tokens == 15 - fitted.tokens
+    assert fit_prompt(lambda t: len(t.split()), build, 3, 2).tokens == 3  # still over: the caller can tell
