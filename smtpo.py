@@ -5,6 +5,7 @@ Docs: docs/smtpo.md.
     python smtpo.py --dataset inspired --num-test 20   # INSPIRED (validation split) from --data-dir
     accelerate launch smtpo.py --dataset redial        # rollouts, synthesis and training over ranks
     python smtpo.py --run-name <run> --stages eval --noisy-feedback   # Table 3's controls on a trained run
+    python smtpo.py paper --dataset inspired --policy <8B> ...   # the paper's settings (PAPER below)
     bash benchmark/smtpo_table1.sh                     # the paper's Table 1 on GPUs
 
 A reasoning LLM reranks the candidates a dual-view retriever recalls, over T turns with a simulated user who
@@ -40,7 +41,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tyro
 from tqdm import tqdm
 
 from common.catalog import Catalog
@@ -64,6 +64,7 @@ from common.llm import HFChat, LLMBackendError
 from common.metrics import mrr_at_k, ndcg_at_k, recall_at_k
 from common.models import ModelSpecError, check_specs, load_merged
 from common.parsing import ParseStats, chat_parsed
+from common.presets import Preset, parse_args
 from common.run import Run, sft_row
 from common.sft import supervised_finetuning
 from common.tokens import (
@@ -212,7 +213,7 @@ class Args:
     gradient_checkpointing: bool = True
     """recompute each layer's activations in the backward pass instead of storing them"""
     max_grad_norm: float = 1.0
-    """gradient clipping"""
+    """gradient clipping of the SFT and GRPO updates (inf: none; paper: unstated)"""
     save_every: int = 50
     """SFT optimizer steps between resumable checkpoints (each SFT stage also saves when it ends)"""
 
@@ -265,6 +266,77 @@ class Args:
     dry_run: int = 0
     """validate the flags, every batch division for this many processes, and the data files, then exit without
     loading a model (0: run)"""
+
+
+# The paper's Table 1 setting (Sec. 4.1.4, the rest of Sec. 3-4), selected by `python smtpo.py paper ...`
+# (common/presets.py; docs/smtpo.md shows this table). SMTPO has no released code: where the paper is silent, the
+# source says so and gives METHODS.md's default or our reading.
+PAPER = Preset(
+    "the paper's Table 1 setting (Sec. 4.1.4; METHODS.md 3.6's defaults and our readings where the paper is silent); "
+    "state the models, the data and the scale",
+    values={
+        "num_train": (0, "Sec. 3.8 (METHODS.md): a training turn per recommendation of the training split; 0 = all"),
+        "num_test": (0, 'Sec. 4.1.3: "the same fixed and complete test set"; 0 = every test dialogue'),
+        "simulator_lists": (4, "Sec. 3.2.1: feedback on each of the four lists H+, H-, S+, S-"),
+        "simulator_predictions": (2, "Sec. 3.2.3: any item of the four lists (about one Yes in 37); ours: the target "
+                                  "and one negative, balanced (docs/smtpo.md)"),
+        "untrained_simulator": (False, "Sec. 3.2: the simulator is trained (the base model's feedback is our "
+                                "ablation)"),
+        "simulator_epochs": (5, 'Sec. 4.1.4: "SFT-trained for 5 epochs"'),
+        "simulator_lr": (1e-5, "Sec. 4.1.4: lr 1e-5, LoRA rank 8, AdamW"),
+        "feedback_max_tokens": (128, "not in the paper: ours, room for one or two sentences of feedback"),
+        "gcn_dim": (64, "not in the paper (Dim_c unstated): ours, LightGCN's usual 64"),
+        "gcn_layers": (2, "not in the paper (LightGCN's layers unstated): ours"),
+        "bpr_epochs": (50, "not in the paper (Eq. 8's pretraining length unstated): ours"),
+        "retriever_epochs": (50, 'Sec. 4.1.4: "up to 50 epochs with early stopping"'),
+        "retriever_patience": (50, "not in the paper (early stopping's patience unstated): ours; a patience of 5 "
+                               "stopped every view at half the recall it reached later (docs/smtpo.md)"),
+        "retriever_lr": (5e-5, "Sec. 4.1.4: lr 5e-5, Adam"),
+        "retriever_batch_size": (32, "not in the paper: ours"),
+        "retriever_inputs": ("all", "Sec. 3.3, Eq. 7-8: the dialogue, the feedback, the preference, I_D and R"),
+        "negatives": (64, "Eq. 12's N, not given: METHODS.md 3.6's default"),
+        "num_candidates": (20, 'Sec. 4.1.4: "The recommender receives 20 candidates"'),
+        "ablations": ((), "Table 1's SMTPO: none; each of Table 2's rows a run of its own"),
+        "list_length": (10, 'Sec. 4.1.4: "outputs a final top-10 list"'),
+        "max_turns": (5, 'Sec. 4.1.4: "5 interaction turns"; Table 1 reports turn 5'),
+        "rec_max_tokens": (1024, "not in the paper (its max length 2048 holds prompt and output): ours, half of it "
+                           "for the reasoning and the list"),
+        "think_prefill": (True, "not in the paper: the chat template of its DeepSeek-R1-Distill backbone opens the "
+                          "output with <think> (a template that has it gets no second one)"),
+        "step_max_tokens": (64, "not in the paper: ours, a sentence or two per reasoning step of a local teacher "
+                            "(an API teacher, the paper's, writes the whole reasoning)"),
+        "lora_rank": (8, "Sec. 4.1.4: LoRA rank 8 for the simulator and the recommender"),
+        "lora_alpha": (16, "not in the paper: METHODS.md 3.6's default"),
+        "sft_epochs": (8, 'Sec. 4.1.4: "SFT-trained for 8 epochs"'),
+        "sft_lr": (5e-5, "Sec. 4.1.4: lr 5e-5, AdamW"),
+        "sft_batch_size": (8, "not in the paper: ours, the simulator's and the recommender's SFT batch (it splits "
+                           "over 1, 2, 4 or 8 ranks)"),
+        "max_length": (2048, 'Sec. 4.1.4: "max length 2048"'),
+        "max_grad_norm": (1.0, "not in the paper (no clipping stated): ours, transformers' and TRL's default; inf "
+                          "turns clipping off"),
+        "group_size": (4, 'Sec. 4.1.4: "The group size of GRPO is 4"'),
+        "grpo_steps": (3, "unused: --grpo-epochs sets GRPO's length (Sec. 4.1.4 counts epochs)"),
+        "grpo_epochs": (3.0, 'Sec. 4.1.4: "multi-turn GRPO optimization for 3 epochs"'),
+        "groups_per_step": (8, 'Sec. 4.1.4: "gradient accumulation 8", a group per micro-step (METHODS.md 3.9.10)'),
+        "grpo_iterations": (1, "not in the paper: METHODS.md 3.5's mu = 1, Eq. 14's pi_old the sampling policy"),
+        "grpo_lr": (1e-5, "Sec. 4.1.4: lr 1e-5"),
+        "epsilon": (0.2, "Eq. 14's epsilon, not given: METHODS.md 3.6's default"),
+        "kl_beta": (0.04, "Eq. 14's beta, not given: METHODS.md 3.6's default"),
+        "temperature": (1.0, "not in the paper: METHODS.md 3.6's default (evaluation is greedy)"),
+        "continuation": ("random", "not in the paper: a random format-valid output (METHODS.md 3.9.2; best is "
+                         "biased)"),
+        "blind_simulator": (False, "Table 1: the simulator sees the lists (Table 3's control: True)"),
+        "noisy_feedback": (False, "Table 1: the simulator's feedback (Table 3's control: True)"),
+    },
+    ablations={"ablations": "Table 2", "blind_simulator": "Table 3", "noisy_feedback": "Table 3"},
+    recipe=(
+        "exp_name", "seed", "run_name", "stages", "track", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags",
+        "dataset", "data_dir", "eval_split", "policy", "simulator_model", "teacher_llm", "text_encoder", "batch_size",
+        "micro_batch_size", "gradient_checkpointing", "save_every", "grpo_save_every", "rollout_backend",
+        "vllm_memory", "policies", "dry_run",
+    ),
+)  # fmt: skip
+PRESETS = {"paper": PAPER}
 
 
 # =============================================================================================== data
@@ -1603,7 +1675,7 @@ def load_retriever(run: Run, data: Data, views: str = "both", device=None) -> Re
     """The retriever the retriever stage saved (its fused head, or a single view's), encoding on ``device``."""
     if not run.finished("retriever"):
         raise DataError(f"no {run.dir / 'retriever'}: run the retriever stage first")
-    saved = torch.load(run.dir / "retriever" / "retriever.pt", weights_only=False)
+    saved = torch.load(run.dir / "retriever" / "retriever.pt", map_location="cpu", weights_only=False)
     head = FusionHead(data.catalog.encode(["x"]).shape[1], saved["node_embeddings"].shape[1], views)
     head.load_state_dict(saved["heads"][views])
     return Retriever(head, saved["nodes"], saved["node_embeddings"], data.catalog, device)
@@ -2117,6 +2189,6 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(parse_args(Args, PRESETS))
     except (DataError, ModelSpecError, LLMBackendError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -174,26 +174,8 @@ def test_launch_on_a_gpu_the_server_holds_is_refused():
 
 
 # ------------------------------------------------------------------------------------- the papers' settings
-# A script with presets (common/presets.py) holds its paper's settings itself. The others get theirs in phase 2 of
-# issue 37; until then their papers' values are checked from here (METHODS.md's [P] and [C] values), and the commands
-# known to differ are marked below: they fail, as expected, until their recipe or their script's preset is fixed.
-PENDING = {
-    "smtpo.py": {
-        "simulator_epochs": (5, "Sec. 5 (METHODS.md 3.6)"),
-        "simulator_lr": (1e-5, "Sec. 5 (METHODS.md 3.6)"),
-        "retriever_epochs": (50, "Sec. 5 (METHODS.md 3.6)"),
-        "retriever_lr": (5e-5, "Sec. 5 (METHODS.md 3.6)"),
-        "num_candidates": (20, "Sec. 5 (METHODS.md 3.6)"),
-        "list_length": (10, "Sec. 5 (METHODS.md 3.6)"),
-        "sft_epochs": (8, "Sec. 5 (METHODS.md 3.6)"),
-        "sft_lr": (5e-5, "Sec. 5 (METHODS.md 3.6)"),
-        "group_size": (4, "Sec. 5 (METHODS.md 3.6)"),
-        "groups_per_step": (8, "Sec. 5: gradient accumulation 8 (METHODS.md 3.6)"),
-        "grpo_lr": (1e-5, "Sec. 5 (METHODS.md 3.6)"),
-        "max_length": (2048, "Sec. 5 (METHODS.md 3.6)"),
-        "max_turns": (5, "Sec. 5 (METHODS.md 3.6)"),
-    },
-}
+# Every script with a paper table holds its paper's settings itself (its preset, common/presets.py); the commands known
+# to differ are marked below: they fail, as expected, until their recipe or their script's preset is fixed.
 # (recipe, run name) -> what today's command gets wrong, each {field: (recipe's value, paper's value)}
 KNOWN_MISMATCHES: dict = {}
 TABLE_COMMANDS = [c for c in COMMANDS if "_table" in c[0] and c[1] == PROCESSES[0]]
@@ -209,15 +191,14 @@ def paper_mismatches(argv: list[str]) -> dict:
     without it gets the CPU demo's defaults, and its key "preset" says so."""
     script, *flags = argv[:-2]  # without the dry run's --dry-run N
     module = importlib.import_module(script.removesuffix(".py"))
-    presets = getattr(module, "PRESETS", {})
-    args = parse_args(module.Args, presets, flags)
-    table, ablations = (presets["paper"].values, presets["paper"].ablations) if presets else (PENDING[script], {})
+    paper = module.PRESETS["paper"]
+    args = parse_args(module.Args, module.PRESETS, flags)
     wrong = {
         name: (getattr(args, name), value)
-        for name, (value, _) in table.items()
-        if name not in ablations and getattr(args, name) != value
+        for name, (value, _) in paper.values.items()
+        if name not in paper.ablations and getattr(args, name) != value
     }
-    if presets and flags[:1] != ["paper"]:
+    if flags[:1] != ["paper"]:
         wrong["preset"] = (flags[:1], ["paper"])
     return wrong
 
@@ -252,14 +233,3 @@ def test_known_recipe_mismatches_are_exactly_these(monkeypatch):
             assert paper_mismatches(argv) == known(recipe, argv), (recipe, run_name_of(argv))
     listed = {(recipe, run_name_of(argv)) for recipe, _, argv in TABLE_COMMANDS}
     assert set(KNOWN_MISMATCHES) <= listed, set(KNOWN_MISMATCHES) - listed
-
-
-def test_pending_tables_name_fields_of_their_scripts():
-    """A field renamed in a script (by its own issue) must be renamed here too, not silently unchecked."""
-    for script, table in PENDING.items():
-        module = importlib.import_module(script.removesuffix(".py"))
-        assert not hasattr(module, "PRESETS"), f"{script} has presets now: move its PENDING table into them"
-        assert set(table) <= set(module.Args.__dataclass_fields__), (
-            script,
-            set(table) - set(module.Args.__dataclass_fields__),
-        )

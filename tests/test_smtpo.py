@@ -946,3 +946,42 @@ def test_reward_curve_compares_the_first_and_second_half_of_the_steps():
     assert curve["rollout/reward_total_second_half"] == 3.0  # steps 2, 3 and 4
     assert curve["rollout/reward_think_second_half"] == pytest.approx(0.6)
     assert smtpo.reward_curve([]) == {}
+
+
+# ------------------------------------------------------------------------------------ the paper's settings
+
+
+def test_the_paper_preset_names_every_field_and_the_recipe_selects_it():
+    from common.presets import check_preset, markdown_table, parse_args
+    from tests.conftest import ROOT
+
+    check_preset(smtpo.Args, smtpo.PAPER)
+    assert markdown_table(smtpo.PAPER) in (ROOT / "docs" / "smtpo.md").read_text()  # the docs show the preset itself
+    args = parse_args(smtpo.Args, smtpo.PRESETS, ["paper", "--dataset", "redial", "--ablations", "no-rec"])
+    paper_values = (args.sft_lr, args.grpo_lr, args.groups_per_step, args.grpo_epochs, args.max_turns, args.num_test)
+    assert paper_values == (5e-5, 1e-5, 8, 3.0, 5, 0)
+    assert (args.dataset, args.ablations, args.simulator_lists) == ("redial", ("no-rec",), 4)
+    assert parse_args(smtpo.Args, smtpo.PRESETS, ["--max-turns", "4"]) == smtpo.Args(max_turns=4)  # the demo's
+    # the learning test above trains the preset's update: its clip, KL weight, clipping and iterations (lr 1e-5, G = 4)
+    update = ("epsilon", "kl_beta", "max_grad_norm", "grpo_iterations")
+    paper = {name: value for name, (value, _) in smtpo.PAPER.values.items()}
+    assert {name: paper[name] for name in update} == {name: getattr(Settings(), name) for name in update}
+    assert (paper["grpo_lr"], paper["group_size"]) == (1e-5, 4)
+
+
+def test_the_retriever_loads_on_the_cpu_whatever_device_saved_it(tmp_path, monkeypatch):
+    """torch.load without map_location puts each tensor back on the device that saved it: every rank's retriever on
+    the GPU of the rank that saved it (issue 37)."""
+    from types import SimpleNamespace
+
+    catalog = Catalog(load_demo_catalog())
+    nodes, _ = smtpo.item_graph(catalog)
+    head = smtpo.FusionHead(catalog.encode(["x"]).shape[1], 8)
+    (tmp_path / "retriever").mkdir()
+    saved = {"nodes": nodes, "node_embeddings": torch.randn(len(nodes), 8), "heads": {"both": head.state_dict()}}
+    torch.save(saved, tmp_path / "retriever" / "retriever.pt")
+    loads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("map_location")) or real_load(*a, **k))
+    run = SimpleNamespace(dir=tmp_path, finished=lambda folder: True)
+    retriever = smtpo.load_retriever(run, smtpo.Data([], [], [], catalog))
+    assert loads == ["cpu"] and retriever.node_embeddings.device.type == "cpu"
