@@ -156,7 +156,8 @@ class Run:
         records = self.records(name)
         stored = records.done_keys()
         todo = [item for item in self.shard(items) if key(item) not in stored]
-        if todo or (every_rank and any(self.gather([bool(todo)]))):
+        # every_rank: a rank with work of its own must enter the gather too, or the ranks without any wait for it
+        if any(self.gather([bool(todo)])) if every_rank else todo:
             with tqdm(total=len(todo), desc=desc or name.removesuffix(".jsonl"), disable=not todo) as progress:
                 for record in work(todo):
                     records.append(record)
@@ -238,7 +239,10 @@ class Run:
         with them, every rank must call it. ``show`` labels the step's line that rank 0 prints. Returns the metrics
         logged (the sums over ranks included)."""
         if sums:
-            parts = {name: value if isinstance(value, tuple) else (value, 1.0) for name, value in sums.items()}
+            # a number is a sum: its denominator is 1 over all ranks (rank 0's), not 1 on each (a mean over ranks)
+            parts = {
+                name: value if isinstance(value, tuple) else (value, float(self.main)) for name, value in sums.items()
+            }
             flat = {f"{name}|{k}": part for name, pair in parts.items() for k, part in enumerate(pair)}
             totals = self.sum_over_ranks(flat)
             pooled = {name: totals[f"{name}|0"] / max(totals[f"{name}|1"], 1e-12) for name in parts}

@@ -113,3 +113,14 @@ def test_log_step_pools_sums_and_ratios_and_prints_its_line(tmp_path, monkeypatc
     assert "step 1: lr 0.1  loss 0.5  entropy 0.75" in capsys.readouterr().out
     row = json.loads((tmp_path / "runs" / "stages" / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["train/entropy"] == 0.75 and row["train/step"] == 1
+
+
+def test_map_every_rank_enters_the_gather_whether_or_not_it_has_work(tmp_path, monkeypatch):
+    # every_rank: the ranks agree through a gather whether any has work left; a rank with work of its own that skipped
+    # it left the others waiting in it (the collective entered by some ranks only)
+    monkeypatch.chdir(tmp_path)
+    run, gathered = Run(Settings()), []
+    run.gather = lambda items: gathered.append(list(items)) or list(items)
+    records = run.map("ones.jsonl", [{"key": "a"}], lambda todo: ({"key": i["key"]} for i in todo), every_rank=True)
+    run.map("ones.jsonl", [{"key": "a"}], lambda todo: iter(()), every_rank=True)  # nothing left to do: it agrees so
+    assert [r["key"] for r in records] == ["a"] and [g for g in gathered if g in ([True], [False])] == [[True], [False]]
