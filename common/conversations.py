@@ -1,6 +1,20 @@
-"""A dialogue history as every script writes it into its prompts (``User: ... / System: ...``)."""
+"""A dialogue as every script writes it: a dataset's turns as chat messages, and a history as prompts render it."""
 
 from __future__ import annotations
+
+
+def chat_roles(turns, *, one_line: bool = False) -> list[dict]:
+    """A dataset dialogue's turns (common/data.py's ``Turn``) as chat messages from the recommender's side: the seeker
+    is "user", the recommender "assistant"; turns without text are left out. ``one_line`` squeezes each text's
+    whitespace into single spaces, for prompts that write one message per line (``render_history``)."""
+    return [
+        {
+            "role": "user" if t.role == "seeker" else "assistant",
+            "content": " ".join(t.text.split()) if one_line else t.text,
+        }
+        for t in turns
+        if t.text.strip()
+    ]
 
 
 def render_history(history: list[dict]) -> str:
