@@ -79,8 +79,12 @@ def draw_comparison(run_dirs: list[str | Path], metrics: list[str], path: str | 
     plt = _pyplot()
     runs = {Path(d).name: read_metrics(d) for d in run_dirs}
     lacking = {name: [] for name in runs}
-    figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
-    for axis, metric in zip(axes[0], metrics):
+    columns = min(4, len(metrics))
+    lines = math.ceil(len(metrics) / columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.4 * lines), squeeze=False)
+    for axis in axes.flat[len(metrics) :]:
+        axis.set_visible(False)
+    for axis, metric in zip(axes.flat, metrics):
         curves = {name: series(rows, metric) for name, (rows, _) in runs.items()}
         if any(len(steps) > 1 for steps, _ in curves.values()):  # a curve, not one value per run
             for k, (name, (steps, values)) in enumerate(curves.items()):

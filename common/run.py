@@ -299,6 +299,8 @@ class Run:
             print("\n" + json.dumps(self.summary, indent=2))
             if print_table is not None:
                 print_table(self.summary)
+            # what the run's picture shows is its headline: common/compare.py leads a comparison with it
+            (self.dir / "panels.json").write_text(json.dumps({"curves": curves or {}, "bars": bars or {}}, indent=1))
             picture = draw_run(self.dir, curves or {}, bars or {})
             if picture is not None:
                 self.tracker.image("curves", picture, step=self.step)
