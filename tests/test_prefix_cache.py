@@ -204,9 +204,27 @@ def test_the_embedded_model_answers_and_scores_the_same_from_its_cache():
     plain = HFChat(llm.model, llm.tokenizer, prefix_cache=False)
     for turn in (TURN_1[:2], TURN_2[:2]):
         assert llm.chat(turn, max_tokens=6) == plain.chat(turn, max_tokens=6)
+        sampled = []
+        for chat in (llm, plain):
+            torch.manual_seed(0)
+            sampled.append(chat.chat(turn, n=2, temperature=1.0, max_tokens=6))
+        assert sampled[0] == sampled[1]
         for got, want in zip(llm.choice_probs(turn, ("1", "2", "3")), plain.choice_probs(turn, ("1", "2", "3"))):
             assert got == pytest.approx(want, abs=1e-5)
     assert llm.usage.cached_tokens > llm.usage.prefill_tokens
+    # The next-token logits of a later turn read from the cache against the whole prompt's. In float64 they are the
+    # same to rounding; in float32 (logits up to ~30) they differ by ~3e-5, as the same prompt padded in a batch
+    # without the cache does, and the whole float32 pass is itself ~2.5e-5 from float64: so 1e-5 of the logits' scale.
+    later = prompt_ids(llm.tokenizer, TURN_2[2:], "")
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        model = llm.model.to(dtype)  # a new dtype is new weights: the cache empties itself
+        llm.chat(TURN_2[:2], max_tokens=1)
+        before = llm.usage.cached_tokens
+        read = llm._prompt_pass(later, prefix_cache_of(model), fresh=1)
+        assert llm.usage.cached_tokens - before > 0.6 * len(later[0])
+        with torch.no_grad():
+            whole = model(torch.tensor(later)).logits[:, -1]
+        assert (read.logits - whole).abs().max() < tolerance * whole.abs().max()
     release_models()
 
 
