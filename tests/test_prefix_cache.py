@@ -251,3 +251,16 @@ def test_a_stage_logs_what_its_roles_computed(tmp_path, monkeypatch, tiny_policy
     assert logged["perf/play_decode_tokens"] == usage.completion_tokens
     share = usage.cached_tokens / (usage.cached_tokens + usage.prefill_tokens)
     assert logged["perf/play_prefix_hit_rate"] == pytest.approx(share)
+
+
+def test_one_prompt_at_a_time_runs_what_no_earlier_prompt_began_with(tiny_model, tokenizer):
+    # bench/prompt_log.PromptLog's floor (each prompt's tokens after the longest beginning it shares with any earlier
+    # prompt) is what the benches set the cache's prefill against; one prompt at a time, the cache runs just that
+    from bench.prompt_log import PromptLog
+
+    llm, log = HFChat(tiny_model, tokenizer, batch_size=1), PromptLog()
+    log.watch(llm)
+    for prompt in TURN_1 + TURN_2 + TURN_1[:1]:
+        llm.chat([prompt], max_tokens=2)
+    assert log.prompts == 7 and log.tokens == llm.usage.prompt_tokens
+    assert llm.usage.prefill_tokens == log.new < 0.5 * log.tokens
