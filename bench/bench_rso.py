@@ -1,13 +1,19 @@
 """RSO measurements on the CPU, two tables.
 
-    python bench/bench_rso.py                          # speed: episodes per minute, batched against one at a time
+    python bench/bench_rso.py                          # speed: episodes per minute, batched against one at a time,
+                                                       # the prefix cache on and off
     python bench/bench_rso.py --table learning         # learning: the planner update in a bandit, per setting
     python bench/bench_rso.py --table learning --updates 300 --seeds 1 2 3 --threads 2
 
 speed: ``rso.rollout`` (Algorithm 1: the Planner, the Reasoner, the Fact Retriever, the Actor, the AILO user and the
 K-sample rewarder) plays the same demo seeds with the same untrained planner (the embedded MiniLM with a fresh
-13-way head: its forward pass is part of each turn), --batched episodes together against one at a time. An
-episode may end early (acceptance or AILO's end_conversation), so the table also gives turns per minute.
+13-way head: its forward pass is part of each turn), --batched episodes together against one at a time, each with
+the hf backend's prefix cache on and off (--prefix-cache). An episode may end early (acceptance or AILO's
+end_conversation), so the table also gives turns per minute. Per turn, the prompt tokens: billed (every call its
+whole prompt, as cost/tokens counts them), computed (prefill), read from the prefix cache, the floor (each prompt's
+tokens after the longest beginning it shares with any earlier prompt: what an unbounded prefix cache still runs),
+and the tokens generated; the dialogue's new tokens per turn (the system's and the user's new messages) beside them.
+Every side plays the same episodes: their records must agree (the table says where they do not).
 
 learning: the settings that chose rso.py's RL defaults. One state, 13 strategies, and a judge-like reward: 0.75
 (a raw score of 4) for one strategy and 0.5 (a 3) for the others, so every reward is positive as in the paper.
@@ -35,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import rso  # noqa: E402
 from ailo_sim import AILO  # noqa: E402
+from bench.prompt_log import PromptLog, prefix_cache, print_speed, usage_row  # noqa: E402
 from common.llm import make_llm  # noqa: E402
 from common.parsing import ParseStats  # noqa: E402
 from common.tracking import RecordFile  # noqa: E402
@@ -66,14 +73,18 @@ class Args:
     """torch CPU threads; None keeps torch's default"""
     seed: int = 1
     """speed: seed of the planner head and the sampling"""
+    prefix_cache: tuple[str, ...] = ("on", "off")
+    """speed: the hf backend's prefix cache on each side (CLEANCRS_PREFIX_CACHE_GB sets its bound)"""
 
 
 # ----------------------------------------------------------------------------------------------- speed
 
 
-def play_all(args: Args, cfg: rso.Args, data: rso.Data, planner, tokenizer, num_envs: int) -> tuple[float, int, int]:
-    """(seconds, finished episodes, system turns) of playing the seeds with ``num_envs`` episodes at a time."""
-    llm = make_llm(args.llm, batch_size=max(num_envs, 1) * 2)
+def play_all(args: Args, cfg: rso.Args, data: rso.Data, planner, tokenizer, num_envs: int) -> dict:
+    """Play the seeds with ``num_envs`` episodes at a time: seconds, finished episodes, system turns, the episodes,
+    and what the backend computed per turn (``usage_row``)."""
+    llm, log = make_llm(args.llm, batch_size=max(num_envs, 1) * 2), PromptLog()
+    log.watch(llm)
     seeds = [data.rl[k % len(data.rl)] for k in range(args.episodes)]
     keyed = [(f"{k:03d}|{s.key}", s) for k, s in enumerate(seeds)]
     torch.manual_seed(args.seed)
@@ -86,8 +97,12 @@ def play_all(args: Args, cfg: rso.Args, data: rso.Data, planner, tokenizer, num_
             rso.rollout(cfg, keyed[first : first + num_envs], planner, tokenizer, llm, ailo, llm, data.catalog,
                         generator, stats, records)  # fmt: skip
         seconds = time.perf_counter() - start
-        episodes = records.records()
-    return seconds, len(episodes), sum(len(e["turns"]) for e in episodes)
+        episodes = sorted(records.records(), key=lambda e: e["key"])
+    turns = sum(len(e["turns"]) for e in episodes)
+    said = [t[field] for e in episodes for t in e["turns"] for field in ("system", "user")]
+    dialogue = sum(len(ids) for ids in llm.tokenizer(said, add_special_tokens=False)["input_ids"])
+    return {"seconds": seconds, "episodes": len(episodes), "turns": turns, "records": episodes,
+            "tokens": usage_row([llm.usage], log, max(turns, 1)) | {"dialogue": dialogue / max(turns, 1)}}  # fmt: skip
 
 
 def speed(args: Args) -> None:
@@ -95,16 +110,14 @@ def speed(args: Args) -> None:
     data = rso.load_data(cfg)
     data.catalog.embeddings()  # the retrieval index, built once before timing
     planner, tokenizer = rso.load_planner(args.planner, "cpu", args.seed)
-    rows = []
-    for label, num_envs in ((f"batched, {args.batched} together", args.batched), ("one at a time", 1)):
-        seconds, episodes, turns = play_all(args, cfg, data, planner, tokenizer, num_envs)
-        rows.append((label, episodes / seconds * 60, turns / seconds * 60, seconds, episodes, turns))
+    rows = {}
+    for label, num_envs in ((f"batched {args.batched}", args.batched), ("one at a time", 1)):
+        for cache in args.prefix_cache:
+            with prefix_cache(cache == "on"):
+                rows[f"{label}, cache {cache}"] = play_all(args, cfg, data, planner, tokenizer, num_envs)
     print(f"\nmodel: {args.llm}   planner: {args.planner}   device: cpu x {torch.get_num_threads()} threads   "
           f"episodes: {args.episodes} x <= {args.max_turns} turns   K = {args.reward_samples}")  # fmt: skip
-    print(f"{'measurement':<26}{'episodes/min':>14}{'turns/min':>12}{'seconds':>10}{'episodes':>10}{'turns':>8}")
-    for label, per_minute, turns_per_minute, seconds, episodes, turns in rows:
-        print(f"{label:<26}{per_minute:>14.2f}{turns_per_minute:>12.2f}{seconds:>10.0f}{episodes:>10}{turns:>8}")
-    print(f"speed-up of batching: {rows[0][1] / rows[1][1]:.2f}x episodes/min (target: at least 4x)")
+    print_speed(rows, "episodes")
 
 
 # ----------------------------------------------------------------------------------------------- learning

@@ -21,13 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import os
+import sys
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from common.distributed import launched_processes
 from common.models import ModelSpecError, default_dtype, load_model, resolve_model_path
@@ -40,9 +45,16 @@ class LLMBackendError(RuntimeError):
 
 @dataclass
 class Usage:
+    """What a backend was asked for, billed as an API bills it (every call its whole prompt), and, on the hf backend,
+    what it computed: ``prefill_tokens`` prompt tokens run through the model (the scored continuations of
+    ``choice_probs`` included), ``cached_tokens`` prompt tokens read from the prefix cache instead (its hits; the
+    prefill tokens are its misses)."""
+
     calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prefill_tokens: int = 0
+    cached_tokens: int = 0
 
     def add(self, calls: int, prompt_tokens: int, completion_tokens: int) -> None:
         self.calls += calls
@@ -175,21 +187,250 @@ def cache_rows(cache, rows: torch.Tensor):
     return selected
 
 
+# ------------------------------------------------------------------------------------------- the prefix cache
+# The hf backend keeps the key/value states of the prompts it has read, by token ids, and a later prompt that begins
+# with the same ids reads them instead of computing them again (vLLM's automatic prefix caching, SGLang's radix
+# cache): a turn's prompts re-read the history that the previous turn's read, and only what is new is run.
+
+
+def prefix_cache_capacity() -> int:
+    """Bytes of key/value states that the ``hf:`` backend's prefix caches hold together, all models included:
+    ``CLEANCRS_PREFIX_CACHE_GB``, default 2; 0 turns the cache off. The least recently used prefixes go first."""
+    value = os.environ.get("CLEANCRS_PREFIX_CACHE_GB", "2")
+    try:
+        gigabytes = float(value)
+    except ValueError:
+        gigabytes = -1.0
+    if not 0 <= gigabytes < math.inf:
+        raise ModelSpecError(f"CLEANCRS_PREFIX_CACHE_GB={value!r}: use a size in GB (0 turns the prefix cache off)")
+    return int(gigabytes * 2**30)
+
+
+_OPTIMIZER_STEPS = [0]  # optimizer steps taken in this process, by any torch optimizer
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def weights_fingerprint(model) -> tuple:
+    """What the model's outputs depend on besides its input, cheaply: each weight's identity, storage and in-place
+    version (a loaded state dict, a swapped or gathered weight, an unfused optimizer step), peft's adapter switches
+    (active, disabled, merged: the same weights, another function), autocast, and, where any weight can train, the
+    process's count of optimizer steps (a fused optimizer, or DeepSpeed's writes through ``.data``, leave the version
+    counters as they were)."""
+    tuner = None
+    if "peft" in sys.modules:  # no adapter without peft
+        from peft.tuners.tuners_utils import BaseTunerLayer as tuner
+    weights, adapters, trains = [], [], False
+    for module in model.modules():  # one walk: a LoRA model has a thousand modules
+        for tensor in (*module._parameters.values(), *module._buffers.values()):
+            if tensor is not None:
+                weights.append((id(tensor), tensor.data_ptr(), tensor._version))
+                trains |= tensor.requires_grad
+        if tuner is not None and isinstance(module, tuner):
+            adapters.append((id(module), str(module.active_adapter), module.disable_adapters, module.merged_adapters))
+    device = model.device.type
+    autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+    return tuple(weights), str(adapters), autocast, _OPTIMIZER_STEPS[0] if trains else None
+
+
+class _Node:
+    """A run of token ids in the prefix tree with their keys and values (per layer [heads, tokens, head dim]), read
+    after the tokens of the nodes above it."""
+
+    __slots__ = ("tokens", "keys", "values", "children", "parent", "used", "nbytes")
+
+    def __init__(self, tokens: tuple[int, ...], keys: list, values: list, parent):
+        self.tokens, self.keys, self.values, self.parent = tokens, keys, values, parent
+        self.children: dict[int, _Node] = {}
+        self.used = 0
+        self.nbytes = sum(t.numel() * t.element_size() for t in (*keys, *values))
+
+
+_TICKS = itertools.count(1)
+
+
+class PrefixCache:
+    """The key/value states of the token prefixes one model has read, as a radix tree of token runs: prompts that
+    share a beginning share its nodes, so a history read by several turns and roles is held once. ``match`` finds the
+    longest prefix held, ``insert`` adds what a pass computed, and the least recently used leaves go when the
+    caches together exceed ``prefix_cache_capacity`` (``make_room``). Valid for the weights it was filled under
+    (``weights_fingerprint``): ``prefix_cache_of`` empties it when they change."""
+
+    def __init__(self, registered: bool = True):
+        self.root = _Node((), [], [], None)
+        self.registered = registered  # a call's own tree (a shared prefix without the cache) takes no part in eviction
+        self.fingerprint = None
+        self.nbytes = 0
+        self.supported = True
+
+    def clear(self) -> None:
+        self.root, self.nbytes = _Node((), [], [], None), 0
+
+    def match(self, ids: list[int], limit: int) -> tuple[int, list[tuple[_Node, int]]]:
+        """(length of the longest prefix of ``ids[:limit]`` held, the nodes it runs through with how many tokens of
+        each); the nodes count as used now."""
+        node, held, path, tick = self.root, 0, [], next(_TICKS)
+        while held < limit:
+            child = node.children.get(ids[held])
+            if child is None:
+                break
+            size = _shared_length(child.tokens, ids[held:limit])
+            path.append((child, size))
+            child.used = tick
+            held += size
+            if size < len(child.tokens):
+                break
+            node = child
+        return held, path
+
+    def insert(self, ids: list[int], states) -> None:
+        """Hold the keys and values of ``ids``; ``states(start, end)`` gives those of ``ids[start:end]`` (lists per
+        layer) for the part not held yet, which is copied out of the pass that computed it."""
+        node, held, tick = self.root, 0, next(_TICKS)
+        while held < len(ids):
+            child = node.children.get(ids[held])
+            if child is None:
+                break
+            size = _shared_length(child.tokens, ids[held:])
+            if size < len(child.tokens):
+                child = self._split(child, size)
+            child.used = tick
+            held += size
+            node = child
+        if held < len(ids):
+            keys, values = states(held, len(ids))
+            leaf = _Node(tuple(ids[held:]), keys, values, node)
+            leaf.used = tick
+            node.children[ids[held]] = leaf
+            self.nbytes += leaf.nbytes
+
+    def _split(self, node: _Node, size: int) -> _Node:
+        """Cut ``node`` after ``size`` tokens: a new node holds the first part and ``node`` the rest under it (each
+        part copied out, so that dropping one frees its memory)."""
+        head = _Node(
+            node.tokens[:size],
+            [k[:, :size].clone() for k in node.keys],
+            [v[:, :size].clone() for v in node.values],
+            node.parent,
+        )
+        head.used = node.used
+        node.parent.children[node.tokens[0]] = head
+        node.tokens, node.parent = node.tokens[size:], head
+        node.keys = [k[:, size:].clone() for k in node.keys]
+        node.values = [v[:, size:].clone() for v in node.values]
+        node.nbytes -= head.nbytes
+        head.children[node.tokens[0]] = node
+        return head
+
+    def leaves(self):
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            if not node.children and node is not self.root:
+                yield node
+
+    def drop(self, leaf: _Node) -> None:
+        del leaf.parent.children[leaf.tokens[0]]
+        self.nbytes -= leaf.nbytes
+
+
+_PREFIX_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its PrefixCache
+
+
+def prefix_cache_of(model) -> PrefixCache | None:
+    """The model's prefix cache, emptied if its weights changed since it was filled (``weights_fingerprint``); None
+    where the cache is off (``CLEANCRS_PREFIX_CACHE_GB=0``) or cannot serve the model: only a cache of plain
+    full-attention layers continues from any prefix (a sliding window or a recurrent state does not)."""
+    if prefix_cache_capacity() == 0:
+        return None
+    cache = _PREFIX_CACHES.get(model)
+    if cache is None:
+        cache = _PREFIX_CACHES[model] = PrefixCache()
+        cache.supported = _full_attention(model)
+    if not cache.supported:
+        return None
+    fingerprint = weights_fingerprint(model)
+    if cache.fingerprint != fingerprint:
+        cache.clear()
+        cache.fingerprint = fingerprint
+    return cache
+
+
+def _full_attention(model) -> bool:
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception:  # a model without a decoder cache of its own
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def make_room() -> None:
+    """Drop least recently used leaves of the prefix caches until they hold at most ``prefix_cache_capacity``."""
+    capacity, caches = prefix_cache_capacity(), list(_PREFIX_CACHES.values())
+    while sum(c.nbytes for c in caches) > capacity:
+        leaves = [(c, leaf) for c in caches for leaf in c.leaves()]
+        if not leaves:
+            return
+        cache, leaf = min(leaves, key=lambda pair: pair[1].used)
+        cache.drop(leaf)
+
+
+def clear_prefix_caches() -> None:
+    for cache in _PREFIX_CACHES.values():
+        cache.clear()
+
+
+@dataclass
+class PromptPass:
+    """Prompts run through the model from the prefixes a prefix cache held, each row laid out as [pads, the prefix
+    read from the cache, pads, the tokens run now]: the held parts end at one place, where the pass begins."""
+
+    input_ids: torch.Tensor  # [rows, held + run]
+    attention_mask: torch.Tensor  # [rows, held + run], 0 on the pads
+    cache: object  # a DynamicCache of every place
+    logits: torch.Tensor | None  # each row's next-token logits [rows, V]; None where nothing had to run
+
+
+def _row_states(cache, row: int, held: int, first_held: int, first_run: int, start: int, end: int):
+    """Keys and values (lists per layer, [heads, tokens, head dim]) of a pass's row's tokens ``start:end``: its first
+    ``held`` tokens lie from place ``first_held`` on, the rest from ``first_run`` on (``PromptPass``)."""
+    spans = []
+    if start < held:
+        spans.append((first_held + start, first_held + min(end, held)))
+    if end > held:
+        spans.append((first_run + max(start, held) - held, first_run + end - held))
+    keys = [torch.cat([layer.keys[row, :, a:b] for a, b in spans], 1) for layer in cache.layers]
+    values = [torch.cat([layer.values[row, :, a:b] for a, b in spans], 1) for layer in cache.layers]
+    return keys, values
+
+
 class HFChat:
-    """Local transformers backend. Wraps a live model, so a trainable policy generates with its current weights."""
+    """Local transformers backend. Wraps a live model, so a trainable policy generates with its current weights.
+
+    Its prompts' key/value states stay in the model's prefix cache (``PrefixCache``, shared by every role on the
+    model, bounded by ``CLEANCRS_PREFIX_CACHE_GB``): a later prompt, of this role or another, that begins with the
+    same token ids runs only what follows them. The cache is emptied whenever the weights change
+    (``weights_fingerprint``), so a policy between two updates reuses it and after an update does not.
+    ``prefix_cache=False`` runs every prompt whole, as before the cache."""
 
     can_prefill = True
 
-    def __init__(self, model, tokenizer, batch_size: int = 16):
+    def __init__(self, model, tokenizer, batch_size: int = 16, prefix_cache: bool = True):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.prefix_cache = prefix_cache and prefix_cache_capacity() > 0
         self.usage = Usage()
 
-    def _batches(self, ids: list[list[int]]):
-        """Yield (indices, left-padded encodings), grouping prompts of similar length to save padding."""
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            yield chunk, *self._left_padded([ids[i] for i in chunk])
+    def _prefix_tree(self) -> PrefixCache | None:
+        return prefix_cache_of(self.model) if self.prefix_cache else None
 
     def _left_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = pad(rows, self.tokenizer.pad_token_id, side="left").to(self.model.device)
@@ -201,20 +442,31 @@ class HFChat:
         """``n`` generated token rows per prompt, in order, each cut after its first eos. The prompts' n samples each
         are one list of rows, prompts of similar length next to each other, generated ``batch_size`` rows at a time.
         Samples of one prompt in a batch share its prefill: the prompt is run once and its key/value cache copied to
-        each of them (as vLLM's n does)."""
+        each of them (as vLLM's n does). With the prefix cache, every prompt but its last token is run that way,
+        from the longest prefix the cache holds, and what it computed stays there; generate continues from it, as
+        transformers continues from a prompt cache."""
         outputs: list[list[list[int]]] = [[] for _ in prompts]
         was_training = self.model.training
         self.model.eval()
+        tree = self._prefix_tree()
         owners = [i for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])) for _ in range(n)]
         for start in range(0, len(owners), self.batch_size):
             chunk = owners[start : start + self.batch_size]
             distinct = list(dict.fromkeys(chunk))
-            input_ids, attention_mask = self._left_padded([prompts[i] for i in distinct])
             rows = torch.tensor([distinct.index(i) for i in chunk], device=self.model.device)
+            shortest = min(len(prompts[i]) for i in distinct)
             cache = None
-            if len(distinct) < len(chunk) and min(len(prompts[i]) for i in distinct) > 1:
-                cache = self._prefill(input_ids, attention_mask)
+            if shortest > 1 and (tree is not None or len(distinct) < len(chunk)):
+                read = self._prompt_pass([prompts[i][:-1] for i in distinct], tree, fresh=0)
+                last = torch.tensor([[prompts[i][-1]] for i in distinct], device=self.model.device)
+                input_ids = torch.cat([read.input_ids, last], 1)
+                attention_mask = torch.cat([read.attention_mask, torch.ones_like(last)], 1)
+                cache = read.cache
                 cache.reorder_cache(rows)  # each sample's copy of its prompt's cache
+                self.usage.prefill_tokens += len(chunk)  # generate runs each sample's last prompt token
+            else:
+                input_ids, attention_mask = self._left_padded([prompts[i] for i in distinct])
+                self.usage.prefill_tokens += sum(len(prompts[i]) for i in chunk)
             generated = self._generate(input_ids[rows], attention_mask[rows], cache, temperature, max_tokens, stop)
             for i, row in zip(chunk, generated):
                 outputs[i].append(self._trim(row))
@@ -247,14 +499,64 @@ class HFChat:
             for ids, rows in zip(prompts, sampled)
         ]
 
-    def _prefill(self, input_ids, attention_mask):
-        """The key/value cache of left-padded prompts but their last token, which generate then runs per sample.
-        Positions count real tokens only, as generate counts them, so a padded row's cache is its unpadded one."""
-        mask = attention_mask[:, :-1]
-        positions = (mask.cumsum(1) - 1).clamp_min(0)
-        return self.model(
-            input_ids=input_ids[:, :-1], attention_mask=mask, position_ids=positions, use_cache=True
-        ).past_key_values
+    def _prompt_pass(self, rows: list[list[int]], tree: PrefixCache | None, fresh: int, store: bool = True):
+        """Run ``rows`` (token ids) through the model together, each from the longest prefix ``tree`` holds but its
+        last ``fresh`` tokens (a pass that gives the next token's logits runs at least the last one), and hold in
+        ``tree`` what it ran (unless ``store`` is off). A ``PromptPass``. Positions count real tokens only, as
+        generate counts them, so every row reads as its unpadded self, whatever its pads."""
+        device = self.model.device
+        matches = [tree.match(r, len(r) - fresh) if tree is not None else (0, []) for r in rows]
+        held = [size for size, _ in matches]
+        run = [len(r) - size for r, size in zip(rows, held)]
+        width_held, width_run = max(held), max(run)
+        pad_id = self.tokenizer.pad_token_id
+        laid_out = [
+            [pad_id] * (width_held - h) + r[:h] + [pad_id] * (width_run - n) + r[h:] for r, h, n in zip(rows, held, run)
+        ]
+        input_ids = torch.tensor(laid_out, device=device)
+        attention_mask = torch.tensor(
+            [[0] * (width_held - h) + [1] * h + [0] * (width_run - n) + [1] * n for h, n in zip(held, run)],
+            device=device,
+        )
+        cache = self._held_states([path for _, path in matches], held, width_held) if width_held else None
+        logits = None
+        if width_run:
+            out = self.model(
+                input_ids=input_ids[:, width_held:],
+                attention_mask=attention_mask,
+                position_ids=(attention_mask.cumsum(1) - 1).clamp_min(0)[:, width_held:],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache, logits = out.past_key_values, out.logits[:, -1]
+        self.usage.prefill_tokens += sum(run)
+        self.usage.cached_tokens += sum(held)
+        if tree is not None and store and width_run:
+            for k, (r, h, n) in enumerate(zip(rows, held, run)):
+                tree.insert(r, partial(_row_states, cache, k, h, width_held - h, width_held + width_run - n))
+            if tree.registered:
+                make_room()
+        return PromptPass(input_ids, attention_mask, cache, logits)
+
+    def _held_states(self, paths: list[list[tuple[_Node, int]]], held: list[int], width: int):
+        """A DynamicCache of ``width`` places holding each row's cached prefix (the nodes of its ``path``) at its
+        end, zeros before it (pads, masked)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        first = next(node for path in paths for node, _ in path)
+        for layer, (k, v) in enumerate(zip(first.keys, first.values)):
+            keys = k.new_zeros(len(paths), k.shape[0], width, k.shape[2])
+            values = v.new_zeros(len(paths), v.shape[0], width, v.shape[2])
+            for row, (path, size) in enumerate(zip(paths, held)):
+                place = width - size
+                for node, part in path:
+                    keys[row, :, place : place + part] = node.keys[layer][:, :part]
+                    values[row, :, place : place + part] = node.values[layer][:, :part]
+                    place += part
+            cache.update(keys, values, layer)
+        return cache
 
     def _generate(self, input_ids, attention_mask, cache, temperature: float, max_tokens: int, stop):
         sampling = (
@@ -326,34 +628,24 @@ class HFChat:
 
     def _context_passes(self, contexts: list[list[int]], shared_prefix: bool, keep_cache: bool):
         """Run the prompts ``contexts`` (token ids) in batches of the batch size, prompts of similar length together:
-        yields (indices, next-token logits [B, V], the key/value cache or None, its attention mask [B, L]). Left
-        padded, with positions that count real tokens only, so a padded row reads as its unpadded prompt. The LM
-        head runs at the last position only (on a 49k vocabulary it is a large share of the pass). With
-        ``shared_prefix`` the token ids every prompt begins with are run once and their cache copied to each row."""
-        device = self.model.device
+        yields (indices, next-token logits [B, V], the key/value cache or None, its attention mask [B, L])
+        (``_prompt_pass``: each from the longest prefix the prefix cache holds). The LM head runs at the last
+        position only (on a 49k vocabulary it is a large share of the pass). With ``shared_prefix`` the token ids
+        every prompt begins with are run once first, and every row reads them from there (without the prefix cache,
+        from a tree of this call alone)."""
+        tree, store = self._prefix_tree(), True
         shared = 0
         if shared_prefix and len(contexts) > 1:  # at least one token of each prompt stays its own
             shared = min(len(os.path.commonprefix(contexts)), min(map(len, contexts)) - 1)
-        prefix_cache = None
         if shared:
-            prefix_cache = self.model(input_ids=torch.tensor([contexts[0][:shared]], device=device), use_cache=True)
-            prefix_cache = prefix_cache.past_key_values
-        for chunk, input_ids, mask in self._batches([c[shared:] for c in contexts]):
-            positions = (shared + mask.cumsum(1) - 1).clamp_min(0)
-            cache = None
-            if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(chunk))
-                mask = torch.cat([mask.new_ones(len(chunk), shared), mask], dim=1)
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=keep_cache or cache is not None,
-                logits_to_keep=1,
-            )
-            yield chunk, out.logits[:, -1], out.past_key_values if keep_cache else None, mask
+            if tree is None:
+                tree, store = PrefixCache(registered=False), False
+            self._prompt_pass([contexts[0][:shared]], tree, fresh=0)
+        order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            read = self._prompt_pass([contexts[i] for i in chunk], tree, fresh=1, store=store)
+            yield chunk, read.logits, read.cache if keep_cache else None, read.attention_mask
 
     def _after_paths(self, cache, mask, rows: list[int], paths: list[list[int]]) -> torch.Tensor:
         """Log-probs of the next token [len(paths), V] after each token path, appended to row ``rows[k]`` of a
@@ -370,6 +662,7 @@ class HFChat:
             past_key_values=cache_rows(cache, index),
             use_cache=True,
         ).logits
+        self.usage.prefill_tokens += sum(map(len, paths))
         ends = torch.tensor([len(p) - 1 for p in paths], device=device)
         return logits[torch.arange(len(paths), device=device), ends].float().log_softmax(-1)
 
@@ -701,6 +994,7 @@ def release_models() -> None:
     not hold memory through the stages after it."""
     _LOADED_HF.clear()
     _LOADED_VLLM.clear()
+    clear_prefix_caches()
 
 
 def openai_concurrency() -> int:
@@ -729,6 +1023,7 @@ def make_llm(
         key = (model, dtype or default_dtype(), str(device))
         if key not in _LOADED_HF:
             loaded, tokenizer = load_model(model, dtype=key[1])
+            loaded.requires_grad_(False)  # a role's weights, shared by every role on the model, never train
             _LOADED_HF[key] = (loaded.to(device), tokenizer)
         return HFChat(*_LOADED_HF[key], batch_size=batch_size)
     if backend == "openai":

@@ -24,8 +24,11 @@ so that a method's stages can be plain functions that read like the paper.
     run.finish(print_table, CURVES, BARS)             # one summary row with everything, printed; curves.png
 
 Every stage logs ``perf/<stage>_seconds``, ``perf/<stage>_tokens_per_s`` (generated tokens, all ranks) and
-``perf/<stage>_peak_memory_gb`` (the largest rank). The summary row (the last line of metrics.jsonl) holds every
-metric the run logged outside the training curves, so one line describes the run.
+``perf/<stage>_peak_memory_gb`` (the largest rank); a stage whose roles ran on the hf backend also what it computed:
+``perf/<stage>_prefill_tokens`` (prompt tokens run), ``_decode_tokens`` (tokens generated), ``_prefix_cached_tokens``
+(prompt tokens read from the prefix cache instead) and ``_prefix_hit_rate`` (their share of the prompt tokens). The
+summary row (the last line of metrics.jsonl) holds every metric the run logged outside the training curves, so one
+line describes the run.
 """
 
 from __future__ import annotations
@@ -183,11 +186,15 @@ class Run:
         self.usages.append(llm.usage)
         return llm
 
-    def _usage(self) -> tuple[int, int, int]:
+    def _usage(self) -> tuple[int, int, int, int, int]:
+        """(calls, tokens billed, tokens generated, prompt tokens computed, prompt tokens read from a prefix cache)
+        over every backend so far; the last two are the hf backend's (``Usage``)."""
         return (
             sum(u.calls for u in self.usages),
             sum(u.prompt_tokens + u.completion_tokens for u in self.usages),
             sum(u.completion_tokens for u in self.usages),
+            sum(getattr(u, "prefill_tokens", 0) for u in self.usages),
+            sum(getattr(u, "cached_tokens", 0) for u in self.usages),
         )
 
     def costs(self) -> dict[str, int]:
@@ -213,16 +220,25 @@ class Run:
         self.barrier()
         spent = self.gather([[now - then for now, then in zip(self._usage(), before)]])
         peaks = self.gather([peak_memory_gb()])
-        calls, tokens, generated = (sum(column) for column in zip(*spent))
+        calls, tokens, generated, prefilled, cached = (sum(column) for column in zip(*spent))
         seconds = time.time() - start
         if self.main:
             self.records("costs.jsonl", key="stage").append({"stage": name, "llm_calls": calls, "tokens": tokens})
+        computed = {}
+        if prefilled or cached:  # what the hf backend ran: prompt tokens (prefill), generated ones (decode)
+            computed = {
+                f"perf/{name}_prefill_tokens": prefilled,
+                f"perf/{name}_decode_tokens": generated,
+                f"perf/{name}_prefix_cached_tokens": cached,
+                f"perf/{name}_prefix_hit_rate": cached / (cached + prefilled),
+            }
         self.log(
             {
                 **metrics,
                 f"perf/{name}_seconds": seconds,
                 f"perf/{name}_tokens_per_s": generated / seconds,
                 f"perf/{name}_peak_memory_gb": max(peaks),
+                **computed,
             }
         )
         return metrics

@@ -59,7 +59,8 @@ def full_string_probs(model, tokenizer, text: str, values) -> dict[str, float]:
 def check_verdicts_are_full_string_likelihoods(llm):
     conversations = judge_conversations()
     reads = {space: expected_scores(llm, conversations, ecpo.VERDICTS, verdict_prefixes(space)) for space in (0, 1)}
-    assert [e.probs for e in reads[0]] == [e.probs for e in reads[1]]  # the pre-fill's space belongs to the score
+    for before, after in zip(reads[0], reads[1]):  # the pre-fill's space belongs to the score (the second read
+        assert before.probs == pytest.approx(after.probs, rel=1e-5)  # comes from the prefix cache: rounding apart)
     for conv, prefix, read in zip(conversations, verdict_prefixes(False), reads[1]):
         (text,) = prefilled_prompts(llm.tokenizer, [conv], prefix)
         truth = full_string_probs(llm.model, llm.tokenizer, text, ecpo.VERDICTS)
