@@ -998,7 +998,7 @@ def sft_report(run: Run, args: Args, data: Data, model, tokenizer) -> dict[str, 
 
 
 def planner_update(
-    run: Run, args: Args, model, tokenizer, optimizer, episodes: list[dict], running: dict[int, float]
+    run: Run, args: Args, *, model, tokenizer, optimizer, episodes: list[dict], running: dict[int, float]
 ) -> tuple[dict[str, float], dict]:
     """One AdamW step on Eq. 7 averaged over the update's episodes (the global batch split over ranks, one episode
     per micro-batch): R_t of Eq. 8, minus the baseline, weights log pi(h_t|s_t). Dropout stays off, so log pi is
@@ -1097,14 +1097,15 @@ def reinforce(run: Run, args: Args, data: Data) -> dict:
     for update in tqdm(range(updates), desc="rl", total=updates, disable=not run.main):
         started, window = time.time(), tasks[update * args.num_envs : (update + 1) * args.num_envs]
         generator = torch.Generator().manual_seed(args.seed + 1000 * update + run.rank)
-        play = on_policy(run, model, tokenizer, roles, args, generator)
+        play = on_policy(run, args, model=model, tokenizer=tokenizer, roles=roles, generator=generator)
         played |= {e["key"]: e for e in run.map("rl_episodes.jsonl", window, play, desc="episodes", every_rank=True)}
         episodes = [played[task.key] for task in window]  # as recorded, or as the current Planner played them
         if update < start:  # resumed: the checkpointed updates' recorded returns advance the running baseline
             subtract_baseline([episode_returns(episode, args) for episode in episodes], args, running)
             continue
         # ALGO LOGIC: one step on Eq. 7 over the update's episodes, their returns (Eq. 8) minus the baseline
-        metrics, sums = planner_update(run, args, model, tokenizer, optimizer, episodes, running)
+        metrics, sums = planner_update(run, args, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                       episodes=episodes, running=running)  # fmt: skip
         scheduler.step()
         # bookkeeping: the update's curve point (once: what a killed launch logged is redone, not logged), checkpoint
         if update >= logged:
@@ -1127,7 +1128,7 @@ def rl_tasks(data: Data, args: Args) -> list[Task]:
     return [replace(task, key=f"{e:05d}|{task.key}") for e, task in enumerate(tasks)]
 
 
-def on_policy(run: Run, model, tokenizer, roles: Roles, args: Args, generator: torch.Generator):
+def on_policy(run: Run, args: Args, *, model, tokenizer, roles: Roles, generator: torch.Generator):
     """``run.map``'s work for one update: the current Planner plays this rank's share of the update's episodes.
     Every rank enters (``every_rank``), even with no episode to play: ZeRO-3 gathers the Planner on all of them."""
 
@@ -1235,7 +1236,7 @@ INTENTIONS = ("i_pre", "i_true", "i_post")
 JUDGED = ("wi", "i_pre", "i_true", "i_post", "cred")
 
 
-def judge_conversations(run: Run, args: Args, evaluator, data: Data, episodes: list[dict], name: str) -> dict:
+def judge_conversations(run: Run, args: Args, data: Data, *, evaluator, episodes: list[dict], name: str) -> dict:
     """The evaluator's scores of every conversation (greedy, --batch-size conversations per batched call), recorded
     per planner. WI and Cred are the scores as read (E[s] under expected scoring); the intentions behind PRS are the
     integers the judge writes (``judge_scores``'s ``written``), so that PRS compares scores as the paper's judge
@@ -1371,7 +1372,7 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
         episodes = evaluation_episodes(run, args, data, name, roles)
         run.count({f"rollout/{key}_{name}": value for role, s in roles.stats.items()
                    for key, value in s.metrics(f"{'evaluator' if role == 'rewarder' else role}_").items()})  # fmt: skip
-        judged = judge_conversations(run, args, evaluator, data, episodes, name)
+        judged = judge_conversations(run, args, data, evaluator=evaluator, episodes=episodes, name=name)
         found = conversation_metrics(episodes, judged)
         prefix = "eval" if name == "rl" else f"eval_{name}"
         metrics |= {f"{prefix}/{k}": v for k, v in found.items()}

@@ -138,7 +138,8 @@ def bandit(args: Args, clip: float, baseline: str, per_update: int, seed: int) -
         actions = torch.multinomial(probs, per_update, replacement=True, generator=generator).tolist()
         episodes = [{"turns": [{"state": STATE, "strategy": a, "reward": 0.75 if a == args.target else 0.5}],
                      "accepted": False} for a in actions]  # fmt: skip
-        metrics, _ = rso.planner_update(run, cfg, model, tokenizer, optimizer, episodes, running)
+        metrics, _ = rso.planner_update(run, cfg, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                        episodes=episodes, running=running)  # fmt: skip
         norms.append(metrics["train/grad_norm"])
         scheduler.step()
     end = rso.strategy_distribution(model, tokenizer, [STATE], cfg.planner_max_length)[0]

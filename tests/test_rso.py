@@ -503,7 +503,7 @@ def test_prs_compares_the_scores_the_judge_writes(tmp_path, monkeypatch, demo_ca
         return {"5": 1.0}  # WI and Cred
 
     data = rso.Data([], [], [], tasks, demo_catalog)
-    judged = rso.judge_conversations(run, args, IntentionJudge(probs), data, episodes, "rl")
+    judged = rso.judge_conversations(run, args, data, evaluator=IntentionJudge(probs), episodes=episodes, name="rl")
     assert [judged["tied"][f] for f in ("i_pre", "i_true", "i_post")] == [3, 3, 3]
     assert [judged["apart"][f] for f in ("i_pre", "i_true", "i_post")] == [2, 4, 3]
     assert judged["tied"]["intentions_read"]["i_pre"] == pytest.approx(3.4)  # the expectations, kept
@@ -560,7 +560,9 @@ def train_planner(tmp_path, monkeypatch, tokenizer, args, updates, play, seed=0)
     for _ in range(updates):
         history.append(rso.strategy_distribution(model, tokenizer, [STATE], 64)[0])
         episodes = play(model, generator)
-        stats.append(rso.planner_update(run, args, model, tokenizer, optimizer, episodes, running)[0])
+        metrics, _ = rso.planner_update(run, args, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                        episodes=episodes, running=running)  # fmt: skip
+        stats.append(metrics)
         scheduler.step()
     history.append(rso.strategy_distribution(model, tokenizer, [STATE], 64)[0])
     return history, stats
