@@ -38,7 +38,8 @@ import math
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -49,17 +50,19 @@ from tqdm import tqdm
 
 from ailo_sim import AILO, SimUser, audit_leaks, print_audit
 from common.catalog import Catalog, encoder_path, item_card
-from common.conversations import render_history
+from common.conversations import chat_roles, render_history
 from common.data import (
+    CRSDataset,
     DataError,
     Dialogue,
     Item,
     Persona,
-    Task,
     load_crs_dataset,
     load_demo_tasks,
     load_inspired_tsv,
+    load_redial_official,
 )
+from common.data import Task as UserTask  # the AILO user's: its persona and hidden target
 from common.distributed import (
     check_division,
     configure_batches,
@@ -82,7 +85,7 @@ from common.models import ModelSpecError, check_specs, whole_weights
 from common.parsing import ParseStats
 from common.presets import Preset, parse_args
 from common.run import Run
-from common.tracking import RecordFile, seed_everything
+from common.tracking import seed_everything
 
 STAGES = ("sft", "rl", "eval")
 PLANNERS = ("random", "sft", "rl")
@@ -135,15 +138,15 @@ class Args:
     RoBERTa, size unstated; METHODS.md: roberta-large)"""
     planner_max_length: int = 512
     """the Planner's input, the history truncated from the left, in tokens (METHODS.md: 512)"""
-    expert_llm: str = "hf:smollm2-135m"
-    """backend of the Preference Reasoner and the Actor (paper: Qwen2.5-7B-Instruct)"""
+    experts_llm: str = "hf:smollm2-135m"
+    """backend of the network of experts: the Preference Reasoner and the Actor (paper: Qwen2.5-7B-Instruct)"""
     user_llm: str = "hf:smollm2-135m"
     """backend of the AILO user simulator (METHODS.md: Qwen2.5-7B-Instruct)"""
-    judge_llm: str = "hf:smollm2-135m"
+    rewarder_llm: str = "hf:smollm2-135m"
     """backend of the Rewarder during RL (paper: Qwen2.5-7B-Instruct)"""
     evaluator_llm: str | None = None
     """backend of the evaluation judge (its rewards end evaluated episodes and decide Conv-SR; WI, PRS, Cred);
-    None reuses --judge-llm (paper: Qwen2.5-7B-Instruct)"""
+    None reuses --rewarder-llm (paper: Qwen2.5-7B-Instruct)"""
     text_encoder: str = "minilm"
     """the Fact Retriever's entity embedder: minilm or a sentence-transformers folder (METHODS.md:
     BAAI/bge-base-en-v1.5)"""
@@ -302,7 +305,7 @@ PAPER = Preset(
     },
     recipe=(
         "exp_name", "seed", "run_name", "stages", "track", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags",
-        "dataset", "data_dir", "eval_split", "planner", "expert_llm", "user_llm", "judge_llm", "evaluator_llm",
+        "dataset", "data_dir", "eval_split", "planner", "experts_llm", "user_llm", "rewarder_llm", "evaluator_llm",
         "text_encoder", "batch_size", "micro_batch_size", "save_every", "rl_save_every", "eval_num_envs", "dry_run",
     ),
 )  # fmt: skip
@@ -345,7 +348,7 @@ def strategy_index(label: str, where: str) -> int:
 
 
 @dataclass
-class Seed:
+class Task:
     """What an episode starts from (METHODS.md 4.8.3): a real dialogue's opening, its target and a persona."""
 
     key: str
@@ -358,8 +361,8 @@ class Seed:
 class Data:
     sft_train: list[dict]  # {"key", "text", "label"}: s_t and h'_t of every labelled system turn
     sft_held_out: list[dict]
-    rl: list[Seed]
-    test: list[Seed]
+    rl: list[Task]
+    evaluated: list[Task]  # the --eval-split dialogues evaluation plays
     catalog: Catalog
     held_out_dialogues: set[str] = field(default_factory=set)
     evaluable: tuple[int, int] = (0, 0)  # (evaluated split's dialogues with a target, dialogues in it)
@@ -373,26 +376,18 @@ def evaluated_count(data: Data, args: Args) -> str:
     if args.dataset == "inspired" and args.eval_split == "valid" and args.sft_labels != "demo":
         split += " held out from SFT"
     return (
-        f"evaluation plays {len(data.test)} dialogues: {with_target} of the {dialogues} {split} name a film of the KG "
-        f"after their opening (their target), {dialogues - with_target} name none and cannot be played; --num-test "
-        f"{args.num_test} takes {len(data.test)}"
+        f"evaluation plays {len(data.evaluated)} dialogues: {with_target} of the {dialogues} {split} name a film of "
+        f"the KG after their opening (their target), {dialogues - with_target} name none and cannot be played; "
+        f"--num-test {args.num_test} takes {len(data.evaluated)}"
     )
 
 
-def chat_roles(turns) -> list[dict]:
-    return [
-        {"role": "user" if t.role == "seeker" else "assistant", "content": " ".join(t.text.split())}
-        for t in turns
-        if t.text.strip()
-    ]
-
-
-def episode_seeds(dialogues: list[Dialogue], catalog: Catalog, personas: dict[str, Persona], cycle: list[Persona]):
-    """One seed per dialogue whose recommender names a catalog item after the opening (the turns up to the user's
+def episode_tasks(dialogues: list[Dialogue], catalog: Catalog, personas: dict[str, Persona], cycle: list[Persona]):
+    """One task per dialogue whose recommender names a catalog item after the opening (the turns up to the user's
     first words): the target is the first new item of the last recommender turn that names one, usually the
     recommendation the dialogue ends with. Its persona is the demo user's with that target, else one of ``cycle``
     (behaviour and language only: the target carries the taste)."""
-    seeds = []
+    tasks = []
     for dialogue in dialogues:
         first = next((i for i, t in enumerate(dialogue.turns) if t.role == "seeker" and t.text.strip()), None)
         if first is None:
@@ -407,9 +402,9 @@ def episode_seeds(dialogues: list[Dialogue], catalog: Catalog, personas: dict[st
         if not named:
             continue
         target = catalog.by_title[named[-1][0]]
-        persona = personas.get(target.title) or cycle[len(seeds) % len(cycle)]
-        seeds.append(Seed(dialogue.dialog_id, chat_roles(opening), target, persona))
-    return seeds
+        persona = personas.get(target.title) or cycle[len(tasks) % len(cycle)]
+        tasks.append(Task(dialogue.dialog_id, chat_roles(opening, one_line=True), target, persona))
+    return tasks
 
 
 def labelled_turns(path: Path) -> list[dict]:
@@ -420,7 +415,7 @@ def labelled_turns(path: Path) -> list[dict]:
         for i, turn in enumerate(dialogue.turns):
             if turn.role == "recommender" and turn.strategy:
                 label = strategy_index(turn.strategy, f"{path}: dialogue {dialogue.dialog_id}")
-                text = render_history(chat_roles(dialogue.turns[:i]))
+                text = render_history(chat_roles(dialogue.turns[:i], one_line=True))
                 examples.append({"key": f"{dialogue.dialog_id}:{i}", "dialog": dialogue.dialog_id, "text": text,
                                  "label": label})  # fmt: skip
     if not examples:
@@ -428,8 +423,24 @@ def labelled_turns(path: Path) -> list[dict]:
     return examples
 
 
+def whole_conversations(dataset: CRSDataset, args: Args) -> list[Dialogue]:
+    """The evaluated split as whole dialogues, whose openings and targets episodes start from. The demo's and
+    INSPIRED's already are. ReDial's is iEvaLM's processed recommendation turns (one Dialogue per turn): its
+    conversations are read whole in the official format (iEvaLM's valid_data.jsonl, the official test_data.jsonl),
+    those the processed file holds (it leaves out the conversations with no recommendation turn). They are the
+    conversations, by id, that ``load_crs_dataset`` kept out of training."""
+    if args.dataset != "redial":
+        return dataset.evaluated
+    root = Path(args.data_dir) / "redial"
+    whole = (
+        root / "ievalm" / "valid_data.jsonl" if args.eval_split == "valid" else root / "official" / "test_data.jsonl"
+    )
+    conversations = {d.conversation_id for d in dataset.evaluated}
+    return [d for d in load_redial_official(whole) if d.dialog_id in conversations]
+
+
 def load_data(args: Args) -> Data:
-    """The labelled turns (split by dialogue), the RL seeds and the evaluated seeds, and the catalog with the KG's
+    """The labelled turns (split by dialogue), the RL tasks and the evaluated tasks, and the catalog with the KG's
     facts. The held-out split (--eval-split test) is read only when asked for."""
     root, demo = Path(args.data_dir), Path(__file__).parent / "data" / "demo"
     source = args.sft_labels if args.sft_labels != "auto" else ("demo" if args.dataset == "demo" else "inspired")
@@ -437,24 +448,24 @@ def load_data(args: Args) -> Data:
     examples = labelled_turns(path)
     dialogues = sorted({e["dialog"] for e in examples})
     random.Random(args.seed).shuffle(dialogues)
-    held = set(dialogues[: max(1, round(args.sft_held_out * len(dialogues)))])
-    dataset = load_crs_dataset(args.dataset, args.data_dir, args.eval_split, whole_dialogues=True)
-    train, evaluated = dataset.train, dataset.evaluated
+    held_out = set(dialogues[: max(1, round(args.sft_held_out * len(dialogues)))])
+    dataset = load_crs_dataset(args.dataset, args.data_dir, args.eval_split)
+    train, evaluated = dataset.train, whole_conversations(dataset, args)
     if args.dataset == "inspired" and args.eval_split == "valid" and source == "inspired":
-        evaluated = [d for d in evaluated if d.dialog_id in held]  # dev.tsv's dialogues: play those SFT never saw
+        evaluated = [d for d in evaluated if d.dialog_id in held_out]  # dev.tsv's dialogues: play those SFT never saw
     catalog = Catalog(dataset.items, encoder=args.text_encoder)
-    tasks = load_demo_tasks()
-    personas = {t.target.title: t.persona for t in tasks} if args.dataset == "demo" else {}
-    cycle = [Persona(t.persona.user_id, t.persona.activities, "", t.persona.language) for t in tasks]
-    rl = episode_seeds(train, catalog, personas, cycle)
+    demo_tasks = load_demo_tasks()
+    personas = {t.target.title: t.persona for t in demo_tasks} if args.dataset == "demo" else {}
+    cycle = [Persona(t.persona.user_id, t.persona.activities, "", t.persona.language) for t in demo_tasks]
+    rl = episode_tasks(train, catalog, personas, cycle)
     random.Random(args.seed).shuffle(rl)
-    playable = episode_seeds(evaluated, catalog, personas, cycle)
-    test = playable[: args.num_test or None]
-    if not rl or not test:
-        raise DataError(f"{args.dataset}: {len(rl)} training and {len(test)} evaluated dialogues with a target")
-    sft_train = [e for e in examples if e["dialog"] not in held]
-    sft_held_out = [e for e in examples if e["dialog"] in held]
-    return Data(sft_train, sft_held_out, rl, test, catalog, held, (len(playable), len(evaluated)))
+    playable = episode_tasks(evaluated, catalog, personas, cycle)
+    played = playable[: args.num_test or None]
+    if not rl or not played:
+        raise DataError(f"{args.dataset}: {len(rl)} training and {len(played)} evaluated dialogues with a target")
+    sft_train = [e for e in examples if e["dialog"] not in held_out]
+    sft_held_out = [e for e in examples if e["dialog"] in held_out]
+    return Data(sft_train, sft_held_out, rl, played, catalog, held_out, (len(playable), len(evaluated)))
 
 
 def check_args(args: Args, world: int) -> list[str]:
@@ -684,29 +695,31 @@ def judge_scores(llm, prompts: list[str], n: int, temperature: float, args: Args
 # ========================================================================================= the rollout (Algorithm 1)
 
 
+@dataclass
+class Roles:
+    """The frozen network around the Planner: the experts' LLM (the Preference Reasoner and the Actor), the catalog
+    that the Fact Retriever searches, the AILO user and the Rewarder (the evaluator at evaluation), with the experts'
+    and the rewarder's parse counts."""
+
+    experts: object
+    catalog: Catalog
+    user: AILO
+    rewarder: object
+    stats: dict[str, ParseStats] = field(default_factory=lambda: {"expert": ParseStats(), "rewarder": ParseStats()})
+
+
 def rollout(
-    args: Args,
-    seeds: list[tuple[str, Seed]],
-    planner,
-    tokenizer,
-    experts,
-    ailo: AILO,
-    rewarder,
-    catalog: Catalog,
-    generator: torch.Generator,
-    stats: dict[str, ParseStats],
-    records: RecordFile | None = None,
-    greedy: bool = False,
-) -> list[dict]:
-    """Algorithm 1 for every (episode key, seed) in ``seeds``, played together like a vectorized environment: each
-    step below is one batched call over the episodes still running. An episode starts from its real dialogue's
-    opening (METHODS.md 4.8.3) with the AILO user holding its target and persona, and ends when the user accepts
-    (r_t > tau, or AILO's user leaves after its target was recommended: r_t = 1), when AILO's user leaves otherwise,
-    or after --max-turns turns. ``planner`` None samples uniformly (the random floor); ``greedy`` takes the most
-    likely strategy. Each finished episode is appended to ``records`` (the file serves resuming) and returned."""
-    users = [SimUser(Task(key, seed.persona, seed.target), [dict(m) for m in seed.opening]) for key, seed in seeds]
-    episodes = [{"key": key, "target": seed.target.title, "turns": [], "accepted": False, "success": False}
-                for key, seed in seeds]  # fmt: skip
+    tasks: list[Task], *, planner, tokenizer, roles: Roles, args: Args, generator: torch.Generator, greedy: bool = False
+) -> Iterator[dict]:
+    """Algorithm 1 for every task, played together like a vectorized environment: each step below is one batched
+    call over the episodes still running. An episode starts from its real dialogue's opening (METHODS.md 4.8.3) with
+    the AILO user holding its target and persona, and ends when the user accepts (r_t > tau, or AILO's user leaves
+    after its target was recommended: r_t = 1), when AILO's user leaves otherwise, or after --max-turns turns
+    (``ends_here``). ``planner`` None samples uniformly (the random floor); ``greedy`` takes the most likely strategy.
+    Yields each episode as it ends."""
+    users = [SimUser(UserTask(task.key, task.persona, task.target), [dict(m) for m in task.opening]) for task in tasks]
+    episodes = [{"key": task.key, "target": task.target.title, "turns": [], "accepted": False, "success": False}
+                for task in tasks]  # fmt: skip
     for t in range(1, args.max_turns + 1):
         live = [i for i, user in enumerate(users) if not user.ended]
         if not live:
@@ -719,27 +732,17 @@ def rollout(
                       .squeeze(1)).tolist()  # fmt: skip
         # (2) micro-level strategy adaptation: C1_t = PrefReasoner(s_t) (Eq. 3), C2_t = Retriever(s_t, C1_t; G)
         # (Eq. 4), a_t = Actor(h_t; C1_t, C2_t) with the history (Eq. 5)
-        reasoner_prompts = [REASONER_PROMPT.format(history=state) for state in states]
-        preferences = ask_expert(experts, reasoner_prompts, args.reasoner_max_tokens, "(no clear preference yet)",
-                                 args, stats["expert"])  # fmt: skip
-        facts = fact_retriever(catalog, histories, preferences, args.num_entities)
-        actor_prompts = [
-            ACTOR_PROMPT.format(
-                strategy=NAMES[h], description=STRATEGIES[NAMES[h]], preference=c1, facts=facts_text(c2), history=state
-            )
-            for h, c1, c2, state in zip(strategies, preferences, facts, states)
-        ]
-        replies = ask_expert(experts, actor_prompts, args.actor_max_tokens,
-                             "Could you tell me more about what you like?", args, stats["expert"])  # fmt: skip
+        preferences, facts, replies = adapt(roles, args, histories, states, strategies)
         # (3) state transition and rewarding: the user's reply gives s_{t+1}, then r_t = Rewarder(s_{t+1}) (Eq. 9).
         # The user replies on the last turn too (not AILO's final=True), so every r_t judges a state that ends on
         # the user's words.
-        answers = ailo.step([users[i] for i in live], replies)
+        answers = roles.user.step([users[i] for i in live], replies)
         judged = [REWARD_PROMPT.format(history=render_history(users[i].history)) for i in live]
-        scores = judge_scores(rewarder, judged, args.reward_samples, args.reward_temperature, args, stats["rewarder"])
+        scores = judge_scores(roles.rewarder, judged, args.reward_samples, args.reward_temperature, args,
+                              roles.stats["rewarder"])  # fmt: skip
         for k, i in enumerate(live):
-            episode, user, reward = episodes[i], users[i], reward_of(scores[k]["score"])
-            episode["turns"].append(
+            reward = reward_of(scores[k]["score"])
+            episodes[i]["turns"].append(
                 {
                     "turn": t,
                     "state": states[k],
@@ -760,22 +763,48 @@ def rollout(
                     "reward": 0.0 if reward is None else reward,  # an unscored turn earns nothing (counted)
                 }
             )
-            episode["success"] |= mentions_title(replies[k], episode["target"])
-            passed = reward is not None and reward > args.tau  # d_t = 1[r_t > tau]: Stop(r_t), the user accepts
-            # AILO's user leaves once its target has been recommended (an Efficiency-seeking user at once): its
-            # goodbye then is its acceptance, scored as the judge scores acceptance (5, r = 1), whatever the judge
-            # made of a one-line goodbye, so that the return, Conv-SR and Rec-SR count the same success.
-            took_target = user.ended and episode["success"] and not passed
-            if took_target:
-                episode["turns"][-1]["reward"] = 1.0
-            if passed or user.ended or t == args.max_turns:
-                end = "turn limit" if not user.ended else "user left"
-                end = "accepted" if passed else "left with its target" if took_target else end
-                user.ended = True
-                episode |= {"accepted": passed or took_target, "end": end, "num_turns": t}
-                if records is not None:
-                    records.append(episode)
-    return episodes
+            episodes[i]["success"] |= mentions_title(replies[k], episodes[i]["target"])
+            if ends_here(episodes[i], users[i], reward, t, args):
+                yield episodes[i]
+
+
+def adapt(roles: Roles, args: Args, histories: list[list[dict]], states: list[str], strategies: list[int]):
+    """Algorithm 1's step (2), the experts at work on each state: C1_t, the Preference Reasoner's reading of the
+    user (Eq. 3); C2_t, the Fact Retriever's entities and their KG facts (Eq. 4); a_t, the Actor's reply written
+    under the strategy h_t with C1_t, C2_t and the history (Eq. 5)."""
+    reasoner_prompts = [REASONER_PROMPT.format(history=state) for state in states]
+    preferences = ask_expert(roles.experts, reasoner_prompts, args.reasoner_max_tokens, "(no clear preference yet)",
+                             args, roles.stats["expert"])  # fmt: skip
+    facts = fact_retriever(roles.catalog, histories, preferences, args.num_entities)
+    actor_prompts = [
+        ACTOR_PROMPT.format(
+            strategy=NAMES[h], description=STRATEGIES[NAMES[h]], preference=c1, facts=facts_text(c2), history=state
+        )
+        for h, c1, c2, state in zip(strategies, preferences, facts, states)
+    ]
+    replies = ask_expert(roles.experts, actor_prompts, args.actor_max_tokens,
+                         "Could you tell me more about what you like?", args, roles.stats["expert"])  # fmt: skip
+    return preferences, facts, replies
+
+
+def ends_here(episode: dict, user: SimUser, reward: float | None, t: int, args: Args) -> bool:
+    """Stop(r_t): whether the episode ends at turn t, and if so how (its "end", "accepted" and "num_turns"). The user
+    accepts when r_t > tau (d_t = 1[r_t > tau]). AILO's user leaves once its target has been recommended (an
+    Efficiency-seeking user at once): its goodbye then is its acceptance, scored as the judge scores acceptance (5,
+    r = 1), whatever the judge made of a one-line goodbye, so that the return, Conv-SR and Rec-SR count the same
+    success."""
+    passed = reward is not None and reward > args.tau
+    took_target = user.ended and episode["success"] and not passed
+    if took_target:
+        episode["turns"][-1]["reward"] = 1.0
+    if not (passed or user.ended or t == args.max_turns):
+        return False
+    end = (
+        "accepted" if passed else "left with its target" if took_target else "user left" if user.ended else "turn limit"
+    )
+    user.ended = True
+    episode |= {"accepted": passed or took_target, "end": end, "num_turns": t}
+    return True
 
 
 def most_likely(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -911,7 +940,7 @@ def classification_report(predictions: list[int], labels: list[int]) -> dict[str
 def sft_warmup(run: Run, args: Args, data: Data) -> dict:
     """Sec. III-D1, Eq. 6: L_SFT = -sum log pi(h'_t | s_t), softmax cross-entropy over the 13 classes, on the
     labelled dialogues not held out; AdamW with linear decay. Then the accuracy and macro-F1 on the held-out
-    dialogues, beside the majority class of the training turns."""
+    dialogues, beside the majority class of the training turns (``sft_report``)."""
     from transformers import get_linear_schedule_with_warmup
 
     if run.finished("sft_planner"):
@@ -926,26 +955,34 @@ def sft_warmup(run: Run, args: Args, data: Data) -> dict:
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, len(steps))
     model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / "sft")
-    logged = run.family_steps.get("train_sft", 0)  # steps a killed launch logged after the checkpoint: not again
+    logged = steps_logged(run, "train_sft", start, "sft steps")
     for step in tqdm(range(start, len(steps)), desc="sft", initial=start, total=len(steps), disable=not run.main):
         started, loss_sum = time.time(), 0.0
         for chunk, weights in micro_batches(examples, steps[step], accelerator, args.micro_batch_size, accum):
+            # ALGO LOGIC: Eq. 6 on the micro-batch, its share of the global batch's mean, an (accumulated) step
             with accelerator.accumulate(model):
                 logits = planner_logits(model, tokenizer, [e["text"] for e in chunk], args.planner_max_length)
                 labels = torch.tensor([e["label"] for e in chunk], device=logits.device)
                 losses = F.cross_entropy(logits, labels, reduction="none")  # Eq. 6, per turn
                 loss = global_batch_mean(losses, weights, len(steps[step]), run.world, accum)
                 optimizer_step(accelerator, model, optimizer, loss, args.sft_max_grad_norm)
-            loss_sum += loss.item() / (run.world * accum)
+            loss_sum += loss.item() / (run.world * accum)  # this rank's share of the step's loss
         scheduler.step()
-        loss = run.sum_over_ranks({"loss": loss_sum})["loss"]
+        # bookkeeping: the step's curve point (a step a killed launch logged is redone, not logged again), checkpoint
         if step >= logged:
-            run.log_step({"train_sft/loss": loss, "train_sft/lr": scheduler.get_last_lr()[0]}, time.time() - started)
-        if run.main:
-            tqdm.write(f"sft step {step + 1}/{len(steps)}: loss {loss:.4f}")
+            run.log_step({"train_sft/lr": scheduler.get_last_lr()[0]}, time.time() - started,
+                         sums={"train_sft/loss": loss_sum}, show=f"sft step {step + 1}/{len(steps)}")  # fmt: skip
         if (step + 1) % args.save_every == 0 or step + 1 == len(steps):
             save_resumable(accelerator, model, run.dir / "sft", step + 1, optimizer, scheduler)
-    with torch.no_grad(), generation_weights(accelerator, model) as planner:
+    metrics = sft_report(run, args, data, model, tokenizer)
+    save_final(accelerator, model, run.dir / "sft_planner", {"steps": len(steps), "metrics": metrics}, tokenizer)
+    return metrics
+
+
+def sft_report(run: Run, args: Args, data: Data, model, tokenizer) -> dict[str, float]:
+    """The warmed-up Planner's accuracy and macro-F1 on the held-out dialogues' turns, beside the majority class of
+    the training turns. Every rank must call it (ZeRO-3 gathers the Planner)."""
+    with torch.no_grad(), generation_weights(run.accelerator, model) as planner:
         planner.eval()
         texts = [e["text"] for e in data.sft_held_out]
         predicted = [
@@ -953,22 +990,21 @@ def sft_warmup(run: Run, args: Args, data: Data) -> dict:
             for i in range(0, len(texts), 32)
         ]
     gold = [e["label"] for e in data.sft_held_out]
-    majority = max(range(len(NAMES)), key=lambda c: sum(e["label"] == c for e in examples))
+    majority = max(range(len(NAMES)), key=lambda c: sum(e["label"] == c for e in data.sft_train))
     report = classification_report([p for chunk in predicted for p in chunk], gold)
     floor = classification_report([majority] * len(gold), gold)
     metrics = {f"sft/{k}": v for k, v in report.items()} | {f"sft/majority_{k}": v for k, v in floor.items()}
-    metrics |= {"sft/train_turns": len(examples), "sft/held_out_turns": len(gold)}
-    save_final(accelerator, model, run.dir / "sft_planner", {"steps": len(steps), "metrics": metrics}, tokenizer)
-    return metrics
+    return metrics | {"sft/train_turns": len(data.sft_train), "sft/held_out_turns": len(gold)}
 
 
 def planner_update(
-    run: Run, args: Args, model, tokenizer, optimizer, episodes: list[dict], running: dict[int, float]
-) -> dict[str, float]:
+    run: Run, args: Args, *, model, tokenizer, optimizer, episodes: list[dict], running: dict[int, float]
+) -> tuple[dict[str, float], dict]:
     """One AdamW step on Eq. 7 averaged over the update's episodes (the global batch split over ranks, one episode
     per micro-batch): R_t of Eq. 8, minus the baseline, weights log pi(h_t|s_t). Dropout stays off, so log pi is
-    the distribution that sampled the strategies. Gradients are clipped at --rl-max-grad-norm; their norm before
-    clipping is returned with the loss, the entropy, the mean R_1 and the mean b_1."""
+    the distribution that sampled the strategies. Gradients are clipped at --rl-max-grad-norm. Returns the update's
+    metrics (the gradient norm before clipping, the mean R_1 and the mean b_1) and this rank's share of its loss and
+    of its per-turn entropy (``run.log_step``'s sums)."""
     accelerator = run.accelerator
     returns = [episode_returns(episode, args) for episode in episodes]
     advantages, baselines = subtract_baseline(returns, args, running)
@@ -978,7 +1014,7 @@ def planner_update(
     ]
     steps, accum = training_steps(accelerator, len(rows), len(rows) + (-len(rows)) % run.world, 1, 1, args.seed)
     model.eval()
-    sums, grad_norm = {"loss": 0.0, "entropy": 0.0, "turns": 0.0}, float("nan")
+    loss_sum, entropy_sum, turns, grad_norm = 0.0, 0.0, 0.0, float("nan")
     for chunk, weights in micro_batches(rows, steps[0], accelerator, 1, accum):
         (row,), weight = chunk, weights[0]
         # ALGO LOGIC: Eq. 7 on one episode, its share of the update's mean, an (accumulated) step
@@ -989,23 +1025,19 @@ def planner_update(
             episode_loss, entropy = rso_loss(logits, actions, advantage, args.beta_ent)
             loss = global_batch_mean(episode_loss, weight, len(rows), run.world, accum)  # mean over the episodes
             grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.rl_max_grad_norm)  # the last counts
-        # bookkeeping: the loss and the per-turn entropy, summed over ranks after the update
-        sums["loss"] += loss.item() / (run.world * accum)
-        sums["entropy"] += entropy.item() * len(row["actions"]) * weight.item()
-        sums["turns"] += len(row["actions"]) * weight.item()
-    totals = run.sum_over_ranks(sums)
-    return {
-        "loss": totals["loss"],
-        "entropy": totals["entropy"] / max(totals["turns"], 1),
-        "grad_norm": grad_norm,
-        "return": float(np.mean([r[0] for r in returns])),
-        "baseline": float(np.mean([b[0] for b in baselines])),
-    }
+        # bookkeeping: this rank's share of the loss, and of the entropy over the update's turns
+        loss_sum += loss.item() / (run.world * accum)
+        entropy_sum += entropy.item() * len(row["actions"]) * weight.item()
+        turns += len(row["actions"]) * weight.item()
+    metrics = {"train/grad_norm": grad_norm, "train/baseline": float(np.mean([b[0] for b in baselines])),
+               "rollout/return": float(np.mean([r[0] for r in returns]))}  # fmt: skip
+    return metrics, {"train/loss": loss_sum, "train/entropy": (entropy_sum, turns)}
 
 
 def planner_movement(run: Run, model, tokenizer, args: Args, states: list[str]) -> dict[str, float]:
     """How far RL moved the Planner from the SFT one: the L2 distance and the largest change of the weights, and
-    the mean total variation between the two strategy distributions on ``states``. Every rank must call it."""
+    the mean total variation between the two strategy distributions on ``states`` (printed). Every rank must call
+    it."""
     from safetensors.torch import load_file
 
     weights = run.accelerator.get_state_dict(model)
@@ -1021,13 +1053,20 @@ def planner_movement(run: Run, model, tokenizer, args: Args, states: list[str]) 
         return {}
     before = load_file(run.dir / "sft_planner" / "model.safetensors")
     distance = torch.cat([(weights[k].float().cpu() - before[k].float()).flatten() for k in before if k in weights])
-    return {
+    moved = {
         "train/weight_distance": distance.norm().item(),
         "train/weight_change_max": distance.abs().max().item(),
         "train/weights": distance.numel(),
         "train/policy_tv_from_sft": float(np.mean(variation)) if variation else float("nan"),
         "train/policy_tv_from_sft_max": max(variation, default=float("nan")),
     }
+    print(
+        f"rl: the planner moved {moved['train/weight_distance']:.4g} from the SFT planner (L2 over "
+        f"{moved['train/weights']:,} weights, largest change {moved['train/weight_change_max']:.3g}); on the "
+        f"{len(states)} states it played, its strategy distribution moved by a total variation of "
+        f"{moved['train/policy_tv_from_sft']:.4f} on average ({moved['train/policy_tv_from_sft_max']:.4f} at most)"
+    )
+    return moved
 
 
 def reinforce(run: Run, args: Args, data: Data) -> dict:
@@ -1049,77 +1088,93 @@ def reinforce(run: Run, args: Args, data: Data) -> dict:
     configure_batches(accelerator, args.num_envs, args.num_envs + (-args.num_envs) % run.world, 1)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, updates)
     model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / "rl")
-    seeds = [(f"{e:05d}|{data.rl[e % len(data.rl)].key}", data.rl[e % len(data.rl)]) for e in range(args.rl_episodes)]
-    records = run.records("rl_episodes.jsonl")
-    experts, rewarder = run.llm(args.expert_llm, args.batch_size), run.llm(args.judge_llm, args.batch_size)
+    tasks = rl_tasks(data, args)
+    experts, rewarder = run.llm(args.experts_llm, args.batch_size), run.llm(args.rewarder_llm, args.batch_size)
     ailo = AILO(run.llm(args.user_llm, args.batch_size), "movie", args.user_max_tokens, args.user_parse_tries)
-    stats, running = {"expert": ParseStats(), "rewarder": ParseStats()}, {}  # running: the ema baseline, {t: b_t}
-    run.barrier()  # every rank reads the file before any rank appends to it, so all agree on what is left to play
-    stored = {r["key"]: r for r in records.records()}
-    logged = run.family_steps.get("train", 0)  # updates a killed launch logged: redone from their episodes, not logged
+    roles = Roles(experts, data.catalog, ailo, rewarder)
+    running, played = {}, {}  # the ema baseline, {t: b_t}; the stage's episodes by key, recorded or played
+    logged = steps_logged(run, "train", start, "rl updates")
     for update in tqdm(range(updates), desc="rl", total=updates, disable=not run.main):
-        started, window = time.time(), seeds[update * args.num_envs : (update + 1) * args.num_envs]
-        if update < start:  # resumed: the earlier updates' recorded returns advance the running baseline
-            subtract_baseline([episode_returns(stored[key], args) for key, _ in window], args, running)
+        started, window = time.time(), tasks[update * args.num_envs : (update + 1) * args.num_envs]
+        generator = torch.Generator().manual_seed(args.seed + 1000 * update + run.rank)
+        play = on_policy(run, args, model=model, tokenizer=tokenizer, roles=roles, generator=generator)
+        played |= {e["key"]: e for e in run.map("rl_episodes.jsonl", window, play, desc="episodes", every_rank=True)}
+        episodes = [played[task.key] for task in window]  # as recorded, or as the current Planner played them
+        if update < start:  # resumed: the checkpointed updates' recorded returns advance the running baseline
+            subtract_baseline([episode_returns(episode, args) for episode in episodes], args, running)
             continue
-        if any(key not in stored for key, _ in window):  # every rank enters: ZeRO-3 gathers the Planner for all
-            todo = [(key, seed) for key, seed in run.shard(window) if key not in stored]
-            generator = torch.Generator().manual_seed(args.seed + 1000 * update + run.rank)
-            first_new = len(records.appended)
-            with generation_weights(accelerator, model) as planner:
-                rollout(
-                    args, todo, planner, tokenizer, experts, ailo, rewarder, data.catalog, generator, stats, records
-                )
-            stored |= {r["key"]: r for r in run.gather(records.appended[first_new:])}  # every rank's episodes
-        episodes = [stored[key] for key, _ in window]
-        update_stats = planner_update(run, args, model, tokenizer, optimizer, episodes, running)
+        # ALGO LOGIC: one step on Eq. 7 over the update's episodes, their returns (Eq. 8) minus the baseline
+        metrics, sums = planner_update(run, args, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                       episodes=episodes, running=running)  # fmt: skip
         scheduler.step()
-        chosen = [t["strategy"] for e in episodes for t in e["turns"]]
-        shares = {c: chosen.count(c) / len(chosen) for c in sorted(set(chosen), key=chosen.count, reverse=True)}
-        row = {
-            "train/loss": update_stats["loss"],
-            "train/entropy": update_stats["entropy"],
-            "train/grad_norm": update_stats["grad_norm"],
-            "train/baseline": update_stats["baseline"],
-            "train/lr": scheduler.get_last_lr()[0],
-            "rollout/return": update_stats["return"],
-            "rollout/reward_mean": float(np.mean([t["reward"] for e in episodes for t in e["turns"]])),
-            "rollout/turns": float(np.mean([len(e["turns"]) for e in episodes])),
-            "rollout/accepted": success_rate([e["accepted"] for e in episodes]),
-            **{f"rollout/strategy/{KEYS[c]}": shares.get(c, 0.0) for c in range(len(NAMES))},
-        }
-        if update >= logged:  # an update that a killed launch logged is redone, not logged again
-            run.log_step(row, time.time() - started)
-        if run.main:
-            tqdm.write(
-                f"rl update {update + 1}/{updates}: return {update_stats['return']:.3f}  baseline "
-                f"{update_stats['baseline']:.3f}  entropy {update_stats['entropy']:.3f}  grad norm "
-                f"{update_stats['grad_norm']:.3g}  loss {update_stats['loss']:+.4f}  turns "
-                f"{np.mean([len(e['turns']) for e in episodes]):.1f}  strategies "
-                + ", ".join(f"{NAMES[c]} {share:.2f}" for c, share in shares.items())
-                + ("  (redone from its recorded episodes)" if update < logged else "")
-            )
+        # bookkeeping: the update's curve point (once: what a killed launch logged is redone, not logged), checkpoint
+        if update >= logged:
+            run.log_step(metrics | rollout_metrics(episodes) | {"train/lr": scheduler.get_last_lr()[0]},
+                         time.time() - started, sums=sums, show=f"rl update {update + 1}/{updates}")  # fmt: skip
         if (update + 1) % args.rl_save_every == 0 or update + 1 == updates:
             save_resumable(accelerator, model, run.dir / "rl", update + 1, optimizer, scheduler)
-    run.count({f"rollout/{k}": v for name, s in stats.items() for k, v in s.metrics(f"{name}_").items()})
-    run.count(ailo.metrics())
-    if run.main:  # the recorded turns of every rank and launch, counted once
-        turns = [t for e in stored.values() for t in e["turns"]]
-        run.count({"rollout/rewarder_unscored": sum(t.get("score") is None and not t["scores"] for t in turns)})
-        outside = [t["reward_mass_outside"] for t in turns if t.get("reward_mass_outside") is not None]
-        run.count(mass_metrics(outside, "rollout/rewarder"))
-    states = [t["state"] for key, _ in seeds for t in stored[key]["turns"]][:256]
-    moved = planner_movement(run, model, tokenizer, args, states)
-    if run.main:
-        print(
-            f"rl: the planner moved {moved['train/weight_distance']:.4g} from the SFT planner (L2 over "
-            f"{moved['train/weights']:,} weights, largest change {moved['train/weight_change_max']:.3g}); on the "
-            f"{len(states)} states it played, its strategy distribution moved by a total variation of "
-            f"{moved['train/policy_tv_from_sft']:.4f} on average ({moved['train/policy_tv_from_sft_max']:.4f} at most)"
-        )
-    metrics = moved | {"rollout/episodes": args.rl_episodes, "rollout/updates": updates}
+    count_rollouts(run, roles, list(played.values()))
+    states = [turn["state"] for task in tasks for turn in played[task.key]["turns"]][:256]
+    metrics = planner_movement(run, model, tokenizer, args, states)
+    metrics |= {"rollout/episodes": args.rl_episodes, "rollout/updates": updates}
     save_final(accelerator, model, run.dir / "rl_planner", {"updates": updates, "metrics": metrics}, tokenizer)
     return metrics
+
+
+def rl_tasks(data: Data, args: Args) -> list[Task]:
+    """The tasks of the --rl-episodes episodes: the training dialogues in their seeded order, cycled, each keyed by
+    its episode's index and its dialogue."""
+    tasks = [data.rl[e % len(data.rl)] for e in range(args.rl_episodes)]
+    return [replace(task, key=f"{e:05d}|{task.key}") for e, task in enumerate(tasks)]
+
+
+def on_policy(run: Run, args: Args, *, model, tokenizer, roles: Roles, generator: torch.Generator):
+    """``run.map``'s work for one update: the current Planner plays this rank's share of the update's episodes.
+    Every rank enters (``every_rank``), even with no episode to play: ZeRO-3 gathers the Planner on all of them."""
+
+    def play(tasks: list[Task]) -> Iterator[dict]:
+        with generation_weights(run.accelerator, model) as planner:
+            yield from rollout(tasks, planner=planner, tokenizer=tokenizer, roles=roles, args=args, generator=generator)
+
+    return play
+
+
+def rollout_metrics(episodes: list[dict]) -> dict[str, float]:
+    """The update's episodes at a glance: their mean reward and length, the share the user accepted, and each
+    strategy's share of their turns."""
+    chosen = [turn["strategy"] for episode in episodes for turn in episode["turns"]]
+    return {
+        "rollout/reward_mean": float(np.mean([turn["reward"] for episode in episodes for turn in episode["turns"]])),
+        "rollout/turns": float(np.mean([len(episode["turns"]) for episode in episodes])),
+        "rollout/accepted": success_rate([episode["accepted"] for episode in episodes]),
+        **{f"rollout/strategy/{key}": chosen.count(c) / len(chosen) for c, key in enumerate(KEYS)},
+    }
+
+
+def count_rollouts(run: Run, roles: Roles, episodes: list[dict]) -> None:
+    """RL's counters: the experts', the rewarder's and the AILO user's parse counts (this rank's), and on rank 0,
+    over ``episodes`` (every rank's and launch's, counted once), the rewarder's unscored turns and the mass its
+    expected scores put outside 1-5 (``mass_metrics``)."""
+    run.count({f"rollout/{k}": v for name, s in roles.stats.items() for k, v in s.metrics(f"{name}_").items()})
+    run.count(roles.user.metrics())
+    if run.main:
+        turns = [turn for episode in episodes for turn in episode["turns"]]
+        outside = [turn["reward_mass_outside"] for turn in turns if turn.get("reward_mass_outside") is not None]
+        run.count(
+            {"rollout/rewarder_unscored": sum(turn.get("score") is None and not turn["scores"] for turn in turns)}
+        )
+        run.count(mass_metrics(outside, "rollout/rewarder"))
+
+
+def steps_logged(run: Run, family: str, start: int, what: str) -> int:
+    """The steps of ``family`` that earlier launches logged (rank 0 reads them from metrics.jsonl; every rank gets
+    the count, so that all ranks skip the same steps' ``log_step``, a collective). A killed launch may have logged
+    steps after its last checkpoint, ``start``: the rerun redoes them, says so here, and does not log them again."""
+    logged = max(run.gather([run.family_steps.get(family, 0)]))
+    if run.main and logged > start:
+        span = f"{start + 1}" if logged == start + 1 else f"{start + 1}-{logged}"
+        print(f"{what} {span}, logged before the run was stopped after its last checkpoint: redone, not logged again")
+    return logged
 
 
 # =============================================================================================== evaluation (Sec. IV-C)
@@ -1135,78 +1190,82 @@ def persuasiveness(i_pre: int | None, i_post: int | None, i_true: int | None) ->
     return min(1.0, max(0.0, 1 - (i_true - min(i_post, i_true)) / (i_true - i_pre)))
 
 
-def recommended_item(trajectory: dict, catalog: Catalog) -> str:
+def recommended_item(episode: dict, catalog: Catalog) -> str:
     """The movie the system named last (among its retrieved entities and the target), else the target."""
-    candidates = {trajectory["target"]} | {e for t in trajectory["turns"] for e in t["retrieved"]}
-    for turn in reversed(trajectory["turns"]):
+    candidates = {episode["target"]} | {e for t in episode["turns"] for e in t["retrieved"]}
+    for turn in reversed(episode["turns"]):
         named = [c for c in candidates if c in catalog.by_title and mentions_title(turn["system"], c)]
         if named:
             return max(named, key=lambda c: turn["system"].lower().rfind(c.split(" (")[0].lower()))
-    return trajectory["target"]
+    return episode["target"]
 
 
-def user_taste(seed: Seed, catalog: Catalog) -> str:
+def user_taste(task: Task, catalog: Catalog) -> str:
     """What the simulated user wants, as the intention judges are told it: the persona's interests where it has
     them (the demo's), and on every dataset the KG features of its hidden target, its title left out. The target is
     the taste the AILO user plays: INSPIRED's and ReDial's personas carry no interests of their own."""
-    likes = f"What you like: {seed.persona.interests} " if seed.persona.interests else ""
-    features = "; ".join(kg_facts(catalog, seed.target.title)) or "(none known)"
+    likes = f"What you like: {task.persona.interests} " if task.persona.interests else ""
+    features = "; ".join(kg_facts(catalog, task.target.title)) or "(none known)"
     return f"{likes}The movie you are looking for has these features: {features}."
 
 
-def judge_prompts(trajectory: dict, seed: Seed, catalog: Catalog) -> dict[str, str]:
+def judge_prompts(episode: dict, task: Task, catalog: Catalog) -> dict[str, str]:
     """The evaluator's five questions about one finished conversation (METHODS.md 4.8.7): WI after it; the user's
     intention to watch the recommended movie, the user knowing what it wants (``user_taste``), from the movie's title
     only (i_pre), from its full card (i_true, the paper's "real intention") and after the conversation (i_post); and
     the consistency of the system's messages with the facts (Cred)."""
-    history = [*seed.opening]
-    for turn in trajectory["turns"]:
+    history = [*task.opening]
+    for turn in episode["turns"]:
         history += [{"role": "assistant", "content": turn["system"]}, {"role": "user", "content": turn["user"]}]
-    item = recommended_item(trajectory, catalog)
-    persona = user_taste(seed, catalog)
-    request = " ".join(m["content"] for m in seed.opening if m["role"] == "user")
-    named = [t for t in catalog.titles if any(mentions_title(turn["system"], t) for turn in trajectory["turns"])]
-    cards = "\n".join(f"- {item_card(catalog.by_title[t])}" for t in (named or [trajectory["target"]])[:5])
+    item = recommended_item(episode, catalog)
+    persona = user_taste(task, catalog)
+    request = " ".join(m["content"] for m in task.opening if m["role"] == "user")
+    named = [t for t in catalog.titles if any(mentions_title(turn["system"], t) for turn in episode["turns"])]
+    cards = "\n".join(f"- {item_card(catalog.by_title[t])}" for t in (named or [episode["target"]])[:5])
     prompts = {"wi": WI_PROMPT.format(history=render_history(history))}
     for name, evidence in EVIDENCE.items():
         evidence = evidence.format(card=item_card(catalog.by_title[item]), history=render_history(history))
         prompts[name] = INTENTION_PROMPT.format(persona=persona, request=request, evidence=evidence, title=item)
-    messages = "\n".join(f"- {t['system']}" for t in trajectory["turns"])
+    messages = "\n".join(f"- {t['system']}" for t in episode["turns"])
     return prompts | {"cred": CRED_PROMPT.format(facts=cards, messages=messages), "item": item}
 
 
 INTENTIONS = ("i_pre", "i_true", "i_post")
 
 
-def judge_conversations(run: Run, args: Args, evaluator, data: Data, trajectories: list[dict], name: str) -> dict:
-    """The evaluator's scores of every conversation (greedy, one batched call for all), recorded per planner. WI and
-    Cred are the scores as read (E[s] under expected scoring); the intentions behind PRS are the integers the judge
-    writes (``judge_scores``'s ``written``), so that PRS compares scores as the paper's judge gives them, ties
-    included (the scores as read, E[s] under expected scoring, are kept under ``intentions_read``)."""
-    records, stats = run.records(f"judged_{name}.jsonl"), ParseStats()
-    seeds = {seed.key: seed for seed in data.test}
-    done = records.done_keys()
-    todo = [t for t in run.shard(trajectories) if t["key"] not in done]
-    for start in range(0, len(todo), args.batch_size):
-        batch = todo[start : start + args.batch_size]
-        questions = [judge_prompts(t, seeds[t["key"]], data.catalog) for t in batch]
-        fields = ("wi", "i_pre", "i_true", "i_post", "cred")
-        scores = judge_scores(evaluator, [q[f] for q in questions for f in fields], 1, 0.0, args, stats)
-        for k, (trajectory, question) in enumerate(zip(batch, questions)):
-            read = dict(zip(fields, scores[k * len(fields) : (k + 1) * len(fields)]))
-            row = {f: read[f]["written"] if f in INTENTIONS else read[f]["score"] for f in fields}
-            outside = [read[f]["mass_outside"] for f in fields]
-            records.append({"key": trajectory["key"], "item": question["item"], **row, "mass_outside": outside,
-                            "intentions_read": {f: read[f]["score"] for f in INTENTIONS}})  # fmt: skip
+JUDGED = ("wi", "i_pre", "i_true", "i_post", "cred")
+
+
+def judge_conversations(run: Run, args: Args, data: Data, *, evaluator, episodes: list[dict], name: str) -> dict:
+    """The evaluator's scores of every conversation (greedy, --batch-size conversations per batched call), recorded
+    per planner. WI and Cred are the scores as read (E[s] under expected scoring); the intentions behind PRS are the
+    integers the judge writes (``judge_scores``'s ``written``), so that PRS compares scores as the paper's judge
+    gives them, ties included (the scores as read, E[s] under expected scoring, are kept under
+    ``intentions_read``)."""
+    stats, tasks = ParseStats(), {task.key: task for task in data.evaluated}
+
+    def judge(todo: list[dict]) -> Iterator[dict]:
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start : start + args.batch_size]
+            questions = [judge_prompts(episode, tasks[episode["key"]], data.catalog) for episode in batch]
+            scores = judge_scores(evaluator, [q[score] for q in questions for score in JUDGED], 1, 0.0, args, stats)
+            for k, (episode, question) in enumerate(zip(batch, questions)):
+                read = dict(zip(JUDGED, scores[k * len(JUDGED) : (k + 1) * len(JUDGED)]))
+                row = {score: read[score]["written" if score in INTENTIONS else "score"] for score in JUDGED}
+                yield {"key": episode["key"], "item": question["item"], **row,
+                       "mass_outside": [read[score]["mass_outside"] for score in JUDGED],
+                       "intentions_read": {score: read[score]["score"] for score in INTENTIONS}}  # fmt: skip
+
+    judged = run.map(f"judged_{name}.jsonl", episodes, judge, desc=f"judge {name}")
     run.count(stats.metrics(f"rollout/evaluator_{name}_"))
-    return {r["key"]: r for r in run.exchange(records)}
+    return {r["key"]: r for r in judged}
 
 
-def recalled(trajectory: dict, k: int, last_turn: bool = False) -> bool:
+def recalled(episode: dict, k: int, last_turn: bool = False) -> bool:
     """Recall@k of one conversation: the target among the Fact Retriever's top k at any turn (the lists pooled,
     METHODS.md 4.6), or with ``last_turn`` in the last turn's list alone (the list the conversation ended on)."""
-    turns = trajectory["turns"][-1:] if last_turn else trajectory["turns"]
-    return any(trajectory["target"] in turn["retrieved"][:k] for turn in turns)
+    turns = episode["turns"][-1:] if last_turn else episode["turns"]
+    return any(episode["target"] in turn["retrieved"][:k] for turn in turns)
 
 
 def distinct_n(texts: list[str], n: int = 2) -> float:
@@ -1224,7 +1283,7 @@ def distinct_2_per_response(texts: list[str]) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
-def conversation_metrics(trajectories: list[dict], judged: dict[str, dict]) -> dict[str, float]:
+def conversation_metrics(episodes: list[dict], judged: dict[str, dict]) -> dict[str, float]:
     """Table IV and V for one planner: Conv-SR (the evaluator's reward passed tau), WI, PRS, Cred (means over the
     conversations the evaluator scored; PRS leaves out and counts those with i_true <= i_pre), Dist-2 (the mean
     over system responses of each one's Dist-2, the headline, and corpus level over all of them), Rec-SR (a
@@ -1236,12 +1295,12 @@ def conversation_metrics(trajectories: list[dict], judged: dict[str, dict]) -> d
         values = [v for v in values if v is not None]
         return float(np.mean(values)) if values else float("nan")
 
-    rows = [judged.get(t["key"], {}) for t in trajectories]
+    rows = [judged.get(e["key"], {}) for e in episodes]
     intentions = [(r.get("i_pre"), r.get("i_post"), r.get("i_true")) for r in rows]
     complete = [(pre, post, true) for pre, post, true in intentions if None not in (pre, post, true)]
-    responses = [turn["system"] for t in trajectories for turn in t["turns"]]
+    responses = [turn["system"] for e in episodes for turn in e["turns"]]
     return {
-        "sr": success_rate([t["accepted"] for t in trajectories]),
+        "sr": success_rate([e["accepted"] for e in episodes]),
         "wi": mean(r.get("wi") for r in rows),
         "prs": mean(persuasiveness(*scores) for scores in intentions),
         "prs_scored": sum(persuasiveness(*scores) is not None for scores in intentions),
@@ -1250,22 +1309,22 @@ def conversation_metrics(trajectories: list[dict], judged: dict[str, dict]) -> d
         "cred": mean(r.get("cred") for r in rows),
         "dist2": distinct_2_per_response(responses),
         "dist2_corpus": distinct_n(responses, 2),
-        "rec_sr": success_rate([t["success"] for t in trajectories]),
-        "recall@1": success_rate([recalled(t, 1) for t in trajectories]),
-        "recall@5": success_rate([recalled(t, 5) for t in trajectories]),
-        "recall@1_last": success_rate([recalled(t, 1, last_turn=True) for t in trajectories]),
-        "recall@5_last": success_rate([recalled(t, 5, last_turn=True) for t in trajectories]),
-        "turns": mean(len(t["turns"]) for t in trajectories),
-        "planner_entropy": mean(turn["entropy"] for t in trajectories for turn in t["turns"]),
+        "rec_sr": success_rate([e["success"] for e in episodes]),
+        "recall@1": success_rate([recalled(e, 1) for e in episodes]),
+        "recall@5": success_rate([recalled(e, 5) for e in episodes]),
+        "recall@1_last": success_rate([recalled(e, 1, last_turn=True) for e in episodes]),
+        "recall@5_last": success_rate([recalled(e, 5, last_turn=True) for e in episodes]),
+        "turns": mean(len(e["turns"]) for e in episodes),
+        "planner_entropy": mean(turn["entropy"] for e in episodes for turn in e["turns"]),
     }
 
 
-def strategy_by_progress(trajectories: list[dict], bins: int) -> np.ndarray:
+def strategy_by_progress(episodes: list[dict], bins: int) -> np.ndarray:
     """[bins, 13]: the share of each strategy among the turns in each bin of progress (turn - 1) / episode length."""
     counts = np.zeros((bins, len(NAMES)))
-    for trajectory in trajectories:
-        for k, turn in enumerate(trajectory["turns"]):
-            counts[min(bins - 1, k * bins // len(trajectory["turns"])), turn["strategy"]] += 1
+    for episode in episodes:
+        for k, turn in enumerate(episode["turns"]):
+            counts[min(bins - 1, k * bins // len(episode["turns"])), turn["strategy"]] += 1
     return counts / counts.sum(1, keepdims=True).clip(min=1)
 
 
@@ -1298,8 +1357,8 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
     the same rollout as RL, with the evaluator as the rewarder (so an episode ends, and counts for Conv-SR, when
     its reward passes tau); then the evaluator scores WI, PRS and Cred. The strategy distribution by progress is
     plotted for every planner."""
-    evaluator = run.llm(args.evaluator_llm or args.judge_llm, args.batch_size)
-    experts = run.llm(args.expert_llm, args.batch_size)
+    evaluator = run.llm(args.evaluator_llm or args.rewarder_llm, args.batch_size)
+    experts = run.llm(args.experts_llm, args.batch_size)
     ailo = AILO(run.llm(args.user_llm, args.batch_size), "movie", args.user_max_tokens, args.user_parse_tries)
     metrics, shares, rows = {}, {}, []
     if run.main:
@@ -1309,32 +1368,18 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
             if run.main:
                 print(f"eval: no {name} planner in this run, skipped")
             continue
-        planner, tokenizer = (None, None) if name == "random" else load_planner(
-            str(run.dir / f"{name}_planner"), run.device, args.seed
-        )  # fmt: skip
-        records, stats = run.records(f"eval_{name}.jsonl"), {"expert": ParseStats(), "rewarder": ParseStats()}
-        done = records.done_keys()
-        todo = [(seed.key, seed) for seed in run.shard(data.test) if seed.key not in done]
-        # The same random numbers for every planner (the LLMs' samples and the strategy draws): rows differ only
-        # where the planners' strategies do.
-        seed_everything(args.seed + run.rank)
-        generator = torch.Generator().manual_seed(args.seed + run.rank)
-        for start in range(0, len(todo), args.eval_num_envs):
-            rollout(args, todo[start : start + args.eval_num_envs], planner, tokenizer, experts, ailo, evaluator,
-                    data.catalog, generator, stats, records, greedy=args.greedy_planner)  # fmt: skip
-        run.count({f"rollout/{key}_{name}": value for role, s in stats.items()
+        roles = Roles(experts, data.catalog, ailo, evaluator)
+        episodes = evaluation_episodes(run, args, data, name, roles)
+        run.count({f"rollout/{key}_{name}": value for role, s in roles.stats.items()
                    for key, value in s.metrics(f"{'evaluator' if role == 'rewarder' else role}_").items()})  # fmt: skip
-        wanted = {seed.key for seed in data.test}
-        trajectories = [r for r in run.exchange(records) if r["key"] in wanted]
-        judged = judge_conversations(run, args, evaluator, data, trajectories, name)
-        found = conversation_metrics(trajectories, judged)
+        judged = judge_conversations(run, args, data, evaluator=evaluator, episodes=episodes, name=name)
+        found = conversation_metrics(episodes, judged)
         prefix = "eval" if name == "rl" else f"eval_{name}"
         metrics |= {f"{prefix}/{k}": v for k, v in found.items()}
         outside = [o for r in judged.values() for o in r.get("mass_outside") or [] if o is not None]
         metrics |= mass_metrics(outside, f"{prefix}/judge")
-        shares[name] = strategy_by_progress(trajectories, args.progress_bins)
+        shares[name] = strategy_by_progress(episodes, args.progress_bins)
         rows.append([name, *[round(found[k], 4) for k in TABLE_COLUMNS]])
-        del planner
     run.count({f"{key}_eval": value for key, value in ailo.metrics().items()})  # apart from RL's
     run.table("eval_table", ["planner", *TABLE_COLUMNS], rows)
     if run.main and shares:
@@ -1347,8 +1392,26 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
         for name, share in shares.items():
             metrics |= {f"eval_strategies/{name}/{key}": float(share[:, c].mean()) for c, key in enumerate(KEYS)}
     with_target, dialogues = data.evaluable
-    return metrics | {"eval/dialogues": len(data.test), "eval/dialogues_with_target": with_target,
+    return metrics | {"eval/dialogues": len(data.evaluated), "eval/dialogues_with_target": with_target,
                       "eval/dialogues_in_split": dialogues}  # fmt: skip
+
+
+def evaluation_episodes(run: Run, args: Args, data: Data, name: str, roles: Roles) -> list[dict]:
+    """Planner ``name``'s conversations on the evaluated dialogues, --eval-num-envs played together, recorded in
+    eval_<name>.jsonl. Every planner draws the same random numbers (the LLMs' samples and the strategy draws), so
+    that their episodes differ only where their strategies do."""
+    planner, tokenizer = (None, None) if name == "random" else load_planner(
+        str(run.dir / f"{name}_planner"), run.device, args.seed
+    )  # fmt: skip
+    seed_everything(args.seed + run.rank)
+    generator = torch.Generator().manual_seed(args.seed + run.rank)
+
+    def play(tasks: list[Task]) -> Iterator[dict]:
+        for start in range(0, len(tasks), args.eval_num_envs):
+            yield from rollout(tasks[start : start + args.eval_num_envs], planner=planner, tokenizer=tokenizer,
+                               roles=roles, args=args, generator=generator, greedy=args.greedy_planner)  # fmt: skip
+
+    return run.map(f"eval_{name}.jsonl", data.evaluated, play, desc=f"eval {name}")
 
 
 TABLE_COLUMNS = ("sr", "wi", "prs", "cred", "dist2", "dist2_corpus", "rec_sr", "recall@1", "recall@5",
@@ -1413,7 +1476,7 @@ def main(args: Args) -> None:
     data = load_data(args)
     if args.dry_run:
         sizes = {"SFT turns": len(data.sft_train), "held-out SFT turns": len(data.sft_held_out)}
-        sizes |= {"RL seed dialogues": len(data.rl), "evaluated dialogues": len(data.test), "items": len(data.catalog)}
+        sizes |= {"RL dialogues": len(data.rl), "evaluated dialogues": len(data.evaluated), "items": len(data.catalog)}
         print_dry_run("rso.py", args.dry_run, batches, sizes)
         print(f"  {evaluated_count(data, args)}")
         return

@@ -6,7 +6,7 @@
     python bench/bench_rso.py --table learning --updates 300 --seeds 1 2 3 --threads 2
 
 speed: ``rso.rollout`` (Algorithm 1: the Planner, the Reasoner, the Fact Retriever, the Actor, the AILO user and the
-K-sample rewarder) plays the same demo seeds with the same untrained planner (the embedded MiniLM with a fresh
+K-sample rewarder) plays the same demo tasks with the same untrained planner (the embedded MiniLM with a fresh
 13-way head: its forward pass is part of each turn), --batched episodes together against one at a time, each with
 the hf backend's prefix cache on and off (--prefix-cache). An episode may end early (acceptance or AILO's
 end_conversation), so the table also gives turns per minute. Per turn, the prompt tokens: billed (every call its
@@ -30,7 +30,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +43,6 @@ import rso  # noqa: E402
 from ailo_sim import AILO  # noqa: E402
 from bench.prompt_log import PromptLog, prefix_cache, print_speed, usage_row  # noqa: E402
 from common.llm import make_llm  # noqa: E402
-from common.parsing import ParseStats  # noqa: E402
-from common.tracking import RecordFile  # noqa: E402
 
 
 @dataclass
@@ -81,23 +79,21 @@ class Args:
 
 
 def play_all(args: Args, cfg: rso.Args, data: rso.Data, planner, tokenizer, num_envs: int) -> dict:
-    """Play the seeds with ``num_envs`` episodes at a time: seconds, finished episodes, system turns, the episodes,
+    """Play the tasks with ``num_envs`` episodes at a time: seconds, finished episodes, system turns, the episodes,
     and what the backend computed per turn (``usage_row``)."""
     llm, log = make_llm(args.llm, batch_size=max(num_envs, 1) * 2), PromptLog()
     log.watch(llm)
-    seeds = [data.rl[k % len(data.rl)] for k in range(args.episodes)]
-    keyed = [(f"{k:03d}|{s.key}", s) for k, s in enumerate(seeds)]
+    tasks = [data.rl[k % len(data.rl)] for k in range(args.episodes)]
+    tasks = [replace(task, key=f"{k:03d}|{task.key}") for k, task in enumerate(tasks)]
     torch.manual_seed(args.seed)
-    ailo = AILO(llm, "movie", cfg.user_max_tokens, cfg.user_parse_tries)
-    stats, generator = {"expert": ParseStats(), "rewarder": ParseStats()}, torch.Generator().manual_seed(args.seed)
-    with tempfile.TemporaryDirectory() as folder:
-        records = RecordFile(Path(folder) / "episodes.jsonl")
-        start = time.perf_counter()
-        for first in range(0, len(keyed), num_envs):
-            rso.rollout(cfg, keyed[first : first + num_envs], planner, tokenizer, llm, ailo, llm, data.catalog,
-                        generator, stats, records)  # fmt: skip
-        seconds = time.perf_counter() - start
-        episodes = sorted(records.records(), key=lambda e: e["key"])
+    roles = rso.Roles(llm, data.catalog, AILO(llm, "movie", cfg.user_max_tokens, cfg.user_parse_tries), llm)
+    generator, episodes = torch.Generator().manual_seed(args.seed), []
+    start = time.perf_counter()
+    for first in range(0, len(tasks), num_envs):
+        episodes += rso.rollout(tasks[first : first + num_envs], planner=planner, tokenizer=tokenizer, roles=roles,
+                                args=cfg, generator=generator)  # fmt: skip
+    seconds = time.perf_counter() - start
+    episodes.sort(key=lambda e: e["key"])
     turns = sum(len(e["turns"]) for e in episodes)
     said = [t[field] for e in episodes for t in e["turns"] for field in ("system", "user")]
     dialogue = sum(len(ids) for ids in llm.tokenizer(said, add_special_tokens=False)["input_ids"])
@@ -156,7 +152,9 @@ def bandit(args: Args, clip: float, baseline: str, per_update: int, seed: int) -
         actions = torch.multinomial(probs, per_update, replacement=True, generator=generator).tolist()
         episodes = [{"turns": [{"state": STATE, "strategy": a, "reward": 0.75 if a == args.target else 0.5}],
                      "accepted": False} for a in actions]  # fmt: skip
-        norms.append(rso.planner_update(run, cfg, model, tokenizer, optimizer, episodes, running)["grad_norm"])
+        metrics, _ = rso.planner_update(run, cfg, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                        episodes=episodes, running=running)  # fmt: skip
+        norms.append(metrics["train/grad_norm"])
         scheduler.step()
     end = rso.strategy_distribution(model, tokenizer, [STATE], cfg.planner_max_length)[0]
     return {"start": start[args.target].item(), "end": end[args.target].item(), "top": end.max().item(),

@@ -48,7 +48,7 @@ for dataset in inspired redial; do
   launch gpu_ddp "$TRAIN_GPUS" rso.py paper \
     --run-name "table_${dataset}" --dataset "$dataset" --data-dir "${DATA_DIR:-../shared/data}" --eval-split test \
     --planner roberta-large --text-encoder BAAI/bge-base-en-v1.5 \
-    --expert-llm "$LLM" --user-llm "$LLM" --judge-llm "$LLM" --evaluator-llm "$LLM" \
+    --experts-llm "$LLM" --user-llm "$LLM" --rewarder-llm "$LLM" --evaluator-llm "$LLM" \
     --micro-batch-size 2 --eval-num-envs 33 ${NUM_ENVS:+--num-envs "$NUM_ENVS"} --track
 done
 stop_server

@@ -480,16 +480,15 @@ def fingerprint(dialogue: Dialogue) -> str | None:
     return "\n".join(texts) if len(texts) == 4 else None
 
 
-def load_crs_dataset(dataset: str, data_dir: str | Path, eval_split: str, whole_dialogues: bool = False) -> CRSDataset:
+def load_crs_dataset(dataset: str, data_dir: str | Path, eval_split: str) -> CRSDataset:
     """The demo, INSPIRED or ReDial: training dialogues, the evaluated split and the KG's items.
 
     * demo: data/demo's dialogues_train / dialogues_test and its catalog.
     * inspired: UniCRS's train split (CFCRS ships none; the same conversations, their titles given back their
       years from the KG), CFCRS's ``{valid,test}_data.jsonl``, CFCRS's KG.
     * redial: the official train split (``train_data.jsonl``, or where only the mirrored subsets are there, those),
-      iEvaLM's evaluated split and KG. The evaluated split
-      is iEvaLM's processed recommendation turns (one Dialogue per turn) or, with ``whole_dialogues``, the same
-      conversations in the official format (iEvaLM's ``valid_data.jsonl``, the official ``test_data.jsonl``).
+      iEvaLM's evaluated split and KG. The evaluated split is iEvaLM's processed recommendation turns (one Dialogue
+      per turn, ``conversation_id`` naming its conversation).
 
     Training never sees an evaluated conversation, matched by id or, where two releases' ids differ, by its opening
     (``fingerprint``): 50 of ReDial's 600 mirrored training conversations are in iEvaLM's validation file; no
@@ -513,14 +512,6 @@ def load_crs_dataset(dataset: str, data_dir: str | Path, eval_split: str, whole_
             train = load_redial_official(official / "train_subset_500.jsonl")
             train += load_redial_official(official / "valid_subset_100.jsonl")
         evaluated = load_ievalm_turns(root / "redial" / "ievalm" / f"{eval_split}_data_processed.jsonl")
-        if whole_dialogues:  # iEvaLM's processed files leave out the conversations with no recommendation turn
-            whole = (
-                root / "redial" / "ievalm" / "valid_data.jsonl"
-                if eval_split == "valid"
-                else official / "test_data.jsonl"
-            )
-            conversations = {d.conversation_id for d in evaluated}
-            evaluated = [d for d in load_redial_official(whole) if d.dialog_id in conversations]
     else:
         raise DataError(f"unknown dataset {dataset!r}: demo, inspired or redial")
     held = ({d.conversation_id or d.dialog_id for d in evaluated} | {fingerprint(d) for d in evaluated}) - {None}

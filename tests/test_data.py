@@ -195,7 +195,7 @@ def test_grsu_smtpo_and_rso_train_and_evaluate_on_the_same_conversations_and_ite
     seen = {
         "grsu": ({t.conversation for t in g.train}, {t.conversation for t in g.evaluated}),
         "smtpo": ({conversation(x.key) for x in s.train + s.held_out}, {conversation(x.key) for x in s.test}),
-        "rso": ({conversation(x.key) for x in r.rl}, {conversation(x.key) for x in r.test}),
+        "rso": ({conversation(x.key) for x in r.rl}, {conversation(x.key) for x in r.evaluated}),
     }
     for script, (trained, tested) in seen.items():
         assert trained and trained <= train, script

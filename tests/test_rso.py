@@ -131,7 +131,7 @@ def test_persuasiveness_edge_cases(i_pre, i_post, i_true, prs):
     assert rso.persuasiveness(i_pre, i_post, i_true) == (None if prs is None else pytest.approx(prs))
 
 
-def trajectory(key, target, systems, retrieved, accepted, success):
+def evaluated_episode(key, target, systems, retrieved, accepted, success):
     turns = [
         {"system": s, "retrieved": r, "strategy": 0, "entropy": 2.0 + len(s) / 10} for s, r in zip(systems, retrieved)
     ]
@@ -139,17 +139,19 @@ def trajectory(key, target, systems, retrieved, accepted, success):
 
 
 def test_conversation_metrics_by_hand():
-    trajectories = [
-        trajectory("a", "Jaws (1975)", ["a b c", "x"], [["Jaws (1975)", "Alien (1979)"], ["Dune (2021)"]], True, True),
-        trajectory("b", "Alien (1979)", ["a b d a b"], [["Jaws (1975)", "Dune (2021)", "Alien (1979)"]], False, False),
-        trajectory("c", "Dune (2021)", ["e f"], [["Jaws (1975)"]], False, False),
-    ]
+    episodes = [
+        evaluated_episode("a", "Jaws (1975)", ["a b c", "x"], [["Jaws (1975)", "Alien (1979)"], ["Dune (2021)"]], True,
+                          True),
+        evaluated_episode("b", "Alien (1979)", ["a b d a b"], [["Jaws (1975)", "Dune (2021)", "Alien (1979)"]], False,
+                          False),
+        evaluated_episode("c", "Dune (2021)", ["e f"], [["Jaws (1975)"]], False, False),
+    ]  # fmt: skip
     judged = {
         "a": {"wi": 4, "i_pre": 2, "i_post": 3, "i_true": 4, "cred": 5},
         "b": {"wi": 2, "i_pre": 3, "i_post": 2, "i_true": 3, "cred": None},  # i_true == i_pre; Cred unscored
         "c": {"wi": 3, "i_pre": 4, "i_post": 4, "i_true": 2, "cred": 4},  # i_true < i_pre
     }
-    metrics = rso.conversation_metrics(trajectories, judged)
+    metrics = rso.conversation_metrics(episodes, judged)
     # Dist-2 per response: "a b c" 2/2, "x" has no bigram (left out), "a b d a b" 3 distinct of 4, "e f" 1/1
     assert metrics["dist2"] == pytest.approx((1 + 3 / 4 + 1) / 3)
     # corpus: (a b) (b c) | (a b) (b d) (d a) (a b) | (e f): 5 distinct of 7
@@ -166,7 +168,7 @@ def test_conversation_metrics_by_hand():
 
 
 def test_prs_counts_missing_scores_apart_from_the_left_out():
-    rows = [trajectory(k, "Jaws (1975)", ["hi there"], [[]], False, False) for k in "ab"]
+    rows = [evaluated_episode(k, "Jaws (1975)", ["hi there"], [[]], False, False) for k in "ab"]
     judged = {"a": {"i_pre": None, "i_post": 3, "i_true": 4}, "b": {"i_pre": 2, "i_post": 2, "i_true": 2}}
     metrics = rso.conversation_metrics(rows, judged)
     assert metrics["prs_unscored"] == 1 and metrics["prs_left_out"] == 1 and metrics["prs_scored"] == 0
@@ -222,7 +224,7 @@ def test_the_evaluated_count_is_printed_with_the_reason(split, playable, dialogu
     dialogues (20 at --sft-held-out 0.2)."""
     args = rso.Args(dataset="inspired", data_dir=str(DATA), eval_split=split, num_test=99)
     data = rso.load_data(args)
-    assert len(data.test) == playable and data.evaluable == (playable, dialogues)
+    assert len(data.evaluated) == playable and data.evaluable == (playable, dialogues)
     assert rso.evaluated_count(data, args).startswith(
         f"evaluation plays {playable} dialogues: {playable} of the {dialogues} inspired {split} dialogues"
     )
@@ -237,16 +239,16 @@ def test_a_short_last_update_is_refused_under_deepspeed_before_anything_loads(mo
     rso.check_args(rso.Args(rl_episodes=8, num_envs=2, stages=("rl",)), 2)
 
 
-def test_bundled_demo_labels_and_seeds():
+def test_bundled_demo_labels_and_tasks():
     args = rso.Args()
     data = rso.load_data(args)
     labels = {rso.NAMES[e["label"]] for e in data.sft_train + data.sft_held_out}
     assert labels == set(rso.NAMES)  # every class appears in the bundled labels
     assert not {e["dialog"] for e in data.sft_train} & {e["dialog"] for e in data.sft_held_out}
-    for seed in data.rl + data.test:
-        assert seed.opening[-1]["role"] == "user" and seed.target.title in data.catalog.by_title
-        assert not any(seed.target.title in m["content"] for m in seed.opening)
-    assert len(data.test) == args.num_test  # the bundle holds enough test dialogues for the default
+    for task in data.rl + data.evaluated:
+        assert task.opening[-1]["role"] == "user" and task.target.title in data.catalog.by_title
+        assert not any(task.target.title in m["content"] for m in task.opening)
+    assert len(data.evaluated) == args.num_test  # the bundle holds enough test dialogues for the default
 
 
 def test_malformed_tsv_names_file_and_line(tmp_path):
@@ -316,37 +318,39 @@ def demo_catalog():
     return Catalog(load_demo_catalog())
 
 
-def play_scripted(scripted_llm, catalog, judge, tmp_path, max_turns=3, episodes=2, greedy=False, roles=None):
+def scripted_rollout(scripted_llm, catalog, judge, max_turns=3, episodes=2, greedy=False, roles=None):
+    """The rollout generator on ``episodes`` demo tasks, every role played by one scripted backend; and the backend."""
     from common.data import load_demo_tasks
-    from common.tracking import RecordFile
 
     llm = scripted_llm(roles or scripted_roles(judge))
     args = rso.Args(max_turns=max_turns, reward_samples=2, judge_scoring="sampled")  # the script writes its scores
-    tasks = load_demo_tasks()[:episodes]
-    seeds = [(f"e{k}", rso.Seed(f"d{k}", [{"role": "user", "content": "Hi, a movie for tonight?"}], t.target,
-                                t.persona)) for k, t in enumerate(tasks)]  # fmt: skip
-    stats = {"expert": rso.ParseStats(), "rewarder": rso.ParseStats()}
-    records = RecordFile(tmp_path / "episodes.jsonl")
-    ailo = rso.AILO(llm, "movie", 16, 1)
-    episodes = rso.rollout(args, seeds, None, None, llm, ailo, llm, catalog, torch.Generator().manual_seed(0), stats,
-                           records, greedy=greedy)  # fmt: skip
-    return episodes, records.records(), llm
+    tasks = [rso.Task(f"e{k}", [{"role": "user", "content": f"Hi, a movie for tonight? (e{k})"}], t.target, t.persona)
+             for k, t in enumerate(load_demo_tasks()[:episodes])]  # fmt: skip
+    roles = rso.Roles(llm, catalog, rso.AILO(llm, "movie", 16, 1), llm)
+    played = rso.rollout(tasks, planner=None, tokenizer=None, roles=roles, args=args,
+                         generator=torch.Generator().manual_seed(0), greedy=greedy)  # fmt: skip
+    return played, llm
 
 
-def test_the_rollout_stops_when_the_reward_passes_tau(scripted_llm, demo_catalog, tmp_path):
+def play_scripted(scripted_llm, catalog, judge, max_turns=3, episodes=2, greedy=False, roles=None):
+    played, llm = scripted_rollout(scripted_llm, catalog, judge, max_turns, episodes, greedy, roles)
+    return list(played), llm
+
+
+def test_the_rollout_stops_when_the_reward_passes_tau(scripted_llm, demo_catalog):
     """The rewarder scores 5 (r = 1 > tau) once the conversation has two system turns: every episode stops at its
     second turn, accepted; each turn carries s_t, h_t, C1_t, C2_t, a_t, the user's reply and r_t."""
 
     def judge(history):
         return "5" if history.count("System:") >= 2 else "3"
 
-    episodes, recorded, _ = play_scripted(scripted_llm, demo_catalog, judge, tmp_path)
-    assert [e["key"] for e in recorded] == ["e0", "e1"] and recorded == episodes  # each written once, as it ended
+    episodes, _ = play_scripted(scripted_llm, demo_catalog, judge)
+    assert [e["key"] for e in episodes] == ["e0", "e1"]
     for episode in episodes:
         assert episode["accepted"] and episode["end"] == "accepted" and episode["num_turns"] == 2
         assert [t["reward"] for t in episode["turns"]] == [0.5, 1.0] and episode["turns"][1]["scores"] == [5, 5]
         first, second = episode["turns"]
-        assert first["state"] == "User: Hi, a movie for tonight?"  # s_1: the opening, as the Planner reads it
+        assert first["state"] == f"User: Hi, a movie for tonight? ({episode['key']})"  # s_1: the opening, as read
         assert second["state"].endswith("User: I like films about space.")  # s_2 holds a_1 and the user's reply
         assert "System: How about a space adventure?" in second["state"]
         for turn in episode["turns"]:
@@ -356,17 +360,27 @@ def test_the_rollout_stops_when_the_reward_passes_tau(scripted_llm, demo_catalog
             assert turn["system"] == "How about a space adventure?" and turn["user"] == "I like films about space."
 
 
-def test_the_user_replies_on_the_last_turn_before_the_rewarder_scores_it(scripted_llm, demo_catalog, tmp_path):
+def test_an_episode_is_yielded_as_soon_as_it_ends(scripted_llm, demo_catalog):
+    """The user of e1 accepts at the first turn (a 5), e0's never does (a 4): e1 comes out of the rollout, complete,
+    while e0 is still on its first turn, so that a run killed later has it recorded (``Run.map``)."""
+    played, _ = scripted_rollout(scripted_llm, demo_catalog, lambda history: "5" if "(e1)" in history else "4")
+    first = next(played)
+    assert first["key"] == "e1" and first["end"] == "accepted" and first["num_turns"] == 1
+    (second,) = played  # the rest: e0, after its three turns
+    assert second["key"] == "e0" and second["end"] == "turn limit" and len(second["turns"]) == 3
+
+
+def test_the_user_replies_on_the_last_turn_before_the_rewarder_scores_it(scripted_llm, demo_catalog):
     def judge(history):  # 5 when the judged state ends on the user's words, 1 when it ends on the system's
         return "5" if history.splitlines()[-1].startswith("User:") else "1"
 
-    (episode,), _, _ = play_scripted(scripted_llm, demo_catalog, judge, tmp_path, max_turns=1, episodes=1)
+    (episode,), _ = play_scripted(scripted_llm, demo_catalog, judge, max_turns=1, episodes=1)
     assert episode["turns"][0]["reward"] == 1.0 and episode["turns"][0]["user"]
 
 
-def test_the_turn_limit_ends_an_unaccepted_episode(scripted_llm, demo_catalog, tmp_path):
-    episodes, recorded, llm = play_scripted(scripted_llm, demo_catalog, lambda history: "4", tmp_path, max_turns=3)
-    assert len(recorded) == 2
+def test_the_turn_limit_ends_an_unaccepted_episode(scripted_llm, demo_catalog):
+    episodes, llm = play_scripted(scripted_llm, demo_catalog, lambda history: "4", max_turns=3)
+    assert len(episodes) == 2
     for episode in episodes:  # r = 0.75 is not above tau: never accepted
         assert not episode["accepted"] and episode["end"] == "turn limit" and episode["num_turns"] == 3
         assert [t["reward"] for t in episode["turns"]] == [0.75] * 3
@@ -374,7 +388,7 @@ def test_the_turn_limit_ends_an_unaccepted_episode(scripted_llm, demo_catalog, t
     assert len(judged) == 2 * 3  # one rewarder prompt per episode and turn, K = 2 samples each (n = 2)
 
 
-def test_a_user_who_leaves_once_its_target_is_recommended_has_accepted(scripted_llm, demo_catalog, tmp_path):
+def test_a_user_who_leaves_once_its_target_is_recommended_has_accepted(scripted_llm, demo_catalog):
     """AILO's user ends the conversation once its target has been recommended (an Efficiency-seeking one at once),
     saying goodbye; the judge, reading the goodbye, gives a 3. The episode is still the user's acceptance, scored as
     the judge scores acceptance (r = 1): its return, Conv-SR and Rec-SR all count the success."""
@@ -403,7 +417,7 @@ def test_a_user_who_leaves_once_its_target_is_recommended_has_accepted(scripted_
             return "What do you like?" if len(actor_calls) == 1 else f"You should watch {target}."
         return "The user wants a movie."
 
-    (episode,), _, _ = play_scripted(scripted_llm, demo_catalog, None, tmp_path, max_turns=3, episodes=1, roles=roles)
+    (episode,), _ = play_scripted(scripted_llm, demo_catalog, None, max_turns=3, episodes=1, roles=roles)
     assert [t["user_policy"] for t in episode["turns"]] == ["respond_to_clarification", "end_conversation"]
     assert episode["end"] == "left with its target" and episode["accepted"] and episode["success"]
     assert [t["score"] for t in episode["turns"]] == [3, 3]  # the judge's, as it gave them
@@ -415,9 +429,9 @@ def test_a_user_who_leaves_once_its_target_is_recommended_has_accepted(scripted_
     assert "say that you will take it" in goodbyes[0]  # the goodbye says whether the user takes what it was offered
 
 
-def test_the_greedy_random_planner_plays_every_strategy_not_the_first(scripted_llm, demo_catalog, tmp_path):
+def test_the_greedy_random_planner_plays_every_strategy_not_the_first(scripted_llm, demo_catalog):
     """The argmax of the uniform distribution was always index 0 (Credibility): ties are broken at random."""
-    episodes, _, _ = play_scripted(scripted_llm, demo_catalog, lambda history: "4", tmp_path, episodes=4, greedy=True)
+    episodes, _ = play_scripted(scripted_llm, demo_catalog, lambda history: "4", episodes=4, greedy=True)
     strategies = [t["strategy"] for e in episodes for t in e["turns"]]
     assert len(strategies) == 12 and len(set(strategies)) >= 6  # 12 draws, uniform over 13
     generator = torch.Generator().manual_seed(0)
@@ -435,10 +449,10 @@ def test_the_intention_judges_know_the_users_taste_on_every_dataset(demo_catalog
 
     target, other = demo_catalog.by_title["Inception (2010)"], demo_catalog.by_title["Groundhog Day (1993)"]
     persona = Persona("u1", "Efficiency-seeking user who answers in a word or two.")  # no interests
-    seed = rso.Seed("d1", [{"role": "user", "content": "Hi, a movie for tonight?"}], target, persona)
-    trajectory = {"key": "d1", "target": target.title, "turns": [
+    task = rso.Task("d1", [{"role": "user", "content": "Hi, a movie for tonight?"}], target, persona)
+    episode = {"key": "d1", "target": target.title, "turns": [
         {"system": f"Try {other.title}, a fine comedy.", "user": "Maybe.", "retrieved": [other.title]}]}  # fmt: skip
-    prompts = rso.judge_prompts(trajectory, seed, demo_catalog)
+    prompts = rso.judge_prompts(episode, task, demo_catalog)
     assert prompts["item"] == other.title  # the recommended movie is what the intentions are about
     for name in ("i_pre", "i_true", "i_post"):
         assert "director: Christopher Nolan" in prompts[name] and "genre: sci-fi" in prompts[name], prompts[name]
@@ -471,11 +485,11 @@ def test_prs_compares_the_scores_the_judge_writes(tmp_path, monkeypatch, demo_ca
     args = rso.Args(run_name="prs")
     run = Run(args)
     persona = Persona("u1", "Efficiency-seeking user.")
-    seeds = [rso.Seed(key, [{"role": "user", "content": f"{key}: a movie for tonight?"}],
+    tasks = [rso.Task(key, [{"role": "user", "content": f"{key}: a movie for tonight?"}],
                       demo_catalog.by_title["Inception (2010)"], persona) for key in ("tied", "apart")]  # fmt: skip
-    trajectories = [{"key": seed.key, "target": seed.target.title, "accepted": False, "success": False, "turns": [
+    episodes = [{"key": task.key, "target": task.target.title, "accepted": False, "success": False, "turns": [
         {"system": "Try Inception (2010).", "user": "Sounds good.", "retrieved": [], "strategy": 0, "entropy": 2.0}]}
-        for seed in seeds]  # fmt: skip
+        for task in tasks]  # fmt: skip
     evidence = {"i_pre": "All you know about the movie is its title", "i_true": "Here is everything about the movie",
                 "i_post": "Then you had this conversation"}  # fmt: skip
     spread = {("tied", "i_pre"): {"3": 0.6, "4": 0.4}, ("tied", "i_post"): {"3": 0.56, "4": 0.44},
@@ -488,13 +502,13 @@ def test_prs_compares_the_scores_the_judge_writes(tmp_path, monkeypatch, demo_ca
                 return distribution
         return {"5": 1.0}  # WI and Cred
 
-    data = rso.Data([], [], [], seeds, demo_catalog)
-    judged = rso.judge_conversations(run, args, IntentionJudge(probs), data, trajectories, "rl")
+    data = rso.Data([], [], [], tasks, demo_catalog)
+    judged = rso.judge_conversations(run, args, data, evaluator=IntentionJudge(probs), episodes=episodes, name="rl")
     assert [judged["tied"][f] for f in ("i_pre", "i_true", "i_post")] == [3, 3, 3]
     assert [judged["apart"][f] for f in ("i_pre", "i_true", "i_post")] == [2, 4, 3]
     assert judged["tied"]["intentions_read"]["i_pre"] == pytest.approx(3.4)  # the expectations, kept
     assert judged["tied"]["wi"] == 5.0
-    metrics = rso.conversation_metrics(trajectories, judged)
+    metrics = rso.conversation_metrics(episodes, judged)
     assert metrics["prs"] == pytest.approx(0.5) and metrics["prs_scored"] == 1 and metrics["prs_left_out"] == 1
 
 
@@ -546,7 +560,9 @@ def train_planner(tmp_path, monkeypatch, tokenizer, args, updates, play, seed=0)
     for _ in range(updates):
         history.append(rso.strategy_distribution(model, tokenizer, [STATE], 64)[0])
         episodes = play(model, generator)
-        stats.append(rso.planner_update(run, args, model, tokenizer, optimizer, episodes, running))
+        metrics, _ = rso.planner_update(run, args, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                        episodes=episodes, running=running)  # fmt: skip
+        stats.append(metrics)
         scheduler.step()
     history.append(rso.strategy_distribution(model, tokenizer, [STATE], 64)[0])
     return history, stats
@@ -582,7 +598,7 @@ def test_the_update_learns_a_judge_like_reward_at_the_papers_settings(
     reached = next(k for k, probs in enumerate(history) if int(probs.argmax()) == TARGET)
     assert all(int(probs.argmax()) == TARGET for probs in history[reached:]), f"lost after update {reached}"
     assert history[-1][TARGET] > history[0][TARGET]
-    assert all(math.isfinite(s["grad_norm"]) and s["grad_norm"] > 0 for s in stats[1:])  # logged before clipping
+    assert all(math.isfinite(s["train/grad_norm"]) and s["train/grad_norm"] > 0 for s in stats[1:])  # before clipping
 
 
 ACCEPTING = 5  # Offer Help

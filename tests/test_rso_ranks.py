@@ -33,7 +33,7 @@ def test_two_ranks_match_one_rank_on_the_same_episodes(tmp_path, tiny_policy, ti
     from safetensors.torch import load_file
 
     flags = ["--planner", str(tiny_planner), "--planner-max-length", "128"]
-    for role in ("expert", "user", "judge"):
+    for role in ("experts", "user", "rewarder"):
         flags += [f"--{role}-llm", f"hf:{tiny_policy}"]
     flags += "--sft-epochs 1 --rl-episodes 4 --num-envs 4 --max-turns 2".split()
     flags += "--reward-samples 2 --reasoner-max-tokens 4 --actor-max-tokens 6 --user-max-tokens 8".split()

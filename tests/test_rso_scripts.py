@@ -80,8 +80,15 @@ def test_rso_killed_in_rl_then_resumed(tmp_path):
         assert len(_jsonl(run_dir / name)) == 1
     assert (run_dir / "strategy_by_progress.png").stat().st_size > 1000
     assert summary["train/weight_distance"] > 0  # the three updates moved the planner
-    assert "rl update 1/3" in result.stdout and "(redone from its recorded episodes)" in result.stdout
-    assert result.stdout.count("redone from its recorded episodes") == 1  # update 1 only; 2 and 3 played
+    # update 1 was redone (the scheduler stepped twice before update 2 logged its lr) and said so once, not logged
+    assert updates[1]["train/lr"] == pytest.approx(1e-4 * (3 - 2) / 3)
+    assert "rl updates 1, logged before the run was stopped" in result.stdout
+    assert result.stdout.count("redone, not logged again") == 1
+    assert (
+        "rl update 1/3" not in result.stdout
+        and "rl update 2/3: " in result.stdout
+        and "rl update 3/3: " in result.stdout
+    )
     assert "the planner moved" in result.stdout and "R@1 last" in result.stdout
     assert "Conv-SR" in result.stdout and "random" in result.stdout and "RL" in result.stdout
 

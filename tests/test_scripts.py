@@ -287,7 +287,7 @@ def test_smtpo_bad_input_is_a_clear_error(tmp_path):
     "command, message",
     [
         (("smtpo.py", "--policy", "hf:/nope"), "unknown model spec 'hf:/nope'"),
-        (("rso.py", "--judge-llm", "gpt-4o"), "--judge-llm 'gpt-4o': use hf:<model>"),
+        (("rso.py", "--rewarder-llm", "gpt-4o"), "--rewarder-llm 'gpt-4o': use hf:<model>"),
         (("grsu.py", "--user-model", "./no/such/folder"), "unknown model spec"),
         (("ecpo.py", "--lam", "9"), "--lam 9 lies outside AILO's rating scale 0-5"),
     ],
