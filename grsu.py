@@ -474,48 +474,48 @@ def sample_negatives(catalog_titles: list[str], exclude: set[str], k: int, rng: 
     return rng.sample(pool, min(k, len(pool)))
 
 
-def synthesis_jobs(turn: Task, catalog: Catalog, args: Args) -> tuple[list[dict], list[dict]]:
-    """(critique jobs, scoring examples) for one training turn; negatives are seeded by the turn, so every rank
+def synthesis_jobs(task: Task, catalog: Catalog, args: Args) -> tuple[list[dict], list[dict]]:
+    """(critique jobs, scoring examples) for one training task (turn); negatives are seeded by the task, so every rank
     and every rerun draws the same ones.
 
     Critique lists: one per ground-truth subset of size < l (the smallest first, at most --max-subsets), filled
     with negatives and shuffled, plus --no-gt-lists lists of negatives only. Scoring: one Yes instance per
     ground-truth item and --scoring-negatives No instances each, every instance holding one item."""
-    rng = random.Random(f"{args.seed}:{turn.key}")
-    exclude = set(turn.labels) | set(turn.mentioned)
+    rng = random.Random(f"{args.seed}:{task.key}")
+    exclude = set(task.labels) | set(task.mentioned)
     subsets = [
         list(s)
-        for size in range(1, min(len(turn.labels), args.list_length - 1) + 1)
-        for s in combinations(turn.labels, size)
+        for size in range(1, min(len(task.labels), args.list_length - 1) + 1)
+        for s in combinations(task.labels, size)
     ][: args.max_subsets or None]
     lists = [s + sample_negatives(catalog.titles, exclude, args.list_length - len(s), rng) for s in subsets]
     lists += [sample_negatives(catalog.titles, exclude, args.list_length, rng) for _ in range(args.no_gt_lists)]
-    preference = [catalog.card(t, CARD_FIELDS) for t in turn.labels]
+    preference = [catalog.card(t, CARD_FIELDS) for t in task.labels]
     critiques = []
     for j, items in enumerate(lists):
         rng.shuffle(items)
         shown = [catalog.card(t, CARD_FIELDS) for t in items]
         critiques.append(
             {
-                "key": f"{turn.key}|critique|{j}",
+                "key": f"{task.key}|critique|{j}",
                 "kind": "critique",
-                "labels": turn.labels,
+                "labels": task.labels,
                 "items": items,
-                "gt_in_list": sum(t in turn.labels for t in items),
-                "teacher_prompt": critique_prompt(turn.history, shown, preference),
-                "prompt": critique_prompt(turn.history, shown),
+                "gt_in_list": sum(t in task.labels for t in items),
+                "teacher_prompt": critique_prompt(task.history, shown, preference),
+                "prompt": critique_prompt(task.history, shown),
             }
         )
     scoring = []
-    for label in turn.labels:
+    for label in task.labels:
         negatives = sample_negatives(catalog.titles, exclude, args.scoring_negatives, rng)
         for title, answer in [(label, "Yes")] + [(t, "No") for t in negatives]:
             scoring.append(
                 {
-                    "key": f"{turn.key}|score|{title}",
+                    "key": f"{task.key}|score|{title}",
                     "kind": "score",
                     "item": title,
-                    "prompt": score_prompt(turn.history, catalog.card(title, CARD_FIELDS)),
+                    "prompt": score_prompt(task.history, catalog.card(title, CARD_FIELDS)),
                     "completion": f"{ANSWER_PREFIX} {answer}",
                 }
             )
