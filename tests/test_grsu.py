@@ -346,6 +346,25 @@ def test_the_beam_keeps_the_highest_reward_lists_whatever_ranks_the_output(scori
     assert record["ranked"][0] == votes[scoring]
 
 
+def test_the_search_yields_each_batchs_records_before_it_searches_the_next():
+    """run.map appends each record as the search yields it, so a kill loses no finished batch: Search.results searches
+    a batch of --examples-per-batch tasks only when the records of the one before are taken, each record holding an
+    even share of its batch's LLM calls and tokens."""
+    a, b = "Jaws (1975)", "Alien (1979)"
+    crs, user = _ScriptedCRS([[a, b]] * 20), _ScriptedUser({a: 0.9, b: 0.5})
+    catalog = Catalog([item for item in load_demo_catalog() if item.title in (a, b)])
+    args = grsu.Args(beam_width=1, expansion=1, depth=1, list_length=2, max_resamples=0, examples_per_batch=2)
+    tasks = [grsu.Task(f"t{i}", f"d{i}", [{"role": "user", "content": "A thriller?"}], [a], []) for i in range(3)]
+    search = grsu.Search(crs=crs, user_llm=user, catalog=catalog, args=args)
+    records = search.results(tasks)
+    first, second = next(records), next(records)
+    calls, tokens = search.cost()  # the first batch's, all of it: the second has not started
+    assert [first["key"], second["key"]] == ["t0", "t1"] and calls > 0
+    assert first["llm_calls"] == second["llm_calls"] == calls / 2 and first["tokens"] == tokens / 2
+    (third,) = list(records)
+    assert third["key"] == "t2" and third["llm_calls"] == search.cost()[0] - calls > 0
+
+
 def test_checkpoints_at_epoch_ends_and_only_the_last_kept(tmp_path, monkeypatch, tokenizer, tiny_model):
     """GRSU's full fine-tune of an 8B model writes about 112 GB per checkpoint: --save-every 0 saves at each epoch's
     end (and not every 50 steps), --keep-checkpoints 1 keeps the newest alone."""
