@@ -31,6 +31,7 @@ import math
 import random
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from itertools import combinations
@@ -38,10 +39,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm import tqdm
 
 from common.catalog import Catalog
-from common.conversations import render_history
+from common.conversations import chat_roles, render_history
 from common.data import DataError, Dialogue, Item, load_crs_dataset
 from common.distributed import (
     check_division,
@@ -57,7 +57,6 @@ from common.presets import Preset, parse_args
 from common.run import Run, sft_row
 from common.sft import supervised_finetuning
 from common.tokens import encode_prompt_completion
-from common.tracking import RecordFile
 
 STAGES = ("synth", "train", "search")
 
@@ -280,33 +279,30 @@ DOMAIN = "movie"  # all three datasets are movie conversations
 
 
 @dataclass
-class RecTurn:
-    """One recommendation turn: the conversation before it, its ground-truth items, and earlier mentions."""
+class Task:
+    """A task the simulated user steers the CRS through: the conversation up to a recommendation turn, the turn's
+    ground-truth items, and the items mentioned before it."""
 
-    key: str
+    key: str  # <dialogue>:<turn index>
     conversation: str  # the source conversation (training on a conversation that is evaluated is not allowed)
     history: list[dict]  # chat roles: {"role": "user" (the seeker) | "assistant" (the recommender), "content": ...}
     labels: list[str]  # the items recommended here (under --only-new labels, those not mentioned before)
     mentioned: list[str]  # the items (and, for iEvaLM, entities) the conversation annotated before this turn
 
 
-def rec_turns(
-    dialogues: list[Dialogue], only_new: str = "turn", catalog: set[str] | None = None, dropped: dict | None = None
-) -> list[RecTurn]:
+def make_tasks(
+    dialogues: list[Dialogue], *, only_new: str = "turn", catalog: set[str] | None = None, dropped: dict | None = None
+) -> list[Task]:
     """The evaluation protocol's examples: a recommender turn that names at least one item (in the dialogue's own
     annotations) and has a non-empty history. With a ``catalog`` (--outside-catalog drop, the released code), labels
     outside it are dropped first, and a turn left without one is no example; ``dropped`` counts both ("labels",
     "turns"). What the conversation mentioned before the turn also comes from its annotations: the earlier turns'
     items, or, where a format annotates the context as a whole, ``context_items`` (iEvaLM). Repeated items are
     handled by ``only_new`` (see Args)."""
-    turns = []
+    tasks = []
     for dialogue in dialogues:
         for i, turn in enumerate(dialogue.turns):
-            history = [
-                {"role": "user" if t.role == "seeker" else "assistant", "content": t.text}
-                for t in dialogue.turns[:i]
-                if t.text.strip()
-            ]
+            history = chat_roles(dialogue.turns[:i])
             labels = list(dict.fromkeys(t for t in turn.items if t.strip()))
             if turn.role != "recommender" or not labels or not history:
                 continue
@@ -327,33 +323,40 @@ def rec_turns(
             if labels:
                 conversation = dialogue.conversation_id or dialogue.dialog_id
                 key = f"{dialogue.dialog_id}:{i}"
-                turns.append(RecTurn(key, conversation, history, labels, list(dict.fromkeys(earlier))))
-    return turns
+                tasks.append(Task(key, conversation, history, labels, list(dict.fromkeys(earlier))))
+    return tasks
 
 
 @dataclass
 class Data:
-    train: list[RecTurn]  # training turns, every conversation of the evaluated split left out
-    evaluated: list[RecTurn]  # the evaluated split's turns
+    train: list[Task]  # training turns, every conversation of the evaluated split left out
+    evaluated: list[Task]  # the evaluated split's turns (--eval-split)
     items: list[Item]  # the catalog: the KG's items plus those the (kept) training conversations name
     left_out: int  # training turns left out because their conversation is evaluated
     outside: dict[str, int]  # evaluated labels outside the catalog dropped, and the turns they left without one
 
 
 def load_data(
-    name: str, data_dir: str, eval_split: Literal["valid", "test"], only_new: str = "turn", outside_catalog="drop"
+    name: str, data_dir: str, eval_split: Literal["valid", "test"], *, only_new: str = "turn", outside_catalog="drop"
 ) -> Data:
     """The training and evaluated recommendation turns of dataset ``name`` (common/data.py's ``load_crs_dataset``:
     no evaluated conversation trains), and the catalog every ranking is drawn from: the KG's items, and the items the
     kept training conversations name that the KG lacks (without attributes), never the evaluated split's own. Under
     ``outside_catalog="drop"`` the labels outside that catalog are dropped (a training label is always in it)."""
     dataset = load_crs_dataset(name, data_dir, eval_split)
-    items = dataset.items + [Item(title, title) for title in dataset.unlisted]
+    known = {item.title for item in dataset.items}
+    named = dict.fromkeys(t for dialogue in dataset.train for turn in dialogue.turns for t in turn.items)
+    items = dataset.items + [Item(title, title) for title in named if title not in known]
     catalog = {item.title for item in items} if outside_catalog == "drop" else None
     outside = {"labels": 0, "turns": 0}
-    evaluated = rec_turns(dataset.evaluated, only_new, catalog, outside)
-    left_out = len(rec_turns(dataset.dropped, only_new))
-    return Data(rec_turns(dataset.train, only_new, catalog), evaluated, items, left_out, outside)
+    evaluated = make_tasks(dataset.evaluated, only_new=only_new, catalog=catalog, dropped=outside)
+    left_out = len(make_tasks(dataset.dropped, only_new=only_new))
+    return Data(make_tasks(dataset.train, only_new=only_new, catalog=catalog), evaluated, items, left_out, outside)
+
+
+def data_of(args: Args, name: str) -> Data:
+    """``load_data`` of dataset ``name`` under the run's flags."""
+    return load_data(name, args.data_dir, args.eval_split, only_new=args.only_new, outside_catalog=args.outside_catalog)
 
 
 CARD_FIELDS = ("genre", "star", "director", "writer")  # an item as the simulated user sees it
@@ -407,7 +410,7 @@ You recommended:
 Recommend {n} {domain}s the user will like, all different from the ones above. Answer with exactly {n} lines, each formatted as "1. **Title (year)**", and nothing else."""  # noqa: E501  (prompt text, kept verbatim)
 
 
-def crs_prompt(history: list[dict], n: int, previous: list[str] | None = None, critique: str | None = None) -> str:
+def crs_prompt(history: list[dict], n: int, *, previous: list[str] | None = None, critique: str | None = None) -> str:
     """Eq. 1: the history, and for a revision the previous list (with attributes) and the critique f_c."""
     if previous is None:
         return CRS_PROMPT.format(domain=DOMAIN, history=render_history(history), n=n)
@@ -471,68 +474,62 @@ def sample_negatives(catalog_titles: list[str], exclude: set[str], k: int, rng: 
     return rng.sample(pool, min(k, len(pool)))
 
 
-def synthesis_jobs(turn: RecTurn, catalog: Catalog, args: Args) -> tuple[list[dict], list[dict]]:
-    """(critique jobs, scoring examples) for one training turn; negatives are seeded by the turn, so every rank
+def synthesis_jobs(task: Task, catalog: Catalog, args: Args) -> tuple[list[dict], list[dict]]:
+    """(critique jobs, scoring examples) for one training task (turn); negatives are seeded by the task, so every rank
     and every rerun draws the same ones.
 
     Critique lists: one per ground-truth subset of size < l (the smallest first, at most --max-subsets), filled
     with negatives and shuffled, plus --no-gt-lists lists of negatives only. Scoring: one Yes instance per
     ground-truth item and --scoring-negatives No instances each, every instance holding one item."""
-    rng = random.Random(f"{args.seed}:{turn.key}")
-    exclude = set(turn.labels) | set(turn.mentioned)
+    rng = random.Random(f"{args.seed}:{task.key}")
+    exclude = set(task.labels) | set(task.mentioned)
     subsets = [
         list(s)
-        for size in range(1, min(len(turn.labels), args.list_length - 1) + 1)
-        for s in combinations(turn.labels, size)
+        for size in range(1, min(len(task.labels), args.list_length - 1) + 1)
+        for s in combinations(task.labels, size)
     ][: args.max_subsets or None]
     lists = [s + sample_negatives(catalog.titles, exclude, args.list_length - len(s), rng) for s in subsets]
     lists += [sample_negatives(catalog.titles, exclude, args.list_length, rng) for _ in range(args.no_gt_lists)]
-    preference = [catalog.card(t, CARD_FIELDS) for t in turn.labels]
+    preference = [catalog.card(t, CARD_FIELDS) for t in task.labels]
     critiques = []
     for j, items in enumerate(lists):
         rng.shuffle(items)
         shown = [catalog.card(t, CARD_FIELDS) for t in items]
         critiques.append(
             {
-                "key": f"{turn.key}|critique|{j}",
+                "key": f"{task.key}|critique|{j}",
                 "kind": "critique",
-                "labels": turn.labels,
+                "labels": task.labels,
                 "items": items,
-                "gt_in_list": sum(t in turn.labels for t in items),
-                "teacher_prompt": critique_prompt(turn.history, shown, preference),
-                "prompt": critique_prompt(turn.history, shown),
+                "gt_in_list": sum(t in task.labels for t in items),
+                "teacher_prompt": critique_prompt(task.history, shown, preference),
+                "prompt": critique_prompt(task.history, shown),
             }
         )
     scoring = []
-    for label in turn.labels:
+    for label in task.labels:
         negatives = sample_negatives(catalog.titles, exclude, args.scoring_negatives, rng)
         for title, answer in [(label, "Yes")] + [(t, "No") for t in negatives]:
             scoring.append(
                 {
-                    "key": f"{turn.key}|score|{title}",
+                    "key": f"{task.key}|score|{title}",
                     "kind": "score",
                     "item": title,
-                    "prompt": score_prompt(turn.history, catalog.card(title, CARD_FIELDS)),
+                    "prompt": score_prompt(task.history, catalog.card(title, CARD_FIELDS)),
                     "completion": f"{ANSWER_PREFIX} {answer}",
                 }
             )
     return critiques, scoring
 
 
-def synthesize(turns: list[RecTurn], catalog: Catalog, teacher, args: Args, records: RecordFile) -> ParseStats:
-    """Write this rank's instruction data. The teacher's critique is the student's target; the student's
-    prompt is the same without the preference. An empty critique is resampled, then dropped and counted."""
-    done = records.done_keys()
-    jobs = []
-    for turn in turns:
-        critiques, scoring = synthesis_jobs(turn, catalog, args)
-        for example in scoring:
-            if example["key"] not in done:
-                records.append(example)
-        jobs += [c for c in critiques if c["key"] not in done]
-    stats = ParseStats()
-    for start in tqdm(range(0, len(jobs), args.batch_size), desc="critique data", disable=not jobs):
-        batch = jobs[start : start + args.batch_size]
+def synthesize(jobs: list[dict], *, teacher, args: Args, stats: ParseStats) -> Iterator[dict]:
+    """Each job's instruction example as it is ready: a scoring example as it is; a critique job with the teacher's
+    critique as the student's target (the student's prompt is the same without the preference). An empty critique
+    is resampled, then dropped and counted in ``stats``."""
+    yield from (job for job in jobs if job["kind"] == "score")
+    critique_jobs = [job for job in jobs if job["kind"] == "critique"]
+    for start in range(0, len(critique_jobs), args.batch_size):
+        batch = critique_jobs[start : start + args.batch_size]
         # Greedy first; an empty critique is resampled at --temperature up to --max-resamples times.
         critiques, _ = chat_parsed(
             teacher,
@@ -547,8 +544,7 @@ def synthesize(turns: list[RecTurn], catalog: Catalog, teacher, args: Args, reco
         for job, text in zip(batch, critiques):
             if text is not None:
                 named = any(mentions_title(text, label) for label in job["labels"])
-                records.append({**job, "completion": text, "names_label": named})
-    return stats
+                yield {**job, "completion": text, "names_label": named}
 
 
 # =============================================================================================== ranking
@@ -601,20 +597,20 @@ def search_shape(args: Args) -> tuple[int, int, int]:
 
 
 class Search:
-    """The search-based interaction (Sec. 3.3) over a batch of test turns, level by level, so that every CRS,
-    critique and scoring call of one level is one batched call across the turns.
+    """The search-based interaction (Sec. 3.3) over a batch of tasks (test turns), level by level, so that every
+    CRS, critique and scoring call of one level is one batched call across the tasks.
 
     A state is {items, reward, depth, parent, critique}; ``counts`` tallies the calls the bookkeeping test
     checks, per turn at beam search: crs_lists (the search's, N^2 + B N (D - 1)), zero_shot_lists (1, the
     baseline's greedy list), crs_calls (both, plus resamples), critiques (B N (D - 1)), lists_scored (N^2 + B N (D - 1))
     and items_scored (after the per-conversation cache)."""
 
-    def __init__(self, crs, user_llm: HFChat, catalog: Catalog, args: Args):
+    def __init__(self, *, crs, user_llm: HFChat, catalog: Catalog, args: Args):
         self.crs, self.user_llm, self.catalog, self.args = crs, user_llm, catalog, args
         counted = ("crs_lists", "zero_shot_lists", "crs_calls", "crs_resamples", "crs_wrong_count", "critiques")
         counted += ("critique_resamples", "critique_empty", "lists_scored", "items_scored")
         self.counts = dict.fromkeys(counted, 0)
-        self.seen: list[list[dict]] = []  # per turn, every state so far, in creation order (a state's id)
+        self.seen: list[list[dict]] = []  # per task, every state so far, in creation order (a state's id)
 
     def cost(self) -> tuple[int, int]:
         """(LLM calls, tokens) spent so far by the CRS and the simulated user."""
@@ -694,17 +690,17 @@ class Search:
 
     # ------------------------------------------------------------------ the reward (generative item scoring)
 
-    def score(self, turns: list[RecTurn], frontiers: list[list[dict]], caches: list[dict[str, float]]) -> None:
+    def score(self, tasks: list[Task], frontiers: list[list[dict]], caches: list[dict[str, float]]) -> None:
         """Give every state its reward f_s (Eq. 2): score its items not yet in the turn's cache, then average. The
         reward is P(accept) under every --scoring, as in the released code, where the votes only rank the output
         (``item_scores``). Usage counts one call per item with its full prompt, as an API would bill."""
-        for turn, states, cache in zip(turns, frontiers, caches):
+        for task, states, cache in zip(tasks, frontiers, caches):
             self.counts["lists_scored"] += len(states)
             new = list(dict.fromkeys(t for s in states for t in s["items"] if t not in cache))
             if new:
                 with adapter_off(self.user_llm.model, not self.args.tuned_scorer):
                     cards = [self.catalog.card(t, CARD_FIELDS) for t in new]
-                    cache.update(zip(new, score_items(self.user_llm, turn.history, cards)))
+                    cache.update(zip(new, score_items(self.user_llm, task.history, cards)))
                 self.counts["items_scored"] += len(new)
             for s in states:
                 s["reward"] = list_reward(s["items"], cache)
@@ -726,13 +722,38 @@ class Search:
 
     # ------------------------------------------------------------------ beam search and ranking
 
-    def rollout(self, turns: list[RecTurn]) -> list[dict]:
+    def results(self, tasks: list[Task]) -> Iterator[dict]:
+        """Each task's search record as its batch of --examples-per-batch tasks ends, with its share of the batch's
+        LLM calls and tokens (split evenly)."""
+        for start in range(0, len(tasks), self.args.examples_per_batch):
+            batch = tasks[start : start + self.args.examples_per_batch]
+            before = self.cost()
+            records = self.rollout(batch)
+            calls, tokens = (now - then for now, then in zip(self.cost(), before))
+            yield from ({**r, "llm_calls": calls / len(batch), "tokens": tokens / len(batch)} for r in records)
+
+    def rollout(self, tasks: list[Task]) -> list[dict]:
+        """Sec. 3.3 on a batch of tasks: the N^2 initial lists, then rounds of (reward every list of the frontier,
+        keep the best B, expand each by N critiques and revisions), the last frontier rewarded too; then each
+        task's record with its ranking."""
+        width, expansion, rounds = search_shape(self.args)
+        greedy, frontiers = self.initial_lists(tasks)
+        caches: list[dict[str, float]] = [{} for _ in tasks]
+        for level in range(1, rounds + 1):
+            self.score(tasks, frontiers, caches)
+            kept = [sorted(f, key=lambda s: -s["reward"])[:width] for f in frontiers]
+            frontiers = self.expand(tasks, kept, level, expansion)
+        if self.args.search != "none":
+            self.score(tasks, frontiers, caches)
+        return [self.record(*outcome) for outcome in zip(tasks, self.seen, caches, greedy)]
+
+    def initial_lists(self, tasks: list[Task]) -> tuple[list[list[str]], list[list[dict]]]:
+        """(the zero-shot CRS's own answer, greedy, for the baseline only; per task its N^2 initial states, their
+        lists all sampled). They start ``seen``."""
         args, n = self.args, self.args.expansion
-        width, expansion, rounds = search_shape(args)
-        # The zero-shot CRS's own answer (greedy), for the baseline only; then the N^2 initial lists, all sampled.
-        greedy = self.generate_lists([crs_prompt(t.history, args.list_length) for t in turns], [0.0] * len(turns))
-        self.counts["zero_shot_lists"] += len(turns)
-        prompts = [crs_prompt(t.history, args.list_length) for t in turns for _ in range(n * n)]
+        greedy = self.generate_lists([crs_prompt(t.history, args.list_length) for t in tasks], [0.0] * len(tasks))
+        self.counts["zero_shot_lists"] += len(tasks)
+        prompts = [crs_prompt(t.history, args.list_length) for t in tasks for _ in range(n * n)]
         lists = self.generate_lists(prompts, [args.temperature] * len(prompts))
         self.counts["crs_lists"] += len(prompts)
         frontiers = [
@@ -740,56 +761,52 @@ class Search:
                 {"id": j, "items": lists[i * n * n + j], "depth": 0, "parent": None, "critique": None}
                 for j in range(n * n)
             ]
-            for i in range(len(turns))
+            for i in range(len(tasks))
         ]
         self.seen = [list(f) for f in frontiers]
-        caches: list[dict[str, float]] = [{} for _ in turns]
-        for level in range(1, rounds + 1):
-            self.score(turns, frontiers, caches)
-            kept = [sorted(f, key=lambda s: -s["reward"])[:width] for f in frontiers]
-            flat = [(i, s) for i, states in enumerate(kept) for s in states]
-            critiques = self.critique([turns[i].history for i, _ in flat], [s["items"] for _, s in flat], expansion)
-            jobs = [(i, s, c) for (i, s), cs in zip(flat, critiques) for c in cs]
-            revised = self.generate_lists(
-                [
-                    crs_prompt(
-                        turns[i].history, args.list_length, [self.catalog.card(t, CARD_FIELDS) for t in s["items"]], c
-                    )
-                    for i, s, c in jobs
-                ],
-                [args.temperature] * len(jobs),
-            )
-            self.counts["crs_lists"] += len(jobs)
-            frontiers = [[] for _ in turns]
-            for (i, parent, c), items in zip(jobs, revised):
-                state = {"id": len(self.seen[i]), "items": items, "depth": level, "parent": parent["id"], "critique": c}
-                frontiers[i].append(state)
-                self.seen[i].append(state)
-        if args.search != "none":
-            self.score(turns, frontiers, caches)
-        results = []
-        for turn, states, cache, own in zip(turns, self.seen, caches, greedy):
-            zero_shot = zero_shot_ranking([own] + [s["items"] for s in states[: n * n]])
-            if args.search == "none":
-                ranked = zero_shot
-            elif args.ranking == "best-list":
-                ranked = list(max(states, key=lambda s: s["reward"])["items"])
-            else:
-                scores = self.item_scores(states, cache)
-                ranked = pooled_ranking([(t, scores[t]) for s in states for t in s["items"]])
-            results.append(
-                {
-                    "key": turn.key,
-                    "labels": turn.labels,
-                    "mentioned": turn.mentioned,
-                    "ranked": ranked,
-                    "zero_shot": zero_shot,
-                    "greedy": own,
-                    "states": states,
-                    "item_scores": {t: round(p, 5) for t, p in cache.items()},
-                }
-            )
-        return results
+        return greedy, frontiers
+
+    def expand(self, tasks: list[Task], kept: list[list[dict]], level: int, expansion: int) -> list[list[dict]]:
+        """Eq. 1 on each kept state: ``expansion`` critiques f_c of its list, and the CRS's revision after each, the
+        next frontier (appended to ``seen``)."""
+        flat = [(i, s) for i, states in enumerate(kept) for s in states]
+        critiques = self.critique([tasks[i].history for i, _ in flat], [s["items"] for _, s in flat], expansion)
+        jobs = [(i, s, c) for (i, s), cs in zip(flat, critiques) for c in cs]
+        prompts = []
+        for i, s, c in jobs:
+            cards = [self.catalog.card(t, CARD_FIELDS) for t in s["items"]]
+            prompts.append(crs_prompt(tasks[i].history, self.args.list_length, previous=cards, critique=c))
+        revised = self.generate_lists(prompts, [self.args.temperature] * len(jobs))
+        self.counts["crs_lists"] += len(jobs)
+        frontiers = [[] for _ in tasks]
+        for (i, parent, c), items in zip(jobs, revised):
+            state = {"id": len(self.seen[i]), "items": items, "depth": level, "parent": parent["id"], "critique": c}
+            frontiers[i].append(state)
+            self.seen[i].append(state)
+        return frontiers
+
+    def record(self, task: Task, states: list[dict], cache: dict[str, float], greedy: list[str]) -> dict:
+        """A task's search record: every state, every item's P(accept), and the rankings of GRSU (under --ranking
+        and --scoring) and of the zero-shot CRS."""
+        n = self.args.expansion
+        zero_shot = zero_shot_ranking([greedy] + [s["items"] for s in states[: n * n]])
+        if self.args.search == "none":
+            ranked = zero_shot
+        elif self.args.ranking == "best-list":
+            ranked = list(max(states, key=lambda s: s["reward"])["items"])
+        else:
+            scores = self.item_scores(states, cache)
+            ranked = pooled_ranking([(t, scores[t]) for s in states for t in s["items"]])
+        return {
+            "key": task.key,
+            "labels": task.labels,
+            "mentioned": task.mentioned,
+            "ranked": ranked,
+            "zero_shot": zero_shot,
+            "greedy": greedy,
+            "states": states,
+            "item_scores": {t: round(p, 5) for t, p in cache.items()},
+        }
 
 
 def adapter_off(model, off: bool):
@@ -800,8 +817,9 @@ def adapter_off(model, off: bool):
 # =============================================================================================== evaluation
 
 
-def ranking_metrics(records: list[dict], field: str, ks: tuple[int, ...], prefix: str,
-                    remove_mentioned: bool = False) -> dict[str, float]:  # fmt: skip
+def ranking_metrics(
+    records: list[dict], field: str, *, ks: tuple[int, ...], prefix: str, remove_mentioned: bool = False
+) -> dict[str, float]:
     """Recall, NDCG and MRR@k of each label (one relevant item; each @k on its own top-k slice), averaged two ways:
     within each turn and then over turns, the paper's "average scores on all the test examples" and the released
     code's (``<prefix>/...``, the headline); and over every (turn, label) pair (``<prefix>_pairs/...``). A label
@@ -824,6 +842,28 @@ def ranking_metrics(records: list[dict], field: str, ks: tuple[int, ...], prefix
         return {}
     return {f"{prefix}/{name}": value / len(records) for name, value in per_turn.items()} | {
         f"{prefix}_pairs/{name}": value / pairs for name, value in per_pair.items()
+    }
+
+
+def search_metrics(records: list[dict], *, catalog: Catalog, args: Args, dropped: dict | None) -> dict[str, float]:
+    """The evaluation of the searched tasks' records: GRSU's and the zero-shot CRS's rankings, the labels outside the
+    catalog (misses) and those ``dropped`` with their turns (when the whole split was searched), and the cost of the
+    search, each record holding its share of its batch's."""
+    calls, tokens = sum(r["llm_calls"] for r in records), sum(r["tokens"] for r in records)
+    titles = set(catalog.titles)
+    return {
+        **ranking_metrics(records, "ranked", ks=args.ks, prefix="eval", remove_mentioned=args.remove_mentioned),
+        **ranking_metrics(
+            records, "zero_shot", ks=args.ks, prefix="eval_zeroshot", remove_mentioned=args.remove_mentioned
+        ),
+        "eval/examples": len(records),
+        "eval/pairs": sum(len(r["labels"]) for r in records),
+        "eval/labels_outside_catalog": sum(label not in titles for r in records for label in r["labels"]),
+        **({f"eval/{k}_dropped_outside_catalog": v for k, v in dropped.items()} if dropped is not None else {}),
+        "cost/llm_calls": round(calls),
+        "cost/tokens": round(tokens),
+        "cost/llm_calls_per_example": calls / len(records),
+        "cost/tokens_per_example": tokens / len(records),
     }
 
 
@@ -856,20 +896,23 @@ def load_user(args: Args, model_dir: Path | None, device):
 
 def synthesize_instructions(run: Run, args: Args) -> dict:
     """Sec. 3.2.2: critique and scoring instruction data from each training dataset's recommendation turns."""
-    teacher = run.llm(args.teacher_llm, args.batch_size)
-    records, metrics = run.records("instructions.jsonl"), {}
+    teacher, metrics, naming = run.llm(args.teacher_llm, args.batch_size), {}, 0
     for name in args.train_datasets or (args.dataset,):
-        dataset = load_data(name, args.data_dir, args.eval_split, args.only_new, args.outside_catalog)
-        turns, items, left_out = dataset.train[: args.num_train_turns or None], dataset.items, dataset.left_out
+        dataset = data_of(args, name)
+        tasks, left_out = dataset.train[: args.num_train_turns or None], dataset.left_out
         if run.main:
             print(
-                f"synth: {len(turns)} training turns of {name} ({left_out} left out: their conversation is evaluated)"
+                f"synth: {len(tasks)} training turns of {name} ({left_out} left out: their conversation is evaluated)"
             )
-        stats = synthesize(run.shard(turns), Catalog(items), teacher, args, records)
+        catalog = Catalog(dataset.items)
+        jobs = [job for task in tasks for part in synthesis_jobs(task, catalog, args) for job in part]
+        stats = ParseStats()
+        examples = run.map("instructions.jsonl", jobs, partial(synthesize, teacher=teacher, args=args, stats=stats))
         run.count({"synth/critique_resamples": stats.retries, "synth/critique_empty": stats.failures})
-        metrics |= {f"synth/{name}_turns": len(turns), f"synth/{name}_turns_left_out": left_out}
-    # the teacher sees the wanted titles (p_k) and may name them: its student then learns to name titles
-    run.count({"synth/critiques_naming_a_label": sum(r.get("names_label", False) for r in records.appended)})
+        metrics |= {f"synth/{name}_turns": len(tasks), f"synth/{name}_turns_left_out": left_out}
+        naming += sum(r.get("names_label", False) for r in examples)
+    if run.main:  # the teacher sees the wanted titles (p_k) and may name them: its student then learns to name titles
+        run.count({"synth/critiques_naming_a_label": naming})
     run.count(teacher.usage.metrics("cost/synth_"))
     return metrics
 
@@ -917,48 +960,25 @@ def search_and_rank(run: Run, args: Args) -> dict:
     tuned = run.finished("user_model")
     if run.main and not tuned:
         print("search: no tuned simulated user in this run; scoring and critiques come from the base model")
-    dataset = load_data(args.dataset, args.data_dir, args.eval_split, args.only_new, args.outside_catalog)
-    turns, items = dataset.evaluated, dataset.items
+    dataset = data_of(args, args.dataset)
     if run.main and args.outside_catalog == "drop":
         dropped = dataset.outside
         print(f"search: {dropped['labels']} labels of the {args.eval_split} split are outside the catalog: dropped, "
               f"with the {dropped['turns']} turns left without one (--outside-catalog miss keeps them)")  # fmt: skip
-    turns = turns[: args.num_test or None]
+    tasks = dataset.evaluated[: args.num_test or None]
     user_model, user_tokenizer = load_user(args, run.dir / "user_model" if tuned else None, run.device)
     user_llm = run.count_costs(HFChat(user_model, user_tokenizer, batch_size=args.batch_size))
-    search = Search(run.llm(args.crs_llm, args.batch_size), user_llm, Catalog(items), args)
-    records = run.records(f"search_{args.search}.jsonl")
-    done = records.done_keys()
-    mine = [t for t in run.shard(turns) if t.key not in done]
-    for start in tqdm(range(0, len(mine), args.examples_per_batch), desc=f"{args.search} search", disable=not mine):
-        batch = mine[start : start + args.examples_per_batch]
-        before = search.cost()
-        results = search.rollout(batch)
-        calls, tokens = (now - then for now, then in zip(search.cost(), before))
-        for record in results:  # the batch's cost, split evenly over its turns
-            records.append({**record, "llm_calls": calls / len(batch), "tokens": tokens / len(batch)})
-            if args.print_examples:
-                print_example(record)
+    crs, catalog = run.llm(args.crs_llm, args.batch_size), Catalog(dataset.items)
+    search = Search(crs=crs, user_llm=user_llm, catalog=catalog, args=args)
+    records = run.map(f"search_{args.search}.jsonl", tasks, search.results, desc=f"{args.search} search")
     run.count({f"search/{k}": v for k, v in search.counts.items()})
-    wanted = {t.key for t in turns}
-    results = [r for r in run.exchange(records) if r["key"] in wanted]  # an earlier launch's turns count too
-    if not results:
+    if args.print_examples and run.main:
+        for record in records:
+            print_example(record)
+    if not records:
         return {}
-    total_calls, total_tokens = sum(r["llm_calls"] for r in results), sum(r["tokens"] for r in results)
-    catalog = set(search.catalog.titles)
-    searched = len(turns) == len(dataset.evaluated)  # the drop counts are the whole split's
-    return {
-        **ranking_metrics(results, "ranked", args.ks, "eval", args.remove_mentioned),
-        **ranking_metrics(results, "zero_shot", args.ks, "eval_zeroshot", args.remove_mentioned),
-        "eval/examples": len(results),
-        "eval/pairs": sum(len(r["labels"]) for r in results),
-        "eval/labels_outside_catalog": sum(label not in catalog for r in results for label in r["labels"]),
-        **({f"eval/{k}_dropped_outside_catalog": v for k, v in dataset.outside.items()} if searched else {}),
-        "cost/llm_calls": round(total_calls),
-        "cost/tokens": round(total_tokens),
-        "cost/llm_calls_per_example": total_calls / len(results),
-        "cost/tokens_per_example": total_tokens / len(results),
-    }
+    whole_split = len(tasks) == len(dataset.evaluated)  # the drop counts are the whole split's
+    return search_metrics(records, catalog=catalog, args=args, dropped=dataset.outside if whole_split else None)
 
 
 def check_args(args: Args, world: int) -> list[str]:
@@ -976,10 +996,10 @@ def data_sizes(args: Args) -> dict[str, int]:
     sizes = {}
     synthesized = (args.train_datasets or (args.dataset,)) if "synth" in args.stages else ()
     for name in synthesized:
-        turns = load_data(name, args.data_dir, args.eval_split, args.only_new, args.outside_catalog).train
+        turns = data_of(args, name).train
         sizes[f"{name} training turns"] = len(turns[: args.num_train_turns or None])
     if "search" in args.stages:
-        dataset = load_data(args.dataset, args.data_dir, args.eval_split, args.only_new, args.outside_catalog)
+        dataset = data_of(args, args.dataset)
         sizes[f"{args.dataset} {args.eval_split} turns"] = len(dataset.evaluated[: args.num_test or None])
         if args.outside_catalog == "drop":
             sizes[f"{args.eval_split} labels outside the catalog (dropped)"] = dataset.outside["labels"]

@@ -470,7 +470,6 @@ class CRSDataset:
     evaluated: list[Dialogue]  # the split --eval-split names
     dropped: list[Dialogue]  # training dialogues left out because the evaluated split holds them
     items: list[Item]  # the dataset's movie KG: every item with its attributes
-    unlisted: list[str]  # titles the kept training dialogues name that the KG lacks (GRSU ranks them too)
 
 
 def fingerprint(dialogue: Dialogue) -> str | None:
@@ -517,9 +516,7 @@ def load_crs_dataset(dataset: str, data_dir: str | Path, eval_split: str) -> CRS
     held = ({d.conversation_id or d.dialog_id for d in evaluated} | {fingerprint(d) for d in evaluated}) - {None}
     kept = [d for d in train if d.dialog_id not in held and fingerprint(d) not in held]
     dropped = [d for d in train if d.dialog_id in held or fingerprint(d) in held]
-    known = {item.title for item in items}
-    unlisted = [t for t in dict.fromkeys(t for d in kept for turn in d.turns for t in turn.items) if t not in known]
-    return CRSDataset(kept, evaluated, dropped, items, unlisted)
+    return CRSDataset(kept, evaluated, dropped, items)
 
 
 # =============================================================================================== entity linking

@@ -66,33 +66,31 @@ def supervised_finetuning(
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, len(steps), min_lr_rate=min_lr_ratio)
     model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / stage)
     per_epoch, epoch_losses = len(steps) // epochs, []
+    every = args.save_every or max(per_epoch, 1)  # optimizer steps between checkpoints: an epoch by default
     for step in tqdm(range(start, len(steps)), desc=stage, initial=start, total=len(steps), disable=not run.main):
         started, batch, loss_sum = time.time(), steps[step], 0.0
         completion_tokens = sum(sum(examples[i]["completion_mask"]) for i in batch)
         for chunk, weights in micro_batches(examples, batch, accelerator, args.micro_batch_size, accum):
-            rows = [(e["input_ids"], e["completion_mask"]) for e in chunk]
             # ALGO LOGIC: the masked NLL of the completions (Eq. 1), its share of the global token mean, a step
             with accelerator.accumulate(model):
+                rows = [(e["input_ids"], e["completion_mask"]) for e in chunk]
                 inputs = {k: v.to(run.device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
                 _, _, token_logps = sequence_logprobs(model, **inputs)
                 loss = global_batch_mean(completion_nll(token_logps), weights, completion_tokens, run.world, accum)
                 grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
             loss_sum += loss.item() / (run.world * accum)
         scheduler.step()
-        # bookkeeping: the step's loss over all ranks, logged; each epoch's mean printed
-        loss = run.sum_over_ranks({"loss": loss_sum})["loss"]
-        epoch = (step + 1) * epochs / len(steps)
-        metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "epoch": epoch}
-        run.log_step({f"{metric_prefix}/{k}": v for k, v in metrics.items()}, time.time() - started)
-        epoch_losses.append(loss)
-        if run.main:
-            tqdm.write(f"{stage} step {step + 1}/{len(steps)}: loss {loss:.4f}")
+
+        # bookkeeping: the step's curve point (its loss summed over ranks) and line, each epoch's mean, a checkpoint
+        metrics = {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "epoch": (step + 1) * epochs / len(steps)}
+        metrics = {f"{metric_prefix}/{name}": value for name, value in metrics.items()}
+        sums, show = {f"{metric_prefix}/loss": loss_sum}, f"{stage} step {step + 1}/{len(steps)}"
+        epoch_losses.append(run.log_step(metrics, time.time() - started, sums=sums, show=show)[f"{metric_prefix}/loss"])
         if (step + 1) % per_epoch == 0 and run.main:  # batches differ in what they hold: the epoch mean shows the trend
             tqdm.write(
                 f"{stage} epoch {(step + 1) // per_epoch}: mean loss {sum(epoch_losses) / len(epoch_losses):.4f}"
             )
             epoch_losses = []
-        every = args.save_every or max(per_epoch, 1)
         if (step + 1) % every == 0 or step + 1 == len(steps):
             save_resumable(accelerator, model, run.dir / stage, step + 1, optimizer, scheduler, keep_checkpoints)
     return model

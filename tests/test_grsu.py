@@ -84,7 +84,7 @@ def test_ranking_metrics_average_within_turns_then_over_turns_and_over_pairs():
     ranked = [f"x{i}" for i in range(30)]
     ranked[19] = "gold"  # rank 20
     one = {"labels": ["gold"], "mentioned": [], "ranked": ranked}
-    m = grsu.ranking_metrics([one], "ranked", (10, 50), "eval")
+    m = grsu.ranking_metrics([one], "ranked", ks=(10, 50), prefix="eval")
     assert m["eval/recall@10"] == 0 and m["eval/ndcg@10"] == 0 and m["eval/mrr@10"] == 0  # each k on its own slice
     assert m["eval/recall@50"] == 1 and m["eval/mrr@50"] == pytest.approx(1 / 20)
     assert m["eval/ndcg@50"] == pytest.approx(1 / math.log2(21))
@@ -92,17 +92,17 @@ def test_ranking_metrics_average_within_turns_then_over_turns_and_over_pairs():
     # (turn, label) pair 1 / 3; a label outside the catalog can never be ranked, so it is a miss
     two = {"labels": ["x0", "not in the catalog"], "mentioned": [], "ranked": ranked}
     miss = {"labels": ["gold"], "mentioned": [], "ranked": ranked[:10]}
-    m = grsu.ranking_metrics([two, miss], "ranked", (10,), "eval")
+    m = grsu.ranking_metrics([two, miss], "ranked", ks=(10,), prefix="eval")
     assert m["eval/recall@10"] == pytest.approx(0.25) and m["eval_pairs/recall@10"] == pytest.approx(1 / 3)
     assert m["eval/mrr@10"] == pytest.approx(0.25) and m["eval_pairs/ndcg@10"] == pytest.approx(1 / 3)
     # earlier mentions stay in the ranking unless asked (neither the paper nor its code removes them)
     one["mentioned"] = ranked[:10]
-    assert grsu.ranking_metrics([one], "ranked", (10,), "eval")["eval/recall@10"] == 0
-    removed = grsu.ranking_metrics([one], "ranked", (10,), "eval", remove_mentioned=True)
+    assert grsu.ranking_metrics([one], "ranked", ks=(10,), prefix="eval")["eval/recall@10"] == 0
+    removed = grsu.ranking_metrics([one], "ranked", ks=(10,), prefix="eval", remove_mentioned=True)
     assert removed["eval/recall@10"] == 1 and removed["eval/mrr@10"] == pytest.approx(1 / 10)
 
 
-def test_rec_turns_decide_repeated_items_from_the_annotations():
+def test_tasks_decide_repeated_items_from_the_annotations():
     dialogue = Dialogue(
         "d",
         [
@@ -117,18 +117,20 @@ def test_rec_turns_decide_repeated_items_from_the_annotations():
         ],
     )
     # the paper: the repeated item (Jaws, annotated in turn 0) is dropped; Alien was never annotated, so it stays
-    turns = grsu.rec_turns([dialogue], "labels")
+    turns = grsu.make_tasks([dialogue], only_new="labels")
     assert [t.labels for t in turns] == [["Alien (1979)", "Fargo (1996)"], ["Not In Catalog (2000)"]]
     assert turns[0].mentioned == ["Jaws (1975)"] and turns[0].conversation == "d"
     assert [h["role"] for h in turns[0].history] == ["assistant", "user"]  # the recommender, then the seeker
     # the released code skips a turn with any repeated item; off keeps every label
-    assert [t.labels for t in grsu.rec_turns([dialogue], "turn")] == [["Not In Catalog (2000)"]]
-    assert grsu.rec_turns([dialogue], "off")[0].labels == ["Jaws (1975)", "Alien (1979)", "Fargo (1996)"]
+    assert [t.labels for t in grsu.make_tasks([dialogue], only_new="turn")] == [["Not In Catalog (2000)"]]
+    assert grsu.make_tasks([dialogue], only_new="off")[0].labels == ["Jaws (1975)", "Alien (1979)", "Fargo (1996)"]
     # the released code first drops the labels outside the catalog, and a turn left without one (counted)
     catalog, dropped = {"Jaws (1975)", "Alien (1979)"}, {}
-    assert [t.labels for t in grsu.rec_turns([dialogue], "off", catalog, dropped)] == [["Jaws (1975)", "Alien (1979)"]]
+    assert [t.labels for t in grsu.make_tasks([dialogue], only_new="off", catalog=catalog, dropped=dropped)] == [
+        ["Jaws (1975)", "Alien (1979)"]
+    ]
     assert dropped == {"labels": 2, "turns": 1}  # Fargo, and the turn whose one label is outside
-    assert grsu.rec_turns([dialogue], "turn", catalog) == []  # Jaws was mentioned before
+    assert grsu.make_tasks([dialogue], only_new="turn", catalog=catalog) == []  # Jaws was mentioned before
 
 
 def test_ievalm_repeated_items_come_from_the_entity_annotations_or_whole_titles(tmp_path):
@@ -147,7 +149,7 @@ def test_ievalm_repeated_items_come_from_the_entity_annotations_or_whole_titles(
     ]  # fmt: skip
     path = tmp_path / "valid_data_processed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    turns = grsu.rec_turns(load_ievalm_turns(path), "labels")
+    turns = grsu.make_tasks(load_ievalm_turns(path), only_new="labels")
     assert [t.labels for t in turns] == [["Saw (2003)"], ["It (2017)"], ["Us (2019)"]]
     assert [t.conversation for t in turns] == ["1", "2", "3"]
 
@@ -156,12 +158,12 @@ def test_ievalm_repeated_items_come_from_the_entity_annotations_or_whole_titles(
 def test_real_redial_repeated_items_and_training_overlap():
     from common.data import load_cfcrs_kg, load_redial_official
 
-    dataset = grsu.load_data("redial", str(DATA), "valid", "labels")
+    dataset = grsu.load_data("redial", str(DATA), "valid", only_new="labels")
     turns = dataset.evaluated
     it_2017 = [t for t in turns if "It (2017)" in t.labels]
     assert len(it_2017) >= 36  # a label 39 times, repeated 3 times (the substring rule kept 15)
     assert len(turns) > 2524  # the substring rule emptied 192 turns, the annotations 148: 2568 kept
-    assert len(grsu.load_data("redial", str(DATA), "valid", "turn").evaluated) < len(turns)  # the code's skip
+    assert len(grsu.load_data("redial", str(DATA), "valid", only_new="turn").evaluated) < len(turns)  # the code's skip
     # 50 of the 600 mirrored training conversations are in the validation file: they never train the user, and the
     # titles only they name are not candidates
     evaluated = {t.conversation for t in turns}
@@ -191,8 +193,8 @@ def test_real_inspired_catalog_comes_from_the_kg_and_training_split():
     # the released code's protocol drops the labels outside the catalog and the turns left without one; --outside-
     # catalog miss keeps them, as misses
     assert all(label in catalog for t in turns for label in t.labels) and dataset.outside["labels"] > 0
-    dropped = grsu.load_data("inspired", str(DATA), "valid", "off", "drop")
-    kept = grsu.load_data("inspired", str(DATA), "valid", "off", "miss").evaluated
+    dropped = grsu.load_data("inspired", str(DATA), "valid", only_new="off", outside_catalog="drop")
+    kept = grsu.load_data("inspired", str(DATA), "valid", only_new="off", outside_catalog="miss").evaluated
     outside = [label for t in kept for label in t.labels if label not in catalog]
     assert len(outside) == dropped.outside["labels"] < sum(len(t.labels) for t in kept)
     assert len(kept) - len(dropped.evaluated) == dropped.outside["turns"] > 0
@@ -205,7 +207,7 @@ def test_real_inspired_catalog_comes_from_the_kg_and_training_split():
 def test_synthesis_puts_the_preference_in_the_teacher_prompt_only():
     catalog = Catalog(load_demo_catalog())
     history = [{"role": "user", "content": "Something scary and smart."}]
-    turn = grsu.RecTurn("t1", "d1", history, labels=["Get Out (2017)", "Alien (1979)"], mentioned=["Jaws (1975)"])
+    turn = grsu.Task("t1", "d1", history, labels=["Get Out (2017)", "Alien (1979)"], mentioned=["Jaws (1975)"])
     args = grsu.Args(max_subsets=10, no_gt_lists=1, scoring_negatives=1)
     critiques, scoring = grsu.synthesis_jobs(turn, catalog, args)
     assert len(critiques) == 3 + 1  # the subsets {a}, {b}, {a, b} and one list without ground truth
@@ -243,7 +245,7 @@ def test_real_inspired_and_redial_turns_load():
         dataset = grsu.load_data(name, str(DATA), "valid")
         assert len(dataset.evaluated) > 100 and len(dataset.train) > 1000
         assert all(t.labels and t.history for t in dataset.evaluated + dataset.train)
-        off = grsu.load_data(name, str(DATA), "valid", "off").evaluated  # repeated items kept: more labels
+        off = grsu.load_data(name, str(DATA), "valid", only_new="off").evaluated  # repeated items kept: more labels
         assert sum(len(t.labels) for t in off) > sum(len(t.labels) for t in dataset.evaluated)
     train = grsu.load_data("inspired", str(DATA), "valid").train
     years = sum(bool(re.search(r"\(\d{4}\)$", label)) for t in train for label in t.labels)
@@ -257,7 +259,9 @@ def test_beam_search_bookkeeping_at_depth_one_on_the_embedded_model():
     turns, catalog = dataset.evaluated, Catalog(dataset.items)
     b, n, d = 2, 2, 2  # the initial lists, then one critique round
     args = grsu.Args(beam_width=b, expansion=n, depth=d, crs_max_tokens=48, critique_max_tokens=16, max_resamples=1)
-    search = grsu.Search(make_llm("hf:smollm2-135m"), make_llm("hf:smollm2-135m"), catalog, args)
+    search = grsu.Search(
+        crs=make_llm("hf:smollm2-135m"), user_llm=make_llm("hf:smollm2-135m"), catalog=catalog, args=args
+    )
     (record,) = search.rollout(turns[:1])
     c = search.counts
     assert c["crs_lists"] == n * n + b * n * (d - 1) == len(record["states"]) and c["zero_shot_lists"] == 1
@@ -272,8 +276,9 @@ def test_beam_search_bookkeeping_at_depth_one_on_the_embedded_model():
     children = record["states"][n * n :]
     assert sorted(s["parent"] for s in children) == sorted([s["id"] for s in best] * n)
     assert all(s["critique"] is not None and s["depth"] == 1 for s in children)
-    for s in record["states"]:
-        assert s["reward"] == pytest.approx(grsu.list_reward(s["items"], record["item_scores"]), abs=1e-4)
+    for s in record["states"]:  # Eq. 2: each list's reward is the mean P(accept) of its items
+        mean = sum(record["item_scores"][t] for t in s["items"]) / len(s["items"]) if s["items"] else 0.0
+        assert s["reward"] == pytest.approx(mean, abs=1e-4)
     assert sorted(record["ranked"]) == sorted(seen)
     assert record["zero_shot"][: len(record["greedy"])] == record["greedy"]  # the zero-shot CRS's own answer first
 
@@ -330,8 +335,8 @@ def test_the_beam_keeps_the_highest_reward_lists_whatever_ranks_the_output(scori
     crs = _ScriptedCRS([[a, b]] + initial + [[a, e], [b, f]])  # the greedy baseline, the N^2 lists, one round
     catalog = Catalog([item for item in load_demo_catalog() if item.title in accept])
     args = grsu.Args(beam_width=1, expansion=2, depth=2, list_length=2, scoring=scoring, max_resamples=0)
-    turn = grsu.RecTurn("t", "d", [{"role": "user", "content": "A thriller?"}], [c], [])
-    (record,) = grsu.Search(crs, _ScriptedUser(accept), catalog, args).rollout([turn])
+    turn = grsu.Task("t", "d", [{"role": "user", "content": "A thriller?"}], [c], [])
+    (record,) = grsu.Search(crs=crs, user_llm=_ScriptedUser(accept), catalog=catalog, args=args).rollout([turn])
     states = record["states"]
     assert [s["items"] for s in states] == initial + [[a, e], [b, f]]
     for s in states:  # every list's reward is its mean P(accept)
@@ -339,6 +344,25 @@ def test_the_beam_keeps_the_highest_reward_lists_whatever_ranks_the_output(scori
     assert [s["parent"] for s in states[4:]] == [0, 0]  # the beam kept [a, b]
     votes = {"generative": a, "majority": c, "weighted-majority": a}  # c: 3 of 6 lists x .1 < a: 2 of 6 x .9
     assert record["ranked"][0] == votes[scoring]
+
+
+def test_the_search_yields_each_batchs_records_before_it_searches_the_next():
+    """run.map appends each record as the search yields it, so a kill loses no finished batch: Search.results searches
+    a batch of --examples-per-batch tasks only when the records of the one before are taken, each record holding an
+    even share of its batch's LLM calls and tokens."""
+    a, b = "Jaws (1975)", "Alien (1979)"
+    crs, user = _ScriptedCRS([[a, b]] * 20), _ScriptedUser({a: 0.9, b: 0.5})
+    catalog = Catalog([item for item in load_demo_catalog() if item.title in (a, b)])
+    args = grsu.Args(beam_width=1, expansion=1, depth=1, list_length=2, max_resamples=0, examples_per_batch=2)
+    tasks = [grsu.Task(f"t{i}", f"d{i}", [{"role": "user", "content": "A thriller?"}], [a], []) for i in range(3)]
+    search = grsu.Search(crs=crs, user_llm=user, catalog=catalog, args=args)
+    records = search.results(tasks)
+    first, second = next(records), next(records)
+    calls, tokens = search.cost()  # the first batch's, all of it: the second has not started
+    assert [first["key"], second["key"]] == ["t0", "t1"] and calls > 0
+    assert first["llm_calls"] == second["llm_calls"] == calls / 2 and first["tokens"] == tokens / 2
+    (third,) = list(records)
+    assert third["key"] == "t2" and third["llm_calls"] == search.cost()[0] - calls > 0
 
 
 def test_checkpoints_at_epoch_ends_and_only_the_last_kept(tmp_path, monkeypatch, tokenizer, tiny_model):
