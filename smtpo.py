@@ -34,7 +34,7 @@ import math
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -816,6 +816,23 @@ def grpo_loss(policy_logps, old_logps, ref_logps, advantages, mask, epsilon: flo
     return (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
+@torch.no_grad()
+def grpo_diagnostics(policy_logps, old_logps, ref_logps, advantages, token_weights, epsilon: float) -> dict:
+    """What Eq. 14's terms did on a micro-batch, from the update's own log-probs, summed over the output tokens
+    (``token_weights``: the output mask times the padding weights): the k3 KL, the tokens, and TRL's clipped tokens
+    (the ratio below 1 - eps where A < 0, above 1 + eps where A > 0)."""
+    ratio = torch.exp(policy_logps - old_logps)
+    kl = torch.exp(ref_logps - policy_logps) - (ref_logps - policy_logps) - 1
+    low = (ratio < 1 - epsilon) & (advantages[:, None] < 0)
+    high = (ratio > 1 + epsilon) & (advantages[:, None] > 0)
+    return {
+        "kl": (kl * token_weights).sum().item(),
+        "tokens": token_weights.sum().item(),
+        "low": (low * token_weights).sum().item(),
+        "high": (high * token_weights).sum().item(),
+    }
+
+
 # =============================================================================================== retriever (Sec. 3.3)
 
 
@@ -1202,6 +1219,7 @@ class Roles:
 
 
 def rollout(
+    *,
     samples: list[Sample],
     roles: Roles,
     data: Data,
@@ -1210,12 +1228,13 @@ def rollout(
     temperature: float,
     training: bool,
     rng: random.Random,
-) -> list[list[dict]]:
+):
     """T turns of each sample's interaction (METHODS.md 3.5), batched across samples: retrieve the candidates from
     (D, F_t, P_{t-1}, I_D, R_{t-1}), sample ``n`` outputs of one shared prompt (one prefill), score each output
     with the five rewards, continue with one format-valid output (random, or the best with --continuation best),
     and ask the simulator for F_{t+1}. Training rollouts stop once the target is ranked first (METHODS.md 3.9.3);
-    evaluation runs all T turns, under Table 3's controls if asked. Returns each sample's turns."""
+    evaluation runs all T turns, under Table 3's controls if asked. Yields (k, turns) for ``samples[k]`` as its
+    episode ends."""
     feedback, preference, lists = [""] * len(samples), [""] * len(samples), [[] for _ in samples]
     substituted = [False] * len(samples)  # F_t is the stock line: the simulator wrote nothing
     turns: list[list[dict]] = [[] for _ in samples]
@@ -1230,70 +1249,73 @@ def rollout(
             fitted_recommender_prompt(roles.policy.tokenizer, s, c, feedback[i], turns[i], args, data.catalog)
             for i, s, c in zip(live, batch, candidates)
         ]
-        prompts = [f.text for f in fitted]
-        prefix = output_prefix(args)
         completions = roles.policy.complete(
-            [[{"role": "user", "content": p}] for p in prompts],
+            [[{"role": "user", "content": f.text}] for f in fitted],
             n=n,
             temperature=temperature,
             max_tokens=args.rec_max_tokens,
-            prefix=prefix,
+            prefix=output_prefix(args),
             max_prompt_tokens=args.max_length - args.rec_max_tokens,
         )
-        for i, sample, fit, cands, samples_i in zip(live, batch, fitted, candidates, completions):
-            texts = [prefix + c.text for c in samples_i]  # the pre-filled tag belongs to the output's format
-            rewards = []
-            if sample.key in roles.references:
-                steps = [preference_text(text) for text in texts]
-                vectors = data.catalog.encode([p or " " for p in steps])
-                rewards = [
-                    output_rewards(
-                        text,
-                        cands,
-                        sample.target,
-                        vector if step else None,
-                        roles.references[sample.key],
-                        args.list_length,
-                    )
-                    for text, step, vector in zip(texts, steps, vectors)
-                ]
-            valid = continuable(texts, cands)
-            if args.continuation == "best" and rewards:
-                chosen = max(range(len(texts)), key=lambda k: rewards[k]["total"])
-            else:
-                chosen = rng.choice(valid) if valid else 0
-            ranked = (parse_rank_list(texts[chosen], cands) or [])[: args.list_length]
-            lists[i], preference[i] = listed_titles(ranked), preference_text(texts[chosen])
-            turn = {
-                "turn": t,
-                "feedback": feedback[i],
-                "feedback_substituted": substituted[i],
-                "candidates": cands,
-                "target_in_candidates": sample.target in cands,
-                "prompt": fit.text,
-                "prompt_parts_dropped": fit.dropped_parts,  # dialogue lines and earlier turns left out to fit
-                "prompt_tokens_dropped": fit.dropped_tokens,
-                "prompt_over_budget": fit.tokens > args.max_length - args.rec_max_tokens,  # the sampler cuts it
-                "outputs": texts,
-                "rewards": rewards,
-                "chosen": chosen,
-                "fallback": not valid,  # no output named a candidate: the dialogue went on with output 0
-                "ranked": ranked,
-                "preference": preference[i],
-            }
+        for i, sample, fit, cands, outputs in zip(live, batch, fitted, candidates, completions):
+            turn = played_turn(t, sample, fit, cands, outputs, feedback[i], substituted[i], roles, data, args, rng)
+            lists[i], preference[i] = listed_titles(turn["ranked"]), turn["preference"]
             if training:  # the update trains exactly the ids that were sampled
-                turn |= {"prompt_ids": samples_i[0].prompt_ids, "completion_ids": [c.completion_ids for c in samples_i]}
+                turn |= {"prompt_ids": outputs[0].prompt_ids, "completion_ids": [c.completion_ids for c in outputs]}
             turns[i].append(turn)
         if training:
+            yield from ((i, turns[i]) for i in live if turns[i][-1]["ranked"][:1] == [samples[i].target])
             live = [i for i in live if not (turns[i][-1]["ranked"][:1] == [samples[i].target])]
         if t < args.max_turns and live and "no-feedback" not in args.ablations:  # w/o Feedback: no simulator
-            batch_lists = [lists[i] for i in live]
+            batch, batch_lists = [samples[i] for i in live], [lists[i] for i in live]
             new, stock = simulate_feedback(
-                roles.simulator, [samples[i] for i in live], batch_lists, data.catalog, args, rng, controls=not training
+                roles.simulator, batch, batch_lists, data.catalog, args, rng, controls=not training
             )
             for i, text, flag in zip(live, new, stock):
                 feedback[i], substituted[i] = text, flag
-    return turns
+    yield from ((i, turns[i]) for i in live)
+
+
+def played_turn(t, sample, fit, candidates, outputs, feedback, substituted, roles, data, args, rng) -> dict:
+    """Turn ``t`` of one sample's episode, its ``outputs`` sampled: each output's five rewards (training: the sample
+    has a reference preference), the output the dialogue continues with, its parsed list and preference P_t."""
+    texts = [output_prefix(args) + c.text for c in outputs]  # the pre-filled tag belongs to the output's format
+    rewards = []
+    if sample.key in roles.references:
+        rewards = sampled_rewards(texts, candidates, sample.target, roles.references[sample.key], data.catalog, args)
+    valid = continuable(texts, candidates)
+    if args.continuation == "best" and rewards:
+        chosen = max(range(len(texts)), key=lambda k: rewards[k]["total"])
+    else:
+        chosen = rng.choice(valid) if valid else 0
+    ranked = (parse_rank_list(texts[chosen], candidates) or [])[: args.list_length]
+    return {
+        "turn": t,
+        "feedback": feedback,
+        "feedback_substituted": substituted,
+        "candidates": candidates,
+        "target_in_candidates": sample.target in candidates,
+        "prompt": fit.text,
+        "prompt_parts_dropped": fit.dropped_parts,  # dialogue lines and earlier turns left out to fit
+        "prompt_tokens_dropped": fit.dropped_tokens,
+        "prompt_over_budget": fit.tokens > args.max_length - args.rec_max_tokens,  # the sampler cuts it
+        "outputs": texts,
+        "rewards": rewards,
+        "chosen": chosen,
+        "fallback": not valid,  # no output named a candidate: the dialogue went on with output 0
+        "ranked": ranked,
+        "preference": preference_text(texts[chosen]),
+    }
+
+
+def sampled_rewards(texts: list[str], candidates: list[str], target: str, reference, catalog: Catalog, args: Args):
+    """The five rewards of each sampled output (Eq. 15-19), its Step 1 embedded for Eq. 19's preference reward."""
+    steps = [preference_text(text) for text in texts]
+    vectors = catalog.encode([p or " " for p in steps])
+    return [
+        output_rewards(text, candidates, target, vector if step else None, reference, args.list_length)
+        for text, step, vector in zip(texts, steps, vectors)
+    ]
 
 
 # =============================================================================================== stages (Fig. 2)
@@ -1336,15 +1358,16 @@ def output_prefix(args: Args) -> str:
     return THINK_PREFIX if args.think_prefill else ""
 
 
-def teacher_texts(run: Run, args: Args, records, jobs: list[dict], max_tokens: int, fallback=None) -> None:
-    """The teacher's answer to each job's ``teacher_prompt`` (not empty; retried once, else ``fallback(job)`` or
-    dropped), appended to ``records`` as the job's completion. Jobs already there are skipped."""
-    done = records.done_keys()
-    jobs = [j for j in jobs if j["key"] not in done]
-    if not any(run.gather([bool(jobs)])):  # the ranks build a vllm: teacher together, those without jobs too
+def teacher_completions(run: Run, args: Args, jobs: list[dict], max_tokens: int, fallback=None):
+    """Each job with the teacher's answer to its ``teacher_prompt`` as its completion (not empty; retried once, else
+    ``fallback(job)`` or dropped); a job without a ``teacher_prompt`` is finished as it is. A collective (``run.map``
+    with ``every_rank``): the ranks build a vllm: teacher together, those without jobs too."""
+    yield from (job for job in jobs if "teacher_prompt" not in job)
+    jobs = [job for job in jobs if "teacher_prompt" in job]
+    if not any(run.gather([bool(jobs)])):
         return
     teacher, stats = run.llm(args.teacher_llm, args.batch_size), ParseStats()
-    for start in tqdm(range(0, len(jobs), args.batch_size), desc=records.path.stem, disable=not jobs):
+    for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start : start + args.batch_size]
         conversations = [[{"role": "user", "content": j["teacher_prompt"]}] for j in batch]
         texts, _ = chat_parsed(
@@ -1353,7 +1376,7 @@ def teacher_texts(run: Run, args: Args, records, jobs: list[dict], max_tokens: i
         for job, text in zip(batch, texts):
             text = text or (fallback(job) if fallback else None)
             if text:
-                records.append({k: v for k, v in job.items() if k != "teacher_prompt"} | {"completion": text})
+                yield {k: v for k, v in job.items() if k != "teacher_prompt"} | {"completion": text}
     run.count(stats.metrics("rollout/teacher_"))
 
 
@@ -1381,15 +1404,14 @@ def train_simulator(run: Run, args: Args, data: Data) -> dict:
     if "no-feedback" in args.ablations:
         print("--ablations no-feedback: no simulator is trained") if run.main else None
         return {}
-    records = run.records("simulator_data.jsonl")
-    done, jobs = records.done_keys(), []
-    for sample in run.shard(data.train):
-        feedback_jobs, examples = simulator_jobs(sample, data.catalog, args)
-        for example in (e for e in examples if e["key"] not in done):
-            records.append(example)
-        jobs += feedback_jobs
-    teacher_texts(run, args, records, jobs, args.feedback_max_tokens)
-    rows = sorted(run.exchange(records), key=lambda r: r["key"])
+    jobs, examples = zip(*(simulator_jobs(sample, data.catalog, args) for sample in data.train))
+    rows = run.map(
+        "simulator_data.jsonl",
+        [example for part in examples for example in part] + [job for part in jobs for job in part],
+        lambda todo: teacher_completions(run, args, todo, args.feedback_max_tokens),
+        every_rank=True,
+    )
+    rows.sort(key=lambda r: r["key"])
     run.save_dataset("simulator", [sft_row(r["prompt"], r["completion"]) | {"task": r["task"]} for r in rows])
     model, tokenizer = load_merged(
         args.simulator_model, [], run.device, (args.lora_rank, args.lora_alpha), args.seed, args.gradient_checkpointing
@@ -1425,16 +1447,13 @@ def reference_preferences(run: Run, args: Args, data: Data, samples: list[Sample
         )
         return {"key": sample.key, "teacher_prompt": prompt, "fallback": f"The user likes {attributes}."}
 
-    records = run.records("preferences.jsonl")
-    teacher_texts(
-        run,
-        args,
-        records,
-        [job(s) for s in run.shard(samples)],
-        args.feedback_max_tokens,
-        fallback=lambda j: j["fallback"],
+    records = run.map(
+        "preferences.jsonl",
+        [job(s) for s in samples],
+        lambda todo: teacher_completions(run, args, todo, args.feedback_max_tokens, lambda j: j["fallback"]),
+        every_rank=True,
     )
-    return {r["key"]: r["completion"] for r in run.exchange(records)}
+    return {r["key"]: r["completion"] for r in records}
 
 
 def human_list(sample: Sample, catalog: Catalog, args: Args) -> tuple[str, list[str]]:
@@ -1447,22 +1466,19 @@ def human_list(sample: Sample, catalog: Catalog, args: Args) -> tuple[str, list[
 def human_list_feedback(run: Run, args: Args, data: Data, samples: list[Sample]) -> dict[str, dict]:
     """The tuned simulator's feedback F on one of each turn's four lists R_human (seeded by the turn), the retriever's
     and the SFT prompts' feedback input (METHODS.md 3.3)."""
-    records = run.records("human_list_feedback.jsonl")
-    done = records.done_keys()
-    todo = [s for s in run.shard(samples) if s.key not in done]
-    if todo:
-        simulator, lists = load_simulator(run, args), [human_list(sample, data.catalog, args) for sample in todo]
-        for start in range(0, len(todo), args.batch_size):
-            chunk, chunk_lists = todo[start : start + args.batch_size], lists[start : start + args.batch_size]
-            items = [items for _, items in chunk_lists]
-            texts, stock = simulate_feedback(
-                simulator, chunk, items, data.catalog, args, random.Random(args.seed), False
-            )
-            for sample, (kind, items), text, substituted in zip(chunk, chunk_lists, texts, stock):
-                records.append(
-                    {"key": sample.key, "list": kind, "items": items, "feedback": text, "substituted": substituted}
-                )
-    return {r["key"]: r for r in run.exchange(records)}
+    records = run.map("human_list_feedback.jsonl", samples, lambda todo: list_feedback(run, args, data, todo))
+    return {r["key"]: r for r in records}
+
+
+def list_feedback(run: Run, args: Args, data: Data, samples: list[Sample]):
+    """The records of ``human_list_feedback``: each turn's list, its kind, and the simulator's feedback on it."""
+    simulator, lists = load_simulator(run, args), [human_list(sample, data.catalog, args) for sample in samples]
+    for start in range(0, len(samples), args.batch_size):
+        chunk, chunk_lists = samples[start : start + args.batch_size], lists[start : start + args.batch_size]
+        items = [items for _, items in chunk_lists]
+        texts, stock = simulate_feedback(simulator, chunk, items, data.catalog, args, random.Random(args.seed), False)
+        for sample, (kind, items), text, substituted in zip(chunk, chunk_lists, texts, stock):
+            yield {"key": sample.key, "list": kind, "items": items, "feedback": text, "substituted": substituted}
 
 
 def retriever_reads(args: Args, feedback: str, preference: str, items: list[str], target: str | None = None):
@@ -1692,37 +1708,19 @@ def recommender_sft(run: Run, args: Args, data: Data) -> dict:
         feedback = {s.key: {"feedback": "", "items": human_list(s, data.catalog, args)[1]} for s in data.train}
     else:
         feedback = human_list_feedback(run, args, data, data.train)
-    records = run.records("recommender_data.jsonl")
-    done = records.done_keys()
-    todo = [s for s in run.shard(data.train) if s.key not in done]
-    # The ranks build a vllm: teacher together, those without turns to write too.
-    teacher, stats = run.llm(args.teacher_llm, args.batch_size) if any(run.gather([bool(todo)])) else None, ParseStats()
-    for start in tqdm(range(0, len(todo), args.batch_size), desc="reasoning", disable=not todo):
-        batch = todo[start : start + args.batch_size]
-        f = [feedback[s.key]["feedback"] for s in batch]
-        reads = [
-            retriever_reads(args, feedback[s.key]["feedback"], "", feedback[s.key]["items"], s.target) for s in batch
-        ]
-        retrieved = retriever.retrieve(batch, *[list(column) for column in zip(*reads)], args.num_candidates)
-        candidates = [
-            sft_candidates(c, s.target, random.Random(f"{args.seed}:{s.key}")) for s, c in zip(batch, retrieved)
-        ]
-        prompts = [
-            recommender_prompt(s, c, text, [], args.list_length, data.catalog)
-            for s, c, text in zip(batch, candidates, f)
-        ]
-        attributes = ["; ".join(sorted(attributes_of(data.catalog, s.target))) or "no attributes" for s in batch]
-        notes = [TEACHER_NOTE.format(target=s.target, attributes=a) for s, a in zip(batch, attributes)]
-        thoughts = teacher_reasoning(teacher, [p + n for p, n in zip(prompts, notes)], args, stats)
-        for sample, prompt, cands, thought in zip(batch, prompts, candidates, thoughts):
-            if thought:
-                completion = thought + gold_answer(sample.target, cands, args.list_length)
-                records.append({"key": sample.key, "prompt": prompt, "completion": completion})
+    stats = ParseStats()
+    rows = run.map(
+        "recommender_data.jsonl",
+        data.train,
+        lambda todo: reasoning_examples(run, args, data, todo, retriever, feedback, stats),
+        desc="reasoning",
+        every_rank=True,  # the ranks build a vllm: teacher together, those without turns to write too
+    )
     run.count(stats.metrics("rollout/teacher_"))
-    rows = sorted(run.exchange(records), key=lambda r: r["key"])
+    rows.sort(key=lambda r: r["key"])
     run.save_dataset("reasoning_sft", [sft_row(r["prompt"], r["completion"]) for r in rows])
     if not rows:
-        raise DataError(f"{records.path}: the teacher wrote no reasoning in the five-step format")
+        raise DataError(f"{run.dir / 'recommender_data.jsonl'}: the teacher wrote no reasoning in the five-step format")
     model, tokenizer = load_merged(
         args.policy, [], run.device, (args.lora_rank, args.lora_alpha), args.seed, args.gradient_checkpointing
     )
@@ -1745,6 +1743,34 @@ def recommender_sft(run: Run, args: Args, data: Data) -> dict:
     return {"rollout/sft_examples": len(examples)} | fitting_metrics(examples, "sft")
 
 
+def reasoning_examples(run: Run, args: Args, data: Data, samples: list[Sample], retriever, feedback, stats):
+    """The SFT example of each training turn the teacher reasons about in the five-step format (the others are left
+    out): the prompt with the retriever's candidates (``sft_candidates``) and the simulator's feedback, the
+    teacher's reasoning and the gold RANK LIST."""
+    teacher = run.llm(args.teacher_llm, args.batch_size)
+    for start in range(0, len(samples), args.batch_size):
+        batch = samples[start : start + args.batch_size]
+        texts = [feedback[s.key]["feedback"] for s in batch]
+        reads = [
+            retriever_reads(args, feedback[s.key]["feedback"], "", feedback[s.key]["items"], s.target) for s in batch
+        ]
+        retrieved = retriever.retrieve(batch, *[list(column) for column in zip(*reads)], args.num_candidates)
+        candidates = [
+            sft_candidates(c, s.target, random.Random(f"{args.seed}:{s.key}")) for s, c in zip(batch, retrieved)
+        ]
+        prompts = [
+            recommender_prompt(s, c, text, [], args.list_length, data.catalog)
+            for s, c, text in zip(batch, candidates, texts)
+        ]
+        attributes = ["; ".join(sorted(attributes_of(data.catalog, s.target))) or "no attributes" for s in batch]
+        notes = [TEACHER_NOTE.format(target=s.target, attributes=a) for s, a in zip(batch, attributes)]
+        thoughts = teacher_reasoning(teacher, [p + n for p, n in zip(prompts, notes)], args, stats)
+        for sample, prompt, cands, thought in zip(batch, prompts, candidates, thoughts):
+            if thought:
+                completion = thought + gold_answer(sample.target, cands, args.list_length)
+                yield {"key": sample.key, "prompt": prompt, "completion": completion}
+
+
 def load_policy(run: Run, args: Args, adapters: list[Path], trainable: bool = False):
     """(model, tokenizer): the recommender with ``adapters`` merged (SFT's gives pi_sft), plus a fresh LoRA if
     ``trainable``, so that "adapter disabled" is the reference pi_sft."""
@@ -1765,12 +1791,6 @@ def rollout_key(step: int, position: int, sample: Sample) -> str:
     return f"{step}|{position}|{sample.key}"
 
 
-def step_groups(rollouts: list[dict], step: int) -> list[dict]:
-    """The groups (turns) that step ``step`` rolled out, in stream order."""
-    rollouts = [r for r in rollouts if r["key"].startswith(f"{step}|")]
-    return [turn for r in sorted(rollouts, key=lambda r: int(r["key"].split("|")[1])) for turn in r["turns"]]
-
-
 def group_examples(groups: list[dict]) -> list[dict]:
     """Every sampled output of ``groups`` as a training example: the prompt's and the output's token ids exactly as
     they were sampled (eos only where it was sampled), the output masked in, and its group-normalized advantage."""
@@ -1784,94 +1804,125 @@ def group_examples(groups: list[dict]) -> list[dict]:
     return examples
 
 
+GRPO_EPISODES = "grpo_rollouts.jsonl"  # every GRPO step's episodes, keyed "<step>|<stream position>|<turn key>"
+
+
 def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
     """Sec. 3.4.1 (Eq. 14): per step, training dialogues are rolled out through T turns with the current policy
     (``rollout``: G outputs per turn, five rewards each) until the step has --groups-per-step groups (turns); the
     step trains on that many of them, drawn at random when the last dialogue brought more, so that every optimizer
     step weighs the same number of groups however many turns the dialogues ran. Then --grpo-iterations clipped-ratio
-    updates against the SFT reference (the adapter switched off), pi_old being the policy that sampled. Rollouts are
+    updates against the SFT reference (the adapter switched off), pi_old being the policy that sampled. Episodes are
     recorded and resumed from."""
+    if run.finished("grpo_adapter"):
+        return reward_curve(run.records(GRPO_EPISODES).records()) if run.main else {}
+    roles, model, tokenizer, optimizer, scheduler, start = grpo_learner(run, args, data)
+    episodes = {r["key"]: r for r in run.records(GRPO_EPISODES).records()}  # an earlier launch's: the stream's place
+    total = grpo_steps_planned(args, len(data.train), run.world)
+    bar, step = tqdm(desc="grpo", initial=start, total=total, disable=not run.main), start
+    while not grpo_finished(args, step, stream_position(episodes, step), len(data.train)):
+        started = time.time()
+        # ALGO LOGIC: roll out with the current policy until the step has its groups; Eq. 14 on --groups-per-step
+        sampled = step_groups(run, args, data, roles, model, tokenizer, step, episodes)
+        trained = sorted(random.Random(f"{args.seed}:{step}").sample(range(len(sampled)), args.groups_per_step))
+        iterations = grpo_update(run, args, model, optimizer, scheduler, group_examples([sampled[k] for k in trained]))
+        # bookkeeping: the step's curve point and line, a resumable checkpoint every --grpo-save-every steps
+        run.log_step(step_metrics(sampled, trained, iterations), time.time() - started, show=f"grpo step {step + 1}")
+        step, _ = step + 1, bar.update()
+        if step % args.grpo_save_every == 0:
+            save_resumable(run.accelerator, model, run.dir / "grpo", step, optimizer, scheduler)
+    bar.close()
+    if step > start and step % args.grpo_save_every:  # the last steps since a checkpoint
+        save_resumable(run.accelerator, model, run.dir / "grpo", step, optimizer, scheduler)
+    save_final(run.accelerator, model, run.dir / "grpo_adapter", {"steps": step})
+    return reward_curve(list(episodes.values())) if run.main else {}
+
+
+def grpo_learner(run: Run, args: Args, data: Data):
+    """(roles, model, tokenizer, optimizer, scheduler, first step): the roles of the rollouts (their policy the vLLM
+    engine with --rollout-backend vllm, else None: the training model samples), the trainable policy (a fresh LoRA on
+    pi_sft) and its optimizer, resumed from the latest checkpoint."""
     from transformers import get_constant_schedule
 
-    if run.finished("grpo_adapter"):
-        return reward_curve(run.records("grpo_rollouts.jsonl").records()) if run.main else {}
-    accelerator = run.accelerator
     retriever, simulator = load_retriever(run, data, device=run.device), load_simulator(run, args)
-    preferences = reference_preferences(run, args, data, data.train)
+    # The held-out turns' preferences too, as the retriever stage asked for them: the encoder batches the whole list
+    # (sorted by length), so the training turns' embeddings are those of the same call.
+    preferences = reference_preferences(run, args, data, data.train + data.held_out)
     references = dict(zip(preferences, data.catalog.encode(list(preferences.values()))))
     model, tokenizer = load_policy(run, args, [run.dir / "sft_adapter"], trainable=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.grpo_lr, weight_decay=0)
     scheduler = get_constant_schedule(optimizer)
     outputs = args.groups_per_step * args.group_size  # every step's global batch: DeepSpeed is told it up front
-    configure_batches(accelerator, outputs, padded_batch(outputs, run, args), args.micro_batch_size)
-    model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / "grpo")
-    records = run.records("grpo_rollouts.jsonl")
-    rollouts = {r["key"]: r for r in records.records()}  # an earlier launch's; this launch's come by run.gather
+    configure_batches(run.accelerator, outputs, padded_batch(outputs, run, args), args.micro_batch_size)
+    model, optimizer, start = start_training(run.accelerator, model, optimizer, scheduler, run.dir / "grpo")
     engine = rollout_engine(run, args) if args.rollout_backend == "vllm" else None
-    total = grpo_steps_planned(args, len(data.train), run.world)
-    bar, step, saved = tqdm(desc="grpo", initial=start, total=total, disable=not run.main), start, start
-    while True:
-        started = time.time()
-        earlier = [int(key.split("|")[1]) for key in rollouts if int(key.split("|")[0]) < step]
-        position, groups = max(earlier, default=-1) + 1, 0
-        if grpo_finished(args, step, position, len(data.train)):
-            break
-        if engine is not None:  # vLLM samples with the adapter as it is now
-            save_final(accelerator, model, run.dir / "grpo" / "sampler_adapter", {"step": step})
-            engine.use_adapter(run.dir / "grpo" / "sampler_adapter", version=step + 1)
-        while groups < args.groups_per_step:  # rounds of dialogues, replayed the same way on a resume
-            count = round_size(args, groups, run.world)
-            todo = [(p, training_dialogue(data, args, p)) for p in range(position, position + count)]
-            round_keys = {rollout_key(step, p, s) for p, s in todo}
-            mine = [(p, s) for p, s in run.shard(todo) if rollout_key(step, p, s) not in rollouts]
-            rng = random.Random(f"{args.seed}:{step}:{position}")
-            if engine is not None:
-                roles = Roles(engine, simulator, retriever, references)
-                turns = rollout([s for _, s in mine], roles, data, args, args.group_size, args.temperature, True, rng)
-            else:
-                with generation_weights(accelerator, model) as current:  # the policy samples with its current weights
-                    policy = run.count_costs(HFChat(current, tokenizer, args.batch_size))
-                    roles = Roles(policy, simulator, retriever, references)
-                    turns = rollout(
-                        [s for _, s in mine], roles, data, args, args.group_size, args.temperature, True, rng
-                    )
-            new = [
-                {"key": rollout_key(step, p, sample), "turns": sample_turns}
-                for (p, sample), sample_turns in zip(mine, turns)
-            ]
-            for record in new:
-                records.append(record)
-            rollouts |= {r["key"]: r for r in run.gather(new)}  # every rank's dialogues of the round
-            groups += sum(len(rollouts[key]["turns"]) for key in round_keys if key in rollouts)
-            position += count
-        sampled = step_groups(list(rollouts.values()), step)
-        trained = sorted(random.Random(f"{args.seed}:{step}").sample(range(len(sampled)), args.groups_per_step))
-        iterations = grpo_update(run, args, model, optimizer, scheduler, group_examples([sampled[k] for k in trained]))
-        rewards = [r for turn in sampled for r in turn["rewards"]]
-        means = {f"rollout/reward_{k}": float(np.mean([r[k] for r in rewards])) for k in rewards[0]}
-        update = {f"train/{k}": float(np.mean([it[k] for it in iterations])) for k in iterations[0]}
-        groups_logged = {"train/groups": len(trained), "rollout/groups_sampled": len(sampled)}
-        signal = learning_signal(sampled)
-        run.log_step(update | groups_logged | means | signal, time.time() - started)
-        if run.main:
-            tqdm.write(
-                f"grpo step {step + 1}/{total}: "
-                + "  ".join(f"{k.split('_')[-1]} {v:.3f}" for k, v in means.items())
-                + f"  loss {update['train/loss']:.4f}  clipped {update['train/clip_ratio/region_mean']:.3f}"
-                + f"  log-prob per token: A>0 {update['train/logp_change/positive_advantage']:+.4f}"
-                + f", A<0 {update['train/logp_change/negative_advantage']:+.4f}\n    "
-                + "  ".join(f"{k.removeprefix('rollout/')} {v:.3g}" for k, v in signal.items())
-            )
-        step += 1
-        bar.update()
-        if step % args.grpo_save_every == 0:
-            save_resumable(accelerator, model, run.dir / "grpo", step, optimizer, scheduler)
-            saved = step
-    bar.close()
-    if saved < step:
-        save_resumable(accelerator, model, run.dir / "grpo", step, optimizer, scheduler)
-    save_final(accelerator, model, run.dir / "grpo_adapter", {"steps": step})
-    return reward_curve(list(rollouts.values())) if run.main else {}
+    return Roles(engine, simulator, retriever, references), model, tokenizer, optimizer, scheduler, start
+
+
+def step_groups(run: Run, args: Args, data: Data, roles: Roles, model, tokenizer, step: int, episodes: dict):
+    """The groups (turns) of GRPO step ``step``, in stream order: rounds of training dialogues from where the stream
+    stands, each played (``training_episodes``) and recorded in ``episodes``, until the step has --groups-per-step
+    groups. A resumed step replays its rounds from the record, playing only what was not recorded."""
+    if roles.policy is not None:  # vLLM samples with the adapter as it is now
+        save_final(run.accelerator, model, run.dir / "grpo" / "sampler_adapter", {"step": step})
+        roles.policy.use_adapter(run.dir / "grpo" / "sampler_adapter", version=step + 1)
+    position, groups = stream_position(episodes, step), 0
+    while groups < args.groups_per_step:
+        count = round_size(args, groups, run.world)
+        stream = [(step, p, training_dialogue(data, args, p)) for p in range(position, position + count)]
+        rng = random.Random(f"{args.seed}:{step}:{position}")
+        played = run.map(
+            GRPO_EPISODES,
+            stream,
+            lambda todo, rng=rng: training_episodes(run, args, data, roles, model, tokenizer, todo, rng),
+            key=lambda item: rollout_key(*item),
+            desc=f"grpo step {step + 1} episodes",
+            every_rank=True,  # the policy samples with its current weights: under ZeRO-3 the ranks gather them
+        )
+        episodes |= {r["key"]: r for r in played}
+        groups += sum(len(r["turns"]) for r in played)
+        position += count
+    step_episodes = sorted((r for k, r in episodes.items() if k.startswith(f"{step}|")), key=stream_order)
+    return [turn for episode in step_episodes for turn in episode["turns"]]
+
+
+def training_episodes(run: Run, args: Args, data: Data, roles: Roles, model, tokenizer, stream: list, rng):
+    """The episode record of each (step, position, training turn) of ``stream``, sampled by the policy as it is
+    now: G outputs of every turn, with their token ids and rewards."""
+
+    def play(policy):
+        for k, turns in rollout(
+            samples=[sample for _, _, sample in stream], roles=replace(roles, policy=policy), data=data,
+            args=args, n=args.group_size, temperature=args.temperature, training=True, rng=rng,
+        ):  # fmt: skip
+            yield {"key": rollout_key(*stream[k]), "turns": turns}
+
+    if roles.policy is not None:
+        yield from play(roles.policy)
+    else:
+        with generation_weights(run.accelerator, model) as current:  # the policy samples with its current weights
+            yield from play(run.count_costs(HFChat(current, tokenizer, args.batch_size)))
+
+
+def step_metrics(sampled: list[dict], trained: list[int], iterations: list[dict]) -> dict[str, float]:
+    """A GRPO step's curve point: the update's loss and diagnostics (the mean over its iterations), the groups, the
+    sampled outputs' mean rewards and the learning signal."""
+    rewards = [r for turn in sampled for r in turn["rewards"]]
+    means = {f"rollout/reward_{k}": float(np.mean([r[k] for r in rewards])) for k in rewards[0]}
+    update = {f"train/{k}": float(np.mean([it[k] for it in iterations])) for k in iterations[0]}
+    groups = {"train/groups": len(trained), "rollout/groups_sampled": len(sampled)}
+    return update | groups | means | learning_signal(sampled)
+
+
+def stream_order(episode: dict) -> tuple[int, int]:
+    """(step, position in the stream of training dialogues) of a GRPO episode record."""
+    step, position, _ = episode["key"].split("|", 2)
+    return int(step), int(position)
+
+
+def stream_position(episodes: dict, step: int) -> int:
+    """Where GRPO step ``step`` starts in the stream of training dialogues: after the last an earlier step played."""
+    return max((stream_order(e)[1] for e in episodes.values() if stream_order(e)[0] < step), default=-1) + 1
 
 
 def round_size(args: Args, groups: int, world: int) -> int:
@@ -1916,13 +1967,14 @@ def learning_signal(groups: list[dict]) -> dict[str, float]:
     }
 
 
-def reward_curve(rollouts: list[dict]) -> dict[str, float]:
-    """The mean rewards of the first and the second half of the GRPO steps: what the update should raise."""
-    steps = 1 + max((int(o["key"].split("|")[0]) for o in rollouts), default=-1)
+def reward_curve(episodes: list[dict]) -> dict[str, float]:
+    """The mean rewards of the first and the second half of the GRPO steps, over their episodes in stream order:
+    what the update should raise."""
+    episodes = sorted(episodes, key=stream_order)
+    steps = 1 + max((stream_order(e)[0] for e in episodes), default=-1)
     halves = {}
     for name, part in (("first_half", range(steps // 2)), ("second_half", range(steps // 2, steps))):
-        keys = {str(step) for step in part}
-        groups = [t for o in rollouts if o["key"].split("|")[0] in keys for t in o["turns"]]
+        groups = [turn for e in episodes if stream_order(e)[0] in part for turn in e["turns"]]
         rewards = [r for t in groups for r in t["rewards"]]
         for k in ("total", "think", "answer", "pref") if rewards else ():
             halves[f"rollout/reward_{k}_{name}"] = float(np.mean([r[k] for r in rewards]))
@@ -1962,7 +2014,7 @@ def padded_batch(outputs: int, run: Run, args: Args) -> int:
 def grpo_update(run: Run, args: Args, model, optimizer, scheduler, examples: list[dict]) -> list[dict[str, float]]:
     """--grpo-iterations (mu) optimizer steps on every output of the step (the global batch, split over ranks and
     micro-batches), each minimising Eq. 14 averaged over the outputs. pi_old is the policy that sampled: its
-    per-token log-probs are read in the first iteration, before any update, and held for the later ones, so the
+    per-token log-probs are read in the first iteration, before any update, and kept for the later ones, so the
     ratio is 1 in the first iteration and the clip can act from the second on (TRL's num_iterations). Returns, per
     iteration, the loss, the mean per-token KL, the gradient norm and TRL's clip ratios, with the mean per-token
     log-prob change that the whole update made to the outputs of positive and of negative advantage."""
@@ -1970,67 +2022,75 @@ def grpo_update(run: Run, args: Args, model, optimizer, scheduler, examples: lis
     steps, accum = training_steps(
         accelerator, len(examples), padded_batch(len(examples), run, args), micro, 1, args.seed
     )
-    held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # micro-batch -> (pi_old's, pi_ref's log-probs)
+    frozen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # micro-batch -> (pi_old's, pi_ref's log-probs)
     iterations = []
     for _ in range(args.grpo_iterations):
         sums = dict.fromkeys(("loss", "kl", "tokens", "low", "high"), 0.0)
         for m, (chunk, weights) in enumerate(micro_batches(examples, steps[0], accelerator, micro, accum)):
-            advantages = torch.tensor([e["advantage"] for e in chunk], device=run.device)
-            rows = [(e["input_ids"], e["completion_mask"]) for e in chunk]
-            inputs = {k: v.to(run.device) for k, v in collate(rows, 0).items()}  # pads are masked: any id does
+            advantages, inputs = grpo_inputs(chunk, run.device)
             mask = inputs["completion_mask"][:, 1:].float()
-            if m not in held:
+            if m not in frozen:
                 with torch.no_grad(), accelerator.unwrap_model(model).disable_adapter():  # the reference: pi_sft
                     _, _, ref_logps = sequence_logprobs(accelerator.unwrap_model(model), **inputs)
             # ALGO LOGIC: pi_theta's log-probs, Eq. 14's clipped loss with its KL term, an (accumulated) step
             with accelerator.accumulate(model):
                 _, _, policy_logps = sequence_logprobs(model, **inputs)
-                if m not in held:
-                    held[m] = (policy_logps.detach(), ref_logps)
-                old_logps, ref_logps = held[m]
+                if m not in frozen:
+                    frozen[m] = (policy_logps.detach(), ref_logps)
+                old_logps, ref_logps = frozen[m]
                 losses = grpo_loss(policy_logps, old_logps, ref_logps, advantages, mask, args.epsilon, args.kl_beta)
                 loss = global_batch_mean(losses, weights, len(examples), run.world, accum)  # Eq. 14's 1/G, over all
                 grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
-            with torch.no_grad():  # bookkeeping: the loss, the KL and the clipped tokens, for the step's log
-                ratio = torch.exp(policy_logps - old_logps)
-                kl = torch.exp(ref_logps - policy_logps) - (ref_logps - policy_logps) - 1
-                token_weights = mask * weights[:, None]
-                sums["loss"] += loss.item() / (run.world * accum)
-                sums["kl"] += (kl * token_weights).sum().item()
-                sums["tokens"] += token_weights.sum().item()
-                sums["low"] += (((ratio < 1 - args.epsilon) & (advantages[:, None] < 0)) * token_weights).sum().item()
-                sums["high"] += (((ratio > 1 + args.epsilon) & (advantages[:, None] > 0)) * token_weights).sum().item()
+            # bookkeeping: this micro-batch's share of the step's loss, KL and clipped tokens, from the same forward
+            sums["loss"] += loss.item() / (run.world * accum)
+            token_weights = mask * weights[:, None]
+            diagnostics = grpo_diagnostics(policy_logps, old_logps, ref_logps, advantages, token_weights, args.epsilon)
+            for name, value in diagnostics.items():
+                sums[name] += value
         scheduler.step()
-        totals = run.sum_over_ranks(sums)
-        tokens = max(totals["tokens"], 1)
-        iterations.append(
-            {
-                "loss": totals["loss"],
-                "kl": totals["kl"] / tokens,
-                "grad_norm": grad_norm,
-                "clip_ratio/low_mean": totals["low"] / tokens,
-                "clip_ratio/high_mean": totals["high"] / tokens,
-                "clip_ratio/region_mean": (totals["low"] + totals["high"]) / tokens,
-            }
-        )
-    # bookkeeping: what the update did to the sampled outputs, the signal it should move (one forward, no grad)
+        iterations.append(iteration_metrics(run.sum_over_ranks(sums), grad_norm))
+    change = logprob_change(run, args, model, examples, steps[0], accum, frozen)
+    return [iteration | change for iteration in iterations]
+
+
+def grpo_inputs(chunk: list[dict], device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(advantages, padded token ids and completion mask) of a micro-batch of GRPO examples."""
+    advantages = torch.tensor([e["advantage"] for e in chunk], device=device)
+    rows = [(e["input_ids"], e["completion_mask"]) for e in chunk]
+    return advantages, {k: v.to(device) for k, v in collate(rows, 0).items()}  # pads are masked: any id does
+
+
+def iteration_metrics(totals: dict[str, float], grad_norm) -> dict[str, float]:
+    """One GRPO iteration's loss, per-token KL, gradient norm and TRL's clip ratios, from its sums over ranks."""
+    tokens = max(totals["tokens"], 1)
+    return {
+        "loss": totals["loss"],
+        "kl": totals["kl"] / tokens,
+        "grad_norm": grad_norm,
+        "clip_ratio/low_mean": totals["low"] / tokens,
+        "clip_ratio/high_mean": totals["high"] / tokens,
+        "clip_ratio/region_mean": (totals["low"] + totals["high"]) / tokens,
+    }
+
+
+def logprob_change(run: Run, args: Args, model, examples: list[dict], batch: list[int], accum: int, frozen: dict):
+    """What the update did to the sampled outputs, the signal it should move: the mean per-token log-prob change
+    from pi_old (``frozen``) to the updated policy, over the outputs of positive and of negative advantage. It reads
+    the updated policy: one more forward of the outputs, without gradients."""
     moved = dict.fromkeys(("up", "up_outputs", "down", "down_outputs"), 0.0)
-    for m, (chunk, weights) in enumerate(micro_batches(examples, steps[0], accelerator, micro, accum)):
-        advantages = torch.tensor([e["advantage"] for e in chunk], device=run.device)
-        inputs = {
-            k: v.to(run.device) for k, v in collate([(e["input_ids"], e["completion_mask"]) for e in chunk], 0).items()
-        }
+    for m, (chunk, weights) in enumerate(micro_batches(examples, batch, run.accelerator, args.micro_batch_size, accum)):
+        advantages, inputs = grpo_inputs(chunk, run.device)
         with torch.no_grad():
             _, lengths, new_logps = sequence_logprobs(model, **inputs)
-        change = (new_logps - held[m][0]).sum(-1) / lengths.clamp(min=1)  # per-token log-prob change of each output
+        change = (new_logps - frozen[m][0]).sum(-1) / lengths.clamp(min=1)  # per-token log-prob change of each output
         for side, chosen in (("up", advantages > 0), ("down", advantages < 0)):
             moved[side] += (change * weights * chosen).sum().item()
             moved[f"{side}_outputs"] += (weights * chosen).sum().item()
     moved = run.sum_over_ranks(moved)
-    for iteration in iterations:
-        iteration["logp_change/positive_advantage"] = moved["up"] / max(moved["up_outputs"], 1)
-        iteration["logp_change/negative_advantage"] = moved["down"] / max(moved["down_outputs"], 1)
-    return iterations
+    return {
+        "logp_change/positive_advantage": moved["up"] / max(moved["up_outputs"], 1),
+        "logp_change/negative_advantage": moved["down"] / max(moved["down_outputs"], 1),
+    }
 
 
 def evaluate(run: Run, args: Args, data: Data) -> dict:
@@ -2052,21 +2112,12 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
             continue
         model, tokenizer = load_policy(run, args, adapters[name])
         roles = Roles(run.count_costs(HFChat(model, tokenizer, args.batch_size)), simulator, retriever, {})
-        records = run.records(f"eval_{name.replace('-', '')}{control}.jsonl")
-        done = records.done_keys()
-        todo = [s for s in run.shard(data.test) if s.key not in done]
-        for start in tqdm(range(0, len(todo), args.batch_size), desc=f"eval {name}", disable=not todo):
-            batch = todo[start : start + args.batch_size]
-            for sample, turns in zip(batch, rollout(batch, roles, data, args, 1, 0.0, False, random.Random(args.seed))):
-                records.append(
-                    {
-                        "key": sample.key,
-                        "target": sample.target,
-                        "turns": [{k: t[k] for k in EVAL_FIELDS} for t in turns],
-                    }
-                )
-        wanted = {s.key for s in data.test}
-        results = [r for r in run.exchange(records) if r["key"] in wanted]
+        results = run.map(
+            f"eval_{name.replace('-', '')}{control}.jsonl",
+            data.test,
+            lambda todo, roles=roles: evaluation_episodes(todo, roles, data, args),
+            desc=f"eval {name}",
+        )
         prefix = "eval" if name == "smtpo" else f"eval_{name.replace('-', '')}"
         for t in range(1, args.max_turns + 1):
             turn = turn_scores(results, t)
@@ -2081,6 +2132,20 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
         clear_device_cache(garbage_collection=True)
     run.table(f"eval{control}_by_turn", ["policy", "turn", *TURN_METRICS], rows)
     return metrics | {"eval/examples": len(data.test), "eval/dialogues": len({s.conversation for s in data.test})}
+
+
+def evaluation_episodes(samples: list[Sample], roles: Roles, data: Data, args: Args):
+    """Each sample's greedy episode through all T turns, as an evaluation record: its target and what each turn
+    keeps (EVAL_FIELDS). Batches of --batch-size samples, each rollout seeded alike."""
+    for start in range(0, len(samples), args.batch_size):
+        batch = samples[start : start + args.batch_size]
+        episodes = rollout(
+            samples=batch, roles=roles, data=data, args=args, n=1, temperature=0.0, training=False,
+            rng=random.Random(args.seed),
+        )  # fmt: skip
+        for k, turns in episodes:
+            turns = [{field: turn[field] for field in EVAL_FIELDS} for turn in turns]
+            yield {"key": batch[k].key, "target": batch[k].target, "turns": turns}
 
 
 # What an evaluation record keeps of each turn.

@@ -495,7 +495,10 @@ def test_prompts_at_the_recipes_lengths_keep_their_instruction_and_the_latest_us
     policy = ReadingPolicy(tokenizer)
     roles = smtpo.Roles(policy, TalkingSimulator(), Retriever(), {})
     data = smtpo.Data([], [], samples, catalog)
-    turns = smtpo.rollout(samples, roles, data, args, 1, 0.0, False, random.Random(0))
+    episodes = smtpo.rollout(
+        samples=samples, roles=roles, data=data, args=args, n=1, temperature=0.0, training=False, rng=random.Random(0)
+    )
+    turns = [t for _, t in episodes]
     assert [len(t) for t in turns] == [5] * len(samples) and len(policy.read) == 5 * len(samples)
     budget = args.max_length - args.rec_max_tokens
     latest = [latest_user_utterance(s) for s in samples] * 5  # the rollout batches the samples turn by turn
@@ -833,7 +836,16 @@ def test_without_the_simulator_no_feedback_is_asked_for_and_the_retriever_reads_
         monkeypatch.setattr(  # the prompt as it is: no tokenizer here
             smtpo, "fitted_recommender_prompt", lambda tok, s, c, f, t, a, cat: smtpo.Fitted("prompt", 0, 0, 0)
         )
-        (turns,) = smtpo.rollout(samples, roles, data, args, 1, 0.0, False, random.Random(0))
+        ((_, turns),) = smtpo.rollout(
+            samples=samples,
+            roles=roles,
+            data=data,
+            args=args,
+            n=1,
+            temperature=0.0,
+            training=False,
+            rng=random.Random(0),
+        )
         assert len(turns) == 3 and len(read) == 3
         later = read[1:]
         if feedback_seen is not None:
@@ -935,7 +947,7 @@ def test_an_empty_feedback_is_replaced_and_counted():
 def test_reward_curve_compares_the_first_and_second_half_of_the_steps():
     rollouts = [
         {
-            "key": f"{step}|d{k}",
+            "key": f"{step}|{2 * step + k}|d{k}",
             "turns": [{"rewards": [{"total": step, "think": 0.2 * step, "answer": 1.0, "pref": 0}]}],
         }
         for step in range(5)
