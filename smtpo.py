@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.catalog import Catalog
-from common.conversations import render_history
+from common.conversations import chat_roles, render_history
 from common.data import DataError, Dialogue, EntityLinker, load_crs_dataset
 from common.distributed import (
     check_division,
@@ -121,7 +121,7 @@ class Args:
     # ------------------------------------------------------------------------------------------- roles
     policy: str = "smollm2-135m"
     """the recommender (paper: deepseek-ai/DeepSeek-R1-Distill-Llama-8B)"""
-    simulator_model: str = "smollm2-135m"
+    user_model: str = "smollm2-135m"
     """the user simulator to tune (paper: meta-llama/Llama-3.1-8B-Instruct)"""
     teacher_llm: str = "hf:smollm2-135m"
     """backend that writes the simulator's feedback, the reasoning and the reference preferences (paper:
@@ -331,7 +331,7 @@ PAPER = Preset(
     ablations={"ablations": "Table 2", "blind_simulator": "Table 3", "noisy_feedback": "Table 3"},
     recipe=(
         "exp_name", "seed", "run_name", "stages", "track", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags",
-        "dataset", "data_dir", "eval_split", "policy", "simulator_model", "teacher_llm", "text_encoder", "batch_size",
+        "dataset", "data_dir", "eval_split", "policy", "user_model", "teacher_llm", "text_encoder", "batch_size",
         "micro_batch_size", "gradient_checkpointing", "save_every", "grpo_save_every", "rollout_backend",
         "vllm_memory", "policies", "dry_run",
     ),
@@ -343,8 +343,9 @@ PRESETS = {"paper": PAPER}
 
 
 @dataclass
-class Sample:
-    """A conversation context ending at a recommendation turn; the item recommended there is the target i*."""
+class Task:
+    """What the recommender is given: a conversation context ending at a recommendation turn; the item recommended
+    there is the target i*."""
 
     key: str
     history: list[dict]  # chat roles: "user" the seeker, "assistant" the recommender
@@ -355,27 +356,23 @@ class Sample:
 
 @dataclass
 class Data:
-    train: list[Sample]
-    held_out: list[Sample]  # a tenth of the training turns, for the retriever's early stopping
-    test: list[Sample]
+    train: list[Task]
+    held_out: list[Task]  # a tenth of the training turns, for the retriever's early stopping
+    evaluated: list[Task]  # the --eval-split turns
     catalog: Catalog
     domain: str = "movie"
 
 
-def make_samples(dialogues: list[Dialogue], titles: set[str], linker: EntityLinker | None = None) -> list[Sample]:
-    """One sample per recommender turn with history whose first recommended item is in the catalog and was not
+def make_tasks(dialogues: list[Dialogue], titles: set[str], linker: EntityLinker | None = None) -> list[Task]:
+    """One task per recommender turn with history whose first recommended item is in the catalog and was not
     mentioned before (the retriever never recalls a mentioned item); I_D is what the dialogue annotates before the
     turn (items and entities, or iEvaLM's context annotations). With a ``linker``, I_D's attribute entities (genres,
     people) are what it finds in the earlier utterances, whatever the release annotates, and its items are the
     annotated ones (ReDial: the official format annotates no entity, iEvaLM's does; docs/smtpo.md)."""
-    samples = []
+    tasks = []
     for dialogue in dialogues:
         for i, turn in enumerate(dialogue.turns):
-            history = [
-                {"role": "user" if t.role == "seeker" else "assistant", "content": t.text}
-                for t in dialogue.turns[:i]
-                if t.text.strip()
-            ]
+            history = chat_roles(dialogue.turns[:i])
             mentioned = dialogue.context_items
             if mentioned is None:
                 mentioned = [m for t in dialogue.turns[:i] for m in t.items + t.entities]
@@ -387,8 +384,8 @@ def make_samples(dialogues: list[Dialogue], titles: set[str], linker: EntityLink
                 continue
             conversation = dialogue.conversation_id or dialogue.dialog_id
             key = f"{dialogue.dialog_id}:{i}"
-            samples.append(Sample(key, history, list(dict.fromkeys(mentioned)), targets[0], conversation))
-    return samples
+            tasks.append(Task(key, history, list(dict.fromkeys(mentioned)), targets[0], conversation))
+    return tasks
 
 
 def entity_linker(catalog: Catalog) -> EntityLinker:
@@ -402,27 +399,26 @@ def load_data(args: Args) -> Data:
     with the attributes of the dataset's KG (common/data.py's ``load_crs_dataset``: no evaluated conversation
     trains)."""
     dataset = load_crs_dataset(args.dataset, args.data_dir, args.eval_split)
-    train, evaluated = dataset.train, dataset.evaluated
     catalog = Catalog(dataset.items, encoder=args.text_encoder)
     titles = set(catalog.titles)
     linker = entity_linker(catalog) if args.dataset == "redial" else None  # one I_D for training and test
-    samples = make_samples(train, titles, linker)
-    random.Random(args.seed).shuffle(samples)
+    tasks = make_tasks(dataset.train, titles, linker)
+    random.Random(args.seed).shuffle(tasks)
     if args.num_train:  # a tenth more than --num-train, held out: every held-out turn costs teacher calls
-        samples = samples[: args.num_train + max(1, args.num_train // 10)]
-    held_out = samples[: max(1, len(samples) // 10)]
-    train_samples = samples[len(held_out) :]
-    test = first_conversations(make_samples(evaluated, titles, linker), args.num_test)
-    if not train_samples or not test:
-        raise DataError(f"{args.dataset}: {len(train_samples)} training and {len(test)} test turns with a target")
-    return Data(train_samples, held_out, test, catalog)
+        tasks = tasks[: args.num_train + max(1, args.num_train // 10)]
+    held_out = tasks[: max(1, len(tasks) // 10)]
+    train_tasks = tasks[len(held_out) :]
+    evaluated = first_conversations(make_tasks(dataset.evaluated, titles, linker), args.num_test)
+    if not train_tasks or not evaluated:
+        raise DataError(f"{args.dataset}: {len(train_tasks)} training and {len(evaluated)} test turns with a target")
+    return Data(train_tasks, held_out, evaluated, catalog)
 
 
-def first_conversations(samples: list[Sample], count: int) -> list[Sample]:
+def first_conversations(tasks: list[Task], count: int) -> list[Task]:
     """Every context of the first ``count`` conversations, in file order (0: all): --num-test counts dialogues, and
     a dialogue with several recommendation turns brings each of them."""
-    kept = set(list(dict.fromkeys(s.conversation for s in samples))[: count or None])
-    return [s for s in samples if s.conversation in kept]
+    kept = set(list(dict.fromkeys(s.conversation for s in tasks))[: count or None])
+    return [s for s in tasks if s.conversation in kept]
 
 
 def check_args(args: Args, world: int) -> list[str]:
@@ -541,21 +537,21 @@ IRRELEVANT_CHAT = (
 )
 
 
-def mentioned_text(sample: Sample) -> str:
-    return ", ".join(sample.mentioned) or "(nothing)"
+def mentioned_text(task: Task) -> str:
+    return ", ".join(task.mentioned) or "(nothing)"
 
 
-def feedback_prompt(sample: Sample, recommendations: list[str], catalog: Catalog, target_note: bool = False) -> str:
+def feedback_prompt(task: Task, recommendations: list[str], catalog: Catalog, target_note: bool = False) -> str:
     """Task 1, feedback generation (D, I_D, R) -> F; the teacher's version also shows the target (Eq. 3)."""
     listing = (
         "\n".join(f"{k}. {catalog.card(t, CARD_FIELDS)}" for k, t in enumerate(recommendations, 1)) or "(none yet)"
     )
     prompt = FEEDBACK_PROMPT.format(
-        history=render_history(sample.history), mentioned=mentioned_text(sample), recommendations=listing
+        history=render_history(task.history), mentioned=mentioned_text(task), recommendations=listing
     )
     if target_note:
-        attributes = "; ".join(sorted(attributes_of(catalog, sample.target))) or "no attributes"
-        prompt += FEEDBACK_TARGET_NOTE.format(target=sample.target, attributes=attributes)
+        attributes = "; ".join(sorted(attributes_of(catalog, task.target))) or "no attributes"
+        prompt += FEEDBACK_TARGET_NOTE.format(target=task.target, attributes=attributes)
     return prompt
 
 
@@ -567,18 +563,18 @@ def candidate_line(catalog: Catalog, title: str) -> str:
 
 
 def recommender_prompt(
-    sample: Sample, candidates: list[str], feedback: str, turns: list[dict], n: int, catalog: Catalog, drop: int = 0
+    task: Task, candidates: list[str], feedback: str, turns: list[dict], n: int, catalog: Catalog, drop: int = 0
 ) -> str:
     """Q = {Inst, D, I_D, I_cand, F}, with the earlier turns compressed to their feedback and lists (METHODS 3.9.8).
     ``drop`` leaves out that many of the prompt's droppable parts (``droppable_parts``), the oldest first: the
     dialogue's utterances before its latest user utterance, then the earlier turns' lines, the latest one last. The
     instruction, I_D, the candidates, the latest user utterance and what follows it in the dialogue, the latest
     preference, the feedback and the generation header always stay."""
-    history = render_history(sample.history)
+    history = render_history(task.history)
     in_dialogue = droppable_utterances(history)
     return RECOMMENDER_PROMPT.format(
         history=drop_utterances(history, min(drop, in_dialogue)),
-        mentioned=mentioned_text(sample),
+        mentioned=mentioned_text(task),
         context=turn_context(turns, max(drop - in_dialogue, 0)),
         feedback=feedback or "(none yet)",
         candidates="\n".join(f"- {candidate_line(catalog, t)}" for t in candidates),
@@ -586,14 +582,14 @@ def recommender_prompt(
     )
 
 
-def droppable_parts(sample: Sample, turns: list[dict]) -> int:
+def droppable_parts(task: Task, turns: list[dict]) -> int:
     """How many parts of a recommender prompt may be left out to fit it: the dialogue's utterances before its latest
     user utterance, and the earlier turns' lines."""
-    return droppable_utterances(render_history(sample.history)) + len(turns)
+    return droppable_utterances(render_history(task.history)) + len(turns)
 
 
 def fitted_recommender_prompt(
-    tokenizer, sample: Sample, candidates: list[str], feedback: str, turns: list[dict], args: Args, catalog: Catalog
+    tokenizer, task: Task, candidates: list[str], feedback: str, turns: list[dict], args: Args, catalog: Catalog
 ) -> Fitted:
     """The recommender prompt that fits the policy's window beside its output (--max-length minus --rec-max-tokens,
     counted in the policy's chat template with its generation header and pre-filled tag), the oldest dialogue lines
@@ -601,8 +597,8 @@ def fitted_recommender_prompt(
     prefix = output_prefix(args)
     return fit_prompt(
         lambda text: prompt_length(tokenizer, [{"role": "user", "content": text}], prefix),
-        lambda k: recommender_prompt(sample, candidates, feedback, turns, args.list_length, catalog, k),
-        droppable_parts(sample, turns),
+        lambda k: recommender_prompt(task, candidates, feedback, turns, args.list_length, catalog, k),
+        droppable_parts(task, turns),
         args.max_length - args.rec_max_tokens,
     )
 
@@ -958,12 +954,12 @@ class Retriever:
         embeddings = torch.from_numpy(np.concatenate([dialogues[:, None], others], axis=1))
         return embeddings, torch.tensor([[bool(t) for t in row] for row in texts])
 
-    def embed_entities(self, samples: list[Sample], lists) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_entities(self, tasks: list[Task], lists) -> tuple[torch.Tensor, torch.Tensor]:
         """(entities [B, M, Dc], mask [B, M]): the graph embeddings of I_D and the list R."""
-        names = [[n for n in s.mentioned + list(r) if n in self.node_index] for s, r in zip(samples, lists)]
+        names = [[n for n in s.mentioned + list(r) if n in self.node_index] for s, r in zip(tasks, lists)]
         width = max(1, max(len(n) for n in names))
-        entities = torch.zeros(len(samples), width, self.node_embeddings.shape[1])
-        entity_mask = torch.zeros(len(samples), width, dtype=torch.bool)
+        entities = torch.zeros(len(tasks), width, self.node_embeddings.shape[1])
+        entity_mask = torch.zeros(len(tasks), width, dtype=torch.bool)
         for row, row_names in enumerate(names):
             for column, name in enumerate(row_names):
                 entities[row, column] = self.node_embeddings[self.node_index[name]]
@@ -971,28 +967,26 @@ class Retriever:
         entity_mask[:, 0] |= ~entity_mask.any(1)  # nothing known: attend to a zero vector
         return entities, entity_mask
 
-    def conversation_inputs(
-        self, samples: list[Sample], feedback: list[str], preference: list[str], lists, encode=None
-    ):
+    def conversation_inputs(self, tasks: list[Task], feedback: list[str], preference: list[str], lists, encode=None):
         """(texts, text_mask, entities, entity_mask) for a batch of turns."""
-        texts = [[render_history(s.history), f, p] for s, f, p in zip(samples, feedback, preference)]
-        return *self.embed_texts(texts, encode), *self.embed_entities(samples, lists)
+        texts = [[render_history(s.history), f, p] for s, f, p in zip(tasks, feedback, preference)]
+        return *self.embed_texts(texts, encode), *self.embed_entities(tasks, lists)
 
-    def training_turns(self, samples: list[Sample], feedback, preference, lists, first_turn, encode=None):
-        """``samples`` as the fusion head trains and early-stops on them: the frozen encoders' views, computed once
+    def training_turns(self, tasks: list[Task], feedback, preference, lists, first_turn, encode=None):
+        """``tasks`` as the fusion head trains and early-stops on them: the frozen encoders' views, computed once
         (``encode``: over the ranks, in training)."""
         titles = {title: k for k, title in enumerate(self.catalog.titles)}
-        mentioned = [[titles[t] for t in s.mentioned if t in titles] for s in samples]
-        targets = torch.tensor([titles[s.target] for s in samples])
-        views = self.conversation_inputs(samples, feedback, preference, lists, encode)
+        mentioned = [[titles[t] for t in s.mentioned if t in titles] for s in tasks]
+        targets = torch.tensor([titles[s.target] for s in tasks])
+        views = self.conversation_inputs(tasks, feedback, preference, lists, encode)
         return RetrieverTurns(*views, targets, mentioned, torch.tensor(first_turn, dtype=torch.bool))
 
     @torch.no_grad()
-    def retrieve(self, samples, feedback, preference, lists, k: int) -> list[list[str]]:
-        scores = self.head(*self.conversation_inputs(samples, feedback, preference, lists)) @ self.item_matrix.T
+    def retrieve(self, tasks, feedback, preference, lists, k: int) -> list[list[str]]:
+        scores = self.head(*self.conversation_inputs(tasks, feedback, preference, lists)) @ self.item_matrix.T
         results = []
-        for row, sample in zip(scores, samples):
-            mentioned = set(sample.mentioned)
+        for row, task in zip(scores, tasks):
+            mentioned = set(task.mentioned)
             ranked = [self.catalog.titles[j] for j in row.argsort(descending=True).tolist()]
             results.append([t for t in ranked if t not in mentioned][:k])
         return results
@@ -1089,61 +1083,61 @@ def random_recall(turns: RetrieverTurns, num_items: int, ks=(1, 10, 20)) -> dict
 # =============================================================================================== the simulator
 
 
-def simulator_lists(sample: Sample, catalog: Catalog, n: int, rng: random.Random) -> dict[str, list[str]]:
+def simulator_lists(task: Task, catalog: Catalog, n: int, rng: random.Random) -> dict[str, list[str]]:
     """The four recommendation lists R_human_D (Sec. 3.2.1): hard negatives share the most attributes with the
     target, easy ones the fewest (ties broken at random); H+ and S+ hold the target, H- and S- do not."""
-    wanted = attributes_of(catalog, sample.target)
-    pool = [t for t in catalog.titles if t != sample.target and t not in set(sample.mentioned)]
+    wanted = attributes_of(catalog, task.target)
+    pool = [t for t in catalog.titles if t != task.target and t not in set(task.mentioned)]
     overlap = {t: len(wanted & attributes_of(catalog, t)) for t in pool}
     hard = sorted(pool, key=lambda t: (-overlap[t], rng.random()))[:n]
     easy = sorted(pool, key=lambda t: (overlap[t], rng.random()))[:n]
-    lists = {"H+": hard[: n - 1] + [sample.target], "H-": hard, "S+": easy[: n - 1] + [sample.target], "S-": easy}
+    lists = {"H+": hard[: n - 1] + [task.target], "H-": hard, "S+": easy[: n - 1] + [task.target], "S-": easy}
     for items in lists.values():
         rng.shuffle(items)
     return lists
 
 
-def simulator_jobs(sample: Sample, catalog: Catalog, args: Args) -> tuple[list[dict], list[dict]]:
+def simulator_jobs(task: Task, catalog: Catalog, args: Args) -> tuple[list[dict], list[dict]]:
     """(feedback jobs for the teacher, finished examples) of one training turn, seeded by the turn so that every
     rank and rerun draws the same lists: task 1 (feedback on each list), task 2 (the target and its attributes),
     task 3 (Yes/No on the target and on negatives from the lists)."""
-    rng = random.Random(f"{args.seed}:{sample.key}")
-    lists = simulator_lists(sample, catalog, args.list_length, rng)
+    rng = random.Random(f"{args.seed}:{task.key}")
+    lists = simulator_lists(task, catalog, args.list_length, rng)
     jobs = [
         {
-            "key": f"{sample.key}|feedback|{kind}",
+            "key": f"{task.key}|feedback|{kind}",
             "task": "feedback",
             "list": kind,
-            "teacher_prompt": feedback_prompt(sample, items, catalog, target_note=True),
-            "prompt": feedback_prompt(sample, items, catalog),
+            "teacher_prompt": feedback_prompt(task, items, catalog, target_note=True),
+            "prompt": feedback_prompt(task, items, catalog),
         }
         for kind, items in rng.sample(sorted(lists.items()), args.simulator_lists)
     ]
     if "single-task-simulator" in args.ablations:  # feedback generation alone
         return jobs, []
-    history, mentioned = render_history(sample.history), mentioned_text(sample)
-    attributes = "; ".join(sorted(attributes_of(catalog, sample.target))) or "no attributes"
+    history, mentioned = render_history(task.history), mentioned_text(task)
+    attributes = "; ".join(sorted(attributes_of(catalog, task.target))) or "no attributes"
     examples = [
         {
-            "key": f"{sample.key}|alignment",
+            "key": f"{task.key}|alignment",
             "task": "alignment",
             "prompt": ALIGNMENT_PROMPT.format(history=history, mentioned=mentioned),
-            "completion": f"{sample.target}; {attributes}",
+            "completion": f"{task.target}; {attributes}",
         }
     ]
-    negatives = list(dict.fromkeys(t for items in lists.values() for t in items if t != sample.target))
-    for title in ([sample.target] + negatives)[: args.simulator_predictions]:
+    negatives = list(dict.fromkeys(t for items in lists.values() for t in items if t != task.target))
+    for title in ([task.target] + negatives)[: args.simulator_predictions]:
         prompt = PREDICTION_PROMPT.format(history=history, mentioned=mentioned, item=catalog.card(title, CARD_FIELDS))
-        answer = "Yes" if title == sample.target else "No"
+        answer = "Yes" if title == task.target else "No"
         examples.append(
-            {"key": f"{sample.key}|prediction|{title}", "task": "prediction", "prompt": prompt, "completion": answer}
+            {"key": f"{task.key}|prediction|{title}", "task": "prediction", "prompt": prompt, "completion": answer}
         )
     return jobs, examples
 
 
 def simulate_feedback(
     simulator,
-    samples: list[Sample],
+    tasks: list[Task],
     lists: list[list[str]],
     catalog: Catalog,
     args: Args,
@@ -1155,9 +1149,9 @@ def simulate_feedback(
     feedback). With ``controls``, Table 3's: a blind simulator never sees the list (--blind-simulator); noisy
     feedback is irrelevant chat (--noisy-feedback)."""
     if controls and args.noisy_feedback:
-        return [rng.choice(IRRELEVANT_CHAT) for _ in samples], [False] * len(samples)
+        return [rng.choice(IRRELEVANT_CHAT) for _ in tasks], [False] * len(tasks)
     blind = controls and args.blind_simulator
-    prompts = [feedback_prompt(s, [] if blind else items, catalog) for s, items in zip(samples, lists)]
+    prompts = [feedback_prompt(s, [] if blind else items, catalog) for s, items in zip(tasks, lists)]
     outputs = simulator.chat([[{"role": "user", "content": p}] for p in prompts], max_tokens=args.feedback_max_tokens)
     texts = [" ".join(text.split()) for (text,) in outputs]
     return [text or STOCK_FEEDBACK for text in texts], [not text for text in texts]
@@ -1215,12 +1209,12 @@ class Roles:
     policy: object
     simulator: object
     retriever: Retriever
-    references: dict[str, np.ndarray]  # sample key -> E_T(P_gold); empty at evaluation (no rewards)
+    references: dict[str, np.ndarray]  # task key -> E_T(P_gold); empty at evaluation (no rewards)
 
 
 def rollout(
     *,
-    samples: list[Sample],
+    tasks: list[Task],
     roles: Roles,
     data: Data,
     args: Args,
@@ -1229,24 +1223,24 @@ def rollout(
     training: bool,
     rng: random.Random,
 ):
-    """T turns of each sample's interaction (METHODS.md 3.5), batched across samples: retrieve the candidates from
+    """T turns of each task's interaction (METHODS.md 3.5), batched across tasks: retrieve the candidates from
     (D, F_t, P_{t-1}, I_D, R_{t-1}), sample ``n`` outputs of one shared prompt (one prefill), score each output
     with the five rewards, continue with one format-valid output (random, or the best with --continuation best),
     and ask the simulator for F_{t+1}. Training rollouts stop once the target is ranked first (METHODS.md 3.9.3);
-    evaluation runs all T turns, under Table 3's controls if asked. Yields (k, turns) for ``samples[k]`` as its
+    evaluation runs all T turns, under Table 3's controls if asked. Yields (k, turns) for ``tasks[k]`` as its
     episode ends."""
-    feedback, preference, lists = [""] * len(samples), [""] * len(samples), [[] for _ in samples]
-    substituted = [False] * len(samples)  # F_t is the stock line: the simulator wrote nothing
-    turns: list[list[dict]] = [[] for _ in samples]
-    live = list(range(len(samples)))
+    feedback, preference, lists = [""] * len(tasks), [""] * len(tasks), [[] for _ in tasks]
+    substituted = [False] * len(tasks)  # F_t is the stock line: the simulator wrote nothing
+    episodes: list[list[dict]] = [[] for _ in tasks]  # each task's turns so far
+    live = list(range(len(tasks)))
     for t in range(1, args.max_turns + 1):
         if not live:
             break
-        batch = [samples[i] for i in live]
+        batch = [tasks[i] for i in live]
         reads = [retriever_reads(args, feedback[i], preference[i], lists[i]) for i in live]
         candidates = roles.retriever.retrieve(batch, *[list(column) for column in zip(*reads)], args.num_candidates)
         fitted = [
-            fitted_recommender_prompt(roles.policy.tokenizer, s, c, feedback[i], turns[i], args, data.catalog)
+            fitted_recommender_prompt(roles.policy.tokenizer, s, c, feedback[i], episodes[i], args, data.catalog)
             for i, s, c in zip(live, batch, candidates)
         ]
         completions = roles.policy.complete(
@@ -1257,32 +1251,32 @@ def rollout(
             prefix=output_prefix(args),
             max_prompt_tokens=args.max_length - args.rec_max_tokens,
         )
-        for i, sample, fit, cands, outputs in zip(live, batch, fitted, candidates, completions):
-            turn = played_turn(t, sample, fit, cands, outputs, feedback[i], substituted[i], roles, data, args, rng)
+        for i, task, fit, cands, outputs in zip(live, batch, fitted, candidates, completions):
+            turn = played_turn(t, task, fit, cands, outputs, feedback[i], substituted[i], roles, data, args, rng)
             lists[i], preference[i] = listed_titles(turn["ranked"]), turn["preference"]
             if training:  # the update trains exactly the ids that were sampled
                 turn |= {"prompt_ids": outputs[0].prompt_ids, "completion_ids": [c.completion_ids for c in outputs]}
-            turns[i].append(turn)
+            episodes[i].append(turn)
         if training:
-            yield from ((i, turns[i]) for i in live if turns[i][-1]["ranked"][:1] == [samples[i].target])
-            live = [i for i in live if not (turns[i][-1]["ranked"][:1] == [samples[i].target])]
+            yield from ((i, episodes[i]) for i in live if episodes[i][-1]["ranked"][:1] == [tasks[i].target])
+            live = [i for i in live if not (episodes[i][-1]["ranked"][:1] == [tasks[i].target])]
         if t < args.max_turns and live and "no-feedback" not in args.ablations:  # w/o Feedback: no simulator
-            batch, batch_lists = [samples[i] for i in live], [lists[i] for i in live]
+            batch, batch_lists = [tasks[i] for i in live], [lists[i] for i in live]
             new, stock = simulate_feedback(
                 roles.simulator, batch, batch_lists, data.catalog, args, rng, controls=not training
             )
             for i, text, flag in zip(live, new, stock):
                 feedback[i], substituted[i] = text, flag
-    yield from ((i, turns[i]) for i in live)
+    yield from ((i, episodes[i]) for i in live)
 
 
-def played_turn(t, sample, fit, candidates, outputs, feedback, substituted, roles, data, args, rng) -> dict:
-    """Turn ``t`` of one sample's episode, its ``outputs`` sampled: each output's five rewards (training: the sample
+def played_turn(t, task, fit, candidates, outputs, feedback, substituted, roles, data, args, rng) -> dict:
+    """Turn ``t`` of one task's episode, its ``outputs`` sampled: each output's five rewards (training: the task
     has a reference preference), the output the dialogue continues with, its parsed list and preference P_t."""
     texts = [output_prefix(args) + c.text for c in outputs]  # the pre-filled tag belongs to the output's format
     rewards = []
-    if sample.key in roles.references:
-        rewards = sampled_rewards(texts, candidates, sample.target, roles.references[sample.key], data.catalog, args)
+    if task.key in roles.references:
+        rewards = sampled_rewards(texts, candidates, task.target, roles.references[task.key], data.catalog, args)
     valid = continuable(texts, candidates)
     if args.continuation == "best" and rewards:
         chosen = max(range(len(texts)), key=lambda k: rewards[k]["total"])
@@ -1294,7 +1288,7 @@ def played_turn(t, sample, fit, candidates, outputs, feedback, substituted, role
         "feedback": feedback,
         "feedback_substituted": substituted,
         "candidates": candidates,
-        "target_in_candidates": sample.target in candidates,
+        "target_in_candidates": task.target in candidates,
         "prompt": fit.text,
         "prompt_parts_dropped": fit.dropped_parts,  # dialogue lines and earlier turns left out to fit
         "prompt_tokens_dropped": fit.dropped_tokens,
@@ -1392,7 +1386,7 @@ def load_simulator(run: Run, args: Args):
         )
     if not adapters and run.main:
         print("--untrained-simulator: the base model gives the feedback")
-    model, tokenizer = load_merged(args.simulator_model, adapters, run.device)
+    model, tokenizer = load_merged(args.user_model, adapters, run.device)
     return run.count_costs(HFChat(model, tokenizer, args.batch_size))
 
 
@@ -1404,7 +1398,7 @@ def train_simulator(run: Run, args: Args, data: Data) -> dict:
     if "no-feedback" in args.ablations:
         print("--ablations no-feedback: no simulator is trained") if run.main else None
         return {}
-    jobs, examples = zip(*(simulator_jobs(sample, data.catalog, args) for sample in data.train))
+    jobs, examples = zip(*(simulator_jobs(task, data.catalog, args) for task in data.train))
     rows = run.map(
         "simulator_data.jsonl",
         [example for part in examples for example in part] + [job for part in jobs for job in part],
@@ -1414,7 +1408,7 @@ def train_simulator(run: Run, args: Args, data: Data) -> dict:
     rows.sort(key=lambda r: r["key"])
     run.save_dataset("simulator", [sft_row(r["prompt"], r["completion"]) | {"task": r["task"]} for r in rows])
     model, tokenizer = load_merged(
-        args.simulator_model, [], run.device, (args.lora_rank, args.lora_alpha), args.seed, args.gradient_checkpointing
+        args.user_model, [], run.device, (args.lora_rank, args.lora_alpha), args.seed, args.gradient_checkpointing
     )
     examples = [encode_example(tokenizer, r["prompt"], r["completion"], args.max_length) for r in rows]
     model = supervised_finetuning(
@@ -1431,54 +1425,54 @@ def train_simulator(run: Run, args: Args, data: Data) -> dict:
         metric_prefix="train_simulator",
     )
     save_final(run.accelerator, model, run.dir / "simulator_adapter", {"examples": len(examples)})
-    tasks = [r["task"] for r in rows]
-    counts = {f"simulator/{task}_examples": tasks.count(task) for task in ("feedback", "alignment", "prediction")}
+    kinds = [r["task"] for r in rows]
+    counts = {f"simulator/{kind}_examples": kinds.count(kind) for kind in ("feedback", "alignment", "prediction")}
     return counts | fitting_metrics(examples, "simulator")
 
 
-def reference_preferences(run: Run, args: Args, data: Data, samples: list[Sample]) -> dict[str, str]:
+def reference_preferences(run: Run, args: Args, data: Data, tasks: list[Task]) -> dict[str, str]:
     """P_gold per training turn: the teacher's one-sentence summary of the user's taste, shown the target and its
     attributes (METHODS.md 3.9.4); "The user likes <attributes>" where the teacher writes nothing."""
 
-    def job(sample: Sample) -> dict:
-        attributes = ", ".join(sorted(attributes_of(data.catalog, sample.target))) or "movies like it"
+    def job(task: Task) -> dict:
+        attributes = ", ".join(sorted(attributes_of(data.catalog, task.target))) or "movies like it"
         prompt = PREFERENCE_PROMPT.format(
-            history=render_history(sample.history), target=sample.target, attributes=attributes
+            history=render_history(task.history), target=task.target, attributes=attributes
         )
-        return {"key": sample.key, "teacher_prompt": prompt, "fallback": f"The user likes {attributes}."}
+        return {"key": task.key, "teacher_prompt": prompt, "fallback": f"The user likes {attributes}."}
 
     records = run.map(
         "preferences.jsonl",
-        [job(s) for s in samples],
+        [job(s) for s in tasks],
         lambda todo: teacher_completions(run, args, todo, args.feedback_max_tokens, lambda j: j["fallback"]),
         every_rank=True,
     )
     return {r["key"]: r["completion"] for r in records}
 
 
-def human_list(sample: Sample, catalog: Catalog, args: Args) -> tuple[str, list[str]]:
+def human_list(task: Task, catalog: Catalog, args: Args) -> tuple[str, list[str]]:
     """(kind, items): the one of a training turn's four lists R_human that the retriever and the SFT prompt read,
     with the simulator's feedback on it, drawn seeded by the turn."""
-    rng = random.Random(f"{args.seed}:{sample.key}")
-    return rng.choice(sorted(simulator_lists(sample, catalog, args.list_length, rng).items()))
+    rng = random.Random(f"{args.seed}:{task.key}")
+    return rng.choice(sorted(simulator_lists(task, catalog, args.list_length, rng).items()))
 
 
-def human_list_feedback(run: Run, args: Args, data: Data, samples: list[Sample]) -> dict[str, dict]:
+def human_list_feedback(run: Run, args: Args, data: Data, tasks: list[Task]) -> dict[str, dict]:
     """The tuned simulator's feedback F on one of each turn's four lists R_human (seeded by the turn), the retriever's
     and the SFT prompts' feedback input (METHODS.md 3.3)."""
-    records = run.map("human_list_feedback.jsonl", samples, lambda todo: list_feedback(run, args, data, todo))
+    records = run.map("human_list_feedback.jsonl", tasks, lambda todo: list_feedback(run, args, data, todo))
     return {r["key"]: r for r in records}
 
 
-def list_feedback(run: Run, args: Args, data: Data, samples: list[Sample]):
+def list_feedback(run: Run, args: Args, data: Data, tasks: list[Task]):
     """The records of ``human_list_feedback``: each turn's list, its kind, and the simulator's feedback on it."""
-    simulator, lists = load_simulator(run, args), [human_list(sample, data.catalog, args) for sample in samples]
-    for start in range(0, len(samples), args.batch_size):
-        chunk, chunk_lists = samples[start : start + args.batch_size], lists[start : start + args.batch_size]
+    simulator, lists = load_simulator(run, args), [human_list(task, data.catalog, args) for task in tasks]
+    for start in range(0, len(tasks), args.batch_size):
+        chunk, chunk_lists = tasks[start : start + args.batch_size], lists[start : start + args.batch_size]
         items = [items for _, items in chunk_lists]
         texts, stock = simulate_feedback(simulator, chunk, items, data.catalog, args, random.Random(args.seed), False)
-        for sample, (kind, items), text, substituted in zip(chunk, chunk_lists, texts, stock):
-            yield {"key": sample.key, "list": kind, "items": items, "feedback": text, "substituted": substituted}
+        for task, (kind, items), text, substituted in zip(chunk, chunk_lists, texts, stock):
+            yield {"key": task.key, "list": kind, "items": items, "feedback": text, "substituted": substituted}
 
 
 def retriever_reads(args: Args, feedback: str, preference: str, items: list[str], target: str | None = None):
@@ -1491,31 +1485,31 @@ def retriever_reads(args: Args, feedback: str, preference: str, items: list[str]
     return ("" if "no-feedback" in args.ablations else feedback), preference, items
 
 
-def retriever_texts(run: Run, args: Args, data: Data, samples: list[Sample]) -> dict[str, tuple[str, str, list]]:
+def retriever_texts(run: Run, args: Args, data: Data, tasks: list[Task]) -> dict[str, tuple[str, str, list]]:
     """Each training turn's (F, P, R_human) for the retriever: the simulator's feedback on the turn's list and the
     teacher's reference preference (--retriever-inputs all), nothing but the list (lists) or nothing (dialogue):
     the last two make no LLM call."""
     if args.retriever_inputs == "dialogue":
-        return {s.key: ("", "", []) for s in samples}
+        return {s.key: ("", "", []) for s in tasks}
     if args.retriever_inputs == "lists":
-        return {s.key: ("", "", human_list(s, data.catalog, args)[1]) for s in samples}
-    preferences = reference_preferences(run, args, data, samples)
+        return {s.key: ("", "", human_list(s, data.catalog, args)[1]) for s in tasks}
+    preferences = reference_preferences(run, args, data, tasks)
     if "no-feedback" in args.ablations:  # no simulator: the list alone
-        return {s.key: ("", preferences[s.key], human_list(s, data.catalog, args)[1]) for s in samples}
-    feedback = human_list_feedback(run, args, data, samples)
-    return {s.key: (feedback[s.key]["feedback"], preferences[s.key], feedback[s.key]["items"]) for s in samples}
+        return {s.key: ("", preferences[s.key], human_list(s, data.catalog, args)[1]) for s in tasks}
+    feedback = human_list_feedback(run, args, data, tasks)
+    return {s.key: (feedback[s.key]["feedback"], preferences[s.key], feedback[s.key]["items"]) for s in tasks}
 
 
-def retriever_examples(samples: list[Sample], texts: dict, args: Args) -> tuple[list, list, list, list, list]:
-    """(samples, F, P, R, first turn?) of the fusion head's examples, in the two patterns it meets at inference:
+def retriever_examples(tasks: list[Task], texts: dict, args: Args) -> tuple[list, list, list, list, list]:
+    """(tasks, F, P, R, first turn?) of the fusion head's examples, in the two patterns it meets at inference:
     every training turn as at turn 1 (no F, P or R: the cold start) and, where it has any of them, as at a later
     turn (F, P and R with the target taken out, ``retriever_reads``)."""
     rows = []
-    for sample in samples:
-        feedback, preference, items = retriever_reads(args, *texts[sample.key], target=sample.target)
-        rows.append((sample, "", "", [], True))
+    for task in tasks:
+        feedback, preference, items = retriever_reads(args, *texts[task.key], target=task.target)
+        rows.append((task, "", "", [], True))
         if feedback or preference or items:
-            rows.append((sample, feedback, preference, items, False))
+            rows.append((task, feedback, preference, items, False))
     return tuple(list(column) for column in zip(*rows))
 
 
@@ -1548,7 +1542,7 @@ def train_retriever(run: Run, args: Args, data: Data) -> dict:
     torch.manual_seed(args.seed)
     nodes, edges = item_graph(data.catalog)
     node_embeddings = run.gather([pretrain_lightgcn(nodes, edges, len(data.catalog), args) if run.main else None])[0]
-    encoders = Retriever(
+    embedder = Retriever(  # the frozen encoders, its head untrained: they embed the turns once
         FusionHead(data.catalog.encode(["x"]).shape[1], args.gcn_dim), nodes, node_embeddings, data.catalog
     )
     started = time.time()
@@ -1556,8 +1550,8 @@ def train_retriever(run: Run, args: Args, data: Data) -> dict:
     def encode(batch: list[str], keep_end: bool) -> np.ndarray:
         return encode_over_ranks(run, data.catalog, batch, keep_end)
 
-    train = encoders.training_turns(*retriever_examples(data.train, texts, args), encode=encode)
-    held_out = encoders.training_turns(*retriever_examples(data.held_out, texts, args), encode=encode)
+    train = embedder.training_turns(*retriever_examples(data.train, texts, args), encode=encode)
+    held_out = embedder.training_turns(*retriever_examples(data.held_out, texts, args), encode=encode)
     encoding = {"perf/retriever_encode_seconds": time.time() - started}
     items = (node_embeddings[: len(data.catalog)], torch.from_numpy(data.catalog.embeddings()))
     on_device = [t.to(run.device) for t in items]
@@ -1640,31 +1634,19 @@ def fit_fusion_head(
     head = FusionHead(train.texts.shape[-1], item_graph.shape[-1], views).to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=args.retriever_lr)
     generator = torch.Generator().manual_seed(args.seed)
-    width = item_graph.shape[-1]
     best, best_found, best_key, waited, history = None, {}, None, 0, []
     for epoch in (bar := tqdm(range(args.retriever_epochs), desc=f"retriever ({views})")):
         started, losses = time.time(), []
         for rows in torch.randperm(len(train), generator=generator).split(args.retriever_batch_size):
+            # ALGO LOGIC: Eq. 12 on a shuffled mini-batch, each target against --negatives random items, one Adam step
             negatives = sample_negatives(train.excluded(rows, len(item_graph)), args.negatives, generator)
-            rows = rows.to(device)
-            conversations = head(*train.views(rows))
-            items = head.items(item_graph, item_text)
-            candidates = torch.cat([train.targets[rows, None], negatives.to(device)], dim=1)  # the target in column 0
-            products = conversations[:, None, :] * items[candidates]
-            graph, text = products[..., :width].sum(-1), products[..., width:].sum(-1)
-            loss = info_nce_loss(graph + text)  # Eq. 11's score
-            if views == "both":  # each view's score a retriever by itself
-                loss = loss + info_nce_loss(graph) + info_nce_loss(text)
+            loss = fusion_loss(head, train, rows.to(device), negatives.to(device), item_graph, item_text)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        graph, text = view_scores(head, held_out, head.items(item_graph, item_text))
-        tried = {
-            weights: ranked_recall(weights[0] * graph + weights[1] * text, held_out.targets)
-            for weights in (VIEW_WEIGHTS if views == "both" else [(1.0, 1.0)])
-        }
-        weights, found = max(tried.items(), key=lambda pair: recall_key(pair[1]))  # the first of equals
+        # bookkeeping: the epoch's held-out recall under its best view weighting; the best epoch kept; early stopping
+        weights, found = best_weighting(head, held_out, item_graph, item_text)
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **found, "seconds": time.time() - started})
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", recall_20=f"{found['recall@20']:.3f}")
         if best_key is None or recall_key(found) > best_key:
@@ -1680,6 +1662,32 @@ def fit_fusion_head(
             if waited >= args.retriever_patience:
                 break
     return best, best_found, history
+
+
+def fusion_loss(head: FusionHead, turns: RetrieverTurns, rows, negatives, item_graph, item_text) -> torch.Tensor:
+    """Eq. 12 on Eq. 11's score of the turns at ``rows``, the target in column 0 against its ``negatives``; the fused
+    head adds Eq. 12 on each view's score alone, so that each half is a retriever by itself."""
+    conversations = head(*turns.views(rows))
+    items = head.items(item_graph, item_text)
+    candidates = torch.cat([turns.targets[rows, None], negatives], dim=1)
+    products = conversations[:, None, :] * items[candidates]
+    width = item_graph.shape[-1]
+    graph, text = products[..., :width].sum(-1), products[..., width:].sum(-1)
+    loss = info_nce_loss(graph + text)
+    if head.views == "both":
+        loss = loss + info_nce_loss(graph) + info_nce_loss(text)
+    return loss
+
+
+def best_weighting(head: FusionHead, held_out: RetrieverTurns, item_graph, item_text):
+    """(w_c, w_s), held-out Recall@{1,10,20}: the fused head's best weighting of its two views among VIEW_WEIGHTS
+    (the first of equals); a single view has one."""
+    graph, text = view_scores(head, held_out, head.items(item_graph, item_text))
+    tried = {
+        weights: ranked_recall(weights[0] * graph + weights[1] * text, held_out.targets)
+        for weights in (VIEW_WEIGHTS if head.views == "both" else [(1.0, 1.0)])
+    }
+    return max(tried.items(), key=lambda pair: recall_key(pair[1]))
 
 
 def recall_key(found: dict[str, float]) -> tuple[float, float, float]:
@@ -1743,14 +1751,14 @@ def recommender_sft(run: Run, args: Args, data: Data) -> dict:
     return {"rollout/sft_examples": len(examples)} | fitting_metrics(examples, "sft")
 
 
-def reasoning_examples(run: Run, args: Args, data: Data, samples: list[Sample], retriever, feedback, stats):
+def reasoning_examples(run: Run, args: Args, data: Data, tasks: list[Task], retriever, feedback, stats):
     """The SFT example of each training turn the teacher reasons about in the five-step format (the others are left
     out): the prompt with the retriever's candidates (``sft_candidates``) and the simulator's feedback, the
     teacher's reasoning and the gold RANK LIST."""
     teacher = run.llm(args.teacher_llm, args.batch_size)
-    for start in range(0, len(samples), args.batch_size):
-        batch = samples[start : start + args.batch_size]
-        texts = [feedback[s.key]["feedback"] for s in batch]
+    for start in range(0, len(tasks), args.batch_size):
+        batch = tasks[start : start + args.batch_size]
+        feedback_texts = [feedback[s.key]["feedback"] for s in batch]
         reads = [
             retriever_reads(args, feedback[s.key]["feedback"], "", feedback[s.key]["items"], s.target) for s in batch
         ]
@@ -1760,15 +1768,15 @@ def reasoning_examples(run: Run, args: Args, data: Data, samples: list[Sample], 
         ]
         prompts = [
             recommender_prompt(s, c, text, [], args.list_length, data.catalog)
-            for s, c, text in zip(batch, candidates, texts)
+            for s, c, text in zip(batch, candidates, feedback_texts)
         ]
         attributes = ["; ".join(sorted(attributes_of(data.catalog, s.target))) or "no attributes" for s in batch]
         notes = [TEACHER_NOTE.format(target=s.target, attributes=a) for s, a in zip(batch, attributes)]
         thoughts = teacher_reasoning(teacher, [p + n for p, n in zip(prompts, notes)], args, stats)
-        for sample, prompt, cands, thought in zip(batch, prompts, candidates, thoughts):
+        for task, prompt, cands, thought in zip(batch, prompts, candidates, thoughts):
             if thought:
-                completion = thought + gold_answer(sample.target, cands, args.list_length)
-                yield {"key": sample.key, "prompt": prompt, "completion": completion}
+                completion = thought + gold_answer(task.target, cands, args.list_length)
+                yield {"key": task.key, "prompt": prompt, "completion": completion}
 
 
 def load_policy(run: Run, args: Args, adapters: list[Path], trainable: bool = False):
@@ -1781,14 +1789,14 @@ def load_policy(run: Run, args: Args, adapters: list[Path], trainable: bool = Fa
     return load_merged(args.policy, adapters, run.device, lora, args.seed, args.gradient_checkpointing)
 
 
-def training_dialogue(data: Data, args: Args, position: int) -> Sample:
+def training_dialogue(data: Data, args: Args, position: int) -> Task:
     """The training dialogue at ``position`` of GRPO's stream: the training turns, reshuffled every epoch."""
     epoch, index = divmod(position, len(data.train))
     return random.Random(args.seed + epoch).sample(data.train, len(data.train))[index]
 
 
-def rollout_key(step: int, position: int, sample: Sample) -> str:
-    return f"{step}|{position}|{sample.key}"
+def rollout_key(step: int, position: int, task: Task) -> str:
+    return f"{step}|{position}|{task.key}"
 
 
 def group_examples(groups: list[dict]) -> list[dict]:
@@ -1804,7 +1812,7 @@ def group_examples(groups: list[dict]) -> list[dict]:
     return examples
 
 
-GRPO_EPISODES = "grpo_rollouts.jsonl"  # every GRPO step's episodes, keyed "<step>|<stream position>|<turn key>"
+GRPO_EPISODES = "grpo_episodes.jsonl"  # every GRPO step's episodes, keyed "<step>|<stream position>|<turn key>"
 
 
 def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
@@ -1892,7 +1900,7 @@ def training_episodes(run: Run, args: Args, data: Data, roles: Roles, model, tok
 
     def play(policy):
         for k, turns in rollout(
-            samples=[sample for _, _, sample in stream], roles=replace(roles, policy=policy), data=data,
+            tasks=[task for _, _, task in stream], roles=replace(roles, policy=policy), data=data,
             args=args, n=args.group_size, temperature=args.temperature, training=True, rng=rng,
         ):  # fmt: skip
             yield {"key": rollout_key(*stream[k]), "turns": turns}
@@ -2114,7 +2122,7 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
         roles = Roles(run.count_costs(HFChat(model, tokenizer, args.batch_size)), simulator, retriever, {})
         results = run.map(
             f"eval_{name.replace('-', '')}{control}.jsonl",
-            data.test,
+            data.evaluated,
             lambda todo, roles=roles: evaluation_episodes(todo, roles, data, args),
             desc=f"eval {name}",
         )
@@ -2131,16 +2139,17 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
         del model, roles  # gone before the next policy loads: one policy at a time beside the simulator
         clear_device_cache(garbage_collection=True)
     run.table(f"eval{control}_by_turn", ["policy", "turn", *TURN_METRICS], rows)
-    return metrics | {"eval/examples": len(data.test), "eval/dialogues": len({s.conversation for s in data.test})}
+    dialogues = len({task.conversation for task in data.evaluated})
+    return metrics | {"eval/examples": len(data.evaluated), "eval/dialogues": dialogues}
 
 
-def evaluation_episodes(samples: list[Sample], roles: Roles, data: Data, args: Args):
-    """Each sample's greedy episode through all T turns, as an evaluation record: its target and what each turn
-    keeps (EVAL_FIELDS). Batches of --batch-size samples, each rollout seeded alike."""
-    for start in range(0, len(samples), args.batch_size):
-        batch = samples[start : start + args.batch_size]
+def evaluation_episodes(tasks: list[Task], roles: Roles, data: Data, args: Args):
+    """Each task's greedy episode through all T turns, as an evaluation record: its target and what each turn
+    keeps (EVAL_FIELDS). Batches of --batch-size tasks, each rollout seeded alike."""
+    for start in range(0, len(tasks), args.batch_size):
+        batch = tasks[start : start + args.batch_size]
         episodes = rollout(
-            samples=batch, roles=roles, data=data, args=args, n=1, temperature=0.0, training=False,
+            tasks=batch, roles=roles, data=data, args=args, n=1, temperature=0.0, training=False,
             rng=random.Random(args.seed),
         )  # fmt: skip
         for k, turns in episodes:
@@ -2234,8 +2243,8 @@ def main(args: Args) -> None:
     batches = check_args(args, args.dry_run or launched_processes())
     data = load_data(args)
     if args.dry_run:
-        sizes = {"training turns": len(data.train), "held-out turns": len(data.held_out), "test turns": len(data.test)}
-        sizes |= {"test dialogues": len({s.conversation for s in data.test})}
+        sizes = {"training turns": len(data.train), "held-out turns": len(data.held_out)}
+        sizes |= {"test turns": len(data.evaluated), "test dialogues": len({s.conversation for s in data.evaluated})}
         print_dry_run("smtpo.py", args.dry_run, batches, sizes | {"items": len(data.catalog)})
         if "grpo" in args.stages:
             steps = grpo_steps_planned(args, len(data.train), args.dry_run)
