@@ -1206,7 +1206,7 @@ def gold_answer(target: str, candidates: list[str], n: int) -> str:
 class Roles:
     """What a multi-turn rollout needs: the recommender, the simulator, the retriever and the reference preferences."""
 
-    policy: object
+    policy: object  # GRPO's vLLM engine, or None where the training model samples (``training_episodes``)
     simulator: object
     retriever: Retriever
     references: dict[str, np.ndarray]  # task key -> E_T(P_gold); empty at evaluation (no rewards)
@@ -1252,7 +1252,10 @@ def rollout(
             max_prompt_tokens=args.max_length - args.rec_max_tokens,
         )
         for i, task, fit, cands, outputs in zip(live, batch, fitted, candidates, completions):
-            turn = played_turn(t, task, fit, cands, outputs, feedback[i], substituted[i], roles, data, args, rng)
+            turn = played_turn(
+                t, task, fit=fit, candidates=cands, outputs=outputs, feedback=feedback[i], substituted=substituted[i],
+                roles=roles, data=data, args=args, rng=rng,
+            )  # fmt: skip
             lists[i], preference[i] = listed_titles(turn["ranked"]), turn["preference"]
             if training:  # the update trains exactly the ids that were sampled
                 turn |= {"prompt_ids": outputs[0].prompt_ids, "completion_ids": [c.completion_ids for c in outputs]}
@@ -1270,7 +1273,7 @@ def rollout(
     yield from ((i, episodes[i]) for i in live)
 
 
-def played_turn(t, task, fit, candidates, outputs, feedback, substituted, roles, data, args, rng) -> dict:
+def played_turn(t: int, task: Task, *, fit, candidates, outputs, feedback, substituted, roles, data, args, rng) -> dict:
     """Turn ``t`` of one task's episode, its ``outputs`` sampled: each output's five rewards (training: the task
     has a reference preference), the output the dialogue continues with, its parsed list and preference P_t."""
     texts = [output_prefix(args) + c.text for c in outputs]  # the pre-filled tag belongs to the output's format
@@ -1568,14 +1571,20 @@ def train_retriever(run: Run, args: Args, data: Data) -> dict:
                 run.log_step({f"train_retriever/{views}/{k}": v for k, v in epoch.items()}, epoch["seconds"])
             metrics |= {f"retriever/{views}/{k}": v for k, v in fitted[views][1].items()}
         metrics |= {f"retriever/random/{k}": v for k, v in random_recall(held_out, len(data.catalog)).items()}
-        folder = run.dir / "retriever"
-        folder.mkdir(parents=True, exist_ok=True)
         heads = {views: fitted[views][0] for views in HEADS}
-        torch.save({"nodes": nodes, "node_embeddings": node_embeddings, "heads": heads}, folder / "retriever.pt")
-        (folder / "metrics.json").write_text(json.dumps(metrics))
-        (folder / "steps.json").write_text(json.dumps({"held_out": len(data.held_out)}))
+        save_retriever(run, {"nodes": nodes, "node_embeddings": node_embeddings, "heads": heads}, metrics, data)
     run.barrier()
     return metrics
+
+
+def save_retriever(run: Run, retriever: dict, metrics: dict, data: Data) -> None:
+    """``runs/<run>/retriever/``: the graph embeddings and the three heads, the stage's metrics, and steps.json
+    last (``run.finished``)."""
+    folder = run.dir / "retriever"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(retriever, folder / "retriever.pt")
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "steps.json").write_text(json.dumps({"held_out": len(data.held_out)}))
 
 
 def pattern_recall(state: dict, views: str, turns: RetrieverTurns, item_graph, item_text) -> dict[str, float]:
@@ -1720,7 +1729,7 @@ def recommender_sft(run: Run, args: Args, data: Data) -> dict:
     rows = run.map(
         "recommender_data.jsonl",
         data.train,
-        lambda todo: reasoning_examples(run, args, data, todo, retriever, feedback, stats),
+        lambda todo: reasoning_examples(run, args, data, todo, retriever=retriever, feedback=feedback, stats=stats),
         desc="reasoning",
         every_rank=True,  # the ranks build a vllm: teacher together, those without turns to write too
     )
@@ -1751,7 +1760,7 @@ def recommender_sft(run: Run, args: Args, data: Data) -> dict:
     return {"rollout/sft_examples": len(examples)} | fitting_metrics(examples, "sft")
 
 
-def reasoning_examples(run: Run, args: Args, data: Data, tasks: list[Task], retriever, feedback, stats):
+def reasoning_examples(run: Run, args: Args, data: Data, tasks: list[Task], *, retriever, feedback, stats):
     """The SFT example of each training turn the teacher reasons about in the five-step format (the others are left
     out): the prompt with the retriever's candidates (``sft_candidates``) and the simulator's feedback, the
     teacher's reasoning and the gold RANK LIST."""
@@ -1795,7 +1804,7 @@ def training_dialogue(data: Data, args: Args, position: int) -> Task:
     return random.Random(args.seed + epoch).sample(data.train, len(data.train))[index]
 
 
-def rollout_key(step: int, position: int, task: Task) -> str:
+def episode_key(step: int, position: int, task: Task) -> str:
     return f"{step}|{position}|{task.key}"
 
 
@@ -1831,12 +1840,17 @@ def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
     while not grpo_finished(args, step, stream_position(episodes, step), len(data.train)):
         started = time.time()
         # ALGO LOGIC: roll out with the current policy until the step has its groups; Eq. 14 on --groups-per-step
-        sampled = step_groups(run, args, data, roles, model, tokenizer, step, episodes)
+        sampled = step_groups(
+            run, args, data, roles=roles, model=model, tokenizer=tokenizer, step=step, episodes=episodes
+        )
         trained = sorted(random.Random(f"{args.seed}:{step}").sample(range(len(sampled)), args.groups_per_step))
         iterations = grpo_update(run, args, model, optimizer, scheduler, group_examples([sampled[k] for k in trained]))
         # bookkeeping: the step's curve point and line, a resumable checkpoint every --grpo-save-every steps
-        run.log_step(step_metrics(sampled, trained, iterations), time.time() - started, show=f"grpo step {step + 1}")
-        step, _ = step + 1, bar.update()
+        run.log_step(
+            step_metrics(sampled, trained, iterations), time.time() - started, show=f"grpo step {step + 1}/{total}"
+        )
+        step += 1
+        bar.update()
         if step % args.grpo_save_every == 0:
             save_resumable(run.accelerator, model, run.dir / "grpo", step, optimizer, scheduler)
     bar.close()
@@ -1867,7 +1881,7 @@ def grpo_learner(run: Run, args: Args, data: Data):
     return Roles(engine, simulator, retriever, references), model, tokenizer, optimizer, scheduler, start
 
 
-def step_groups(run: Run, args: Args, data: Data, roles: Roles, model, tokenizer, step: int, episodes: dict):
+def step_groups(run: Run, args: Args, data: Data, *, roles: Roles, model, tokenizer, step: int, episodes: dict):
     """The groups (turns) of GRPO step ``step``, in stream order: rounds of training dialogues from where the stream
     stands, each played (``training_episodes``) and recorded in ``episodes``, until the step has --groups-per-step
     groups. A resumed step replays its rounds from the record, playing only what was not recorded."""
@@ -1882,8 +1896,10 @@ def step_groups(run: Run, args: Args, data: Data, roles: Roles, model, tokenizer
         played = run.map(
             GRPO_EPISODES,
             stream,
-            lambda todo, rng=rng: training_episodes(run, args, data, roles, model, tokenizer, todo, rng),
-            key=lambda item: rollout_key(*item),
+            lambda todo, rng=rng: training_episodes(
+                run, args, data, roles=roles, model=model, tokenizer=tokenizer, stream=todo, rng=rng
+            ),
+            key=lambda item: episode_key(*item),
             desc=f"grpo step {step + 1} episodes",
             every_rank=True,  # the policy samples with its current weights: under ZeRO-3 the ranks gather them
         )
@@ -1894,7 +1910,7 @@ def step_groups(run: Run, args: Args, data: Data, roles: Roles, model, tokenizer
     return [turn for episode in step_episodes for turn in episode["turns"]]
 
 
-def training_episodes(run: Run, args: Args, data: Data, roles: Roles, model, tokenizer, stream: list, rng):
+def training_episodes(run: Run, args: Args, data: Data, *, roles: Roles, model, tokenizer, stream: list, rng):
     """The episode record of each (step, position, training turn) of ``stream``, sampled by the policy as it is
     now: G outputs of every turn, with their token ids and rewards."""
 
@@ -1903,7 +1919,7 @@ def training_episodes(run: Run, args: Args, data: Data, roles: Roles, model, tok
             tasks=[task for _, _, task in stream], roles=replace(roles, policy=policy), data=data,
             args=args, n=args.group_size, temperature=args.temperature, training=True, rng=rng,
         ):  # fmt: skip
-            yield {"key": rollout_key(*stream[k]), "turns": turns}
+            yield {"key": episode_key(*stream[k]), "turns": turns}
 
     if roles.policy is not None:
         yield from play(roles.policy)
@@ -2057,7 +2073,7 @@ def grpo_update(run: Run, args: Args, model, optimizer, scheduler, examples: lis
                 sums[name] += value
         scheduler.step()
         iterations.append(iteration_metrics(run.sum_over_ranks(sums), grad_norm))
-    change = logprob_change(run, args, model, examples, steps[0], accum, frozen)
+    change = logprob_change(run, args, model, examples, batch=steps[0], accum=accum, frozen=frozen)
     return [iteration | change for iteration in iterations]
 
 
@@ -2081,7 +2097,7 @@ def iteration_metrics(totals: dict[str, float], grad_norm) -> dict[str, float]:
     }
 
 
-def logprob_change(run: Run, args: Args, model, examples: list[dict], batch: list[int], accum: int, frozen: dict):
+def logprob_change(run: Run, args: Args, model, examples: list[dict], *, batch: list[int], accum: int, frozen: dict):
     """What the update did to the sampled outputs, the signal it should move: the mean per-token log-prob change
     from pi_old (``frozen``) to the updated policy, over the outputs of positive and of negative advantage. It reads
     the updated policy: one more forward of the outputs, without gradients."""

@@ -496,7 +496,7 @@ def test_prompts_at_the_recipes_lengths_keep_their_instruction_and_the_latest_us
     roles = smtpo.Roles(policy, TalkingSimulator(), Retriever(), {})
     data = smtpo.Data([], [], samples, catalog)
     episodes = smtpo.rollout(
-        samples=samples, roles=roles, data=data, args=args, n=1, temperature=0.0, training=False, rng=random.Random(0)
+        tasks=samples, roles=roles, data=data, args=args, n=1, temperature=0.0, training=False, rng=random.Random(0)
     )
     turns = [t for _, t in episodes]
     assert [len(t) for t in turns] == [5] * len(samples) and len(policy.read) == 5 * len(samples)
@@ -837,7 +837,7 @@ def test_without_the_simulator_no_feedback_is_asked_for_and_the_retriever_reads_
             smtpo, "fitted_recommender_prompt", lambda tok, s, c, f, t, a, cat: smtpo.Fitted("prompt", 0, 0, 0)
         )
         ((_, turns),) = smtpo.rollout(
-            samples=samples,
+            tasks=samples,
             roles=roles,
             data=data,
             args=args,
