@@ -34,7 +34,7 @@ import math
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.catalog import Catalog
-from common.conversations import render_history
+from common.conversations import chat_roles, render_history
 from common.data import DataError, Dialogue, EntityLinker, load_crs_dataset
 from common.distributed import (
     check_division,
@@ -121,7 +121,7 @@ class Args:
     # ------------------------------------------------------------------------------------------- roles
     policy: str = "smollm2-135m"
     """the recommender (paper: deepseek-ai/DeepSeek-R1-Distill-Llama-8B)"""
-    simulator_model: str = "smollm2-135m"
+    user_model: str = "smollm2-135m"
     """the user simulator to tune (paper: meta-llama/Llama-3.1-8B-Instruct)"""
     teacher_llm: str = "hf:smollm2-135m"
     """backend that writes the simulator's feedback, the reasoning and the reference preferences (paper:
@@ -331,7 +331,7 @@ PAPER = Preset(
     ablations={"ablations": "Table 2", "blind_simulator": "Table 3", "noisy_feedback": "Table 3"},
     recipe=(
         "exp_name", "seed", "run_name", "stages", "track", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags",
-        "dataset", "data_dir", "eval_split", "policy", "simulator_model", "teacher_llm", "text_encoder", "batch_size",
+        "dataset", "data_dir", "eval_split", "policy", "user_model", "teacher_llm", "text_encoder", "batch_size",
         "micro_batch_size", "gradient_checkpointing", "save_every", "grpo_save_every", "rollout_backend",
         "vllm_memory", "policies", "dry_run",
     ),
@@ -343,8 +343,9 @@ PRESETS = {"paper": PAPER}
 
 
 @dataclass
-class Sample:
-    """A conversation context ending at a recommendation turn; the item recommended there is the target i*."""
+class Task:
+    """What the recommender is given: a conversation context ending at a recommendation turn; the item recommended
+    there is the target i*."""
 
     key: str
     history: list[dict]  # chat roles: "user" the seeker, "assistant" the recommender
@@ -355,27 +356,23 @@ class Sample:
 
 @dataclass
 class Data:
-    train: list[Sample]
-    held_out: list[Sample]  # a tenth of the training turns, for the retriever's early stopping
-    test: list[Sample]
+    train: list[Task]
+    held_out: list[Task]  # a tenth of the training turns, for the retriever's early stopping
+    evaluated: list[Task]  # the --eval-split turns
     catalog: Catalog
     domain: str = "movie"
 
 
-def make_samples(dialogues: list[Dialogue], titles: set[str], linker: EntityLinker | None = None) -> list[Sample]:
-    """One sample per recommender turn with history whose first recommended item is in the catalog and was not
+def make_tasks(dialogues: list[Dialogue], titles: set[str], linker: EntityLinker | None = None) -> list[Task]:
+    """One task per recommender turn with history whose first recommended item is in the catalog and was not
     mentioned before (the retriever never recalls a mentioned item); I_D is what the dialogue annotates before the
     turn (items and entities, or iEvaLM's context annotations). With a ``linker``, I_D's attribute entities (genres,
     people) are what it finds in the earlier utterances, whatever the release annotates, and its items are the
     annotated ones (ReDial: the official format annotates no entity, iEvaLM's does; docs/smtpo.md)."""
-    samples = []
+    tasks = []
     for dialogue in dialogues:
         for i, turn in enumerate(dialogue.turns):
-            history = [
-                {"role": "user" if t.role == "seeker" else "assistant", "content": t.text}
-                for t in dialogue.turns[:i]
-                if t.text.strip()
-            ]
+            history = chat_roles(dialogue.turns[:i])
             mentioned = dialogue.context_items
             if mentioned is None:
                 mentioned = [m for t in dialogue.turns[:i] for m in t.items + t.entities]
@@ -387,8 +384,8 @@ def make_samples(dialogues: list[Dialogue], titles: set[str], linker: EntityLink
                 continue
             conversation = dialogue.conversation_id or dialogue.dialog_id
             key = f"{dialogue.dialog_id}:{i}"
-            samples.append(Sample(key, history, list(dict.fromkeys(mentioned)), targets[0], conversation))
-    return samples
+            tasks.append(Task(key, history, list(dict.fromkeys(mentioned)), targets[0], conversation))
+    return tasks
 
 
 def entity_linker(catalog: Catalog) -> EntityLinker:
@@ -402,27 +399,26 @@ def load_data(args: Args) -> Data:
     with the attributes of the dataset's KG (common/data.py's ``load_crs_dataset``: no evaluated conversation
     trains)."""
     dataset = load_crs_dataset(args.dataset, args.data_dir, args.eval_split)
-    train, evaluated = dataset.train, dataset.evaluated
     catalog = Catalog(dataset.items, encoder=args.text_encoder)
     titles = set(catalog.titles)
     linker = entity_linker(catalog) if args.dataset == "redial" else None  # one I_D for training and test
-    samples = make_samples(train, titles, linker)
-    random.Random(args.seed).shuffle(samples)
+    tasks = make_tasks(dataset.train, titles, linker)
+    random.Random(args.seed).shuffle(tasks)
     if args.num_train:  # a tenth more than --num-train, held out: every held-out turn costs teacher calls
-        samples = samples[: args.num_train + max(1, args.num_train // 10)]
-    held_out = samples[: max(1, len(samples) // 10)]
-    train_samples = samples[len(held_out) :]
-    test = first_conversations(make_samples(evaluated, titles, linker), args.num_test)
-    if not train_samples or not test:
-        raise DataError(f"{args.dataset}: {len(train_samples)} training and {len(test)} test turns with a target")
-    return Data(train_samples, held_out, test, catalog)
+        tasks = tasks[: args.num_train + max(1, args.num_train // 10)]
+    held_out = tasks[: max(1, len(tasks) // 10)]
+    train_tasks = tasks[len(held_out) :]
+    evaluated = first_conversations(make_tasks(dataset.evaluated, titles, linker), args.num_test)
+    if not train_tasks or not evaluated:
+        raise DataError(f"{args.dataset}: {len(train_tasks)} training and {len(evaluated)} test turns with a target")
+    return Data(train_tasks, held_out, evaluated, catalog)
 
 
-def first_conversations(samples: list[Sample], count: int) -> list[Sample]:
+def first_conversations(tasks: list[Task], count: int) -> list[Task]:
     """Every context of the first ``count`` conversations, in file order (0: all): --num-test counts dialogues, and
     a dialogue with several recommendation turns brings each of them."""
-    kept = set(list(dict.fromkeys(s.conversation for s in samples))[: count or None])
-    return [s for s in samples if s.conversation in kept]
+    kept = set(list(dict.fromkeys(s.conversation for s in tasks))[: count or None])
+    return [s for s in tasks if s.conversation in kept]
 
 
 def check_args(args: Args, world: int) -> list[str]:
@@ -541,21 +537,21 @@ IRRELEVANT_CHAT = (
 )
 
 
-def mentioned_text(sample: Sample) -> str:
-    return ", ".join(sample.mentioned) or "(nothing)"
+def mentioned_text(task: Task) -> str:
+    return ", ".join(task.mentioned) or "(nothing)"
 
 
-def feedback_prompt(sample: Sample, recommendations: list[str], catalog: Catalog, target_note: bool = False) -> str:
+def feedback_prompt(task: Task, recommendations: list[str], catalog: Catalog, target_note: bool = False) -> str:
     """Task 1, feedback generation (D, I_D, R) -> F; the teacher's version also shows the target (Eq. 3)."""
     listing = (
         "\n".join(f"{k}. {catalog.card(t, CARD_FIELDS)}" for k, t in enumerate(recommendations, 1)) or "(none yet)"
     )
     prompt = FEEDBACK_PROMPT.format(
-        history=render_history(sample.history), mentioned=mentioned_text(sample), recommendations=listing
+        history=render_history(task.history), mentioned=mentioned_text(task), recommendations=listing
     )
     if target_note:
-        attributes = "; ".join(sorted(attributes_of(catalog, sample.target))) or "no attributes"
-        prompt += FEEDBACK_TARGET_NOTE.format(target=sample.target, attributes=attributes)
+        attributes = "; ".join(sorted(attributes_of(catalog, task.target))) or "no attributes"
+        prompt += FEEDBACK_TARGET_NOTE.format(target=task.target, attributes=attributes)
     return prompt
 
 
@@ -567,18 +563,18 @@ def candidate_line(catalog: Catalog, title: str) -> str:
 
 
 def recommender_prompt(
-    sample: Sample, candidates: list[str], feedback: str, turns: list[dict], n: int, catalog: Catalog, drop: int = 0
+    task: Task, candidates: list[str], feedback: str, turns: list[dict], n: int, catalog: Catalog, drop: int = 0
 ) -> str:
     """Q = {Inst, D, I_D, I_cand, F}, with the earlier turns compressed to their feedback and lists (METHODS 3.9.8).
     ``drop`` leaves out that many of the prompt's droppable parts (``droppable_parts``), the oldest first: the
     dialogue's utterances before its latest user utterance, then the earlier turns' lines, the latest one last. The
     instruction, I_D, the candidates, the latest user utterance and what follows it in the dialogue, the latest
     preference, the feedback and the generation header always stay."""
-    history = render_history(sample.history)
+    history = render_history(task.history)
     in_dialogue = droppable_utterances(history)
     return RECOMMENDER_PROMPT.format(
         history=drop_utterances(history, min(drop, in_dialogue)),
-        mentioned=mentioned_text(sample),
+        mentioned=mentioned_text(task),
         context=turn_context(turns, max(drop - in_dialogue, 0)),
         feedback=feedback or "(none yet)",
         candidates="\n".join(f"- {candidate_line(catalog, t)}" for t in candidates),
@@ -586,14 +582,14 @@ def recommender_prompt(
     )
 
 
-def droppable_parts(sample: Sample, turns: list[dict]) -> int:
+def droppable_parts(task: Task, turns: list[dict]) -> int:
     """How many parts of a recommender prompt may be left out to fit it: the dialogue's utterances before its latest
     user utterance, and the earlier turns' lines."""
-    return droppable_utterances(render_history(sample.history)) + len(turns)
+    return droppable_utterances(render_history(task.history)) + len(turns)
 
 
 def fitted_recommender_prompt(
-    tokenizer, sample: Sample, candidates: list[str], feedback: str, turns: list[dict], args: Args, catalog: Catalog
+    tokenizer, task: Task, candidates: list[str], feedback: str, turns: list[dict], args: Args, catalog: Catalog
 ) -> Fitted:
     """The recommender prompt that fits the policy's window beside its output (--max-length minus --rec-max-tokens,
     counted in the policy's chat template with its generation header and pre-filled tag), the oldest dialogue lines
@@ -601,8 +597,8 @@ def fitted_recommender_prompt(
     prefix = output_prefix(args)
     return fit_prompt(
         lambda text: prompt_length(tokenizer, [{"role": "user", "content": text}], prefix),
-        lambda k: recommender_prompt(sample, candidates, feedback, turns, args.list_length, catalog, k),
-        droppable_parts(sample, turns),
+        lambda k: recommender_prompt(task, candidates, feedback, turns, args.list_length, catalog, k),
+        droppable_parts(task, turns),
         args.max_length - args.rec_max_tokens,
     )
 
@@ -816,6 +812,23 @@ def grpo_loss(policy_logps, old_logps, ref_logps, advantages, mask, epsilon: flo
     return (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
+@torch.no_grad()
+def grpo_diagnostics(policy_logps, old_logps, ref_logps, advantages, token_weights, epsilon: float) -> dict:
+    """What Eq. 14's terms did on a micro-batch, from the update's own log-probs, summed over the output tokens
+    (``token_weights``: the output mask times the padding weights): the k3 KL, the tokens, and TRL's clipped tokens
+    (the ratio below 1 - eps where A < 0, above 1 + eps where A > 0)."""
+    ratio = torch.exp(policy_logps - old_logps)
+    kl = torch.exp(ref_logps - policy_logps) - (ref_logps - policy_logps) - 1
+    low = (ratio < 1 - epsilon) & (advantages[:, None] < 0)
+    high = (ratio > 1 + epsilon) & (advantages[:, None] > 0)
+    return {
+        "kl": (kl * token_weights).sum().item(),
+        "tokens": token_weights.sum().item(),
+        "low": (low * token_weights).sum().item(),
+        "high": (high * token_weights).sum().item(),
+    }
+
+
 # =============================================================================================== retriever (Sec. 3.3)
 
 
@@ -941,12 +954,12 @@ class Retriever:
         embeddings = torch.from_numpy(np.concatenate([dialogues[:, None], others], axis=1))
         return embeddings, torch.tensor([[bool(t) for t in row] for row in texts])
 
-    def embed_entities(self, samples: list[Sample], lists) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_entities(self, tasks: list[Task], lists) -> tuple[torch.Tensor, torch.Tensor]:
         """(entities [B, M, Dc], mask [B, M]): the graph embeddings of I_D and the list R."""
-        names = [[n for n in s.mentioned + list(r) if n in self.node_index] for s, r in zip(samples, lists)]
+        names = [[n for n in s.mentioned + list(r) if n in self.node_index] for s, r in zip(tasks, lists)]
         width = max(1, max(len(n) for n in names))
-        entities = torch.zeros(len(samples), width, self.node_embeddings.shape[1])
-        entity_mask = torch.zeros(len(samples), width, dtype=torch.bool)
+        entities = torch.zeros(len(tasks), width, self.node_embeddings.shape[1])
+        entity_mask = torch.zeros(len(tasks), width, dtype=torch.bool)
         for row, row_names in enumerate(names):
             for column, name in enumerate(row_names):
                 entities[row, column] = self.node_embeddings[self.node_index[name]]
@@ -954,28 +967,26 @@ class Retriever:
         entity_mask[:, 0] |= ~entity_mask.any(1)  # nothing known: attend to a zero vector
         return entities, entity_mask
 
-    def conversation_inputs(
-        self, samples: list[Sample], feedback: list[str], preference: list[str], lists, encode=None
-    ):
+    def conversation_inputs(self, tasks: list[Task], feedback: list[str], preference: list[str], lists, encode=None):
         """(texts, text_mask, entities, entity_mask) for a batch of turns."""
-        texts = [[render_history(s.history), f, p] for s, f, p in zip(samples, feedback, preference)]
-        return *self.embed_texts(texts, encode), *self.embed_entities(samples, lists)
+        texts = [[render_history(s.history), f, p] for s, f, p in zip(tasks, feedback, preference)]
+        return *self.embed_texts(texts, encode), *self.embed_entities(tasks, lists)
 
-    def training_turns(self, samples: list[Sample], feedback, preference, lists, first_turn, encode=None):
-        """``samples`` as the fusion head trains and early-stops on them: the frozen encoders' views, computed once
+    def training_turns(self, tasks: list[Task], feedback, preference, lists, first_turn, encode=None):
+        """``tasks`` as the fusion head trains and early-stops on them: the frozen encoders' views, computed once
         (``encode``: over the ranks, in training)."""
         titles = {title: k for k, title in enumerate(self.catalog.titles)}
-        mentioned = [[titles[t] for t in s.mentioned if t in titles] for s in samples]
-        targets = torch.tensor([titles[s.target] for s in samples])
-        views = self.conversation_inputs(samples, feedback, preference, lists, encode)
+        mentioned = [[titles[t] for t in s.mentioned if t in titles] for s in tasks]
+        targets = torch.tensor([titles[s.target] for s in tasks])
+        views = self.conversation_inputs(tasks, feedback, preference, lists, encode)
         return RetrieverTurns(*views, targets, mentioned, torch.tensor(first_turn, dtype=torch.bool))
 
     @torch.no_grad()
-    def retrieve(self, samples, feedback, preference, lists, k: int) -> list[list[str]]:
-        scores = self.head(*self.conversation_inputs(samples, feedback, preference, lists)) @ self.item_matrix.T
+    def retrieve(self, tasks, feedback, preference, lists, k: int) -> list[list[str]]:
+        scores = self.head(*self.conversation_inputs(tasks, feedback, preference, lists)) @ self.item_matrix.T
         results = []
-        for row, sample in zip(scores, samples):
-            mentioned = set(sample.mentioned)
+        for row, task in zip(scores, tasks):
+            mentioned = set(task.mentioned)
             ranked = [self.catalog.titles[j] for j in row.argsort(descending=True).tolist()]
             results.append([t for t in ranked if t not in mentioned][:k])
         return results
@@ -1072,61 +1083,61 @@ def random_recall(turns: RetrieverTurns, num_items: int, ks=(1, 10, 20)) -> dict
 # =============================================================================================== the simulator
 
 
-def simulator_lists(sample: Sample, catalog: Catalog, n: int, rng: random.Random) -> dict[str, list[str]]:
+def simulator_lists(task: Task, catalog: Catalog, n: int, rng: random.Random) -> dict[str, list[str]]:
     """The four recommendation lists R_human_D (Sec. 3.2.1): hard negatives share the most attributes with the
     target, easy ones the fewest (ties broken at random); H+ and S+ hold the target, H- and S- do not."""
-    wanted = attributes_of(catalog, sample.target)
-    pool = [t for t in catalog.titles if t != sample.target and t not in set(sample.mentioned)]
+    wanted = attributes_of(catalog, task.target)
+    pool = [t for t in catalog.titles if t != task.target and t not in set(task.mentioned)]
     overlap = {t: len(wanted & attributes_of(catalog, t)) for t in pool}
     hard = sorted(pool, key=lambda t: (-overlap[t], rng.random()))[:n]
     easy = sorted(pool, key=lambda t: (overlap[t], rng.random()))[:n]
-    lists = {"H+": hard[: n - 1] + [sample.target], "H-": hard, "S+": easy[: n - 1] + [sample.target], "S-": easy}
+    lists = {"H+": hard[: n - 1] + [task.target], "H-": hard, "S+": easy[: n - 1] + [task.target], "S-": easy}
     for items in lists.values():
         rng.shuffle(items)
     return lists
 
 
-def simulator_jobs(sample: Sample, catalog: Catalog, args: Args) -> tuple[list[dict], list[dict]]:
+def simulator_jobs(task: Task, catalog: Catalog, args: Args) -> tuple[list[dict], list[dict]]:
     """(feedback jobs for the teacher, finished examples) of one training turn, seeded by the turn so that every
     rank and rerun draws the same lists: task 1 (feedback on each list), task 2 (the target and its attributes),
     task 3 (Yes/No on the target and on negatives from the lists)."""
-    rng = random.Random(f"{args.seed}:{sample.key}")
-    lists = simulator_lists(sample, catalog, args.list_length, rng)
+    rng = random.Random(f"{args.seed}:{task.key}")
+    lists = simulator_lists(task, catalog, args.list_length, rng)
     jobs = [
         {
-            "key": f"{sample.key}|feedback|{kind}",
+            "key": f"{task.key}|feedback|{kind}",
             "task": "feedback",
             "list": kind,
-            "teacher_prompt": feedback_prompt(sample, items, catalog, target_note=True),
-            "prompt": feedback_prompt(sample, items, catalog),
+            "teacher_prompt": feedback_prompt(task, items, catalog, target_note=True),
+            "prompt": feedback_prompt(task, items, catalog),
         }
         for kind, items in rng.sample(sorted(lists.items()), args.simulator_lists)
     ]
     if "single-task-simulator" in args.ablations:  # feedback generation alone
         return jobs, []
-    history, mentioned = render_history(sample.history), mentioned_text(sample)
-    attributes = "; ".join(sorted(attributes_of(catalog, sample.target))) or "no attributes"
+    history, mentioned = render_history(task.history), mentioned_text(task)
+    attributes = "; ".join(sorted(attributes_of(catalog, task.target))) or "no attributes"
     examples = [
         {
-            "key": f"{sample.key}|alignment",
+            "key": f"{task.key}|alignment",
             "task": "alignment",
             "prompt": ALIGNMENT_PROMPT.format(history=history, mentioned=mentioned),
-            "completion": f"{sample.target}; {attributes}",
+            "completion": f"{task.target}; {attributes}",
         }
     ]
-    negatives = list(dict.fromkeys(t for items in lists.values() for t in items if t != sample.target))
-    for title in ([sample.target] + negatives)[: args.simulator_predictions]:
+    negatives = list(dict.fromkeys(t for items in lists.values() for t in items if t != task.target))
+    for title in ([task.target] + negatives)[: args.simulator_predictions]:
         prompt = PREDICTION_PROMPT.format(history=history, mentioned=mentioned, item=catalog.card(title, CARD_FIELDS))
-        answer = "Yes" if title == sample.target else "No"
+        answer = "Yes" if title == task.target else "No"
         examples.append(
-            {"key": f"{sample.key}|prediction|{title}", "task": "prediction", "prompt": prompt, "completion": answer}
+            {"key": f"{task.key}|prediction|{title}", "task": "prediction", "prompt": prompt, "completion": answer}
         )
     return jobs, examples
 
 
 def simulate_feedback(
     simulator,
-    samples: list[Sample],
+    tasks: list[Task],
     lists: list[list[str]],
     catalog: Catalog,
     args: Args,
@@ -1138,9 +1149,9 @@ def simulate_feedback(
     feedback). With ``controls``, Table 3's: a blind simulator never sees the list (--blind-simulator); noisy
     feedback is irrelevant chat (--noisy-feedback)."""
     if controls and args.noisy_feedback:
-        return [rng.choice(IRRELEVANT_CHAT) for _ in samples], [False] * len(samples)
+        return [rng.choice(IRRELEVANT_CHAT) for _ in tasks], [False] * len(tasks)
     blind = controls and args.blind_simulator
-    prompts = [feedback_prompt(s, [] if blind else items, catalog) for s, items in zip(samples, lists)]
+    prompts = [feedback_prompt(s, [] if blind else items, catalog) for s, items in zip(tasks, lists)]
     outputs = simulator.chat([[{"role": "user", "content": p}] for p in prompts], max_tokens=args.feedback_max_tokens)
     texts = [" ".join(text.split()) for (text,) in outputs]
     return [text or STOCK_FEEDBACK for text in texts], [not text for text in texts]
@@ -1195,14 +1206,15 @@ def gold_answer(target: str, candidates: list[str], n: int) -> str:
 class Roles:
     """What a multi-turn rollout needs: the recommender, the simulator, the retriever and the reference preferences."""
 
-    policy: object
+    policy: object  # GRPO's vLLM engine, or None where the training model samples (``training_episodes``)
     simulator: object
     retriever: Retriever
-    references: dict[str, np.ndarray]  # sample key -> E_T(P_gold); empty at evaluation (no rewards)
+    references: dict[str, np.ndarray]  # task key -> E_T(P_gold); empty at evaluation (no rewards)
 
 
 def rollout(
-    samples: list[Sample],
+    *,
+    tasks: list[Task],
     roles: Roles,
     data: Data,
     args: Args,
@@ -1210,90 +1222,97 @@ def rollout(
     temperature: float,
     training: bool,
     rng: random.Random,
-) -> list[list[dict]]:
-    """T turns of each sample's interaction (METHODS.md 3.5), batched across samples: retrieve the candidates from
+):
+    """T turns of each task's interaction (METHODS.md 3.5), batched across tasks: retrieve the candidates from
     (D, F_t, P_{t-1}, I_D, R_{t-1}), sample ``n`` outputs of one shared prompt (one prefill), score each output
     with the five rewards, continue with one format-valid output (random, or the best with --continuation best),
     and ask the simulator for F_{t+1}. Training rollouts stop once the target is ranked first (METHODS.md 3.9.3);
-    evaluation runs all T turns, under Table 3's controls if asked. Returns each sample's turns."""
-    feedback, preference, lists = [""] * len(samples), [""] * len(samples), [[] for _ in samples]
-    substituted = [False] * len(samples)  # F_t is the stock line: the simulator wrote nothing
-    turns: list[list[dict]] = [[] for _ in samples]
-    live = list(range(len(samples)))
+    evaluation runs all T turns, under Table 3's controls if asked. Yields (k, turns) for ``tasks[k]`` as its
+    episode ends."""
+    feedback, preference, lists = [""] * len(tasks), [""] * len(tasks), [[] for _ in tasks]
+    substituted = [False] * len(tasks)  # F_t is the stock line: the simulator wrote nothing
+    episodes: list[list[dict]] = [[] for _ in tasks]  # each task's turns so far
+    live = list(range(len(tasks)))
     for t in range(1, args.max_turns + 1):
         if not live:
             break
-        batch = [samples[i] for i in live]
+        batch = [tasks[i] for i in live]
         reads = [retriever_reads(args, feedback[i], preference[i], lists[i]) for i in live]
         candidates = roles.retriever.retrieve(batch, *[list(column) for column in zip(*reads)], args.num_candidates)
         fitted = [
-            fitted_recommender_prompt(roles.policy.tokenizer, s, c, feedback[i], turns[i], args, data.catalog)
+            fitted_recommender_prompt(roles.policy.tokenizer, s, c, feedback[i], episodes[i], args, data.catalog)
             for i, s, c in zip(live, batch, candidates)
         ]
-        prompts = [f.text for f in fitted]
-        prefix = output_prefix(args)
         completions = roles.policy.complete(
-            [[{"role": "user", "content": p}] for p in prompts],
+            [[{"role": "user", "content": f.text}] for f in fitted],
             n=n,
             temperature=temperature,
             max_tokens=args.rec_max_tokens,
-            prefix=prefix,
+            prefix=output_prefix(args),
             max_prompt_tokens=args.max_length - args.rec_max_tokens,
         )
-        for i, sample, fit, cands, samples_i in zip(live, batch, fitted, candidates, completions):
-            texts = [prefix + c.text for c in samples_i]  # the pre-filled tag belongs to the output's format
-            rewards = []
-            if sample.key in roles.references:
-                steps = [preference_text(text) for text in texts]
-                vectors = data.catalog.encode([p or " " for p in steps])
-                rewards = [
-                    output_rewards(
-                        text,
-                        cands,
-                        sample.target,
-                        vector if step else None,
-                        roles.references[sample.key],
-                        args.list_length,
-                    )
-                    for text, step, vector in zip(texts, steps, vectors)
-                ]
-            valid = continuable(texts, cands)
-            if args.continuation == "best" and rewards:
-                chosen = max(range(len(texts)), key=lambda k: rewards[k]["total"])
-            else:
-                chosen = rng.choice(valid) if valid else 0
-            ranked = (parse_rank_list(texts[chosen], cands) or [])[: args.list_length]
-            lists[i], preference[i] = listed_titles(ranked), preference_text(texts[chosen])
-            turn = {
-                "turn": t,
-                "feedback": feedback[i],
-                "feedback_substituted": substituted[i],
-                "candidates": cands,
-                "target_in_candidates": sample.target in cands,
-                "prompt": fit.text,
-                "prompt_parts_dropped": fit.dropped_parts,  # dialogue lines and earlier turns left out to fit
-                "prompt_tokens_dropped": fit.dropped_tokens,
-                "prompt_over_budget": fit.tokens > args.max_length - args.rec_max_tokens,  # the sampler cuts it
-                "outputs": texts,
-                "rewards": rewards,
-                "chosen": chosen,
-                "fallback": not valid,  # no output named a candidate: the dialogue went on with output 0
-                "ranked": ranked,
-                "preference": preference[i],
-            }
+        for i, task, fit, cands, outputs in zip(live, batch, fitted, candidates, completions):
+            turn = played_turn(
+                t, task, fit=fit, candidates=cands, outputs=outputs, feedback=feedback[i], substituted=substituted[i],
+                roles=roles, data=data, args=args, rng=rng,
+            )  # fmt: skip
+            lists[i], preference[i] = listed_titles(turn["ranked"]), turn["preference"]
             if training:  # the update trains exactly the ids that were sampled
-                turn |= {"prompt_ids": samples_i[0].prompt_ids, "completion_ids": [c.completion_ids for c in samples_i]}
-            turns[i].append(turn)
+                turn |= {"prompt_ids": outputs[0].prompt_ids, "completion_ids": [c.completion_ids for c in outputs]}
+            episodes[i].append(turn)
         if training:
-            live = [i for i in live if not (turns[i][-1]["ranked"][:1] == [samples[i].target])]
+            yield from ((i, episodes[i]) for i in live if episodes[i][-1]["ranked"][:1] == [tasks[i].target])
+            live = [i for i in live if not (episodes[i][-1]["ranked"][:1] == [tasks[i].target])]
         if t < args.max_turns and live and "no-feedback" not in args.ablations:  # w/o Feedback: no simulator
-            batch_lists = [lists[i] for i in live]
+            batch, batch_lists = [tasks[i] for i in live], [lists[i] for i in live]
             new, stock = simulate_feedback(
-                roles.simulator, [samples[i] for i in live], batch_lists, data.catalog, args, rng, controls=not training
+                roles.simulator, batch, batch_lists, data.catalog, args, rng, controls=not training
             )
             for i, text, flag in zip(live, new, stock):
                 feedback[i], substituted[i] = text, flag
-    return turns
+    yield from ((i, episodes[i]) for i in live)
+
+
+def played_turn(t: int, task: Task, *, fit, candidates, outputs, feedback, substituted, roles, data, args, rng) -> dict:
+    """Turn ``t`` of one task's episode, its ``outputs`` sampled: each output's five rewards (training: the task
+    has a reference preference), the output the dialogue continues with, its parsed list and preference P_t."""
+    texts = [output_prefix(args) + c.text for c in outputs]  # the pre-filled tag belongs to the output's format
+    rewards = []
+    if task.key in roles.references:
+        rewards = sampled_rewards(texts, candidates, task.target, roles.references[task.key], data.catalog, args)
+    valid = continuable(texts, candidates)
+    if args.continuation == "best" and rewards:
+        chosen = max(range(len(texts)), key=lambda k: rewards[k]["total"])
+    else:
+        chosen = rng.choice(valid) if valid else 0
+    ranked = (parse_rank_list(texts[chosen], candidates) or [])[: args.list_length]
+    return {
+        "turn": t,
+        "feedback": feedback,
+        "feedback_substituted": substituted,
+        "candidates": candidates,
+        "target_in_candidates": task.target in candidates,
+        "prompt": fit.text,
+        "prompt_parts_dropped": fit.dropped_parts,  # dialogue lines and earlier turns left out to fit
+        "prompt_tokens_dropped": fit.dropped_tokens,
+        "prompt_over_budget": fit.tokens > args.max_length - args.rec_max_tokens,  # the sampler cuts it
+        "outputs": texts,
+        "rewards": rewards,
+        "chosen": chosen,
+        "fallback": not valid,  # no output named a candidate: the dialogue went on with output 0
+        "ranked": ranked,
+        "preference": preference_text(texts[chosen]),
+    }
+
+
+def sampled_rewards(texts: list[str], candidates: list[str], target: str, reference, catalog: Catalog, args: Args):
+    """The five rewards of each sampled output (Eq. 15-19), its Step 1 embedded for Eq. 19's preference reward."""
+    steps = [preference_text(text) for text in texts]
+    vectors = catalog.encode([p or " " for p in steps])
+    return [
+        output_rewards(text, candidates, target, vector if step else None, reference, args.list_length)
+        for text, step, vector in zip(texts, steps, vectors)
+    ]
 
 
 # =============================================================================================== stages (Fig. 2)
@@ -1336,15 +1355,16 @@ def output_prefix(args: Args) -> str:
     return THINK_PREFIX if args.think_prefill else ""
 
 
-def teacher_texts(run: Run, args: Args, records, jobs: list[dict], max_tokens: int, fallback=None) -> None:
-    """The teacher's answer to each job's ``teacher_prompt`` (not empty; retried once, else ``fallback(job)`` or
-    dropped), appended to ``records`` as the job's completion. Jobs already there are skipped."""
-    done = records.done_keys()
-    jobs = [j for j in jobs if j["key"] not in done]
-    if not any(run.gather([bool(jobs)])):  # the ranks build a vllm: teacher together, those without jobs too
+def teacher_completions(run: Run, args: Args, jobs: list[dict], max_tokens: int, fallback=None):
+    """Each job with the teacher's answer to its ``teacher_prompt`` as its completion (not empty; retried once, else
+    ``fallback(job)`` or dropped); a job without a ``teacher_prompt`` is finished as it is. A collective (``run.map``
+    with ``every_rank``): the ranks build a vllm: teacher together, those without jobs too."""
+    yield from (job for job in jobs if "teacher_prompt" not in job)
+    jobs = [job for job in jobs if "teacher_prompt" in job]
+    if not any(run.gather([bool(jobs)])):
         return
     teacher, stats = run.llm(args.teacher_llm, args.batch_size), ParseStats()
-    for start in tqdm(range(0, len(jobs), args.batch_size), desc=records.path.stem, disable=not jobs):
+    for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start : start + args.batch_size]
         conversations = [[{"role": "user", "content": j["teacher_prompt"]}] for j in batch]
         texts, _ = chat_parsed(
@@ -1353,7 +1373,7 @@ def teacher_texts(run: Run, args: Args, records, jobs: list[dict], max_tokens: i
         for job, text in zip(batch, texts):
             text = text or (fallback(job) if fallback else None)
             if text:
-                records.append({k: v for k, v in job.items() if k != "teacher_prompt"} | {"completion": text})
+                yield {k: v for k, v in job.items() if k != "teacher_prompt"} | {"completion": text}
     run.count(stats.metrics("rollout/teacher_"))
 
 
@@ -1369,7 +1389,7 @@ def load_simulator(run: Run, args: Args):
         )
     if not adapters and run.main:
         print("--untrained-simulator: the base model gives the feedback")
-    model, tokenizer = load_merged(args.simulator_model, adapters, run.device)
+    model, tokenizer = load_merged(args.user_model, adapters, run.device)
     return run.count_costs(HFChat(model, tokenizer, args.batch_size))
 
 
@@ -1381,18 +1401,17 @@ def train_simulator(run: Run, args: Args, data: Data) -> dict:
     if "no-feedback" in args.ablations:
         print("--ablations no-feedback: no simulator is trained") if run.main else None
         return {}
-    records = run.records("simulator_data.jsonl")
-    done, jobs = records.done_keys(), []
-    for sample in run.shard(data.train):
-        feedback_jobs, examples = simulator_jobs(sample, data.catalog, args)
-        for example in (e for e in examples if e["key"] not in done):
-            records.append(example)
-        jobs += feedback_jobs
-    teacher_texts(run, args, records, jobs, args.feedback_max_tokens)
-    rows = sorted(run.exchange(records), key=lambda r: r["key"])
+    jobs, examples = zip(*(simulator_jobs(task, data.catalog, args) for task in data.train))
+    rows = run.map(
+        "simulator_data.jsonl",
+        [example for part in examples for example in part] + [job for part in jobs for job in part],
+        lambda todo: teacher_completions(run, args, todo, args.feedback_max_tokens),
+        every_rank=True,
+    )
+    rows.sort(key=lambda r: r["key"])
     run.save_dataset("simulator", [sft_row(r["prompt"], r["completion"]) | {"task": r["task"]} for r in rows])
     model, tokenizer = load_merged(
-        args.simulator_model, [], run.device, (args.lora_rank, args.lora_alpha), args.seed, args.gradient_checkpointing
+        args.user_model, [], run.device, (args.lora_rank, args.lora_alpha), args.seed, args.gradient_checkpointing
     )
     examples = [encode_example(tokenizer, r["prompt"], r["completion"], args.max_length) for r in rows]
     model = supervised_finetuning(
@@ -1409,60 +1428,54 @@ def train_simulator(run: Run, args: Args, data: Data) -> dict:
         metric_prefix="train_simulator",
     )
     save_final(run.accelerator, model, run.dir / "simulator_adapter", {"examples": len(examples)})
-    tasks = [r["task"] for r in rows]
-    counts = {f"simulator/{task}_examples": tasks.count(task) for task in ("feedback", "alignment", "prediction")}
+    kinds = [r["task"] for r in rows]
+    counts = {f"simulator/{kind}_examples": kinds.count(kind) for kind in ("feedback", "alignment", "prediction")}
     return counts | fitting_metrics(examples, "simulator")
 
 
-def reference_preferences(run: Run, args: Args, data: Data, samples: list[Sample]) -> dict[str, str]:
+def reference_preferences(run: Run, args: Args, data: Data, tasks: list[Task]) -> dict[str, str]:
     """P_gold per training turn: the teacher's one-sentence summary of the user's taste, shown the target and its
     attributes (METHODS.md 3.9.4); "The user likes <attributes>" where the teacher writes nothing."""
 
-    def job(sample: Sample) -> dict:
-        attributes = ", ".join(sorted(attributes_of(data.catalog, sample.target))) or "movies like it"
+    def job(task: Task) -> dict:
+        attributes = ", ".join(sorted(attributes_of(data.catalog, task.target))) or "movies like it"
         prompt = PREFERENCE_PROMPT.format(
-            history=render_history(sample.history), target=sample.target, attributes=attributes
+            history=render_history(task.history), target=task.target, attributes=attributes
         )
-        return {"key": sample.key, "teacher_prompt": prompt, "fallback": f"The user likes {attributes}."}
+        return {"key": task.key, "teacher_prompt": prompt, "fallback": f"The user likes {attributes}."}
 
-    records = run.records("preferences.jsonl")
-    teacher_texts(
-        run,
-        args,
-        records,
-        [job(s) for s in run.shard(samples)],
-        args.feedback_max_tokens,
-        fallback=lambda j: j["fallback"],
+    records = run.map(
+        "preferences.jsonl",
+        [job(s) for s in tasks],
+        lambda todo: teacher_completions(run, args, todo, args.feedback_max_tokens, lambda j: j["fallback"]),
+        every_rank=True,
     )
-    return {r["key"]: r["completion"] for r in run.exchange(records)}
+    return {r["key"]: r["completion"] for r in records}
 
 
-def human_list(sample: Sample, catalog: Catalog, args: Args) -> tuple[str, list[str]]:
+def human_list(task: Task, catalog: Catalog, args: Args) -> tuple[str, list[str]]:
     """(kind, items): the one of a training turn's four lists R_human that the retriever and the SFT prompt read,
     with the simulator's feedback on it, drawn seeded by the turn."""
-    rng = random.Random(f"{args.seed}:{sample.key}")
-    return rng.choice(sorted(simulator_lists(sample, catalog, args.list_length, rng).items()))
+    rng = random.Random(f"{args.seed}:{task.key}")
+    return rng.choice(sorted(simulator_lists(task, catalog, args.list_length, rng).items()))
 
 
-def human_list_feedback(run: Run, args: Args, data: Data, samples: list[Sample]) -> dict[str, dict]:
+def human_list_feedback(run: Run, args: Args, data: Data, tasks: list[Task]) -> dict[str, dict]:
     """The tuned simulator's feedback F on one of each turn's four lists R_human (seeded by the turn), the retriever's
     and the SFT prompts' feedback input (METHODS.md 3.3)."""
-    records = run.records("human_list_feedback.jsonl")
-    done = records.done_keys()
-    todo = [s for s in run.shard(samples) if s.key not in done]
-    if todo:
-        simulator, lists = load_simulator(run, args), [human_list(sample, data.catalog, args) for sample in todo]
-        for start in range(0, len(todo), args.batch_size):
-            chunk, chunk_lists = todo[start : start + args.batch_size], lists[start : start + args.batch_size]
-            items = [items for _, items in chunk_lists]
-            texts, stock = simulate_feedback(
-                simulator, chunk, items, data.catalog, args, random.Random(args.seed), False
-            )
-            for sample, (kind, items), text, substituted in zip(chunk, chunk_lists, texts, stock):
-                records.append(
-                    {"key": sample.key, "list": kind, "items": items, "feedback": text, "substituted": substituted}
-                )
-    return {r["key"]: r for r in run.exchange(records)}
+    records = run.map("human_list_feedback.jsonl", tasks, lambda todo: list_feedback(run, args, data, todo))
+    return {r["key"]: r for r in records}
+
+
+def list_feedback(run: Run, args: Args, data: Data, tasks: list[Task]):
+    """The records of ``human_list_feedback``: each turn's list, its kind, and the simulator's feedback on it."""
+    simulator, lists = load_simulator(run, args), [human_list(task, data.catalog, args) for task in tasks]
+    for start in range(0, len(tasks), args.batch_size):
+        chunk, chunk_lists = tasks[start : start + args.batch_size], lists[start : start + args.batch_size]
+        items = [items for _, items in chunk_lists]
+        texts, stock = simulate_feedback(simulator, chunk, items, data.catalog, args, random.Random(args.seed), False)
+        for task, (kind, items), text, substituted in zip(chunk, chunk_lists, texts, stock):
+            yield {"key": task.key, "list": kind, "items": items, "feedback": text, "substituted": substituted}
 
 
 def retriever_reads(args: Args, feedback: str, preference: str, items: list[str], target: str | None = None):
@@ -1475,31 +1488,31 @@ def retriever_reads(args: Args, feedback: str, preference: str, items: list[str]
     return ("" if "no-feedback" in args.ablations else feedback), preference, items
 
 
-def retriever_texts(run: Run, args: Args, data: Data, samples: list[Sample]) -> dict[str, tuple[str, str, list]]:
+def retriever_texts(run: Run, args: Args, data: Data, tasks: list[Task]) -> dict[str, tuple[str, str, list]]:
     """Each training turn's (F, P, R_human) for the retriever: the simulator's feedback on the turn's list and the
     teacher's reference preference (--retriever-inputs all), nothing but the list (lists) or nothing (dialogue):
     the last two make no LLM call."""
     if args.retriever_inputs == "dialogue":
-        return {s.key: ("", "", []) for s in samples}
+        return {s.key: ("", "", []) for s in tasks}
     if args.retriever_inputs == "lists":
-        return {s.key: ("", "", human_list(s, data.catalog, args)[1]) for s in samples}
-    preferences = reference_preferences(run, args, data, samples)
+        return {s.key: ("", "", human_list(s, data.catalog, args)[1]) for s in tasks}
+    preferences = reference_preferences(run, args, data, tasks)
     if "no-feedback" in args.ablations:  # no simulator: the list alone
-        return {s.key: ("", preferences[s.key], human_list(s, data.catalog, args)[1]) for s in samples}
-    feedback = human_list_feedback(run, args, data, samples)
-    return {s.key: (feedback[s.key]["feedback"], preferences[s.key], feedback[s.key]["items"]) for s in samples}
+        return {s.key: ("", preferences[s.key], human_list(s, data.catalog, args)[1]) for s in tasks}
+    feedback = human_list_feedback(run, args, data, tasks)
+    return {s.key: (feedback[s.key]["feedback"], preferences[s.key], feedback[s.key]["items"]) for s in tasks}
 
 
-def retriever_examples(samples: list[Sample], texts: dict, args: Args) -> tuple[list, list, list, list, list]:
-    """(samples, F, P, R, first turn?) of the fusion head's examples, in the two patterns it meets at inference:
+def retriever_examples(tasks: list[Task], texts: dict, args: Args) -> tuple[list, list, list, list, list]:
+    """(tasks, F, P, R, first turn?) of the fusion head's examples, in the two patterns it meets at inference:
     every training turn as at turn 1 (no F, P or R: the cold start) and, where it has any of them, as at a later
     turn (F, P and R with the target taken out, ``retriever_reads``)."""
     rows = []
-    for sample in samples:
-        feedback, preference, items = retriever_reads(args, *texts[sample.key], target=sample.target)
-        rows.append((sample, "", "", [], True))
+    for task in tasks:
+        feedback, preference, items = retriever_reads(args, *texts[task.key], target=task.target)
+        rows.append((task, "", "", [], True))
         if feedback or preference or items:
-            rows.append((sample, feedback, preference, items, False))
+            rows.append((task, feedback, preference, items, False))
     return tuple(list(column) for column in zip(*rows))
 
 
@@ -1532,7 +1545,7 @@ def train_retriever(run: Run, args: Args, data: Data) -> dict:
     torch.manual_seed(args.seed)
     nodes, edges = item_graph(data.catalog)
     node_embeddings = run.gather([pretrain_lightgcn(nodes, edges, len(data.catalog), args) if run.main else None])[0]
-    encoders = Retriever(
+    embedder = Retriever(  # the frozen encoders, its head untrained: they embed the turns once
         FusionHead(data.catalog.encode(["x"]).shape[1], args.gcn_dim), nodes, node_embeddings, data.catalog
     )
     started = time.time()
@@ -1540,8 +1553,8 @@ def train_retriever(run: Run, args: Args, data: Data) -> dict:
     def encode(batch: list[str], keep_end: bool) -> np.ndarray:
         return encode_over_ranks(run, data.catalog, batch, keep_end)
 
-    train = encoders.training_turns(*retriever_examples(data.train, texts, args), encode=encode)
-    held_out = encoders.training_turns(*retriever_examples(data.held_out, texts, args), encode=encode)
+    train = embedder.training_turns(*retriever_examples(data.train, texts, args), encode=encode)
+    held_out = embedder.training_turns(*retriever_examples(data.held_out, texts, args), encode=encode)
     encoding = {"perf/retriever_encode_seconds": time.time() - started}
     items = (node_embeddings[: len(data.catalog)], torch.from_numpy(data.catalog.embeddings()))
     on_device = [t.to(run.device) for t in items]
@@ -1558,14 +1571,20 @@ def train_retriever(run: Run, args: Args, data: Data) -> dict:
                 run.log_step({f"train_retriever/{views}/{k}": v for k, v in epoch.items()}, epoch["seconds"])
             metrics |= {f"retriever/{views}/{k}": v for k, v in fitted[views][1].items()}
         metrics |= {f"retriever/random/{k}": v for k, v in random_recall(held_out, len(data.catalog)).items()}
-        folder = run.dir / "retriever"
-        folder.mkdir(parents=True, exist_ok=True)
         heads = {views: fitted[views][0] for views in HEADS}
-        torch.save({"nodes": nodes, "node_embeddings": node_embeddings, "heads": heads}, folder / "retriever.pt")
-        (folder / "metrics.json").write_text(json.dumps(metrics))
-        (folder / "steps.json").write_text(json.dumps({"held_out": len(data.held_out)}))
+        save_retriever(run, {"nodes": nodes, "node_embeddings": node_embeddings, "heads": heads}, metrics, data)
     run.barrier()
     return metrics
+
+
+def save_retriever(run: Run, retriever: dict, metrics: dict, data: Data) -> None:
+    """``runs/<run>/retriever/``: the graph embeddings and the three heads, the stage's metrics, and steps.json
+    last (``run.finished``)."""
+    folder = run.dir / "retriever"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(retriever, folder / "retriever.pt")
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "steps.json").write_text(json.dumps({"held_out": len(data.held_out)}))
 
 
 def pattern_recall(state: dict, views: str, turns: RetrieverTurns, item_graph, item_text) -> dict[str, float]:
@@ -1624,31 +1643,19 @@ def fit_fusion_head(
     head = FusionHead(train.texts.shape[-1], item_graph.shape[-1], views).to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=args.retriever_lr)
     generator = torch.Generator().manual_seed(args.seed)
-    width = item_graph.shape[-1]
     best, best_found, best_key, waited, history = None, {}, None, 0, []
     for epoch in (bar := tqdm(range(args.retriever_epochs), desc=f"retriever ({views})")):
         started, losses = time.time(), []
         for rows in torch.randperm(len(train), generator=generator).split(args.retriever_batch_size):
+            # ALGO LOGIC: Eq. 12 on a shuffled mini-batch, each target against --negatives random items, one Adam step
             negatives = sample_negatives(train.excluded(rows, len(item_graph)), args.negatives, generator)
-            rows = rows.to(device)
-            conversations = head(*train.views(rows))
-            items = head.items(item_graph, item_text)
-            candidates = torch.cat([train.targets[rows, None], negatives.to(device)], dim=1)  # the target in column 0
-            products = conversations[:, None, :] * items[candidates]
-            graph, text = products[..., :width].sum(-1), products[..., width:].sum(-1)
-            loss = info_nce_loss(graph + text)  # Eq. 11's score
-            if views == "both":  # each view's score a retriever by itself
-                loss = loss + info_nce_loss(graph) + info_nce_loss(text)
+            loss = fusion_loss(head, train, rows.to(device), negatives.to(device), item_graph, item_text)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        graph, text = view_scores(head, held_out, head.items(item_graph, item_text))
-        tried = {
-            weights: ranked_recall(weights[0] * graph + weights[1] * text, held_out.targets)
-            for weights in (VIEW_WEIGHTS if views == "both" else [(1.0, 1.0)])
-        }
-        weights, found = max(tried.items(), key=lambda pair: recall_key(pair[1]))  # the first of equals
+        # bookkeeping: the epoch's held-out recall under its best view weighting; the best epoch kept; early stopping
+        weights, found = best_weighting(head, held_out, item_graph, item_text)
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **found, "seconds": time.time() - started})
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", recall_20=f"{found['recall@20']:.3f}")
         if best_key is None or recall_key(found) > best_key:
@@ -1664,6 +1671,32 @@ def fit_fusion_head(
             if waited >= args.retriever_patience:
                 break
     return best, best_found, history
+
+
+def fusion_loss(head: FusionHead, turns: RetrieverTurns, rows, negatives, item_graph, item_text) -> torch.Tensor:
+    """Eq. 12 on Eq. 11's score of the turns at ``rows``, the target in column 0 against its ``negatives``; the fused
+    head adds Eq. 12 on each view's score alone, so that each half is a retriever by itself."""
+    conversations = head(*turns.views(rows))
+    items = head.items(item_graph, item_text)
+    candidates = torch.cat([turns.targets[rows, None], negatives], dim=1)
+    products = conversations[:, None, :] * items[candidates]
+    width = item_graph.shape[-1]
+    graph, text = products[..., :width].sum(-1), products[..., width:].sum(-1)
+    loss = info_nce_loss(graph + text)
+    if head.views == "both":
+        loss = loss + info_nce_loss(graph) + info_nce_loss(text)
+    return loss
+
+
+def best_weighting(head: FusionHead, held_out: RetrieverTurns, item_graph, item_text):
+    """(w_c, w_s), held-out Recall@{1,10,20}: the fused head's best weighting of its two views among VIEW_WEIGHTS
+    (the first of equals); a single view has one."""
+    graph, text = view_scores(head, held_out, head.items(item_graph, item_text))
+    tried = {
+        weights: ranked_recall(weights[0] * graph + weights[1] * text, held_out.targets)
+        for weights in (VIEW_WEIGHTS if head.views == "both" else [(1.0, 1.0)])
+    }
+    return max(tried.items(), key=lambda pair: recall_key(pair[1]))
 
 
 def recall_key(found: dict[str, float]) -> tuple[float, float, float]:
@@ -1692,37 +1725,19 @@ def recommender_sft(run: Run, args: Args, data: Data) -> dict:
         feedback = {s.key: {"feedback": "", "items": human_list(s, data.catalog, args)[1]} for s in data.train}
     else:
         feedback = human_list_feedback(run, args, data, data.train)
-    records = run.records("recommender_data.jsonl")
-    done = records.done_keys()
-    todo = [s for s in run.shard(data.train) if s.key not in done]
-    # The ranks build a vllm: teacher together, those without turns to write too.
-    teacher, stats = run.llm(args.teacher_llm, args.batch_size) if any(run.gather([bool(todo)])) else None, ParseStats()
-    for start in tqdm(range(0, len(todo), args.batch_size), desc="reasoning", disable=not todo):
-        batch = todo[start : start + args.batch_size]
-        f = [feedback[s.key]["feedback"] for s in batch]
-        reads = [
-            retriever_reads(args, feedback[s.key]["feedback"], "", feedback[s.key]["items"], s.target) for s in batch
-        ]
-        retrieved = retriever.retrieve(batch, *[list(column) for column in zip(*reads)], args.num_candidates)
-        candidates = [
-            sft_candidates(c, s.target, random.Random(f"{args.seed}:{s.key}")) for s, c in zip(batch, retrieved)
-        ]
-        prompts = [
-            recommender_prompt(s, c, text, [], args.list_length, data.catalog)
-            for s, c, text in zip(batch, candidates, f)
-        ]
-        attributes = ["; ".join(sorted(attributes_of(data.catalog, s.target))) or "no attributes" for s in batch]
-        notes = [TEACHER_NOTE.format(target=s.target, attributes=a) for s, a in zip(batch, attributes)]
-        thoughts = teacher_reasoning(teacher, [p + n for p, n in zip(prompts, notes)], args, stats)
-        for sample, prompt, cands, thought in zip(batch, prompts, candidates, thoughts):
-            if thought:
-                completion = thought + gold_answer(sample.target, cands, args.list_length)
-                records.append({"key": sample.key, "prompt": prompt, "completion": completion})
+    stats = ParseStats()
+    rows = run.map(
+        "recommender_data.jsonl",
+        data.train,
+        lambda todo: reasoning_examples(run, args, data, todo, retriever=retriever, feedback=feedback, stats=stats),
+        desc="reasoning",
+        every_rank=True,  # the ranks build a vllm: teacher together, those without turns to write too
+    )
     run.count(stats.metrics("rollout/teacher_"))
-    rows = sorted(run.exchange(records), key=lambda r: r["key"])
+    rows.sort(key=lambda r: r["key"])
     run.save_dataset("reasoning_sft", [sft_row(r["prompt"], r["completion"]) for r in rows])
     if not rows:
-        raise DataError(f"{records.path}: the teacher wrote no reasoning in the five-step format")
+        raise DataError(f"{run.dir / 'recommender_data.jsonl'}: the teacher wrote no reasoning in the five-step format")
     model, tokenizer = load_merged(
         args.policy, [], run.device, (args.lora_rank, args.lora_alpha), args.seed, args.gradient_checkpointing
     )
@@ -1745,6 +1760,34 @@ def recommender_sft(run: Run, args: Args, data: Data) -> dict:
     return {"rollout/sft_examples": len(examples)} | fitting_metrics(examples, "sft")
 
 
+def reasoning_examples(run: Run, args: Args, data: Data, tasks: list[Task], *, retriever, feedback, stats):
+    """The SFT example of each training turn the teacher reasons about in the five-step format (the others are left
+    out): the prompt with the retriever's candidates (``sft_candidates``) and the simulator's feedback, the
+    teacher's reasoning and the gold RANK LIST."""
+    teacher = run.llm(args.teacher_llm, args.batch_size)
+    for start in range(0, len(tasks), args.batch_size):
+        batch = tasks[start : start + args.batch_size]
+        feedback_texts = [feedback[s.key]["feedback"] for s in batch]
+        reads = [
+            retriever_reads(args, feedback[s.key]["feedback"], "", feedback[s.key]["items"], s.target) for s in batch
+        ]
+        retrieved = retriever.retrieve(batch, *[list(column) for column in zip(*reads)], args.num_candidates)
+        candidates = [
+            sft_candidates(c, s.target, random.Random(f"{args.seed}:{s.key}")) for s, c in zip(batch, retrieved)
+        ]
+        prompts = [
+            recommender_prompt(s, c, text, [], args.list_length, data.catalog)
+            for s, c, text in zip(batch, candidates, feedback_texts)
+        ]
+        attributes = ["; ".join(sorted(attributes_of(data.catalog, s.target))) or "no attributes" for s in batch]
+        notes = [TEACHER_NOTE.format(target=s.target, attributes=a) for s, a in zip(batch, attributes)]
+        thoughts = teacher_reasoning(teacher, [p + n for p, n in zip(prompts, notes)], args, stats)
+        for task, prompt, cands, thought in zip(batch, prompts, candidates, thoughts):
+            if thought:
+                completion = thought + gold_answer(task.target, cands, args.list_length)
+                yield {"key": task.key, "prompt": prompt, "completion": completion}
+
+
 def load_policy(run: Run, args: Args, adapters: list[Path], trainable: bool = False):
     """(model, tokenizer): the recommender with ``adapters`` merged (SFT's gives pi_sft), plus a fresh LoRA if
     ``trainable``, so that "adapter disabled" is the reference pi_sft."""
@@ -1755,20 +1798,14 @@ def load_policy(run: Run, args: Args, adapters: list[Path], trainable: bool = Fa
     return load_merged(args.policy, adapters, run.device, lora, args.seed, args.gradient_checkpointing)
 
 
-def training_dialogue(data: Data, args: Args, position: int) -> Sample:
+def training_dialogue(data: Data, args: Args, position: int) -> Task:
     """The training dialogue at ``position`` of GRPO's stream: the training turns, reshuffled every epoch."""
     epoch, index = divmod(position, len(data.train))
     return random.Random(args.seed + epoch).sample(data.train, len(data.train))[index]
 
 
-def rollout_key(step: int, position: int, sample: Sample) -> str:
-    return f"{step}|{position}|{sample.key}"
-
-
-def step_groups(rollouts: list[dict], step: int) -> list[dict]:
-    """The groups (turns) that step ``step`` rolled out, in stream order."""
-    rollouts = [r for r in rollouts if r["key"].startswith(f"{step}|")]
-    return [turn for r in sorted(rollouts, key=lambda r: int(r["key"].split("|")[1])) for turn in r["turns"]]
+def episode_key(step: int, position: int, task: Task) -> str:
+    return f"{step}|{position}|{task.key}"
 
 
 def group_examples(groups: list[dict]) -> list[dict]:
@@ -1784,94 +1821,132 @@ def group_examples(groups: list[dict]) -> list[dict]:
     return examples
 
 
+GRPO_EPISODES = "grpo_episodes.jsonl"  # every GRPO step's episodes, keyed "<step>|<stream position>|<turn key>"
+
+
 def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
     """Sec. 3.4.1 (Eq. 14): per step, training dialogues are rolled out through T turns with the current policy
     (``rollout``: G outputs per turn, five rewards each) until the step has --groups-per-step groups (turns); the
     step trains on that many of them, drawn at random when the last dialogue brought more, so that every optimizer
     step weighs the same number of groups however many turns the dialogues ran. Then --grpo-iterations clipped-ratio
-    updates against the SFT reference (the adapter switched off), pi_old being the policy that sampled. Rollouts are
+    updates against the SFT reference (the adapter switched off), pi_old being the policy that sampled. Episodes are
     recorded and resumed from."""
+    if run.finished("grpo_adapter"):
+        return reward_curve(run.records(GRPO_EPISODES).records()) if run.main else {}
+    roles, model, tokenizer, optimizer, scheduler, start = grpo_learner(run, args, data)
+    episodes = {r["key"]: r for r in run.records(GRPO_EPISODES).records()}  # an earlier launch's: the stream's place
+    total = grpo_steps_planned(args, len(data.train), run.world)
+    bar, step = tqdm(desc="grpo", initial=start, total=total, disable=not run.main), start
+    while not grpo_finished(args, step, stream_position(episodes, step), len(data.train)):
+        started = time.time()
+        # ALGO LOGIC: roll out with the current policy until the step has its groups; Eq. 14 on --groups-per-step
+        sampled = step_groups(
+            run, args, data, roles=roles, model=model, tokenizer=tokenizer, step=step, episodes=episodes
+        )
+        trained = sorted(random.Random(f"{args.seed}:{step}").sample(range(len(sampled)), args.groups_per_step))
+        iterations = grpo_update(run, args, model, optimizer, scheduler, group_examples([sampled[k] for k in trained]))
+        # bookkeeping: the step's curve point and line, a resumable checkpoint every --grpo-save-every steps
+        run.log_step(
+            step_metrics(sampled, trained, iterations), time.time() - started, show=f"grpo step {step + 1}/{total}"
+        )
+        step += 1
+        bar.update()
+        if step % args.grpo_save_every == 0:
+            save_resumable(run.accelerator, model, run.dir / "grpo", step, optimizer, scheduler)
+    bar.close()
+    if step > start and step % args.grpo_save_every:  # the last steps since a checkpoint
+        save_resumable(run.accelerator, model, run.dir / "grpo", step, optimizer, scheduler)
+    save_final(run.accelerator, model, run.dir / "grpo_adapter", {"steps": step})
+    return reward_curve(list(episodes.values())) if run.main else {}
+
+
+def grpo_learner(run: Run, args: Args, data: Data):
+    """(roles, model, tokenizer, optimizer, scheduler, first step): the roles of the rollouts (their policy the vLLM
+    engine with --rollout-backend vllm, else None: the training model samples), the trainable policy (a fresh LoRA on
+    pi_sft) and its optimizer, resumed from the latest checkpoint."""
     from transformers import get_constant_schedule
 
-    if run.finished("grpo_adapter"):
-        return reward_curve(run.records("grpo_rollouts.jsonl").records()) if run.main else {}
-    accelerator = run.accelerator
     retriever, simulator = load_retriever(run, data, device=run.device), load_simulator(run, args)
-    preferences = reference_preferences(run, args, data, data.train)
+    # The held-out turns' preferences too, as the retriever stage asked for them: the encoder batches the whole list
+    # (sorted by length), so the training turns' embeddings are those of the same call.
+    preferences = reference_preferences(run, args, data, data.train + data.held_out)
     references = dict(zip(preferences, data.catalog.encode(list(preferences.values()))))
     model, tokenizer = load_policy(run, args, [run.dir / "sft_adapter"], trainable=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.grpo_lr, weight_decay=0)
     scheduler = get_constant_schedule(optimizer)
     outputs = args.groups_per_step * args.group_size  # every step's global batch: DeepSpeed is told it up front
-    configure_batches(accelerator, outputs, padded_batch(outputs, run, args), args.micro_batch_size)
-    model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / "grpo")
-    records = run.records("grpo_rollouts.jsonl")
-    rollouts = {r["key"]: r for r in records.records()}  # an earlier launch's; this launch's come by run.gather
+    configure_batches(run.accelerator, outputs, padded_batch(outputs, run, args), args.micro_batch_size)
+    model, optimizer, start = start_training(run.accelerator, model, optimizer, scheduler, run.dir / "grpo")
     engine = rollout_engine(run, args) if args.rollout_backend == "vllm" else None
-    total = grpo_steps_planned(args, len(data.train), run.world)
-    bar, step, saved = tqdm(desc="grpo", initial=start, total=total, disable=not run.main), start, start
-    while True:
-        started = time.time()
-        earlier = [int(key.split("|")[1]) for key in rollouts if int(key.split("|")[0]) < step]
-        position, groups = max(earlier, default=-1) + 1, 0
-        if grpo_finished(args, step, position, len(data.train)):
-            break
-        if engine is not None:  # vLLM samples with the adapter as it is now
-            save_final(accelerator, model, run.dir / "grpo" / "sampler_adapter", {"step": step})
-            engine.use_adapter(run.dir / "grpo" / "sampler_adapter", version=step + 1)
-        while groups < args.groups_per_step:  # rounds of dialogues, replayed the same way on a resume
-            count = round_size(args, groups, run.world)
-            todo = [(p, training_dialogue(data, args, p)) for p in range(position, position + count)]
-            round_keys = {rollout_key(step, p, s) for p, s in todo}
-            mine = [(p, s) for p, s in run.shard(todo) if rollout_key(step, p, s) not in rollouts]
-            rng = random.Random(f"{args.seed}:{step}:{position}")
-            if engine is not None:
-                roles = Roles(engine, simulator, retriever, references)
-                turns = rollout([s for _, s in mine], roles, data, args, args.group_size, args.temperature, True, rng)
-            else:
-                with generation_weights(accelerator, model) as current:  # the policy samples with its current weights
-                    policy = run.count_costs(HFChat(current, tokenizer, args.batch_size))
-                    roles = Roles(policy, simulator, retriever, references)
-                    turns = rollout(
-                        [s for _, s in mine], roles, data, args, args.group_size, args.temperature, True, rng
-                    )
-            new = [
-                {"key": rollout_key(step, p, sample), "turns": sample_turns}
-                for (p, sample), sample_turns in zip(mine, turns)
-            ]
-            for record in new:
-                records.append(record)
-            rollouts |= {r["key"]: r for r in run.gather(new)}  # every rank's dialogues of the round
-            groups += sum(len(rollouts[key]["turns"]) for key in round_keys if key in rollouts)
-            position += count
-        sampled = step_groups(list(rollouts.values()), step)
-        trained = sorted(random.Random(f"{args.seed}:{step}").sample(range(len(sampled)), args.groups_per_step))
-        iterations = grpo_update(run, args, model, optimizer, scheduler, group_examples([sampled[k] for k in trained]))
-        rewards = [r for turn in sampled for r in turn["rewards"]]
-        means = {f"rollout/reward_{k}": float(np.mean([r[k] for r in rewards])) for k in rewards[0]}
-        update = {f"train/{k}": float(np.mean([it[k] for it in iterations])) for k in iterations[0]}
-        groups_logged = {"train/groups": len(trained), "rollout/groups_sampled": len(sampled)}
-        signal = learning_signal(sampled)
-        run.log_step(update | groups_logged | means | signal, time.time() - started)
-        if run.main:
-            tqdm.write(
-                f"grpo step {step + 1}/{total}: "
-                + "  ".join(f"{k.split('_')[-1]} {v:.3f}" for k, v in means.items())
-                + f"  loss {update['train/loss']:.4f}  clipped {update['train/clip_ratio/region_mean']:.3f}"
-                + f"  log-prob per token: A>0 {update['train/logp_change/positive_advantage']:+.4f}"
-                + f", A<0 {update['train/logp_change/negative_advantage']:+.4f}\n    "
-                + "  ".join(f"{k.removeprefix('rollout/')} {v:.3g}" for k, v in signal.items())
-            )
-        step += 1
-        bar.update()
-        if step % args.grpo_save_every == 0:
-            save_resumable(accelerator, model, run.dir / "grpo", step, optimizer, scheduler)
-            saved = step
-    bar.close()
-    if saved < step:
-        save_resumable(accelerator, model, run.dir / "grpo", step, optimizer, scheduler)
-    save_final(accelerator, model, run.dir / "grpo_adapter", {"steps": step})
-    return reward_curve(list(rollouts.values())) if run.main else {}
+    return Roles(engine, simulator, retriever, references), model, tokenizer, optimizer, scheduler, start
+
+
+def step_groups(run: Run, args: Args, data: Data, *, roles: Roles, model, tokenizer, step: int, episodes: dict):
+    """The groups (turns) of GRPO step ``step``, in stream order: rounds of training dialogues from where the stream
+    stands, each played (``training_episodes``) and recorded in ``episodes``, until the step has --groups-per-step
+    groups. A resumed step replays its rounds from the record, playing only what was not recorded."""
+    if roles.policy is not None:  # vLLM samples with the adapter as it is now
+        save_final(run.accelerator, model, run.dir / "grpo" / "sampler_adapter", {"step": step})
+        roles.policy.use_adapter(run.dir / "grpo" / "sampler_adapter", version=step + 1)
+    position, groups = stream_position(episodes, step), 0
+    while groups < args.groups_per_step:
+        count = round_size(args, groups, run.world)
+        stream = [(step, p, training_dialogue(data, args, p)) for p in range(position, position + count)]
+        rng = random.Random(f"{args.seed}:{step}:{position}")
+        played = run.map(
+            GRPO_EPISODES,
+            stream,
+            lambda todo, rng=rng: training_episodes(
+                run, args, data, roles=roles, model=model, tokenizer=tokenizer, stream=todo, rng=rng
+            ),
+            key=lambda item: episode_key(*item),
+            desc=f"grpo step {step + 1} episodes",
+            every_rank=True,  # the policy samples with its current weights: under ZeRO-3 the ranks gather them
+        )
+        episodes |= {r["key"]: r for r in played}
+        groups += sum(len(r["turns"]) for r in played)
+        position += count
+    step_episodes = sorted((r for k, r in episodes.items() if k.startswith(f"{step}|")), key=stream_order)
+    return [turn for episode in step_episodes for turn in episode["turns"]]
+
+
+def training_episodes(run: Run, args: Args, data: Data, *, roles: Roles, model, tokenizer, stream: list, rng):
+    """The episode record of each (step, position, training turn) of ``stream``, sampled by the policy as it is
+    now: G outputs of every turn, with their token ids and rewards."""
+
+    def play(policy):
+        for k, turns in rollout(
+            tasks=[task for _, _, task in stream], roles=replace(roles, policy=policy), data=data,
+            args=args, n=args.group_size, temperature=args.temperature, training=True, rng=rng,
+        ):  # fmt: skip
+            yield {"key": episode_key(*stream[k]), "turns": turns}
+
+    if roles.policy is not None:
+        yield from play(roles.policy)
+    else:
+        with generation_weights(run.accelerator, model) as current:  # the policy samples with its current weights
+            yield from play(run.count_costs(HFChat(current, tokenizer, args.batch_size)))
+
+
+def step_metrics(sampled: list[dict], trained: list[int], iterations: list[dict]) -> dict[str, float]:
+    """A GRPO step's curve point: the update's loss and diagnostics (the mean over its iterations), the groups, the
+    sampled outputs' mean rewards and the learning signal."""
+    rewards = [r for turn in sampled for r in turn["rewards"]]
+    means = {f"rollout/reward_{k}": float(np.mean([r[k] for r in rewards])) for k in rewards[0]}
+    update = {f"train/{k}": float(np.mean([it[k] for it in iterations])) for k in iterations[0]}
+    groups = {"train/groups": len(trained), "rollout/groups_sampled": len(sampled)}
+    return update | groups | means | learning_signal(sampled)
+
+
+def stream_order(episode: dict) -> tuple[int, int]:
+    """(step, position in the stream of training dialogues) of a GRPO episode record."""
+    step, position, _ = episode["key"].split("|", 2)
+    return int(step), int(position)
+
+
+def stream_position(episodes: dict, step: int) -> int:
+    """Where GRPO step ``step`` starts in the stream of training dialogues: after the last an earlier step played."""
+    return max((stream_order(e)[1] for e in episodes.values() if stream_order(e)[0] < step), default=-1) + 1
 
 
 def round_size(args: Args, groups: int, world: int) -> int:
@@ -1916,13 +1991,14 @@ def learning_signal(groups: list[dict]) -> dict[str, float]:
     }
 
 
-def reward_curve(rollouts: list[dict]) -> dict[str, float]:
-    """The mean rewards of the first and the second half of the GRPO steps: what the update should raise."""
-    steps = 1 + max((int(o["key"].split("|")[0]) for o in rollouts), default=-1)
+def reward_curve(episodes: list[dict]) -> dict[str, float]:
+    """The mean rewards of the first and the second half of the GRPO steps, over their episodes in stream order:
+    what the update should raise."""
+    episodes = sorted(episodes, key=stream_order)
+    steps = 1 + max((stream_order(e)[0] for e in episodes), default=-1)
     halves = {}
     for name, part in (("first_half", range(steps // 2)), ("second_half", range(steps // 2, steps))):
-        keys = {str(step) for step in part}
-        groups = [t for o in rollouts if o["key"].split("|")[0] in keys for t in o["turns"]]
+        groups = [turn for e in episodes if stream_order(e)[0] in part for turn in e["turns"]]
         rewards = [r for t in groups for r in t["rewards"]]
         for k in ("total", "think", "answer", "pref") if rewards else ():
             halves[f"rollout/reward_{k}_{name}"] = float(np.mean([r[k] for r in rewards]))
@@ -1962,7 +2038,7 @@ def padded_batch(outputs: int, run: Run, args: Args) -> int:
 def grpo_update(run: Run, args: Args, model, optimizer, scheduler, examples: list[dict]) -> list[dict[str, float]]:
     """--grpo-iterations (mu) optimizer steps on every output of the step (the global batch, split over ranks and
     micro-batches), each minimising Eq. 14 averaged over the outputs. pi_old is the policy that sampled: its
-    per-token log-probs are read in the first iteration, before any update, and held for the later ones, so the
+    per-token log-probs are read in the first iteration, before any update, and kept for the later ones, so the
     ratio is 1 in the first iteration and the clip can act from the second on (TRL's num_iterations). Returns, per
     iteration, the loss, the mean per-token KL, the gradient norm and TRL's clip ratios, with the mean per-token
     log-prob change that the whole update made to the outputs of positive and of negative advantage."""
@@ -1970,67 +2046,75 @@ def grpo_update(run: Run, args: Args, model, optimizer, scheduler, examples: lis
     steps, accum = training_steps(
         accelerator, len(examples), padded_batch(len(examples), run, args), micro, 1, args.seed
     )
-    held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # micro-batch -> (pi_old's, pi_ref's log-probs)
+    frozen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # micro-batch -> (pi_old's, pi_ref's log-probs)
     iterations = []
     for _ in range(args.grpo_iterations):
         sums = dict.fromkeys(("loss", "kl", "tokens", "low", "high"), 0.0)
         for m, (chunk, weights) in enumerate(micro_batches(examples, steps[0], accelerator, micro, accum)):
-            advantages = torch.tensor([e["advantage"] for e in chunk], device=run.device)
-            rows = [(e["input_ids"], e["completion_mask"]) for e in chunk]
-            inputs = {k: v.to(run.device) for k, v in collate(rows, 0).items()}  # pads are masked: any id does
+            advantages, inputs = grpo_inputs(chunk, run.device)
             mask = inputs["completion_mask"][:, 1:].float()
-            if m not in held:
+            if m not in frozen:
                 with torch.no_grad(), accelerator.unwrap_model(model).disable_adapter():  # the reference: pi_sft
                     _, _, ref_logps = sequence_logprobs(accelerator.unwrap_model(model), **inputs)
             # ALGO LOGIC: pi_theta's log-probs, Eq. 14's clipped loss with its KL term, an (accumulated) step
             with accelerator.accumulate(model):
                 _, _, policy_logps = sequence_logprobs(model, **inputs)
-                if m not in held:
-                    held[m] = (policy_logps.detach(), ref_logps)
-                old_logps, ref_logps = held[m]
+                if m not in frozen:
+                    frozen[m] = (policy_logps.detach(), ref_logps)
+                old_logps, ref_logps = frozen[m]
                 losses = grpo_loss(policy_logps, old_logps, ref_logps, advantages, mask, args.epsilon, args.kl_beta)
                 loss = global_batch_mean(losses, weights, len(examples), run.world, accum)  # Eq. 14's 1/G, over all
                 grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
-            with torch.no_grad():  # bookkeeping: the loss, the KL and the clipped tokens, for the step's log
-                ratio = torch.exp(policy_logps - old_logps)
-                kl = torch.exp(ref_logps - policy_logps) - (ref_logps - policy_logps) - 1
-                token_weights = mask * weights[:, None]
-                sums["loss"] += loss.item() / (run.world * accum)
-                sums["kl"] += (kl * token_weights).sum().item()
-                sums["tokens"] += token_weights.sum().item()
-                sums["low"] += (((ratio < 1 - args.epsilon) & (advantages[:, None] < 0)) * token_weights).sum().item()
-                sums["high"] += (((ratio > 1 + args.epsilon) & (advantages[:, None] > 0)) * token_weights).sum().item()
+            # bookkeeping: this micro-batch's share of the step's loss, KL and clipped tokens, from the same forward
+            sums["loss"] += loss.item() / (run.world * accum)
+            token_weights = mask * weights[:, None]
+            diagnostics = grpo_diagnostics(policy_logps, old_logps, ref_logps, advantages, token_weights, args.epsilon)
+            for name, value in diagnostics.items():
+                sums[name] += value
         scheduler.step()
-        totals = run.sum_over_ranks(sums)
-        tokens = max(totals["tokens"], 1)
-        iterations.append(
-            {
-                "loss": totals["loss"],
-                "kl": totals["kl"] / tokens,
-                "grad_norm": grad_norm,
-                "clip_ratio/low_mean": totals["low"] / tokens,
-                "clip_ratio/high_mean": totals["high"] / tokens,
-                "clip_ratio/region_mean": (totals["low"] + totals["high"]) / tokens,
-            }
-        )
-    # bookkeeping: what the update did to the sampled outputs, the signal it should move (one forward, no grad)
+        iterations.append(iteration_metrics(run.sum_over_ranks(sums), grad_norm))
+    change = logprob_change(run, args, model, examples, batch=steps[0], accum=accum, frozen=frozen)
+    return [iteration | change for iteration in iterations]
+
+
+def grpo_inputs(chunk: list[dict], device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(advantages, padded token ids and completion mask) of a micro-batch of GRPO examples."""
+    advantages = torch.tensor([e["advantage"] for e in chunk], device=device)
+    rows = [(e["input_ids"], e["completion_mask"]) for e in chunk]
+    return advantages, {k: v.to(device) for k, v in collate(rows, 0).items()}  # pads are masked: any id does
+
+
+def iteration_metrics(totals: dict[str, float], grad_norm) -> dict[str, float]:
+    """One GRPO iteration's loss, per-token KL, gradient norm and TRL's clip ratios, from its sums over ranks."""
+    tokens = max(totals["tokens"], 1)
+    return {
+        "loss": totals["loss"],
+        "kl": totals["kl"] / tokens,
+        "grad_norm": grad_norm,
+        "clip_ratio/low_mean": totals["low"] / tokens,
+        "clip_ratio/high_mean": totals["high"] / tokens,
+        "clip_ratio/region_mean": (totals["low"] + totals["high"]) / tokens,
+    }
+
+
+def logprob_change(run: Run, args: Args, model, examples: list[dict], *, batch: list[int], accum: int, frozen: dict):
+    """What the update did to the sampled outputs, the signal it should move: the mean per-token log-prob change
+    from pi_old (``frozen``) to the updated policy, over the outputs of positive and of negative advantage. It reads
+    the updated policy: one more forward of the outputs, without gradients."""
     moved = dict.fromkeys(("up", "up_outputs", "down", "down_outputs"), 0.0)
-    for m, (chunk, weights) in enumerate(micro_batches(examples, steps[0], accelerator, micro, accum)):
-        advantages = torch.tensor([e["advantage"] for e in chunk], device=run.device)
-        inputs = {
-            k: v.to(run.device) for k, v in collate([(e["input_ids"], e["completion_mask"]) for e in chunk], 0).items()
-        }
+    for m, (chunk, weights) in enumerate(micro_batches(examples, batch, run.accelerator, args.micro_batch_size, accum)):
+        advantages, inputs = grpo_inputs(chunk, run.device)
         with torch.no_grad():
             _, lengths, new_logps = sequence_logprobs(model, **inputs)
-        change = (new_logps - held[m][0]).sum(-1) / lengths.clamp(min=1)  # per-token log-prob change of each output
+        change = (new_logps - frozen[m][0]).sum(-1) / lengths.clamp(min=1)  # per-token log-prob change of each output
         for side, chosen in (("up", advantages > 0), ("down", advantages < 0)):
             moved[side] += (change * weights * chosen).sum().item()
             moved[f"{side}_outputs"] += (weights * chosen).sum().item()
     moved = run.sum_over_ranks(moved)
-    for iteration in iterations:
-        iteration["logp_change/positive_advantage"] = moved["up"] / max(moved["up_outputs"], 1)
-        iteration["logp_change/negative_advantage"] = moved["down"] / max(moved["down_outputs"], 1)
-    return iterations
+    return {
+        "logp_change/positive_advantage": moved["up"] / max(moved["up_outputs"], 1),
+        "logp_change/negative_advantage": moved["down"] / max(moved["down_outputs"], 1),
+    }
 
 
 def evaluate(run: Run, args: Args, data: Data) -> dict:
@@ -2052,21 +2136,12 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
             continue
         model, tokenizer = load_policy(run, args, adapters[name])
         roles = Roles(run.count_costs(HFChat(model, tokenizer, args.batch_size)), simulator, retriever, {})
-        records = run.records(f"eval_{name.replace('-', '')}{control}.jsonl")
-        done = records.done_keys()
-        todo = [s for s in run.shard(data.test) if s.key not in done]
-        for start in tqdm(range(0, len(todo), args.batch_size), desc=f"eval {name}", disable=not todo):
-            batch = todo[start : start + args.batch_size]
-            for sample, turns in zip(batch, rollout(batch, roles, data, args, 1, 0.0, False, random.Random(args.seed))):
-                records.append(
-                    {
-                        "key": sample.key,
-                        "target": sample.target,
-                        "turns": [{k: t[k] for k in EVAL_FIELDS} for t in turns],
-                    }
-                )
-        wanted = {s.key for s in data.test}
-        results = [r for r in run.exchange(records) if r["key"] in wanted]
+        results = run.map(
+            f"eval_{name.replace('-', '')}{control}.jsonl",
+            data.evaluated,
+            lambda todo, roles=roles: evaluation_episodes(todo, roles, data, args),
+            desc=f"eval {name}",
+        )
         prefix = "eval" if name == "smtpo" else f"eval_{name.replace('-', '')}"
         for t in range(1, args.max_turns + 1):
             turn = turn_scores(results, t)
@@ -2080,7 +2155,22 @@ def evaluate(run: Run, args: Args, data: Data) -> dict:
         del model, roles  # gone before the next policy loads: one policy at a time beside the simulator
         clear_device_cache(garbage_collection=True)
     run.table(f"eval{control}_by_turn", ["policy", "turn", *TURN_METRICS], rows)
-    return metrics | {"eval/examples": len(data.test), "eval/dialogues": len({s.conversation for s in data.test})}
+    dialogues = len({task.conversation for task in data.evaluated})
+    return metrics | {"eval/examples": len(data.evaluated), "eval/dialogues": dialogues}
+
+
+def evaluation_episodes(tasks: list[Task], roles: Roles, data: Data, args: Args):
+    """Each task's greedy episode through all T turns, as an evaluation record: its target and what each turn
+    keeps (EVAL_FIELDS). Batches of --batch-size tasks, each rollout seeded alike."""
+    for start in range(0, len(tasks), args.batch_size):
+        batch = tasks[start : start + args.batch_size]
+        episodes = rollout(
+            tasks=batch, roles=roles, data=data, args=args, n=1, temperature=0.0, training=False,
+            rng=random.Random(args.seed),
+        )  # fmt: skip
+        for k, turns in episodes:
+            turns = [{field: turn[field] for field in EVAL_FIELDS} for turn in turns]
+            yield {"key": batch[k].key, "target": batch[k].target, "turns": turns}
 
 
 # What an evaluation record keeps of each turn.
@@ -2169,8 +2259,8 @@ def main(args: Args) -> None:
     batches = check_args(args, args.dry_run or launched_processes())
     data = load_data(args)
     if args.dry_run:
-        sizes = {"training turns": len(data.train), "held-out turns": len(data.held_out), "test turns": len(data.test)}
-        sizes |= {"test dialogues": len({s.conversation for s in data.test})}
+        sizes = {"training turns": len(data.train), "held-out turns": len(data.held_out)}
+        sizes |= {"test turns": len(data.evaluated), "test dialogues": len({s.conversation for s in data.evaluated})}
         print_dry_run("smtpo.py", args.dry_run, batches, sizes | {"items": len(data.catalog)})
         if "grpo" in args.stages:
             steps = grpo_steps_planned(args, len(data.train), args.dry_run)

@@ -81,7 +81,7 @@ class Args:
 
 def group_prompt(cfg: smtpo.Args) -> str:
     data = smtpo.load_data(cfg)
-    sample = data.test[0]
+    sample = data.evaluated[0]
     candidates = ([sample.target] + [t for t in data.catalog.titles if t != sample.target])[: cfg.num_candidates]
     return smtpo.recommender_prompt(sample, candidates, "", [], cfg.list_length, data.catalog)
 

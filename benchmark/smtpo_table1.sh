@@ -31,7 +31,7 @@ source benchmark/lib.sh
 GPUS=${GPUS:-8}
 for dataset in inspired redial; do
   common=(--dataset "$dataset" --data-dir "${DATA_DIR:-../shared/data}" --eval-split test
-          --policy deepseek-ai/DeepSeek-R1-Distill-Llama-8B --simulator-model meta-llama/Llama-3.1-8B-Instruct
+          --policy deepseek-ai/DeepSeek-R1-Distill-Llama-8B --user-model meta-llama/Llama-3.1-8B-Instruct
           --teacher-llm openai:gpt-3.5-turbo --text-encoder BAAI/bge-base-en-v1.5 --batch-size 64 --track)
   launch gpu_zero3 "$(gpu_list "$GPUS")" smtpo.py paper --run-name "table1_${dataset}" "${common[@]}"
   # Table 3's controls on the trained run: the same recommenders, a blind simulator, then noisy feedback

@@ -194,7 +194,7 @@ def test_grsu_smtpo_and_rso_train_and_evaluate_on_the_same_conversations_and_ite
     r = rso.load_data(rso.Args(dataset=dataset, data_dir=str(DATA), num_test=0))
     seen = {
         "grsu": ({t.conversation for t in g.train}, {t.conversation for t in g.evaluated}),
-        "smtpo": ({conversation(x.key) for x in s.train + s.held_out}, {conversation(x.key) for x in s.test}),
+        "smtpo": ({conversation(x.key) for x in s.train + s.held_out}, {conversation(x.key) for x in s.evaluated}),
         "rso": ({conversation(x.key) for x in r.rl}, {conversation(x.key) for x in r.evaluated}),
     }
     for script, (trained, tested) in seen.items():

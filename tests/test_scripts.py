@@ -260,9 +260,9 @@ def test_smtpo_killed_in_grpo_then_resumed(tmp_path):
     result = run_script(*SMTPO_TINY, cwd=tmp_path)  # resumes inside the GRPO stage, from its step-1 checkpoint
     assert {name: (run_dir / name).read_text() for name in kept} == kept  # nothing before GRPO was redone
     assert all((run_dir / n / "adapter_model.safetensors").stat().st_mtime == t for n, t in adapters.items())
-    rollouts = [r["key"] for r in _jsonl(run_dir / "grpo_rollouts.jsonl")]
-    assert len(rollouts) == len(set(rollouts)) >= 2  # each dialogue rolled out once
-    assert {key.split("|")[0] for key in rollouts} == {"0", "1"}  # both steps, the one after the kill too
+    episodes = [r["key"] for r in _jsonl(run_dir / "grpo_episodes.jsonl")]
+    assert len(episodes) == len(set(episodes)) >= 2  # each dialogue rolled out once
+    assert {key.split("|")[0] for key in episodes} == {"0", "1"}  # both steps, the one after the kill too
     assert (run_dir / "grpo_adapter" / "adapter_model.safetensors").exists()
     steps = [r for r in _jsonl(run_dir / "metrics.jsonl") if "rollout/reward_total" in r]
     assert len(steps) == 2 and all(0 <= r["rollout/reward_think"] <= 1 for r in steps)  # the step after the kill too

@@ -356,7 +356,7 @@ def test_the_fused_retriever_keeps_what_its_informative_view_knows_when_the_othe
 def test_the_retriever_trains_on_the_turn_one_pattern_and_never_reads_the_target_in_its_list():
     catalog = Catalog(load_demo_catalog())
     target, others = catalog.titles[0], catalog.titles[1:4]
-    samples = [smtpo.Sample(f"k{k}", [{"role": "user", "content": "x"}], [], target) for k in range(3)]
+    samples = [smtpo.Task(f"k{k}", [{"role": "user", "content": "x"}], [], target) for k in range(3)]
     texts = {"k0": ("too sweet", "likes horror", [others[0], target, others[1]]), "k1": ("", "", []),
              "k2": ("", "", [others[2]])}  # fmt: skip
     rows, feedback, preference, lists, first = smtpo.retriever_examples(samples, texts, smtpo.Args())
@@ -417,7 +417,7 @@ def test_sft_puts_a_missed_target_at_a_seeded_random_slot():
 def test_the_prompt_shows_candidates_with_attributes_and_keeps_the_latest_preference():
     catalog = Catalog(load_demo_catalog())
     title = next(t for t in catalog.titles if catalog.by_title[t].attributes.get("genre"))
-    sample = smtpo.Sample("k", [{"role": "user", "content": "x"}], [], title)
+    sample = smtpo.Task("k", [{"role": "user", "content": "x"}], [], title)
     genres = ", ".join(catalog.by_title[title].attributes["genre"])
     turns = [
         {"turn": 1, "feedback": "", "ranked": ["Alien (1979)", None], "preference": "old taste"},
@@ -444,7 +444,7 @@ def longest_contexts(dataset: str, split: str, count: int):
     """The ``count`` real contexts of ``split`` with the longest dialogues (the hardest to fit), and the catalog."""
     data = load_crs_dataset(dataset, DATA, "valid")
     catalog = Catalog(data.items)
-    samples = smtpo.make_samples(data.train if split == "train" else data.evaluated, set(catalog.titles))
+    samples = smtpo.make_tasks(data.train if split == "train" else data.evaluated, set(catalog.titles))
     return sorted(samples, key=lambda s: -len(smtpo.render_history(s.history)))[:count], catalog
 
 
@@ -495,7 +495,10 @@ def test_prompts_at_the_recipes_lengths_keep_their_instruction_and_the_latest_us
     policy = ReadingPolicy(tokenizer)
     roles = smtpo.Roles(policy, TalkingSimulator(), Retriever(), {})
     data = smtpo.Data([], [], samples, catalog)
-    turns = smtpo.rollout(samples, roles, data, args, 1, 0.0, False, random.Random(0))
+    episodes = smtpo.rollout(
+        tasks=samples, roles=roles, data=data, args=args, n=1, temperature=0.0, training=False, rng=random.Random(0)
+    )
+    turns = [t for _, t in episodes]
     assert [len(t) for t in turns] == [5] * len(samples) and len(policy.read) == 5 * len(samples)
     budget = args.max_length - args.rec_max_tokens
     latest = [latest_user_utterance(s) for s in samples] * 5  # the rollout batches the samples turn by turn
@@ -537,7 +540,7 @@ def test_redial_training_and_test_contexts_carry_the_same_kind_of_entities():
     linker = smtpo.entity_linker(catalog)
 
     def attributes_per_turn(dialogues):
-        samples = smtpo.make_samples(dialogues, set(catalog.titles), linker)
+        samples = smtpo.make_tasks(dialogues, set(catalog.titles), linker)
         return sum(m in linker.vocabulary for s in samples for m in s.mentioned) / len(samples)
 
     # the official training format annotates no entity and iEvaLM's test format does (1.26 a turn on valid): one
@@ -550,7 +553,7 @@ def test_a_prompt_loses_its_oldest_dialogue_lines_then_its_oldest_turns(tokenize
     catalog = Catalog(load_demo_catalog())
     history = [{"role": "user" if k % 2 == 0 else "assistant", "content": f"message {k} " * 20} for k in range(8)]
     history.append({"role": "assistant", "content": "a last word from the system"})
-    sample = smtpo.Sample("k", history, [], catalog.titles[0])
+    sample = smtpo.Task("k", history, [], catalog.titles[0])
     turns = [
         {"turn": t, "feedback": f"feedback {t} " * 10, "ranked": catalog.titles[:3], "preference": "p"}
         for t in (1, 2, 3)
@@ -577,7 +580,7 @@ def test_simulator_lists_by_attribute_overlap_and_seeded():
     import random
 
     catalog = Catalog(load_demo_catalog())
-    sample = smtpo.Sample("k", [{"role": "user", "content": "x"}], ["Jaws (1975)"], "Alien (1979)")
+    sample = smtpo.Task("k", [{"role": "user", "content": "x"}], ["Jaws (1975)"], "Alien (1979)")
     lists = smtpo.simulator_lists(sample, catalog, 5, random.Random(0))
     assert sample.target in lists["H+"] and sample.target in lists["S+"]
     assert sample.target not in lists["H-"] + lists["S-"] and "Jaws (1975)" not in sum(lists.values(), [])
@@ -592,7 +595,7 @@ def test_simulator_lists_by_attribute_overlap_and_seeded():
 
 def test_simulator_jobs_show_the_target_to_the_teacher_only_and_draw_lists_per_turn():
     catalog = Catalog(load_demo_catalog())
-    sample = smtpo.Sample("k", [{"role": "user", "content": "A scary space film?"}], [], "Alien (1979)")
+    sample = smtpo.Task("k", [{"role": "user", "content": "A scary space film?"}], [], "Alien (1979)")
     jobs, examples = smtpo.simulator_jobs(sample, catalog, smtpo.Args(simulator_lists=4, simulator_predictions=3))
     assert sorted(j["list"] for j in jobs) == ["H+", "H-", "S+", "S-"]
     one, _ = smtpo.simulator_jobs(sample, catalog, smtpo.Args(simulator_lists=1))
@@ -605,7 +608,7 @@ def test_simulator_jobs_show_the_target_to_the_teacher_only_and_draw_lists_per_t
 
 def test_the_simulators_yes_no_labels_are_balanced_by_default():
     catalog = Catalog(load_demo_catalog())
-    sample = smtpo.Sample("k", [{"role": "user", "content": "A scary space film?"}], [], "Alien (1979)")
+    sample = smtpo.Task("k", [{"role": "user", "content": "A scary space film?"}], [], "Alien (1979)")
     _, examples = smtpo.simulator_jobs(sample, catalog, smtpo.Args())
     answers = [e["completion"] for e in examples if e["task"] == "prediction"]
     assert sorted(answers) == ["No", "Yes"]
@@ -802,7 +805,7 @@ def test_without_the_simulator_no_feedback_is_asked_for_and_the_retriever_reads_
     import random
 
     catalog = Catalog(load_demo_catalog())
-    samples = [smtpo.Sample("a", [{"role": "user", "content": "A scary film?"}], [], catalog.titles[0])]
+    samples = [smtpo.Task("a", [{"role": "user", "content": "A scary film?"}], [], catalog.titles[0])]
     read = []
 
     class Retriever:
@@ -833,7 +836,16 @@ def test_without_the_simulator_no_feedback_is_asked_for_and_the_retriever_reads_
         monkeypatch.setattr(  # the prompt as it is: no tokenizer here
             smtpo, "fitted_recommender_prompt", lambda tok, s, c, f, t, a, cat: smtpo.Fitted("prompt", 0, 0, 0)
         )
-        (turns,) = smtpo.rollout(samples, roles, data, args, 1, 0.0, False, random.Random(0))
+        ((_, turns),) = smtpo.rollout(
+            tasks=samples,
+            roles=roles,
+            data=data,
+            args=args,
+            n=1,
+            temperature=0.0,
+            training=False,
+            rng=random.Random(0),
+        )
         assert len(turns) == 3 and len(read) == 3
         later = read[1:]
         if feedback_seen is not None:
@@ -869,13 +881,13 @@ def test_redial_runs_link_the_entities_of_their_training_turns():
 def test_num_test_counts_dialogues_and_the_retriever_reads_a_dialogues_latest_utterances():
     args = smtpo.Args(dataset="inspired", data_dir=str(DATA), num_test=10, num_train=2)
     data = smtpo.load_data(args)
-    dialogues = {s.key.rsplit(":", 1)[0] for s in data.test}  # CFCRS: <dialog_id>:<turn>
-    assert len(dialogues) == 10 and len(data.test) > 10  # every context of 10 dialogues (the first 10: 5 dialogues)
-    every = smtpo.make_samples(load_crs_dataset("inspired", DATA, "valid").evaluated, set(data.catalog.titles))
-    assert data.test == [s for s in every if s.key.rsplit(":", 1)[0] in dialogues]
+    dialogues = {s.key.rsplit(":", 1)[0] for s in data.evaluated}  # CFCRS: <dialog_id>:<turn>
+    assert len(dialogues) == 10 and len(data.evaluated) > 10  # every context of 10 dialogues (the first 10)
+    every = smtpo.make_tasks(load_crs_dataset("inspired", DATA, "valid").evaluated, set(data.catalog.titles))
+    assert data.evaluated == [s for s in every if s.key.rsplit(":", 1)[0] in dialogues]
     old = [{"role": "user" if k % 2 else "assistant", "content": "I loved the old westerns. " * 8} for k in range(7)]
     history = old + [{"role": "user", "content": "Now a shark movie in the ocean, with divers and a boat."}] * 3
-    sample = smtpo.Sample("k", history, [], data.catalog.titles[0])
+    sample = smtpo.Task("k", history, [], data.catalog.titles[0])
     assert len(data.catalog._load_encoder().tokenizer(smtpo.render_history(history))["input_ids"]) > 256
     retriever = smtpo.Retriever(smtpo.FusionHead(384, 4), data.catalog.titles, torch.zeros(1096, 4), data.catalog)
     texts, _, _, _ = retriever.conversation_inputs([sample], [""], [""], [[]])
@@ -927,7 +939,7 @@ def test_an_empty_feedback_is_replaced_and_counted():
             return [("  ",), ("Too sweet, I want horror.",)]
 
     catalog = Catalog(load_demo_catalog())
-    samples = [smtpo.Sample(k, [{"role": "user", "content": "x"}], [], catalog.titles[0]) for k in "ab"]
+    samples = [smtpo.Task(k, [{"role": "user", "content": "x"}], [], catalog.titles[0]) for k in "ab"]
     texts, stock = smtpo.simulate_feedback(Quiet(), samples, [[], []], catalog, smtpo.Args(), random.Random(0))
     assert texts == [smtpo.STOCK_FEEDBACK, "Too sweet, I want horror."] and stock == [True, False]
 
@@ -935,7 +947,7 @@ def test_an_empty_feedback_is_replaced_and_counted():
 def test_reward_curve_compares_the_first_and_second_half_of_the_steps():
     rollouts = [
         {
-            "key": f"{step}|d{k}",
+            "key": f"{step}|{2 * step + k}|d{k}",
             "turns": [{"rewards": [{"total": step, "think": 0.2 * step, "answer": 1.0, "pref": 0}]}],
         }
         for step in range(5)

@@ -16,7 +16,7 @@ from tests.conftest import ROOT, accelerate_launch
 def test_two_ranks_match_one_rank_on_the_same_rollouts(tmp_path, tiny_policy):
     from safetensors.torch import load_file
 
-    models = ["--policy", str(tiny_policy), "--simulator-model", str(tiny_policy), "--teacher-llm", f"hf:{tiny_policy}"]
+    models = ["--policy", str(tiny_policy), "--user-model", str(tiny_policy), "--teacher-llm", f"hf:{tiny_policy}"]
     flags = models + "--num-train 4 --max-turns 2 --group-size 2 --rec-max-tokens 24 --step-max-tokens 4".split()
     flags += "--feedback-max-tokens 8 --simulator-epochs 1 --sft-epochs 1 --bpr-epochs 3 --retriever-epochs 2".split()
     flags += "--groups-per-step 4 --grpo-steps 1 --grpo-lr 1e-2 --micro-batch-size 1".split()
@@ -46,15 +46,15 @@ def test_two_ranks_match_one_rank_on_the_same_rollouts(tmp_path, tiny_policy):
     shutil.copytree(tmp_path / "runs" / "base", tmp_path / "runs" / "sampler")
     smtpo("--stages", "grpo", "--run-name", "sampler")  # records the rollouts of step 1
     # A random model earns the same reward with every output, so every advantage would be 0 and no step would
-    # move: give the recorded outputs distinct rewards, then take the step from those rollouts on 1 and 2 ranks.
-    rollouts = [json.loads(line) for line in (tmp_path / "runs/sampler/grpo_rollouts.jsonl").read_text().splitlines()]
-    for rollout in rollouts:
-        for turn in rollout["turns"]:
+    # move: give the recorded outputs distinct rewards, then take the step from those episodes on 1 and 2 ranks.
+    episodes = [json.loads(line) for line in (tmp_path / "runs/sampler/grpo_episodes.jsonl").read_text().splitlines()]
+    for episode in episodes:
+        for turn in episode["turns"]:
             for k, rewards in enumerate(turn["rewards"]):
                 rewards["total"] = float(k)
     for name in ("one", "two", "zero3"):
         shutil.copytree(tmp_path / "runs" / "base", tmp_path / "runs" / name)
-        (tmp_path / "runs" / name / "grpo_rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollouts))
+        (tmp_path / "runs" / name / "grpo_episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in episodes))
     smtpo("--stages", "grpo", "--run-name", "one")
     for name, config in (("two", "cpu_2proc"), ("zero3", "cpu_zero3")):
         smtpo("--stages", "grpo", "--run-name", name, launcher=accelerate_launch(config))
