@@ -112,6 +112,7 @@ class Run:
             tags=getattr(args, "wandb_tags", ()),
         )
         self.summary: dict[str, float] = {}
+        self.mapped: dict[str, list[dict]] = {}  # Run.map's records per file, read from the file once a launch
         self.counters: dict[str, float] = {}
         self.usages: list = []
         # W&B needs steps that only grow, and a resumed W&B run starts after its last step: a rerun logs from there.
@@ -157,7 +158,11 @@ class Run:
         calls it, with the same items. ``key`` gives an item's key (default: its ``key`` attribute or item)."""
         key = key or item_key
         records = self.records(name)
-        stored = records.done_keys()
+        # the file is read once a launch and then kept up to date from the exchanges: GRPO maps one round at a time
+        # into a file that grows all run, and reading it whole every round would cost the square of the run's length
+        if name not in self.mapped:
+            self.mapped[name] = records.records()
+        stored = {r.get("key") for r in self.mapped[name]}
         todo = [item for item in self.shard(items) if key(item) not in stored]
         # every_rank: a rank with work of its own must enter the gather too, or the ranks without any wait for it
         if any(self.gather([bool(todo)])) if every_rank else todo:
@@ -165,8 +170,11 @@ class Run:
                 for record in work(todo):
                     records.append(record)
                     progress.update(1)
+        new = self.gather(records.appended)
+        fresh = {r.get("key") for r in new}
+        self.mapped[name] = [r for r in self.mapped[name] if r.get("key") not in fresh] + new
         wanted = {key(item) for item in items}
-        return [r for r in self.exchange(records) if r.get("key") in wanted]
+        return [r for r in self.mapped[name] if r.get("key") in wanted]
 
     def exchange(self, records: RecordFile) -> list[dict]:
         """Every rank's records of a stage, the same list on every rank: those an earlier launch stored (the file is

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from common.run import Run
+from common.tracking import RecordFile
 
 
 @dataclass
@@ -124,3 +125,22 @@ def test_map_every_rank_enters_the_gather_whether_or_not_it_has_work(tmp_path, m
     records = run.map("ones.jsonl", [{"key": "a"}], lambda todo: ({"key": i["key"]} for i in todo), every_rank=True)
     run.map("ones.jsonl", [{"key": "a"}], lambda todo: iter(()), every_rank=True)  # nothing left to do: it agrees so
     assert [r["key"] for r in records] == ["a"] and [g for g in gathered if g in ([True], [False])] == [[True], [False]]
+
+
+def test_map_reads_its_file_once_a_launch_however_many_rounds_it_maps(tmp_path, monkeypatch):
+    # GRPO maps one round of episodes at a time into one file that grows all run: reading the whole file back every
+    # round (as Run.map did, twice) costs the square of the run's length at the recipe's scale
+    monkeypatch.chdir(tmp_path)
+    reads = []
+    real_records = RecordFile.records
+    monkeypatch.setattr(RecordFile, "records", lambda self: reads.append(self.path.name) or real_records(self))
+    run = Run(Settings())
+    run.records("rounds.jsonl").append({"key": "r0", "y": 0})  # an earlier launch's record
+    for round_ in range(1, 6):
+        records = run.map("rounds.jsonl", [{"key": f"r{round_}"}], lambda todo: ({"key": i["key"]} for i in todo))
+        assert [r["key"] for r in records] == [f"r{round_}"]
+    assert reads.count("rounds.jsonl") == 1
+    assert [r["key"] for r in run.map("rounds.jsonl", [{"key": f"r{k}"} for k in range(6)], iter)] == [
+        f"r{k}" for k in range(6)
+    ]  # what earlier rounds and launches recorded, in file order, and nothing redone
+    assert reads.count("rounds.jsonl") == 1
