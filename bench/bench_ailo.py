@@ -68,9 +68,11 @@ def main(args: Args) -> None:
     catalog.embeddings()
     for label, batch_size in (("batched", args.conversations), ("one at a time", 1)):
         user_llm = make_llm(args.llm, batch_size=batch_size)
-        cra = make_zero_shot_cra(make_llm(args.llm, batch_size=batch_size), catalog, "movie", 5, 64)
+        cra_llm = make_llm(args.llm, batch_size=batch_size)
+        cra = make_zero_shot_cra(cra_llm, catalog=catalog, domain="movie", top_k=5, max_tokens=64)
+        simulator = AILO(user_llm, max_tokens=args.user_max_tokens)
         start = time.perf_counter()
-        run_episodes(tasks, cra, AILO(user_llm, max_tokens=args.user_max_tokens), args.max_turns, batch_size=batch_size)
+        list(run_episodes(tasks, cra=cra, simulator=simulator, max_turns=args.max_turns, batch_size=batch_size))
         minutes = (time.perf_counter() - start) / 60
         rows.append(
             (

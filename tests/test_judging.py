@@ -270,7 +270,8 @@ def rate(reason: str, ratings: dict[str, float], max_turns: int = 2) -> list[dic
     simulator = ailo_sim.AILO(RatingUser(reason, ratings), max_parse_tries=1, ec_scoring="expected")
     simulator._content = lambda users, policies: (["The 90s."] * len(users), ["clean"] * len(users))
     simulator._ask = lambda prompts, parse, **kw: ([None] * len(prompts), [""] * len(prompts))
-    return ailo_sim.run_episodes([ailo_sim.load_tasks("demo", "", "train")[0]], cra, simulator, max_turns)
+    task = ailo_sim.load_tasks("demo", "", "train")[0]
+    return list(ailo_sim.run_episodes([task], cra=cra, simulator=simulator, max_turns=max_turns))
 
 
 def test_eq2_tests_the_rating_the_user_would_write():
