@@ -134,7 +134,7 @@ class Run:
         """Resumable, sharded work over keyed ``items``: the records of ``items`` in ``runs/<run>/<name>``, the same
         list on every rank.
 
-            episodes = run.map("trajectories.jsonl", tasks, lambda todo: play(todo, ...), desc="conversations")
+            episodes = run.map("episodes.jsonl", tasks, lambda todo: play(todo, ...), desc="conversations")
 
         The items an earlier launch recorded are not redone. This rank's share of the others goes to ``work(todo)``,
         an iterable that yields one record per item (its "key" the item's ``key``) as each finishes; each record is
