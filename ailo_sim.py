@@ -14,16 +14,16 @@ AILO has two parts:
       2. response content  -> {reason, response}    (never names the target; enforced by a guard)
       3. expectation confirmation (EC) of the CRA's last response -> {reason: CONF_t, rating: r_t in 0..5}
 
-The harness below (``run_episodes``: a CRA talks with AILO, batched across conversations, one trajectory record per
-finished conversation; ``episode_metrics``: SR, R and EC ratings per turn) makes this script the environment ECPO
-plays in: ``ecpo.py`` imports it from here, as ``rso.py`` imports ``AILO`` (the repository's only imports between
-scripts). This script's CLI runs it against a zero-shot prompted CRA, one stage function each, writing under
-runs/<run_name>/:
+The harness below (``run_episodes``: a CRA talks with AILO, batched across conversations, yielding each episode
+as it finishes; ``episode_metrics``: SR, R and EC ratings per turn) makes this script the environment ECPO plays in:
+``ecpo.py`` imports it from here with the tasks (``load_tasks``), as ``rso.py`` imports ``AILO`` (the repository's
+only imports between scripts). This script's CLI runs it against a zero-shot prompted CRA, one stage function each,
+writing under runs/<run_name>/:
 
   personas  (with --num-personas) user persona modeling from real reviews
             (Sec. 2.3) and their diversity, ROUGE-L to the nearest other (Fig. 4) -> personas.jsonl
   simulate  policy-based user simulation (Sec. 2.3) against the zero-shot CRA:
-            SR, R and the EC rating r_t of every CRA response but the last     -> trajectories.jsonl
+            SR, R and the EC rating r_t of every CRA response but the last     -> episodes.jsonl
 
 A rerun with the same --run-name skips every finished conversation and persona.
 """
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -42,7 +42,17 @@ from tqdm import tqdm
 
 from common.catalog import Catalog, item_card
 from common.conversations import render_history
-from common.data import TASK_DOMAINS, DataError, Persona, Task, load_ecpo_reviews, load_task_items, load_tasks
+from common.data import (
+    DataError,
+    Item,
+    Persona,
+    Task,
+    load_demo_catalog,
+    load_demo_tasks,
+    load_ecpo_items,
+    load_ecpo_reviews,
+    load_ecpo_tasks,
+)
 from common.distributed import print_dry_run
 from common.judging import Expectation, JudgeScoring, expected_scores, json_string, mass_metrics, scores_in_answers
 from common.llm import LLMBackendError
@@ -50,7 +60,6 @@ from common.metrics import mentions_title, redact_title, success_rate
 from common.models import ModelSpecError, check_specs
 from common.parsing import ParseStats, chat_parsed, coerce_int, is_placeholder, parse_json
 from common.run import Run
-from common.tracking import RecordFile
 
 
 @dataclass
@@ -133,6 +142,31 @@ class Args:
     dry_run: int = 0
     """validate the flags and the data files, then exit without loading a model (0: run; nothing here trains, so
     the number of processes only shares out the tasks)"""
+
+
+# =============================================================================================== tasks
+
+TASK_DOMAINS = {"demo": "movie", "book": "book", "game": "video game", "yelp": "restaurant or local business"}
+DEMO_TRAIN_TASKS = 24  # the first 24 demo users train, the last 8 are the demo's test split
+
+
+def load_tasks(dataset: str, data_dir: str | Path, split: str) -> list[Task]:
+    """The simulated users of ``split`` (train or test): the demo users, or an ECPO task file
+    ``ecpo/<Dataset>/<Dataset>_<split>.jsonl`` (test is held out)."""
+    if dataset == "demo":
+        tasks = load_demo_tasks()
+        return tasks[:DEMO_TRAIN_TASKS] if split == "train" else tasks[DEMO_TRAIN_TASKS:]
+    name = dataset.capitalize()
+    return load_ecpo_tasks(Path(data_dir) / "ecpo" / name / f"{name}_{split}.jsonl")
+
+
+def load_task_items(dataset: str, data_dir: str | Path, tasks: list[Task]) -> list[Item]:
+    """The item database the agents search: the demo films; else ECPO's released pool where there is one
+    (``items.jsonl``), plus every item the tasks name."""
+    if dataset == "demo":
+        return load_demo_catalog()
+    pool = Path(data_dir) / "ecpo" / dataset.capitalize() / "items.jsonl"
+    return (load_ecpo_items(pool) if pool.exists() else []) + [t.target for t in tasks]
 
 
 # =============================================================================================== personas
@@ -585,107 +619,104 @@ class CRAReply:
 CRA = Callable[[list[str], list[list[dict]]], list[CRAReply]]
 
 
-def run_episodes(
-    tasks: list[Task],
-    cra: CRA,
-    simulator: AILO,
-    max_turns: int,
-    batch_size: int = 16,
-    records: RecordFile | None = None,
-    on_episode: Callable[[dict], None] | None = None,
-) -> list[dict]:
-    """Run each task's conversation between ``cra`` and ``simulator`` for up to ``max_turns`` CRA responses,
+def run_episodes(tasks: list[Task], *, cra: CRA, simulator: AILO, max_turns: int, batch_size: int = 16):
+    """Play each task's conversation between ``cra`` and ``simulator`` for up to ``max_turns`` CRA responses,
     ``batch_size`` at a time (``simulator.start`` opens them, ``simulator.step`` answers and rates each response).
 
-    Returns one trajectory dict per task: per-turn system response, retrieval, user policy and reply,
-    EC reason and rating, plus ``success`` (SR: a CRA response contains the target title) and ``recall``
-    (R: the target appeared in a retrieval result). With ``records``, finished trajectories are appended as
-    they complete and tasks already in the file are skipped (their stored trajectories are returned).
-    A conversation the simulator's leak guard drops (``leak_guard`` "drop") is recorded with ``dropped``: the turn
-    and the utterance that named the target, which is not among its turns. It is not returned (``kept``), and a
-    rerun does not play it again.
+    Yields each episode as it finishes: per turn the system response, retrieval, user policy and reply, EC reason and
+    rating, plus ``success`` (SR: a CRA response contains the target title) and ``recall`` (R: the target appeared in
+    a retrieval result). A conversation the simulator's leak guard drops (``leak_guard`` "drop") is yielded with
+    ``dropped``: the turn and the utterance that named the target, which is not among its turns; SR, R, training and
+    judging leave it out (``kept``).
     """
-    done = {r["key"]: r for r in records.records()} if records else {}
-    todo = [t for t in tasks if t.task_id not in done]
-    finished: dict[str, dict] = {}
-    progress = tqdm(total=len(todo), desc="conversations", disable=not todo)
-
-    def finish(trajectory: dict, turns: int, ended_by_user: bool) -> None:
-        trajectory["num_turns"], trajectory["ended_by_user"] = turns, ended_by_user
-        finished[trajectory["key"]] = trajectory
-        if trajectory.get("dropped"):
-            tqdm.write(f"dropped {trajectory['key']}: the user named its target ({trajectory['dropped']['user']!r})")
-        if records:
-            records.append(trajectory)
-        if on_episode:
-            on_episode(trajectory)
-        progress.update(1)
-
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        users, openings = simulator.start(chunk)
-        trajectories = [
-            {
-                "key": t.task_id,
-                "task_id": t.task_id,
-                "user_id": t.persona.user_id,
-                "target": t.target.title,
-                "persona": asdict(t.persona),
-                "opening": {"policy": o.policy, "user": "" if o.end else o.response, "user_guard": o.guard},
-                "turns": [],
-                "success": False,
-                "recall": False,
-            }
-            for t, o in zip(chunk, openings)
-        ]
-        for trajectory, opening in zip(trajectories, openings):
-            if opening.guard == "dropped":
-                trajectory["dropped"] = {"turn": 0, "user": opening.response}
-                finish(trajectory, 0, False)
-        for turn in range(1, max_turns + 1):
-            live = [i for i, u in enumerate(users) if not u.ended]
-            if not live:
-                break
-            replies = cra([chunk[i].task_id for i in live], [list(users[i].history) for i in live])
-            final = turn == max_turns
-            answers = simulator.step([users[i] for i in live], [r.text for r in replies], final=final)
-            for i, reply, answer in zip(live, replies, answers):
-                target, trajectory = chunk[i].target.title, trajectories[i]
-                if answer.guard == "dropped":
-                    trajectory["dropped"] = {"turn": turn, "user": answer.response}
-                trajectory["turns"].append(
-                    {
-                        "turn": turn,
-                        "system": reply.text,
-                        "retrieved": reply.retrieved,
-                        "cra": reply.record,
-                        "mentions_target": mentions_title(reply.text, target),
-                        "user_policy": answer.policy,
-                        "user": "" if answer.guard == "dropped" else answer.response,
-                        "user_guard": answer.guard,
-                        "ec_reason": answer.ec_reason,
-                        "ec_rating": answer.ec_rating,
-                        "ec_expected": answer.ec_expected,
-                        "ec_mass_outside": answer.ec_mass_outside,
-                        "end": answer.end,
-                    }
-                )
-                trajectory["success"] |= mentions_title(reply.text, target)
-                trajectory["recall"] |= target in reply.retrieved
-                if users[i].ended:
-                    finish(trajectory, turn, not final)
-    progress.close()
-    return kept([done.get(t.task_id) or finished[t.task_id] for t in tasks])
+    for start in range(0, len(tasks), batch_size):
+        yield from play_batch(tasks[start : start + batch_size], cra=cra, simulator=simulator, max_turns=max_turns)
 
 
-def kept(trajectories: list[dict]) -> list[dict]:
+def play_batch(tasks: list[Task], *, cra: CRA, simulator: AILO, max_turns: int) -> Iterator[dict]:
+    """``run_episodes`` on one batch of conversations, advanced together turn by turn."""
+    users, openings = simulator.start(tasks)
+    episodes = [new_episode(task, opening) for task, opening in zip(tasks, openings)]
+    for episode, opening in zip(episodes, openings):
+        if opening.guard == "dropped":
+            episode["dropped"] = {"turn": 0, "user": opening.response}
+            yield finished(episode, turns=0, ended_by_user=False)
+    for turn in range(1, max_turns + 1):
+        live = [i for i, user in enumerate(users) if not user.ended]
+        if not live:
+            break
+        replies = cra([tasks[i].key for i in live], [list(users[i].history) for i in live])
+        final = turn == max_turns
+        answers = simulator.step([users[i] for i in live], [r.text for r in replies], final=final)
+        for i, reply, answer in zip(live, replies, answers):
+            add_turn(episodes[i], turn, reply, answer)
+            if users[i].ended:
+                yield finished(episodes[i], turns=turn, ended_by_user=not final)
+
+
+def new_episode(task: Task, opening: UserTurn) -> dict:
+    return {
+        "key": task.key,
+        "user_id": task.persona.user_id,
+        "target": task.target.title,
+        "persona": asdict(task.persona),
+        "opening": {"policy": opening.policy, "user": "" if opening.end else opening.response,
+                    "user_guard": opening.guard},
+        "turns": [],
+        "success": False,
+        "recall": False,
+    }  # fmt: skip
+
+
+def add_turn(episode: dict, turn: int, reply: CRAReply, answer: UserTurn) -> None:
+    """The CRA's response p_t and the user's answer to it (its EC rating r_t of p_t included); SR and R so far."""
+    target = episode["target"]
+    if answer.guard == "dropped":
+        episode["dropped"] = {"turn": turn, "user": answer.response}
+    episode["turns"].append(
+        {
+            "turn": turn,
+            "system": reply.text,
+            "retrieved": reply.retrieved,
+            "cra": reply.record,
+            "mentions_target": mentions_title(reply.text, target),
+            "user_policy": answer.policy,
+            "user": "" if answer.guard == "dropped" else answer.response,
+            "user_guard": answer.guard,
+            "ec_reason": answer.ec_reason,
+            "ec_rating": answer.ec_rating,
+            "ec_expected": answer.ec_expected,
+            "ec_mass_outside": answer.ec_mass_outside,
+            "end": answer.end,
+        }
+    )
+    episode["success"] |= mentions_title(reply.text, target)
+    episode["recall"] |= target in reply.retrieved
+
+
+def finished(episode: dict, *, turns: int, ended_by_user: bool) -> dict:
+    episode["num_turns"], episode["ended_by_user"] = turns, ended_by_user
+    if episode.get("dropped"):
+        tqdm.write(f"dropped {episode['key']}: the user named its target ({episode['dropped']['user']!r})")
+    return episode
+
+
+def printed(episodes: Iterator[dict], show: bool) -> Iterator[dict]:
+    """``episodes`` as they come, each printed first where ``show`` asks for it."""
+    for episode in episodes:
+        if show:
+            print_episode(episode)
+        yield episode
+
+
+def kept(episodes: list[dict]) -> list[dict]:
     """The conversations the leak guard did not drop: those SR, R, training and judging count."""
-    return [t for t in trajectories if not t.get("dropped")]
+    return [e for e in episodes if not e.get("dropped")]
 
 
 def audit_leaks(run_dir: str | Path) -> tuple[dict[str, int], list[dict]]:
     """Every simulated user turn recorded in a run's JSON Lines files (the openings and the turns of each record
-    with a ``target`` title and ``turns``: AILO's trajectories in ailo_sim.py and ecpo.py, RSO's episodes, and the
+    with a ``target`` title and ``turns``: AILO's episodes in ailo_sim.py and ecpo.py, RSO's, and the
     feedback of SMTPO's simulator in its evaluation records), checked with the guard's own test (``leaks_title``)
     against its target, up to the turn whose system message named it (after that the user may name it, as the guard
     allows). Returns the counts, ``rollout/title_leaks`` being the turns that name their target as recorded (what
@@ -730,23 +761,23 @@ def print_audit(metrics: dict[str, int], leaks: list[dict]) -> None:
         print(f"  {leak['file']}:{leak['line']} (target {leak['target']}): {leak['user'][:200]}")
 
 
-def episode_metrics(trajectories: list[dict], max_turns: int) -> dict[str, float]:
-    """eval/sr, eval/recall and the EC ratings (overall and per turn) over finished trajectories."""
-    ratings = [(t["turn"], t["ec_rating"]) for tr in trajectories for t in tr["turns"] if t["ec_rating"] is not None]
+def episode_metrics(episodes: list[dict], max_turns: int) -> dict[str, float]:
+    """eval/sr, eval/recall and the EC ratings (overall and per turn) over finished episodes."""
+    ratings = [(t["turn"], t["ec_rating"]) for e in episodes for t in e["turns"] if t["ec_rating"] is not None]
     metrics = {
-        "eval/sr": success_rate([t["success"] for t in trajectories]),
-        "eval/recall": success_rate([t["recall"] for t in trajectories]),
-        "rollout/episodes": len(trajectories),
-        "rollout/turns_mean": sum(t["num_turns"] for t in trajectories) / max(len(trajectories), 1),
-        "rollout/ended_by_user": success_rate([t["ended_by_user"] for t in trajectories]),
-        "rollout/ec_rating_missing": sum(t["ec_rating"] is None for tr in trajectories for t in tr["turns"]),
+        "eval/sr": success_rate([e["success"] for e in episodes]),
+        "eval/recall": success_rate([e["recall"] for e in episodes]),
+        "rollout/episodes": len(episodes),
+        "rollout/turns_mean": sum(e["num_turns"] for e in episodes) / max(len(episodes), 1),
+        "rollout/ended_by_user": success_rate([e["ended_by_user"] for e in episodes]),
+        "rollout/ec_rating_missing": sum(t["ec_rating"] is None for e in episodes for t in e["turns"]),
     }
     if ratings:
         metrics["rollout/ec_rating_mean"] = sum(r for _, r in ratings) / len(ratings)
-    expected = [t["ec_expected"] for tr in trajectories for t in tr["turns"] if t.get("ec_expected") is not None]
+    expected = [t["ec_expected"] for e in episodes for t in e["turns"] if t.get("ec_expected") is not None]
     if expected:
         metrics["rollout/ec_expected_mean"] = sum(expected) / len(expected)
-    outside = [t.get("ec_mass_outside") for tr in trajectories for t in tr["turns"]]
+    outside = [t.get("ec_mass_outside") for e in episodes for t in e["turns"]]
     metrics |= mass_metrics([o for o in outside if o is not None], "rollout/ec")
     for turn in range(1, max_turns + 1):
         at_turn = [r for t, r in ratings if t == turn]
@@ -755,20 +786,20 @@ def episode_metrics(trajectories: list[dict], max_turns: int) -> dict[str, float
     return metrics
 
 
-def print_trajectory(trajectory: dict) -> None:
+def print_episode(episode: dict) -> None:
     print(
-        f"\n=== {trajectory['task_id']} | target: {trajectory['target']} | "
-        f"SR={int(trajectory['success'])} R={int(trajectory['recall'])}"
+        f"\n=== {episode['key']} | target: {episode['target']} | "
+        f"SR={int(episode['success'])} R={int(episode['recall'])}"
     )
-    print(f"  USER   [{trajectory['opening']['policy']}] {trajectory['opening']['user']}")
-    for t in trajectory["turns"]:
+    print(f"  USER   [{episode['opening']['policy']}] {episode['opening']['user']}")
+    for t in episode["turns"]:
         print(f"  SYSTEM {t['cra'].get('action') or t['system']}")  # an agent's action where it keeps one
         expected = f" (E {t['ec_expected']:.2f})" if t.get("ec_expected") is not None else ""
         print(f"         EC rating {t['ec_rating']}{expected}: {(t['ec_reason'] or '')[:160]}")
         if t["user"]:
             print(f"  USER   [{t['user_policy']}] {t['user']}")
-    if trajectory.get("dropped"):
-        print(f"  DROPPED: the user named its target: {trajectory['dropped']['user']}")
+    if episode.get("dropped"):
+        print(f"  DROPPED: the user named its target: {episode['dropped']['user']}")
 
 
 # =============================================================================================== the demo CRA
@@ -779,7 +810,7 @@ Candidates retrieved for this conversation:
 {candidates}"""  # noqa: E501  (prompt text, kept verbatim)
 
 
-def make_zero_shot_cra(llm, catalog: Catalog, domain: str, top_k: int, max_tokens: int) -> CRA:
+def make_zero_shot_cra(llm, *, catalog: Catalog, domain: str, top_k: int, max_tokens: int) -> CRA:
     """A prompted CRA with no training: retrieve top-k items for everything the user said, then answer."""
 
     def cra(keys: list[str], histories: list[list[dict]]) -> list[CRAReply]:
@@ -809,12 +840,11 @@ def make_zero_shot_cra(llm, catalog: Catalog, domain: str, top_k: int, max_token
     return cra
 
 
-def build_personas(users: list[str], reviews: dict[str, list[dict]], llm, args: Args, records: RecordFile) -> None:
-    """Persona modeling from real reviews, one batched LLM call per chunk, each persona written as it is made."""
-    done = records.done_keys()
-    users = [u for u in users if u not in done]
+def build_personas(users: list[str], *, reviews: dict[str, list[dict]], llm, args: Args) -> Iterator[dict]:
+    """Persona modeling from real reviews, one batched LLM call per chunk of users: yields each user's persona as
+    it is made. A user whose persona never parsed is skipped (a rerun tries it again)."""
     stats = ParseStats()
-    for start in tqdm(range(0, len(users), args.batch_size), desc="personas", disable=not users):
+    for start in range(0, len(users), args.batch_size):
         chunk = users[start : start + args.batch_size]
         prompts = [PERSONA_PROMPT.format(reviews=render_reviews(reviews[u], args.reviews_per_user)) for u in chunk]
         parsed, _ = chat_parsed(
@@ -828,7 +858,7 @@ def build_personas(users: list[str], reviews: dict[str, list[dict]], llm, args: 
         for user_id, persona in zip(chunk, parsed):
             if persona is not None:
                 persona.user_id = user_id
-                records.append({"key": user_id, **asdict(persona)})
+                yield {"key": user_id, **asdict(persona)}
     if stats.failures:
         print(f"persona builder: {stats.failures} of {len(users)} users gave no valid persona JSON; they are skipped")
 
@@ -842,11 +872,12 @@ def model_personas(run: Run, args: Args) -> dict[str, float]:
         raise DataError(f"--num-personas needs review data: use --dataset book or game, not {args.dataset}")
     name = args.dataset.capitalize()
     reviews = load_ecpo_reviews(Path(args.data_dir) / "ecpo" / name / "processed_data_with_summaries.jsonl")
-    records = run.records("personas.jsonl")
-    users = run.shard(list(reviews)[: args.num_personas])
-    build_personas(users, reviews, run.llm(args.persona_llm or args.user_llm, args.batch_size), args, records)
+    llm = run.llm(args.persona_llm or args.user_llm, args.batch_size)
+    users = list(reviews)[: args.num_personas]
+    personas = run.map("personas.jsonl", users, lambda todo: build_personas(todo, reviews=reviews, llm=llm, args=args),
+                       key=str)  # fmt: skip
     return diversity_metrics(
-        [Persona(**{k: v for k, v in r.items() if k != "key"}) for r in run.exchange(records)], "personas/built"
+        [Persona(**{k: v for k, v in r.items() if k != "key"}) for r in personas], "personas/built"
     )
 
 
@@ -855,24 +886,24 @@ def simulate(run: Run, args: Args, tasks: list[Task], catalog: Catalog) -> dict[
     user_llm, cra_llm = run.llm(args.user_llm, args.batch_size), run.llm(args.cra_llm, args.batch_size)
     domain = TASK_DOMAINS[args.dataset]
     simulator = AILO(
-        user_llm,
-        domain,
-        args.user_max_tokens,
-        args.max_parse_tries,
-        args.max_leak_tries,
-        args.target_note,
-        args.judge_scoring,
-        args.leak_guard,
-    )
-    cra = make_zero_shot_cra(cra_llm, catalog, domain, args.retriever_top_k, args.cra_max_tokens)
-    records = run.records("trajectories.jsonl")
-    on_episode = print_trajectory if args.print_conversations else None
-    run_episodes(run.shard(tasks), cra, simulator, args.max_turns, args.batch_size, records, on_episode)
+        user_llm, domain=domain, max_tokens=args.user_max_tokens, max_parse_tries=args.max_parse_tries,
+        max_leak_tries=args.max_leak_tries, target_note=args.target_note, ec_scoring=args.judge_scoring,
+        leak_guard=args.leak_guard,
+    )  # fmt: skip
+    cra = make_zero_shot_cra(cra_llm, catalog=catalog, domain=domain, top_k=args.retriever_top_k,
+                             max_tokens=args.cra_max_tokens)  # fmt: skip
+
+    def play(todo: list[Task]) -> Iterator[dict]:
+        episodes = run_episodes(
+            todo, cra=cra, simulator=simulator, max_turns=args.max_turns, batch_size=args.batch_size
+        )
+        return printed(episodes, args.print_conversations)
+
+    episodes = run.map("episodes.jsonl", tasks, play, desc="conversations")  # an interrupted launch's count too
     for usage, role in ((user_llm.usage, "user_"), (cra_llm.usage, "cra_")):
         run.count(usage.metrics(f"cost/{role}") | usage.metrics("cost/"))  # per role, and their sum
     run.count(simulator.metrics())
-    wanted = {t.task_id for t in tasks}  # conversations an interrupted launch finished count too
-    return episode_metrics(kept([r for r in run.exchange(records) if r["key"] in wanted]), args.max_turns)
+    return episode_metrics(kept(episodes), args.max_turns)
 
 
 # =============================================================================================== main

@@ -11,10 +11,10 @@ The CRA is ActCRS: one action per LLM call, Search[keywords] | Ask[question] | R
 Response[content]. Search calls the dense retriever and the agent acts again; the other three are shown to the
 user. The pipeline (the paper's Fig. 2), one stage function each, writing under runs/<run_name>/:
 
-  teacher   a teacher CRA talks with the AILO simulator on D_sft tasks      -> teacher_trajectories.jsonl
+  teacher   a teacher CRA talks with the AILO simulator on D_sft tasks      -> teacher_episodes.jsonl
   sft       SGPT: LoRA SFT (Eq. 1) on every CRA call of the successful ones -> sft_data.jsonl, sft_adapter/
   forward   pi_sft talks with AILO on D_pre tasks; AILO rates every visible
-            response but the last (forward expectation confirmation)         -> forward_trajectories.jsonl
+            response but the last (forward expectation confirmation)         -> forward_episodes.jsonl
   backward  a rewriter revises each response with r_t <= lambda, given CONF_t
             (backward expectation derivation); valid rewrites form D_pre    -> rewrites.jsonl, pairs.jsonl
   po        ECPO: DPO (Eq. 3) / SimPO / KTO / SFT on D_pre, reference pi_sft -> ref_logps.jsonl, po_adapter/
@@ -31,8 +31,10 @@ import math
 import random
 import re
 import time
-from collections import defaultdict
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -40,10 +42,22 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ailo_sim import AILO, CRAReply, audit_leaks, episode_metrics, kept, print_audit, print_trajectory, run_episodes
+from ailo_sim import (
+    AILO,
+    TASK_DOMAINS,
+    CRAReply,
+    audit_leaks,
+    episode_metrics,
+    kept,
+    load_task_items,
+    load_tasks,
+    print_audit,
+    printed,
+    run_episodes,
+)
 from common.catalog import Catalog
 from common.conversations import render_history
-from common.data import TASK_DOMAINS, DataError, Task, load_task_items, load_tasks
+from common.data import DataError, Task
 from common.distributed import (
     check_division,
     global_batch_mean,
@@ -61,7 +75,7 @@ from common.llm import HFChat, LLMBackendError, per_conversation, prompt_ids
 from common.models import ModelSpecError, check_specs, load_merged
 from common.parsing import ParseStats, chat_parsed, coerce_int, parse_json
 from common.presets import Preset, parse_args
-from common.run import Run, preference_row, sft_row
+from common.run import Run, sft_row
 from common.sft import supervised_finetuning
 from common.tokens import collate, encode_prompt_completion, sequence_logprobs
 from common.tracking import RecordFile
@@ -99,7 +113,7 @@ class Args:
     num_sft_tasks: int = 2
     """training tasks the teacher plays to build D_sft (paper: 1000)"""
     num_pre_tasks: int = 2
-    """further training tasks pi_sft plays to build D_pre, one trajectory each (paper: 500)"""
+    """further training tasks pi_sft plays to build D_pre, one episode each (paper: 500)"""
     train_tasks: Literal["random", "first"] = "random"
     """how D_sft's and D_pre's tasks are drawn from the train file: random, a --seed shuffle whose first
     --num-sft-tasks go to D_sft and the next --num-pre-tasks to D_pre (the paper: "we randomly sample 1000 ... an
@@ -117,8 +131,8 @@ class Args:
     """backend of the AILO simulated user, which also rates each response (paper: openai:gpt-4o-mini)"""
     rewriter_llm: str = "hf:smollm2-135m"
     """backend of the rewriter of backward expectation derivation (paper's code: gpt-4o-mini)"""
-    expert_llm: str = "hf:smollm2-135m"
-    """backend of the expert CRA the win rate is measured against (paper: openai:gpt-4o-mini)"""
+    expert_cra_llm: str = "hf:smollm2-135m"
+    """backend of the Expert CRA, the paper's baseline the win rate is measured against (paper: openai:gpt-4o-mini)"""
     judge_llm: str = "hf:smollm2-135m"
     """backend of the win-rate judge (paper: openai:gpt-4o)"""
 
@@ -278,7 +292,7 @@ PAPER = Preset(
     ablations={"loss": "Table 4a", "lam": "Fig. 7a", "max_turns": "Table 6b", "retriever_top_k": "Table 6a"},
     recipe=(
         "exp_name", "seed", "run_name", "stages", "track", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags",
-        "dataset", "data_dir", "policy", "teacher_llm", "user_llm", "rewriter_llm", "expert_llm", "judge_llm",
+        "dataset", "data_dir", "policy", "teacher_llm", "user_llm", "rewriter_llm", "expert_cra_llm", "judge_llm",
         "batch_size", "rollout_batch_tokens", "micro_batch_size", "save_every", "print_conversations", "dry_run",
     ),
 )  # fmt: skip
@@ -381,7 +395,7 @@ def split_action(action: str) -> tuple[str, str]:
 
 
 def decode_actions(
-    llm, prompts: list[str], allowed, args: Args, stats: ParseStats, prefix: str = ""
+    llm, prompts: list[str], *, allowed, args: Args, stats: ParseStats, prefix: str = ""
 ) -> list[str | None]:
     """One action per prompt. Free decoding: generate, parse, retry the failures (+0.3 temperature each).
     Constrained decoding (``--action-decoding constrained`` on a backend that can pre-fill): after ``prefix``, the
@@ -421,10 +435,9 @@ def search_observation(catalog: Catalog, titles: list[str]) -> str:
     return "Search results: " + " ".join(f"{k}. {card}" for k, card in enumerate(cards, 1))
 
 
-def make_actcrs(llm, catalog: Catalog, domain: str, args: Args, few_shot: bool, stats: ParseStats):
-    """An ActCRS agent as a ``CRA`` for ``ailo_sim.run_episodes``. It keeps one scratchpad per
-    conversation and, per user turn, acts until it takes a visible action: Search results are appended as
-    Observations, up to ``max_searches`` chained searches; after that only Ask/Recommend/Response are accepted.
+def make_actcrs(llm, *, catalog: Catalog, domain: str, args: Args, few_shot: bool, stats: ParseStats):
+    """An ActCRS agent as a ``CRA`` for ``ailo_sim.run_episodes``. It keeps one scratchpad per conversation and, per
+    user turn, appends the user's message as an Observation and acts (``act``).
 
     Each reply's record holds every call of the turn as (state, action), the state without the few-shot
     block: these are SGPT's training examples and ECPO's (s_t, p_t)."""
@@ -434,60 +447,57 @@ def make_actcrs(llm, catalog: Catalog, domain: str, args: Args, few_shot: bool, 
         pads = []
         for key, history in zip(keys, histories):
             pad = scratchpads.setdefault(key, [])
-            pad.append(
-                f"Observation {sum(line.startswith('Observation') for line in pad) + 1}: User: {history[-1]['content']}"
-            )
+            pad.append(f"Observation {observations(pad) + 1}: User: {history[-1]['content']}")
             pads.append(pad)
-        calls: list[list[dict]] = [[] for _ in keys]
-        retrieved: list[list[str]] = [[] for _ in keys]
-        replies: list[str | None] = [None] * len(keys)
-        pending = list(range(len(keys)))
-        for searches in range(args.max_searches + 1):
-            if not pending:
-                break
-            allowed = ACTIONS if searches < args.max_searches else VISIBLE_ACTIONS
-            actions = decode_actions(
-                llm, [actcrs_prompt(domain, pads[i], few_shot) for i in pending], allowed, args, stats
-            )
-            searching = []
-            for i, action in zip(pending, actions):
-                state = actcrs_prompt(domain, pads[i], few_shot=False)
-                n = state.rsplit("Action ", 1)[1].rstrip(":")
-                if action is None:  # the paper's fallback; the turn is shown to the user and gets no rewrite
-                    calls[i].append({"state": state, "action": None, "type": "Error"})
-                    replies[i] = SYSTEM_ERROR
-                    pads[i].append(f"Action {n}: Response[{SYSTEM_ERROR}]")
-                    continue
-                kind, argument = split_action(action)
-                calls[i].append({"state": state, "action": action, "type": kind})
-                pads[i].append(f"Action {n}: {action}")
-                if kind == "Search":
-                    searching.append((i, argument))
-                else:
-                    replies[i] = argument
-            if searching:
-                for (i, _), titles in zip(searching, catalog.search([q for _, q in searching], args.retriever_top_k)):
-                    retrieved[i] += [t for t in titles if t not in retrieved[i]]
-                    pads[i].append(
-                        f"Observation {sum(line.startswith('Observation') for line in pads[i]) + 1}: "
-                        f"{search_observation(catalog, titles)}"
-                    )
-            pending = [i for i, _ in searching]
-        return [
-            CRAReply(
-                text=reply or SYSTEM_ERROR,
-                retrieved=found,
-                record={
-                    "calls": turn_calls,
-                    "state": turn_calls[-1]["state"],
-                    "action": turn_calls[-1]["action"],
-                    "action_type": turn_calls[-1]["type"],
-                },
-            )
-            for reply, found, turn_calls in zip(replies, retrieved, calls)
-        ]
+        return act(llm, pads, catalog=catalog, domain=domain, args=args, few_shot=few_shot, stats=stats)
 
     return cra
+
+
+def observations(pad: list[str]) -> int:
+    return sum(line.startswith("Observation") for line in pad)
+
+
+def act(llm, pads: list[list[str]], *, catalog: Catalog, domain: str, args: Args, few_shot: bool,
+        stats: ParseStats) -> list[CRAReply]:  # fmt: skip
+    """One turn of ActCRS on each scratchpad: act until a visible action. Search results are appended as
+    Observations, up to ``max_searches`` chained searches; after that only Ask/Recommend/Response are accepted. An
+    action that never parses is the paper's fallback: "Sorry, System Error" is shown, and the turn gets no rewrite."""
+    calls: list[list[dict]] = [[] for _ in pads]
+    retrieved: list[list[str]] = [[] for _ in pads]
+    replies: list[str | None] = [None] * len(pads)
+    pending = list(range(len(pads)))
+    for searches in range(args.max_searches + 1):
+        if not pending:
+            break
+        allowed = ACTIONS if searches < args.max_searches else VISIBLE_ACTIONS
+        prompts = [actcrs_prompt(domain, pads[i], few_shot) for i in pending]
+        actions = decode_actions(llm, prompts, allowed=allowed, args=args, stats=stats)
+        searching = []
+        for i, action in zip(pending, actions):
+            state = actcrs_prompt(domain, pads[i], few_shot=False)
+            n = state.rsplit("Action ", 1)[1].rstrip(":")
+            kind, argument = split_action(action) if action is not None else ("Error", SYSTEM_ERROR)
+            calls[i].append({"state": state, "action": action, "type": kind})
+            pads[i].append(f"Action {n}: {action or f'Response[{SYSTEM_ERROR}]'}")
+            if kind == "Search":
+                searching.append((i, argument))
+            else:
+                replies[i] = argument
+        if searching:
+            for (i, _), titles in zip(searching, catalog.search([q for _, q in searching], args.retriever_top_k)):
+                retrieved[i] += [t for t in titles if t not in retrieved[i]]
+                pads[i].append(f"Observation {observations(pads[i]) + 1}: {search_observation(catalog, titles)}")
+        pending = [i for i, _ in searching]
+    return [
+        CRAReply(
+            text=reply or SYSTEM_ERROR,
+            retrieved=found,
+            record={"calls": turn_calls, "state": turn_calls[-1]["state"], "action": turn_calls[-1]["action"],
+                    "action_type": turn_calls[-1]["type"]},
+        )
+        for reply, found, turn_calls in zip(replies, retrieved, calls)
+    ]  # fmt: skip
 
 
 # ============================================================================ reward: expectation confirmation
@@ -498,21 +508,21 @@ def make_actcrs(llm, catalog: Catalog, domain: str, args: Args, few_shot: bool, 
 # tells the rewriter what to fix; neither enters a loss as a number.
 
 
-def rated_turns(trajectories: list[dict]) -> list[dict]:
+def rated_turns(episodes: list[dict]) -> list[dict]:
     """(s_t, p_t, CONF_t, r_t) of every visible response: the state the policy acted from, its action, AILO's
     reason and rating, and E[r_t] where the rating was read from the distribution. "System Error" fallbacks (no
     action), unparsed ratings and the unrated last turn are left out (METHODS.md 1.9)."""
     return [
         {
-            "key": f"{tr['key']}#{t['turn']}",
+            "key": f"{episode['key']}#{t['turn']}",
             "state": t["cra"]["state"],
             "action": t["cra"]["action"],
             "conf": t["ec_reason"],
             "rating": t["ec_rating"],
             "expected": t.get("ec_expected"),
         }
-        for tr in trajectories
-        for t in tr["turns"]
+        for episode in episodes
+        for t in episode["turns"]
         if t["ec_rating"] is not None and t["cra"].get("action") is not None
     ]
 
@@ -525,9 +535,9 @@ def short_of_expectation(rating: int, lam: float) -> bool:
     return rating <= lam
 
 
-def rewritable_turns(trajectories: list[dict], lam: float) -> list[dict]:
+def rewritable_turns(episodes: list[dict], lam: float) -> list[dict]:
     """Eq. 2: the turns whose response fell short of the user's expectation."""
-    return [t for t in rated_turns(trajectories) if short_of_expectation(t["rating"], lam)]
+    return [t for t in rated_turns(episodes) if short_of_expectation(t["rating"], lam)]
 
 
 def rating_table(turns: list[dict], lam: float) -> str:
@@ -586,15 +596,13 @@ def check_refinement(text: str, original: str) -> tuple[str | None, str]:
     return refinement, "ok"
 
 
-def derive_pairs(turns: list[dict], rewriter, domain: str, args: Args, records: RecordFile, stats: ParseStats) -> None:
-    """Backward expectation derivation: one rewrite per turn, appended to ``records`` (skipping done keys).
+def derive_pairs(turns: list[dict], *, rewriter, domain: str, args: Args, stats: ParseStats) -> Iterator[dict]:
+    """Backward expectation derivation: one rewrite per turn, yielded as each batch of rewrites is made.
     Output that is not JSON with a well-formed action is retried; a well-formed rewrite equal to the original
     is kept as "unchanged" (it is a valid answer, just not a preference pair)."""
-    done = records.done_keys()
-    todo = [t for t in turns if t["key"] not in done]
     well_formed = lambda text: check_refinement(text, original="")[0]  # noqa: E731
-    for start in tqdm(range(0, len(todo), args.batch_size), desc="rewrites", disable=not todo):
-        chunk = todo[start : start + args.batch_size]
+    for start in range(0, len(turns), args.batch_size):
+        chunk = turns[start : start + args.batch_size]
         prompts = [
             [
                 {
@@ -616,9 +624,9 @@ def derive_pairs(turns: list[dict], rewriter, domain: str, args: Args, records: 
             actions = decode_actions(
                 rewriter,
                 [prompts[k][0]["content"] for k in failed],
-                ACTIONS,
-                args,
-                ParseStats(),
+                allowed=ACTIONS,
+                args=args,
+                stats=ParseStats(),
                 prefix='{"refinement": "',
             )
             for k, action in zip(failed, actions):
@@ -626,7 +634,7 @@ def derive_pairs(turns: list[dict], rewriter, domain: str, args: Args, records: 
                     texts[k] = json.dumps({"reason": "", "refinement": action})
         for turn, text in zip(chunk, texts):
             refinement, status = check_refinement(text, turn["action"])
-            records.append({**turn, "refinement": refinement, "status": status, "raw": text})
+            yield {**turn, "refinement": refinement, "status": status, "raw": text}
 
 
 def select_pairs(rewrites: list[dict], lam: float) -> list[dict]:
@@ -646,6 +654,15 @@ def select_pairs(rewrites: list[dict], lam: float) -> list[dict]:
     ]
 
 
+def preference_row(prompt: str, chosen: str, rejected: str) -> dict:
+    """A pair of D_pre in TRL's conversational ``prompt`` / ``chosen`` / ``rejected`` columns."""
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+
+
 # =============================================================================================== losses
 
 
@@ -656,14 +673,14 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 
 def simpo_loss(
-    policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, beta: float, gamma: float
+    policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, *, beta: float, gamma: float
 ) -> torch.Tensor:
     """ECPO+SimPO (Table 4b): -log sigma(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma); no reference."""
     return -F.logsigmoid(beta * policy_chosen / chosen_tokens - beta * policy_rejected / rejected_tokens - gamma)
 
 
 def kto_loss(
-    policy_chosen, policy_rejected, ref_chosen, ref_rejected, z_ref, beta: float, lambda_w: float, lambda_l: float
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, z_ref, *, beta: float, lambda_w: float, lambda_l: float
 ) -> torch.Tensor:
     """ECPO+KTO (Table 4b, with the sign of the undesirable term corrected to the standard KTO form):
     lambda_w (1 - sigma(beta lr_w - z_ref)) for the rewrite and lambda_l (1 - sigma(z_ref - beta lr_l)) for the
@@ -725,61 +742,70 @@ def pair_examples(tokenizer, pairs: list[dict], max_length: int) -> list[dict]:
     return examples
 
 
+def response_rows(pairs: list[dict], parts: tuple[str, ...]) -> list[tuple[list[int], list[int]]]:
+    """The (ids, completion mask) rows of ``pairs``' responses, part by part: every chosen one, then every rejected
+    one (the layout ``preference_loss`` reads), or the mismatched ones."""
+    return [(e[f"{part}_ids"], e[f"{part}_mask"]) for part in parts for e in pairs]
+
+
 REFERENCE_KEYS = ("ref_chosen", "ref_rejected", "ref_mismatched")
 
 
-def reference_logps(run: Run, model, tokenizer, examples: list[dict], args: Args, epoch: list[list[int]],
+def reference_logps(run: Run, model, *, tokenizer, examples: list[dict], args: Args, epoch: list[list[int]],
                     accum: int) -> None:  # fmt: skip
     """log pi_sft of every chosen, rejected and mismatched response, computed once with the adapter disabled (the
     adapter sits on the merged pi_sft weights) and stored in ref_logps.jsonl. ``model`` is the prepared policy and
     ``epoch`` the first epoch's global batches: each micro-batch's rows go through the forward passes the policy's do
     in training, in its precision (accelerate's bf16 autocast, DeepSpeed's bf16 weights) and with the same batch
     shapes (low-precision kernels round differently at other shapes), so every log-ratio is exactly 0 before the
-    first update. Ranks split the work as they split training's, in lockstep as ZeRO-3 needs."""
-    records = run.records("ref_logps.jsonl")
-    done = {r["key"] for r in records.records()}
-    run.barrier()  # every rank reads the same file before any writes to it, so all agree on what is left to do
-    todo = [batch for batch in epoch if any(examples[i]["key"] not in done for i in batch)]
+    first update. Ranks split the work as they split training's: ``run.map``'s share of the epoch's examples in
+    order is each rank's share of every global batch (``rank_micro_batches``), and every rank runs the forward
+    passes of each batch that any rank still needs, in lockstep as ZeRO-3 needs."""
 
-    def reference(pairs: list[dict], parts: tuple[str, ...]) -> torch.Tensor:
-        rows = [(e[f"{part}_ids"], e[f"{part}_mask"]) for part in parts for e in pairs]
-        return sequence_logps(model, rows, tokenizer.pad_token_id, run.device)[0]
+    def logps_of(pairs: list[dict], parts: tuple[str, ...]) -> torch.Tensor:
+        return sequence_logps(model, response_rows(pairs, parts), tokenizer.pad_token_id, run.device)[0]
+
+    def compute(todo: list[dict]) -> Iterator[dict]:
+        mine, needed = {e["key"] for e in todo}, set(run.gather([e["key"] for e in todo]))
+        with torch.no_grad(), run.accelerator.unwrap_model(model).disable_adapter():
+            for batch in (b for b in epoch if needed.intersection(examples[i]["key"] for i in b)):
+                for pairs, weights in micro_batches(examples, batch, run.accelerator, args.micro_batch_size, accum):
+                    # as in training: chosen and rejected in one pass, the mismatched responses in another (z_ref)
+                    chosen_rejected = logps_of(pairs, ("chosen", "rejected"))
+                    mismatched = logps_of(pairs, ("mismatched",))
+                    for j, (example, weight) in enumerate(zip(pairs, weights.tolist())):
+                        if weight and example["key"] in mine:  # weight 0: a rank's padding
+                            mine.discard(example["key"])
+                            values = (chosen_rejected[j], chosen_rejected[len(pairs) + j], mismatched[j])
+                            yield {"key": example["key"], **dict(zip(REFERENCE_KEYS, map(float, values)))}
 
     model.eval()
-    with torch.no_grad(), run.accelerator.unwrap_model(model).disable_adapter():
-        for batch in tqdm(todo, desc="reference log-probs", disable=not run.main):
-            for pairs, weights in micro_batches(examples, batch, run.accelerator, args.micro_batch_size, accum):
-                # as in training: chosen and rejected in one pass, the mismatched responses in another (KTO's z_ref)
-                chosen_rejected = reference(pairs, ("chosen", "rejected"))
-                mismatched = reference(pairs, ("mismatched",))
-                for j, (example, weight) in enumerate(zip(pairs, weights.tolist())):
-                    if weight and example["key"] not in done:  # weight 0: a rank's padding
-                        done.add(example["key"])
-                        values = (chosen_rejected[j], chosen_rejected[len(pairs) + j], mismatched[j])
-                        records.append({"key": example["key"], **dict(zip(REFERENCE_KEYS, map(float, values)))})
-    stored = {r["key"]: r for r in run.exchange(records)}
+    in_order = [examples[i] for batch in epoch for i in batch]
+    stored = run.map("ref_logps.jsonl", in_order, compute, every_rank=True, desc="reference log-probs")
+    by_key = {r["key"]: r for r in stored}
     for example in examples:
-        example.update({key: stored[example["key"]][key] for key in REFERENCE_KEYS})
+        example.update({key: by_key[example["key"]][key] for key in REFERENCE_KEYS})
     model.train()
 
 
 @torch.no_grad()
-def global_kto_reference_point(run: Run, model, tokenizer, examples: list[dict], batch: list[int], accum: int,
+def global_kto_reference_point(run: Run, model, *, tokenizer, examples: list[dict], batch: list[int], accum: int,
                                micro: int, beta: float) -> torch.Tensor:  # fmt: skip
     """KTO's z_ref for one optimizer step, estimated on every mismatched (prompt, response) pair of the global batch,
     over all its micro-batches and ranks, so that 1 rank and 2 ranks agree; one pair per micro-batch would be too
     noisy an estimate (TRL refuses a KTO batch of 1 for this reason). The policy is the one the step starts from."""
     policy, reference, weights = [], [], []
     for pairs, pair_weights in micro_batches(examples, batch, run.accelerator, micro, accum):
-        rows = [(e["mismatched_ids"], e["mismatched_mask"]) for e in pairs]
-        policy.append(sequence_logps(model, rows, tokenizer.pad_token_id, run.device)[0])
+        policy.append(
+            sequence_logps(model, response_rows(pairs, ("mismatched",)), tokenizer.pad_token_id, run.device)[0]
+        )
         reference.append(torch.tensor([e["ref_mismatched"] for e in pairs], device=run.device))
         weights.append(pair_weights)
     policy, reference, weights = (run.accelerator.gather(torch.cat(t)) for t in (policy, reference, weights))
     return kto_reference_point(policy, reference, weights, beta)
 
 
-def preference_loss(args: Args, beta, logps, n_tokens, ref_chosen_logps, ref_rejected_logps, z_ref=None):
+def preference_loss(logps, n_tokens, ref_chosen_logps, ref_rejected_logps, *, args: Args, beta: float, z_ref=None):
     """--loss on one micro-batch of pairs -> (per-pair losses, chosen rewards, rejected rewards). ``logps`` and
     ``n_tokens`` hold the policy's log-probs and lengths of the chosen rows, then of the rejected rows. The losses are
     Eq. 3's DPO, SimPO, KTO against ``z_ref``, or ECPO+SFT's NLL of the rewrite alone (its token mean comes from the
@@ -792,19 +818,14 @@ def preference_loss(args: Args, beta, logps, n_tokens, ref_chosen_logps, ref_rej
         losses = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
     elif args.loss == "simpo":
         losses = simpo_loss(
-            policy_chosen_logps, policy_rejected_logps, chosen_tokens, rejected_tokens, beta, args.simpo_gamma
-        )
+            policy_chosen_logps, policy_rejected_logps, chosen_tokens, rejected_tokens, beta=beta,
+            gamma=args.simpo_gamma,
+        )  # fmt: skip
     elif args.loss == "kto":
         losses = kto_loss(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            z_ref,
-            beta,
-            args.kto_lambda_w,
-            args.kto_lambda_l,
-        )
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, z_ref, beta=beta,
+            lambda_w=args.kto_lambda_w, lambda_l=args.kto_lambda_l,
+        )  # fmt: skip
     else:
         losses = -policy_chosen_logps
     if args.loss == "simpo":
@@ -816,17 +837,28 @@ def preference_loss(args: Args, beta, logps, n_tokens, ref_chosen_logps, ref_rej
     )
 
 
-def preference_statistics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps, weights):
-    """TRL's preference statistics of a micro-batch, as weighted sums (the loop divides by the global batch)."""
+def preference_statistics(chosen_rewards, rejected_rewards, logps, weights) -> dict[str, float]:
+    """TRL's preference statistics of a micro-batch as sums over its pairs (weighted: padding rows count 0), with
+    those pairs' count, "pairs": the step logs each sum over the global batch's pairs (``per_pair``). ``logps`` holds
+    the policy's log-probs of the chosen rows, then of the rejected rows."""
+    b = len(chosen_rewards)
     values = {
         "rewards/chosen": chosen_rewards,
         "rewards/rejected": rejected_rewards,
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
         "rewards/margins": chosen_rewards - rejected_rewards,
-        "logps/chosen": policy_chosen_logps,
-        "logps/rejected": policy_rejected_logps,
+        "logps/chosen": logps[:b],
+        "logps/rejected": logps[b : 2 * b],
     }
-    return {name: (value.detach() * weights).sum().item() for name, value in values.items()}
+    sums = {f"train/{name}": (value.detach() * weights).sum().item() for name, value in values.items()}
+    return sums | {"pairs": weights.sum().item()}
+
+
+def per_pair(sums: dict[str, float]) -> dict:
+    """A step's sums, this rank's, for ``run.log_step``: the loss (its term of the global batch's mean already) and
+    each preference statistic as (sum, pairs), their ratio over every rank the statistic's mean over the batch."""
+    return {name: value if name == "train/loss" else (value, sums["pairs"]) for name, value in sums.items()
+            if name != "pairs"}  # fmt: skip
 
 
 def train_preferences(run: Run, args: Args, model, tokenizer, examples: list[dict]):
@@ -843,49 +875,35 @@ def train_preferences(run: Run, args: Args, model, tokenizer, examples: list[dic
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * len(steps)), len(steps))
     model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / "po")
     if args.loss in ("dpo", "kto"):  # after prepare: pi_sft in the precision the policy is compared in
-        reference_logps(run, model, tokenizer, examples, args, steps[: len(steps) // args.po_epochs], accum)
+        epoch = steps[: len(steps) // args.po_epochs]
+        reference_logps(run, model, tokenizer=tokenizer, examples=examples, args=args, epoch=epoch, accum=accum)
     for step in tqdm(range(start, len(steps)), desc="po", initial=start, total=len(steps), disable=not run.main):
-        started, batch = time.time(), steps[step]
-        sums = defaultdict(float)
+        started, batch, sums = time.time(), steps[step], Counter()
+        # ALGO LOGIC: one step of --loss on the global batch, a mean over its pairs (--loss sft: over the rewrites'
+        # tokens); KTO's z_ref from every mismatched pair of it; chosen and rejected in one forward pass
         z_ref = None
-        if args.loss == "kto":  # one z_ref for the step, from every mismatched pair of the global batch
-            z_ref = global_kto_reference_point(run, model, tokenizer, examples, batch, accum, micro, beta)
-        # The loss is a mean over the global batch: over its pairs, or for --loss sft over its rewrites' tokens.
+        if args.loss == "kto":
+            z_ref = global_kto_reference_point(run, model, tokenizer=tokenizer, examples=examples, batch=batch,
+                                               accum=accum, micro=micro, beta=beta)  # fmt: skip
         normalizer = sum(sum(examples[i]["chosen_mask"]) for i in batch) if args.loss == "sft" else len(batch)
         for pairs, weights in micro_batches(examples, batch, accelerator, micro, accum):
-            rows = [(e[f"{part}_ids"], e[f"{part}_mask"]) for part in ("chosen", "rejected") for e in pairs]
-            ref_chosen_logps, ref_rejected_logps = (
-                torch.tensor([e[f"ref_{part}"] for e in pairs], device=device) for part in ("chosen", "rejected")
-            )
-            # ALGO LOGIC: chosen and rejected in one forward pass, the preference loss, an (accumulated) step
+            ref_chosen, ref_rejected = (torch.tensor([e[f"ref_{part}"] for e in pairs], device=device)
+                                        for part in ("chosen", "rejected"))  # fmt: skip
             with accelerator.accumulate(model):
-                logps, n_tokens = sequence_logps(model, rows, tokenizer.pad_token_id, device)
-                b = len(pairs)
+                logps, n_tokens = sequence_logps(model, response_rows(pairs, ("chosen", "rejected")),
+                                                 tokenizer.pad_token_id, device)  # fmt: skip
                 losses, chosen_rewards, rejected_rewards = preference_loss(
-                    args, beta, logps, n_tokens, ref_chosen_logps, ref_rejected_logps, z_ref
+                    logps, n_tokens, ref_chosen, ref_rejected, args=args, beta=beta, z_ref=z_ref
                 )
                 loss = global_batch_mean(losses, weights, normalizer, run.world, accum)
                 grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
-            # bookkeeping: TRL's preference statistics, summed over the global batch, logged once per step
-            statistics = preference_statistics(chosen_rewards, rejected_rewards, logps[:b], logps[b : 2 * b], weights)
-            for name, value in statistics.items():
-                sums[name] += value
-            sums["loss"] += loss.item() / (run.world * accum)
+            statistics = preference_statistics(chosen_rewards, rejected_rewards, logps, weights)
+            sums.update(statistics | {"train/loss": loss.item() / (run.world * accum)})
         scheduler.step()
-        sums = run.sum_over_ranks(sums)
-        metrics = {
-            "train/loss": sums["loss"],
-            **{f"train/{name}": total / len(batch) for name, total in sums.items() if name != "loss"},
-            "train/lr": scheduler.get_last_lr()[0],
-            "train/grad_norm": grad_norm,
-            "train/epoch": (step + 1) * args.po_epochs / len(steps),
-        }
-        run.log_step(metrics, time.time() - started)
-        if run.main:
-            shown = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
-            tqdm.write(
-                f"po step {step + 1}/{len(steps)}: " + "  ".join(f"{k} {metrics[f'train/{k}']:.4g}" for k in shown)
-            )
+
+        progress = {"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
+                    "train/epoch": (step + 1) * args.po_epochs / len(steps)}  # fmt: skip
+        run.log_step(progress, time.time() - started, sums=per_pair(sums), show=f"po step {step + 1}/{len(steps)}")
         if (step + 1) % args.save_every == 0 or step + 1 == len(steps):
             save_resumable(accelerator, model, run.dir / "po", step + 1, optimizer, scheduler)
     return model
@@ -917,9 +935,9 @@ JUDGE_DIMENSIONS = {
 }
 
 
-def render_trajectory(trajectory: dict) -> str:
-    history = [{"role": "user", "content": trajectory["opening"]["user"]}]
-    for t in trajectory["turns"]:
+def render_episode(episode: dict) -> str:
+    history = [{"role": "user", "content": episode["opening"]["user"]}]
+    for t in episode["turns"]:
         history.append({"role": "assistant", "content": t["system"]})
         if t["user"]:
             history.append({"role": "user", "content": t["user"]})
@@ -944,31 +962,26 @@ def parse_judgement(text: str) -> dict[str, int] | None:
     return scores if "final" in scores else None
 
 
-def judge_pairs(
-    judge,
-    candidate: list[dict],
-    expert: list[dict],
-    label: str,
-    domain: str,
-    args: Args,
-    records: RecordFile,
-    stats: ParseStats,
-) -> None:
-    """Fig. 11 judgements of candidate vs expert on the same tasks, in both position orders."""
-    done = records.done_keys()
-    expert_by_task = {t["key"]: t for t in expert}
+def judge_jobs(candidates: list[dict], expert: list[dict], label: str, domain: str) -> list[dict]:
+    """Fig. 11's comparisons of each candidate episode with the expert's on the same task, in both position orders:
+    the candidate as A ("ab"), then as B ("ba")."""
+    expert_by_task = {e["key"]: e for e in expert}
     jobs = []
-    for trajectory in candidate:
-        other = expert_by_task.get(trajectory["key"])
+    for episode in candidates:
+        other = expert_by_task.get(episode["key"])
         if other is None:
             continue
-        for order, (a, b) in (("ab", (trajectory, other)), ("ba", (other, trajectory))):
-            key = f"{label}|{trajectory['key']}|{order}"
-            if key not in done:
-                jobs.append((key, JUDGE_PROMPT.format(domain=domain, a=render_trajectory(a), b=render_trajectory(b))))
-    for start in tqdm(range(0, len(jobs), args.batch_size), desc=f"judge {label}", disable=not jobs):
+        for order, (a, b) in (("ab", (episode, other)), ("ba", (other, episode))):
+            prompt = JUDGE_PROMPT.format(domain=domain, a=render_episode(a), b=render_episode(b))
+            jobs.append({"key": f"{label}|{episode['key']}|{order}", "label": label, "order": order, "prompt": prompt})
+    return jobs
+
+
+def judge_pairs(jobs: list[dict], *, judge, args: Args, stats: ParseStats) -> Iterator[dict]:
+    """Fig. 11 judgements of ``judge_jobs``, a batch at a time, each yielded as it is read."""
+    for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start : start + args.batch_size]
-        conversations = [[{"role": "user", "content": p}] for _, p in chunk]
+        conversations = [[{"role": "user", "content": job["prompt"]}] for job in chunk]
         if args.judge_scoring == "expected":
             read = expected_judgements(judge, conversations, args.judge_max_tokens)
         else:
@@ -977,9 +990,9 @@ def judge_pairs(
                 max_tokens=args.judge_max_tokens,
             )  # fmt: skip
             read = [(scores, None) for scores in parsed]
-        for (key, _), (scores, outside) in zip(chunk, read):
-            order = key.rsplit("|", 1)[1]
-            records.append({"key": key, "label": label, "order": order, "scores": scores, "mass_outside": outside})
+        for job, (scores, outside) in zip(chunk, read):
+            yield {"key": job["key"], "label": job["label"], "order": job["order"], "scores": scores,
+                   "mass_outside": outside}  # fmt: skip
 
 
 VERDICTS = {"1": 1.0, "0": 0.0, "-1": -1.0}  # A better, a tie, B better
@@ -1056,7 +1069,7 @@ def win_rates(judgements: list[dict], label: str, prefix: str) -> dict[str, floa
 class Data:
     sft: list[Task]  # D_sft's tasks, played by the teacher
     pre: list[Task]  # D_pre's tasks, played by pi_sft once each
-    test: list[Task]  # held out, for evaluation
+    evaluated: list[Task]  # held out, for evaluation
     catalog: Catalog  # the item database Search retrieves from
     domain: str
 
@@ -1093,12 +1106,13 @@ def check_args(args: Args, world: int) -> list[str]:
     return batches
 
 
-def stored(run: Run, name: str, tasks: list[Task], stage: str) -> list[dict]:
-    """The finished conversations of ``tasks`` in ``name`` (a rerun resumes from them)."""
-    wanted = {t.task_id for t in tasks}
+def recorded_episodes(run: Run, name: str, tasks: list[Task], stage: str) -> list[dict]:
+    """The episodes of ``tasks`` that an earlier stage, maybe of an earlier launch, recorded in ``name``, but the
+    conversations AILO's leak guard dropped."""
+    wanted = {t.key for t in tasks}
     records = [r for r in run.records(name).records() if r["key"] in wanted]
     if not records:
-        raise DataError(f"no trajectories in {run.dir / name}: run the {stage} stage first")
+        raise DataError(f"no episodes in {run.dir / name}: run the {stage} stage first")
     return kept(records)
 
 
@@ -1108,29 +1122,28 @@ def sft_adapter(run: Run) -> Path:
     return run.dir / "sft_adapter"
 
 
-def rollout(run: Run, args: Args, data: Data, llm, which: list[Task], few_shot: bool, name: str,
+def rollout(run: Run, args: Args, data: Data, *, cra_llm, tasks: list[Task], few_shot: bool, name: str,
             show: bool = False) -> list[dict]:  # fmt: skip
-    """ActCRS on ``llm`` against AILO; each rank plays its share of ``which``, every rank returns all of them but
-    the conversations AILO's leak guard dropped. ``show`` prints each as it finishes."""
-    user = run.llm(args.user_llm, args.batch_size)
+    """ActCRS on ``cra_llm`` against AILO, each conversation recorded in ``name`` as it finishes; each rank plays its
+    share of ``tasks``, every rank returns all of them but the conversations AILO's leak guard dropped. ``show``
+    prints each as it finishes."""
     simulator = AILO(
-        user,
-        data.domain,
-        args.user_max_tokens,
-        args.max_parse_tries,
-        target_note=args.target_note,
-        ec_scoring=args.judge_scoring,
+        run.llm(args.user_llm, args.batch_size), domain=data.domain, max_tokens=args.user_max_tokens,
+        max_parse_tries=args.max_parse_tries, target_note=args.target_note, ec_scoring=args.judge_scoring,
         leak_guard=args.leak_guard,
-    )
+    )  # fmt: skip
     stats = ParseStats()
-    cra = make_actcrs(llm, data.catalog, data.domain, args, few_shot, stats)
-    records = run.records(name)
-    run_episodes(
-        run.shard(which), cra, simulator, args.max_turns, args.batch_size, records, print_trajectory if show else None
-    )
+    cra = make_actcrs(cra_llm, catalog=data.catalog, domain=data.domain, args=args, few_shot=few_shot, stats=stats)
+
+    def play(todo: list[Task]) -> Iterator[dict]:
+        episodes = run_episodes(
+            todo, cra=cra, simulator=simulator, max_turns=args.max_turns, batch_size=args.batch_size
+        )
+        return printed(episodes, show)
+
+    episodes = run.map(name, tasks, play, desc="conversations")
     run.count(simulator.metrics() | stats.metrics("rollout/cra_"))
-    wanted = {t.task_id for t in which}
-    return kept([r for r in run.exchange(records) if r["key"] in wanted])  # every rank's, and an earlier launch's
+    return kept(episodes)
 
 
 class TokenBudget:
@@ -1186,36 +1199,37 @@ def token_batches(lengths: list[int], new_tokens: int, budget: int, rows_per_pro
     return batches
 
 
-def policy_rollout(run: Run, args: Args, data: Data, which: list[Task], adapters: list[Path], name: str,
-                   show: bool = False):  # fmt: skip
+def policy_rollout(run: Run, args: Args, data: Data, *, tasks: list[Task], adapters: list[Path], name: str,
+                   show: bool = False) -> list[dict]:  # fmt: skip
     """The trained policy (pi_sft, or ECPO's on top) against AILO, greedy, its generation batches within
     --rollout-batch-tokens."""
     model, tokenizer = load_policy(args, adapters, run.device)
     policy = TokenBudget(run.count_costs(HFChat(model, tokenizer, args.batch_size)), args.rollout_batch_tokens)
-    trajectories = rollout(run, args, data, policy, which, False, name, show)
+    episodes = rollout(run, args, data, cra_llm=policy, tasks=tasks, few_shot=False, name=name, show=show)
     run.count({"rollout/policy_calls_split": policy.split_calls})
-    return trajectories
+    return episodes
 
 
 def teacher_rollouts(run: Run, args: Args, data: Data) -> dict:
     """Sec. 3.1: the teacher CRA, shown one example dialogue, talks with AILO on the D_sft tasks."""
     teacher = run.llm(args.teacher_llm, args.batch_size)
-    trajectories = rollout(run, args, data, teacher, data.sft, args.few_shot, "teacher_trajectories.jsonl")
-    episode = episode_metrics(trajectories, args.max_turns)
-    return {"rollout/teacher_sr": episode["eval/sr"], "rollout/teacher_recall": episode["eval/recall"]}
+    episodes = rollout(run, args, data, cra_llm=teacher, tasks=data.sft, few_shot=args.few_shot,
+                       name="teacher_episodes.jsonl")  # fmt: skip
+    metrics = episode_metrics(episodes, args.max_turns)
+    return {"rollout/teacher_sr": metrics["eval/sr"], "rollout/teacher_recall": metrics["eval/recall"]}
 
 
 def sgpt(run: Run, args: Args, data: Data) -> dict:
     """Simulator-guided planning tuning (Sec. 3.1, Eq. 1): LoRA SFT on every CRA call (Search included) of the
-    teacher's successful trajectories, each prompt without the few-shot block. pi_sft = the policy with it merged."""
+    teacher's successful episodes, each prompt without the few-shot block. pi_sft = the policy with it merged."""
     if run.finished("sft_adapter"):
         return {"rollout/sft_examples": len(run.records("sft_data.jsonl").records())}
-    teacher = stored(run, "teacher_trajectories.jsonl", data.sft, "teacher")
+    teacher = recorded_episodes(run, "teacher_episodes.jsonl", data.sft, "teacher")
     d_sft = [
-        {"key": f"{tr['key']}#{t['turn']}#{k}", "prompt": call["state"], "completion": call["action"]}
-        for tr in teacher
-        if tr["success"]
-        for t in tr["turns"]
+        {"key": f"{episode['key']}#{t['turn']}#{k}", "prompt": call["state"], "completion": call["action"]}
+        for episode in teacher
+        if episode["success"]
+        for t in episode["turns"]
         for k, call in enumerate(t["cra"]["calls"])
         if call["action"] is not None
     ]
@@ -1236,7 +1250,7 @@ def sgpt(run: Run, args: Args, data: Data) -> dict:
         )  # fmt: skip
     elif run.main:
         print(
-            "no successful teacher trajectory, so D_sft is empty and pi_sft is the base policy "
+            "no successful teacher episode, so D_sft is empty and pi_sft is the base policy "
             "(use more --num-sft-tasks or a stronger --teacher-llm)"
         )
     save_final(run.accelerator, model, run.dir / "sft_adapter", {"examples": len(d_sft)})
@@ -1244,32 +1258,32 @@ def sgpt(run: Run, args: Args, data: Data) -> dict:
 
 
 def forward_expectation_confirmation(run: Run, args: Args, data: Data) -> dict:
-    """Sec. 3.2, forward: pi_sft (greedy) talks with AILO on the D_pre tasks, one trajectory each, and AILO rates
+    """Sec. 3.2, forward: pi_sft (greedy) talks with AILO on the D_pre tasks, one episode each, and AILO rates
     every visible response as the conversation goes: (s_t, p_t, CONF_t, r_t)."""
-    forward = policy_rollout(run, args, data, data.pre, [sft_adapter(run)], "forward_trajectories.jsonl")
+    forward = policy_rollout(run, args, data, tasks=data.pre, adapters=[sft_adapter(run)],
+                             name="forward_episodes.jsonl")  # fmt: skip
     if run.main:
         print(rating_table(rated_turns(forward), args.lam))
-    ratings = [t["ec_rating"] for tr in forward for t in tr["turns"] if t["ec_rating"] is not None]
-    expected = [t["ec_expected"] for tr in forward for t in tr["turns"] if t.get("ec_expected") is not None]
+    ratings = [t["ec_rating"] for e in forward for t in e["turns"] if t["ec_rating"] is not None]
+    expected = [t["ec_expected"] for e in forward for t in e["turns"] if t.get("ec_expected") is not None]
     return {
         "rollout/forward_sr": episode_metrics(forward, args.max_turns)["eval/sr"],
-        "rollout/forward_turns": sum(len(tr["turns"]) for tr in forward),
+        "rollout/forward_turns": sum(len(e["turns"]) for e in forward),
         "rollout/ec_ratings": len(ratings),
         "rollout/ec_rating_mean": sum(ratings) / max(len(ratings), 1),
         **({"rollout/ec_expected_mean": sum(expected) / len(expected)} if expected else {}),
-        "rollout/system_errors": sum(t["system"] == SYSTEM_ERROR for tr in forward for t in tr["turns"]),
+        "rollout/system_errors": sum(t["system"] == SYSTEM_ERROR for e in forward for t in e["turns"]),
     }
 
 
 def backward_expectation_derivation(run: Run, args: Args, data: Data) -> dict:
     """Sec. 3.2, backward: each response with r_t <= lambda is rewritten by an LLM given the dialogue and CONF_t;
     a well-formed rewrite that differs from p_t makes the pair (s_t, rewrite > p_t) of D_pre."""
-    turns = rewritable_turns(stored(run, "forward_trajectories.jsonl", data.pre, "forward"), args.lam)
-    records, stats = run.records("rewrites.jsonl"), ParseStats()
-    derive_pairs(run.shard(turns), run.llm(args.rewriter_llm, args.batch_size), data.domain, args, records, stats)
+    turns = rewritable_turns(recorded_episodes(run, "forward_episodes.jsonl", data.pre, "forward"), args.lam)
+    rewriter, stats = run.llm(args.rewriter_llm, args.batch_size), ParseStats()
+    derive = partial(derive_pairs, rewriter=rewriter, domain=data.domain, args=args, stats=stats)
+    rewrites = run.map("rewrites.jsonl", turns, derive, desc="rewrites")  # the file keeps every lambda's rewrites
     run.count(stats.metrics("rollout/rewriter_"))
-    wanted = {t["key"] for t in turns}
-    rewrites = [r for r in run.exchange(records) if r["key"] in wanted]  # every lambda's rewrites stay in the file
     pairs = select_pairs(rewrites, args.lam)
     if run.main:  # D_pre for this lambda, replaced whole so that it always matches the flag
         (run.dir / "pairs.jsonl.tmp").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
@@ -1301,43 +1315,44 @@ def preference_optimization(run: Run, args: Args) -> dict:
 
 
 def evaluate(run: Run, args: Args, data: Data) -> dict:
-    """Sec. 4: the expert CRA, pi_sft and the ECPO policy on the held-out tasks, greedy: SR, R, and the win rate
-    against the expert, judged in both position orders (Fig. 11)."""
-    expert_llm, show = run.llm(args.expert_llm, args.batch_size), args.print_conversations
-    expert = rollout(run, args, data, expert_llm, data.test, args.few_shot, "eval_expert.jsonl", show)
-    sft = policy_rollout(run, args, data, data.test, [sft_adapter(run)], "eval_sft.jsonl", show)
-    candidates = {"eval_sft": sft}
+    """Sec. 4: the Expert CRA, pi_sft and the ECPO policy on the held-out tasks, greedy: SR, R, and the win rate
+    against the Expert CRA, judged in both position orders (Fig. 11)."""
+    show, expert_cra = args.print_conversations, run.llm(args.expert_cra_llm, args.batch_size)
+    expert = rollout(run, args, data, cra_llm=expert_cra, tasks=data.evaluated, few_shot=args.few_shot,
+                     name="eval_expert.jsonl", show=show)  # fmt: skip
+    policies = {"eval_sft": ([sft_adapter(run)], "eval_sft.jsonl")}
     if run.finished("po_adapter"):
-        adapters = [sft_adapter(run), run.dir / "po_adapter"]
-        candidates["eval"] = policy_rollout(run, args, data, data.test, adapters, "eval_ecpo.jsonl", show)
-    judge, judgements, stats = run.llm(args.judge_llm, args.batch_size), run.records("judgements.jsonl"), ParseStats()
-    for label, trajectories in candidates.items():
-        judge_pairs(judge, run.shard(trajectories), expert, label, data.domain, args, judgements, stats)
-    run.count(stats.metrics("rollout/judge_"))
-    judged, metrics = run.exchange(judgements), {}
-    for label, trajectories in {"eval_expert": expert, **candidates}.items():
-        episode = episode_metrics(trajectories, args.max_turns)
+        policies["eval"] = ([sft_adapter(run), run.dir / "po_adapter"], "eval_ecpo.jsonl")
+    candidates = {label: policy_rollout(run, args, data, tasks=data.evaluated, adapters=adapters, name=name, show=show)
+                  for label, (adapters, name) in policies.items()}  # fmt: skip
+    stats, metrics = ParseStats(), {}
+    judge = partial(judge_pairs, judge=run.llm(args.judge_llm, args.batch_size), args=args, stats=stats)
+    for label, episodes in {"eval_expert": expert, **candidates}.items():
+        episode = episode_metrics(episodes, args.max_turns)
         metrics |= {f"{label}/sr": episode["eval/sr"], f"{label}/recall": episode["eval/recall"]}
         if label != "eval_expert":
-            metrics |= win_rates(judged, label, label)
+            jobs = judge_jobs(episodes, expert, label, data.domain)
+            metrics |= win_rates(run.map("judgements.jsonl", jobs, judge, desc=f"judge {label}"), label, label)
+    run.count(stats.metrics("rollout/judge_"))
     return metrics
 
 
 def cost_metrics(run_dir: Path, data: Data) -> dict[str, float]:
     """The run's LLM calls and tokens (every row of costs.jsonl, resumed invocations included), and what building
     D_pre cost per preference pair: the calls and tokens of the forward rollouts and the rewrites, and the forward
-    trajectories (the paper's Fig. 5 counts trajectories: ECPO 500 on 500 tasks, trajectory-level MTPO 1000,
-    tree-based SDPO/SKTO 2500). The SGPT teacher rollouts are reported apart, as every method starts from pi_sft."""
+    episodes, which the metrics call trajectories as the paper's Fig. 5 does (ECPO 500 on 500 tasks,
+    trajectory-level MTPO 1000, tree-based SDPO/SKTO 2500). The SGPT teacher rollouts are reported apart, as every
+    method starts from pi_sft."""
     rows = RecordFile(run_dir / "costs.jsonl").records()
     pairs = len(RecordFile(run_dir / "pairs.jsonl").records())
-    played = {name: RecordFile(run_dir / f"{name}_trajectories.jsonl").done_keys() for name in ("teacher", "forward")}
-    forward_trajectories = sum(t.task_id in played["forward"] for t in data.pre)
+    played = {name: RecordFile(run_dir / f"{name}_episodes.jsonl").done_keys() for name in ("teacher", "forward")}
+    forward_episodes = sum(t.key in played["forward"] for t in data.pre)
     metrics = {
         "cost/llm_calls": sum(r["llm_calls"] for r in rows),
         "cost/tokens": sum(r["tokens"] for r in rows),
         "cost/pairs": pairs,
-        "cost/forward_trajectories": forward_trajectories,
-        "cost/teacher_trajectories": sum(t.task_id in played["teacher"] for t in data.sft),
+        "cost/forward_trajectories": forward_episodes,
+        "cost/teacher_trajectories": sum(t.key in played["teacher"] for t in data.sft),
         "cost/teacher_llm_calls": sum(r["llm_calls"] for r in rows if r["stage"] == "teacher"),
     }
     if pairs:
@@ -1345,7 +1360,7 @@ def cost_metrics(run_dir: Path, data: Data) -> dict[str, float]:
         metrics |= {
             "cost/llm_calls_per_pair": sum(r["llm_calls"] for r in pair_rows) / pairs,
             "cost/tokens_per_pair": sum(r["tokens"] for r in pair_rows) / pairs,
-            "cost/trajectories_per_pair": forward_trajectories / pairs,
+            "cost/trajectories_per_pair": forward_episodes / pairs,
         }
     return metrics
 
@@ -1378,7 +1393,7 @@ def main(args: Args) -> None:
     batches = check_args(args, args.dry_run or launched_processes())
     data = load_data(args)
     if args.dry_run:
-        sizes = {"D_sft tasks": len(data.sft), "D_pre tasks": len(data.pre), "test tasks": len(data.test)}
+        sizes = {"D_sft tasks": len(data.sft), "D_pre tasks": len(data.pre), "test tasks": len(data.evaluated)}
         print_dry_run("ecpo.py", args.dry_run, batches, sizes | {"items": len(data.catalog)})
         return
     run = Run(args)  # runs/<run_name>/, ranks, seeding, metrics; each run.stage is timed and its LLM costs booked

@@ -91,23 +91,24 @@ def main(args: Args) -> None:
 
 
 def play(args: Args, tasks, catalog: Catalog, batch_size: int) -> dict:
-    """The tasks' conversations, ``batch_size`` at a time: seconds, conversations, CRA turns, the trajectories, and
-    what the backend computed per turn."""
+    """The tasks' conversations, ``batch_size`` at a time: seconds, conversations, CRA turns, the episodes, and what
+    the backend computed per turn."""
     user_llm, cra_llm, log = make_llm(args.llm, batch_size=batch_size), make_llm(args.llm, batch_size), PromptLog()
     for llm in (user_llm, cra_llm):
         log.watch(llm)
-    cra = make_zero_shot_cra(cra_llm, catalog, "movie", 5, 64)
+    cra = make_zero_shot_cra(cra_llm, catalog=catalog, domain="movie", top_k=5, max_tokens=64)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    trajectories = run_episodes(tasks, cra, AILO(user_llm, max_tokens=args.user_max_tokens), args.max_turns,
-                                batch_size=batch_size)  # fmt: skip
+    simulator = AILO(user_llm, max_tokens=args.user_max_tokens)
+    episodes = list(run_episodes(tasks, cra=cra, simulator=simulator, max_turns=args.max_turns, batch_size=batch_size))
     seconds = time.perf_counter() - start
-    turns = sum(len(t["turns"]) for t in trajectories)
-    said = [t["opening"]["user"] for t in trajectories]
-    said += [turn.get(field) or "" for t in trajectories for turn in t["turns"] for field in ("system", "user")]
+    episodes.sort(key=lambda e: e["key"])
+    turns = sum(len(e["turns"]) for e in episodes)
+    said = [e["opening"]["user"] for e in episodes]
+    said += [turn.get(field) or "" for e in episodes for turn in e["turns"] for field in ("system", "user")]
     dialogue = sum(len(ids) for ids in user_llm.tokenizer(said, add_special_tokens=False)["input_ids"])
     per_turn = usage_row([user_llm.usage, cra_llm.usage], log, max(turns, 1))
-    return {"seconds": seconds, "conversations": len(trajectories), "turns": turns, "records": trajectories,
+    return {"seconds": seconds, "conversations": len(episodes), "turns": turns, "records": episodes,
             "tokens": per_turn | {"dialogue": dialogue / max(turns, 1)}}  # fmt: skip
 
 

@@ -156,7 +156,9 @@ def main(args: Args) -> None:
     examples = ecpo.pair_examples(tokenizer, pairs, cfg.max_length)
     with tempfile.TemporaryDirectory() as tmp:  # stored once, outside the timed step, as in the po stage
         cfg.run_name = str(Path(tmp) / "bench")  # an absolute name: the run folder is the temporary one
-        ecpo.reference_logps(Run(cfg), model, tokenizer, examples, cfg, [list(range(len(examples)))], len(examples))
+        epoch = [list(range(len(examples)))]  # one global batch of every pair, one micro-batch each
+        ecpo.reference_logps(Run(cfg), model, tokenizer=tokenizer, examples=examples, args=cfg, epoch=epoch,
+                             accum=len(examples))  # fmt: skip
     accelerator = Accelerator(cpu=True)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.po_lr, weight_decay=0.0)

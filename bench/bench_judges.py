@@ -83,8 +83,7 @@ def judge_prompts(folder: Path, items: int) -> list[str]:
     candidate, expert = read("eval_sft.jsonl"), read("eval_expert.jsonl")
     pairs = [(candidate[k], expert[k]) for k in candidate if k in expert]
     prompts = [
-        ecpo.JUDGE_PROMPT.format(domain="movie", a=ecpo.render_trajectory(a), b=ecpo.render_trajectory(b))
-        for a, b in pairs
+        ecpo.JUDGE_PROMPT.format(domain="movie", a=ecpo.render_episode(a), b=ecpo.render_episode(b)) for a, b in pairs
     ]
     return (prompts * items)[:items]  # a small default run has fewer pairs than items: each is judged again
 

@@ -33,7 +33,7 @@ for dataset in book game yelp; do
     --run-name "table1_${dataset}" --dataset "$dataset" --data-dir "${DATA_DIR:-../shared/data}" \
     --policy meta-llama/Llama-3.1-8B-Instruct \
     --teacher-llm openai:gpt-4o-mini --user-llm openai:gpt-4o-mini --rewriter-llm openai:gpt-4o-mini \
-    --expert-llm openai:gpt-4o-mini --judge-llm openai:gpt-4o \
+    --expert-cra-llm openai:gpt-4o-mini --judge-llm openai:gpt-4o \
     --micro-batch-size 1 --batch-size 64 --track
 done
 # Table 4a (the other objectives) reuses each run's D_pre in a copy of the run without the ECPO policy's outputs
@@ -48,7 +48,7 @@ for dataset in book game yelp; do
     launch gpu_zero3 "$(gpu_list "$GPUS")" ecpo.py paper \
       --run-name "table4a_${dataset}_${loss}" --stages po eval --loss "$loss" --dataset "$dataset" \
       --data-dir "${DATA_DIR:-../shared/data}" --policy meta-llama/Llama-3.1-8B-Instruct \
-      --user-llm openai:gpt-4o-mini --expert-llm openai:gpt-4o-mini --judge-llm openai:gpt-4o \
+      --user-llm openai:gpt-4o-mini --expert-cra-llm openai:gpt-4o-mini --judge-llm openai:gpt-4o \
       --micro-batch-size 1 --batch-size 64 --track
   done
 done

@@ -68,7 +68,7 @@ class Persona:
 
 @dataclass
 class Task:
-    task_id: str
+    key: str
     persona: Persona
     target: Item
 
@@ -154,7 +154,7 @@ def load_ecpo_tasks(path: str | Path) -> list[Task]:
             raise DataError(f"{path}:{number}: 'Items' must be a non-empty list")
         target = _ecpo_item(items[0], path, number)
         persona = _persona_from_task(user_id, _field(row, "Persona", path, number), path, number)
-        tasks.append(Task(task_id=f"{Path(path).stem}:{number}", persona=persona, target=target))
+        tasks.append(Task(key=f"{Path(path).stem}:{number}", persona=persona, target=target))
     return tasks
 
 
@@ -448,7 +448,7 @@ def load_demo_tasks(folder: str | Path = DEMO_DIR) -> list[Task]:
             raise DataError(f"{path}:{number}: target {target!r} is not in catalog.jsonl")
         tasks.append(
             Task(
-                task_id=user_id,
+                key=user_id,
                 persona=_persona_from_task(user_id, _field(row, "persona", path, number), path, number),
                 target=by_title[target],
             )
@@ -570,28 +570,3 @@ class EntityLinker:
                     break
             k += 1
         return list(dict.fromkeys(found))
-
-
-# =============================================================================================== ECPO tasks
-
-TASK_DOMAINS = {"demo": "movie", "book": "book", "game": "video game", "yelp": "restaurant or local business"}
-DEMO_TRAIN_TASKS = 24  # the first 24 demo users train, the last 8 are the demo's test split
-
-
-def load_tasks(dataset: str, data_dir: str | Path, split: str) -> list[Task]:
-    """The simulated users of ``split`` (train or test): the demo users, or an ECPO task file
-    ``ecpo/<Dataset>/<Dataset>_<split>.jsonl`` (test is held out)."""
-    if dataset == "demo":
-        tasks = load_demo_tasks()
-        return tasks[:DEMO_TRAIN_TASKS] if split == "train" else tasks[DEMO_TRAIN_TASKS:]
-    name = dataset.capitalize()
-    return load_ecpo_tasks(Path(data_dir) / "ecpo" / name / f"{name}_{split}.jsonl")
-
-
-def load_task_items(dataset: str, data_dir: str | Path, tasks: list[Task]) -> list[Item]:
-    """The item database the agents search: the demo films; else ECPO's released pool where there is one
-    (``items.jsonl``), plus every item the tasks name."""
-    if dataset == "demo":
-        return load_demo_catalog()
-    pool = Path(data_dir) / "ecpo" / dataset.capitalize() / "items.jsonl"
-    return (load_ecpo_items(pool) if pool.exists() else []) + [t.target for t in tasks]

@@ -72,15 +72,6 @@ def sft_row(prompt: str, completion: str) -> dict:
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
 
 
-def preference_row(prompt: str, chosen: str, rejected: str) -> dict:
-    """A preference pair in TRL's conversational ``prompt`` / ``chosen`` / ``rejected`` columns."""
-    return {
-        "prompt": [{"role": "user", "content": prompt}],
-        "chosen": [{"role": "assistant", "content": chosen}],
-        "rejected": [{"role": "assistant", "content": rejected}],
-    }
-
-
 def item_key(item) -> str:
     """An item's key for ``Run.map``: its ``key`` attribute, or its "key" entry."""
     return item["key"] if isinstance(item, dict) else item.key
@@ -147,7 +138,7 @@ class Run:
         """Resumable, sharded work over keyed ``items``: the records of ``items`` in ``runs/<run>/<name>``, the same
         list on every rank.
 
-            episodes = run.map("trajectories.jsonl", tasks, lambda todo: play(todo, ...), desc="conversations")
+            episodes = run.map("episodes.jsonl", tasks, lambda todo: play(todo, ...), desc="conversations")
 
         The items an earlier launch recorded are not redone. This rank's share of the others goes to ``work(todo)``,
         an iterable that yields one record per item (its "key" the item's ``key``) as each finishes; each record is
@@ -301,7 +292,8 @@ class Run:
 
     def save_dataset(self, name: str, rows: list[dict]) -> None:
         """``rows`` as a Hugging Face dataset in ``runs/<run>/datasets/<name>/`` (``save_to_disk``), for TRL or a hub
-        as it is: build them with ``sft_row`` / ``preference_row`` (TRL's conversational columns). Rank 0 writes."""
+        as it is: build them in TRL's conversational columns (``sft_row``, ecpo.py's ``preference_row``). Rank 0
+        writes."""
         if not self.main or not rows:
             return
         from datasets import Dataset

@@ -17,12 +17,13 @@ from ailo_sim import (
 )
 from common.data import Item, Persona, Task, load_demo_tasks
 from common.metrics import redact_title
-from common.tracking import RecordFile
+from common.run import Run
+from tests.test_run import Settings
 
 
 def _task(title="Jaws (1975)", activities="Efficiency-seeking user who wants one pick."):
     return Task(
-        task_id=f"t-{title}",
+        key=f"t-{title}",
         persona=Persona("u", activities, "sea thrillers", {"Tone": "dry"}),
         target=Item("1", title, {"genre": ["thriller"]}),
     )
@@ -45,6 +46,11 @@ def script(policy="respond_to_clarification", response="I want something tense a
 
 def echo_cra(text="Have you seen Jaws (1975)?", retrieved=("Jaws (1975)",)):
     return lambda keys, histories: [CRAReply(text, list(retrieved)) for _ in keys]
+
+
+def play(tasks, cra, simulator, max_turns, batch_size=16):
+    """Every episode ``run_episodes`` yields, in the order they finish."""
+    return list(run_episodes(tasks, cra=cra, simulator=simulator, max_turns=max_turns, batch_size=batch_size))
 
 
 def test_title_guard_forms():
@@ -72,10 +78,8 @@ def test_target_title_never_reaches_the_cra(scripted_llm):
         seen.extend(m["content"] for h in histories for m in h if m["role"] == "user")
         return [CRAReply("What do you like?") for _ in keys]
 
-    trajectories = run_episodes([_task(), _task("The Godfather (1972)")], cra, simulator, max_turns=2)
-    utterances = (
-        seen + [t["opening"]["user"] for t in trajectories] + [u["user"] for t in trajectories for u in t["turns"]]
-    )
+    episodes = play([_task(), _task("The Godfather (1972)")], cra, simulator, max_turns=2)
+    utterances = seen + [e["opening"]["user"] for e in episodes] + [u["user"] for e in episodes for u in e["turns"]]
     assert utterances and not any(re.search("jaws|godfather", u, re.IGNORECASE) for u in utterances)
     assert simulator.title_leaks > 0 and simulator.title_redactions == simulator.title_leaks
     # 2 users x 2 content steps (opening, turn 1; nobody replies to the final turn), each asked once and then
@@ -94,7 +98,7 @@ def test_one_batched_call_per_substep(scripted_llm):
 
     llm = Counting(scripted_llm(script()))
     tasks = [_task(f"Film {i} (2000)") for i in range(5)]
-    run_episodes(tasks, echo_cra("Tell me more."), AILO(llm), max_turns=2, batch_size=5)
+    play(tasks, echo_cra("Tell me more."), AILO(llm), max_turns=2, batch_size=5)
     # opening content, then turn 1: EC + policy + content; turn 2 (final) is neither answered nor rated, as in the
     # paper's released simulator loop
     assert llm.batches == [5, 5, 5, 5]
@@ -103,34 +107,57 @@ def test_one_batched_call_per_substep(scripted_llm):
 def test_harness_scores_sr_r_and_ratings(scripted_llm):
     llm = scripted_llm(script(policy="end_conversation", rating="5"))
     tasks = [_task("Jaws (1975)"), _task("Alien (1979)")]
-    trajectories = run_episodes(tasks, echo_cra(), AILO(llm), max_turns=3)
-    jaws, alien = trajectories
+    episodes = play(tasks, echo_cra(), AILO(llm), max_turns=3)
+    jaws, alien = episodes
     assert jaws["success"] and jaws["recall"] and not alien["success"] and not alien["recall"]
     assert jaws["num_turns"] == 1 and jaws["ended_by_user"]  # the user chose end_conversation
     assert jaws["turns"][0]["ec_rating"] == 5 and jaws["turns"][0]["user_policy"] == "end_conversation"
-    metrics = episode_metrics(trajectories, 3)
+    metrics = episode_metrics(episodes, 3)
     assert metrics["eval/sr"] == 0.5 and metrics["eval/recall"] == 0.5 and metrics["rollout/ec_rating_turn1"] == 5
 
 
 def test_unparseable_simulator_output_never_kills_a_run(scripted_llm):
     llm = scripted_llm(lambda prompt: "The user is looking for a movie for tonight.")
     simulator = AILO(llm, max_parse_tries=2)
-    trajectories = run_episodes([_task()], echo_cra("Any genre?", ()), simulator, max_turns=2)
-    turns = trajectories[0]["turns"]
+    episodes = play([_task()], echo_cra("Any genre?", ()), simulator, max_turns=2)
+    turns = episodes[0]["turns"]
     assert len(turns) == 2 and turns[0]["ec_rating"] is None and turns[0]["user"]
     assert simulator.stats.failures > 0 and simulator.stats.retries == simulator.stats.failures
-    assert episode_metrics(trajectories, 2)["rollout/ec_rating_missing"] == 2
+    assert episode_metrics(episodes, 2)["rollout/ec_rating_missing"] == 2
 
 
-def test_resume_skips_finished_episodes(tmp_path, scripted_llm):
-    records = RecordFile(tmp_path / "trajectories.jsonl")
-    tasks = load_demo_tasks()[:3]
-    first = run_episodes(tasks[:2], echo_cra(), AILO(scripted_llm(script())), max_turns=1, records=records)
+def test_resume_skips_finished_episodes(tmp_path, monkeypatch, scripted_llm):
+    monkeypatch.chdir(tmp_path)
+    run, tasks = Run(Settings()), load_demo_tasks()[:3]
+
+    def episodes(tasks, llm):  # the stages' resumable record of the episodes as they finish (common/run.py)
+        return run.map("episodes.jsonl", tasks, lambda todo: play(todo, echo_cra(), AILO(llm), max_turns=1))
+
+    first = episodes(tasks[:2], scripted_llm(script()))
     llm = scripted_llm(script())
-    second = run_episodes(tasks, echo_cra(), AILO(llm), max_turns=1, records=records)
-    assert second[:2] == first
-    assert len(records.records()) == 3
+    second = episodes(tasks, llm)
+    assert second[:2] == first and len(second) == 3 and len(run.records("episodes.jsonl").records()) == 3
     assert len(llm.prompts) == 1  # only the third task ran: its opening (the final turn is not rated)
+
+
+def test_an_episode_is_yielded_as_soon_as_it_finishes(scripted_llm):
+    # run.map records each episode as the harness yields it: one that ended is on disk while the others go on
+    def respond(prompt):
+        ends = "Jaws" in prompt and "Choose how to respond next" in prompt
+        return script(policy="end_conversation" if ends else "respond_to_clarification")(prompt)
+
+    turns = []
+
+    def cra(keys, histories):
+        turns.append(keys)
+        return [CRAReply("What do you like?") for _ in keys]
+
+    episodes = run_episodes([_task("Jaws (1975)"), _task("Alien (1979)")], cra=cra,
+                            simulator=AILO(scripted_llm(respond)), max_turns=3)  # fmt: skip
+    first = next(episodes)
+    assert first["target"] == "Jaws (1975)" and first["ended_by_user"] and len(turns) == 1
+    (second,) = list(episodes)
+    assert second["target"] == "Alien (1979)" and second["num_turns"] == 3 and len(turns) == 3
 
 
 def test_parsers_on_simulator_outputs():
@@ -190,7 +217,7 @@ def test_ec_falls_back_to_the_expected_rating_on_a_local_backend(scripted_llm):
 @pytest.mark.parametrize("target_note", [False, True])
 def test_the_target_note_is_off_unless_asked_for(scripted_llm, target_note):
     llm = scripted_llm(script())
-    run_episodes([_task()], echo_cra(), AILO(llm, target_note=target_note), max_turns=2)
+    play([_task()], echo_cra(), AILO(llm, target_note=target_note), max_turns=2)
     notes = [p for p in llm.prompts if "recommend your target" in p]
     assert bool(notes) == target_note  # by default the user is never told what SR measures
     assert all("DID recommend your target" in p for p in notes)  # the CRA named Jaws (1975) each turn
@@ -202,15 +229,15 @@ def test_the_leak_audit_finds_a_planted_leak_and_strict_exits_non_zero(tmp_path)
 
     run_dir = tmp_path / "runs" / "planted"
     run_dir.mkdir(parents=True)
-    trajectories = [
+    episodes = [
         {"key": "a", "target": "The Godfather (1972)", "opening": {"user": "A crime saga, please."},
          "turns": [{"user": "I'm particularly interested in the Godfather trilogy, ...", "user_guard": "clean"},
                    {"user": "Something with that one's family drama.", "user_guard": "redacted"}]},
         {"key": "b", "target": "It (2017)", "opening": {"user": "I would like it to be scary"}, "turns": []},
     ]  # fmt: skip
-    lines = [json.dumps(t) for t in trajectories] + ['{"key": "c", "tar']  # and a torn last line
-    (run_dir / "forward_trajectories.jsonl").write_text("\n".join(lines) + "\n")
-    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')  # no target: not a trajectory file's record
+    lines = [json.dumps(e) for e in episodes] + ['{"key": "c", "tar']  # and a torn last line
+    (run_dir / "forward_episodes.jsonl").write_text("\n".join(lines) + "\n")
+    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')  # no target: not an episode file's record
     smtpo_eval = {"key": "d", "target": "Jaws (1975)", "turns": [{"turn": 1, "feedback": ""},
                   {"turn": 2, "feedback": "Closer. Something like Jaws, with a shark."}]}  # fmt: skip
     (run_dir / "eval_smtpo.jsonl").write_text(json.dumps(smtpo_eval) + "\n")  # SMTPO's simulator feedback
@@ -219,14 +246,14 @@ def test_the_leak_audit_finds_a_planted_leak_and_strict_exits_non_zero(tmp_path)
                        "rollout/episodes_dropped": 0}  # fmt: skip
     assert [(leak["file"], leak["line"], leak["target"]) for leak in leaks] == [
         ("eval_smtpo.jsonl", 1, "Jaws (1975)"),
-        ("forward_trajectories.jsonl", 1, "The Godfather (1972)"),
+        ("forward_episodes.jsonl", 1, "The Godfather (1972)"),
     ]
     (run_dir / "eval_smtpo.jsonl").unlink()
     lenient = run_script("ailo_sim.py", "--audit", str(run_dir), cwd=tmp_path, check=False)
     strict = run_script("ailo_sim.py", "--audit", str(run_dir), "--strict", cwd=tmp_path, check=False)
     assert lenient.returncode == 0 and strict.returncode == 1
     assert "4 simulated user turns, 1 name their target, 1 redacted" in strict.stdout
-    assert "forward_trajectories.jsonl:1 (target The Godfather (1972))" in strict.stdout
+    assert "forward_episodes.jsonl:1 (target The Godfather (1972))" in strict.stdout
 
 
 def test_the_guard_lets_the_user_name_its_target_once_the_system_has(scripted_llm):
@@ -234,14 +261,14 @@ def test_the_guard_lets_the_user_name_its_target_once_the_system_has(scripted_ll
     # "Yes, Jaws is the one" answers a success. Before, it was regenerated twice and then redacted.
     llm = scripted_llm(script(response="Yes, {target} is exactly the one I wanted!"))
     simulator = AILO(llm, max_leak_tries=2)
-    trajectories = run_episodes([_task()], echo_cra("Have you seen Jaws (1975)?"), simulator, max_turns=2)
-    opening, (first, _) = trajectories[0]["opening"], trajectories[0]["turns"]
+    episodes = play([_task()], echo_cra("Have you seen Jaws (1975)?"), simulator, max_turns=2)
+    opening, (first, _) = episodes[0]["opening"], episodes[0]["turns"]
     assert opening["user_guard"] == "redacted" and not leaks_title(opening["user"], "Jaws (1975)")  # still guarded
     assert first["user"] == "Yes, Jaws (1975) is exactly the one I wanted!" and first["user_guard"] == "clean"
     assert simulator.title_leaks == 1  # the opening only
 
 
-def test_drop_leaves_out_a_conversation_whose_user_named_its_target(tmp_path, scripted_llm):
+def test_drop_leaves_out_a_conversation_whose_user_named_its_target(tmp_path, monkeypatch, scripted_llm):
     # --leak-guard drop, the released main.py's: the conversation whose user names its target before the system has
     # ends there and is not counted, the utterance never reaches the CRA, and a rerun does not play it again.
     from ailo_sim import audit_leaks, kept
@@ -256,19 +283,23 @@ def test_drop_leaves_out_a_conversation_whose_user_named_its_target(tmp_path, sc
         seen.extend(m["content"] for h in histories for m in h if m["role"] == "user")
         return [CRAReply("Do you want it set at sea?") for _ in keys]
 
-    records = RecordFile(tmp_path / "trajectories.jsonl")
-    tasks = [_task("Jaws (1975)"), _task("Alien (1979)")]
-    simulator = AILO(scripted_llm(respond), leak_guard="drop")
-    returned = run_episodes(tasks, cra, simulator, max_turns=3, records=records)
-    assert [t["target"] for t in returned] == ["Alien (1979)"] and not any("Jaws" in u for u in seen)
+    monkeypatch.chdir(tmp_path)
+    run, tasks = Run(Settings()), [_task("Jaws (1975)"), _task("Alien (1979)")]
+
+    def episodes(llm):
+        return kept(run.map("episodes.jsonl", tasks, lambda todo: play(todo, cra, AILO(llm, leak_guard="drop"), 3)))
+
+    returned = episodes(scripted_llm(respond))
+    assert [e["target"] for e in returned] == ["Alien (1979)"] and not any("Jaws" in u for u in seen)
+    records = run.records("episodes.jsonl")
     (jaws,) = [r for r in records.records() if r["target"] == "Jaws (1975)"]
     assert jaws["dropped"] == {"turn": 1, "user": "I want Jaws (1975)."} and jaws["turns"][0]["user"] == ""
     assert jaws["turns"][0]["user_guard"] == "dropped" and len(jaws["turns"]) == 1
     assert kept(records.records()) == returned and episode_metrics(returned, 3)["rollout/episodes"] == 1
-    metrics, leaks = audit_leaks(tmp_path)
+    metrics, leaks = audit_leaks(run.dir)
     assert metrics["rollout/episodes_dropped"] == 1 and metrics["rollout/title_leaks"] == 0 and not leaks
     again = scripted_llm(respond)
-    assert run_episodes(tasks, cra, AILO(again, leak_guard="drop"), max_turns=3, records=records) == returned
+    assert episodes(again) == returned
     assert again.prompts == []  # both finished: the dropped one is not played again
 
 
@@ -278,7 +309,7 @@ def test_the_audit_counts_no_leak_after_the_system_named_the_target(tmp_path):
     record = {"key": "a", "target": "Jaws (1975)", "opening": {"user": "A film set at sea?"},
               "turns": [{"system": "Ask[Sharks?]", "user": "Jaws! I mean, yes, sharks."},
                         {"system": "Recommend[Jaws (1975)]", "user": "Jaws it is, thanks!"}]}  # fmt: skip
-    (tmp_path / "forward_trajectories.jsonl").write_text(json.dumps(record) + "\n")
+    (tmp_path / "forward_episodes.jsonl").write_text(json.dumps(record) + "\n")
     metrics, leaks = audit_leaks(tmp_path)
     assert metrics["rollout/user_turns_audited"] == 3  # the last turn's "Jaws it is" answers the recommendation
     assert [leak["user"] for leak in leaks] == ["Jaws! I mean, yes, sharks."]

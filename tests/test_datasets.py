@@ -3,7 +3,8 @@
 import pytest
 from datasets import load_from_disk
 
-from common.run import Run, preference_row, sft_row
+from common.run import Run, sft_row
+from ecpo import preference_row
 from tests.test_run import Settings
 
 

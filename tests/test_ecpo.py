@@ -12,6 +12,7 @@ import ecpo
 from common.data import load_demo_tasks
 from common.distributed import global_batches, rank_micro_batches
 from common.parsing import ParseStats
+from common.run import Run
 from common.tracking import RecordFile
 from tests.conftest import DATA, needs_data
 
@@ -131,7 +132,7 @@ def test_rank_micro_batches_cover_the_batch_once_with_equal_shapes():
 # ------------------------------------------------------------------------------------ rewrites and lambda
 
 
-def _forward_trajectory(key, ratings):
+def _forward_episode(key, ratings):
     turns = []
     for n, rating in enumerate(ratings, 1):
         action = None if rating == "error" else f"Ask[question {n}?]"
@@ -146,20 +147,22 @@ def _forward_trajectory(key, ratings):
     return {"key": key, "turns": turns}
 
 
-def test_lower_lambda_gives_a_subset_of_the_pairs(tmp_path, scripted_llm):
-    trajectories = [_forward_trajectory("a", [1, 3, 5, "error"]), _forward_trajectory("b", [2, 4, None, 4])]
+def test_lower_lambda_gives_a_subset_of_the_pairs(tmp_path, monkeypatch, scripted_llm):
+    from functools import partial
+
+    from tests.test_run import Settings
+
+    monkeypatch.chdir(tmp_path)
+    episodes = [_forward_episode("a", [1, 3, 5, "error"]), _forward_episode("b", [2, 4, None, 4])]
     rewriter = scripted_llm(
         lambda prompt: '{"reason": "more concrete", "refinement": "Ask[Historical or contemporary?]"}'
     )
-    args = ecpo.Args(batch_size=2)
-    records = RecordFile(tmp_path / "rewrites.jsonl")
+    args, run = ecpo.Args(batch_size=2), Run(Settings())
+    derive = partial(ecpo.derive_pairs, rewriter=rewriter, domain="movie", args=args, stats=ParseStats())
 
     pairs = {}
     for lam in (4, 2):
-        turns = ecpo.rewritable_turns(trajectories, lam)
-        ecpo.derive_pairs(turns, rewriter, "movie", args, records, ParseStats())
-        keys = {t["key"] for t in turns}
-        pairs[lam] = ecpo.select_pairs([r for r in records.records() if r["key"] in keys], lam)
+        pairs[lam] = ecpo.select_pairs(run.map("rewrites.jsonl", ecpo.rewritable_turns(episodes, lam), derive), lam)
     keys4, keys2 = {p["key"] for p in pairs[4]}, {p["key"] for p in pairs[2]}
     assert keys4 == {"a#1", "a#2", "b#1", "b#2", "b#4"}  # 5 is above lambda; None and System Error are skipped
     assert keys2 == {"a#1", "b#1"} and keys2 < keys4
@@ -246,7 +249,9 @@ def test_constrained_decoding_always_gives_a_well_formed_action(tokenizer, tiny_
         for x in ("space", "dreams", "cooking")
     ]
     stats = ParseStats()
-    actions = ecpo.decode_actions(llm, prompts, ecpo.VISIBLE_ACTIONS, ecpo.Args(action_max_tokens=8), stats)
+    actions = ecpo.decode_actions(
+        llm, prompts, allowed=ecpo.VISIBLE_ACTIONS, args=ecpo.Args(action_max_tokens=8), stats=stats
+    )
     # a random model writes nonsense, but always inside one visible action of the ActCRS format
     assert stats.attempts == 3 and stats.failures == 0
     assert all(ecpo.ACTION_FORMAT.match(action) and not action.startswith("Search") for action in actions)
@@ -263,10 +268,13 @@ def test_constrained_decoding_counts_an_empty_argument_as_a_failure():
             return [["  "] if p.startswith("Ask") else ["Heat (1995)"] for p in prefix]
 
     stats = ParseStats()
-    actions = ecpo.decode_actions(Prefilled(), ["s1", "s2"], ecpo.VISIBLE_ACTIONS, ecpo.Args(), stats)
+    actions = ecpo.decode_actions(
+        Prefilled(), ["s1", "s2"], allowed=ecpo.VISIBLE_ACTIONS, args=ecpo.Args(), stats=stats
+    )
     assert actions == ["Recommend[Heat (1995)]", "Recommend[Heat (1995)]"] and stats.failures == 0
     Prefilled.choice_probs = lambda self, conversations, choices, prefix="": [{"Ask": 1.0} for _ in conversations]
-    assert ecpo.decode_actions(Prefilled(), ["s1"], ("Ask",), ecpo.Args(), stats) == [None] and stats.failures == 1
+    assert ecpo.decode_actions(Prefilled(), ["s1"], allowed=("Ask",), args=ecpo.Args(), stats=stats) == [None]
+    assert stats.failures == 1
 
 
 def test_actcrs_chains_searches_then_answers(scripted_llm):
@@ -278,7 +286,7 @@ def test_actcrs_chains_searches_then_answers(scripted_llm):
     llm = scripted_llm(lambda prompt: next(answers))
     args = ecpo.Args(action_decoding="free", max_searches=3, retriever_top_k=2)
     stats = ParseStats()
-    cra = ecpo.make_actcrs(llm, catalog, "movie", args, few_shot=True, stats=stats)
+    cra = ecpo.make_actcrs(llm, catalog=catalog, domain="movie", args=args, few_shot=True, stats=stats)
     (reply,) = cra(["k"], [[{"role": "user", "content": "A film about dreams?"}]])
     assert reply.text == "Try Inception (2010)." and len(reply.retrieved) >= 2
     calls = reply.record["calls"]
@@ -290,16 +298,16 @@ def test_actcrs_chains_searches_then_answers(scripted_llm):
     # past the search budget only a visible action is accepted; a parse failure becomes "Sorry, System Error"
     answers = iter(["Search[a]", "Search[b]"] + ["Search[c]"] * 3)
     args.max_searches = 2
-    cra = ecpo.make_actcrs(llm, catalog, "movie", args, few_shot=False, stats=stats)
+    cra = ecpo.make_actcrs(llm, catalog=catalog, domain="movie", args=args, few_shot=False, stats=stats)
     (reply,) = cra(["k2"], [[{"role": "user", "content": "Hi"}]])
     assert reply.text == ecpo.SYSTEM_ERROR and reply.record["action"] is None and stats.failures == 1
 
 
-def test_cost_per_pair_counts_resumed_trajectories_once(tmp_path):
+def test_cost_per_pair_counts_resumed_episodes_once(tmp_path):
     from common.data import load_demo_tasks
 
     demo = load_demo_tasks()
-    tasks = ecpo.Data(sft=demo[:2], pre=demo[2:4], test=[], catalog=None, domain="movie")
+    tasks = ecpo.Data(sft=demo[:2], pre=demo[2:4], evaluated=[], catalog=None, domain="movie")
     rows = [
         {"stage": "teacher", "llm_calls": 35, "tokens": 900},
         {"stage": "forward", "llm_calls": 34, "tokens": 800},
@@ -307,8 +315,8 @@ def test_cost_per_pair_counts_resumed_trajectories_once(tmp_path):
         {"stage": "forward", "llm_calls": 0, "tokens": 0},
         {"stage": "backward", "llm_calls": 12, "tokens": 400},
     ]
-    for name, records in (("costs", rows), ("teacher_trajectories", [{"key": t.task_id} for t in tasks.sft]),
-                          ("forward_trajectories", [{"key": t.task_id} for t in tasks.pre + demo[10:11]])):  # fmt: skip
+    for name, records in (("costs", rows), ("teacher_episodes", [{"key": t.key} for t in tasks.sft]),
+                          ("forward_episodes", [{"key": t.key} for t in tasks.pre + demo[10:11]])):  # fmt: skip
         for record in records:
             RecordFile(tmp_path / f"{name}.jsonl").append(record)
     assert "cost/llm_calls_per_pair" not in ecpo.cost_metrics(tmp_path, tasks)  # no pairs yet
@@ -367,27 +375,23 @@ def test_d_sft_and_d_pre_are_sampled_from_the_whole_train_file():
     # Book's train file is grouped by user: in file order its first 1000 + 500 tasks are 27 and 15 of its 95 users.
     args = ecpo.Args(dataset="book", data_dir=str(DATA), num_sft_tasks=1000, num_pre_tasks=500, stages=("teacher",))
     data = ecpo.load_data(args)
-    assert (
-        len(data.sft) == 1000
-        and len(data.pre) == 500
-        and not {t.task_id for t in data.sft} & {t.task_id for t in data.pre}
-    )
+    assert len(data.sft) == 1000 and len(data.pre) == 500 and not {t.key for t in data.sft} & {t.key for t in data.pre}
     assert _users(data.sft) >= 90 and _users(data.pre) >= 85  # 94 and 92 at seed 1
-    assert [t.task_id for t in ecpo.load_data(args).pre] == [t.task_id for t in data.pre]  # the seed decides
+    assert [t.key for t in ecpo.load_data(args).pre] == [t.key for t in data.pre]  # the seed decides
     first = ecpo.load_data(dataclasses.replace(args, train_tasks="first"))  # the released main.py's order
     assert (_users(first.sft), _users(first.pre)) == (27, 15)
 
 
 def test_the_sample_follows_the_seed_and_more_pre_tasks_extend_d_pre():
     data = {seed: ecpo.load_data(ecpo.Args(seed=seed, num_sft_tasks=5, num_pre_tasks=5)) for seed in (1, 2)}
-    ids = {seed: [t.task_id for t in d.sft + d.pre] for seed, d in data.items()}
-    assert len(set(ids[1])) == 10 and ids[1] != ids[2] and ids[1] != [t.task_id for t in load_demo_tasks()[:10]]
+    ids = {seed: [t.key for t in d.sft + d.pre] for seed, d in data.items()}
+    assert len(set(ids[1])) == 10 and ids[1] != ids[2] and ids[1] != [t.key for t in load_demo_tasks()[:10]]
     more = ecpo.load_data(ecpo.Args(seed=1, num_sft_tasks=5, num_pre_tasks=8))
-    assert [t.task_id for t in more.pre[:5]] == ids[1][5:]
+    assert [t.key for t in more.pre[:5]] == ids[1][5:]
 
 
 def test_each_domain_shows_its_own_example_dialogue():
-    from common.data import TASK_DOMAINS
+    from ailo_sim import TASK_DOMAINS
 
     assert set(ecpo.FEW_SHOT) == set(TASK_DOMAINS.values())
     for domain, example in ecpo.FEW_SHOT.items():
@@ -403,16 +407,19 @@ def test_each_domain_shows_its_own_example_dialogue():
 
 
 class _Run:
-    """What a rollout stage asks of common.run.Run, on one rank, without a model or a run folder of its own."""
+    """What a rollout stage asks of common.run.Run, on one rank, without a model or a run folder of its own: its
+    resumable work is Run's own (``Run.map``)."""
+
+    map = Run.map
 
     def __init__(self, folder, llm):
-        self.folder, self.llm_of_every_role = folder, llm
+        self.dir, self.llm_of_every_role = folder, llm
 
     def llm(self, spec, batch_size):
         return self.llm_of_every_role
 
     def records(self, name):
-        return RecordFile(self.folder / name)
+        return RecordFile(self.dir / name)
 
     def shard(self, items):
         return items
@@ -444,7 +451,8 @@ def test_print_conversations_prints_the_evaluation_only(tmp_path, scripted_llm, 
     run = _Run(tmp_path, scripted_llm(_agent_and_user))
     ecpo.teacher_rollouts(run, args, data)  # before, every rollout of every stage was printed
     assert "=== " not in capsys.readouterr().out
-    ecpo.rollout(run, args, data, run.llm_of_every_role, data.test, True, "eval_expert.jsonl", args.print_conversations)
+    ecpo.rollout(run, args, data, cra_llm=run.llm_of_every_role, tasks=data.evaluated, few_shot=True,
+                 name="eval_expert.jsonl", show=args.print_conversations)  # fmt: skip
     assert capsys.readouterr().out.count("=== ") == 1
 
 
@@ -499,10 +507,10 @@ def test_the_token_budget_changes_no_record_at_the_demo_defaults(tiny_model, tok
     def play(budget):
         llm = HFChat(tiny_model, tokenizer, args.batch_size)
         policy = llm if budget is None else ecpo.TokenBudget(llm, budget)
-        cra = ecpo.make_actcrs(policy, catalog, "movie", args, False, ParseStats())
+        cra = ecpo.make_actcrs(policy, catalog=catalog, domain="movie", args=args, few_shot=False, stats=ParseStats())
         user = AILO(scripted_llm(_agent_and_user), max_tokens=16)
-        trajectories = run_episodes(tasks, cra, user, args.max_turns, args.batch_size)
-        return trajectories, getattr(policy, "split_calls", 0)
+        episodes = run_episodes(tasks, cra=cra, simulator=user, max_turns=args.max_turns, batch_size=args.batch_size)
+        return list(episodes), getattr(policy, "split_calls", 0)
 
     before, _ = play(None)
     assert play(args.rollout_batch_tokens) == (before, 0)
@@ -528,6 +536,7 @@ def test_a_dropped_conversation_is_in_no_stage_of_ecpo(tmp_path, scripted_llm):
     args = ecpo.Args(action_decoding="free", judge_scoring="sampled", max_turns=2, leak_guard="drop")
     run = _Run(tmp_path, scripted_llm(respond))
     assert ecpo.teacher_rollouts(run, args, data)["rollout/teacher_sr"] == 0.0
-    records = RecordFile(tmp_path / "teacher_trajectories.jsonl").records()
-    assert [r["key"] for r in records if r.get("dropped")] == [demo[0].task_id] and len(records) == 2
-    assert [r["key"] for r in ecpo.stored(run, "teacher_trajectories.jsonl", data.sft, "teacher")] == [demo[1].task_id]
+    records = RecordFile(tmp_path / "teacher_episodes.jsonl").records()
+    assert [r["key"] for r in records if r.get("dropped")] == [demo[0].key] and len(records) == 2
+    recorded = ecpo.recorded_episodes(run, "teacher_episodes.jsonl", data.sft, "teacher")
+    assert [r["key"] for r in recorded] == [demo[1].key]

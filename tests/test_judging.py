@@ -271,7 +271,8 @@ def rate(reason: str, ratings: dict[str, float], max_turns: int = 2) -> list[dic
     simulator = ailo_sim.AILO(RatingUser(reason, ratings), max_parse_tries=1, ec_scoring="expected")
     simulator._content = lambda users, policies: (["The 90s."] * len(users), ["clean"] * len(users))
     simulator._ask = lambda prompts, parse, **kw: ([None] * len(prompts), [""] * len(prompts))
-    return ailo_sim.run_episodes([ailo_sim.load_tasks("demo", "", "train")[0]], cra, simulator, max_turns)
+    task = ailo_sim.load_tasks("demo", "", "train")[0]
+    return list(ailo_sim.run_episodes([task], cra=cra, simulator=simulator, max_turns=max_turns))
 
 
 def test_eq2_tests_the_rating_the_user_would_write():
@@ -289,15 +290,15 @@ def test_eq2_tests_the_rating_the_user_would_write():
 
 
 def test_the_last_turn_is_not_rated_as_in_the_papers_released_code():
-    (trajectory,) = rate("fine", {"3": 1.0}, max_turns=2)
-    assert [t["ec_rating"] for t in trajectory["turns"]] == [3, None]
-    assert [t["key"] for t in ecpo.rewritable_turns([trajectory], 4)] == [f"{trajectory['key']}#1"]
+    (episode,) = rate("fine", {"3": 1.0}, max_turns=2)
+    assert [t["ec_rating"] for t in episode["turns"]] == [3, None]
+    assert [t["key"] for t in ecpo.rewritable_turns([episode], 4)] == [f"{episode['key']}#1"]
 
 
 def test_a_reason_keeps_its_quoted_title_whole():
     answer = 'I liked \\"The Matrix\\" (1999) and its sequel", "rating": "4"}'
-    (trajectory,) = rate(answer, {"4": 1.0})
-    assert trajectory["turns"][0]["ec_reason"] == 'I liked "The Matrix" (1999) and its sequel'
+    (episode,) = rate(answer, {"4": 1.0})
+    assert episode["turns"][0]["ec_reason"] == 'I liked "The Matrix" (1999) and its sequel'
     llm = RatingUser(answer, {"4": 1.0})
     ailo_sim.AILO(llm, ec_scoring="expected")._read_ec(["rate this"])
     assert llm.prefixes == ['{"reason": "I liked \\"The Matrix\\" (1999) and its sequel", "rating": "']

@@ -33,13 +33,13 @@ def test_ailo_sim_end_to_end(tmp_path):
     )
     run_script(*args, cwd=tmp_path)
     run_dir = tmp_path / "runs" / "e2e"
-    trajectories = [json.loads(line) for line in (run_dir / "trajectories.jsonl").read_text().splitlines()]
-    assert len(trajectories) == 2
-    for trajectory in trajectories:
-        assert 1 <= len(trajectory["turns"]) <= 2 and trajectory["turns"][0]["system"]
-        assert all(t["ec_rating"] is None or 0 <= t["ec_rating"] <= 5 for t in trajectory["turns"])
-        user_text = [trajectory["opening"]["user"]] + [t["user"] for t in trajectory["turns"]]
-        assert not any(leaks_title(u, trajectory["target"]) for u in user_text)  # the guard held
+    episodes = [json.loads(line) for line in (run_dir / "episodes.jsonl").read_text().splitlines()]
+    assert len(episodes) == 2
+    for episode in episodes:
+        assert 1 <= len(episode["turns"]) <= 2 and episode["turns"][0]["system"]
+        assert all(t["ec_rating"] is None or 0 <= t["ec_rating"] <= 5 for t in episode["turns"])
+        user_text = [episode["opening"]["user"]] + [t["user"] for t in episode["turns"]]
+        assert not any(leaks_title(u, episode["target"]) for u in user_text)  # the guard held
     metrics = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     for key in (
         "eval/sr",
@@ -50,12 +50,12 @@ def test_ailo_sim_end_to_end(tmp_path):
         "personas/tasks/max_rouge_l_mean",
     ):
         assert key in metrics
-    successes = [any(mentions_title(t["system"], tr["target"]) for t in tr["turns"]) for tr in trajectories]
+    successes = [any(mentions_title(t["system"], e["target"]) for t in e["turns"]) for e in episodes]
     assert metrics["cost/llm_calls"] > 0 and metrics["eval/sr"] == sum(successes) / 2  # SR: the target named
 
     # a rerun with the same run name resumes: nothing is simulated again
     again = run_script(*args, cwd=tmp_path)
-    assert len((run_dir / "trajectories.jsonl").read_text().splitlines()) == 2
+    assert len((run_dir / "episodes.jsonl").read_text().splitlines()) == 2
     resumed = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert resumed["cost/user_llm_calls"] == 0 and resumed["eval/sr"] == metrics["eval/sr"]
     assert "=== " not in again.stdout
@@ -107,15 +107,14 @@ def test_ecpo_all_stages_resume_and_lambda(tmp_path):
     # stop after the forward stage ...
     run_script(*tiny, "--lam", "5", "--stages", "teacher", "sft", "forward", cwd=tmp_path)
     assert (run_dir / "sft_adapter" / "adapter_config.json").exists() and not (run_dir / "rewrites.jsonl").exists()
-    teacher, forward = _jsonl(run_dir / "teacher_trajectories.jsonl"), _jsonl(run_dir / "forward_trajectories.jsonl")
+    teacher, forward = _jsonl(run_dir / "teacher_episodes.jsonl"), _jsonl(run_dir / "forward_episodes.jsonl")
     assert len(teacher) == 2 and len(forward) == 2
     sft_mtime = (run_dir / "sft_adapter" / "adapter_model.safetensors").stat().st_mtime
 
     # ... then rerun every stage: the finished ones are not redone, the rest complete
     result = run_script(*tiny, "--lam", "5", cwd=tmp_path)
     assert (
-        _jsonl(run_dir / "teacher_trajectories.jsonl") == teacher
-        and _jsonl(run_dir / "forward_trajectories.jsonl") == forward
+        _jsonl(run_dir / "teacher_episodes.jsonl") == teacher and _jsonl(run_dir / "forward_episodes.jsonl") == forward
     )
     assert (run_dir / "sft_adapter" / "adapter_model.safetensors").stat().st_mtime == sft_mtime
     costs = {r["stage"]: r for r in _jsonl(run_dir / "costs.jsonl")}  # each stage's latest row
