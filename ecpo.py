@@ -56,6 +56,7 @@ from ailo_sim import (
     run_episodes,
 )
 from common.catalog import Catalog
+from common.checkpoints import save_final, save_resumable, start_training
 from common.conversations import render_history
 from common.data import DataError, Task
 from common.distributed import (
@@ -65,9 +66,6 @@ from common.distributed import (
     micro_batches,
     optimizer_step,
     print_dry_run,
-    save_final,
-    save_resumable,
-    start_training,
     training_steps,
 )
 from common.judging import JudgeScoring, expected_scores, json_string, mass_metrics, scores_in_answers

@@ -41,14 +41,10 @@ from typing import Literal
 import torch
 
 from common.catalog import Catalog
+from common.checkpoints import save_final
 from common.conversations import chat_roles, render_history
 from common.data import DataError, Dialogue, Item, load_crs_dataset
-from common.distributed import (
-    check_division,
-    launched_processes,
-    print_dry_run,
-    save_final,
-)
+from common.distributed import check_division, launched_processes, print_dry_run
 from common.llm import HFChat, LLMBackendError
 from common.metrics import mentions_title, mrr_at_k, ndcg_at_k, recall_at_k
 from common.models import ModelSpecError, add_lora, check_specs, enable_gradient_checkpointing, load_model

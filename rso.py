@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from ailo_sim import AILO, SimUser, audit_leaks, print_audit
 from common.catalog import Catalog, encoder_path, item_card
+from common.checkpoints import save_final, save_resumable, start_training
 from common.conversations import chat_roles, render_history
 from common.data import (
     CRSDataset,
@@ -73,9 +74,6 @@ from common.distributed import (
     micro_batches,
     optimizer_step,
     print_dry_run,
-    save_final,
-    save_resumable,
-    start_training,
     training_steps,
 )
 from common.judging import JudgeScoring, expected_scores, mass_metrics

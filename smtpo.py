@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.catalog import Catalog
+from common.checkpoints import save_final, save_resumable, start_training
 from common.conversations import chat_roles, render_history
 from common.data import DataError, Dialogue, EntityLinker, load_crs_dataset
 from common.distributed import (
@@ -55,9 +56,6 @@ from common.distributed import (
     micro_batches,
     optimizer_step,
     print_dry_run,
-    save_final,
-    save_resumable,
-    start_training,
     training_steps,
 )
 from common.llm import HFChat, LLMBackendError

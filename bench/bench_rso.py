@@ -134,7 +134,7 @@ def bandit(args: Args, clip: float, baseline: str, per_update: int, seed: int) -
     gradient norms before clipping."""
     from transformers import get_linear_schedule_with_warmup
 
-    from common.distributed import start_training
+    from common.checkpoints import start_training
     from common.run import Run
 
     cfg = rso.Args(run_name=f"bandit_{seed}_{clip}_{baseline}_{per_update}", seed=seed, num_envs=per_update,

@@ -15,14 +15,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from common.distributed import (
-    global_batch_mean,
-    micro_batches,
-    optimizer_step,
-    save_resumable,
-    start_training,
-    training_steps,
-)
+from common.checkpoints import save_resumable, start_training
+from common.distributed import global_batch_mean, micro_batches, optimizer_step, training_steps
 from common.tokens import collate, sequence_logprobs
 
 

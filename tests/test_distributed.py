@@ -135,9 +135,9 @@ def test_a_resume_without_deepspeed_says_it_cannot_load_zero3_partitions(tmp_pat
 
     from transformers import get_linear_schedule_with_warmup
 
-    from common.distributed import make_accelerator, start_training
+    from common.checkpoints import save_checkpoint, start_training
+    from common.distributed import make_accelerator
     from common.models import add_lora
-    from common.tracking import save_checkpoint
 
     model = add_lora(copy.deepcopy(tiny_model), rank=2, alpha=4)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

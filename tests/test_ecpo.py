@@ -333,7 +333,8 @@ def test_each_training_stage_starts_its_gradient_accumulation_afresh(tmp_path):
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
-    from common.distributed import configure_batches, start_training
+    from common.checkpoints import start_training
+    from common.distributed import configure_batches
 
     accelerator = Accelerator(cpu=True)
     pattern = {}

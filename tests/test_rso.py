@@ -542,7 +542,7 @@ def train_planner(tmp_path, monkeypatch, tokenizer, args, updates, play, seed=0)
     Returns pi(. | STATE) before each update and after the last, and the updates' statistics."""
     from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
 
-    from common.distributed import start_training
+    from common.checkpoints import start_training
     from common.run import Run
 
     monkeypatch.chdir(tmp_path)

@@ -653,7 +653,7 @@ def trainable_policy(run, tiny_model, lr: float):
 
     from transformers import get_constant_schedule
 
-    from common.distributed import start_training
+    from common.checkpoints import start_training
     from common.models import add_lora
 
     torch.manual_seed(0)

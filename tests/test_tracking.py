@@ -3,17 +3,9 @@ import json
 import pytest
 import torch
 
+from common.checkpoints import latest_checkpoint, prune_checkpoints, save_checkpoint
 from common.models import add_lora
-from common.tracking import (
-    RecordFile,
-    Tracker,
-    latest_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-    seed_everything,
-    wandb_login_at_hand,
-    wandb_mode,
-)
+from common.tracking import RecordFile, Tracker, seed_everything, wandb_login_at_hand, wandb_mode
 
 
 def test_record_file_appends_resumes_and_ignores_a_torn_line(tmp_path):

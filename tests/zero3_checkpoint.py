@@ -14,15 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from conftest import tiny_llama  # noqa: E402 (tests/ is the script's folder, first on sys.path)
 
-from common.distributed import (  # noqa: E402
-    configure_batches,
-    make_accelerator,
-    optimizer_step,
+from common.checkpoints import (  # noqa: E402
+    latest_checkpoint,  # noqa: E402
     save_resumable,
     start_training,
 )
+from common.distributed import configure_batches, make_accelerator, optimizer_step  # noqa: E402
 from common.models import add_lora, load_tokenizer  # noqa: E402
-from common.tracking import latest_checkpoint  # noqa: E402
 
 
 def gathered_adapter(model) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.distributed import configure_batches, make_accelerator, optimizer_step, start_training  # noqa: E402
+from common.checkpoints import start_training  # noqa: E402
+from common.distributed import configure_batches, make_accelerator, optimizer_step  # noqa: E402
 
 GRADIENT = torch.tensor([3.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # d loss / d w, norm 5
 
