@@ -134,7 +134,7 @@ def resume_optimizer_partition(accelerator, model, stage_dir: Path, step: int) -
         )
 
 
-def start_training(accelerator, model, optimizer, scheduler, stage_dir: Path):
+def resume_and_prepare(accelerator, model, optimizer, scheduler, stage_dir: Path):
     """(model, optimizer, first step): resume from the newest checkpoint in ``stage_dir``, then let accelerate
     wrap the model and optimizer (DDP or DeepSpeed); under ZeRO-3 the checkpoint's optimizer state loads only now,
     into the optimizer DeepSpeed built. The scheduler stays unprepared: accelerate would step it once per rank, as
@@ -176,7 +176,7 @@ def checkpoint_weights(accelerator, model) -> dict | None:
 def save_resumable(accelerator, model, stage_dir: Path, step: int, optimizer, scheduler, keep: int = 2) -> None:
     """A resumable checkpoint: the weights (a peft model's adapter alone), the optimizer and the scheduler; of a
     stage's checkpoints the newest ``keep`` stay. Under ZeRO-3 the optimizer state is cut over the ranks: every
-    rank writes its own partition, ``training_state_rank<r>.pt``, which ``start_training`` loads back into a
+    rank writes its own partition, ``training_state_rank<r>.pt``, which ``resume_and_prepare`` loads back into a
     launch with as many ranks (the scheduler, a function of the step, is replayed). Under ZeRO-1/2, whose
     partitions are not saved, a resume restarts the optimizer state and says so."""
     weights = checkpoint_weights(accelerator, model)

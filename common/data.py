@@ -1,7 +1,7 @@
 """Loaders for the published formats of INSPIRED, ReDial and ECPO, and the bundled demo data.
 
 Everything loads into four plain dataclasses: ``Item``, ``Turn`` / ``Dialogue`` and ``Task``
-(a ``Persona`` plus a target item). A missing file or a malformed row raises ``DataError``
+(a ``Persona`` plus a target item). A missing file or a malformed row raises ``InputError``
 naming the file and line.
 """
 
@@ -20,8 +20,9 @@ from typing import Any
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
 
 
-class DataError(ValueError):
-    """A data file that is missing or does not have the expected format."""
+class InputError(ValueError):
+    """Input a run cannot use: a data file missing or malformed, a flag or an environment variable out of range, an
+    earlier stage's output missing. ``main`` prints it as one ``error: ...`` line."""
 
 
 @dataclass
@@ -79,7 +80,7 @@ class Task:
 def _require(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: file not found (docs/data.md says where each dataset goes)")
+        raise InputError(f"{path}: file not found (docs/data.md says where each dataset goes)")
     return path
 
 
@@ -88,7 +89,7 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+        raise InputError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
@@ -101,12 +102,12 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}:{err.pos + 1}: invalid JSON: {err.msg}") from None
+                raise InputError(f"{path}:{number}:{err.pos + 1}: invalid JSON: {err.msg}") from None
 
 
 def _field(row: Any, key: str, path: Path | str, number: int) -> Any:
     if not isinstance(row, dict) or key not in row:
-        raise DataError(f"{path}:{number}: missing field {key!r}")
+        raise InputError(f"{path}:{number}: missing field {key!r}")
     return row[key]
 
 
@@ -116,7 +117,7 @@ def _titles(row: dict, key: str, path: Path | str, number: int) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise DataError(f"{path}:{number}: {key!r} must be a list of titles, not {type(value).__name__} {value!r:.60}")
+        raise InputError(f"{path}:{number}: {key!r} must be a list of titles, not {type(value).__name__} {value!r:.60}")
     return list(value)
 
 
@@ -125,7 +126,7 @@ def _titles(row: dict, key: str, path: Path | str, number: int) -> list[str]:
 
 def _persona_from_task(user_id: str, raw: dict, path, number) -> Persona:
     if not isinstance(raw, dict) or "Activities" not in raw:
-        raise DataError(f"{path}:{number}: Persona must be an object with 'Activities'")
+        raise InputError(f"{path}:{number}: Persona must be an object with 'Activities'")
     return Persona(
         user_id=user_id,
         activities=raw["Activities"],
@@ -151,7 +152,7 @@ def load_ecpo_tasks(path: str | Path) -> list[Task]:
         user_id = str(_field(row, "UserID", path, number))
         items = _field(row, "Items", path, number)
         if not isinstance(items, list) or not items:
-            raise DataError(f"{path}:{number}: 'Items' must be a non-empty list")
+            raise InputError(f"{path}:{number}: 'Items' must be a non-empty list")
         target = _ecpo_item(items[0], path, number)
         persona = _persona_from_task(user_id, _field(row, "Persona", path, number), path, number)
         tasks.append(Task(key=f"{Path(path).stem}:{number}", persona=persona, target=target))
@@ -210,12 +211,12 @@ def load_inspired_tsv(path: str | Path) -> list[Dialogue]:
         reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         missing = {"dialog_id", "speaker", "text"} - set(reader.fieldnames or [])
         if missing:
-            raise DataError(f"{path}:1: header lacks columns {sorted(missing)}")
+            raise InputError(f"{path}:1: header lacks columns {sorted(missing)}")
         label_column = "expert_label" if "expert_label" in reader.fieldnames else "first_label"
         for number, row in enumerate(reader, 2):
             if None in row.values() or None in row:  # a short row pads with None, a long one keys its rest with None
                 columns = len([v for k, v in row.items() if k is not None and v is not None])
-                raise DataError(
+                raise InputError(
                     f"{path}:{number}: row has {columns} columns where the header has {len(reader.fieldnames)}"
                 )
             movies = [m.strip() for m in (row.get("movies") or "").split(";") if m.strip()]
@@ -234,7 +235,7 @@ def load_unicrs_jsonl(path: str | Path) -> list[Dialogue]:
     dialogues = []
     for number, row in read_jsonl(path):
         if not isinstance(row, list):
-            raise DataError(f"{path}:{number}: expected a list of turns")
+            raise InputError(f"{path}:{number}: expected a list of turns")
         turns = [
             Turn(
                 role=str(_field(t, "role", path, number)).lower(),
@@ -276,7 +277,7 @@ def load_cfcrs_kg(folder: str | Path) -> list[Item]:
     items = []
     for item_id in item_ids:
         if item_id not in id2entity:
-            raise DataError(f"{folder / 'item_ids.json'}: item id {item_id} is not in entity2id.json")
+            raise InputError(f"{folder / 'item_ids.json'}: item id {item_id} is not in entity2id.json")
         attributes: dict[str, list[str]] = {}
         for relation, tail in kg.get(str(item_id), []):
             attributes.setdefault(id2relation.get(relation, str(relation)), []).append(id2entity.get(tail, str(tail)))
@@ -291,7 +292,7 @@ def load_cfcrs_dialogues(path: str | Path) -> list[Dialogue]:
     for number, row in read_jsonl(path):
         turns = _field(row, "dialog", path, number)
         if not isinstance(turns, list):
-            raise DataError(f"{path}:{number}: 'dialog' must be a list of turns")
+            raise InputError(f"{path}:{number}: 'dialog' must be a list of turns")
         dialogues.append(
             Dialogue(
                 str(row.get("dialog_id", f"{Path(path).stem}:{number}")),
@@ -322,7 +323,7 @@ def load_redial_official(path: str | Path) -> list[Dialogue]:
     for number, row in read_jsonl(path):
         mentions = _field(row, "movieMentions", path, number) or {}
         if not isinstance(mentions, dict):
-            raise DataError(
+            raise InputError(
                 f"{path}:{number}: 'movieMentions' must map movie ids to titles, not {type(mentions).__name__}"
             )
         mentions = {k: html.unescape(" ".join(str(v).split())) for k, v in mentions.items()}
@@ -331,7 +332,7 @@ def load_redial_official(path: str | Path) -> list[Dialogue]:
         last_sender = None
         messages = _field(row, "messages", path, number)
         if not isinstance(messages, list):
-            raise DataError(f"{path}:{number}: 'messages' must be a list")
+            raise InputError(f"{path}:{number}: 'messages' must be a list")
         for message in messages:
             text = html.unescape(str(_field(message, "text", path, number)))  # the official text keeps &quot; etc.
             items = [mentions[m] for m in _MENTION.findall(text) if m in mentions]
@@ -353,11 +354,11 @@ def load_redial_movies_csv(path: str | Path) -> list[Item]:
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         if not {"movieId", "movieName"} <= set(reader.fieldnames or []):
-            raise DataError(f"{path}:1: header must have movieId and movieName")
+            raise InputError(f"{path}:1: header must have movieId and movieName")
         items = []
         for number, row in enumerate(reader, 2):
             if not row.get("movieId") or row.get("movieName") is None:
-                raise DataError(f"{path}:{number}: empty movieId or movieName")
+                raise InputError(f"{path}:{number}: empty movieId or movieName")
             items.append(
                 Item(row["movieId"], " ".join(row["movieName"].split()), {"mentions": int(row.get("nbMentions") or 0)})
             )
@@ -375,7 +376,7 @@ def load_ievalm_turns(path: str | Path) -> list[Dialogue]:
     for number, row in read_jsonl(path):
         context = _field(row, "context", path, number)
         if not isinstance(context, list):
-            raise DataError(f"{path}:{number}: 'context' must be a list of utterances")
+            raise InputError(f"{path}:{number}: 'context' must be a list of utterances")
         context = [str(c) for c in context if c]
         n = len(context)
         turns = [
@@ -402,11 +403,11 @@ def load_movie_info(path: str | Path) -> list[Item]:
     map such as ``movie2info.json`` / ``movie2attrs.json`` (title -> {genre, director, star, ...})."""
     data = read_json(path)
     if not isinstance(data, dict):
-        raise DataError(f"{path}: expected an object mapping ids or titles to attributes")
+        raise InputError(f"{path}: expected an object mapping ids or titles to attributes")
     items = []
     for key, info in data.items():
         if not isinstance(info, dict):
-            raise DataError(f"{path}: entry {key!r} is not an object")
+            raise InputError(f"{path}: entry {key!r} is not an object")
         title = info.get("name", key)
         items.append(Item(item_id=str(key), title=title, attributes={k: v for k, v in info.items() if k != "name"}))
     return items
@@ -445,7 +446,7 @@ def load_demo_tasks(folder: str | Path = DEMO_DIR) -> list[Task]:
         user_id = _field(row, "user_id", path, number)
         target = _field(row, "target", path, number)
         if target not in by_title:
-            raise DataError(f"{path}:{number}: target {target!r} is not in catalog.jsonl")
+            raise InputError(f"{path}:{number}: target {target!r} is not in catalog.jsonl")
         tasks.append(
             Task(
                 key=user_id,
@@ -512,7 +513,7 @@ def load_crs_dataset(dataset: str, data_dir: str | Path, eval_split: str) -> CRS
             train += load_redial_official(official / "valid_subset_100.jsonl")
         evaluated = load_ievalm_turns(root / "redial" / "ievalm" / f"{eval_split}_data_processed.jsonl")
     else:
-        raise DataError(f"unknown dataset {dataset!r}: demo, inspired or redial")
+        raise InputError(f"unknown dataset {dataset!r}: demo, inspired or redial")
     held = ({d.conversation_id or d.dialog_id for d in evaluated} | {fingerprint(d) for d in evaluated}) - {None}
     kept = [d for d in train if d.dialog_id not in held and fingerprint(d) not in held]
     dropped = [d for d in train if d.dialog_id in held or fingerprint(d) in held]

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import torch
 
-from common.data import DataError
+from common.data import InputError
 
 
 def collective_timeout() -> timedelta:
@@ -25,7 +25,7 @@ def collective_timeout() -> timedelta:
     except ValueError:
         minutes = float("nan")
     if not 0 < minutes < float("inf"):  # timedelta overflows on inf
-        raise DataError(f"CLEANCRS_COLLECTIVE_TIMEOUT_MINUTES={value!r}: use a positive, finite number of minutes")
+        raise InputError(f"CLEANCRS_COLLECTIVE_TIMEOUT_MINUTES={value!r}: use a positive, finite number of minutes")
     return timedelta(minutes=minutes)
 
 
@@ -96,11 +96,11 @@ def check_division(world: int, batch_size: int, micro: int, flag: str) -> str:
     for any number of ranks), and training checks again with it, so the two cannot disagree. Returns the split in
     words, for the dry run's plan."""
     if min(world, batch_size, micro) < 1:
-        raise DataError(f"{flag} {batch_size} with micro-batch {micro} on {world} ranks: each must be at least 1")
+        raise InputError(f"{flag} {batch_size} with micro-batch {micro} on {world} ranks: each must be at least 1")
     if batch_size % (world * micro):
         fits = [m for m in range(1, batch_size // world + 1) if batch_size % (world * m) == 0]
         hint = f"micro-batches that fit: {', '.join(map(str, fits))}" if fits else f"make it a multiple of {world}"
-        raise DataError(f"{flag} {batch_size} must be a multiple of ranks x micro-batch = {world} x {micro} ({hint})")
+        raise InputError(f"{flag} {batch_size} must be a multiple of ranks x micro-batch = {world} x {micro} ({hint})")
     accum = batch_size // (world * micro)
     return f"{flag} {batch_size} = {world} ranks x micro-batch {micro} x {accum} accumulation steps"
 
@@ -139,7 +139,9 @@ def training_steps(accelerator, examples: int, batch_size: int, micro: int, epoc
     return global_batches(examples, batch_size, epochs, seed), accum
 
 
-def global_batch_mean(losses: torch.Tensor, weights: torch.Tensor, normalizer, world: int, accum: int) -> torch.Tensor:
+def share_of_global_mean(
+    losses: torch.Tensor, weights: torch.Tensor, normalizer, world: int, accum: int
+) -> torch.Tensor:
     """This micro-batch's term of the global batch's mean, sum(losses * weights) / normalizer over every rank and
     micro-batch, scaled for backward: accelerate divides each micro-batch's loss by ``accum`` and DDP averages the
     gradients over ranks, so * world * accum leaves the gradient of the global mean itself, however the batch was
@@ -158,7 +160,7 @@ def deepspeed_clipping(engine, max_grad_norm: float) -> None:
         engine.optimizer.clip_grad = clip
 
 
-def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm: float):
+def backward_and_step(accelerator, model, optimizer, loss, max_grad_norm: float):
     """Backward one micro-batch's loss inside ``accelerator.accumulate``; on the last micro-batch of the global
     batch, clip at ``max_grad_norm`` (inf: no clipping) and step (accelerate makes the step a no-op before it).
     Returns the gradient norm before clipping where it was clipped, else nan (before the last micro-batch). Under

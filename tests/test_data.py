@@ -1,7 +1,7 @@
 import pytest
 
 from common.data import (
-    DataError,
+    InputError,
     load_cfcrs_dialogues,
     load_cfcrs_kg,
     load_crs_dataset,
@@ -102,21 +102,21 @@ def test_demo_data_is_consistent():
 
 
 def test_errors_name_the_file_and_line(tmp_path):
-    with pytest.raises(DataError, match="nope.jsonl: file not found"):
+    with pytest.raises(InputError, match="nope.jsonl: file not found"):
         load_ecpo_tasks(tmp_path / "nope.jsonl")
     bad = tmp_path / "tasks.jsonl"
     bad.write_text('{"UserID": "u", "Persona": {"Activities": "x"}, "Items": [{"ItemName": "A"}]}\n{"UserID": "u2"\n')
-    with pytest.raises(DataError, match=r"tasks.jsonl:2:17: invalid JSON"):  # line 2, column 17: where it was cut
+    with pytest.raises(InputError, match=r"tasks.jsonl:2:17: invalid JSON"):  # line 2, column 17: where it was cut
         load_ecpo_tasks(bad)
     bad.write_text('{"UserID": "u", "Persona": {"Activities": "x"}, "Items": []}\n')
-    with pytest.raises(DataError, match=r"tasks.jsonl:1: 'Items' must be a non-empty list"):
+    with pytest.raises(InputError, match=r"tasks.jsonl:1: 'Items' must be a non-empty list"):
         load_ecpo_tasks(bad)
     bad.write_text('{"UserID": "u", "Items": [{"ItemName": "A"}]}\n')
-    with pytest.raises(DataError, match=r"tasks.jsonl:1: missing field 'Persona'"):
+    with pytest.raises(InputError, match=r"tasks.jsonl:1: missing field 'Persona'"):
         load_ecpo_tasks(bad)
     tsv = tmp_path / "dev.tsv"
     tsv.write_text("dialog_id\tspeaker\n1\tSEEKER\n")
-    with pytest.raises(DataError, match=r"dev.tsv:1: header lacks columns \['text'\]"):
+    with pytest.raises(InputError, match=r"dev.tsv:1: header lacks columns \['text'\]"):
         load_inspired_tsv(tsv)
 
 
@@ -127,28 +127,28 @@ def test_malformed_rows_of_each_format_name_file_line_and_expectation(tmp_path):
     row = {"conversationId": "1", "initiatorWorkerId": 0, "movieMentions": [["111", "Heat (1995)"]],
            "messages": [{"text": "hi @111", "senderWorkerId": 0}]}  # fmt: skip
     redial.write_text(json.dumps(row) + "\n")
-    with pytest.raises(DataError, match=r"redial.jsonl:1: 'movieMentions' must map movie ids to titles, not list"):
+    with pytest.raises(InputError, match=r"redial.jsonl:1: 'movieMentions' must map movie ids to titles, not list"):
         load_redial_official(redial)
     ievalm = tmp_path / "ievalm.jsonl"
     ievalm.write_text(
         json.dumps({"dialog_id": "1", "turn_id": 2, "context": ["hi"], "rec": "Heat (1995)", "resp": "x"})
     )
-    with pytest.raises(DataError, match=r"ievalm.jsonl:1: 'rec' must be a list of titles, not str"):
+    with pytest.raises(InputError, match=r"ievalm.jsonl:1: 'rec' must be a list of titles, not str"):
         load_ievalm_turns(ievalm)
     cfcrs = tmp_path / "cfcrs.jsonl"
     cfcrs.write_text(
         json.dumps({"dialog_id": "d", "dialog": [{"role": "Seeker", "text": "hi", "movie": "Heat (1995)"}]})
     )
-    with pytest.raises(DataError, match=r"cfcrs.jsonl:1: 'movie' must be a list of titles, not str"):
+    with pytest.raises(InputError, match=r"cfcrs.jsonl:1: 'movie' must be a list of titles, not str"):
         load_cfcrs_dialogues(cfcrs)
     unicrs = tmp_path / "unicrs.jsonl"
     unicrs.write_text(json.dumps([{"role": "SEEKER", "text": "hi", "movie_name": "Heat"}]) + "\n")
-    with pytest.raises(DataError, match=r"unicrs.jsonl:1: 'movie_name' must be a list of titles"):
+    with pytest.raises(InputError, match=r"unicrs.jsonl:1: 'movie_name' must be a list of titles"):
         load_unicrs_jsonl(unicrs)
     header = "dialog_id\tutt_id\tspeaker\ttext\tmovies\tgenres\tpeople\texpert_label\textra"
     tsv = tmp_path / "dev.tsv"
     tsv.write_text(header + "\n" + "\t".join(["1", "0", "SEEKER", "hello", "", ""]) + "\n")  # cut to 6 of 9
-    with pytest.raises(DataError, match=r"dev.tsv:2: row has 6 columns where the header has 9"):
+    with pytest.raises(InputError, match=r"dev.tsv:2: row has 6 columns where the header has 9"):
         load_inspired_tsv(tsv)
 
 

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 
-from common.data import DataError
+from common.data import InputError
 from common.distributed import collective_timeout
 from tests.conftest import ROOT, accelerate_launch
 
@@ -52,7 +52,7 @@ def test_the_collective_timeout_is_two_hours_unless_set(monkeypatch):
     assert collective_timeout() == timedelta(seconds=30)
     for bad in ("0", "-3", "ten", "inf"):  # inf would overflow timedelta
         monkeypatch.setenv("CLEANCRS_COLLECTIVE_TIMEOUT_MINUTES", bad)
-        with pytest.raises(DataError, match=f"TIMEOUT_MINUTES='{bad}': use a positive, finite number"):
+        with pytest.raises(InputError, match=f"TIMEOUT_MINUTES='{bad}': use a positive, finite number"):
             collective_timeout()
 
 
@@ -135,7 +135,7 @@ def test_a_resume_without_deepspeed_says_it_cannot_load_zero3_partitions(tmp_pat
 
     from transformers import get_linear_schedule_with_warmup
 
-    from common.checkpoints import save_checkpoint, start_training
+    from common.checkpoints import resume_and_prepare, save_checkpoint
     from common.distributed import make_accelerator
     from common.models import add_lora
 
@@ -145,7 +145,7 @@ def test_a_resume_without_deepspeed_says_it_cannot_load_zero3_partitions(tmp_pat
     folder = save_checkpoint(tmp_path, 4, model, state={"ranks": 2})  # what 2 ZeRO-3 ranks save, but the partitions
     for rank in (0, 1):
         torch.save({}, folder / f"training_state_rank{rank}.pt")
-    _, _, start = start_training(make_accelerator(), model, optimizer, scheduler, tmp_path)
+    _, _, start = resume_and_prepare(make_accelerator(), model, optimizer, scheduler, tmp_path)
     assert start == 4 and scheduler.last_epoch == 4
     assert (
         f"resuming {tmp_path.name} at step 4 without the optimizer state: the checkpoint holds its ZeRO-3 partitions "
@@ -155,7 +155,7 @@ def test_a_resume_without_deepspeed_says_it_cannot_load_zero3_partitions(tmp_pat
 
 def test_every_clipping_flag_reaches_deepspeed_on_two_zero3_ranks(tmp_path):
     # accelerate fills DeepSpeed's gradient_clipping with 1.0 at prepare whatever the flag: every step here was
-    # clipped at 1.0 before optimizer_step set the engine's clip. SGD at learning rate 1 moves the weights by exactly
+    # clipped at 1.0 before backward_and_step set the engine's clip. SGD at learning rate 1 moves the weights by exactly
     # the gradient DeepSpeed applied, of norm 5 before clipping.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("ACCELERATE_USE_CPU", None)  # it would turn DeepSpeed off
@@ -172,6 +172,6 @@ def test_every_clipping_flag_reaches_deepspeed_on_two_zero3_ranks(tmp_path):
 
 @pytest.mark.parametrize("path", ["ecpo.py", "smtpo.py", "rso.py", "common/sft.py"])
 def test_every_training_step_passes_its_scripts_clipping_flag(path):
-    # optimizer_step is the one place a script's clipping flag reaches DDP and DeepSpeed alike (test above)
-    calls = re.findall(r"optimizer_step\(accelerator, model, optimizer, loss, ([\w.]+)\)", (ROOT / path).read_text())
+    # backward_and_step is the one place a script's clipping flag reaches DDP and DeepSpeed alike (test above)
+    calls = re.findall(r"backward_and_step\(accelerator, model, optimizer, loss, ([\w.]+)\)", (ROOT / path).read_text())
     assert calls and all(re.fullmatch(r"args\.\w*max_grad_norm", flag) for flag in calls), calls

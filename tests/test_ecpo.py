@@ -333,7 +333,7 @@ def test_each_training_stage_starts_its_gradient_accumulation_afresh(tmp_path):
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
-    from common.checkpoints import start_training
+    from common.checkpoints import resume_and_prepare
     from common.distributed import configure_batches
 
     accelerator = Accelerator(cpu=True)
@@ -342,7 +342,7 @@ def test_each_training_stage_starts_its_gradient_accumulation_afresh(tmp_path):
         model = torch.nn.Linear(2, 1)
         optimizer = torch.optim.AdamW(model.parameters())
         configure_batches(accelerator, accum, accum, 1)  # a global batch of accum micro-batches of 1
-        model, optimizer, _ = start_training(
+        model, optimizer, _ = resume_and_prepare(
             accelerator, model, optimizer, get_cosine_schedule_with_warmup(optimizer, 0, 10), tmp_path / stage
         )
         pattern[stage] = []

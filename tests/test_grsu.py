@@ -74,9 +74,9 @@ def test_search_shapes_keep_the_number_of_lists():
         width, expansion, rounds = grsu.search_shape(grsu.Args(search=search, beam_width=4, expansion=4, depth=5))
         assert 16 + width * expansion * rounds == 80
     assert grsu.search_shape(grsu.Args(beam_width=4, expansion=2, depth=2)) == (4, 2, 1)  # N^2 = 4 lists, keep 4
-    with pytest.raises(grsu.DataError):
+    with pytest.raises(grsu.InputError):
         grsu.search_shape(grsu.Args(beam_width=5, expansion=2))
-    with pytest.raises(grsu.DataError):
+    with pytest.raises(grsu.InputError):
         grsu.search_shape(grsu.Args(depth=0))
 
 

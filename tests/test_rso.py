@@ -10,7 +10,7 @@ import torch
 
 import rso
 from common.catalog import Catalog, encoder_path
-from common.data import DataError, load_demo_catalog
+from common.data import InputError, load_demo_catalog
 from tests.conftest import DATA, needs_data
 
 # ------------------------------------------------------------------------------------ returns and loss (Eq. 7-8)
@@ -189,7 +189,7 @@ def test_the_14_inspired_labels_map_onto_the_13_strategies():
     assert len(rso.NAMES) == 13 and len(rso.INSPIRED_LABELS) == 14
     assert set(rso.INSPIRED_LABELS.values()) == set(rso.NAMES)
     assert rso.INSPIRED_LABELS["preference_confirmation"] == "Rephrase Preference"
-    with pytest.raises(DataError, match="unknown strategy label 'recommend'"):
+    with pytest.raises(InputError, match="unknown strategy label 'recommend'"):
         rso.strategy_index("recommend", "dev.tsv")
 
 
@@ -234,7 +234,7 @@ def test_a_short_last_update_is_refused_under_deepspeed_before_anything_loads(mo
     args = rso.Args(rl_episodes=7, num_envs=2, stages=("rl",))
     rso.check_args(args, 2)  # data parallelism takes a short last update
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(DataError, match="multiple of --num-envs"):
+    with pytest.raises(InputError, match="multiple of --num-envs"):
         rso.check_args(args, 2)
     rso.check_args(rso.Args(rl_episodes=8, num_envs=2, stages=("rl",)), 2)
 
@@ -254,7 +254,7 @@ def test_bundled_demo_labels_and_tasks():
 def test_malformed_tsv_names_file_and_line(tmp_path):
     path = tmp_path / "dev.tsv"
     path.write_text("dialog_id\tspeaker\ttext\texpert_label\nd1\tRECOMMENDER\tHi\tno_strategy\nd1\tSEEKER\n")
-    with pytest.raises(DataError, match=r"dev.tsv:3: row has 2 columns"):
+    with pytest.raises(InputError, match=r"dev.tsv:3: row has 2 columns"):
         rso.labelled_turns(path)
 
 
@@ -542,7 +542,7 @@ def train_planner(tmp_path, monkeypatch, tokenizer, args, updates, play, seed=0)
     Returns pi(. | STATE) before each update and after the last, and the updates' statistics."""
     from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
 
-    from common.checkpoints import start_training
+    from common.checkpoints import resume_and_prepare
     from common.run import Run
 
     monkeypatch.chdir(tmp_path)
@@ -555,7 +555,7 @@ def train_planner(tmp_path, monkeypatch, tokenizer, args, updates, play, seed=0)
     model = BertForSequenceClassification(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.rl_lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, updates)
-    model, optimizer, _ = start_training(run.accelerator, model, optimizer, scheduler, run.dir / "rl")
+    model, optimizer, _ = resume_and_prepare(run.accelerator, model, optimizer, scheduler, run.dir / "rl")
     generator, running, history, stats = torch.Generator().manual_seed(seed), {}, [], []
     for _ in range(updates):
         history.append(rso.strategy_distribution(model, tokenizer, [STATE], 64)[0])

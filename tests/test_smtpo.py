@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import smtpo
 from common.catalog import Catalog
-from common.data import DataError, load_crs_dataset, load_demo_catalog
+from common.data import InputError, load_crs_dataset, load_demo_catalog
 from tests.conftest import DATA, needs_data
 
 CANDIDATES = [
@@ -100,7 +100,7 @@ def test_rank_list_parsing_on_real_shapes_of_output(text, ranked):
     ],
 )
 def test_flags_that_would_fail_deep_in_grpo_are_refused_before_anything_loads(flags, message):
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(InputError, match=message):
         smtpo.check_args(smtpo.Args(**flags), 1)
 
 
@@ -624,7 +624,7 @@ def test_a_missing_simulator_adapter_is_an_error_unless_the_ablation_asks_for_it
         "FakeRun", (), {"dir": tmp_path / "run", "main": True, "device": "cpu", "count_costs": lambda self, x: x}
     )()
     run.finished = lambda folder: False
-    with pytest.raises(DataError, match="--untrained-simulator"):
+    with pytest.raises(InputError, match="--untrained-simulator"):
         smtpo.load_simulator(run, smtpo.Args())
     smtpo.load_simulator(run, smtpo.Args(untrained_simulator=True))
     assert loaded == [[]]  # the base model, no adapter
@@ -653,14 +653,14 @@ def trainable_policy(run, tiny_model, lr: float):
 
     from transformers import get_constant_schedule
 
-    from common.checkpoints import start_training
+    from common.checkpoints import resume_and_prepare
     from common.models import add_lora
 
     torch.manual_seed(0)
     model = add_lora(copy.deepcopy(tiny_model))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     scheduler = get_constant_schedule(optimizer)
-    model, optimizer, _ = start_training(run.accelerator, model, optimizer, scheduler, run.dir / "grpo")
+    model, optimizer, _ = resume_and_prepare(run.accelerator, model, optimizer, scheduler, run.dir / "grpo")
     return model, optimizer, scheduler
 
 
