@@ -73,6 +73,7 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.is_main = is_main
         self.wandb = None
+        self.axes: set[str] = set()  # the metric families given their own step axis in W&B
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -99,11 +100,6 @@ class Tracker:
                 id=self.run_dir.name.replace("/", "_"),
                 save_code=True,
             )
-            # Each metric family runs on its own step axis (<family>/step, logged beside it), so that the curves
-            # of two methods overlay in W&B whatever else each run logged before
-            for family in ("train", "train_sft", "train_simulator", "train_retriever", "rollout", "eval"):
-                self.wandb.define_metric(f"{family}/step")
-                self.wandb.define_metric(f"{family}/*", step_metric=f"{family}/step")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.is_main:
@@ -111,6 +107,14 @@ class Tracker:
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         if self.wandb is not None:
+            # Each metric family that logs its own step (<family>/step, beside it) runs on that axis, so that the
+            # curves of two methods overlay in W&B whatever else each run logged before
+            for name in metrics:
+                family = name.removesuffix("/step")
+                if name.endswith("/step") and family not in self.axes:
+                    self.axes.add(family)
+                    self.wandb.define_metric(name)
+                    self.wandb.define_metric(f"{family}/*", step_metric=name)
             self.wandb.log(metrics, step=step)
 
     def image(self, name: str, path: Path, step: int) -> None:
