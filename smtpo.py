@@ -46,7 +46,7 @@ from tqdm import tqdm
 from common.catalog import Catalog
 from common.checkpoints import resume_and_prepare, save_final, save_resumable
 from common.conversations import chat_roles, render_history
-from common.data import Dialogue, EntityLinker, InputError, load_crs_dataset
+from common.data import Dialogue, InputError, load_crs_dataset
 from common.distributed import (
     backward_and_step,
     check_division,
@@ -359,6 +359,56 @@ class Data:
     evaluated: list[Task]  # the --eval-split turns
     catalog: Catalog
     domain: str = "movie"
+
+
+class EntityLinker:
+    """The KG's attribute entities (genres, people) that a text names, in the order it names them: one linker for a
+    dataset's training and evaluated dialogues alike, where their releases annotate entities differently (ReDial's
+    official training format annotates none, iEvaLM's evaluated split genres and people). A name matches as whole
+    words, case and punctuation aside ("j.d. salinger"); a genre also in the plural ("comedies", "thrillers"). A
+    person is linked by a name of two words or more: one-word names ("Prince", "Drake") are common words."""
+
+    def __init__(self, genres, people):
+        self.vocabulary = set(genres) | set(people)  # every attribute entity, linked or not
+        self.names: dict[tuple[str, ...], str] = {}
+        for name in genres:
+            self.names.setdefault(self.words(name), name)
+        for name in people:
+            if len(self.words(name)) >= 2:
+                self.names.setdefault(self.words(name), name)
+        self.longest = max((len(words) for words in self.names), default=0)
+        self.seen: dict[str, list[str]] = {}
+
+    @staticmethod
+    def words(text: str) -> tuple[str, ...]:
+        return tuple(w for w in (w.strip(".,;:!?\"'()[]{}").lower() for w in text.split()) if w)
+
+    @staticmethod
+    def singular(word: str) -> list[str]:
+        return (
+            [word[:-3] + "y"] * word.endswith("ies")
+            + [word[:-2]] * word.endswith("es")
+            + [word[:-1]] * word.endswith("s")
+        )
+
+    def __call__(self, text: str) -> list[str]:
+        if text not in self.seen:  # a dialogue's utterances are read again at each of its later turns
+            self.seen[text] = self.link(text)
+        return self.seen[text]
+
+    def link(self, text: str) -> list[str]:
+        words, found, k = self.words(text), [], 0
+        while k < len(words):
+            for size in range(min(self.longest, len(words) - k), 0, -1):
+                span = words[k : k + size]
+                forms = [span] + ([(w,) for w in self.singular(span[0])] if size == 1 else [])
+                name = next((self.names[f] for f in forms if f in self.names), None)
+                if name is not None:
+                    found.append(name)
+                    k += size - 1
+                    break
+            k += 1
+        return list(dict.fromkeys(found))
 
 
 def make_tasks(dialogues: list[Dialogue], titles: set[str], linker: EntityLinker | None = None) -> list[Task]:

@@ -457,8 +457,6 @@ def load_demo_tasks(folder: str | Path = DEMO_DIR) -> list[Task]:
     return tasks
 
 
-# ---------------------------------------------------------------- simulated-user tasks (AILO, ECPO, RSO)
-
 # =============================================================================================== CRS datasets
 
 
@@ -518,56 +516,3 @@ def load_crs_dataset(dataset: str, data_dir: str | Path, eval_split: str) -> CRS
     kept = [d for d in train if d.dialog_id not in held and fingerprint(d) not in held]
     dropped = [d for d in train if d.dialog_id in held or fingerprint(d) in held]
     return CRSDataset(kept, evaluated, dropped, items)
-
-
-# =============================================================================================== entity linking
-
-
-class EntityLinker:
-    """The KG's attribute entities (genres, people) that a text names, in the order it names them: one linker for a
-    dataset's training and evaluated dialogues alike, where their releases annotate entities differently (ReDial's
-    official training format annotates none, iEvaLM's evaluated split genres and people). A name matches as whole
-    words, case and punctuation aside ("j.d. salinger"); a genre also in the plural ("comedies", "thrillers"). A
-    person is linked by a name of two words or more: one-word names ("Prince", "Drake") are common words."""
-
-    def __init__(self, genres, people):
-        self.vocabulary = set(genres) | set(people)  # every attribute entity, linked or not
-        self.names: dict[tuple[str, ...], str] = {}
-        for name in genres:
-            self.names.setdefault(self.words(name), name)
-        for name in people:
-            if len(self.words(name)) >= 2:
-                self.names.setdefault(self.words(name), name)
-        self.longest = max((len(words) for words in self.names), default=0)
-        self.seen: dict[str, list[str]] = {}
-
-    @staticmethod
-    def words(text: str) -> tuple[str, ...]:
-        return tuple(w for w in (w.strip(".,;:!?\"'()[]{}").lower() for w in text.split()) if w)
-
-    @staticmethod
-    def singular(word: str) -> list[str]:
-        return (
-            [word[:-3] + "y"] * word.endswith("ies")
-            + [word[:-2]] * word.endswith("es")
-            + [word[:-1]] * word.endswith("s")
-        )
-
-    def __call__(self, text: str) -> list[str]:
-        if text not in self.seen:  # a dialogue's utterances are read again at each of its later turns
-            self.seen[text] = self.link(text)
-        return self.seen[text]
-
-    def link(self, text: str) -> list[str]:
-        words, found, k = self.words(text), [], 0
-        while k < len(words):
-            for size in range(min(self.longest, len(words) - k), 0, -1):
-                span = words[k : k + size]
-                forms = [span] + ([(w,) for w in self.singular(span[0])] if size == 1 else [])
-                name = next((self.names[f] for f in forms if f in self.names), None)
-                if name is not None:
-                    found.append(name)
-                    k += size - 1
-                    break
-            k += 1
-        return list(dict.fromkeys(found))

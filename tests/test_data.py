@@ -208,13 +208,3 @@ def test_grsu_smtpo_and_rso_train_and_evaluate_on_the_same_conversations_and_ite
     named = {t for d in shared.train for turn in d.turns for t in turn.items}
     ranked = [item.title for item in g.items]  # GRSU ranks what training names, too, once each
     assert ranked[: len(kg)] == kg and set(ranked[len(kg) :]) == named - set(kg) and len(set(ranked)) == len(ranked)
-
-
-def test_the_entity_linker_finds_genres_and_people_as_whole_words():
-    from common.data import EntityLinker
-
-    linker = EntityLinker(["comedy", "horror", "sci-fi"], ["Mila Kunis", "J.D. Salinger", "Prince"])
-    text = "I like comedies and Horror, sci-fi too; mila kunis! Anything by J.D. Salinger? The Prince of Egypt, horrors"
-    assert linker(text) == ["comedy", "horror", "sci-fi", "Mila Kunis", "J.D. Salinger"]  # once each, in order
-    assert linker("a comedian in a horrorshow, kunis") == []  # whole words only, a full name only
-    assert linker.vocabulary == {"comedy", "horror", "sci-fi", "Mila Kunis", "J.D. Salinger", "Prince"}

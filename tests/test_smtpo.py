@@ -997,3 +997,11 @@ def test_the_retriever_loads_on_the_cpu_whatever_device_saved_it(tmp_path, monke
     run = SimpleNamespace(dir=tmp_path, finished=lambda folder: True)
     retriever = smtpo.load_retriever(run, smtpo.Data([], [], [], catalog))
     assert loads == ["cpu"] and retriever.node_embeddings.device.type == "cpu"
+
+
+def test_the_entity_linker_finds_genres_and_people_as_whole_words():
+    linker = smtpo.EntityLinker(["comedy", "horror", "sci-fi"], ["Mila Kunis", "J.D. Salinger", "Prince"])
+    text = "I like comedies and Horror, sci-fi too; mila kunis! Anything by J.D. Salinger? The Prince of Egypt, horrors"
+    assert linker(text) == ["comedy", "horror", "sci-fi", "Mila Kunis", "J.D. Salinger"]  # once each, in order
+    assert linker("a comedian in a horrorshow, kunis") == []  # whole words only, a full name only
+    assert linker.vocabulary == {"comedy", "horror", "sci-fi", "Mila Kunis", "J.D. Salinger", "Prince"}
