@@ -462,8 +462,8 @@ def load_demo_tasks(folder: str | Path = DEMO_DIR) -> list[Task]:
 
 @dataclass
 class CRSDataset:
-    """A conversational-recommendation dataset as GRSU, SMTPO and RSO read it: one assembly, so the three train and
-    evaluate on the same conversations and draw from the same items."""
+    """A conversational-recommendation dataset as every script that learns from its dialogues reads it: one assembly,
+    so they train and evaluate on the same conversations and draw from the same items."""
 
     train: list[Dialogue]  # the training dialogues, none of them a conversation of the evaluated split
     evaluated: list[Dialogue]  # the split --eval-split names

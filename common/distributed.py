@@ -18,7 +18,7 @@ def collective_timeout() -> timedelta:
     """How long a rank waits for the others at a barrier or any collective before the run stops with an error (the
     process group's timeout, NCCL's on GPUs): ``CLEANCRS_COLLECTIVE_TIMEOUT_MINUTES``, default 120. torch's default
     of 10 minutes for NCCL is too short for the work one rank does while the others wait at a barrier: rank 0 alone
-    trains SMTPO's retriever, and merges and saves the policy its vLLM engine loads."""
+    trains a retriever, or merges and saves the policy a vLLM engine then loads."""
     value = os.environ.get("CLEANCRS_COLLECTIVE_TIMEOUT_MINUTES", "120")
     try:
         minutes = float(value)
