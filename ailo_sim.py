@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 from common.catalog import Catalog, item_card
 from common.conversations import render_history
-from common.data import (
+from common.distributed import print_dry_run
+from common.formats import (
     InputError,
     Item,
     Persona,
@@ -53,7 +54,6 @@ from common.data import (
     load_ecpo_reviews,
     load_ecpo_tasks,
 )
-from common.distributed import print_dry_run
 from common.judging import Expectation, JudgeScoring, expected_scores, json_string, mass_metrics, scores_in_answers
 from common.llm import LLMBackendError
 from common.metrics import mentions_title, redact_title, success_rate

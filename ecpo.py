@@ -58,7 +58,6 @@ from ailo_sim import (
 from common.catalog import Catalog
 from common.checkpoints import resume_and_prepare, save_final, save_resumable
 from common.conversations import render_history
-from common.data import InputError, Task
 from common.distributed import (
     backward_and_step,
     check_division,
@@ -68,6 +67,7 @@ from common.distributed import (
     share_of_global_mean,
     training_steps,
 )
+from common.formats import InputError, Task
 from common.judging import JudgeScoring, expected_scores, json_string, mass_metrics, scores_in_answers
 from common.llm import HFChat, LLMBackendError, per_conversation, prompt_ids
 from common.models import ModelSpecError, check_specs, load_merged

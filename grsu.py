@@ -43,8 +43,9 @@ import torch
 from common.catalog import Catalog
 from common.checkpoints import save_final
 from common.conversations import chat_roles, render_history
-from common.data import Dialogue, InputError, Item, load_crs_dataset
+from common.data import load_crs_dataset
 from common.distributed import check_division, launched_processes, print_dry_run
+from common.formats import Dialogue, InputError, Item
 from common.llm import HFChat, LLMBackendError
 from common.metrics import mentions_title, mrr_at_k, ndcg_at_k, recall_at_k
 from common.models import ModelSpecError, add_lora, check_specs, enable_gradient_checkpointing, load_model

@@ -52,18 +52,7 @@ from ailo_sim import AILO, SimUser, audit_leaks, print_audit
 from common.catalog import Catalog, encoder_path, item_card
 from common.checkpoints import resume_and_prepare, save_final, save_resumable
 from common.conversations import chat_roles, render_history
-from common.data import (
-    CRSDataset,
-    Dialogue,
-    InputError,
-    Item,
-    Persona,
-    load_crs_dataset,
-    load_demo_tasks,
-    load_inspired_tsv,
-    load_redial_official,
-)
-from common.data import Task as UserTask  # the AILO user's: its persona and hidden target
+from common.data import CRSDataset, load_crs_dataset
 from common.distributed import (
     backward_and_step,
     check_division,
@@ -76,6 +65,8 @@ from common.distributed import (
     share_of_global_mean,
     training_steps,
 )
+from common.formats import Dialogue, InputError, Item, Persona, load_demo_tasks, load_inspired_tsv, load_redial_official
+from common.formats import Task as UserTask
 from common.judging import JudgeScoring, expected_scores, mass_metrics
 from common.llm import LLMBackendError
 from common.metrics import mentions_title, success_rate

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from common.catalog import Catalog
 from common.checkpoints import resume_and_prepare, save_final, save_resumable
 from common.conversations import chat_roles, render_history
-from common.data import Dialogue, InputError, load_crs_dataset
+from common.data import load_crs_dataset
 from common.distributed import (
     backward_and_step,
     check_division,
@@ -58,6 +58,7 @@ from common.distributed import (
     share_of_global_mean,
     training_steps,
 )
+from common.formats import Dialogue, InputError
 from common.llm import HFChat, LLMBackendError
 from common.metrics import mrr_at_k, ndcg_at_k, recall_at_k
 from common.models import ModelSpecError, check_specs, load_merged

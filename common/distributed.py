@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import torch
 
-from common.data import InputError
+from common.formats import InputError
 
 
 def collective_timeout() -> timedelta:

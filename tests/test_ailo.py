@@ -15,7 +15,7 @@ from ailo_sim import (
     rouge_l,
     run_episodes,
 )
-from common.data import Item, Persona, Task, load_demo_tasks
+from common.formats import Item, Persona, Task, load_demo_tasks
 from common.metrics import redact_title
 from common.run import Run
 from tests.test_run import Settings
@@ -186,7 +186,7 @@ def test_rouge_l_hand_computed():
 
 def test_ec_falls_back_to_the_expected_rating_on_a_local_backend(scripted_llm):
     from ailo_sim import AILO, SimUser
-    from common.data import Item, Persona, Task
+    from common.formats import Item, Persona, Task
 
     class PrefillLLM(scripted_llm):
         can_prefill = True

@@ -13,8 +13,8 @@ import psutil
 import pytest
 import torch
 
-from common.data import InputError
 from common.distributed import collective_timeout
+from common.formats import InputError
 from tests.conftest import ROOT, accelerate_launch
 
 PRINT_TIMEOUT = f"""

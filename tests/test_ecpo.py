@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import ecpo
-from common.data import load_demo_tasks
 from common.distributed import global_batches, rank_micro_batches
+from common.formats import load_demo_tasks
 from common.parsing import ParseStats
 from common.run import Run
 from common.tracking import RecordFile
@@ -279,7 +279,7 @@ def test_constrained_decoding_counts_an_empty_argument_as_a_failure():
 
 def test_actcrs_chains_searches_then_answers(scripted_llm):
     from common.catalog import Catalog
-    from common.data import load_demo_catalog
+    from common.formats import load_demo_catalog
 
     catalog = Catalog(load_demo_catalog())
     answers = iter(["Search[dream heist]", "Search[nolan]", "Recommend[Try Inception (2010).]"])
@@ -304,7 +304,7 @@ def test_actcrs_chains_searches_then_answers(scripted_llm):
 
 
 def test_cost_per_pair_counts_resumed_episodes_once(tmp_path):
-    from common.data import load_demo_tasks
+    from common.formats import load_demo_tasks
 
     demo = load_demo_tasks()
     tasks = ecpo.Data(sft=demo[:2], pre=demo[2:4], evaluated=[], catalog=None, domain="movie")
@@ -444,7 +444,7 @@ def _agent_and_user(prompt):
 
 def test_print_conversations_prints_the_evaluation_only(tmp_path, scripted_llm, capsys):
     from common.catalog import Catalog
-    from common.data import load_demo_catalog
+    from common.formats import load_demo_catalog
 
     demo = load_demo_tasks()
     data = ecpo.Data(demo[:2], demo[2:4], demo[24:25], Catalog(load_demo_catalog()), "movie")
@@ -500,7 +500,7 @@ def test_the_token_budget_changes_no_record_at_the_demo_defaults(tiny_model, tok
     # budget that splits them still plays every conversation to the end.
     from ailo_sim import AILO, run_episodes
     from common.catalog import Catalog
-    from common.data import load_demo_catalog
+    from common.formats import load_demo_catalog
     from common.llm import HFChat
 
     catalog, tasks, args = Catalog(load_demo_catalog()), load_demo_tasks()[:4], ecpo.Args(action_max_tokens=8)
@@ -523,7 +523,7 @@ def test_a_dropped_conversation_is_in_no_stage_of_ecpo(tmp_path, scripted_llm):
     # --leak-guard drop (the paper preset's): the conversation whose user named its target is recorded, played once,
     # and left out of what the rollout and the later stages read.
     from common.catalog import Catalog
-    from common.data import load_demo_catalog
+    from common.formats import load_demo_catalog
 
     demo = load_demo_tasks()
     data = ecpo.Data(demo[:2], demo[2:4], [], Catalog(load_demo_catalog()), "movie")

@@ -7,7 +7,7 @@ import pytest
 
 import grsu
 from common.catalog import Catalog
-from common.data import Dialogue, Turn, load_demo_catalog
+from common.formats import Dialogue, Turn, load_demo_catalog
 from common.llm import HFChat
 from tests.conftest import DATA, ROOT, needs_data
 
@@ -136,7 +136,7 @@ def test_tasks_decide_repeated_items_from_the_annotations():
 def test_ievalm_repeated_items_come_from_the_entity_annotations_or_whole_titles(tmp_path):
     import json
 
-    from common.data import load_ievalm_turns
+    from common.formats import load_ievalm_turns
 
     # real cases from ReDial's validation split: "Saw (2003)" after "chainsaw", "It (2017)" after the pronoun "it"
     rows = [
@@ -156,7 +156,7 @@ def test_ievalm_repeated_items_come_from_the_entity_annotations_or_whole_titles(
 
 @needs_data
 def test_real_redial_repeated_items_and_training_overlap():
-    from common.data import load_cfcrs_kg, load_redial_official
+    from common.formats import load_cfcrs_kg, load_redial_official
 
     dataset = grsu.load_data("redial", str(DATA), "valid", only_new="labels")
     turns = dataset.evaluated
@@ -182,7 +182,8 @@ def test_real_redial_repeated_items_and_training_overlap():
 
 @needs_data
 def test_real_inspired_catalog_comes_from_the_kg_and_training_split():
-    from common.data import load_cfcrs_dialogues, load_cfcrs_kg, load_unicrs_jsonl, restore_years
+    from common.data import restore_years
+    from common.formats import load_cfcrs_dialogues, load_cfcrs_kg, load_unicrs_jsonl
 
     dataset = grsu.load_data("inspired", str(DATA), "valid")
     turns, catalog = dataset.evaluated, {item.title for item in dataset.items}

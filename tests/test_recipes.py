@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from common.data import InputError
 from common.distributed import check_division
+from common.formats import InputError
 from common.presets import parse_args
 from tests.conftest import DATA, ROOT, fails_cleanly
 

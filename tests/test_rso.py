@@ -10,7 +10,7 @@ import torch
 
 import rso
 from common.catalog import Catalog, encoder_path
-from common.data import InputError, load_demo_catalog
+from common.formats import InputError, load_demo_catalog
 from tests.conftest import DATA, needs_data
 
 # ------------------------------------------------------------------------------------ returns and loss (Eq. 7-8)
@@ -320,7 +320,7 @@ def demo_catalog():
 
 def scripted_rollout(scripted_llm, catalog, judge, max_turns=3, episodes=2, greedy=False, roles=None):
     """The rollout generator on ``episodes`` demo tasks, every role played by one scripted backend; and the backend."""
-    from common.data import load_demo_tasks
+    from common.formats import load_demo_tasks
 
     llm = scripted_llm(roles or scripted_roles(judge))
     args = rso.Args(max_turns=max_turns, reward_samples=2, judge_scoring="sampled")  # the script writes its scores
@@ -392,7 +392,7 @@ def test_a_user_who_leaves_once_its_target_is_recommended_has_accepted(scripted_
     """AILO's user ends the conversation once its target has been recommended (an Efficiency-seeking one at once),
     saying goodbye; the judge, reading the goodbye, gives a 3. The episode is still the user's acceptance, scored as
     the judge scores acceptance (r = 1): its return, Conv-SR and Rec-SR all count the success."""
-    from common.data import load_demo_tasks
+    from common.formats import load_demo_tasks
 
     target = load_demo_tasks()[0].target.title
     actor_calls, goodbyes = [], []
@@ -445,7 +445,7 @@ def test_the_greedy_random_planner_plays_every_strategy_not_the_first(scripted_l
 def test_the_intention_judges_know_the_users_taste_on_every_dataset(demo_catalog):
     """INSPIRED's and ReDial's personas have no interests: the judges of i_pre, i_true and i_post are told the
     hidden target's features (not its title), the taste the simulated user played."""
-    from common.data import Persona
+    from common.formats import Persona
 
     target, other = demo_catalog.by_title["Inception (2010)"], demo_catalog.by_title["Groundhog Day (1993)"]
     persona = Persona("u1", "Efficiency-seeking user who answers in a word or two.")  # no interests
@@ -478,7 +478,7 @@ def test_prs_compares_the_scores_the_judge_writes(tmp_path, monkeypatch, demo_ca
     """Expected scores are continuous: i_pre 3.40, i_post 3.44 and i_true 3.45 gave PRS 0.8 on differences of 0.01.
     PRS reads the integer each judge writes (its most probable score), so this dialogue ties (3, 3, 3) and is left
     out, as in the paper; the other (2, 3, 4) scores 0.5 where its expectations (2.4, 2.6, 3.6) gave 0.17."""
-    from common.data import Persona
+    from common.formats import Persona
     from common.run import Run
 
     monkeypatch.chdir(tmp_path)

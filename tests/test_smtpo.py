@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import smtpo
 from common.catalog import Catalog
-from common.data import InputError, load_crs_dataset, load_demo_catalog
+from common.data import load_crs_dataset
+from common.formats import InputError, load_demo_catalog
 from tests.conftest import DATA, needs_data
 
 CANDIDATES = [
