@@ -1,6 +1,8 @@
+import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, make_dataclass
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,54 @@ def accelerate_launch(config: str) -> tuple[str, ...]:
     """The command that starts a script under ``accelerate launch`` with ``configs/<config>.yaml`` (CPU ranks)."""
     config_file = str(ROOT / "configs" / f"{config}.yaml")
     return (sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file)
+
+
+@dataclass
+class Settings:
+    """The fields of a script's ``Args`` that ``Run`` reads, at their defaults: the stand-in for Args in tests of
+    common code (``Run(settings())``)."""
+
+    exp_name: str = "run"
+    seed: int = 1
+    run_name: str | None = "stages"
+    track: bool = False
+    wandb_project: str = "cleancrs"
+    wandb_entity: str | None = None
+
+
+@pytest.fixture
+def settings():
+    """Makes a ``Settings``: ``settings(run_name="sft", micro_batch_size=2)``; a field beyond Run's (what the helper
+    under test reads from Args) is added to it, so Run writes every one into config.json as it does a script's."""
+
+    def make(**values):
+        extra = [
+            (name, type(value), value) for name, value in values.items() if name not in Settings.__dataclass_fields__
+        ]
+        cls = make_dataclass("Settings", extra, bases=(Settings,)) if extra else Settings
+        return cls(**values)
+
+    return make
+
+
+def write_run(folder: Path, steps: list[dict], summary: dict) -> Path:
+    """A run folder with a hand-written metrics.jsonl: one row per training step, then the summary row."""
+    folder.mkdir(parents=True)
+    rows = [{"step": k + 1, **row} for k, row in enumerate(steps)] + [{"step": len(steps), **summary}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    """Two runs of different methods: a curve they share (train/loss), one's own (rollout/return), their summaries."""
+    a = write_run(tmp_path / "ecpo__demo__1__1", [{"train/loss": 0.69}, {"train/loss": 0.5}], {"eval/sr": 0.25})
+    b = write_run(
+        tmp_path / "rso__demo__1__2",
+        [{"train/loss": 1.0, "rollout/return": 2.0}, {"train/loss": 0.8, "rollout/return": 2.5}],
+        {"eval/sr": 0.5, "eval/wi": 3.0, "eval/turn1/sr": 0.1},
+    )
+    return a, b
 
 
 @pytest.fixture(scope="session")

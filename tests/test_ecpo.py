@@ -147,17 +147,15 @@ def _forward_episode(key, ratings):
     return {"key": key, "turns": turns}
 
 
-def test_lower_lambda_gives_a_subset_of_the_pairs(tmp_path, monkeypatch, scripted_llm):
+def test_lower_lambda_gives_a_subset_of_the_pairs(tmp_path, monkeypatch, scripted_llm, settings):
     from functools import partial
-
-    from tests.test_run import Settings
 
     monkeypatch.chdir(tmp_path)
     episodes = [_forward_episode("a", [1, 3, 5, "error"]), _forward_episode("b", [2, 4, None, 4])]
     rewriter = scripted_llm(
         lambda prompt: '{"reason": "more concrete", "refinement": "Ask[Historical or contemporary?]"}'
     )
-    args, run = ecpo.Args(batch_size=2), Run(Settings())
+    args, run = ecpo.Args(batch_size=2), Run(settings())
     derive = partial(ecpo.derive_pairs, rewriter=rewriter, domain="movie", args=args, stats=ParseStats())
 
     pairs = {}

@@ -2,7 +2,6 @@
 LightGCN, BPR and InfoNCE by hand, the simulator's lists, and a GRPO update that moves a known case."""
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -633,20 +632,16 @@ def test_a_missing_simulator_adapter_is_an_error_unless_the_ablation_asks_for_it
 
 # ------------------------------------------------------------------------------------ a GRPO update, learning
 
-
-@dataclass
-class Settings:  # the fields of Args that Run and grpo_update read, at their defaults
-    exp_name: str = "grpo"
-    seed: int = 1
-    run_name: str = "grpo"
-    track: bool = False
-    wandb_project: str = "cleancrs"
-    wandb_entity: str | None = None
-    micro_batch_size: int = 1
-    max_grad_norm: float = 1.0
-    epsilon: float = 0.2
-    kl_beta: float = 0.04
-    grpo_iterations: int = 1
+# the fields of Args that grpo_update reads, at the paper's values (the preset test below checks them against PAPER)
+GRPO_SETTINGS = dict(
+    exp_name="grpo",
+    run_name="grpo",
+    micro_batch_size=1,
+    max_grad_norm=1.0,
+    epsilon=0.2,
+    kl_beta=0.04,
+    grpo_iterations=1,
+)
 
 
 def trainable_policy(run, tiny_model, lr: float):
@@ -679,13 +674,13 @@ def sampled_group(tokenizer, prompt: str, outputs: list[str], rewards: list[floa
 
 
 def test_grpo_updates_move_probability_to_the_rewarded_outputs_at_the_papers_settings(
-    tmp_path, monkeypatch, tokenizer, tiny_model
+    tmp_path, monkeypatch, tokenizer, tiny_model, settings
 ):
     from common.run import Run
     from common.tokens import collate, sequence_logprobs
 
     monkeypatch.chdir(tmp_path)
-    args = Settings()  # the paper's clip 0.2, KL 0.04 and grad-norm 1.0; its lr 1e-5 and G = 4 below
+    args = settings(**GRPO_SETTINGS)  # the paper's clip 0.2, KL 0.04 and grad-norm 1.0; its lr 1e-5 and G = 4 below
     run = Run(args)
     model, optimizer, scheduler = trainable_policy(run, tiny_model, lr=1e-5)
     outputs = ["<think>\nStep 1: a\n</think>\nRANK LIST: [Alien (1979)]", "I do not know.", "RANK LIST: [", "Hmm."]
@@ -712,11 +707,11 @@ def test_grpo_updates_move_probability_to_the_rewarded_outputs_at_the_papers_set
     assert stats["clip_ratio/region_mean"] == 0  # one iteration per rollout: the ratio is 1, nothing clips
 
 
-def test_with_two_iterations_the_second_update_clips(tmp_path, monkeypatch, tokenizer, tiny_model):
+def test_with_two_iterations_the_second_update_clips(tmp_path, monkeypatch, tokenizer, tiny_model, settings):
     from common.run import Run
 
     monkeypatch.chdir(tmp_path)
-    args = Settings(grpo_iterations=2)
+    args = settings(**GRPO_SETTINGS | {"grpo_iterations": 2})
     run = Run(args)
     model, optimizer, scheduler = trainable_policy(run, tiny_model, lr=5e-2)
     group = sampled_group(tokenizer, "Rank the films.", ["RANK LIST: [Alien (1979)]", "I do not know."], [1.0, 0.0])
@@ -978,7 +973,7 @@ def test_the_paper_preset_names_every_field_and_the_recipe_selects_it():
     # the learning test above trains the preset's update: its clip, KL weight, clipping and iterations (lr 1e-5, G = 4)
     update = ("epsilon", "kl_beta", "max_grad_norm", "grpo_iterations")
     paper = {name: value for name, (value, _) in smtpo.PAPER.values.items()}
-    assert {name: paper[name] for name in update} == {name: getattr(Settings(), name) for name in update}
+    assert {name: paper[name] for name in update} == {name: GRPO_SETTINGS[name] for name in update}
     assert (paper["grpo_lr"], paper["group_size"]) == (1e-5, 4)
 
 
