@@ -68,3 +68,26 @@ def test_pruning_keeps_the_newest_checkpoints_and_drops_unfinished_ones(tmp_path
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000007", "step_00000010"]
     prune_checkpoints(tmp_path, keep=2)  # no more than keep: none goes
     assert latest_checkpoint(tmp_path).name == "step_00000010"
+
+
+def test_a_resume_without_deepspeed_says_it_cannot_load_zero3_partitions(tmp_path, tiny_model, capsys):
+    import copy
+
+    from transformers import get_linear_schedule_with_warmup
+
+    from common.checkpoints import resume_and_prepare, save_checkpoint
+    from common.distributed import make_accelerator
+    from common.models import add_lora
+
+    model = add_lora(copy.deepcopy(tiny_model), rank=2, alpha=4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, 10)
+    folder = save_checkpoint(tmp_path, 4, model, state={"ranks": 2})  # what 2 ZeRO-3 ranks save, but the partitions
+    for rank in (0, 1):
+        torch.save({}, folder / f"training_state_rank{rank}.pt")
+    _, _, start = resume_and_prepare(make_accelerator(), model, optimizer, scheduler, tmp_path)
+    assert start == 4 and scheduler.last_epoch == 4
+    assert (
+        f"resuming {tmp_path.name} at step 4 without the optimizer state: the checkpoint holds its ZeRO-3 partitions "
+        "for 2 ranks, and this launch runs 1 rank without ZeRO-3; AdamW's moments start again from zero"
+    ) in capsys.readouterr().out

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import ecpo
-from common.distributed import global_batches, rank_micro_batches
 from common.formats import load_demo_tasks
 from common.parsing import ParseStats
 from common.run import Run
@@ -115,18 +114,6 @@ def test_kto_value_reference_point_and_gradient_signs():
     z = ecpo.kto_reference_point(policy, ref, torch.tensor([1.0, 1.0, 0.0]), beta=0.1)
     assert z.item() == pytest.approx(0.1 * (1.0 - 0.5) / 2) and not z.requires_grad
     assert ecpo.kto_reference_point(policy, ref + 5, torch.tensor([1.0, 1.0, 0.0]), beta=0.1).item() == 0.0
-
-
-def test_rank_micro_batches_cover_the_batch_once_with_equal_shapes():
-    batch = [7, 3, 9, 1, 4]
-    world, micro, accum = 2, 2, 2
-    shares = [rank_micro_batches(batch, r, world, micro, accum) for r in range(world)]
-    real = sorted(i for share in shares for chunk in share for i, w in chunk if w == 1.0)
-    assert real == sorted(batch)
-    assert all(len(share) == accum and all(len(chunk) == micro for chunk in share) for share in shares)
-    batches = global_batches(10, 4, epochs=2, seed=3)
-    assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]
-    assert sorted(sum(batches[:3], [])) == list(range(10)) and batches == global_batches(10, 4, 2, 3)
 
 
 # ------------------------------------------------------------------------------------ rewrites and lambda
@@ -324,30 +311,6 @@ def test_cost_per_pair_counts_resumed_episodes_once(tmp_path):
     assert metrics["cost/trajectories_per_pair"] == 0.5 and metrics["cost/teacher_trajectories"] == 2
     assert metrics["cost/llm_calls_per_pair"] == (34 + 12) / 4 and metrics["cost/tokens_per_pair"] == 1200 / 4
     assert metrics["cost/llm_calls"] == 81 and metrics["cost/pairs"] == 4
-
-
-def test_each_training_stage_starts_its_gradient_accumulation_afresh(tmp_path):
-    # accelerate counts micro-batches on the Accelerator: SGPT's count must not shift where ECPO's steps fall
-    from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup
-
-    from common.checkpoints import resume_and_prepare
-    from common.distributed import configure_batches
-
-    accelerator = Accelerator(cpu=True)
-    pattern = {}
-    for stage, accum, micro_batches in (("sft", 6, 17), ("po", 4, 8)):
-        model = torch.nn.Linear(2, 1)
-        optimizer = torch.optim.AdamW(model.parameters())
-        configure_batches(accelerator, accum, accum, 1)  # a global batch of accum micro-batches of 1
-        model, optimizer, _ = resume_and_prepare(
-            accelerator, model, optimizer, get_cosine_schedule_with_warmup(optimizer, 0, 10), tmp_path / stage
-        )
-        pattern[stage] = []
-        for _ in range(micro_batches):
-            with accelerator.accumulate(model):
-                pattern[stage].append(accelerator.sync_gradients)
-    assert pattern["po"] == [False, False, False, True] * 2  # every 4th micro-batch steps, from the first batch on
 
 
 # ------------------------------------------------------------------------------------ the paper's settings
