@@ -12,7 +12,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DATA = Path(os.environ.get("CLEANCRS_DATA", ROOT.parent / "shared" / "data"))
 
-needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"real data not found at {DATA} (set CLEANCRS_DATA)")
+
+def needs_data(*paths: str):
+    """Skip a test whose real data files (or dataset folders), given relative to DATA, are not all there; the skip's
+    reason, printed in the summary (pytest -rs, pyproject.toml), names each one missing."""
+    missing = [str(DATA / path) for path in paths if not (DATA / path).exists()]
+    return pytest.mark.skipif(
+        bool(missing), reason=f"real data missing: {', '.join(missing)} (make data fetches it; CLEANCRS_DATA moves it)"
+    )
 
 
 def run_script(*args, cwd, timeout=900, check=True):

@@ -7,7 +7,7 @@ from common.data import load_crs_dataset
 from tests.conftest import DATA, needs_data
 
 
-@needs_data
+@needs_data("inspired", "redial")
 @pytest.mark.parametrize("dataset", ["inspired", "redial"])
 def test_grsu_smtpo_and_rso_train_and_evaluate_on_the_same_conversations_and_items(dataset):
     import grsu

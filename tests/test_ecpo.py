@@ -332,7 +332,7 @@ def _users(tasks):
     return len({t.persona.user_id for t in tasks})
 
 
-@needs_data
+@needs_data("ecpo/Book")
 def test_d_sft_and_d_pre_are_sampled_from_the_whole_train_file():
     # Book's train file is grouped by user: in file order its first 1000 + 500 tasks are 27 and 15 of its 95 users.
     args = ecpo.Args(dataset="book", data_dir=str(DATA), num_sft_tasks=1000, num_pre_tasks=500, stages=("teacher",))

@@ -23,7 +23,7 @@ from common.formats import (
 from tests.conftest import DATA, needs_data
 
 
-@needs_data
+@needs_data("inspired/sweetpeach/dev.tsv")
 def test_inspired_strategy_tsv():
     dialogues = load_inspired_tsv(DATA / "inspired/sweetpeach/dev.tsv")
     assert len(dialogues) == 99
@@ -35,7 +35,7 @@ def test_inspired_strategy_tsv():
     assert any(len(t.items) == 2 for t in turns)  # "A (1994); B (2016)" splits into two titles
 
 
-@needs_data
+@needs_data("inspired/cfcrs", "inspired/unicrs/valid_data_dbpedia.jsonl")
 def test_inspired_unicrs_and_cfcrs_kg():
     dialogues = load_unicrs_jsonl(DATA / "inspired/unicrs/valid_data_dbpedia.jsonl")
     assert len(dialogues) == 99 and dialogues[0].turns[0].text == "Hello how are you today?"
@@ -45,7 +45,7 @@ def test_inspired_unicrs_and_cfcrs_kg():
     assert "horror" in items["Antlers (2020)"].attributes["genre"]
 
 
-@needs_data
+@needs_data("redial/official/movies_with_mentions.csv", "redial/official/train_subset_500.jsonl")
 def test_redial_official_replaces_mentions_and_merges_messages():
     dialogues = load_redial_official(DATA / "redial/official/train_subset_500.jsonl")
     assert len(dialogues) == 500
@@ -58,7 +58,7 @@ def test_redial_official_replaces_mentions_and_merges_messages():
     assert len(movies) == 6924 and movies[0].title == "Headhunter (2009)"
 
 
-@needs_data
+@needs_data("redial/ievalm/id2info.json", "redial/ievalm/valid_data_processed.jsonl", "redial/movie2info.json")
 def test_ievalm_turns_and_movie_info():
     dialogues = load_ievalm_turns(DATA / "redial/ievalm/valid_data_processed.jsonl")
     assert len(dialogues) == 2716
@@ -74,7 +74,13 @@ def test_ievalm_turns_and_movie_info():
     assert "Pari (1995)" in by_title
 
 
-@needs_data
+@needs_data(
+    "ecpo/Book/Book_train.jsonl",
+    "ecpo/Book/items.jsonl",
+    "ecpo/Book/personas_v0.jsonl",
+    "ecpo/Game/processed_data_with_summaries.jsonl",
+    "ecpo/Yelp/Yelp_test.jsonl",
+)
 def test_ecpo_tasks_items_personas_reviews():
     tasks = load_ecpo_tasks(DATA / "ecpo/Book/Book_train.jsonl")
     assert len(tasks) == 3739
@@ -163,7 +169,7 @@ def test_redial_text_is_unescaped(tmp_path):
     assert dialogue.turns[0].text == 'I"m a fan of Heat (1995) & more' and dialogue.turns[0].items == ["Heat (1995)"]
 
 
-@needs_data
+@needs_data("redial/official/train_subset_500.jsonl")
 def test_real_redial_training_text_has_no_entities_left():
     dialogues = load_redial_official(DATA / "redial" / "official" / "train_subset_500.jsonl")
     assert not any("&quot;" in t.text or "&amp;" in t.text or "&gt;" in t.text for d in dialogues for t in d.turns)

@@ -154,7 +154,7 @@ def test_ievalm_repeated_items_come_from_the_entity_annotations_or_whole_titles(
     assert [t.conversation for t in turns] == ["1", "2", "3"]
 
 
-@needs_data
+@needs_data("redial")
 def test_real_redial_repeated_items_and_training_overlap():
     from common.formats import load_cfcrs_kg, load_redial_official
 
@@ -180,7 +180,7 @@ def test_real_redial_repeated_items_and_training_overlap():
     assert not (named - elsewhere - attributes) & {item.title for item in dataset.items}
 
 
-@needs_data
+@needs_data("inspired")
 def test_real_inspired_catalog_comes_from_the_kg_and_training_split():
     from common.data import restore_years
     from common.formats import load_cfcrs_dialogues, load_cfcrs_kg, load_unicrs_jsonl
@@ -240,7 +240,7 @@ def test_parse_titles_on_real_crs_outputs():
     assert grsu.parse_titles("I cannot recommend anything.") == []
 
 
-@needs_data
+@needs_data("inspired", "redial")
 def test_real_inspired_and_redial_turns_load():
     for name in ("inspired", "redial"):
         dataset = grsu.load_data(name, str(DATA), "valid")

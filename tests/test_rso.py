@@ -193,7 +193,7 @@ def test_the_14_inspired_labels_map_onto_the_13_strategies():
         rso.strategy_index("recommend", "dev.tsv")
 
 
-@needs_data
+@needs_data("inspired/sweetpeach/dev.tsv")
 def test_label_mapping_on_the_real_dev_tsv():
     turns = rso.labelled_turns(DATA / "inspired" / "sweetpeach" / "dev.tsv")
     counts = Counter(rso.NAMES[t["label"]] for t in turns)
@@ -215,7 +215,7 @@ def test_label_mapping_on_the_real_dev_tsv():
     assert len({t["dialog"] for t in turns}) == 99 and turns[0]["text"] == "(no messages yet)"
 
 
-@needs_data
+@needs_data("inspired")
 @pytest.mark.parametrize("split, playable, dialogues", [("test", 84, 99), ("valid", 17, 20)])
 def test_the_evaluated_count_is_printed_with_the_reason(split, playable, dialogues):
     """The paper's Tables are over 99 INSPIRED test dialogues; 15 of them name no film of the CFCRS KG after their

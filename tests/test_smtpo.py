@@ -479,7 +479,7 @@ class TalkingSimulator:
         return [(THIRTY_WORDS,) for _ in conversations]
 
 
-@needs_data
+@needs_data("inspired", "redial")
 @pytest.mark.parametrize("dataset", ["inspired", "redial"])
 def test_prompts_at_the_recipes_lengths_keep_their_instruction_and_the_latest_user_utterance(dataset, tokenizer):
     import random
@@ -513,7 +513,7 @@ def test_prompts_at_the_recipes_lengths_keep_their_instruction_and_the_latest_us
     assert sum("Turn 4: feedback:" in t["prompt"] for t in turn_five) >= len(turn_five) / 2  # left out the latest
 
 
-@needs_data
+@needs_data("inspired")
 def test_training_examples_at_the_recipes_lengths_keep_their_instruction(tokenizer):
     samples, catalog = longest_contexts("inspired", "train", 12)
     completion = "<think>\n" + "Step 1: Preference Inference: a darker thriller.\n" * 66 + "</think>\nRANK LIST: [x]"
@@ -533,7 +533,7 @@ def test_training_examples_at_the_recipes_lengths_keep_their_instruction(tokeniz
     assert example["prompt_tokens_dropped"] > 0  # the longest contexts do need the fit
 
 
-@needs_data
+@needs_data("redial")
 def test_redial_training_and_test_contexts_carry_the_same_kind_of_entities():
     data = load_crs_dataset("redial", DATA, "valid")
     catalog = Catalog(data.items)
@@ -865,7 +865,7 @@ def test_the_retriever_is_scored_at_every_turn_as_in_fig_4b():
     assert two["mrr@10"] == pytest.approx(0.25)
 
 
-@needs_data
+@needs_data("redial")
 def test_redial_runs_link_the_entities_of_their_training_turns():
     loaded = smtpo.load_data(smtpo.Args(dataset="redial", data_dir=str(DATA), num_train=200, num_test=1))
     attributes = {v for item in loaded.catalog.items for k in ("genre", "director", "star", "writer")
@@ -873,7 +873,7 @@ def test_redial_runs_link_the_entities_of_their_training_turns():
     assert sum(m in attributes for s in loaded.train for m in s.mentioned) > 0.8 * len(loaded.train)  # was 0
 
 
-@needs_data
+@needs_data("inspired")
 def test_num_test_counts_dialogues_and_the_retriever_reads_a_dialogues_latest_utterances():
     args = smtpo.Args(dataset="inspired", data_dir=str(DATA), num_test=10, num_train=2)
     data = smtpo.load_data(args)
