@@ -1,3 +1,54 @@
+"""The tests, and what each file checks. Fixtures and helpers shared by all of them follow this map.
+
+Common code, one file per module of common/ (fast, in process, on the tiny random Llama below or on hand values):
+  test_catalog        catalog.py: item cards, fuzzy title matching, dense retrieval
+  test_checkpoints    checkpoints.py: a saved checkpoint resumes the trained adapter, AdamW's moments and the schedule;
+                      pruning; a resume that cannot load ZeRO-3 partitions says so (under ranks: test_distributed)
+  test_compare        compare.py: the table of final metrics, the curves shown by default
+  test_conversations  conversations.py: a dataset's turns as chat roles, a history as prompts write it
+  test_data           data.py: the assembly of a CRS dataset (no evaluated conversation trained on), and the three
+                      scripts that read it agreeing on it (real data)
+  test_distributed    distributed.py: global batches, each rank's micro-batches, the accumulation each stage restarts;
+                      SLOW parts launch 2 CPU ranks: the collective timeout, ZeRO-3 generation with unequal work,
+                      ZeRO-3 LoRA checkpoints resumed, the clipping flag reaching DeepSpeed
+  test_fetch_data     fetch_data.py: the table of sources against the mirrored files, fetching from the mirror
+  test_formats        formats.py: each reader on the real files and the demo data; malformed rows name file:line
+  test_judging        judging.py and its judges: expected scores from the judge's distribution (some on the
+                      embedded SmolLM2: the slowest in-process tests, up to minutes)
+  test_llm            llm.py: the hf backend's batching, sampling and choice probabilities; openai and vLLM (stand-in)
+  test_prefix_cache   llm.py's PrefixCache: exact logits and samples with and without the cache
+  test_metrics        metrics.py: recall / ndcg / mrr by hand, SR's title mentions
+  test_models         models.py: model specs checked before loading, the dtype a model loads in, LoRA
+  test_parsing        parsing.py: real malformed LLM outputs parsed or retried, counted
+  test_plots          plots.py: a run's curves.png
+  test_presets        presets.py: a preset's values, flags over them, a field left unclassified refused
+  test_run            run.py: Run.map (resume, kill, ranks), log_step, stages freeing their models, run names
+  test_datasets       run.py's save_dataset: ECPO's D_pre as a Hugging Face dataset that TRL trains one DPO step on
+  test_wandb_offline  tracking.py under --track: the offline W&B run's config, tables, curves and step axes
+  test_sft            sft.py: the masked NLL by hand, the SFT loop lowering it
+  test_tokens         tokens.py: chat -> ids with a completion mask, prompts fitted to a budget, sequence log-probs
+  test_tracking       tracking.py: record files (a torn line), metrics.jsonl, seeding, W&B login and mode
+
+The methods, one file per script (losses against hand values, parsers on real outputs, a known case each update
+must learn at the paper's settings): test_ailo, test_ecpo, test_grsu, test_smtpo, test_rso.
+
+SLOW, end-to-end (subprocesses; minutes each on 2 CPU cores; the bulk of CI's time):
+  test_scripts        every script run whole on the embedded model, killed and resumed, bad input refused
+  test_rso_scripts    rso.py killed in the middle of RL and resumed; bad input
+  test_ecpo_ranks, test_rso_ranks, test_smtpo_ranks
+                      each update on 1 and on 2 CPU ranks (DDP, ZeRO-3) agreeing
+  test_recipes        benchmark/*.sh's commands through each script's dry run, at 1, 4 and 8 processes
+  test_serve          the openai backend against a real `transformers serve` on loopback
+  test_gpu_first_look benchmark/gpu_first_look.sh's steps in their CPU mode
+  zero3_*.py          not tests: the scripts test_distributed launches under 2 ZeRO-3 ranks
+
+test_gpu_path (fast) checks the GPU path's bookkeeping a CPU can: a resume maps every load to the CPU, and an
+in-process vLLM engine (a stand-in) leaves the global random generators alone.
+
+Tests that read the real data (../shared/data, or $CLEANCRS_DATA) are marked ``needs_data("<file or folder>", ...)``
+and skip without it, the summary (pytest -rs) naming each file missing.
+"""
+
 import json
 import os
 import subprocess
