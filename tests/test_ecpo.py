@@ -376,6 +376,7 @@ class _Run:
 
     def __init__(self, folder, llm):
         self.dir, self.llm_of_every_role = folder, llm
+        self.mapped = {}  # Run.map's records per file, as Run keeps them
 
     def llm(self, spec, batch_size):
         return self.llm_of_every_role
@@ -386,8 +387,8 @@ class _Run:
     def shard(self, items):
         return items
 
-    def exchange(self, records):
-        return records.records()
+    def gather(self, values):  # one rank: its own values are every rank's
+        return list(values)
 
     def count(self, counters):
         pass
