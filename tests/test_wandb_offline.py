@@ -46,6 +46,7 @@ def test_an_offline_run_holds_the_config_tables_curves_and_step_axes(tmp_path, m
             lam=4.0,
         )
     )
+    run.log_step({"train_critic/loss": 2.0}, 1.0)  # a family no script logs: it gets its own axis all the same
     for loss in (0.69, 0.5, 0.4):
         run.log_step({"train/loss": loss}, 1.0)
     run.log({"eval/sr": 0.25})
@@ -64,5 +65,5 @@ def test_an_offline_run_holds_the_config_tables_curves_and_step_axes(tmp_path, m
     logged = {key.split("/")[0] for h in history for key in h}
     assert {"eval_table", "curves"} <= logged  # the table and the learning-curve image
     axes = {r.metric.glob_name: r.metric.step_metric for r in records if r.WhichOneof("record_type") == "metric"}
-    assert axes["train/*"] == "train/step"
+    assert axes["train/*"] == "train/step" and axes["train_critic/*"] == "train_critic/step"
     assert (tmp_path / "runs" / "tracked" / "curves.png").exists()
