@@ -42,8 +42,9 @@ from tqdm import tqdm
 
 from common.catalog import Catalog, item_card
 from common.conversations import render_history
-from common.data import (
-    DataError,
+from common.distributed import print_dry_run
+from common.formats import (
+    InputError,
     Item,
     Persona,
     Task,
@@ -53,7 +54,6 @@ from common.data import (
     load_ecpo_reviews,
     load_ecpo_tasks,
 )
-from common.distributed import print_dry_run
 from common.judging import Expectation, JudgeScoring, expected_scores, json_string, mass_metrics, scores_in_answers
 from common.llm import LLMBackendError
 from common.metrics import mentions_title, redact_title, success_rate
@@ -869,7 +869,7 @@ def build_personas(users: list[str], *, reviews: dict[str, list[dict]], llm, arg
 def model_personas(run: Run, args: Args) -> dict[str, float]:
     """User persona modeling (Sec. 2.3) for --num-personas real users, and their diversity (Fig. 4)."""
     if args.dataset not in ("book", "game"):
-        raise DataError(f"--num-personas needs review data: use --dataset book or game, not {args.dataset}")
+        raise InputError(f"--num-personas needs review data: use --dataset book or game, not {args.dataset}")
     name = args.dataset.capitalize()
     reviews = load_ecpo_reviews(Path(args.data_dir) / "ecpo" / name / "processed_data_with_summaries.jsonl")
     llm = run.llm(args.persona_llm or args.user_llm, args.batch_size)
@@ -912,7 +912,7 @@ def simulate(run: Run, args: Args, tasks: list[Task], catalog: Catalog) -> dict[
 def main(args: Args) -> None:
     if args.audit:
         if not list(Path(args.audit).glob("*.jsonl")):
-            raise DataError(f"--audit {args.audit}: no run folder (no JSON Lines files there)")
+            raise InputError(f"--audit {args.audit}: no run folder (no JSON Lines files there)")
         metrics, leaks = audit_leaks(args.audit)
         print_audit(metrics, leaks)
         raise SystemExit(1 if leaks and args.strict else 0)
@@ -920,7 +920,9 @@ def main(args: Args) -> None:
     split = load_tasks(args.dataset, args.data_dir, args.split)
     tasks = split[args.task_offset : args.task_offset + args.num_tasks]
     if not tasks:
-        raise DataError(f"no tasks selected: offset {args.task_offset}, count {args.num_tasks}, split has {len(split)}")
+        raise InputError(
+            f"no tasks selected: offset {args.task_offset}, count {args.num_tasks}, split has {len(split)}"
+        )
     catalog = Catalog(load_task_items(args.dataset, args.data_dir, split))
     if args.dry_run:
         print_dry_run("ailo_sim.py", args.dry_run, [], {"tasks": len(tasks), "items": len(catalog)})
@@ -941,5 +943,5 @@ def main(args: Args) -> None:
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args))
-    except (DataError, ModelSpecError, LLMBackendError) as err:
+    except (InputError, ModelSpecError, LLMBackendError) as err:
         raise SystemExit(f"error: {err}") from None

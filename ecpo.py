@@ -56,20 +56,18 @@ from ailo_sim import (
     run_episodes,
 )
 from common.catalog import Catalog
+from common.checkpoints import resume_and_prepare, save_final, save_resumable
 from common.conversations import render_history
-from common.data import DataError, Task
 from common.distributed import (
+    backward_and_step,
     check_division,
-    global_batch_mean,
     launched_processes,
     micro_batches,
-    optimizer_step,
     print_dry_run,
-    save_final,
-    save_resumable,
-    start_training,
+    share_of_global_mean,
     training_steps,
 )
+from common.formats import InputError, Task
 from common.judging import JudgeScoring, expected_scores, json_string, mass_metrics, scores_in_answers
 from common.llm import HFChat, LLMBackendError, per_conversation, prompt_ids
 from common.models import ModelSpecError, check_specs, load_merged
@@ -873,7 +871,7 @@ def train_preferences(run: Run, args: Args, model, tokenizer, examples: list[dic
     steps, accum = training_steps(accelerator, len(examples), args.po_batch_size, micro, args.po_epochs, args.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.po_lr, weight_decay=0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * len(steps)), len(steps))
-    model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / "po")
+    model, optimizer, start = resume_and_prepare(accelerator, model, optimizer, scheduler, run.dir / "po")
     if args.loss in ("dpo", "kto"):  # after prepare: pi_sft in the precision the policy is compared in
         epoch = steps[: len(steps) // args.po_epochs]
         reference_logps(run, model, tokenizer=tokenizer, examples=examples, args=args, epoch=epoch, accum=accum)
@@ -895,8 +893,8 @@ def train_preferences(run: Run, args: Args, model, tokenizer, examples: list[dic
                 losses, chosen_rewards, rejected_rewards = preference_loss(
                     logps, n_tokens, ref_chosen, ref_rejected, args=args, beta=beta, z_ref=z_ref
                 )
-                loss = global_batch_mean(losses, weights, normalizer, run.world, accum)
-                grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
+                loss = share_of_global_mean(losses, weights, normalizer, run.world, accum)
+                grad_norm = backward_and_step(accelerator, model, optimizer, loss, args.max_grad_norm)
             statistics = preference_statistics(chosen_rewards, rejected_rewards, logps, weights)
             sums.update(statistics | {"train/loss": loss.item() / (run.world * accum)})
         scheduler.step()
@@ -1081,7 +1079,7 @@ def load_data(args: Args) -> Data:
     train = load_tasks(args.dataset, args.data_dir, "train")
     test = load_tasks(args.dataset, args.data_dir, "test") if "eval" in args.stages else []
     if len(train) < args.num_sft_tasks + args.num_pre_tasks:
-        raise DataError(
+        raise InputError(
             f"{args.num_sft_tasks} + {args.num_pre_tasks} training tasks asked for, the train split has {len(train)}"
         )
     catalog = Catalog(load_task_items(args.dataset, args.data_dir, train + test))
@@ -1097,7 +1095,7 @@ def check_args(args: Args, world: int) -> list[str]:
     """Flags that cannot work on ``world`` ranks, refused before anything loads: the global batch of each training
     stage asked for must split evenly into ranks x micro-batches. Returns those splits, for the dry run's plan."""
     if not 0 <= args.lam <= 5:
-        raise DataError(f"--lam {args.lam:g} lies outside AILO's rating scale 0-5 (paper: 4; the sweep is 1..4)")
+        raise InputError(f"--lam {args.lam:g} lies outside AILO's rating scale 0-5 (paper: 4; the sweep is 1..4)")
     micro, batches = args.micro_batch_size, []
     if "sft" in args.stages:
         batches.append(check_division(world, args.sft_batch_size, micro, "--sft-batch-size"))
@@ -1112,13 +1110,13 @@ def recorded_episodes(run: Run, name: str, tasks: list[Task], stage: str) -> lis
     wanted = {t.key for t in tasks}
     records = [r for r in run.records(name).records() if r["key"] in wanted]
     if not records:
-        raise DataError(f"no episodes in {run.dir / name}: run the {stage} stage first")
+        raise InputError(f"no episodes in {run.dir / name}: run the {stage} stage first")
     return kept(records)
 
 
 def sft_adapter(run: Run) -> Path:
     if not run.finished("sft_adapter"):
-        raise DataError(f"no {run.dir / 'sft_adapter'}: run the sft stage first")
+        raise InputError(f"no {run.dir / 'sft_adapter'}: run the sft stage first")
     return run.dir / "sft_adapter"
 
 
@@ -1301,7 +1299,7 @@ def preference_optimization(run: Run, args: Args) -> dict:
         return {}
     path = run.dir / "pairs.jsonl"
     if not path.exists():
-        raise DataError(f"no preference pairs in {path}: run the backward stage first")
+        raise InputError(f"no preference pairs in {path}: run the backward stage first")
     pairs = [json.loads(line) for line in path.read_text().splitlines()]
     if not pairs:  # a result, not an error: every rated response met the user's expectation at this lambda
         if run.main:
@@ -1415,5 +1413,5 @@ def main(args: Args) -> None:
 if __name__ == "__main__":
     try:
         main(parse_args(Args, PRESETS))
-    except (DataError, ModelSpecError, LLMBackendError) as err:
+    except (InputError, ModelSpecError, LLMBackendError) as err:
         raise SystemExit(f"error: {err}") from None

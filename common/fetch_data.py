@@ -1,4 +1,5 @@
-"""Fetch the real datasets from their public sources into the layout ``common/data.py`` reads, and check them.
+"""Fetch the real datasets from their public sources into the layout the loaders read (common/data.py, the scripts),
+and check them.
 
     python -m common.fetch_data inspired             # or redial, ecpo, all; into ../shared/data
     python -m common.fetch_data all --data-dir data/real

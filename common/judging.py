@@ -13,7 +13,7 @@ is a deterministic function of what was judged.
 The probability the judge puts on answers that are not an allowed score is its ``mass_outside``. The expectation is
 taken over the allowed scores (renormalized), and the outside mass is logged beside it, so that a judge that mostly
 wants to say something else is reported rather than silently trusted. Beside it, ``greedy`` is the score the judge
-would write (the most probable allowed one), for rules that test a written score (ECPO's Eq. 2).
+would write (the most probable allowed one), for rules that test a written score (a rating against a threshold).
 """
 
 from __future__ import annotations

@@ -131,8 +131,8 @@ def check_model_spec(spec: str) -> None:
 
 def check_specs(args) -> None:
     """Every model and LLM spec among ``args``' fields, checked before the first stage loads anything: ``*_llm``
-    fields are ``hf:``/``vllm:``/``openai:`` specs; ``policy``, ``user_model`` and ``simulator_model`` are model
-    specs."""
+    fields are ``hf:``/``vllm:``/``openai:`` specs; ``policy`` and ``*_model`` fields (a trainable model: the flag
+    names of docs/contributing.md's table) are model specs."""
     for name, value in vars(args).items():
         if not isinstance(value, str):
             continue
@@ -144,7 +144,7 @@ def check_specs(args) -> None:
                 )
             if backend != "openai":
                 check_model_spec(model)
-        elif name in ("policy", "user_model", "simulator_model"):
+        elif name == "policy" or name.endswith("_model"):
             check_model_spec(value)
 
 

@@ -1,14 +1,14 @@
 """A script's named configurations: the paper's settings in one place, each value beside its source, selected by the
 first word of the command line, every flag after it overriding one value.
 
-    python grsu.py --epochs 2                          # the script's own defaults (the CPU demo)
-    python grsu.py paper --user-model <8B> ...         # the paper's settings; the command states model, data, scale
-    python grsu.py paper --help                        # every flag, the paper's values as defaults, their sources
+    python <script>.py --epochs 2                          # the script's own defaults (the CPU demo)
+    python <script>.py paper --user-model <8B> ...         # the paper's settings; the command states model, data, scale
+    python <script>.py paper --help                        # every flag, the paper's values as defaults, their sources
 
 In a script:
 
     PAPER = Preset(
-        "the GRSU paper's Table 3 setting",
+        "the paper's Table 3 setting",
         values={"epochs": (1, "Sec. 4.1 'one epoch'; released script/train/sft.sh"), ...},
         ablations={"search": "Table 6", ...},          # fields a table's rows change, each with its table
         recipe=("run_name", "dataset", "user_model", ...),  # what a recipe states: model, data, scale, bookkeeping
@@ -25,7 +25,7 @@ fields and, for a table's rows, the ``ablations``. docs/<method>.md shows ``mark
 
 This is tyro's documented way of choosing between default configurations (``tyro.cli(Args, default=...)``, the
 choice made from the first word of the command line), rather than tyro's subcommands: a subcommand union with a
-default refuses flags given without a subcommand, and every script's commands without a preset (``python grsu.py
+default refuses flags given without a subcommand, and every script's commands without a preset (``python <script>.py
 --epochs 2``) keep working as they did.
 """
 

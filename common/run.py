@@ -211,9 +211,10 @@ class Run:
         start, before = time.time(), self._usage()
         reset_peak_memory()
         metrics = function(self, *args, **kwargs) or {}
-        # Before the next stage loads its models, this one's must go, or they add up (SMTPO's evaluation on top of
-        # GRPO's policy and roles). Two things outlive a stage's function: make_llm's shared hf: weights, and every
-        # model accelerate prepared (with its DeepSpeed engine); free_memory also collects them and empties the cache.
+        # Before the next stage loads its models, this one's must go, or they add up (an evaluation's models on top
+        # of the trained policy and its roles). Two things outlive a stage's function: make_llm's shared hf: weights,
+        # and every model accelerate prepared (with its DeepSpeed engine); free_memory also collects them and empties
+        # the cache.
         release_models()
         self.accelerator.free_memory()
         self.barrier()
@@ -292,7 +293,7 @@ class Run:
 
     def save_dataset(self, name: str, rows: list[dict]) -> None:
         """``rows`` as a Hugging Face dataset in ``runs/<run>/datasets/<name>/`` (``save_to_disk``), for TRL or a hub
-        as it is: build them in TRL's conversational columns (``sft_row``, ecpo.py's ``preference_row``). Rank 0
+        as it is: build them in TRL's conversational columns (``sft_row``; a script's preference rows alike). Rank 0
         writes."""
         if not self.main or not rows:
             return

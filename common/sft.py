@@ -15,14 +15,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from common.distributed import (
-    global_batch_mean,
-    micro_batches,
-    optimizer_step,
-    save_resumable,
-    start_training,
-    training_steps,
-)
+from common.checkpoints import resume_and_prepare, save_resumable
+from common.distributed import backward_and_step, micro_batches, share_of_global_mean, training_steps
 from common.tokens import collate, sequence_logprobs
 
 
@@ -64,7 +58,7 @@ def supervised_finetuning(
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     warmup = min(math.ceil(warmup_ratio * len(steps)), max_warmup_steps or len(steps))
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, len(steps), min_lr_rate=min_lr_ratio)
-    model, optimizer, start = start_training(accelerator, model, optimizer, scheduler, run.dir / stage)
+    model, optimizer, start = resume_and_prepare(accelerator, model, optimizer, scheduler, run.dir / stage)
     per_epoch, epoch_losses = len(steps) // epochs, []
     every = args.save_every or max(per_epoch, 1)  # optimizer steps between checkpoints: an epoch by default
     for step in tqdm(range(start, len(steps)), desc=stage, initial=start, total=len(steps), disable=not run.main):
@@ -76,8 +70,8 @@ def supervised_finetuning(
                 rows = [(e["input_ids"], e["completion_mask"]) for e in chunk]
                 inputs = {k: v.to(run.device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
                 _, _, token_logps = sequence_logprobs(model, **inputs)
-                loss = global_batch_mean(completion_nll(token_logps), weights, completion_tokens, run.world, accum)
-                grad_norm = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
+                loss = share_of_global_mean(completion_nll(token_logps), weights, completion_tokens, run.world, accum)
+                grad_norm = backward_and_step(accelerator, model, optimizer, loss, args.max_grad_norm)
             loss_sum += loss.item() / (run.world * accum)
         scheduler.step()
 

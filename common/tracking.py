@@ -1,4 +1,4 @@
-"""Run directory, seeding, metrics (local JSONL always, W&B with --track), resumable record files, checkpoints."""
+"""Run directory, seeding, metrics (local JSONL always, W&B with --track), resumable record files."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 import netrc
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -74,6 +73,7 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.is_main = is_main
         self.wandb = None
+        self.axes: set[str] = set()  # the metric families given their own step axis in W&B
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -100,11 +100,6 @@ class Tracker:
                 id=self.run_dir.name.replace("/", "_"),
                 save_code=True,
             )
-            # Each metric family runs on its own step axis (<family>/step, logged beside it), so that the curves
-            # of two methods overlay in W&B whatever else each run logged before
-            for family in ("train", "train_sft", "train_simulator", "train_retriever", "rollout", "eval"):
-                self.wandb.define_metric(f"{family}/step")
-                self.wandb.define_metric(f"{family}/*", step_metric=f"{family}/step")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.is_main:
@@ -112,6 +107,14 @@ class Tracker:
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         if self.wandb is not None:
+            # Each metric family that logs its own step (<family>/step, beside it) runs on that axis, so that the
+            # curves of two methods overlay in W&B whatever else each run logged before
+            for name in metrics:
+                family = name.removesuffix("/step")
+                if name.endswith("/step") and family not in self.axes:
+                    self.axes.add(family)
+                    self.wandb.define_metric(name)
+                    self.wandb.define_metric(f"{family}/*", step_metric=name)
             self.wandb.log(metrics, step=step)
 
     def image(self, name: str, path: Path, step: int) -> None:
@@ -169,61 +172,3 @@ class RecordFile:
         finally:
             os.close(fd)
         self.appended.append(record)
-
-
-def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    """``checkpoints/step_<step>/`` of a run. A checkpoint is written in ``staging_path`` of it and renamed into
-    place when complete, so a run killed while saving never resumes from half a checkpoint."""
-    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
-
-
-def staging_path(checkpoint: Path) -> Path:
-    return checkpoint.with_name(checkpoint.name + ".tmp")
-
-
-def save_checkpoint(
-    run_dir: str | Path,
-    step: int,
-    model,
-    optimizer=None,
-    scheduler=None,
-    state: dict | None = None,
-    state_dict: dict | None = None,
-) -> Path:
-    """Write ``checkpoints/step_<step>/``: the model (a peft model saves only its adapter), the optimizer
-    and scheduler states, and a JSON ``state``. The folder is renamed into place when complete, with whatever the
-    caller wrote into its staging folder before (each rank's share of a sharded optimizer state).
-    ``state_dict`` overrides the model's own (under ZeRO-3, the weights gathered from the ranks; for a peft model,
-    its trainable weights alone are enough: peft keeps the adapter's entries of whatever it is given)."""
-    final = checkpoint_path(run_dir, step)
-    tmp = staging_path(final)
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp, state_dict=state_dict)
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict() if optimizer else None,
-            "scheduler": scheduler.state_dict() if scheduler else None,
-        },
-        tmp / "training_state.pt",
-    )
-    (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    return final
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None."""
-    folders = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
-    return folders[-1] if folders else None
-
-
-def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints of a run and delete the rest, with any staging folder a save
-    killed mid-way left behind (call it only when no save is under way). A checkpoint with its optimizer state is
-    about three times the trainable weights, every one of which a run of many steps would otherwise keep."""
-    folders = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
-    complete = [p for p in folders if not p.name.endswith(".tmp")]
-    for old in [p for p in folders if p.name.endswith(".tmp")] + complete[: max(len(complete) - keep, 0)]:
-        shutil.rmtree(old, ignore_errors=True)

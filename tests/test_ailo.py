@@ -15,10 +15,9 @@ from ailo_sim import (
     rouge_l,
     run_episodes,
 )
-from common.data import Item, Persona, Task, load_demo_tasks
+from common.formats import Item, Persona, Task, load_demo_tasks
 from common.metrics import redact_title
 from common.run import Run
-from tests.test_run import Settings
 
 
 def _task(title="Jaws (1975)", activities="Efficiency-seeking user who wants one pick."):
@@ -126,9 +125,9 @@ def test_unparseable_simulator_output_never_kills_a_run(scripted_llm):
     assert episode_metrics(episodes, 2)["rollout/ec_rating_missing"] == 2
 
 
-def test_resume_skips_finished_episodes(tmp_path, monkeypatch, scripted_llm):
+def test_resume_skips_finished_episodes(tmp_path, monkeypatch, scripted_llm, settings):
     monkeypatch.chdir(tmp_path)
-    run, tasks = Run(Settings()), load_demo_tasks()[:3]
+    run, tasks = Run(settings()), load_demo_tasks()[:3]
 
     def episodes(tasks, llm):  # the stages' resumable record of the episodes as they finish (common/run.py)
         return run.map("episodes.jsonl", tasks, lambda todo: play(todo, echo_cra(), AILO(llm), max_turns=1))
@@ -186,7 +185,7 @@ def test_rouge_l_hand_computed():
 
 def test_ec_falls_back_to_the_expected_rating_on_a_local_backend(scripted_llm):
     from ailo_sim import AILO, SimUser
-    from common.data import Item, Persona, Task
+    from common.formats import Item, Persona, Task
 
     class PrefillLLM(scripted_llm):
         can_prefill = True
@@ -268,7 +267,7 @@ def test_the_guard_lets_the_user_name_its_target_once_the_system_has(scripted_ll
     assert simulator.title_leaks == 1  # the opening only
 
 
-def test_drop_leaves_out_a_conversation_whose_user_named_its_target(tmp_path, monkeypatch, scripted_llm):
+def test_drop_leaves_out_a_conversation_whose_user_named_its_target(tmp_path, monkeypatch, scripted_llm, settings):
     # --leak-guard drop, the released main.py's: the conversation whose user names its target before the system has
     # ends there and is not counted, the utterance never reaches the CRA, and a rerun does not play it again.
     from ailo_sim import audit_leaks, kept
@@ -284,7 +283,7 @@ def test_drop_leaves_out_a_conversation_whose_user_named_its_target(tmp_path, mo
         return [CRAReply("Do you want it set at sea?") for _ in keys]
 
     monkeypatch.chdir(tmp_path)
-    run, tasks = Run(Settings()), [_task("Jaws (1975)"), _task("Alien (1979)")]
+    run, tasks = Run(settings()), [_task("Jaws (1975)"), _task("Alien (1979)")]
 
     def episodes(llm):
         return kept(run.map("episodes.jsonl", tasks, lambda todo: play(todo, cra, AILO(llm, leak_guard="drop"), 3)))

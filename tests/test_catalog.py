@@ -1,5 +1,5 @@
 from common.catalog import Catalog, item_card
-from common.data import Item, load_demo_catalog
+from common.formats import Item, load_demo_catalog
 
 ITEMS = [
     Item("1", "The Godfather (1972)", {"genre": ["crime"]}),

@@ -1,7 +1,7 @@
 """common/conversations.py: a dataset dialogue's turns as chat messages, and a history as prompts render it."""
 
 from common.conversations import chat_roles, render_history
-from common.data import Turn
+from common.formats import Turn
 
 
 def test_chat_roles_take_the_recommenders_side_and_leave_out_empty_turns():

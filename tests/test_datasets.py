@@ -5,15 +5,14 @@ from datasets import load_from_disk
 
 from common.run import Run, sft_row
 from ecpo import preference_row
-from tests.test_run import Settings
 
 
-def test_a_saved_d_pre_loads_back_and_trains_one_trl_dpo_step(tmp_path, monkeypatch, tiny_policy):
+def test_a_saved_d_pre_loads_back_and_trains_one_trl_dpo_step(tmp_path, monkeypatch, tiny_policy, settings):
     trl = pytest.importorskip("trl")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.chdir(tmp_path)
-    run = Run(Settings())
+    run = Run(settings())
     pairs = [
         (f"Observation 1: User: a film like Alien, please ({k}).", "Recommend[Aliens (1986)]", "Ask[Why?]")
         for k in range(4)

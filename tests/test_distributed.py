@@ -1,6 +1,7 @@
 """common/distributed.py under real ranks: generation from ZeRO-3-sharded weights with unequal work per rank, the
-process group's timeout, and ZeRO-3 checkpoints of a LoRA (the adapter alone, the last two kept, Adam's moments
-resumed)."""
+process group's timeout, ZeRO-3 checkpoints of a LoRA (the adapter alone, the last two kept, Adam's moments resumed:
+common/checkpoints.py under ranks) and the clipping flags under DeepSpeed; on one process, the global batches, each
+rank's micro-batches and the accumulation each stage starts afresh."""
 
 import json
 import os
@@ -13,8 +14,8 @@ import psutil
 import pytest
 import torch
 
-from common.data import DataError
-from common.distributed import collective_timeout
+from common.distributed import collective_timeout, global_batches, rank_micro_batches
+from common.formats import InputError
 from tests.conftest import ROOT, accelerate_launch
 
 PRINT_TIMEOUT = f"""
@@ -52,7 +53,7 @@ def test_the_collective_timeout_is_two_hours_unless_set(monkeypatch):
     assert collective_timeout() == timedelta(seconds=30)
     for bad in ("0", "-3", "ten", "inf"):  # inf would overflow timedelta
         monkeypatch.setenv("CLEANCRS_COLLECTIVE_TIMEOUT_MINUTES", bad)
-        with pytest.raises(DataError, match=f"TIMEOUT_MINUTES='{bad}': use a positive, finite number"):
+        with pytest.raises(InputError, match=f"TIMEOUT_MINUTES='{bad}': use a positive, finite number"):
             collective_timeout()
 
 
@@ -130,32 +131,9 @@ def test_zero3_lora_checkpoints_hold_the_adapter_alone_keep_the_last_two_and_res
     assert not all(torch.equal(weights[name], uninterrupted[name]) for name in uninterrupted)  # the moments matter
 
 
-def test_a_resume_without_deepspeed_says_it_cannot_load_zero3_partitions(tmp_path, tiny_model, capsys):
-    import copy
-
-    from transformers import get_linear_schedule_with_warmup
-
-    from common.distributed import make_accelerator, start_training
-    from common.models import add_lora
-    from common.tracking import save_checkpoint
-
-    model = add_lora(copy.deepcopy(tiny_model), rank=2, alpha=4)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    scheduler = get_linear_schedule_with_warmup(optimizer, 0, 10)
-    folder = save_checkpoint(tmp_path, 4, model, state={"ranks": 2})  # what 2 ZeRO-3 ranks save, but the partitions
-    for rank in (0, 1):
-        torch.save({}, folder / f"training_state_rank{rank}.pt")
-    _, _, start = start_training(make_accelerator(), model, optimizer, scheduler, tmp_path)
-    assert start == 4 and scheduler.last_epoch == 4
-    assert (
-        f"resuming {tmp_path.name} at step 4 without the optimizer state: the checkpoint holds its ZeRO-3 partitions "
-        "for 2 ranks, and this launch runs 1 rank without ZeRO-3; AdamW's moments start again from zero"
-    ) in capsys.readouterr().out
-
-
 def test_every_clipping_flag_reaches_deepspeed_on_two_zero3_ranks(tmp_path):
     # accelerate fills DeepSpeed's gradient_clipping with 1.0 at prepare whatever the flag: every step here was
-    # clipped at 1.0 before optimizer_step set the engine's clip. SGD at learning rate 1 moves the weights by exactly
+    # clipped at 1.0 before backward_and_step set the engine's clip. SGD at learning rate 1 moves the weights by exactly
     # the gradient DeepSpeed applied, of norm 5 before clipping.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("ACCELERATE_USE_CPU", None)  # it would turn DeepSpeed off
@@ -172,6 +150,42 @@ def test_every_clipping_flag_reaches_deepspeed_on_two_zero3_ranks(tmp_path):
 
 @pytest.mark.parametrize("path", ["ecpo.py", "smtpo.py", "rso.py", "common/sft.py"])
 def test_every_training_step_passes_its_scripts_clipping_flag(path):
-    # optimizer_step is the one place a script's clipping flag reaches DDP and DeepSpeed alike (test above)
-    calls = re.findall(r"optimizer_step\(accelerator, model, optimizer, loss, ([\w.]+)\)", (ROOT / path).read_text())
+    # backward_and_step is the one place a script's clipping flag reaches DDP and DeepSpeed alike (test above)
+    calls = re.findall(r"backward_and_step\(accelerator, model, optimizer, loss, ([\w.]+)\)", (ROOT / path).read_text())
     assert calls and all(re.fullmatch(r"args\.\w*max_grad_norm", flag) for flag in calls), calls
+
+
+def test_rank_micro_batches_cover_the_batch_once_with_equal_shapes():
+    batch = [7, 3, 9, 1, 4]
+    world, micro, accum = 2, 2, 2
+    shares = [rank_micro_batches(batch, r, world, micro, accum) for r in range(world)]
+    real = sorted(i for share in shares for chunk in share for i, w in chunk if w == 1.0)
+    assert real == sorted(batch)
+    assert all(len(share) == accum and all(len(chunk) == micro for chunk in share) for share in shares)
+    batches = global_batches(10, 4, epochs=2, seed=3)
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]
+    assert sorted(sum(batches[:3], [])) == list(range(10)) and batches == global_batches(10, 4, 2, 3)
+
+
+def test_each_training_stage_starts_its_gradient_accumulation_afresh(tmp_path):
+    # accelerate counts micro-batches on the Accelerator: SGPT's count must not shift where ECPO's steps fall
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    from common.checkpoints import resume_and_prepare
+    from common.distributed import configure_batches
+
+    accelerator = Accelerator(cpu=True)
+    pattern = {}
+    for stage, accum, micro_batches in (("sft", 6, 17), ("po", 4, 8)):
+        model = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.AdamW(model.parameters())
+        configure_batches(accelerator, accum, accum, 1)  # a global batch of accum micro-batches of 1
+        model, optimizer, _ = resume_and_prepare(
+            accelerator, model, optimizer, get_cosine_schedule_with_warmup(optimizer, 0, 10), tmp_path / stage
+        )
+        pattern[stage] = []
+        for _ in range(micro_batches):
+            with accelerator.accumulate(model):
+                pattern[stage].append(accelerator.sync_gradients)
+    assert pattern["po"] == [False, False, False, True] * 2  # every 4th micro-batch steps, from the first batch on

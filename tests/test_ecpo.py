@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import ecpo
-from common.data import load_demo_tasks
-from common.distributed import global_batches, rank_micro_batches
+from common.formats import load_demo_tasks
 from common.parsing import ParseStats
 from common.run import Run
 from common.tracking import RecordFile
@@ -117,18 +116,6 @@ def test_kto_value_reference_point_and_gradient_signs():
     assert ecpo.kto_reference_point(policy, ref + 5, torch.tensor([1.0, 1.0, 0.0]), beta=0.1).item() == 0.0
 
 
-def test_rank_micro_batches_cover_the_batch_once_with_equal_shapes():
-    batch = [7, 3, 9, 1, 4]
-    world, micro, accum = 2, 2, 2
-    shares = [rank_micro_batches(batch, r, world, micro, accum) for r in range(world)]
-    real = sorted(i for share in shares for chunk in share for i, w in chunk if w == 1.0)
-    assert real == sorted(batch)
-    assert all(len(share) == accum and all(len(chunk) == micro for chunk in share) for share in shares)
-    batches = global_batches(10, 4, epochs=2, seed=3)
-    assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]
-    assert sorted(sum(batches[:3], [])) == list(range(10)) and batches == global_batches(10, 4, 2, 3)
-
-
 # ------------------------------------------------------------------------------------ rewrites and lambda
 
 
@@ -147,17 +134,15 @@ def _forward_episode(key, ratings):
     return {"key": key, "turns": turns}
 
 
-def test_lower_lambda_gives_a_subset_of_the_pairs(tmp_path, monkeypatch, scripted_llm):
+def test_lower_lambda_gives_a_subset_of_the_pairs(tmp_path, monkeypatch, scripted_llm, settings):
     from functools import partial
-
-    from tests.test_run import Settings
 
     monkeypatch.chdir(tmp_path)
     episodes = [_forward_episode("a", [1, 3, 5, "error"]), _forward_episode("b", [2, 4, None, 4])]
     rewriter = scripted_llm(
         lambda prompt: '{"reason": "more concrete", "refinement": "Ask[Historical or contemporary?]"}'
     )
-    args, run = ecpo.Args(batch_size=2), Run(Settings())
+    args, run = ecpo.Args(batch_size=2), Run(settings())
     derive = partial(ecpo.derive_pairs, rewriter=rewriter, domain="movie", args=args, stats=ParseStats())
 
     pairs = {}
@@ -279,7 +264,7 @@ def test_constrained_decoding_counts_an_empty_argument_as_a_failure():
 
 def test_actcrs_chains_searches_then_answers(scripted_llm):
     from common.catalog import Catalog
-    from common.data import load_demo_catalog
+    from common.formats import load_demo_catalog
 
     catalog = Catalog(load_demo_catalog())
     answers = iter(["Search[dream heist]", "Search[nolan]", "Recommend[Try Inception (2010).]"])
@@ -304,7 +289,7 @@ def test_actcrs_chains_searches_then_answers(scripted_llm):
 
 
 def test_cost_per_pair_counts_resumed_episodes_once(tmp_path):
-    from common.data import load_demo_tasks
+    from common.formats import load_demo_tasks
 
     demo = load_demo_tasks()
     tasks = ecpo.Data(sft=demo[:2], pre=demo[2:4], evaluated=[], catalog=None, domain="movie")
@@ -328,29 +313,6 @@ def test_cost_per_pair_counts_resumed_episodes_once(tmp_path):
     assert metrics["cost/llm_calls"] == 81 and metrics["cost/pairs"] == 4
 
 
-def test_each_training_stage_starts_its_gradient_accumulation_afresh(tmp_path):
-    # accelerate counts micro-batches on the Accelerator: SGPT's count must not shift where ECPO's steps fall
-    from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup
-
-    from common.distributed import configure_batches, start_training
-
-    accelerator = Accelerator(cpu=True)
-    pattern = {}
-    for stage, accum, micro_batches in (("sft", 6, 17), ("po", 4, 8)):
-        model = torch.nn.Linear(2, 1)
-        optimizer = torch.optim.AdamW(model.parameters())
-        configure_batches(accelerator, accum, accum, 1)  # a global batch of accum micro-batches of 1
-        model, optimizer, _ = start_training(
-            accelerator, model, optimizer, get_cosine_schedule_with_warmup(optimizer, 0, 10), tmp_path / stage
-        )
-        pattern[stage] = []
-        for _ in range(micro_batches):
-            with accelerator.accumulate(model):
-                pattern[stage].append(accelerator.sync_gradients)
-    assert pattern["po"] == [False, False, False, True] * 2  # every 4th micro-batch steps, from the first batch on
-
-
 # ------------------------------------------------------------------------------------ the paper's settings
 
 
@@ -370,7 +332,7 @@ def _users(tasks):
     return len({t.persona.user_id for t in tasks})
 
 
-@needs_data
+@needs_data("ecpo/Book")
 def test_d_sft_and_d_pre_are_sampled_from_the_whole_train_file():
     # Book's train file is grouped by user: in file order its first 1000 + 500 tasks are 27 and 15 of its 95 users.
     args = ecpo.Args(dataset="book", data_dir=str(DATA), num_sft_tasks=1000, num_pre_tasks=500, stages=("teacher",))
@@ -444,7 +406,7 @@ def _agent_and_user(prompt):
 
 def test_print_conversations_prints_the_evaluation_only(tmp_path, scripted_llm, capsys):
     from common.catalog import Catalog
-    from common.data import load_demo_catalog
+    from common.formats import load_demo_catalog
 
     demo = load_demo_tasks()
     data = ecpo.Data(demo[:2], demo[2:4], demo[24:25], Catalog(load_demo_catalog()), "movie")
@@ -500,7 +462,7 @@ def test_the_token_budget_changes_no_record_at_the_demo_defaults(tiny_model, tok
     # budget that splits them still plays every conversation to the end.
     from ailo_sim import AILO, run_episodes
     from common.catalog import Catalog
-    from common.data import load_demo_catalog
+    from common.formats import load_demo_catalog
     from common.llm import HFChat
 
     catalog, tasks, args = Catalog(load_demo_catalog()), load_demo_tasks()[:4], ecpo.Args(action_max_tokens=8)
@@ -523,7 +485,7 @@ def test_a_dropped_conversation_is_in_no_stage_of_ecpo(tmp_path, scripted_llm):
     # --leak-guard drop (the paper preset's): the conversation whose user named its target is recorded, played once,
     # and left out of what the rollout and the later stages read.
     from common.catalog import Catalog
-    from common.data import load_demo_catalog
+    from common.formats import load_demo_catalog
 
     demo = load_demo_tasks()
     data = ecpo.Data(demo[:2], demo[2:4], [], Catalog(load_demo_catalog()), "movie")

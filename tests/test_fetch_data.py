@@ -14,7 +14,7 @@ from common.fetch_data import SOURCES, Args, check, count_rows
 from tests.conftest import DATA, needs_data
 
 
-@needs_data
+@needs_data("inspired", "redial", "ecpo")
 def test_the_mirrored_files_are_the_published_ones_with_the_rows_the_loaders_expect():
     for dataset, sources in SOURCES.items():
         problems = check(dataset, DATA)
@@ -43,7 +43,7 @@ def serve_from_mirror(monkeypatch, damage: str | None = None):
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
 
 
-@needs_data
+@needs_data("inspired")
 def test_fetch_puts_each_file_where_the_loaders_read_it(monkeypatch, tmp_path, capsys):
     serve_from_mirror(monkeypatch)
     assert fetch_data.main(Args("inspired", data_dir=str(tmp_path))) == 0
@@ -57,7 +57,7 @@ def test_fetch_puts_each_file_where_the_loaders_read_it(monkeypatch, tmp_path, c
     assert "fetching" not in capsys.readouterr().out
 
 
-@needs_data
+@needs_data("inspired/cfcrs/test_data.jsonl", "inspired/cfcrs/valid_data.jsonl")
 def test_a_damaged_download_is_refused_and_never_written(monkeypatch, tmp_path, capsys):
     serve_from_mirror(monkeypatch, damage="inspired/cfcrs/valid_data.jsonl")
     assert fetch_data.main(Args("inspired", data_dir=str(tmp_path))) == 1
@@ -88,7 +88,7 @@ def test_without_network_it_says_what_to_download_and_where(monkeypatch, tmp_pat
     assert not any(tmp_path.rglob("*"))  # nothing partial left behind
 
 
-@needs_data
+@needs_data("redial")
 def test_redial_trains_on_the_whole_official_split_once_it_is_fetched(tmp_path):
     shutil.copytree(DATA / "redial", tmp_path / "redial")
     subsets = load_crs_dataset("redial", tmp_path, "valid")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from common import distributed
+from common import checkpoints
+from common.checkpoints import save_checkpoint
 from common.llm import release_models, vllm_engine
-from common.tracking import save_checkpoint
 
 
 def test_every_resume_load_maps_to_the_cpu(tmp_path, tiny_model, monkeypatch):
@@ -31,13 +31,13 @@ def test_every_resume_load_maps_to_the_cpu(tmp_path, tiny_model, monkeypatch):
     loads = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("map_location")) or real_load(*a, **k))
-    assert distributed.resume(model, optimizer, scheduler, tmp_path) == 3
+    assert checkpoints.resume(model, optimizer, scheduler, tmp_path) == 3
 
     class Accelerator:  # one rank without DeepSpeed: the partitions do not match, the whole state was loaded
         num_processes, process_index, is_main_process = 1, 0, True
         state = types.SimpleNamespace(deepspeed_plugin=None)
 
-    distributed.resume_optimizer_partition(Accelerator(), model, tmp_path, 3)
+    checkpoints.resume_optimizer_partition(Accelerator(), model, tmp_path, 3)
     assert loads and all(location == "cpu" for location in loads), loads
 
 

@@ -7,7 +7,7 @@ import pytest
 
 import grsu
 from common.catalog import Catalog
-from common.data import Dialogue, Turn, load_demo_catalog
+from common.formats import Dialogue, Turn, load_demo_catalog
 from common.llm import HFChat
 from tests.conftest import DATA, ROOT, needs_data
 
@@ -74,9 +74,9 @@ def test_search_shapes_keep_the_number_of_lists():
         width, expansion, rounds = grsu.search_shape(grsu.Args(search=search, beam_width=4, expansion=4, depth=5))
         assert 16 + width * expansion * rounds == 80
     assert grsu.search_shape(grsu.Args(beam_width=4, expansion=2, depth=2)) == (4, 2, 1)  # N^2 = 4 lists, keep 4
-    with pytest.raises(grsu.DataError):
+    with pytest.raises(grsu.InputError):
         grsu.search_shape(grsu.Args(beam_width=5, expansion=2))
-    with pytest.raises(grsu.DataError):
+    with pytest.raises(grsu.InputError):
         grsu.search_shape(grsu.Args(depth=0))
 
 
@@ -136,7 +136,7 @@ def test_tasks_decide_repeated_items_from_the_annotations():
 def test_ievalm_repeated_items_come_from_the_entity_annotations_or_whole_titles(tmp_path):
     import json
 
-    from common.data import load_ievalm_turns
+    from common.formats import load_ievalm_turns
 
     # real cases from ReDial's validation split: "Saw (2003)" after "chainsaw", "It (2017)" after the pronoun "it"
     rows = [
@@ -154,9 +154,9 @@ def test_ievalm_repeated_items_come_from_the_entity_annotations_or_whole_titles(
     assert [t.conversation for t in turns] == ["1", "2", "3"]
 
 
-@needs_data
+@needs_data("redial")
 def test_real_redial_repeated_items_and_training_overlap():
-    from common.data import load_cfcrs_kg, load_redial_official
+    from common.formats import load_cfcrs_kg, load_redial_official
 
     dataset = grsu.load_data("redial", str(DATA), "valid", only_new="labels")
     turns = dataset.evaluated
@@ -180,9 +180,10 @@ def test_real_redial_repeated_items_and_training_overlap():
     assert not (named - elsewhere - attributes) & {item.title for item in dataset.items}
 
 
-@needs_data
+@needs_data("inspired")
 def test_real_inspired_catalog_comes_from_the_kg_and_training_split():
-    from common.data import load_cfcrs_dialogues, load_cfcrs_kg, load_unicrs_jsonl, restore_years
+    from common.data import restore_years
+    from common.formats import load_cfcrs_dialogues, load_cfcrs_kg, load_unicrs_jsonl
 
     dataset = grsu.load_data("inspired", str(DATA), "valid")
     turns, catalog = dataset.evaluated, {item.title for item in dataset.items}
@@ -239,7 +240,7 @@ def test_parse_titles_on_real_crs_outputs():
     assert grsu.parse_titles("I cannot recommend anything.") == []
 
 
-@needs_data
+@needs_data("inspired", "redial")
 def test_real_inspired_and_redial_turns_load():
     for name in ("inspired", "redial"):
         dataset = grsu.load_data(name, str(DATA), "valid")

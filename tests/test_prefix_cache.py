@@ -228,15 +228,11 @@ def test_the_embedded_model_answers_and_scores_the_same_from_its_cache():
     release_models()
 
 
-def test_a_stage_logs_what_its_roles_computed(tmp_path, monkeypatch, tiny_policy):
-    from dataclasses import make_dataclass
-
+def test_a_stage_logs_what_its_roles_computed(tmp_path, monkeypatch, tiny_policy, settings):
     from common.run import Run
 
     monkeypatch.chdir(tmp_path)
-    fields = dict(exp_name="run", seed=1, run_name="stages", track=False, wandb_project="x", wandb_entity=None)
-    settings = make_dataclass("Settings", [(k, type(v), v) for k, v in fields.items()])()
-    run, used = Run(settings), []
+    run, used = Run(settings()), []
 
     def stage(run):
         user = run.llm(f"hf:{tiny_policy}")

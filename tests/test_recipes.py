@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from common.data import DataError
 from common.distributed import check_division
+from common.formats import InputError
 from common.presets import parse_args
 from tests.conftest import DATA, ROOT, fails_cleanly
 
@@ -117,7 +117,7 @@ def test_recipe_command_passes_dry_run(recipe, processes, argv, monkeypatch, cap
         module.main(parse_args(module.Args, getattr(module, "PRESETS", {}), flags))
     except SystemExit as err:  # tyro refused a flag; it printed why
         pytest.fail(f"{command}\nthe flags do not parse: {capsys.readouterr().err[-2000:]} ({err})")
-    except DataError as err:
+    except InputError as err:
         missing = str(err).partition(": file not found")[0]
         if missing != str(err) and Path(missing).is_relative_to(DATA):
             unmirrored = not DATA.exists() or Path(missing).relative_to(DATA).as_posix() in NOT_MIRRORED
@@ -152,9 +152,9 @@ def test_servers_and_training_ranks_use_disjoint_gpus(recipe):
 
 def test_check_division_names_the_flag_and_what_would_fit():
     assert check_division(4, 16, 2, "--x") == "--x 16 = 4 ranks x micro-batch 2 x 2 accumulation steps"
-    with pytest.raises(DataError, match=r"--x 16 must .* = 8 x 4 \(micro-batches that fit: 1, 2\)"):
+    with pytest.raises(InputError, match=r"--x 16 must .* = 8 x 4 \(micro-batches that fit: 1, 2\)"):
         check_division(8, 16, 4, "--x")
-    with pytest.raises(DataError, match=r"--sft-batch-size 4 must .* = 8 x 1 \(make it a multiple of 8\)"):
+    with pytest.raises(InputError, match=r"--sft-batch-size 4 must .* = 8 x 1 \(make it a multiple of 8\)"):
         check_division(8, 4, 1, "--sft-batch-size")
 
 

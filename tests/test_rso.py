@@ -10,7 +10,7 @@ import torch
 
 import rso
 from common.catalog import Catalog, encoder_path
-from common.data import DataError, load_demo_catalog
+from common.formats import InputError, load_demo_catalog
 from tests.conftest import DATA, needs_data
 
 # ------------------------------------------------------------------------------------ returns and loss (Eq. 7-8)
@@ -189,11 +189,11 @@ def test_the_14_inspired_labels_map_onto_the_13_strategies():
     assert len(rso.NAMES) == 13 and len(rso.INSPIRED_LABELS) == 14
     assert set(rso.INSPIRED_LABELS.values()) == set(rso.NAMES)
     assert rso.INSPIRED_LABELS["preference_confirmation"] == "Rephrase Preference"
-    with pytest.raises(DataError, match="unknown strategy label 'recommend'"):
+    with pytest.raises(InputError, match="unknown strategy label 'recommend'"):
         rso.strategy_index("recommend", "dev.tsv")
 
 
-@needs_data
+@needs_data("inspired/sweetpeach/dev.tsv")
 def test_label_mapping_on_the_real_dev_tsv():
     turns = rso.labelled_turns(DATA / "inspired" / "sweetpeach" / "dev.tsv")
     counts = Counter(rso.NAMES[t["label"]] for t in turns)
@@ -215,7 +215,7 @@ def test_label_mapping_on_the_real_dev_tsv():
     assert len({t["dialog"] for t in turns}) == 99 and turns[0]["text"] == "(no messages yet)"
 
 
-@needs_data
+@needs_data("inspired")
 @pytest.mark.parametrize("split, playable, dialogues", [("test", 84, 99), ("valid", 17, 20)])
 def test_the_evaluated_count_is_printed_with_the_reason(split, playable, dialogues):
     """The paper's Tables are over 99 INSPIRED test dialogues; 15 of them name no film of the CFCRS KG after their
@@ -234,7 +234,7 @@ def test_a_short_last_update_is_refused_under_deepspeed_before_anything_loads(mo
     args = rso.Args(rl_episodes=7, num_envs=2, stages=("rl",))
     rso.check_args(args, 2)  # data parallelism takes a short last update
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(DataError, match="multiple of --num-envs"):
+    with pytest.raises(InputError, match="multiple of --num-envs"):
         rso.check_args(args, 2)
     rso.check_args(rso.Args(rl_episodes=8, num_envs=2, stages=("rl",)), 2)
 
@@ -254,7 +254,7 @@ def test_bundled_demo_labels_and_tasks():
 def test_malformed_tsv_names_file_and_line(tmp_path):
     path = tmp_path / "dev.tsv"
     path.write_text("dialog_id\tspeaker\ttext\texpert_label\nd1\tRECOMMENDER\tHi\tno_strategy\nd1\tSEEKER\n")
-    with pytest.raises(DataError, match=r"dev.tsv:3: row has 2 columns"):
+    with pytest.raises(InputError, match=r"dev.tsv:3: row has 2 columns"):
         rso.labelled_turns(path)
 
 
@@ -320,7 +320,7 @@ def demo_catalog():
 
 def scripted_rollout(scripted_llm, catalog, judge, max_turns=3, episodes=2, greedy=False, roles=None):
     """The rollout generator on ``episodes`` demo tasks, every role played by one scripted backend; and the backend."""
-    from common.data import load_demo_tasks
+    from common.formats import load_demo_tasks
 
     llm = scripted_llm(roles or scripted_roles(judge))
     args = rso.Args(max_turns=max_turns, reward_samples=2, judge_scoring="sampled")  # the script writes its scores
@@ -392,7 +392,7 @@ def test_a_user_who_leaves_once_its_target_is_recommended_has_accepted(scripted_
     """AILO's user ends the conversation once its target has been recommended (an Efficiency-seeking one at once),
     saying goodbye; the judge, reading the goodbye, gives a 3. The episode is still the user's acceptance, scored as
     the judge scores acceptance (r = 1): its return, Conv-SR and Rec-SR all count the success."""
-    from common.data import load_demo_tasks
+    from common.formats import load_demo_tasks
 
     target = load_demo_tasks()[0].target.title
     actor_calls, goodbyes = [], []
@@ -445,7 +445,7 @@ def test_the_greedy_random_planner_plays_every_strategy_not_the_first(scripted_l
 def test_the_intention_judges_know_the_users_taste_on_every_dataset(demo_catalog):
     """INSPIRED's and ReDial's personas have no interests: the judges of i_pre, i_true and i_post are told the
     hidden target's features (not its title), the taste the simulated user played."""
-    from common.data import Persona
+    from common.formats import Persona
 
     target, other = demo_catalog.by_title["Inception (2010)"], demo_catalog.by_title["Groundhog Day (1993)"]
     persona = Persona("u1", "Efficiency-seeking user who answers in a word or two.")  # no interests
@@ -478,7 +478,7 @@ def test_prs_compares_the_scores_the_judge_writes(tmp_path, monkeypatch, demo_ca
     """Expected scores are continuous: i_pre 3.40, i_post 3.44 and i_true 3.45 gave PRS 0.8 on differences of 0.01.
     PRS reads the integer each judge writes (its most probable score), so this dialogue ties (3, 3, 3) and is left
     out, as in the paper; the other (2, 3, 4) scores 0.5 where its expectations (2.4, 2.6, 3.6) gave 0.17."""
-    from common.data import Persona
+    from common.formats import Persona
     from common.run import Run
 
     monkeypatch.chdir(tmp_path)
@@ -542,7 +542,7 @@ def train_planner(tmp_path, monkeypatch, tokenizer, args, updates, play, seed=0)
     Returns pi(. | STATE) before each update and after the last, and the updates' statistics."""
     from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
 
-    from common.distributed import start_training
+    from common.checkpoints import resume_and_prepare
     from common.run import Run
 
     monkeypatch.chdir(tmp_path)
@@ -555,7 +555,7 @@ def train_planner(tmp_path, monkeypatch, tokenizer, args, updates, play, seed=0)
     model = BertForSequenceClassification(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.rl_lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, updates)
-    model, optimizer, _ = start_training(run.accelerator, model, optimizer, scheduler, run.dir / "rl")
+    model, optimizer, _ = resume_and_prepare(run.accelerator, model, optimizer, scheduler, run.dir / "rl")
     generator, running, history, stats = torch.Generator().manual_seed(seed), {}, [], []
     for _ in range(updates):
         history.append(rso.strategy_distribution(model, tokenizer, [STATE], 64)[0])

@@ -3,7 +3,6 @@
 import copy
 import json
 import weakref
-from dataclasses import dataclass
 
 import torch
 
@@ -11,21 +10,11 @@ from common.run import Run
 from common.tracking import RecordFile
 
 
-@dataclass
-class Settings:  # the fields of Args that Run reads
-    exp_name: str = "run"
-    seed: int = 1
-    run_name: str | None = "stages"
-    track: bool = False
-    wandb_project: str = "cleancrs"
-    wandb_entity: str | None = None
-
-
-def test_a_stage_frees_the_models_it_loaded(tmp_path, monkeypatch, tiny_policy):
+def test_a_stage_frees_the_models_it_loaded(tmp_path, monkeypatch, tiny_policy, settings):
     # Two things outlived a stage: the hf: weights its roles shared, and every model (and optimizer) accelerate
     # prepared. The next stage then loaded its own models on top (SMTPO's evaluation on top of GRPO's policy).
     monkeypatch.chdir(tmp_path)
-    run = Run(Settings())
+    run = Run(settings())
     models = []
 
     def stage(run):
@@ -40,9 +29,11 @@ def test_a_stage_frees_the_models_it_loaded(tmp_path, monkeypatch, tiny_policy):
     assert [model() is None for model in models] == [True, True, True]
 
 
-def test_exchange_returns_an_earlier_launchs_records_then_this_launchs_in_the_order_written(tmp_path, monkeypatch):
+def test_exchange_returns_an_earlier_launchs_records_then_this_launchs_in_the_order_written(
+    tmp_path, monkeypatch, settings
+):
     monkeypatch.chdir(tmp_path)
-    run = Run(Settings())
+    run = Run(settings())
     earlier = run.records("episodes.jsonl")
     for key in ("a", "b"):
         earlier.append({"key": key, "launch": 1})
@@ -54,13 +45,13 @@ def test_exchange_returns_an_earlier_launchs_records_then_this_launchs_in_the_or
     assert [(r["key"], r["launch"]) for r in exchanged] == [("a", 1), ("d", 2), ("c", 2), ("b", 2)]
 
 
-def test_each_metric_family_gets_its_own_step_axis_which_a_rerun_continues(tmp_path, monkeypatch):
+def test_each_metric_family_gets_its_own_step_axis_which_a_rerun_continues(tmp_path, monkeypatch, settings):
     monkeypatch.chdir(tmp_path)
-    run = Run(Settings())
+    run = Run(settings())
     run.log_step({"train_sft/loss": 1.0}, 1.0)
     run.log_step({"train_sft/loss": 0.5}, 1.0)
     run.log_step({"train/loss": 0.7, "rollout/return": 2.0}, 1.0)
-    rerun = Run(Settings())  # the same run name: it resumes
+    rerun = Run(settings())  # the same run name: it resumes
     rerun.log_step({"train/loss": 0.6}, 1.0)
     rows = [json.loads(line) for line in (tmp_path / "runs" / "stages" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r.get("train_sft/step"), r.get("train/step"), r.get("rollout/step")) for r in rows] == [
@@ -71,18 +62,16 @@ def test_each_metric_family_gets_its_own_step_axis_which_a_rerun_continues(tmp_p
     ]
 
 
-def test_the_default_run_name_is_cleanrls_with_the_dataset(tmp_path, monkeypatch):
+def test_the_default_run_name_is_cleanrls_with_the_dataset(tmp_path, monkeypatch, settings):
     monkeypatch.chdir(tmp_path)
-    settings = Settings(run_name=None)
-    settings.dataset = "inspired"
-    run = Run(settings)
+    run = Run(settings(run_name=None, dataset="inspired"))
     method, dataset, seed, stamp = run.dir.name.split("__")
     assert (method, dataset, seed) == ("run", "inspired", "1") and stamp.isdigit()
 
 
-def test_map_redoes_nothing_finished_and_loses_nothing_to_a_kill(tmp_path, monkeypatch):
+def test_map_redoes_nothing_finished_and_loses_nothing_to_a_kill(tmp_path, monkeypatch, settings):
     monkeypatch.chdir(tmp_path)
-    run = Run(Settings())
+    run = Run(settings())
     items = [{"key": k, "x": x} for k, x in zip("abcd", range(4))]
     seen = []
 
@@ -98,7 +87,7 @@ def test_map_redoes_nothing_finished_and_loses_nothing_to_a_kill(tmp_path, monke
     except KeyboardInterrupt:
         pass
     assert seen == ["a", "b"] and run.records("squares.jsonl").done_keys() == {"a", "b"}
-    rerun = Run(Settings())
+    rerun = Run(settings())
     records = rerun.map("squares.jsonl", items[::-1], square)  # asked in another order: the file's order, then new
     assert seen == ["a", "b", "d", "c"]
     assert [(r["key"], r["y"]) for r in records] == [("a", 0), ("b", 1), ("d", 9), ("c", 4)]
@@ -106,9 +95,9 @@ def test_map_redoes_nothing_finished_and_loses_nothing_to_a_kill(tmp_path, monke
     assert seen == ["a", "b", "d", "c"]  # nothing left to do: work is not called
 
 
-def test_log_step_pools_sums_and_ratios_and_prints_its_line(tmp_path, monkeypatch, capsys):
+def test_log_step_pools_sums_and_ratios_and_prints_its_line(tmp_path, monkeypatch, capsys, settings):
     monkeypatch.chdir(tmp_path)
-    run = Run(Settings())
+    run = Run(settings())
     logged = run.log_step({"train/lr": 0.1}, 1.0, sums={"train/loss": 0.5, "train/entropy": (3.0, 4.0)}, show="step 1")
     assert logged == {"train/lr": 0.1, "train/loss": 0.5, "train/entropy": 0.75}
     assert "step 1: lr 0.1  loss 0.5  entropy 0.75" in capsys.readouterr().out
@@ -116,25 +105,25 @@ def test_log_step_pools_sums_and_ratios_and_prints_its_line(tmp_path, monkeypatc
     assert row["train/entropy"] == 0.75 and row["train/step"] == 1
 
 
-def test_map_every_rank_enters_the_gather_whether_or_not_it_has_work(tmp_path, monkeypatch):
+def test_map_every_rank_enters_the_gather_whether_or_not_it_has_work(tmp_path, monkeypatch, settings):
     # every_rank: the ranks agree through a gather whether any has work left; a rank with work of its own that skipped
     # it left the others waiting in it (the collective entered by some ranks only)
     monkeypatch.chdir(tmp_path)
-    run, gathered = Run(Settings()), []
+    run, gathered = Run(settings()), []
     run.gather = lambda items: gathered.append(list(items)) or list(items)
     records = run.map("ones.jsonl", [{"key": "a"}], lambda todo: ({"key": i["key"]} for i in todo), every_rank=True)
     run.map("ones.jsonl", [{"key": "a"}], lambda todo: iter(()), every_rank=True)  # nothing left to do: it agrees so
     assert [r["key"] for r in records] == ["a"] and [g for g in gathered if g in ([True], [False])] == [[True], [False]]
 
 
-def test_map_reads_its_file_once_a_launch_however_many_rounds_it_maps(tmp_path, monkeypatch):
+def test_map_reads_its_file_once_a_launch_however_many_rounds_it_maps(tmp_path, monkeypatch, settings):
     # GRPO maps one round of episodes at a time into one file that grows all run: reading the whole file back every
     # round (as Run.map did, twice) costs the square of the run's length at the recipe's scale
     monkeypatch.chdir(tmp_path)
     reads = []
     real_records = RecordFile.records
     monkeypatch.setattr(RecordFile, "records", lambda self: reads.append(self.path.name) or real_records(self))
-    run = Run(Settings())
+    run = Run(settings())
     run.records("rounds.jsonl").append({"key": "r0", "y": 0})  # an earlier launch's record
     for round_ in range(1, 6):
         records = run.map("rounds.jsonl", [{"key": f"r{round_}"}], lambda todo: ({"key": i["key"]} for i in todo))

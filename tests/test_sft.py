@@ -1,26 +1,12 @@
 """common/sft.py: the masked NLL every method's SFT stage minimises, by hand, and the loop that lowers it."""
 
 import json
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 from common.sft import completion_nll, supervised_finetuning
 from common.tokens import collate, encode_prompt_completion, sequence_logprobs
-
-
-@dataclass
-class Settings:  # the fields of a script's Args that Run and supervised_finetuning read
-    exp_name: str = "sft"
-    seed: int = 1
-    run_name: str = "sft"
-    track: bool = False
-    wandb_project: str = "cleancrs"
-    wandb_entity: str | None = None
-    micro_batch_size: int = 2
-    max_grad_norm: float = 1.0
-    save_every: int = 50
 
 
 def test_completion_nll_hand_value_and_gradient():
@@ -47,13 +33,13 @@ def test_completion_nll_is_the_token_mean_over_the_batch(tokenizer, tiny_model):
     assert loss.item() == pytest.approx(-sum(by_hand) / len(by_hand), rel=1e-5)
 
 
-def test_supervised_finetuning_lowers_the_loss(tmp_path, monkeypatch, tokenizer, tiny_model):
+def test_supervised_finetuning_lowers_the_loss(tmp_path, monkeypatch, tokenizer, tiny_model, settings):
     import copy
 
     from common.run import Run
 
     monkeypatch.chdir(tmp_path)
-    args = Settings()
+    args = settings(exp_name="sft", run_name="sft", micro_batch_size=2, max_grad_norm=1.0, save_every=50)
     run = Run(args)
     prompts = [("A scary film?", "Recommend[Alien (1979)]"), ("Something funny?", "Ask[Slapstick or witty?]")]
     encoded = [encode_prompt_completion(tokenizer, [{"role": "user", "content": p}], c) for p, c in prompts]

@@ -2,7 +2,6 @@
 LightGCN, BPR and InfoNCE by hand, the simulator's lists, and a GRPO update that moves a known case."""
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,7 +9,8 @@ import torch.nn.functional as F
 
 import smtpo
 from common.catalog import Catalog
-from common.data import DataError, load_crs_dataset, load_demo_catalog
+from common.data import load_crs_dataset
+from common.formats import InputError, load_demo_catalog
 from tests.conftest import DATA, needs_data
 
 CANDIDATES = [
@@ -100,7 +100,7 @@ def test_rank_list_parsing_on_real_shapes_of_output(text, ranked):
     ],
 )
 def test_flags_that_would_fail_deep_in_grpo_are_refused_before_anything_loads(flags, message):
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(InputError, match=message):
         smtpo.check_args(smtpo.Args(**flags), 1)
 
 
@@ -479,7 +479,7 @@ class TalkingSimulator:
         return [(THIRTY_WORDS,) for _ in conversations]
 
 
-@needs_data
+@needs_data("inspired", "redial")
 @pytest.mark.parametrize("dataset", ["inspired", "redial"])
 def test_prompts_at_the_recipes_lengths_keep_their_instruction_and_the_latest_user_utterance(dataset, tokenizer):
     import random
@@ -513,7 +513,7 @@ def test_prompts_at_the_recipes_lengths_keep_their_instruction_and_the_latest_us
     assert sum("Turn 4: feedback:" in t["prompt"] for t in turn_five) >= len(turn_five) / 2  # left out the latest
 
 
-@needs_data
+@needs_data("inspired")
 def test_training_examples_at_the_recipes_lengths_keep_their_instruction(tokenizer):
     samples, catalog = longest_contexts("inspired", "train", 12)
     completion = "<think>\n" + "Step 1: Preference Inference: a darker thriller.\n" * 66 + "</think>\nRANK LIST: [x]"
@@ -533,7 +533,7 @@ def test_training_examples_at_the_recipes_lengths_keep_their_instruction(tokeniz
     assert example["prompt_tokens_dropped"] > 0  # the longest contexts do need the fit
 
 
-@needs_data
+@needs_data("redial")
 def test_redial_training_and_test_contexts_carry_the_same_kind_of_entities():
     data = load_crs_dataset("redial", DATA, "valid")
     catalog = Catalog(data.items)
@@ -624,7 +624,7 @@ def test_a_missing_simulator_adapter_is_an_error_unless_the_ablation_asks_for_it
         "FakeRun", (), {"dir": tmp_path / "run", "main": True, "device": "cpu", "count_costs": lambda self, x: x}
     )()
     run.finished = lambda folder: False
-    with pytest.raises(DataError, match="--untrained-simulator"):
+    with pytest.raises(InputError, match="--untrained-simulator"):
         smtpo.load_simulator(run, smtpo.Args())
     smtpo.load_simulator(run, smtpo.Args(untrained_simulator=True))
     assert loaded == [[]]  # the base model, no adapter
@@ -632,20 +632,16 @@ def test_a_missing_simulator_adapter_is_an_error_unless_the_ablation_asks_for_it
 
 # ------------------------------------------------------------------------------------ a GRPO update, learning
 
-
-@dataclass
-class Settings:  # the fields of Args that Run and grpo_update read, at their defaults
-    exp_name: str = "grpo"
-    seed: int = 1
-    run_name: str = "grpo"
-    track: bool = False
-    wandb_project: str = "cleancrs"
-    wandb_entity: str | None = None
-    micro_batch_size: int = 1
-    max_grad_norm: float = 1.0
-    epsilon: float = 0.2
-    kl_beta: float = 0.04
-    grpo_iterations: int = 1
+# the fields of Args that grpo_update reads, at the paper's values (the preset test below checks them against PAPER)
+GRPO_SETTINGS = dict(
+    exp_name="grpo",
+    run_name="grpo",
+    micro_batch_size=1,
+    max_grad_norm=1.0,
+    epsilon=0.2,
+    kl_beta=0.04,
+    grpo_iterations=1,
+)
 
 
 def trainable_policy(run, tiny_model, lr: float):
@@ -653,14 +649,14 @@ def trainable_policy(run, tiny_model, lr: float):
 
     from transformers import get_constant_schedule
 
-    from common.distributed import start_training
+    from common.checkpoints import resume_and_prepare
     from common.models import add_lora
 
     torch.manual_seed(0)
     model = add_lora(copy.deepcopy(tiny_model))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     scheduler = get_constant_schedule(optimizer)
-    model, optimizer, _ = start_training(run.accelerator, model, optimizer, scheduler, run.dir / "grpo")
+    model, optimizer, _ = resume_and_prepare(run.accelerator, model, optimizer, scheduler, run.dir / "grpo")
     return model, optimizer, scheduler
 
 
@@ -678,13 +674,13 @@ def sampled_group(tokenizer, prompt: str, outputs: list[str], rewards: list[floa
 
 
 def test_grpo_updates_move_probability_to_the_rewarded_outputs_at_the_papers_settings(
-    tmp_path, monkeypatch, tokenizer, tiny_model
+    tmp_path, monkeypatch, tokenizer, tiny_model, settings
 ):
     from common.run import Run
     from common.tokens import collate, sequence_logprobs
 
     monkeypatch.chdir(tmp_path)
-    args = Settings()  # the paper's clip 0.2, KL 0.04 and grad-norm 1.0; its lr 1e-5 and G = 4 below
+    args = settings(**GRPO_SETTINGS)  # the paper's clip 0.2, KL 0.04 and grad-norm 1.0; its lr 1e-5 and G = 4 below
     run = Run(args)
     model, optimizer, scheduler = trainable_policy(run, tiny_model, lr=1e-5)
     outputs = ["<think>\nStep 1: a\n</think>\nRANK LIST: [Alien (1979)]", "I do not know.", "RANK LIST: [", "Hmm."]
@@ -711,11 +707,11 @@ def test_grpo_updates_move_probability_to_the_rewarded_outputs_at_the_papers_set
     assert stats["clip_ratio/region_mean"] == 0  # one iteration per rollout: the ratio is 1, nothing clips
 
 
-def test_with_two_iterations_the_second_update_clips(tmp_path, monkeypatch, tokenizer, tiny_model):
+def test_with_two_iterations_the_second_update_clips(tmp_path, monkeypatch, tokenizer, tiny_model, settings):
     from common.run import Run
 
     monkeypatch.chdir(tmp_path)
-    args = Settings(grpo_iterations=2)
+    args = settings(**GRPO_SETTINGS | {"grpo_iterations": 2})
     run = Run(args)
     model, optimizer, scheduler = trainable_policy(run, tiny_model, lr=5e-2)
     group = sampled_group(tokenizer, "Rank the films.", ["RANK LIST: [Alien (1979)]", "I do not know."], [1.0, 0.0])
@@ -869,7 +865,7 @@ def test_the_retriever_is_scored_at_every_turn_as_in_fig_4b():
     assert two["mrr@10"] == pytest.approx(0.25)
 
 
-@needs_data
+@needs_data("redial")
 def test_redial_runs_link_the_entities_of_their_training_turns():
     loaded = smtpo.load_data(smtpo.Args(dataset="redial", data_dir=str(DATA), num_train=200, num_test=1))
     attributes = {v for item in loaded.catalog.items for k in ("genre", "director", "star", "writer")
@@ -877,7 +873,7 @@ def test_redial_runs_link_the_entities_of_their_training_turns():
     assert sum(m in attributes for s in loaded.train for m in s.mentioned) > 0.8 * len(loaded.train)  # was 0
 
 
-@needs_data
+@needs_data("inspired")
 def test_num_test_counts_dialogues_and_the_retriever_reads_a_dialogues_latest_utterances():
     args = smtpo.Args(dataset="inspired", data_dir=str(DATA), num_test=10, num_train=2)
     data = smtpo.load_data(args)
@@ -977,7 +973,7 @@ def test_the_paper_preset_names_every_field_and_the_recipe_selects_it():
     # the learning test above trains the preset's update: its clip, KL weight, clipping and iterations (lr 1e-5, G = 4)
     update = ("epsilon", "kl_beta", "max_grad_norm", "grpo_iterations")
     paper = {name: value for name, (value, _) in smtpo.PAPER.values.items()}
-    assert {name: paper[name] for name in update} == {name: getattr(Settings(), name) for name in update}
+    assert {name: paper[name] for name in update} == {name: GRPO_SETTINGS[name] for name in update}
     assert (paper["grpo_lr"], paper["group_size"]) == (1e-5, 4)
 
 
@@ -997,3 +993,11 @@ def test_the_retriever_loads_on_the_cpu_whatever_device_saved_it(tmp_path, monke
     run = SimpleNamespace(dir=tmp_path, finished=lambda folder: True)
     retriever = smtpo.load_retriever(run, smtpo.Data([], [], [], catalog))
     assert loads == ["cpu"] and retriever.node_embeddings.device.type == "cpu"
+
+
+def test_the_entity_linker_finds_genres_and_people_as_whole_words():
+    linker = smtpo.EntityLinker(["comedy", "horror", "sci-fi"], ["Mila Kunis", "J.D. Salinger", "Prince"])
+    text = "I like comedies and Horror, sci-fi too; mila kunis! Anything by J.D. Salinger? The Prince of Egypt, horrors"
+    assert linker(text) == ["comedy", "horror", "sci-fi", "Mila Kunis", "J.D. Salinger"]  # once each, in order
+    assert linker("a comedian in a horrorshow, kunis") == []  # whole words only, a full name only
+    assert linker.vocabulary == {"comedy", "horror", "sci-fi", "Mila Kunis", "J.D. Salinger", "Prince"}

@@ -3,17 +3,7 @@ import json
 import pytest
 import torch
 
-from common.models import add_lora
-from common.tracking import (
-    RecordFile,
-    Tracker,
-    latest_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-    seed_everything,
-    wandb_login_at_hand,
-    wandb_mode,
-)
+from common.tracking import RecordFile, Tracker, seed_everything, wandb_login_at_hand, wandb_mode
 
 
 def test_record_file_appends_resumes_and_ignores_a_torn_line(tmp_path):
@@ -46,34 +36,6 @@ def test_seeding_is_reproducible():
     a = torch.rand(3)
     seed_everything(7)
     assert torch.equal(a, torch.rand(3))
-
-
-def test_checkpoint_round_trip(tmp_path, tiny_model):
-    import copy
-
-    from peft import PeftModel
-
-    model = add_lora(copy.deepcopy(tiny_model), rank=2, alpha=4)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    assert latest_checkpoint(tmp_path) is None
-    save_checkpoint(tmp_path, 5, model, optimizer, state={"epoch": 0})
-    path = save_checkpoint(tmp_path, 10, model, optimizer)
-    assert latest_checkpoint(tmp_path) == path and path.name == "step_00000010"
-    assert json.loads((path / "state.json").read_text())["step"] == 10
-    assert "optimizer" in torch.load(path / "training_state.pt", weights_only=False)
-    restored = PeftModel.from_pretrained(copy.deepcopy(tiny_model), path)
-    name = next(n for n, p in model.named_parameters() if "lora_B" in n)
-    assert torch.equal(dict(restored.named_parameters())[name], dict(model.named_parameters())[name])
-
-
-def test_pruning_keeps_the_newest_checkpoints_and_drops_unfinished_ones(tmp_path):
-    for step in (3, 10, 2, 7):
-        (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
-    (tmp_path / "checkpoints" / "step_00000012.tmp").mkdir()  # a save killed mid-way
-    prune_checkpoints(tmp_path, keep=2)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000007", "step_00000010"]
-    prune_checkpoints(tmp_path, keep=2)  # no more than keep: none goes
-    assert latest_checkpoint(tmp_path).name == "step_00000010"
 
 
 def test_wandb_offline(tmp_path, monkeypatch):

@@ -2,7 +2,6 @@
 (wandb.proto; wandb 0.31 ships no Python reader of the log, so the framing is read here: LevelDB log blocks)."""
 
 import struct
-from dataclasses import dataclass
 
 import pytest
 
@@ -31,26 +30,23 @@ def offline_records(run_dir) -> list:
     return records
 
 
-@dataclass
-class Settings:
-    exp_name: str = "ecpo"
-    dataset: str = "demo"
-    seed: int = 1
-    run_name: str | None = "tracked"
-    track: bool = True
-    wandb_project: str = "cleancrs"
-    wandb_entity: str | None = None
-    wandb_group: str | None = "table1"
-    wandb_tags: tuple[str, ...] = ("demo", "dpo")
-    lam: float = 4.0
-
-
-def test_an_offline_run_holds_the_config_tables_curves_and_step_axes(tmp_path, monkeypatch):
+def test_an_offline_run_holds_the_config_tables_curves_and_step_axes(tmp_path, monkeypatch, settings):
     wandb = pytest.importorskip("wandb")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
     wandb.teardown()  # wandb keeps the settings of its first use in the process (another test may have disabled it)
-    run = Run(Settings())
+    run = Run(
+        settings(
+            exp_name="ecpo",
+            dataset="demo",
+            run_name="tracked",
+            track=True,
+            wandb_group="table1",
+            wandb_tags=("demo", "dpo"),
+            lam=4.0,
+        )
+    )
+    run.log_step({"train_critic/loss": 2.0}, 1.0)  # a family no script logs: it gets its own axis all the same
     for loss in (0.69, 0.5, 0.4):
         run.log_step({"train/loss": loss}, 1.0)
     run.log({"eval/sr": 0.25})
@@ -69,5 +65,5 @@ def test_an_offline_run_holds_the_config_tables_curves_and_step_axes(tmp_path, m
     logged = {key.split("/")[0] for h in history for key in h}
     assert {"eval_table", "curves"} <= logged  # the table and the learning-curve image
     axes = {r.metric.glob_name: r.metric.step_metric for r in records if r.WhichOneof("record_type") == "metric"}
-    assert axes["train/*"] == "train/step"
+    assert axes["train/*"] == "train/step" and axes["train_critic/*"] == "train_critic/step"
     assert (tmp_path / "runs" / "tracked" / "curves.png").exists()

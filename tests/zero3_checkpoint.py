@@ -1,5 +1,5 @@
 """Launched by tests/test_distributed.py under `accelerate launch --config_file configs/cpu_zero3.yaml` (2 CPU
-ranks): a LoRA on a Llama sharded by ZeRO-3 trains through ``start_training`` (resuming from the newest checkpoint
+ranks): a LoRA on a Llama sharded by ZeRO-3 trains through ``resume_and_prepare`` (resuming from the newest checkpoint
 of --stage-dir) up to step --steps, saving a resumable checkpoint after every step. Each save is checked on rank 0:
 the checkpoint holds exactly the adapter, equal to the gathered weights, and the save gathered no frozen weight.
 At the end rank 0 writes the gathered adapter to --weights. Prints "zero3 checkpoint ok" on each rank."""
@@ -14,15 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from conftest import tiny_llama  # noqa: E402 (tests/ is the script's folder, first on sys.path)
 
-from common.distributed import (  # noqa: E402
-    configure_batches,
-    make_accelerator,
-    optimizer_step,
+from common.checkpoints import (  # noqa: E402
+    latest_checkpoint,  # noqa: E402
+    resume_and_prepare,
     save_resumable,
-    start_training,
 )
+from common.distributed import backward_and_step, configure_batches, make_accelerator  # noqa: E402
 from common.models import add_lora, load_tokenizer  # noqa: E402
-from common.tracking import latest_checkpoint  # noqa: E402
 
 
 def gathered_adapter(model) -> dict[str, torch.Tensor]:
@@ -76,7 +74,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, 4)  # the learning rate moves with the step
     configure_batches(accelerator, examples=2, batch_size=2, micro=1)
-    engine, optimizer, start = start_training(accelerator, model, optimizer, scheduler, args.stage_dir)
+    engine, optimizer, start = resume_and_prepare(accelerator, model, optimizer, scheduler, args.stage_dir)
     unwrapped = accelerator.unwrap_model(engine)
     sharded = [p for p in unwrapped.parameters() if p.ds_tensor.numel() < p.ds_numel]
     assert sharded, "ZeRO-3 left every parameter whole: the model is too small to test a sharded checkpoint"
@@ -85,7 +83,7 @@ def main() -> None:
         batch = torch.tensor([[2, 3, 4, 5, 6, 7]]) + 10 * step + rank  # other data on each rank and step
         with accelerator.accumulate(engine):
             loss = engine(input_ids=batch, labels=batch).loss
-            optimizer_step(accelerator, engine, optimizer, loss, max_grad_norm=1.0)
+            backward_and_step(accelerator, engine, optimizer, loss, max_grad_norm=1.0)
         scheduler.step()
         gathered, whole = spied_save(accelerator, engine, args.stage_dir, step + 1, optimizer, scheduler)
         frozen = [p for p in gathered if not p.requires_grad]

@@ -1,8 +1,8 @@
 """Launched by tests/test_distributed.py under `accelerate launch --config_file configs/cpu_zero3.yaml` (2 CPU
-ranks): a linear layer sharded by ZeRO-3 takes three steps through ``optimizer_step``, each with another clipping
+ranks): a linear layer sharded by ZeRO-3 takes three steps through ``backward_and_step``, each with another clipping
 flag (--flags), on a loss whose gradient is a known vector of norm 5. The optimizer is plain SGD at learning rate 1,
 so a step moves the weights by exactly the gradient DeepSpeed applied, after its clipping. Each rank prints, per
-step, the flag, the gradient norm ``optimizer_step`` returned (before clipping) and the norm of the weights' move."""
+step, the flag, the gradient norm ``backward_and_step`` returned (before clipping) and the norm of the weights' move."""
 
 import argparse
 import sys
@@ -12,7 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.distributed import configure_batches, make_accelerator, optimizer_step, start_training  # noqa: E402
+from common.checkpoints import resume_and_prepare  # noqa: E402
+from common.distributed import backward_and_step, configure_batches, make_accelerator  # noqa: E402
 
 GRADIENT = torch.tensor([3.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # d loss / d w, norm 5
 
@@ -39,12 +40,12 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     configure_batches(accelerator, examples=2, batch_size=2, micro=1)
-    engine, optimizer, _ = start_training(accelerator, model, optimizer, scheduler, args.stage_dir)
+    engine, optimizer, _ = resume_and_prepare(accelerator, model, optimizer, scheduler, args.stage_dir)
     for flag in args.flags:
         before = gathered_weight(engine)
         with accelerator.accumulate(engine):
             loss = engine(GRADIENT[None]).sum()  # w . GRADIENT on both ranks: the gradient is GRADIENT
-            grad_norm = optimizer_step(accelerator, engine, optimizer, loss, flag)
+            grad_norm = backward_and_step(accelerator, engine, optimizer, loss, flag)
         moved = (before - gathered_weight(engine)).norm().item()
         print(f"rank {accelerator.process_index} clip {flag}: grad norm {grad_norm:.5f}, step norm {moved:.5f}")
 
