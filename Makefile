@@ -25,9 +25,12 @@ DATA_DIR ?= ../shared/data
 data: install
 	$(RUN) -m common.fetch_data $(DATASET) --data-dir $(DATA_DIR)
 
+# one pytest worker per core of the 2-core machine the project targets (TEST_WORKERS=0 runs them in one process);
+# more workers on a larger machine need about 3 GiB of memory each
+TEST_WORKERS ?= 2
 test: install
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
-	$(RUN) -m pytest -q --durations=15 tests
+	$(RUN) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 tests
 
 lint:
 	$(MAKE) --no-print-directory $(PYTHON)

@@ -51,6 +51,7 @@ and skip without it, the summary (pytest -rs) naming each file missing.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, make_dataclass
@@ -62,6 +63,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DATA = Path(os.environ.get("CLEANCRS_DATA", ROOT.parent / "shared" / "data"))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each, and for the
+    os.environ["OMP_NUM_THREADS"] = "1"  # scripts they start, rather than every worker contending for every core
+    torch.set_num_threads(1)
 
 
 def needs_data(*paths: str):
@@ -92,7 +97,16 @@ def fails_cleanly(*args, cwd) -> str:
 def accelerate_launch(config: str) -> tuple[str, ...]:
     """The command that starts a script under ``accelerate launch`` with ``configs/<config>.yaml`` (CPU ranks)."""
     config_file = str(ROOT / "configs" / f"{config}.yaml")
-    return (sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file)
+    # a port of its own: under `make test` two workers may each launch two ranks at once
+    port = ("--main_process_port", str(free_port()))
+    return (sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, *port)
+
+
+def free_port() -> int:
+    """A loopback port no one listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass

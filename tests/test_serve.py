@@ -1,7 +1,6 @@
 """The openai backend against a real `transformers serve` of the embedded model, on loopback."""
 
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -10,12 +9,7 @@ import pytest
 
 from common.llm import LLMBackendError, OpenAIChat
 from common.models import resolve_model_path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +17,7 @@ def server():
     if shutil.which("transformers") is None:
         pytest.skip("the transformers CLI is not installed")
     model_dir = resolve_model_path("smollm2-135m")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         ["transformers", "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", model_dir],
         stdout=subprocess.DEVNULL,
