@@ -31,6 +31,7 @@ A rerun with the same --run-name skips every finished conversation and persona.
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -99,6 +100,11 @@ class Args:
     """backend of the simulated user: hf:<model>, openai:<model> or vllm:<model> (paper: openai:gpt-4o-mini)"""
     cra_llm: str = "hf:smollm2-135m"
     """backend of the zero-shot prompted CRA that this script's CLI pits against AILO"""
+    cra: Literal["llm", "names-target", "never-names"] = "llm"
+    """the CRA AILO talks to: the zero-shot prompted --cra-llm, or a scripted one (no LLM) that recommends the
+    task's target by its title every turn ("names-target") or another item of the catalog every turn, never the
+    target ("never-names"): the good and the bad CRA whose EC ratings the simulator should tell apart
+    (benchmark/ailo_ec_separation.py)"""
     persona_llm: str | None = None
     """backend that builds personas from reviews (paper: GPT-4o); None reuses --user-llm"""
     retriever_top_k: int = 5
@@ -840,6 +846,33 @@ def make_zero_shot_cra(llm, *, catalog: Catalog, domain: str, top_k: int, max_to
     return cra
 
 
+def make_scripted_cra(tasks: list[Task], *, catalog: Catalog, names_target: bool, seed: int) -> CRA:
+    """A CRA with no LLM, to check the simulator: every turn it recommends the conversation's target with the
+    target's card (``names_target``), or an item of the catalog other than the target, drawn per conversation and
+    turn (the same draw in every run of a seed), with that item's card."""
+    targets = {task.key: task.target for task in tasks}
+    titles = sorted(catalog.by_title)
+
+    def recommended(key: str, turn: int) -> Item:
+        target, draw = targets[key], random.Random(f"{seed}:{key}:{turn}")
+        if names_target:
+            return target
+        while (title := draw.choice(titles)) == target.title:
+            pass
+        return catalog.by_title[title]
+
+    def cra(keys: list[str], histories: list[list[dict]]) -> list[CRAReply]:
+        items = [recommended(key, sum(m["role"] == "assistant" for m in h)) for key, h in zip(keys, histories)]
+        return [
+            CRAReply(text=f"I recommend {item_card(item, SCRIPTED_CARD)}.", retrieved=[item.title]) for item in items
+        ]
+
+    return cra
+
+
+SCRIPTED_CARD = ("categories", "description")  # what the scripted CRAs say of the item they recommend
+
+
 def build_personas(users: list[str], *, reviews: dict[str, list[dict]], llm, args: Args) -> Iterator[dict]:
     """Persona modeling from real reviews, one batched LLM call per chunk of users: yields each user's persona as
     it is made. A user whose persona never parsed is skipped (a rerun tries it again)."""
@@ -882,16 +915,21 @@ def model_personas(run: Run, args: Args) -> dict[str, float]:
 
 
 def simulate(run: Run, args: Args, tasks: list[Task], catalog: Catalog) -> dict[str, float]:
-    """AILO against the zero-shot CRA, each rank on its share of the tasks; SR, R and the EC ratings."""
-    user_llm, cra_llm = run.llm(args.user_llm, args.batch_size), run.llm(args.cra_llm, args.batch_size)
+    """AILO against the zero-shot CRA (or a scripted one: --cra), each rank on its share of the tasks; SR, R and the
+    EC ratings."""
+    user_llm = run.llm(args.user_llm, args.batch_size)
+    cra_llm = run.llm(args.cra_llm, args.batch_size) if args.cra == "llm" else None
     domain = TASK_DOMAINS[args.dataset]
     simulator = AILO(
         user_llm, domain=domain, max_tokens=args.user_max_tokens, max_parse_tries=args.max_parse_tries,
         max_leak_tries=args.max_leak_tries, target_note=args.target_note, ec_scoring=args.judge_scoring,
         leak_guard=args.leak_guard,
     )  # fmt: skip
-    cra = make_zero_shot_cra(cra_llm, catalog=catalog, domain=domain, top_k=args.retriever_top_k,
-                             max_tokens=args.cra_max_tokens)  # fmt: skip
+    if cra_llm is not None:
+        cra = make_zero_shot_cra(cra_llm, catalog=catalog, domain=domain, top_k=args.retriever_top_k,
+                                 max_tokens=args.cra_max_tokens)  # fmt: skip
+    else:
+        cra = make_scripted_cra(tasks, catalog=catalog, names_target=args.cra == "names-target", seed=args.seed)
 
     def play(todo: list[Task]) -> Iterator[dict]:
         episodes = run_episodes(
@@ -900,8 +938,9 @@ def simulate(run: Run, args: Args, tasks: list[Task], catalog: Catalog) -> dict[
         return printed(episodes, args.print_conversations)
 
     episodes = run.map("episodes.jsonl", tasks, play, desc="conversations")  # an interrupted launch's count too
-    for usage, role in ((user_llm.usage, "user_"), (cra_llm.usage, "cra_")):
-        run.count(usage.metrics(f"cost/{role}") | usage.metrics("cost/"))  # per role, and their sum
+    for llm, role in ((user_llm, "user_"), (cra_llm, "cra_")):
+        if llm is not None:  # a scripted CRA (--cra) calls none
+            run.count(llm.usage.metrics(f"cost/{role}") | llm.usage.metrics("cost/"))  # per role, and their sum
     run.count(simulator.metrics())
     return episode_metrics(kept(episodes), args.max_turns)
 

@@ -1,4 +1,5 @@
-"""Ranking metrics, success rate, and where a text names a title. Every @k is computed on its own top-k slice."""
+"""Ranking metrics, success rate, where a text names a title, and the paired interval of a comparison. Every @k is
+computed on its own top-k slice."""
 
 from __future__ import annotations
 
@@ -185,3 +186,17 @@ def redact_title(text: str, title: str, replacement: str = "that one") -> str:
 
 def success_rate(outcomes: Sequence[bool]) -> float:
     return sum(outcomes) / len(outcomes) if outcomes else 0.0
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = 10_000, seed: int = 0):
+    """(mean of a - b, and the 2.5th and 97.5th percentiles of that mean over ``resamples`` bootstrap resamples): the
+    95% interval of a comparison of two systems measured on the same dialogues or tasks, a[i] and b[i] on item i.
+    The pairs are resampled together, so what every item shares (an easy task, a hard one) cancels out."""
+    import numpy as np
+
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_bootstrap needs two equally long, non-empty lists (got {len(a)} and {len(b)})")
+    differences = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    draws = np.random.default_rng(seed).integers(0, len(differences), size=(resamples, len(differences)))
+    low, high = np.percentile(differences[draws].mean(axis=1), [2.5, 97.5])
+    return float(differences.mean()), float(low), float(high)

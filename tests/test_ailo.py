@@ -8,6 +8,9 @@ from ailo_sim import (
     CRAReply,
     episode_metrics,
     leaks_title,
+    load_task_items,
+    load_tasks,
+    make_scripted_cra,
     max_rouge_l,
     parse_ec,
     parse_persona,
@@ -15,8 +18,9 @@ from ailo_sim import (
     rouge_l,
     run_episodes,
 )
+from common.catalog import Catalog
 from common.formats import Item, Persona, Task, load_demo_tasks
-from common.metrics import redact_title
+from common.metrics import mentions_title, redact_title
 from common.run import Run
 
 
@@ -312,3 +316,21 @@ def test_the_audit_counts_no_leak_after_the_system_named_the_target(tmp_path):
     metrics, leaks = audit_leaks(tmp_path)
     assert metrics["rollout/user_turns_audited"] == 3  # the last turn's "Jaws it is" answers the recommendation
     assert [leak["user"] for leak in leaks] == ["Jaws! I mean, yes, sharks."]
+
+
+def test_the_scripted_cras_name_the_target_every_turn_or_never():
+    tasks = load_tasks("demo", "", "train")
+    catalog = Catalog(load_task_items("demo", "", tasks))
+    keys = [t.key for t in tasks]
+    turns = [[{"role": "user", "content": "hi"}] + [{"role": "assistant", "content": "x"}] * n for n in range(3)]
+    for names_target in (True, False):
+        cra = make_scripted_cra(tasks, catalog=catalog, names_target=names_target, seed=1)
+        for history in turns:
+            replies = cra(keys, [history] * len(keys))
+            for task, reply in zip(tasks, replies):
+                assert mentions_title(reply.text, task.target.title) == names_target, reply.text
+                assert reply.retrieved[0] in reply.text and reply.retrieved[0] in catalog.by_title
+    never = make_scripted_cra(tasks, catalog=catalog, names_target=False, seed=1)
+    first, second = (never(keys, [h] * len(keys)) for h in turns[:2])
+    assert [r.text for r in first] == [r.text for r in never(keys, [turns[0]] * len(keys))]  # the same draw again
+    assert [r.text for r in first] != [r.text for r in second]  # another item the next turn

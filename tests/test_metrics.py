@@ -6,6 +6,7 @@ from common.metrics import (
     mentions_title,
     mrr_at_k,
     ndcg_at_k,
+    paired_bootstrap,
     recall_at_k,
     redact_title,
     success_rate,
@@ -156,3 +157,16 @@ def test_redact_title_replaces_each_form_once():
         redact_title("I would like it to be scary. Try It.", "It (2017)")
         == "I would like it to be scary. Try that one."
     )
+
+
+def test_paired_bootstrap_resamples_the_pairs_together():
+    a = [10.0, 20.0, 30.0, 40.0, 50.0]  # items of very unequal difficulty, one system 0.5 ahead on every one
+    assert paired_bootstrap(a, [x - 0.5 for x in a]) == pytest.approx((0.5, 0.5, 0.5))
+
+
+def test_paired_bootstrap_by_hand():
+    # differences 1, 0, 0, 0: a resample's mean is k/4 with k ~ Binomial(4, 1/4); P(k = 0) = 0.32 > 2.5% puts the
+    # low end at 0, and P(k >= 3) = 5.1% > 2.5% > P(k = 4) = 0.4% puts the high end at 3/4
+    assert paired_bootstrap([1, 0, 0, 0], [0, 0, 0, 0]) == (0.25, 0.0, 0.75)
+    with pytest.raises(ValueError, match="equally long"):
+        paired_bootstrap([1.0, 2.0], [1.0])
