@@ -25,8 +25,8 @@ DATA_DIR ?= ../shared/data
 data: install
 	$(RUN) -m common.fetch_data $(DATASET) --data-dir $(DATA_DIR)
 
-# one pytest worker per core of the 2-core machine the project targets (TEST_WORKERS=0 runs them in one process);
-# more workers on a larger machine need about 3 GiB of memory each
+# pytest-xdist workers (0: one process). On the 2-core machine two take as long as one process (950 s both); more
+# cores would give each its own (not measured). Each needs about 3 GiB of memory.
 TEST_WORKERS ?= 2
 test: install
 	$(PYTHON) -m pip install -q -r requirements-dev.txt

@@ -64,7 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DATA = Path(os.environ.get("CLEANCRS_DATA", ROOT.parent / "shared" / "data"))
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each, and for the
+if os.environ.get("PYTEST_XDIST_WORKER"):  # under `make test`'s workers: one thread per worker, and for the
     os.environ["OMP_NUM_THREADS"] = "1"  # scripts they start, rather than every worker contending for every core
     torch.set_num_threads(1)
 
