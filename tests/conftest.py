@@ -17,7 +17,7 @@ Common code, one file per module of common/ (fast, in process, on the tiny rando
                       embedded SmolLM2: the slowest in-process tests, up to minutes)
   test_llm            llm.py: the hf backend's batching, sampling and choice probabilities; openai and vLLM (stand-in)
   test_prefix_cache   llm.py's PrefixCache: exact logits and samples with and without the cache
-  test_metrics        metrics.py: recall / ndcg / mrr by hand, SR's title mentions
+  test_metrics        metrics.py: recall / ndcg / mrr by hand, SR's title mentions, the paired bootstrap interval
   test_models         models.py: model specs checked before loading, the dtype a model loads in, LoRA
   test_parsing        parsing.py: real malformed LLM outputs parsed or retried, counted
   test_plots          plots.py: a run's curves.png
