@@ -854,10 +854,10 @@ def make_scripted_cra(tasks: list[Task], *, catalog: Catalog, names_target: bool
     titles = sorted(catalog.by_title)
 
     def recommended(key: str, turn: int) -> Item:
-        target, draw = targets[key], random.Random(f"{seed}:{key}:{turn}")
         if names_target:
-            return target
-        while (title := draw.choice(titles)) == target.title:
+            return targets[key]
+        draw = random.Random(f"{seed}:{key}:{turn}")
+        while (title := draw.choice(titles)) == targets[key].title:
             pass
         return catalog.by_title[title]
 
