@@ -324,4 +324,8 @@ class Run:
                 print(f"learning curves: {picture}")
             print(f"outputs in {self.dir}/")
         self.tracker.close()
+        # Each rank leaves the process group before it exits: a rank that exits inside it can abort as gloo's threads
+        # outlive the interpreter ("terminate called without an active exception", SIGABRT, seen once in CI).
+        self.barrier()
+        self.accelerator.end_training()
         return self.summary

@@ -1,7 +1,7 @@
 """common/distributed.py under real ranks: generation from ZeRO-3-sharded weights with unequal work per rank, the
 process group's timeout, ZeRO-3 checkpoints of a LoRA (the adapter alone, the last two kept, Adam's moments resumed:
 common/checkpoints.py under ranks) and the clipping flags under DeepSpeed; on one process, the global batches, each
-rank's micro-batches and the accumulation each stage starts afresh."""
+rank's micro-batches and the accumulation each stage starts afresh. Run.finish leaves the process group."""
 
 import json
 import os
@@ -20,13 +20,24 @@ from tests.conftest import ROOT, accelerate_launch
 
 PRINT_TIMEOUT = f"""
 import sys
+from dataclasses import dataclass
 import torch
 sys.path.insert(0, {str(ROOT)!r})
-from common.distributed import make_accelerator
-accelerator = make_accelerator()
+from common.run import Run
+@dataclass
+class Args:
+    run_name: str = "ranks"
+    exp_name: str = "ranks"
+    seed: int = 1
+    track: bool = False
+    wandb_project: str = "cleancrs"
+    wandb_entity: str | None = None
+run = Run(Args())
 group = torch.distributed.distributed_c10d._get_default_group()
 timeout = group._get_backend(torch.device("cpu")).options._timeout
-print(f"rank {{accelerator.process_index}} of {{accelerator.num_processes}} waits {{timeout}}")
+print(f"rank {{run.rank}} of {{run.world}} waits {{timeout}}")
+run.finish()
+print(f"rank {{run.rank}} left the group: {{not torch.distributed.is_initialized()}}")
 """
 
 
@@ -44,6 +55,10 @@ def test_both_configs_start_two_ranks_that_wait_the_collective_timeout(tmp_path,
     assert result.returncode == 0, result.stderr[-3000:]
     waits = sorted(re.findall(r"rank \d of 2 waits [\d:]+", result.stdout))  # the ranks' lines may interleave
     assert waits == [f"rank {k} of 2 waits 0:07:00" for k in (0, 1)], result.stdout
+    # Run.finish ends the group: a rank that exits inside it can abort when gloo's threads outlive the interpreter
+    assert sorted(re.findall(r"rank \d left the group: (?:True|False)", result.stdout)) == [
+        f"rank {k} left the group: True" for k in (0, 1)
+    ], result.stdout
 
 
 def test_the_collective_timeout_is_two_hours_unless_set(monkeypatch):
