@@ -8,7 +8,7 @@ r_t (and of E[r_t] under the rating's answer distribution); the two CRAs compare
 split, past those the other scripts' default runs read: nothing is tuned here, and the held-out test split is left
 to the final evaluations.
 
-    python benchmark/ailo_ec_separation.py                  # 64 tasks, 3 turns (docs/benchmarks.md has the time)
+    python benchmark/ailo_ec_separation.py                  # 16 tasks, 3 turns (docs/benchmarks.md has the time)
     python benchmark/ailo_ec_separation.py --num-tasks 4    # a quick look
 
 The runs are ordinary ailo_sim.py runs under runs/ (resumable: a rerun continues them); W&B and compare see them.
@@ -17,22 +17,18 @@ The runs are ordinary ailo_sim.py runs under runs/ (resumable: a rerun continues
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
+from effects import paired_table, run_script
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from common.metrics import paired_bootstrap  # noqa: E402
+SCRIPT = "ailo_sim.py"
 
 
 @dataclass
 class Args:
-    num_tasks: int = 64
+    num_tasks: int = 16
     """conversations per CRA"""
     task_offset: int = 1000
     """the first Book training task used (the default runs of ecpo.py and ailo_sim.py read the first ones)"""
@@ -46,15 +42,12 @@ class Args:
     """the two runs are <run_prefix>-names-target and <run_prefix>-never-names"""
 
 
-def simulate(args: Args, cra: str) -> Path:
-    run_name = f"{args.run_prefix}-{cra}"
-    command = [sys.executable, str(ROOT / "ailo_sim.py"), "--dataset", "book", "--split", "train",
-               "--task-offset", str(args.task_offset), "--num-tasks", str(args.num_tasks),
-               "--max-turns", str(args.max_turns), "--user-llm", args.user_llm, "--data-dir", args.data_dir,
-               "--cra", cra, "--no-print-conversations", "--run-name", run_name]  # fmt: skip
-    if subprocess.run(command).returncode != 0:
-        raise SystemExit(f"error: the {cra} run failed (see above)")
-    return Path("runs") / run_name
+def flags(args: Args, cra: str = "names-target") -> list[str]:
+    """ailo_sim.py's flags for the run of ``cra``."""
+    return ["--dataset", "book", "--split", "train", "--task-offset", str(args.task_offset),
+            "--num-tasks", str(args.num_tasks), "--max-turns", str(args.max_turns), "--user-llm", args.user_llm,
+            "--data-dir", args.data_dir, "--cra", cra, "--no-print-conversations",
+            "--run-name", f"{args.run_prefix}-{cra}"]  # fmt: skip
 
 
 def per_conversation(run_dir: Path) -> dict[str, dict[str, float]]:
@@ -75,16 +68,9 @@ def per_conversation(run_dir: Path) -> dict[str, dict[str, float]]:
 
 
 def main(args: Args) -> None:
-    good, bad = (per_conversation(simulate(args, cra)) for cra in ("names-target", "never-names"))
-    keys = sorted(good.keys() & bad.keys())
-    print(f"\n{len(keys)} conversations rated under both CRAs ({len(good)} and {len(bad)} kept)")
-    print("| per conversation | names-target | never-names | difference | 95% paired bootstrap interval |")
-    print("| --- | --- | --- | --- | --- |")
-    for metric in ("ec_rating", "ec_expected", "sr"):
-        a, b = [good[k][metric] for k in keys], [bad[k][metric] for k in keys]
-        difference, low, high = paired_bootstrap(a, b)
-        print(f"| {metric} | {sum(a) / len(a):.3f} | {sum(b) / len(b):.3f} | {difference:+.3f} | "
-              f"[{low:+.3f}, {high:+.3f}] |")  # fmt: skip
+    found = {cra: per_conversation(run_script(SCRIPT, flags(args, cra))) for cra in ("names-target", "never-names")}
+    print(f"\nBook training tasks from {args.task_offset}, the conversations kept under both CRAs")
+    print(paired_table(found, [("names-target", "never-names")], "conversation"))
 
 
 if __name__ == "__main__":

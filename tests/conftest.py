@@ -9,8 +9,9 @@ Common code, one file per module of common/ (fast, in process, on the tiny rando
   test_data           data.py: the assembly of a CRS dataset (no evaluated conversation trained on), and the three
                       scripts that read it agreeing on it (real data)
   test_distributed    distributed.py: global batches, each rank's micro-batches, the accumulation each stage restarts;
-                      SLOW parts launch 2 CPU ranks: the collective timeout, ZeRO-3 generation with unequal work,
-                      ZeRO-3 LoRA checkpoints resumed, the clipping flag reaching DeepSpeed
+                      SLOW parts launch 2 CPU ranks: the collective timeout and Run.finish leaving the process group,
+                      ZeRO-3 generation with unequal work, ZeRO-3 LoRA checkpoints resumed, the clipping flag
+                      reaching DeepSpeed
   test_fetch_data     fetch_data.py: the table of sources against the mirrored files, fetching from the mirror
   test_formats        formats.py: each reader on the real files and the demo data; malformed rows name file:line
   test_judging        judging.py and its judges: expected scores from the judge's distribution (some on the
@@ -38,6 +39,8 @@ SLOW, end-to-end (subprocesses; minutes each on 2 CPU cores; the bulk of CI's ti
   test_ecpo_ranks, test_rso_ranks, test_smtpo_ranks
                       each update on 1 and on 2 CPU ranks (DDP, ZeRO-3) agreeing
   test_recipes        benchmark/*.sh's commands through each script's dry run, at 1, 4 and 8 processes
+  test_effects        benchmark/'s effects runs: the paired table, what each reads of its run's records against the
+                      script's own metrics, each command through its script's dry run on the real data
   test_serve          the openai backend against a real `transformers serve` on loopback
   test_gpu_first_look benchmark/gpu_first_look.sh's steps in their CPU mode
   zero3_*.py          not tests: the scripts test_distributed launches under 2 ZeRO-3 ranks
