@@ -24,6 +24,8 @@ from pathlib import Path
 import tyro
 from effects import paired_table, run_script
 
+from ecpo import win_rate
+
 SCRIPT = "ecpo.py"
 POLICIES = {"+SGPT": ("eval_sft", "eval_sft.jsonl"), "+ECPO": ("eval", "eval_ecpo.jsonl")}
 
@@ -48,17 +50,16 @@ class Args:
 def per_task(run_dir: Path, label: str, file: str) -> dict[str, dict[str, float]]:
     """{test task: SR, R (0 or 1) and the win rate against the Expert CRA over its two position orders}, for the
     tasks the judge scored."""
-    verdicts = defaultdict(list)
+    verdicts = defaultdict(lambda: {"ab": [], "ba": []})  # task -> the final verdicts in each position order
     for line in (run_dir / "judgements.jsonl").read_text().splitlines():
         judgement = json.loads(line)
         if judgement["label"] == label and "final" in (judgement["scores"] or {}):
-            value = judgement["scores"]["final"] if judgement["order"] == "ab" else -judgement["scores"]["final"]
-            verdicts[judgement["key"].split("|")[1]].append((1 + value) / 2)  # as ecpo.win_rate counts it
+            verdicts[judgement["key"].split("|")[1]][judgement["order"]].append(judgement["scores"]["final"])
     found = {}
     for line in (run_dir / file).read_text().splitlines():
         episode = json.loads(line)
-        if verdicts.get(episode["key"]):
-            wr = sum(verdicts[episode["key"]]) / len(verdicts[episode["key"]])
+        if episode["key"] in verdicts:
+            wr = win_rate(verdicts[episode["key"]]["ab"], verdicts[episode["key"]]["ba"])
             found[episode["key"]] = {"SR": float(episode["success"]), "R": float(episode["recall"]), "win rate": wr}
     return found
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,6 +21,15 @@ def run_script(script: str, flags: list[str]) -> Path:
     if subprocess.run([sys.executable, str(ROOT / script), *flags]).returncode != 0:
         raise SystemExit(f"error: the {script} run failed (see above)")
     return Path("runs") / flags[flags.index("--run-name") + 1]
+
+
+def dialogue_means(per_context: list[tuple[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """{dialogue: the mean of each metric over its contexts} from (context key, metrics) pairs, a context's key
+    being its dialogue's and its turn's, "<dialogue>:<turn>" (the keys of the INSPIRED and ReDial loaders)."""
+    grouped = defaultdict(list)
+    for key, values in per_context:
+        grouped[key.rsplit(":", 1)[0]].append(values)
+    return {d: {k: sum(c[k] for c in cs) / len(cs) for k in cs[0]} for d, cs in grouped.items()}
 
 
 def paired_table(found: dict[str, dict[str, dict[str, float]]], pairs: list[tuple[str, str]], unit: str) -> str:

@@ -16,12 +16,11 @@ The run is an ordinary grsu.py run under runs/ (resumable: a rerun continues it)
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
-from effects import paired_table, run_script
+from effects import dialogue_means, paired_table, run_script
 
 from grsu import ranking_metrics
 
@@ -45,12 +44,12 @@ class Args:
 
 def per_dialogue(path: Path, field: str) -> dict[str, dict[str, float]]:
     """{test dialogue: Recall@k of the ranking in ``field``}, each the mean over the dialogue's turns."""
-    turns = defaultdict(list)
+    turns = []
     for line in path.read_text().splitlines():
         record = json.loads(line)
         scores = ranking_metrics([record], field, ks=KS, prefix="eval")
-        turns[record["key"].rsplit(":", 1)[0]].append({f"recall@{k}": scores.get(f"eval/recall@{k}", 0.0) for k in KS})
-    return {d: {k: sum(t[k] for t in ts) / len(ts) for k in ts[0]} for d, ts in turns.items()}
+        turns.append((record["key"], {f"recall@{k}": scores.get(f"eval/recall@{k}", 0.0) for k in KS}))
+    return dialogue_means(turns)
 
 
 def flags(args: Args) -> list[str]:

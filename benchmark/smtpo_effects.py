@@ -16,12 +16,11 @@ The run is an ordinary smtpo.py run under runs/ (resumable: a rerun continues it
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
-from effects import paired_table, run_script
+from effects import dialogue_means, paired_table, run_script
 
 from smtpo import turn_scores
 
@@ -55,7 +54,7 @@ class Args:
 def per_dialogue(path: Path, max_turns: int) -> dict[str, dict[str, float]]:
     """{test dialogue: Recall@10 and NDCG@10 at each turn, and the share of outputs naming a candidate}, each the
     mean over the dialogue's contexts."""
-    contexts = defaultdict(list)
+    contexts = []
     for line in path.read_text().splitlines():
         record = json.loads(line)
         values = {}
@@ -64,8 +63,8 @@ def per_dialogue(path: Path, max_turns: int) -> dict[str, dict[str, float]]:
             values |= {f"turn{t}/recall@10": scores["recall@10"], f"turn{t}/ndcg@10": scores["ndcg@10"]}
         turns = record["turns"]
         values["names_a_candidate"] = sum(not turn["fallback"] for turn in turns) / len(turns) if turns else 0.0
-        contexts[record["key"].rsplit(":", 1)[0]].append(values)
-    return {d: {k: sum(c[k] for c in cs) / len(cs) for k in cs[0]} for d, cs in contexts.items()}
+        contexts.append((record["key"], values))
+    return dialogue_means(contexts)
 
 
 def flags(args: Args) -> list[str]:
