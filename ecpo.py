@@ -875,6 +875,7 @@ def train_preferences(run: Run, args: Args, model, tokenizer, examples: list[dic
     if args.loss in ("dpo", "kto"):  # after prepare: pi_sft in the precision the policy is compared in
         epoch = steps[: len(steps) // args.po_epochs]
         reference_logps(run, model, tokenizer=tokenizer, examples=examples, args=args, epoch=epoch, accum=accum)
+    logged = run.steps_logged("train", start, "po steps")
     for step in tqdm(range(start, len(steps)), desc="po", initial=start, total=len(steps), disable=not run.main):
         started, batch, sums = time.time(), steps[step], Counter()
         # ALGO LOGIC: one step of --loss on the global batch, a mean over its pairs (--loss sft: over the rewrites'
@@ -901,7 +902,8 @@ def train_preferences(run: Run, args: Args, model, tokenizer, examples: list[dic
 
         progress = {"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
                     "train/epoch": (step + 1) * args.po_epochs / len(steps)}  # fmt: skip
-        run.log_step(progress, time.time() - started, sums=per_pair(sums), show=f"po step {step + 1}/{len(steps)}")
+        if step >= logged:  # a step a killed launch logged is redone, not logged again
+            run.log_step(progress, time.time() - started, sums=per_pair(sums), show=f"po step {step + 1}/{len(steps)}")
         if (step + 1) % args.save_every == 0 or step + 1 == len(steps):
             save_resumable(accelerator, model, run.dir / "po", step + 1, optimizer, scheduler)
     return model

@@ -944,7 +944,7 @@ def sft_warmup(run: Run, args: Args, data: Data) -> dict:
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, len(steps))
     model, optimizer, start = resume_and_prepare(accelerator, model, optimizer, scheduler, run.dir / "sft")
-    logged = steps_logged(run, "train_sft", start, "sft steps")
+    logged = run.steps_logged("train_sft", start, "sft steps")
     for step in tqdm(range(start, len(steps)), desc="sft", initial=start, total=len(steps), disable=not run.main):
         started, loss_sum = time.time(), 0.0
         for chunk, weights in micro_batches(examples, steps[step], accelerator, args.micro_batch_size, accum):
@@ -1082,7 +1082,7 @@ def reinforce(run: Run, args: Args, data: Data) -> dict:
     ailo = AILO(run.llm(args.user_llm, args.batch_size), "movie", args.user_max_tokens, args.user_parse_tries)
     roles = Roles(experts, data.catalog, ailo, rewarder)
     running, played = {}, {}  # the ema baseline, {t: b_t}; the stage's episodes by key, recorded or played
-    logged = steps_logged(run, "train", start, "rl updates")
+    logged = run.steps_logged("train", start, "rl updates")
     for update in tqdm(range(updates), desc="rl", total=updates, disable=not run.main):
         started, window = time.time(), tasks[update * args.num_envs : (update + 1) * args.num_envs]
         generator = torch.Generator().manual_seed(args.seed + 1000 * update + run.rank)
@@ -1153,17 +1153,6 @@ def count_rollouts(run: Run, roles: Roles, episodes: list[dict]) -> None:
             {"rollout/rewarder_unscored": sum(turn.get("score") is None and not turn["scores"] for turn in turns)}
         )
         run.count(mass_metrics(outside, "rollout/rewarder"))
-
-
-def steps_logged(run: Run, family: str, start: int, what: str) -> int:
-    """The steps of ``family`` that earlier launches logged (rank 0 reads them from metrics.jsonl; every rank gets
-    the count, so that all ranks skip the same steps' ``log_step``, a collective). A killed launch may have logged
-    steps after its last checkpoint, ``start``: the rerun redoes them, says so here, and does not log them again."""
-    logged = max(run.gather([run.family_steps.get(family, 0)]))
-    if run.main and logged > start:
-        span = f"{start + 1}" if logged == start + 1 else f"{start + 1}-{logged}"
-        print(f"{what} {span}, logged before the run was stopped after its last checkpoint: redone, not logged again")
-    return logged
 
 
 # =============================================================================================== evaluation (Sec. IV-C)

@@ -1888,6 +1888,7 @@ def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
     episodes = {r["key"]: r for r in run.records(GRPO_EPISODES).records()}  # an earlier launch's: the stream's place
     total = grpo_steps_planned(args, len(data.train), run.world)
     bar, step = tqdm(desc="grpo", initial=start, total=total, disable=not run.main), start
+    logged = run.steps_logged("rollout", start, "grpo steps")
     while not grpo_finished(args, step, stream_position(episodes, step), len(data.train)):
         started = time.time()
         # ALGO LOGIC: roll out with the current policy until the step has its groups; Eq. 14 on --groups-per-step
@@ -1897,9 +1898,10 @@ def multi_turn_grpo(run: Run, args: Args, data: Data) -> dict:
         trained = sorted(random.Random(f"{args.seed}:{step}").sample(range(len(sampled)), args.groups_per_step))
         iterations = grpo_update(run, args, model, optimizer, scheduler, group_examples([sampled[k] for k in trained]))
         # bookkeeping: the step's curve point and line, a resumable checkpoint every --grpo-save-every steps
-        run.log_step(
-            step_metrics(sampled, trained, iterations), time.time() - started, show=f"grpo step {step + 1}/{total}"
-        )
+        if step >= logged:  # a step a killed launch logged is redone, not logged again
+            run.log_step(
+                step_metrics(sampled, trained, iterations), time.time() - started, show=f"grpo step {step + 1}/{total}"
+            )
         step += 1
         bar.update()
         if step % args.grpo_save_every == 0:

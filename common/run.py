@@ -276,6 +276,19 @@ class Run:
         self.tracker.log(metrics | axes | perf, step=self.step)  # a curve, not part of the run's summary
         return metrics
 
+    def steps_logged(self, family: str, start: int, what: str) -> int:
+        """The steps of ``family`` that earlier launches logged (rank 0 reads them from metrics.jsonl; every rank gets
+        the count, so that all ranks skip the same steps' ``log_step``, a collective). A killed launch may have logged
+        steps after its last checkpoint, ``start``: the rerun redoes them, says so here, and must not log them again
+        (its curve would count them twice)."""
+        logged = max(self.gather([self.family_steps.get(family, 0)]))
+        if self.main and logged > start:
+            span = f"{start + 1}" if logged == start + 1 else f"{start + 1}-{logged}"
+            print(
+                f"{what} {span}, logged before the run was stopped after its last checkpoint: redone, not logged again"
+            )
+        return logged
+
     def sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         """``values`` summed over ranks (every rank must call it, with the same keys)."""
         totals = self.accelerator.reduce(torch.tensor(list(values.values()), device=self.device), reduction="sum")

@@ -61,6 +61,7 @@ def supervised_finetuning(
     model, optimizer, start = resume_and_prepare(accelerator, model, optimizer, scheduler, run.dir / stage)
     per_epoch, epoch_losses = len(steps) // epochs, []
     every = args.save_every or max(per_epoch, 1)  # optimizer steps between checkpoints: an epoch by default
+    logged = run.steps_logged(metric_prefix, start, f"{stage} steps")
     for step in tqdm(range(start, len(steps)), desc=stage, initial=start, total=len(steps), disable=not run.main):
         started, batch, loss_sum = time.time(), steps[step], 0.0
         completion_tokens = sum(sum(examples[i]["completion_mask"]) for i in batch)
@@ -79,7 +80,12 @@ def supervised_finetuning(
         metrics = {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "epoch": (step + 1) * epochs / len(steps)}
         metrics = {f"{metric_prefix}/{name}": value for name, value in metrics.items()}
         sums, show = {f"{metric_prefix}/loss": loss_sum}, f"{stage} step {step + 1}/{len(steps)}"
-        epoch_losses.append(run.log_step(metrics, time.time() - started, sums=sums, show=show)[f"{metric_prefix}/loss"])
+        if step >= logged:
+            epoch_losses.append(
+                run.log_step(metrics, time.time() - started, sums=sums, show=show)[f"{metric_prefix}/loss"]
+            )
+        else:  # a step a killed launch logged is redone, not logged again; its loss still counts in the epoch's mean
+            epoch_losses.append(run.sum_over_ranks(sums)[f"{metric_prefix}/loss"])
         if (step + 1) % per_epoch == 0 and run.main:  # batches differ in what they hold: the epoch mean shows the trend
             tqdm.write(
                 f"{stage} epoch {(step + 1) // per_epoch}: mean loss {sum(epoch_losses) / len(epoch_losses):.4f}"

@@ -49,3 +49,27 @@ def test_supervised_finetuning_lowers_the_loss(tmp_path, monkeypatch, tokenizer,
     losses = [json.loads(line)["train/loss"] for line in (tmp_path / "runs/sft/metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 8 and losses[-1] < losses[0] - 1.0  # the same two examples, fit: over a nat lower
     assert (tmp_path / "runs/sft/sft/checkpoints").exists()
+
+
+def test_a_rerun_does_not_log_again_the_steps_a_killed_launch_logged(
+    tmp_path, monkeypatch, capsys, tokenizer, tiny_model, settings
+):
+    """A launch killed after logging steps 1-2 but before its first checkpoint: the rerun redoes them from step 0 and
+    logs steps 3-4 only, so the curve has each step once (it had steps 1-6, the first two twice)."""
+    import copy
+
+    from common.run import Run
+
+    monkeypatch.chdir(tmp_path)
+    args = settings(exp_name="sft", run_name="sft", micro_batch_size=2, max_grad_norm=1.0, save_every=50)
+    encoded = [encode_prompt_completion(tokenizer, [{"role": "user", "content": "A film?"}], "Recommend[Alien]")] * 2
+    examples = [{"input_ids": ids, "completion_mask": mask} for ids, mask in encoded]
+    killed = Run(args)
+    for loss in (3.0, 2.0):  # what the killed launch logged of steps 1 and 2
+        killed.log_step({"train_sft/loss": loss, "train_sft/lr": 0.01}, 1.0)
+    supervised_finetuning(Run(args), args, copy.deepcopy(tiny_model), tokenizer, examples, "sft", lr=1e-2,
+                          batch_size=2, epochs=4, warmup_ratio=0, metric_prefix="train_sft")  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "runs/sft/metrics.jsonl").read_text().splitlines()]
+    assert [r["train_sft/step"] for r in rows if "train_sft/loss" in r] == [1, 2, 3, 4]
+    assert [r["train_sft/loss"] for r in rows[:2]] == [3.0, 2.0]
+    assert "sft steps 1-2, logged before the run was stopped" in capsys.readouterr().out
