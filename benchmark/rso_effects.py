@@ -39,6 +39,9 @@ class Args:
     the hour's budget)"""
     max_turns: int = 3
     """system turns per episode (rso.py's default; the paper's 10)"""
+    sft_epochs: int = 1
+    """the Planner's SFT epochs over the labelled INSPIRED turns it trains on (rso.py's default 5, the paper's 10:
+    94 steps of about 13 s on one thread here, where 5 epochs, 470 steps, would take 1 h 40 min)"""
     data_dir: str = "../shared/data"
     """where INSPIRED is (docs/data.md)"""
     run_name: str = "rso-effects"
@@ -55,7 +58,7 @@ def flags(args: Args) -> list[str]:
     """rso.py's flags for this comparison."""
     return ["--dataset", "inspired", "--eval-split", "test", "--data-dir", args.data_dir,
             "--num-test", str(args.num_test), "--rl-episodes", str(args.rl_episodes),
-            "--num-envs", str(args.num_envs), "--max-turns", str(args.max_turns),
+            "--num-envs", str(args.num_envs), "--max-turns", str(args.max_turns), "--sft-epochs", str(args.sft_epochs),
             "--run-name", args.run_name]  # fmt: skip
 
 
